@@ -1,0 +1,92 @@
+//! JSON bodies of the operator REST API, shared by the server and `cli`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorCode;
+use crate::ids::{ClientId, UploadId};
+
+/// `{"error":{"code":"...","message":"..."}}`, the body of every non-2xx answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Answer to `POST /trigger-download/{client_id}` (202).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TriggerResponse {
+    pub upload_id: UploadId,
+    pub client_id: ClientId,
+    pub state: UploadState,
+    pub status_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UploadState {
+    /// Asked the agent for its file.
+    Requested,
+    /// The multipart upload exists and the agent has its URLs.
+    Uploading,
+    /// The agent reported completion; the server is checking the object.
+    Verifying,
+    Completed,
+    Failed,
+}
+
+impl UploadState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, UploadState::Completed | UploadState::Failed)
+    }
+}
+
+/// `GET /uploads/{upload_id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadStatus {
+    pub upload_id: UploadId,
+    pub client_id: ClientId,
+    pub state: UploadState,
+    pub bucket: String,
+    pub key: Option<String>,
+    pub file_name: Option<String>,
+    pub size: Option<u64>,
+    pub part_size: Option<u64>,
+    pub parts_total: Option<u32>,
+    pub parts_done: u32,
+    pub bytes_done: u64,
+    /// Bytes per second over the upload so far.
+    pub rate_bytes_per_sec: Option<u64>,
+    pub etag: Option<String>,
+    pub error: Option<ErrorDetail>,
+    /// Operator who asked for it (the `sub` of their token).
+    pub requested_by: String,
+    /// RFC 3339 timestamps.
+    pub created_at: String,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// One entry of `GET /clients`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub client_id: ClientId,
+    pub connected_since: String,
+    pub last_seen: String,
+    pub active_upload: Option<UploadId>,
+}
+
+/// `GET /status/{client_id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientStatus {
+    pub client_id: ClientId,
+    pub connected: bool,
+    pub connected_since: Option<String>,
+    pub last_seen: Option<String>,
+    pub active_upload: Option<UploadId>,
+    pub last_upload: Option<UploadStatus>,
+}

@@ -1,0 +1,176 @@
+//! JWT claims and the one place tokens are minted and checked.
+//!
+//! Tokens are HS256, signed with the shared `JWT_SECRET`. Agents and operators get tokens of the
+//! same shape; the [`Role`] claim tells them apart, and `sub` is the agent's client id (or the
+//! operator's name, for audit).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::ClientId;
+
+/// The `iss` claim of every Backhaul token.
+pub const ISSUER: &str = "backhaul";
+/// The `aud` claim of every Backhaul token.
+pub const AUDIENCE: &str = "backhaul";
+/// Clock skew tolerated when checking `exp` and `nbf`.
+pub const LEEWAY_SECS: u64 = 30;
+/// A secret shorter than this is refused: HS256 is only as strong as its key.
+pub const MIN_SECRET_LEN: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Agent,
+    Operator,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub role: Role,
+    pub iss: String,
+    pub aud: String,
+    pub iat: u64,
+    pub exp: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("JWT secret must be at least {MIN_SECRET_LEN} bytes")]
+    WeakSecret,
+    #[error("agent tokens need a valid client id as subject")]
+    InvalidSubject,
+    #[error("invalid token: {0}")]
+    Invalid(#[from] jsonwebtoken::errors::Error),
+}
+
+/// Signs and verifies tokens with one secret. Cheap to clone.
+#[derive(Clone)]
+pub struct TokenKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKeys(***)")
+    }
+}
+
+impl TokenKeys {
+    pub fn new(secret: &[u8]) -> Result<Self, AuthError> {
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(AuthError::WeakSecret);
+        }
+        // Pin the algorithm: a token that names any other one, `none` included, is refused.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = LEEWAY_SECS;
+        validation.set_issuer(&[ISSUER]);
+        validation.set_audience(&[AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        Ok(Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+        })
+    }
+
+    /// Mints a token valid for `ttl` from now.
+    pub fn issue(&self, sub: &str, role: Role, ttl: Duration) -> Result<String, AuthError> {
+        if role == Role::Agent {
+            ClientId::parse(sub).map_err(|_| AuthError::InvalidSubject)?;
+        }
+        let now = unix_now();
+        let claims = Claims {
+            sub: sub.to_owned(),
+            role,
+            iss: ISSUER.to_owned(),
+            aud: AUDIENCE.to_owned(),
+            iat: now,
+            exp: now.saturating_add(ttl.as_secs()),
+        };
+        self.encode(&claims)
+    }
+
+    /// Signs arbitrary claims. Tests use it to build expired or odd tokens.
+    pub fn encode(&self, claims: &Claims) -> Result<String, AuthError> {
+        Ok(jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &self.encoding,
+        )?)
+    }
+
+    /// Checks signature, algorithm, issuer, audience and expiry.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        Ok(jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?.claims)
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn issued_tokens_verify() {
+        let keys = TokenKeys::new(SECRET).unwrap();
+        let token = keys
+            .issue("restaurant-1", Role::Agent, Duration::from_secs(60))
+            .unwrap();
+        let claims = keys.verify(&token).unwrap();
+        assert_eq!(claims.sub, "restaurant-1");
+        assert_eq!(claims.role, Role::Agent);
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        assert!(matches!(
+            TokenKeys::new(b"short"),
+            Err(AuthError::WeakSecret)
+        ));
+    }
+
+    #[test]
+    fn bad_tokens_are_rejected() {
+        let keys = TokenKeys::new(SECRET).unwrap();
+        let other = TokenKeys::new(b"another-secret-another-secret-xx").unwrap();
+        let expired = keys
+            .encode(&Claims {
+                sub: "a".into(),
+                role: Role::Agent,
+                iss: ISSUER.into(),
+                aud: AUDIENCE.into(),
+                iat: 0,
+                exp: unix_now() - 3600,
+            })
+            .unwrap();
+        let wrong_secret = other.issue("a", Role::Agent, Duration::from_secs(60)).unwrap();
+        // {"alg":"none","typ":"JWT"} . {"sub":"a","role":"agent",...} . (empty signature)
+        let alg_none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhIiwicm9sZSI6ImFnZW50IiwiaXNzIjoiYmFja2hhdWwiLCJhdWQiOiJiYWNraGF1bCIsImlhdCI6MCwiZXhwIjo0MTAyNDQ0ODAwfQ.";
+        for bad in [expired.as_str(), wrong_secret.as_str(), alg_none, "", "x.y.z"] {
+            assert!(keys.verify(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn agent_tokens_need_a_valid_subject() {
+        let keys = TokenKeys::new(SECRET).unwrap();
+        assert!(matches!(
+            keys.issue("../x", Role::Agent, Duration::from_secs(60)),
+            Err(AuthError::InvalidSubject)
+        ));
+    }
+}

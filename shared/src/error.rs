@@ -1,0 +1,107 @@
+//! Error codes shared by the REST API, the WebSocket protocol and the upload status.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A stable, machine-readable error code. The REST layer maps each to an HTTP status; agents send
+/// the agent-side ones in `UploadFailed`; the upload status reports whichever ended an upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    // Operator API.
+    Unauthorized,
+    Forbidden,
+    InvalidClientId,
+    InvalidUploadId,
+    ClientNotConnected,
+    DownloadInProgress,
+    UploadNotFound,
+    NotFound,
+    BadRequest,
+    PayloadTooLarge,
+    Internal,
+    // WebSocket protocol.
+    ProtocolVersionMismatch,
+    MalformedMessage,
+    UnexpectedMessage,
+    ConnectionReplaced,
+    // Raised by the agent.
+    FileNotFound,
+    PermissionDenied,
+    FileReadError,
+    FileChanged,
+    InvalidFileName,
+    FileTooLarge,
+    PartUploadFailed,
+    CompleteFailed,
+    // Raised by the server while an upload runs.
+    AgentDisconnected,
+    AgentTimeout,
+    Stalled,
+    StorageError,
+    VerificationFailed,
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            Unauthorized => "UNAUTHORIZED",
+            Forbidden => "FORBIDDEN",
+            InvalidClientId => "INVALID_CLIENT_ID",
+            InvalidUploadId => "INVALID_UPLOAD_ID",
+            ClientNotConnected => "CLIENT_NOT_CONNECTED",
+            DownloadInProgress => "DOWNLOAD_IN_PROGRESS",
+            UploadNotFound => "UPLOAD_NOT_FOUND",
+            NotFound => "NOT_FOUND",
+            BadRequest => "BAD_REQUEST",
+            PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Internal => "INTERNAL",
+            ProtocolVersionMismatch => "PROTOCOL_VERSION_MISMATCH",
+            MalformedMessage => "MALFORMED_MESSAGE",
+            UnexpectedMessage => "UNEXPECTED_MESSAGE",
+            ConnectionReplaced => "CONNECTION_REPLACED",
+            FileNotFound => "FILE_NOT_FOUND",
+            PermissionDenied => "PERMISSION_DENIED",
+            FileReadError => "FILE_READ_ERROR",
+            FileChanged => "FILE_CHANGED",
+            InvalidFileName => "INVALID_FILE_NAME",
+            FileTooLarge => "FILE_TOO_LARGE",
+            PartUploadFailed => "PART_UPLOAD_FAILED",
+            CompleteFailed => "COMPLETE_FAILED",
+            AgentDisconnected => "AGENT_DISCONNECTED",
+            AgentTimeout => "AGENT_TIMEOUT",
+            Stalled => "STALLED",
+            StorageError => "STORAGE_ERROR",
+            VerificationFailed => "VERIFICATION_FAILED",
+            ShuttingDown => "SHUTTING_DOWN",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn as_str_matches_serde() {
+        for code in [
+            ErrorCode::ClientNotConnected,
+            ErrorCode::DownloadInProgress,
+            ErrorCode::FileNotFound,
+            ErrorCode::ProtocolVersionMismatch,
+            ErrorCode::VerificationFailed,
+        ] {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The WebSocket protocol between the server and an agent: JSON text frames, one message each.
+//!
+//! Each direction has one enum, internally tagged by `type`. `docs/PROTOCOL.md` describes the
+//! sequence; this file is the authority on field names.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorCode;
+use crate::ids::{ClientId, FileName, PartNumber, UploadId};
+
+/// Bumped on any incompatible change. The agent sends it in [`AgentMessage::Hello`]; the server
+/// refuses a different one with [`ErrorCode::ProtocolVersionMismatch`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest WebSocket message either side accepts. A `StartUpload` for a 10,000-part upload is the
+/// biggest legitimate message (one presigned URL per part, around 600 bytes each).
+pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Messages the agent sends to the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AgentMessage {
+    /// First message of every connection.
+    Hello {
+        protocol_version: u32,
+        agent_version: String,
+    },
+    /// Answer to [`ServerMessage::DescribeFile`]: what the agent would upload.
+    FileInfo {
+        upload_id: UploadId,
+        file_name: FileName,
+        size: u64,
+    },
+    /// Sent as parts finish, so the server can report progress.
+    Progress {
+        upload_id: UploadId,
+        parts_done: u32,
+        bytes_done: u64,
+    },
+    /// Every part is uploaded and the multipart upload was completed with these ETags.
+    UploadCompleted {
+        upload_id: UploadId,
+        parts: Vec<CompletedPart>,
+    },
+    /// The agent could not do what was asked; the upload ends `failed` with this code.
+    UploadFailed {
+        upload_id: UploadId,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Messages the server sends to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServerMessage {
+    /// Accepts a [`AgentMessage::Hello`].
+    Welcome {
+        client_id: ClientId,
+        protocol_version: u32,
+    },
+    /// Asks the agent for the name and size of its shared file before the server starts the
+    /// multipart upload.
+    DescribeFile { upload_id: UploadId },
+    /// Everything the agent needs to upload straight to storage.
+    StartUpload(UploadPlan),
+    /// The server gave up on an upload (timeout, shutdown): the agent stops working on it.
+    CancelUpload { upload_id: UploadId, code: ErrorCode },
+    /// A fatal problem with the connection itself; the server closes it after sending this.
+    Error { code: ErrorCode, message: String },
+}
+
+/// The presigned plan for one multipart upload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadPlan {
+    pub upload_id: UploadId,
+    /// The size the agent reported; the agent refuses to go on if its file no longer has it.
+    pub size: u64,
+    /// Every part is this long except the last, which holds the remainder.
+    pub part_size: u64,
+    pub parts: Vec<PresignedPart>,
+    /// Presigned `POST ...?uploadId=` that completes the multipart upload.
+    pub complete_url: String,
+    /// Unix seconds after which the URLs stop working.
+    pub expires_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresignedPart {
+    pub part_number: PartNumber,
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletedPart {
+    pub part_number: PartNumber,
+    /// The ETag S3 returned for the part, quotes included.
+    pub etag: String,
+}
+
+impl UploadPlan {
+    /// Byte range `(offset, len)` of a part within the file.
+    pub fn part_range(&self, part_number: PartNumber) -> (u64, u64) {
+        part_range(self.size, self.part_size, part_number)
+    }
+}
+
+/// Byte range `(offset, len)` of `part_number` in a file of `size` bytes split into `part_size`
+/// parts. A zero-byte file is one empty part.
+pub fn part_range(size: u64, part_size: u64, part_number: PartNumber) -> (u64, u64) {
+    let offset = u64::from(part_number.get() - 1) * part_size;
+    let len = size.saturating_sub(offset).min(part_size);
+    (offset, len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> UploadId {
+        UploadId::parse("7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d").unwrap()
+    }
+
+    #[test]
+    fn agent_messages_use_a_type_tag() {
+        let msg = AgentMessage::FileInfo {
+            upload_id: id(),
+            file_name: FileName::parse("export.csv").unwrap(),
+            size: 42,
+        };
+        let json = serde_json::to_string(&msg).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"file_info","upload_id":"7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d","file_name":"export.csv","size":42}"#
+        );
+        assert_eq!(serde_json::from_str::<AgentMessage>(&json).unwrap(), msg);
+    }
+
+    #[test]
+    fn unknown_and_malformed_messages_are_rejected() {
+        for bad in [
+            r#"{"type":"launch_missiles"}"#,
+            r#"{"type":"hello","protocol_version":1}"#,
+            r#"{"type":"hello","protocol_version":1,"agent_version":"x","extra":1}"#,
+            r#"{"type":"file_info","upload_id":"x","file_name":"a","size":1}"#,
+            r#"{"type":"file_info","upload_id":"7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d","file_name":"../a","size":1}"#,
+            r#"{"type":"file_info","upload_id":"7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d","file_name":"a","size":-1}"#,
+            r#"not json"#,
+            r#"[]"#,
+        ] {
+            assert!(serde_json::from_str::<AgentMessage>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn start_upload_round_trips() {
+        let msg = ServerMessage::StartUpload(UploadPlan {
+            upload_id: id(),
+            size: 10,
+            part_size: 5,
+            parts: vec![PresignedPart {
+                part_number: PartNumber::new(1).unwrap(),
+                url: "http://s3/x".into(),
+            }],
+            complete_url: "http://s3/c".into(),
+            expires_at: 1,
+        });
+        let json = serde_json::to_string(&msg).unwrap();
+        assert!(json.starts_with(r#"{"type":"start_upload","upload_id""#), "{json}");
+        assert_eq!(serde_json::from_str::<ServerMessage>(&json).unwrap(), msg);
+    }
+
+    #[test]
+    fn part_ranges_cover_the_file() {
+        let p = |n| PartNumber::new(n).unwrap();
+        assert_eq!(part_range(12, 5, p(1)), (0, 5));
+        assert_eq!(part_range(12, 5, p(3)), (10, 2));
+        assert_eq!(part_range(10, 5, p(2)), (5, 5));
+        assert_eq!(part_range(0, 5, p(1)), (0, 0));
+    }
+}

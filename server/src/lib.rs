@@ -1,1 +1,211 @@
+//! The Backhaul control plane. It holds one WebSocket per store agent, and when an operator asks
+//! for a store's file it starts an S3 multipart upload, presigns it, sends the plan down that
+//! agent's WebSocket and finally verifies the stored object with HeadObject. File bytes never pass
+//! through it: agents upload straight to storage.
+//!
+//! [`run`] is the entry point; it takes already-bound listeners so tests can use ephemeral ports.
 
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod embedded_s3;
+pub mod error;
+pub mod registry;
+pub mod storage;
+pub mod uploads;
+pub mod ws;
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use aws_credential_types::Credentials;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRef};
+use axum::routing::{any, get, post};
+use shared::auth::TokenKeys;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use url::Url;
+
+use crate::config::{Config, StorageKind};
+use crate::registry::Registry;
+use crate::storage::{Storage, StorageSettings};
+use crate::uploads::Uploads;
+
+/// How long shutdown waits for connections and S3 clean-up before giving up.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest request body the REST API accepts; none of its routes needs one.
+const MAX_REST_BODY: usize = 16 * 1024;
+
+/// Shared state of one running server. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<StateInner>);
+
+pub struct StateInner {
+    pub config: Config,
+    pub keys: TokenKeys,
+    pub registry: Registry,
+    pub uploads: Uploads,
+    pub storage: Storage,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl Deref for AppState {
+    type Target = StateInner;
+    fn deref(&self) -> &StateInner {
+        &self.0
+    }
+}
+
+impl FromRef<AppState> for TokenKeys {
+    fn from_ref(state: &AppState) -> TokenKeys {
+        state.keys.clone()
+    }
+}
+
+/// Listeners bound by the caller.
+pub struct Listeners {
+    pub api: TcpListener,
+    /// Required with `STORAGE=embedded`, ignored otherwise.
+    pub embedded_s3: Option<TcpListener>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/ws/connect", any(ws::connect))
+        .route("/trigger-download/{client_id}", post(api::trigger_download))
+        .route("/clients", get(api::list_clients))
+        .route("/status/{client_id}", get(api::client_status))
+        .route("/uploads/{upload_id}", get(api::upload_status))
+        .route("/healthz", get(api::healthz))
+        .fallback(api::not_found)
+        .layer(DefaultBodyLimit::max(MAX_REST_BODY))
+        .with_state(state)
+}
+
+/// Runs the server until `shutdown` is cancelled, then drains within [`DRAIN_TIMEOUT`].
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate()?;
+    let keys = TokenKeys::new(config.jwt_secret.expose().as_bytes())
+        .context("JWT_SECRET is too short")?;
+    let tracker = TaskTracker::new();
+
+    let storage = match config.storage {
+        StorageKind::Embedded => {
+            let Some(listener) = listeners.embedded_s3 else {
+                bail!("STORAGE=embedded needs a listener for the embedded S3 endpoint");
+            };
+            let addr = listener.local_addr()?;
+            let secret = config
+                .embedded_s3_secret_key
+                .as_ref()
+                .map(|s| s.expose().to_owned())
+                .unwrap_or_else(random_secret);
+            let service = embedded_s3::build_service(
+                &config.data_dir,
+                &config.embedded_s3_access_key,
+                &secret,
+            )?;
+            tracker.spawn(embedded_s3::serve(listener, service, shutdown.clone(), tracker.clone()));
+            let local = Url::parse(&format!("http://{}", connectable(addr)))?;
+            tracing::info!(endpoint = %local, data_dir = %config.data_dir.display(), "embedded S3 endpoint listening");
+            let storage = Storage::connect(StorageSettings {
+                bucket: config.bucket.clone(),
+                region: config.aws_region.clone(),
+                endpoint: Some(local.clone()),
+                public_endpoint: Some(config.s3_public_endpoint.clone().unwrap_or(local)),
+                force_path_style: true,
+                credentials: Some(Credentials::new(
+                    &config.embedded_s3_access_key,
+                    secret,
+                    None,
+                    None,
+                    "backhaul-embedded",
+                )),
+            })
+            .await?;
+            storage.ensure_bucket(true).await?;
+            storage
+        }
+        StorageKind::S3 => {
+            let credentials = config
+                .aws_access_key_id
+                .as_ref()
+                .zip(config.aws_secret_access_key.as_ref())
+                .map(|(id, secret)| Credentials::new(id, secret.expose(), None, None, "backhaul-config"));
+            let storage = Storage::connect(StorageSettings {
+                bucket: config.bucket.clone(),
+                region: config.aws_region.clone(),
+                endpoint: config.s3_endpoint_url.clone(),
+                public_endpoint: config.s3_public_endpoint.clone(),
+                force_path_style: config
+                    .s3_force_path_style
+                    .unwrap_or(config.s3_endpoint_url.is_some()),
+                credentials,
+            })
+            .await?;
+            storage.ensure_bucket(false).await?;
+            storage
+        }
+    };
+
+    let state = AppState(Arc::new(StateInner {
+        config,
+        keys,
+        registry: Registry::default(),
+        uploads: Uploads::default(),
+        storage,
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    }));
+
+    let sweeper_state = state.clone();
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = sweeper_state.shutdown.cancelled() => break,
+                _ = tick.tick() => uploads::sweep(&sweeper_state).await,
+            }
+        }
+    });
+
+    tracing::info!(addr = %listeners.api.local_addr()?, "server listening");
+    axum::serve(listeners.api, router(state.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("serving the API")?;
+
+    // Agent sessions watch `shutdown` themselves (graceful shutdown does not cover upgraded
+    // connections). Unfinished uploads are aborted so nothing is left half-done in S3.
+    tracing::info!("shutting down");
+    let drain = async {
+        uploads::fail_all_unfinished(&state).await;
+        tracker.close();
+        tracker.wait().await;
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+        tracing::warn!("shutdown drain timed out");
+    }
+    Ok(())
+}
+
+fn random_secret() -> String {
+    use rand::Rng;
+    let bytes: [u8; 24] = rand::thread_rng().r#gen();
+    hex::encode(bytes)
+}
+
+/// An address a local client can connect to: a wildcard bind becomes loopback.
+fn connectable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    addr
+}

@@ -1,1 +1,56 @@
-fn main() {}
+use anyhow::Context;
+use clap::Parser;
+use server::config::{Config, LogFormat, StorageKind};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    init_tracing(config.log_format);
+    config.validate()?;
+
+    let api = TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("binding {}", config.listen_addr))?;
+    let embedded_s3 = match config.storage {
+        StorageKind::Embedded => Some(
+            TcpListener::bind(config.embedded_s3_listen_addr)
+                .await
+                .with_context(|| format!("binding {}", config.embedded_s3_listen_addr))?,
+        ),
+        StorageKind::S3 => None,
+    };
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    server::run(config, server::Listeners { api, embedded_s3 }, shutdown)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = format!("{e:#}"), "server failed");
+            e
+        })
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("could not install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    shutdown.cancel();
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,aws_config=warn,aws_smithy_runtime=warn,s3s=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

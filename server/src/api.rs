@@ -1,0 +1,91 @@
+//! The operator REST API.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use shared::api::{ClientInfo, ClientStatus, TriggerResponse, UploadState, UploadStatus};
+use shared::{ClientId, ErrorCode, UploadId};
+
+use crate::AppState;
+use crate::auth::Operator;
+use crate::error::ApiError;
+use crate::uploads::{self, rfc3339};
+
+fn parse_client_id(raw: &str) -> Result<ClientId, ApiError> {
+    ClientId::parse(raw).map_err(|e| ApiError::new(ErrorCode::InvalidClientId, e.to_string()))
+}
+
+pub async fn trigger_download(
+    State(state): State<AppState>,
+    operator: Operator,
+    Path(raw_client_id): Path<String>,
+) -> Result<(StatusCode, Json<TriggerResponse>), ApiError> {
+    let client_id = parse_client_id(&raw_client_id)?;
+    let upload_id = uploads::trigger(&state, client_id.clone(), &operator.name)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(TriggerResponse {
+            upload_id,
+            client_id,
+            state: UploadState::Requested,
+            status_url: format!("/uploads/{upload_id}"),
+        }),
+    ))
+}
+
+pub async fn list_clients(State(state): State<AppState>, _: Operator) -> Json<Vec<ClientInfo>> {
+    let clients = state
+        .registry
+        .snapshot()
+        .into_iter()
+        .map(|(client_id, h)| ClientInfo {
+            active_upload: state.uploads.active_for(&client_id),
+            client_id,
+            connected_since: rfc3339(h.connected_since),
+            last_seen: rfc3339(h.last_seen()),
+        })
+        .collect();
+    Json(clients)
+}
+
+pub async fn client_status(
+    State(state): State<AppState>,
+    _: Operator,
+    Path(raw_client_id): Path<String>,
+) -> Result<Json<ClientStatus>, ApiError> {
+    let client_id = parse_client_id(&raw_client_id)?;
+    let handle = state.registry.get(&client_id);
+    Ok(Json(ClientStatus {
+        connected: handle.is_some(),
+        connected_since: handle.as_ref().map(|h| rfc3339(h.connected_since)),
+        last_seen: handle.as_ref().map(|h| rfc3339(h.last_seen())),
+        active_upload: state.uploads.active_for(&client_id),
+        last_upload: state.uploads.latest_for(&client_id, state.storage.bucket()),
+        client_id,
+    }))
+}
+
+pub async fn upload_status(
+    State(state): State<AppState>,
+    _: Operator,
+    Path(raw_upload_id): Path<String>,
+) -> Result<Json<UploadStatus>, ApiError> {
+    let upload_id = UploadId::parse(&raw_upload_id)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidUploadId, e.to_string()))?;
+    state
+        .uploads
+        .status(upload_id, state.storage.bucket())
+        .map(Json)
+        .ok_or_else(|| ApiError::new(ErrorCode::UploadNotFound, format!("no upload {upload_id}")))
+}
+
+pub async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "connected_agents": state.registry.len(),
+    }))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such route")
+}

@@ -1,0 +1,188 @@
+//! Server settings: every one is a flag with an environment fallback (see `.env.example`).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use url::Url;
+
+/// S3 requires every part but the last to be at least this long.
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// S3 refuses parts longer than this.
+pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+/// The part size used unless `PART_SIZE` says otherwise.
+pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
+/// A presigned URL can live at most seven days.
+pub const MAX_PRESIGN_TTL_SECS: u64 = 7 * 24 * 3600;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StorageKind {
+    /// An S3-compatible endpoint inside the server process (s3s + s3s-fs), data under `DATA_DIR`.
+    Embedded,
+    /// Any real S3 (AWS, LocalStack) through aws-config's standard environment.
+    S3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A string that never shows up in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// Backhaul control plane.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "server", version, about)]
+pub struct Config {
+    /// Address of the HTTP API and the agents' WebSocket endpoint.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen_addr: SocketAddr,
+
+    /// HS256 secret for agent and operator tokens (at least 32 bytes).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Secret,
+
+    /// Where uploaded files go: `embedded` or `s3`.
+    #[arg(long, env = "STORAGE", value_enum, default_value = "embedded")]
+    pub storage: StorageKind,
+
+    /// Bucket that receives the files.
+    #[arg(long, env = "S3_BUCKET_NAME", default_value = "pos-uploads")]
+    pub bucket: String,
+
+    /// First segment of every object key; objects land at
+    /// `<prefix>/<client_id>/<UTC timestamp>-<upload_id>/<file name>`.
+    #[arg(long, env = "KEY_PREFIX", default_value = "uploads")]
+    pub key_prefix: String,
+
+    /// Directory for the embedded store's objects.
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Address of the embedded S3 endpoint (STORAGE=embedded only).
+    #[arg(long, env = "EMBEDDED_S3_LISTEN_ADDR", default_value = "127.0.0.1:9000")]
+    pub embedded_s3_listen_addr: SocketAddr,
+
+    /// Access key of the embedded S3 endpoint.
+    #[arg(long, env = "EMBEDDED_S3_ACCESS_KEY", default_value = "backhaul")]
+    pub embedded_s3_access_key: String,
+
+    /// Secret key of the embedded S3 endpoint; a random one is made at start-up when unset.
+    #[arg(long, env = "EMBEDDED_S3_SECRET_KEY", hide_env_values = true)]
+    pub embedded_s3_secret_key: Option<Secret>,
+
+    /// S3 endpoint the server talks to (STORAGE=s3); unset means AWS itself.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub s3_endpoint_url: Option<Url>,
+
+    /// Region of the bucket.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub aws_region: String,
+
+    /// Static credentials (STORAGE=s3); when unset, aws-config's default chain is used.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID")]
+    pub aws_access_key_id: Option<String>,
+
+    /// Secret for `AWS_ACCESS_KEY_ID`.
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub aws_secret_access_key: Option<Secret>,
+
+    /// Use path-style URLs (`<endpoint>/<bucket>/<key>`); defaults to true when an endpoint is set.
+    #[arg(long, env = "S3_FORCE_PATH_STYLE")]
+    pub s3_force_path_style: Option<bool>,
+
+    /// Endpoint signed into presigned URLs: the address agents can reach. Defaults to the
+    /// endpoint the server itself uses.
+    #[arg(long, env = "S3_PUBLIC_ENDPOINT")]
+    pub s3_public_endpoint: Option<Url>,
+
+    /// Smallest part size in bytes (at least 5 MiB); grows so no file needs over 10,000 parts.
+    #[arg(long, env = "PART_SIZE", default_value_t = DEFAULT_PART_SIZE)]
+    pub part_size: u64,
+
+    /// Lifetime of presigned URLs, in seconds (at most 7 days).
+    #[arg(long, env = "PRESIGN_TTL_SECS", default_value_t = 900)]
+    pub presign_ttl_secs: u64,
+
+    /// How long an agent may take to describe its file before the upload fails.
+    #[arg(long, env = "AGENT_RESPONSE_TIMEOUT_SECS", default_value_t = 30)]
+    pub agent_response_timeout_secs: u64,
+
+    /// An upload with no progress for this long fails with STALLED.
+    #[arg(long, env = "UPLOAD_STALL_TIMEOUT_SECS", default_value_t = 300)]
+    pub upload_stall_timeout_secs: u64,
+
+    /// Interval of the server's WebSocket pings.
+    #[arg(long, env = "PING_INTERVAL_SECS", default_value_t = 20)]
+    pub ping_interval_secs: u64,
+
+    /// An agent connection that sends nothing (not even a pong) for this long is closed.
+    #[arg(long, env = "AGENT_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub agent_idle_timeout_secs: u64,
+
+    /// Connected agents beyond this number are refused with 503.
+    #[arg(long, env = "MAX_AGENT_CONNECTIONS", default_value_t = 100_000)]
+    pub max_agent_connections: usize,
+
+    /// `text` or `json`.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Checks the settings that clap cannot, before anything is bound.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        shared::auth::TokenKeys::new(self.jwt_secret.expose().as_bytes())
+            .context("JWT_SECRET is too short: use at least 32 random bytes")?;
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size) {
+            bail!("PART_SIZE must be between {MIN_PART_SIZE} and {MAX_PART_SIZE} bytes");
+        }
+        if self.presign_ttl_secs == 0 || self.presign_ttl_secs > MAX_PRESIGN_TTL_SECS {
+            bail!("PRESIGN_TTL_SECS must be between 1 and {MAX_PRESIGN_TTL_SECS}");
+        }
+        if self.key_prefix.is_empty()
+            || self.key_prefix.starts_with('/')
+            || self.key_prefix.ends_with('/')
+            || self.key_prefix.split('/').any(|s| s.is_empty() || s == "." || s == "..")
+        {
+            bail!("KEY_PREFIX must be non-empty path segments without leading or trailing '/'");
+        }
+        if self.aws_access_key_id.is_some() != self.aws_secret_access_key.is_some() {
+            bail!("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together");
+        }
+        Ok(())
+    }
+
+    pub fn presign_ttl(&self) -> Duration {
+        Duration::from_secs(self.presign_ttl_secs)
+    }
+}

@@ -1,0 +1,206 @@
+//! `GET /ws/connect`: one task per agent connection, split into a reader (this task) and a
+//! writer joined by the connection's bounded outbox.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use shared::protocol::{AgentMessage, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ServerMessage};
+use shared::{ClientId, ErrorCode};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+use crate::AppState;
+use crate::auth::agent_identity;
+use crate::connection::{self, AgentWriter, Incoming};
+use crate::error::ApiError;
+use crate::registry::{AgentHandle, OUTBOX_CAPACITY};
+use crate::uploads;
+
+/// How long a new connection has to send its `hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// WebSocket close codes (RFC 6455).
+const CLOSE_NORMAL: u16 = 1000;
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+const CLOSE_POLICY: u16 = 1008;
+
+pub async fn connect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    // Authenticate before looking at the upgrade, so a bad token is always a 401.
+    let client_id = agent_identity(&state.keys, &headers)?;
+    let upgrade = upgrade.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    if state.registry.len() >= state.config.max_agent_connections
+        && state.registry.get(&client_id).is_none()
+    {
+        return Err(ApiError::new(
+            ErrorCode::ShuttingDown,
+            "the server is at its agent connection limit",
+        ));
+    }
+    Ok(upgrade
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        // Agents send little; small buffers keep an idle connection cheap.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| run_session(state, client_id, socket)))
+}
+
+async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
+    let (mut reader, mut writer) = connection::split(socket);
+
+    // Handshake: the first message must be a hello with our protocol version.
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, reader.recv()).await;
+    match hello {
+        Ok(Ok(Some(Incoming::Message(AgentMessage::Hello {
+            protocol_version,
+            agent_version,
+        })))) => {
+            if protocol_version != PROTOCOL_VERSION {
+                let message = format!(
+                    "agent speaks protocol {protocol_version}, server speaks {PROTOCOL_VERSION}: upgrade the {}",
+                    if protocol_version < PROTOCOL_VERSION { "agent" } else { "server" }
+                );
+                tracing::warn!(%client_id, agent_version, "{message}");
+                reject(&mut writer, ErrorCode::ProtocolVersionMismatch, &message).await;
+                return;
+            }
+            tracing::info!(%client_id, agent_version, "agent connected");
+        }
+        Ok(Ok(Some(_))) => {
+            reject(&mut writer, ErrorCode::UnexpectedMessage, "the first message must be hello").await;
+            return;
+        }
+        Ok(Err(err)) => {
+            reject(&mut writer, err.code(), &err.to_string()).await;
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Err(_) => {
+            reject(&mut writer, ErrorCode::AgentTimeout, "no hello received").await;
+            return;
+        }
+    }
+
+    let conn_id = state.registry.next_conn_id();
+    let close = state.shutdown.child_token();
+    let (outbox, mut outbox_rx) = mpsc::channel::<ServerMessage>(OUTBOX_CAPACITY);
+    let now = OffsetDateTime::now_utc();
+    let last_seen_ms = Arc::new(AtomicI64::new(unix_ms(now)));
+    let handle = AgentHandle {
+        conn_id,
+        outbox: outbox.clone(),
+        connected_since: now,
+        last_seen_ms: last_seen_ms.clone(),
+        close: close.clone(),
+    };
+    if let Some(old) = state.registry.insert(client_id.clone(), handle) {
+        tracing::info!(%client_id, old_conn = old.conn_id, "replacing an older connection");
+        let _ = old.outbox.try_send(ServerMessage::Error {
+            code: ErrorCode::ConnectionReplaced,
+            message: "a newer connection for this client id replaced this one".into(),
+        });
+        old.close.cancel();
+    }
+    let _ = outbox
+        .send(ServerMessage::Welcome {
+            client_id: client_id.clone(),
+            protocol_version: PROTOCOL_VERSION,
+        })
+        .await;
+
+    // Writer: drains the outbox and pings; on close it flushes what is queued first, so an
+    // error message reaches the agent before the close frame.
+    let ping_interval = Duration::from_secs(state.config.ping_interval_secs.max(1));
+    let writer_close = close.clone();
+    let writer_task = state.tracker.spawn(async move {
+        let mut ping = tokio::time::interval(ping_interval);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                msg = outbox_rx.recv() => match msg {
+                    Some(msg) => {
+                        if writer.send(&msg).await.is_err() { break; }
+                    }
+                    None => break,
+                },
+                _ = ping.tick() => {
+                    if writer.ping().await.is_err() { break; }
+                }
+                () = writer_close.cancelled() => {
+                    while let Ok(msg) = outbox_rx.try_recv() {
+                        if writer.send(&msg).await.is_err() { break; }
+                    }
+                    writer.close(CLOSE_GOING_AWAY, "closing").await;
+                    break;
+                }
+            }
+        }
+        // Whatever ended the writer ends the session.
+        writer_close.cancel();
+    });
+
+    // Reader: dispatches messages until the agent leaves, goes quiet, misbehaves or is closed.
+    let idle_timeout = Duration::from_secs(state.config.agent_idle_timeout_secs.max(1));
+    loop {
+        let incoming = tokio::select! {
+            () = close.cancelled() => break,
+            r = tokio::time::timeout(idle_timeout, reader.recv()) => r,
+        };
+        match incoming {
+            Ok(Ok(Some(incoming))) => {
+                last_seen_ms.store(unix_ms(OffsetDateTime::now_utc()), Ordering::Relaxed);
+                if let Incoming::Message(msg) = incoming {
+                    uploads::on_agent_message(&state, &client_id, conn_id, msg);
+                }
+            }
+            Ok(Ok(None)) => break,
+            Ok(Err(err)) => {
+                tracing::warn!(%client_id, error = %err, "closing connection");
+                let _ = outbox.try_send(ServerMessage::Error {
+                    code: err.code(),
+                    message: err.to_string(),
+                });
+                break;
+            }
+            Err(_) => {
+                tracing::warn!(%client_id, "agent silent for too long, closing");
+                break;
+            }
+        }
+    }
+    close.cancel();
+    let _ = writer_task.await;
+    state.registry.remove(&client_id, conn_id);
+    uploads::on_agent_disconnected(&state, conn_id).await;
+    tracing::info!(%client_id, conn_id, "agent disconnected");
+}
+
+async fn reject(writer: &mut AgentWriter, code: ErrorCode, message: &str) {
+    let _ = writer
+        .send(&ServerMessage::Error {
+            code,
+            message: message.to_owned(),
+        })
+        .await;
+    let close_code = match code {
+        ErrorCode::ProtocolVersionMismatch | ErrorCode::UnexpectedMessage => CLOSE_PROTOCOL_ERROR,
+        ErrorCode::MalformedMessage => CLOSE_POLICY,
+        _ => CLOSE_NORMAL,
+    };
+    writer.close(close_code, code.as_str()).await;
+}
+
+fn unix_ms(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}

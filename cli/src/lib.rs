@@ -1,1 +1,364 @@
+//! `cli`, the operator's command line. It talks to the server only over its public HTTP API
+//! (plus `token issue`, which signs tokens locally with `JWT_SECRET`).
 
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use shared::api::{ClientInfo, ClientStatus, ErrorBody, TriggerResponse, UploadState, UploadStatus};
+use shared::auth::{Role, TokenKeys};
+use shared::{ClientId, UploadId};
+
+/// How often `download` polls the upload status.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Parser)]
+#[command(name = "cli", version, about = "Operate Backhaul: trigger downloads, inspect agents, mint tokens")]
+pub struct Cli {
+    /// Base URL of the server's HTTP API.
+    #[arg(long, global = true, env = "SERVER_URL", default_value = "http://127.0.0.1:8080")]
+    pub server_url: String,
+
+    /// Operator token (`cli token issue --operator`).
+    #[arg(long, global = true, env = "API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ask a store's agent for its file and wait until the object is verified in S3.
+    Download {
+        #[arg(long)]
+        client_id: String,
+        /// Print the upload id and return at once.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds (the upload itself goes on).
+        #[arg(long, env = "WAIT_TIMEOUT_SECS", default_value_t = 3600)]
+        wait_timeout_secs: u64,
+    },
+    /// List connected agents.
+    Clients,
+    /// Show one agent's connection and latest upload, or one upload.
+    Status(StatusArgs),
+    /// Mint tokens signed with JWT_SECRET.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct StatusArgs {
+    #[arg(long)]
+    client_id: Option<String>,
+    #[arg(long)]
+    upload_id: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a new token on stdout.
+    Issue(IssueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IssueArgs {
+    /// Issue an agent token for this client id.
+    #[arg(long, conflicts_with = "operator", required_unless_present = "operator")]
+    client_id: Option<String>,
+    /// Issue an operator token.
+    #[arg(long)]
+    operator: bool,
+    /// Subject of an operator token, recorded as who triggered what.
+    #[arg(long, default_value = "operator")]
+    name: String,
+    /// Lifetime in seconds (default 30 days for agents, 12 hours for operators).
+    #[arg(long)]
+    ttl_secs: Option<u64>,
+    /// Secret shared with the server.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    jwt_secret: String,
+}
+
+/// Runs a parsed command. `Ok(false)` means the command ran but what it reports failed (an upload
+/// that ended `failed`), which the binary turns into a non-zero exit.
+pub async fn run(cli: Cli) -> anyhow::Result<bool> {
+    match &cli.command {
+        Command::Token {
+            command: TokenCommand::Issue(args),
+        } => {
+            let keys = TokenKeys::new(args.jwt_secret.as_bytes())
+                .context("JWT_SECRET must be at least 32 bytes")?;
+            let token = match &args.client_id {
+                Some(id) => {
+                    let id = ClientId::parse(id)?;
+                    let ttl = args.ttl_secs.unwrap_or(30 * 24 * 3600);
+                    keys.issue(id.as_str(), Role::Agent, Duration::from_secs(ttl))?
+                }
+                None => {
+                    let ttl = args.ttl_secs.unwrap_or(12 * 3600);
+                    keys.issue(&args.name, Role::Operator, Duration::from_secs(ttl))?
+                }
+            };
+            println!("{token}");
+            Ok(true)
+        }
+        Command::Download {
+            client_id,
+            no_wait,
+            wait_timeout_secs,
+        } => {
+            let api = Api::new(&cli)?;
+            let trigger: TriggerResponse = api
+                .post(&format!("/trigger-download/{}", path_segment(client_id)))
+                .await?;
+            if *no_wait {
+                if cli.json {
+                    println!("{}", serde_json::to_string_pretty(&trigger)?);
+                } else {
+                    println!("{}", trigger.upload_id);
+                }
+                return Ok(true);
+            }
+            let status = wait_for(&api, trigger.upload_id, Duration::from_secs(*wait_timeout_secs), cli.json).await?;
+            print_outcome(&status, cli.json)?;
+            Ok(status.state == UploadState::Completed)
+        }
+        Command::Clients => {
+            let api = Api::new(&cli)?;
+            let clients: Vec<ClientInfo> = api.get("/clients").await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&clients)?);
+            } else if clients.is_empty() {
+                println!("no agents connected");
+            } else {
+                println!("{:<24} {:<26} {:<26} ACTIVE UPLOAD", "CLIENT", "CONNECTED SINCE", "LAST SEEN");
+                for c in clients {
+                    let active = c.active_upload.map(|u| u.to_string()).unwrap_or_else(|| "-".into());
+                    println!("{:<24} {:<26} {:<26} {active}", c.client_id, c.connected_since, c.last_seen);
+                }
+            }
+            Ok(true)
+        }
+        Command::Status(StatusArgs {
+            client_id,
+            upload_id,
+        }) => {
+            let api = Api::new(&cli)?;
+            if let Some(upload_id) = upload_id {
+                let status: UploadStatus = api.get(&format!("/uploads/{}", path_segment(upload_id))).await?;
+                print_upload(&status, cli.json)?;
+            } else if let Some(client_id) = client_id {
+                let status: ClientStatus = api.get(&format!("/status/{}", path_segment(client_id))).await?;
+                if cli.json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    println!("client:          {}", status.client_id);
+                    println!("connected:       {}", status.connected);
+                    if let Some(since) = &status.connected_since {
+                        println!("connected since: {since}");
+                    }
+                    if let Some(seen) = &status.last_seen {
+                        println!("last seen:       {seen}");
+                    }
+                    match &status.last_upload {
+                        Some(u) => {
+                            println!("last upload:");
+                            print_upload(u, false)?;
+                        }
+                        None => println!("last upload:     none"),
+                    }
+                }
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// Percent-encodes a user-supplied id for use as one path segment, so the server (not the URL
+/// parser) decides whether it is valid.
+fn path_segment(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for b in raw.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn wait_for(api: &Api, upload_id: UploadId, timeout: Duration, json: bool) -> anyhow::Result<UploadStatus> {
+    let bar = if json || !std::io::stderr().is_terminal() {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg:<10} [{elapsed_precise}] [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("the template is valid")
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let started = Instant::now();
+    let mut last_line = Instant::now() - Duration::from_secs(60);
+    let log_lines = !json && !std::io::stderr().is_terminal();
+    loop {
+        let status: UploadStatus = api.get(&format!("/uploads/{upload_id}")).await?;
+        if let Some(size) = status.size {
+            bar.set_length(size);
+        }
+        bar.set_position(status.bytes_done);
+        bar.set_message(format!("{:?}", status.state).to_lowercase());
+        // Without a terminal there is no bar; a line every few seconds still shows progress.
+        if log_lines && last_line.elapsed() >= Duration::from_secs(5) {
+            last_line = Instant::now();
+            eprintln!(
+                "{:?}: {}/{} bytes, {} parts done",
+                status.state,
+                status.bytes_done,
+                status.size.map(|s| s.to_string()).unwrap_or_else(|| "?".into()),
+                status.parts_done
+            );
+        }
+        if status.state.is_terminal() {
+            bar.finish_and_clear();
+            return Ok(status);
+        }
+        if started.elapsed() > timeout {
+            bar.abandon();
+            bail!("upload {upload_id} still {:?} after {}s; it goes on, check it with `cli status --upload-id {upload_id}`", status.state, timeout.as_secs());
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+fn print_outcome(status: &UploadStatus, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(status)?);
+        return Ok(());
+    }
+    match status.state {
+        UploadState::Completed => {
+            println!("upload {} completed and verified", status.upload_id);
+            print_upload(status, false)
+        }
+        _ => {
+            let (code, message) = status
+                .error
+                .as_ref()
+                .map(|e| (e.code.to_string(), e.message.clone()))
+                .unwrap_or_else(|| ("UNKNOWN".into(), "no error reported".into()));
+            eprintln!("upload {} failed: {code}: {message}", status.upload_id);
+            Ok(())
+        }
+    }
+}
+
+fn print_upload(s: &UploadStatus, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    println!("  upload:   {}", s.upload_id);
+    println!("  client:   {}", s.client_id);
+    println!("  state:    {}", format!("{:?}", s.state).to_lowercase());
+    println!("  bucket:   {}", s.bucket);
+    println!("  key:      {}", opt(&s.key));
+    println!("  size:     {}", s.size.map(|v| format!("{v} bytes")).unwrap_or_else(|| "-".into()));
+    println!("  parts:    {}/{}", s.parts_done, s.parts_total.map(|v| v.to_string()).unwrap_or_else(|| "?".into()));
+    println!("  etag:     {}", opt(&s.etag));
+    if let Some(rate) = s.rate_bytes_per_sec {
+        println!("  rate:     {:.1} MiB/s", rate as f64 / (1024.0 * 1024.0));
+    }
+    if let Some(e) = &s.error {
+        println!("  error:    {}: {}", e.code, e.message);
+    }
+    println!("  by:       {}", s.requested_by);
+    Ok(())
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    fn new(cli: &Cli) -> anyhow::Result<Self> {
+        let token = cli
+            .api_token
+            .clone()
+            .ok_or_else(|| anyhow!("no operator token: set API_TOKEN or pass --api-token (mint one with `cli token issue --operator`)"))?;
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            base: cli.server_url.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("could not reach the server at {}", self.base))?;
+        decode(resp).await
+    }
+
+    async fn post<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("could not reach the server at {}", self.base))?;
+        decode(resp).await
+    }
+}
+
+/// An API error, printed as `CODE: message`.
+#[derive(Debug, thiserror::Error)]
+#[error("{code}: {message} (HTTP {status})")]
+pub struct ApiFailure {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+async fn decode<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
+    let status = resp.status();
+    let bytes = resp.bytes().await.context("reading the server's answer")?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).context("the server's answer is not what this cli expects");
+    }
+    match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(body) => Err(ApiFailure {
+            status: status.as_u16(),
+            code: body.error.code.to_string(),
+            message: body.error.message,
+        }
+        .into()),
+        Err(_) => Err(anyhow!("server answered HTTP {status}")),
+    }
+}

@@ -1,0 +1,276 @@
+//! The agent's control channel: a reconnect loop around one session at a time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use shared::protocol::{AgentMessage, PROTOCOL_VERSION, ServerMessage, UploadPlan};
+use shared::{ErrorCode, UploadId};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::connection::{ConnectError, Incoming, ServerConnection};
+use crate::uploader::{self, Progress, UploadSettings};
+
+/// How often progress is reported while parts are in flight.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+/// Queue of messages from upload tasks to the session writer.
+const OUTBOX_CAPACITY: usize = 64;
+
+/// Runs until `shutdown` is cancelled. Never returns because the server is down: every failure to
+/// connect or lost connection feeds the backoff policy and the loop tries again.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate()?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(config.upload_concurrency)
+        .build()?;
+    let mut backoff = config.reconnect_policy();
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            r = ServerConnection::connect(&config.server_url, config.token.expose()) => r,
+        };
+        match outcome {
+            Ok(conn) => {
+                let mut session = Session::new(&config, &http, conn);
+                match session.run(&shutdown, &mut backoff).await {
+                    SessionEnd::Shutdown => return Ok(()),
+                    SessionEnd::Lost(reason) => {
+                        tracing::warn!(reason, "connection to server lost");
+                    }
+                }
+            }
+            Err(ConnectError::Refused { status, detail }) => {
+                // A rejected token will not fix itself, but the operator may fix the server side
+                // (a revocation lifted, a secret rotated): keep trying, slowly and loudly.
+                tracing::error!(%status, detail, "server refused this agent");
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not reach server");
+            }
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(?delay, "reconnecting after delay");
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+struct Session<'a> {
+    config: &'a Config,
+    http: &'a reqwest::Client,
+    conn: ServerConnection,
+    outbox_tx: mpsc::Sender<AgentMessage>,
+    outbox_rx: mpsc::Receiver<AgentMessage>,
+    /// Upload tasks of this session, by upload id; cancelled when the session ends.
+    uploads: HashMap<UploadId, CancellationToken>,
+    session_cancel: CancellationToken,
+}
+
+impl<'a> Session<'a> {
+    fn new(config: &'a Config, http: &'a reqwest::Client, conn: ServerConnection) -> Self {
+        let (outbox_tx, outbox_rx) = mpsc::channel(OUTBOX_CAPACITY);
+        Self {
+            config,
+            http,
+            conn,
+            outbox_tx,
+            outbox_rx,
+            uploads: HashMap::new(),
+            session_cancel: CancellationToken::new(),
+        }
+    }
+
+    async fn run(
+        &mut self,
+        shutdown: &CancellationToken,
+        backoff: &mut crate::backoff::Backoff,
+    ) -> SessionEnd {
+        let end = self.run_inner(shutdown, backoff).await;
+        // Uploads are bound to the connection: the server fails them when it drops.
+        self.session_cancel.cancel();
+        end
+    }
+
+    async fn run_inner(
+        &mut self,
+        shutdown: &CancellationToken,
+        backoff: &mut crate::backoff::Backoff,
+    ) -> SessionEnd {
+        let hello = AgentMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        if let Err(e) = self.conn.send(&hello).await {
+            return SessionEnd::Lost(e.to_string());
+        }
+        let idle_timeout = Duration::from_secs(self.config.server_idle_timeout_secs.max(1));
+        let mut deadline = Instant::now() + idle_timeout;
+        let mut ping = tokio::time::interval(Duration::from_secs(self.config.ping_interval_secs.max(1)));
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    self.session_cancel.cancel();
+                    self.conn.close().await;
+                    return SessionEnd::Shutdown;
+                }
+                Some(msg) = self.outbox_rx.recv() => {
+                    if let Err(e) = self.conn.send(&msg).await {
+                        return SessionEnd::Lost(e.to_string());
+                    }
+                }
+                _ = ping.tick() => {
+                    if let Err(e) = self.conn.ping().await {
+                        return SessionEnd::Lost(e.to_string());
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    return SessionEnd::Lost(format!("nothing heard from the server for {}s", idle_timeout.as_secs()));
+                }
+                incoming = self.conn.recv() => {
+                    deadline = Instant::now() + idle_timeout;
+                    match incoming {
+                        Ok(Some(Incoming::Message(msg))) => {
+                            if let Some(end) = self.handle(msg, backoff).await {
+                                return end;
+                            }
+                        }
+                        Ok(Some(Incoming::Heartbeat)) => {}
+                        Ok(None) => return SessionEnd::Lost("server closed the connection".into()),
+                        Err(e) => return SessionEnd::Lost(e.to_string()),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        msg: ServerMessage,
+        backoff: &mut crate::backoff::Backoff,
+    ) -> Option<SessionEnd> {
+        match msg {
+            ServerMessage::Welcome { client_id, .. } => {
+                tracing::info!(%client_id, "connected to server");
+                backoff.reset();
+            }
+            ServerMessage::DescribeFile { upload_id } => {
+                let path = self.config.file_path();
+                let reply = match uploader::describe_file(&path).await {
+                    Ok((file_name, size)) => AgentMessage::FileInfo {
+                        upload_id,
+                        file_name,
+                        size,
+                    },
+                    Err(e) => {
+                        tracing::warn!(%upload_id, code = %e.code, message = e.message, "cannot share the file");
+                        AgentMessage::UploadFailed {
+                            upload_id,
+                            code: e.code,
+                            message: e.message,
+                        }
+                    }
+                };
+                if let Err(e) = self.conn.send(&reply).await {
+                    return Some(SessionEnd::Lost(e.to_string()));
+                }
+            }
+            ServerMessage::StartUpload(plan) => self.start_upload(plan),
+            ServerMessage::CancelUpload { upload_id, code } => {
+                if let Some(token) = self.uploads.remove(&upload_id) {
+                    tracing::info!(%upload_id, %code, "server cancelled the upload");
+                    token.cancel();
+                }
+            }
+            ServerMessage::Error { code, message } => {
+                tracing::error!(%code, message, "server reported an error");
+                if code == ErrorCode::ConnectionReplaced {
+                    return Some(SessionEnd::Lost("replaced by a newer connection".into()));
+                }
+            }
+        }
+        None
+    }
+
+    fn start_upload(&mut self, plan: UploadPlan) {
+        let upload_id = plan.upload_id;
+        self.uploads.retain(|_, t| !t.is_cancelled());
+        let cancel = self.session_cancel.child_token();
+        self.uploads.insert(upload_id, cancel.clone());
+        let outbox = self.outbox_tx.clone();
+        let http = self.http.clone();
+        let path = self.config.file_path();
+        let settings = UploadSettings {
+            concurrency: self.config.upload_concurrency,
+            attempts: self.config.part_attempts,
+            request_timeout: Duration::from_secs(self.config.request_timeout_secs),
+        };
+        tracing::info!(%upload_id, size = plan.size, parts = plan.parts.len(), "upload starting");
+        tokio::spawn(async move {
+            let progress = Arc::new(Progress::default());
+            let reporter = {
+                let progress = progress.clone();
+                let outbox = outbox.clone();
+                let cancel = cancel.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+                    let mut last = (u32::MAX, u64::MAX);
+                    loop {
+                        tokio::select! {
+                            () = cancel.cancelled() => break,
+                            _ = tick.tick() => {}
+                        }
+                        let now = (
+                            progress.parts_done.load(Ordering::Relaxed),
+                            progress.bytes_done.load(Ordering::Relaxed),
+                        );
+                        if now != last {
+                            last = now;
+                            // Progress is advisory: drop it rather than wait if the queue is full.
+                            let _ = outbox.try_send(AgentMessage::Progress {
+                                upload_id,
+                                parts_done: now.0,
+                                bytes_done: now.1,
+                            });
+                        }
+                    }
+                })
+            };
+            let started = std::time::Instant::now();
+            let result = uploader::upload(&http, path, &plan, &settings, progress, cancel.clone()).await;
+            cancel.cancel();
+            let _ = reporter.await;
+            let msg = match result {
+                Ok(parts) => {
+                    tracing::info!(%upload_id, elapsed = ?started.elapsed(), "upload finished");
+                    AgentMessage::UploadCompleted { upload_id, parts }
+                }
+                Err(e) => {
+                    tracing::warn!(%upload_id, code = %e.code, message = e.message, "upload failed");
+                    AgentMessage::UploadFailed {
+                        upload_id,
+                        code: e.code,
+                        message: e.message,
+                    }
+                }
+            };
+            let _ = outbox.send(msg).await;
+        });
+    }
+}

@@ -1,0 +1,128 @@
+//! Agent settings: every one is a flag with an environment fallback (see `.env.example`).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::{Parser, ValueEnum};
+use url::Url;
+
+pub const DEFAULT_FILE_NAME: &str = "file_to_download.txt";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A token that never shows up in `Debug` output or logs.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// Backhaul store agent: keeps one outbound WebSocket to the server and uploads its file to S3
+/// when asked.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "client", version, about)]
+pub struct Config {
+    /// WebSocket URL of the server's agent endpoint.
+    #[arg(long, env = "AGENT_SERVER_URL", default_value = "ws://127.0.0.1:8080/ws/connect")]
+    pub server_url: Url,
+
+    /// This agent's JWT (`cli token issue --client-id <id>`); its subject is the client id.
+    #[arg(long, env = "AGENT_TOKEN", hide_env_values = true)]
+    pub token: Secret,
+
+    /// The file this agent uploads when asked; defaults to `$HOME/file_to_download.txt`.
+    #[arg(long, env = "FILE_PATH")]
+    pub file_path: Option<PathBuf>,
+
+    /// Parts uploaded at the same time.
+    #[arg(long, env = "UPLOAD_CONCURRENCY", default_value_t = 4)]
+    pub upload_concurrency: usize,
+
+    /// Attempts per part (and for the completion request) before the upload fails.
+    #[arg(long, env = "PART_ATTEMPTS", default_value_t = 4)]
+    pub part_attempts: u32,
+
+    /// First reconnect delay, in milliseconds; doubles per failed attempt, with jitter.
+    #[arg(long, env = "RECONNECT_MIN_MS", default_value_t = 500)]
+    pub reconnect_min_ms: u64,
+
+    /// Longest reconnect delay, in milliseconds.
+    #[arg(long, env = "RECONNECT_MAX_MS", default_value_t = 30_000)]
+    pub reconnect_max_ms: u64,
+
+    /// Interval of the agent's WebSocket pings.
+    #[arg(long, env = "PING_INTERVAL_SECS", default_value_t = 15)]
+    pub ping_interval_secs: u64,
+
+    /// A server that sends nothing for this long is considered gone; the agent reconnects.
+    #[arg(long, env = "SERVER_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub server_idle_timeout_secs: u64,
+
+    /// Timeout of one part PUT or completion request, in seconds.
+    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 600)]
+    pub request_timeout_secs: u64,
+
+    /// `text` or `json`.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !matches!(self.server_url.scheme(), "ws" | "wss") {
+            bail!("AGENT_SERVER_URL must be a ws:// or wss:// URL");
+        }
+        if self.upload_concurrency == 0 || self.upload_concurrency > 64 {
+            bail!("UPLOAD_CONCURRENCY must be between 1 and 64");
+        }
+        if self.part_attempts == 0 {
+            bail!("PART_ATTEMPTS must be at least 1");
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {
+            bail!("RECONNECT_MIN_MS must be positive and at most RECONNECT_MAX_MS");
+        }
+        Ok(())
+    }
+
+    /// The shared file, with the `$HOME` default applied.
+    pub fn file_path(&self) -> PathBuf {
+        self.file_path.clone().unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default()
+                .join(DEFAULT_FILE_NAME)
+        })
+    }
+
+    pub fn reconnect_policy(&self) -> crate::backoff::Backoff {
+        crate::backoff::Backoff::new(
+            Duration::from_millis(self.reconnect_min_ms),
+            Duration::from_millis(self.reconnect_max_ms),
+        )
+    }
+}

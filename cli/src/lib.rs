@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use shared::api::{ClientInfo, ClientStatus, ErrorBody, TriggerResponse, UploadState, UploadStatus};
+use shared::api::{
+    ClientInfo, ClientStatus, ErrorBody, TriggerResponse, UploadState, UploadStatus,
+};
 use shared::auth::{Role, TokenKeys};
 use shared::{ClientId, UploadId};
 
@@ -15,10 +17,19 @@ use shared::{ClientId, UploadId};
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Parser)]
-#[command(name = "cli", version, about = "Operate Backhaul: trigger downloads, inspect agents, mint tokens")]
+#[command(
+    name = "cli",
+    version,
+    about = "Operate Backhaul: trigger downloads, inspect agents, mint tokens"
+)]
 pub struct Cli {
     /// Base URL of the server's HTTP API.
-    #[arg(long, global = true, env = "SERVER_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "SERVER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server_url: String,
 
     /// Operator token (`cli token issue --operator`).
@@ -75,7 +86,11 @@ pub enum TokenCommand {
 #[derive(Debug, Args)]
 pub struct IssueArgs {
     /// Issue an agent token for this client id.
-    #[arg(long, conflicts_with = "operator", required_unless_present = "operator")]
+    #[arg(
+        long,
+        conflicts_with = "operator",
+        required_unless_present = "operator"
+    )]
     client_id: Option<String>,
     /// Issue an operator token.
     #[arg(long)]
@@ -131,7 +146,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
                 }
                 return Ok(true);
             }
-            let status = wait_for(&api, trigger.upload_id, Duration::from_secs(*wait_timeout_secs), cli.json).await?;
+            let status = wait_for(
+                &api,
+                trigger.upload_id,
+                Duration::from_secs(*wait_timeout_secs),
+                cli.json,
+            )
+            .await?;
             print_outcome(&status, cli.json)?;
             Ok(status.state == UploadState::Completed)
         }
@@ -143,10 +164,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             } else if clients.is_empty() {
                 println!("no agents connected");
             } else {
-                println!("{:<24} {:<26} {:<26} ACTIVE UPLOAD", "CLIENT", "CONNECTED SINCE", "LAST SEEN");
+                println!(
+                    "{:<24} {:<26} {:<26} ACTIVE UPLOAD",
+                    "CLIENT", "CONNECTED SINCE", "LAST SEEN"
+                );
                 for c in clients {
-                    let active = c.active_upload.map(|u| u.to_string()).unwrap_or_else(|| "-".into());
-                    println!("{:<24} {:<26} {:<26} {active}", c.client_id, c.connected_since, c.last_seen);
+                    let active = c
+                        .active_upload
+                        .map(|u| u.to_string())
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<24} {:<26} {:<26} {active}",
+                        c.client_id, c.connected_since, c.last_seen
+                    );
                 }
             }
             Ok(true)
@@ -157,10 +187,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
         }) => {
             let api = Api::new(&cli)?;
             if let Some(upload_id) = upload_id {
-                let status: UploadStatus = api.get(&format!("/uploads/{}", path_segment(upload_id))).await?;
+                let status: UploadStatus = api
+                    .get(&format!("/uploads/{}", path_segment(upload_id)))
+                    .await?;
                 print_upload(&status, cli.json)?;
             } else if let Some(client_id) = client_id {
-                let status: ClientStatus = api.get(&format!("/status/{}", path_segment(client_id))).await?;
+                let status: ClientStatus = api
+                    .get(&format!("/status/{}", path_segment(client_id)))
+                    .await?;
                 if cli.json {
                     println!("{}", serde_json::to_string_pretty(&status)?);
                 } else {
@@ -200,7 +234,12 @@ fn path_segment(raw: &str) -> String {
     out
 }
 
-async fn wait_for(api: &Api, upload_id: UploadId, timeout: Duration, json: bool) -> anyhow::Result<UploadStatus> {
+async fn wait_for(
+    api: &Api,
+    upload_id: UploadId,
+    timeout: Duration,
+    json: bool,
+) -> anyhow::Result<UploadStatus> {
     let bar = if json || !std::io::stderr().is_terminal() {
         ProgressBar::hidden()
     } else {
@@ -231,7 +270,10 @@ async fn wait_for(api: &Api, upload_id: UploadId, timeout: Duration, json: bool)
                 "{:?}: {}/{} bytes, {} parts done",
                 status.state,
                 status.bytes_done,
-                status.size.map(|s| s.to_string()).unwrap_or_else(|| "?".into()),
+                status
+                    .size
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "?".into()),
                 status.parts_done
             );
         }
@@ -241,7 +283,11 @@ async fn wait_for(api: &Api, upload_id: UploadId, timeout: Duration, json: bool)
         }
         if started.elapsed() > timeout {
             bar.abandon();
-            bail!("upload {upload_id} still {:?} after {}s; it goes on, check it with `cli status --upload-id {upload_id}`", status.state, timeout.as_secs());
+            bail!(
+                "upload {upload_id} still {:?} after {}s; it goes on, check it with `cli status --upload-id {upload_id}`",
+                status.state,
+                timeout.as_secs()
+            );
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
@@ -280,8 +326,19 @@ fn print_upload(s: &UploadStatus, json: bool) -> anyhow::Result<()> {
     println!("  state:    {}", format!("{:?}", s.state).to_lowercase());
     println!("  bucket:   {}", s.bucket);
     println!("  key:      {}", opt(&s.key));
-    println!("  size:     {}", s.size.map(|v| format!("{v} bytes")).unwrap_or_else(|| "-".into()));
-    println!("  parts:    {}/{}", s.parts_done, s.parts_total.map(|v| v.to_string()).unwrap_or_else(|| "?".into()));
+    println!(
+        "  size:     {}",
+        s.size
+            .map(|v| format!("{v} bytes"))
+            .unwrap_or_else(|| "-".into())
+    );
+    println!(
+        "  parts:    {}/{}",
+        s.parts_done,
+        s.parts_total
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "?".into())
+    );
     println!("  etag:     {}", opt(&s.etag));
     if let Some(rate) = s.rate_bytes_per_sec {
         println!("  rate:     {:.1} MiB/s", rate as f64 / (1024.0 * 1024.0));
@@ -350,7 +407,8 @@ async fn decode<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> anyh
     let status = resp.status();
     let bytes = resp.bytes().await.context("reading the server's answer")?;
     if status.is_success() {
-        return serde_json::from_slice(&bytes).context("the server's answer is not what this cli expects");
+        return serde_json::from_slice(&bytes)
+            .context("the server's answer is not what this cli expects");
     }
     match serde_json::from_slice::<ErrorBody>(&bytes) {
         Ok(body) => Err(ApiFailure {

@@ -121,7 +121,8 @@ impl<'a> Session<'a> {
         }
         let idle_timeout = Duration::from_secs(self.config.server_idle_timeout_secs.max(1));
         let mut deadline = Instant::now() + idle_timeout;
-        let mut ping = tokio::time::interval(Duration::from_secs(self.config.ping_interval_secs.max(1)));
+        let mut ping =
+            tokio::time::interval(Duration::from_secs(self.config.ping_interval_secs.max(1)));
         ping.tick().await;
         loop {
             tokio::select! {
@@ -253,7 +254,8 @@ impl<'a> Session<'a> {
                 })
             };
             let started = std::time::Instant::now();
-            let result = uploader::upload(&http, path, &plan, &settings, progress, cancel.clone()).await;
+            let result =
+                uploader::upload(&http, path, &plan, &settings, progress, cancel.clone()).await;
             cancel.cancel();
             let _ = reporter.await;
             let msg = match result {

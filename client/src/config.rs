@@ -48,7 +48,11 @@ impl std::str::FromStr for Secret {
 #[command(name = "client", version, about)]
 pub struct Config {
     /// WebSocket URL of the server's agent endpoint.
-    #[arg(long, env = "AGENT_SERVER_URL", default_value = "ws://127.0.0.1:8080/ws/connect")]
+    #[arg(
+        long,
+        env = "AGENT_SERVER_URL",
+        default_value = "ws://127.0.0.1:8080/ws/connect"
+    )]
     pub server_url: Url,
 
     /// This agent's JWT (`cli token issue --client-id <id>`); its subject is the client id.

@@ -87,7 +87,9 @@ impl ServerConnection {
                 .map(|m| Some(Incoming::Message(m)))
                 .map_err(|e| RecvError::Malformed(e.to_string())),
             Message::Binary(_) => Err(RecvError::Malformed("unexpected binary frame".into())),
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(Some(Incoming::Heartbeat)),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
+                Ok(Some(Incoming::Heartbeat))
+            }
             Message::Close(_) => Ok(None),
         }
     }

@@ -54,7 +54,9 @@ pub struct UploadSettings {
 
 /// Looks at the shared file: its name as stored, and its size. Errors carry the agent-side codes.
 pub async fn describe_file(path: &Path) -> Result<(FileName, u64), UploadError> {
-    let meta = tokio::fs::metadata(path).await.map_err(|e| io_error(path, &e))?;
+    let meta = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| io_error(path, &e))?;
     if !meta.is_file() {
         return Err(UploadError::new(
             ErrorCode::FileReadError,
@@ -114,7 +116,10 @@ pub async fn upload(
     if size != plan.size {
         return Err(UploadError::new(
             ErrorCode::FileChanged,
-            format!("the file is now {size} bytes, it was {} when described", plan.size),
+            format!(
+                "the file is now {size} bytes, it was {} when described",
+                plan.size
+            ),
         ));
     }
     let path = Arc::new(path);
@@ -178,7 +183,10 @@ async fn upload_part(
                 if attempt >= settings.attempts {
                     return Err(UploadError::new(
                         ErrorCode::PartUploadFailed,
-                        format!("part {} failed after {attempt} attempts: {message}", part.part_number),
+                        format!(
+                            "part {} failed after {attempt} attempts: {message}",
+                            part.part_number
+                        ),
                     ));
                 }
                 let delay = backoff.next_delay();
@@ -353,6 +361,22 @@ mod tests {
         assert_eq!(xml_tag(body, "Code").as_deref(), Some("BadDigest"));
         assert_eq!(xml_tag("<Code>a b</Code>", "Code"), None);
         assert_eq!(xml_tag("nothing", "Code"), None);
+    }
+
+    #[test]
+    fn io_errors_map_to_agent_codes() {
+        // Tests run as root here, where file modes cannot produce a real EACCES.
+        let path = Path::new("/x");
+        let kind = |k| io_error(path, &std::io::Error::from(k)).code;
+        assert_eq!(kind(std::io::ErrorKind::NotFound), ErrorCode::FileNotFound);
+        assert_eq!(
+            kind(std::io::ErrorKind::PermissionDenied),
+            ErrorCode::PermissionDenied
+        );
+        assert_eq!(
+            kind(std::io::ErrorKind::InvalidData),
+            ErrorCode::FileReadError
+        );
     }
 
     #[tokio::test]

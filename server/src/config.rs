@@ -89,7 +89,11 @@ pub struct Config {
     pub data_dir: PathBuf,
 
     /// Address of the embedded S3 endpoint (STORAGE=embedded only).
-    #[arg(long, env = "EMBEDDED_S3_LISTEN_ADDR", default_value = "127.0.0.1:9000")]
+    #[arg(
+        long,
+        env = "EMBEDDED_S3_LISTEN_ADDR",
+        default_value = "127.0.0.1:9000"
+    )]
     pub embedded_s3_listen_addr: SocketAddr,
 
     /// Access key of the embedded S3 endpoint.
@@ -172,7 +176,10 @@ impl Config {
         if self.key_prefix.is_empty()
             || self.key_prefix.starts_with('/')
             || self.key_prefix.ends_with('/')
-            || self.key_prefix.split('/').any(|s| s.is_empty() || s == "." || s == "..")
+            || self
+                .key_prefix
+                .split('/')
+                .any(|s| s.is_empty() || s == "." || s == "..")
         {
             bail!("KEY_PREFIX must be non-empty path segments without leading or trailing '/'");
         }

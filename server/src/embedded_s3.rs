@@ -15,7 +15,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub fn build_service(data_dir: &Path, access_key: &str, secret_key: &str) -> anyhow::Result<S3Service> {
+pub fn build_service(
+    data_dir: &Path,
+    access_key: &str,
+    secret_key: &str,
+) -> anyhow::Result<S3Service> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     let fs = s3s_fs::FileSystem::new(data_dir)
@@ -124,8 +128,17 @@ mod tests {
     #[test]
     fn recognises_sigv2() {
         assert!(is_sigv2(&req("/b/k", Some("AWS key:sig"))));
-        assert!(is_sigv2(&req("/b/k?AWSAccessKeyId=k&Expires=1&Signature=s", None)));
-        assert!(!is_sigv2(&req("/b/k", Some("AWS4-HMAC-SHA256 Credential=x"))));
-        assert!(!is_sigv2(&req("/b/k?X-Amz-Signature=s&X-Amz-Credential=c", None)));
+        assert!(is_sigv2(&req(
+            "/b/k?AWSAccessKeyId=k&Expires=1&Signature=s",
+            None
+        )));
+        assert!(!is_sigv2(&req(
+            "/b/k",
+            Some("AWS4-HMAC-SHA256 Credential=x")
+        )));
+        assert!(!is_sigv2(&req(
+            "/b/k?X-Amz-Signature=s&X-Amz-Credential=c",
+            None
+        )));
     }
 }

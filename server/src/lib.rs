@@ -89,10 +89,14 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Runs the server until `shutdown` is cancelled, then drains within [`DRAIN_TIMEOUT`].
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     config.validate()?;
-    let keys = TokenKeys::new(config.jwt_secret.expose().as_bytes())
-        .context("JWT_SECRET is too short")?;
+    let keys =
+        TokenKeys::new(config.jwt_secret.expose().as_bytes()).context("JWT_SECRET is too short")?;
     let tracker = TaskTracker::new();
 
     let storage = match config.storage {
@@ -111,7 +115,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
                 &config.embedded_s3_access_key,
                 &secret,
             )?;
-            tracker.spawn(embedded_s3::serve(listener, service, shutdown.clone(), tracker.clone()));
+            tracker.spawn(embedded_s3::serve(
+                listener,
+                service,
+                shutdown.clone(),
+                tracker.clone(),
+            ));
             let local = Url::parse(&format!("http://{}", connectable(addr)))?;
             tracing::info!(endpoint = %local, data_dir = %config.data_dir.display(), "embedded S3 endpoint listening");
             let storage = Storage::connect(StorageSettings {
@@ -137,7 +146,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
                 .aws_access_key_id
                 .as_ref()
                 .zip(config.aws_secret_access_key.as_ref())
-                .map(|(id, secret)| Credentials::new(id, secret.expose(), None, None, "backhaul-config"));
+                .map(|(id, secret)| {
+                    Credentials::new(id, secret.expose(), None, None, "backhaul-config")
+                });
             let storage = Storage::connect(StorageSettings {
                 bucket: config.bucket.clone(),
                 region: config.aws_region.clone(),

@@ -73,16 +73,23 @@ impl Storage {
             aws_sdk_s3::Client::from_conf(b.build())
         };
         let client = build(settings.endpoint.as_ref());
-        let public_endpoint = settings.public_endpoint.as_ref().or(settings.endpoint.as_ref());
+        let public_endpoint = settings
+            .public_endpoint
+            .as_ref()
+            .or(settings.endpoint.as_ref());
         let presign_client = build(public_endpoint);
 
         let public_bucket_url = match public_endpoint {
-            Some(e) if settings.force_path_style => {
-                Url::parse(&format!("{}/{}/", e.as_str().trim_end_matches('/'), settings.bucket))?
-            }
+            Some(e) if settings.force_path_style => Url::parse(&format!(
+                "{}/{}/",
+                e.as_str().trim_end_matches('/'),
+                settings.bucket
+            ))?,
             Some(e) => {
                 let mut u = e.clone();
-                let host = u.host_str().ok_or_else(|| anyhow!("endpoint {e} has no host"))?;
+                let host = u
+                    .host_str()
+                    .ok_or_else(|| anyhow!("endpoint {e} has no host"))?;
                 let vhost = format!("{}.{host}", settings.bucket);
                 u.set_host(Some(&vhost))?;
                 u.set_path("/");
@@ -216,7 +223,14 @@ impl Storage {
 
     /// `Ok(None)` when there is no such object.
     pub async fn head_object(&self, key: &str) -> anyhow::Result<Option<ObjectInfo>> {
-        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(out) => Ok(Some(ObjectInfo {
                 size: out.content_length.unwrap_or(0).max(0) as u64,
                 etag: out.e_tag.unwrap_or_default(),
@@ -239,7 +253,13 @@ impl Storage {
         {
             Ok(_) => Ok(()),
             // Already completed or aborted: nothing is left behind either way.
-            Err(err) if err.as_service_error().is_some_and(|e| e.is_no_such_upload()) => Ok(()),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_no_such_upload()) =>
+            {
+                Ok(())
+            }
             Err(err) => Err(anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(err)))
                 .context("AbortMultipartUpload"),
         }

@@ -134,9 +134,16 @@ impl Uploads {
 }
 
 /// `POST /trigger-download/{client_id}`: records the upload and asks the agent for its file.
-pub fn trigger(state: &AppState, client_id: ClientId, operator: &str) -> Result<UploadId, ApiError> {
+pub fn trigger(
+    state: &AppState,
+    client_id: ClientId,
+    operator: &str,
+) -> Result<UploadId, ApiError> {
     if state.shutdown.is_cancelled() {
-        return Err(ApiError::new(ErrorCode::ShuttingDown, "server is shutting down"));
+        return Err(ApiError::new(
+            ErrorCode::ShuttingDown,
+            "server is shutting down",
+        ));
     }
     let agent = state.registry.get(&client_id).ok_or_else(|| {
         ApiError::new(
@@ -304,20 +311,25 @@ pub fn on_agent_message(
             code,
             message,
         } => {
-            let owned = {
-                let table = state.uploads.lock();
-                table
-                    .by_id
-                    .get(&upload_id)
-                    .is_some_and(|r| r.client_id == *client_id && !r.state.is_terminal())
-            };
-            if owned {
-                // The agent's message is shown to operators; keep it to a sane length.
-                let message: String = message.chars().take(1024).collect();
+            let owned = state
+                .uploads
+                .lock()
+                .by_id
+                .get(&upload_id)
+                .is_some_and(|r| r.client_id == *client_id);
+            if !owned {
+                tracing::warn!(%client_id, %upload_id, "failure report for an upload this agent does not own");
+                return;
+            }
+            // The agent's message is shown to operators; keep it to a sane length. The record is
+            // claimed now, in message order; only the S3 clean-up runs in the background.
+            let message: String = message.chars().take(1024).collect();
+            if let Some(cleanup) = begin_fail(state, upload_id, code, message) {
                 let state = state.clone();
-                state.clone().tracker.spawn(async move {
-                    fail(&state, upload_id, code, message).await;
-                });
+                state
+                    .clone()
+                    .tracker
+                    .spawn(async move { cleanup.run(&state).await });
             }
         }
     }
@@ -366,7 +378,13 @@ async fn start_upload(state: &AppState, upload_id: UploadId, file_name: FileName
         Ok(id) => id,
         Err(err) => {
             tracing::error!(%upload_id, error = format!("{err:#}"), "could not start multipart upload");
-            fail(state, upload_id, ErrorCode::StorageError, "could not start the multipart upload".into()).await;
+            fail(
+                state,
+                upload_id,
+                ErrorCode::StorageError,
+                "could not start the multipart upload".into(),
+            )
+            .await;
             return;
         }
     };
@@ -408,7 +426,13 @@ async fn start_upload(state: &AppState, upload_id: UploadId, file_name: FileName
             Ok(url) => parts.push(PresignedPart { part_number, url }),
             Err(err) => {
                 tracing::error!(%upload_id, error = format!("{err:#}"), "presigning failed");
-                fail(state, upload_id, ErrorCode::StorageError, "could not presign the upload".into()).await;
+                fail(
+                    state,
+                    upload_id,
+                    ErrorCode::StorageError,
+                    "could not presign the upload".into(),
+                )
+                .await;
                 return;
             }
         }
@@ -421,7 +445,13 @@ async fn start_upload(state: &AppState, upload_id: UploadId, file_name: FileName
         Ok(url) => url,
         Err(err) => {
             tracing::error!(%upload_id, error = format!("{err:#}"), "presigning completion failed");
-            fail(state, upload_id, ErrorCode::StorageError, "could not presign the upload".into()).await;
+            fail(
+                state,
+                upload_id,
+                ErrorCode::StorageError,
+                "could not presign the upload".into(),
+            )
+            .await;
             return;
         }
     };
@@ -461,7 +491,13 @@ async fn start_upload(state: &AppState, upload_id: UploadId, file_name: FileName
         None => false,
     };
     if !sent {
-        fail(state, upload_id, ErrorCode::AgentDisconnected, "agent disconnected before the upload started".into()).await;
+        fail(
+            state,
+            upload_id,
+            ErrorCode::AgentDisconnected,
+            "agent disconnected before the upload started".into(),
+        )
+        .await;
         return;
     }
     tracing::info!(%upload_id, %key, size, part_size, parts_total, "upload plan sent");
@@ -538,70 +574,112 @@ async fn verify(state: &AppState, upload_id: UploadId, parts: Vec<CompletedPart>
 
 /// Ends an upload as `failed`: aborts its multipart upload first, then records the error.
 pub async fn fail(state: &AppState, upload_id: UploadId, code: ErrorCode, message: String) {
-    let (s3, conn_id, client_id) = {
-        let mut table = state.uploads.lock();
-        let Some(r) = table.by_id.get_mut(&upload_id) else {
-            return;
-        };
-        if r.state.is_terminal() || r.finishing {
-            return;
-        }
-        r.finishing = true;
-        (
-            r.key.clone().zip(r.s3_upload_id.clone()),
-            r.conn_id,
-            r.client_id.clone(),
-        )
-    };
-    // Tell the agent to stop, unless it is the one that reported the failure or is gone.
-    if !matches!(
-        code,
-        ErrorCode::FileNotFound
-            | ErrorCode::PermissionDenied
-            | ErrorCode::FileReadError
-            | ErrorCode::FileChanged
-            | ErrorCode::PartUploadFailed
-            | ErrorCode::CompleteFailed
-            | ErrorCode::AgentDisconnected
-    ) && let Some(h) = state.registry.get(&client_id).filter(|h| h.conn_id == conn_id)
-    {
-        let _ = h.outbox.try_send(ServerMessage::CancelUpload { upload_id, code });
+    if let Some(cleanup) = begin_fail(state, upload_id, code, message) {
+        cleanup.run(state).await;
     }
-    if let Some((key, s3_upload_id)) = s3 {
-        // Bounded retries: an abort that never succeeds is logged, not retried forever.
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match state.storage.abort_multipart(&key, &s3_upload_id).await {
-                Ok(()) => break,
-                Err(err) if attempt < 3 => {
-                    tracing::warn!(%upload_id, attempt, error = format!("{err:#}"), "abort failed, retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-                }
-                Err(err) => {
-                    tracing::error!(%upload_id, %key, error = format!("{err:#}"), "abort failed; the multipart upload may be left behind");
-                    break;
+}
+
+/// The part of a failure that must happen before the caller moves on: claim the record so no
+/// other path finishes it, and remember why. `None` if it is already finished or finishing.
+fn begin_fail(
+    state: &AppState,
+    upload_id: UploadId,
+    code: ErrorCode,
+    message: String,
+) -> Option<FailCleanup> {
+    let mut table = state.uploads.lock();
+    let r = table.by_id.get_mut(&upload_id)?;
+    if r.state.is_terminal() || r.finishing {
+        return None;
+    }
+    r.finishing = true;
+    r.error = Some(ErrorDetail {
+        code,
+        message: message.clone(),
+    });
+    Some(FailCleanup {
+        upload_id,
+        code,
+        message,
+        multipart: r.key.clone().zip(r.s3_upload_id.clone()),
+        conn_id: r.conn_id,
+        client_id: r.client_id.clone(),
+    })
+}
+
+/// What is left to do for a failure once [`begin_fail`] claimed it.
+struct FailCleanup {
+    upload_id: UploadId,
+    code: ErrorCode,
+    message: String,
+    multipart: Option<(String, String)>,
+    conn_id: u64,
+    client_id: ClientId,
+}
+
+impl FailCleanup {
+    async fn run(self, state: &AppState) {
+        let FailCleanup {
+            upload_id,
+            code,
+            message,
+            multipart,
+            conn_id,
+            client_id,
+        } = self;
+        // Tell the agent to stop, unless it is the one that reported the failure or is gone.
+        let reported_by_agent = matches!(
+            code,
+            ErrorCode::FileNotFound
+                | ErrorCode::PermissionDenied
+                | ErrorCode::FileReadError
+                | ErrorCode::FileChanged
+                | ErrorCode::PartUploadFailed
+                | ErrorCode::CompleteFailed
+                | ErrorCode::AgentDisconnected
+        );
+        if !reported_by_agent
+            && let Some(h) = state
+                .registry
+                .get(&client_id)
+                .filter(|h| h.conn_id == conn_id)
+        {
+            let _ = h
+                .outbox
+                .try_send(ServerMessage::CancelUpload { upload_id, code });
+        }
+        if let Some((key, s3_upload_id)) = multipart {
+            // Bounded retries: an abort that never succeeds is logged, not retried forever.
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match state.storage.abort_multipart(&key, &s3_upload_id).await {
+                    Ok(()) => break,
+                    Err(err) if attempt < 3 => {
+                        tracing::warn!(%upload_id, attempt, error = format!("{err:#}"), "abort failed, retrying");
+                        tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                    }
+                    Err(err) => {
+                        tracing::error!(%upload_id, %key, error = format!("{err:#}"), "abort failed; the multipart upload may be left behind");
+                        break;
+                    }
                 }
             }
         }
-    }
-    let mut table = state.uploads.lock();
-    let table = &mut *table;
-    if let Some(r) = table.by_id.get_mut(&upload_id) {
-        r.state = UploadState::Failed;
-        r.finishing = false;
-        r.error = Some(ErrorDetail {
-            code,
-            message: message.clone(),
-        });
-        r.finished_at = Some(OffsetDateTime::now_utc());
-        r.finished_instant = Some(Instant::now());
-        r.touch();
-        if table.active_by_client.get(&r.client_id) == Some(&upload_id) {
-            table.active_by_client.remove(&r.client_id);
+        let mut table = state.uploads.lock();
+        let table = &mut *table;
+        if let Some(r) = table.by_id.get_mut(&upload_id) {
+            r.state = UploadState::Failed;
+            r.finishing = false;
+            r.finished_at = Some(OffsetDateTime::now_utc());
+            r.finished_instant = Some(Instant::now());
+            r.touch();
+            if table.active_by_client.get(&r.client_id) == Some(&upload_id) {
+                table.active_by_client.remove(&r.client_id);
+            }
         }
+        tracing::warn!(%upload_id, %client_id, %code, message, "upload failed");
     }
-    tracing::warn!(%upload_id, %client_id, %code, message, "upload failed");
 }
 
 /// A connection ended: uploads that depended on it cannot go on.
@@ -618,7 +696,13 @@ pub async fn on_agent_disconnected(state: &AppState, conn_id: u64) {
         .map(|r| r.id)
         .collect();
     for id in affected {
-        fail(state, id, ErrorCode::AgentDisconnected, "the agent disconnected during the upload".into()).await;
+        fail(
+            state,
+            id,
+            ErrorCode::AgentDisconnected,
+            "the agent disconnected during the upload".into(),
+        )
+        .await;
     }
 }
 
@@ -634,13 +718,26 @@ pub async fn sweep(state: &AppState) {
         .values()
         .filter(|r| !r.finishing)
         .filter_map(|r| match r.state {
-            UploadState::Requested if now.duration_since(r.requested_instant) > response_timeout => {
-                Some((r.id, ErrorCode::AgentTimeout, format!("the agent did not answer within {}s", response_timeout.as_secs())))
+            UploadState::Requested
+                if now.duration_since(r.requested_instant) > response_timeout =>
+            {
+                Some((
+                    r.id,
+                    ErrorCode::AgentTimeout,
+                    format!(
+                        "the agent did not answer within {}s",
+                        response_timeout.as_secs()
+                    ),
+                ))
             }
             UploadState::Uploading | UploadState::Verifying
                 if now.duration_since(r.last_progress) > stall_timeout =>
             {
-                Some((r.id, ErrorCode::Stalled, format!("no progress for {}s", stall_timeout.as_secs())))
+                Some((
+                    r.id,
+                    ErrorCode::Stalled,
+                    format!("no progress for {}s", stall_timeout.as_secs()),
+                ))
             }
             _ => None,
         })
@@ -653,7 +750,13 @@ pub async fn sweep(state: &AppState) {
 /// On shutdown: every unfinished upload is failed and aborted, so none is left half-done.
 pub async fn fail_all_unfinished(state: &AppState) {
     for id in state.uploads.unfinished() {
-        fail(state, id, ErrorCode::ShuttingDown, "the server shut down during the upload".into()).await;
+        fail(
+            state,
+            id,
+            ErrorCode::ShuttingDown,
+            "the server shut down during the upload".into(),
+        )
+        .await;
     }
 }
 
@@ -679,7 +782,10 @@ mod tests {
         assert!(part_size >= 5 * MIB);
         assert_eq!(part_size % MIB, 0);
         assert!(part_size * u64::from(parts) >= size);
-        assert_eq!(plan_parts(MAX_OBJECT_SIZE, 5 * MIB).map(|p| p.1 <= 10_000), Some(true));
+        assert_eq!(
+            plan_parts(MAX_OBJECT_SIZE, 5 * MIB).map(|p| p.1 <= 10_000),
+            Some(true)
+        );
         assert_eq!(plan_parts(MAX_OBJECT_SIZE + 1, 5 * MIB), None);
     }
 

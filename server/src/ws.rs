@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use shared::protocol::{AgentMessage, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ServerMessage};
@@ -69,7 +69,11 @@ async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
             if protocol_version != PROTOCOL_VERSION {
                 let message = format!(
                     "agent speaks protocol {protocol_version}, server speaks {PROTOCOL_VERSION}: upgrade the {}",
-                    if protocol_version < PROTOCOL_VERSION { "agent" } else { "server" }
+                    if protocol_version < PROTOCOL_VERSION {
+                        "agent"
+                    } else {
+                        "server"
+                    }
                 );
                 tracing::warn!(%client_id, agent_version, "{message}");
                 reject(&mut writer, ErrorCode::ProtocolVersionMismatch, &message).await;
@@ -78,7 +82,12 @@ async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
             tracing::info!(%client_id, agent_version, "agent connected");
         }
         Ok(Ok(Some(_))) => {
-            reject(&mut writer, ErrorCode::UnexpectedMessage, "the first message must be hello").await;
+            reject(
+                &mut writer,
+                ErrorCode::UnexpectedMessage,
+                "the first message must be hello",
+            )
+            .await;
             return;
         }
         Ok(Err(err)) => {

@@ -157,10 +157,18 @@ mod tests {
                 exp: unix_now() - 3600,
             })
             .unwrap();
-        let wrong_secret = other.issue("a", Role::Agent, Duration::from_secs(60)).unwrap();
+        let wrong_secret = other
+            .issue("a", Role::Agent, Duration::from_secs(60))
+            .unwrap();
         // {"alg":"none","typ":"JWT"} . {"sub":"a","role":"agent",...} . (empty signature)
         let alg_none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhIiwicm9sZSI6ImFnZW50IiwiaXNzIjoiYmFja2hhdWwiLCJhdWQiOiJiYWNraGF1bCIsImlhdCI6MCwiZXhwIjo0MTAyNDQ0ODAwfQ.";
-        for bad in [expired.as_str(), wrong_secret.as_str(), alg_none, "", "x.y.z"] {
+        for bad in [
+            expired.as_str(),
+            wrong_secret.as_str(),
+            alg_none,
+            "",
+            "x.y.z",
+        ] {
             assert!(keys.verify(bad).is_err(), "{bad}");
         }
     }

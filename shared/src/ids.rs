@@ -18,11 +18,15 @@ pub const MAX_PARTS: u32 = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
-    #[error("client id must be 1 to {MAX_CLIENT_ID_LEN} characters of a-z, A-Z, 0-9, '-', '_' or '.', starting with a letter or digit")]
+    #[error(
+        "client id must be 1 to {MAX_CLIENT_ID_LEN} characters of a-z, A-Z, 0-9, '-', '_' or '.', starting with a letter or digit"
+    )]
     InvalidClientId,
     #[error("upload id must be a UUID")]
     InvalidUploadId,
-    #[error("file name must be 1 to {MAX_FILE_NAME_LEN} characters of a-z, A-Z, 0-9, '-', '_' or '.', and not '.' or '..'")]
+    #[error(
+        "file name must be 1 to {MAX_FILE_NAME_LEN} characters of a-z, A-Z, 0-9, '-', '_' or '.', and not '.' or '..'"
+    )]
     InvalidFileName,
     #[error("part number must be between 1 and {MAX_PARTS}")]
     InvalidPartNumber,
@@ -150,7 +154,7 @@ impl<'de> Deserialize<'de> for PartNumber {
 
 impl fmt::Display for ClientId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -162,7 +166,7 @@ impl fmt::Display for UploadId {
 
 impl fmt::Display for FileName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -178,7 +182,12 @@ mod tests {
 
     #[test]
     fn client_id_accepts_ordinary_ids() {
-        for ok in ["restaurant-1", "a", "Store_42.eu", &"x".repeat(MAX_CLIENT_ID_LEN)] {
+        for ok in [
+            "restaurant-1",
+            "a",
+            "Store_42.eu",
+            &"x".repeat(MAX_CLIENT_ID_LEN),
+        ] {
             assert!(ClientId::parse(ok).is_ok(), "{ok:?} should be valid");
         }
     }
@@ -204,7 +213,11 @@ mod tests {
             long.as_str(),
         ];
         for bad in hostile {
-            assert_eq!(ClientId::parse(bad), Err(IdError::InvalidClientId), "{bad:?}");
+            assert_eq!(
+                ClientId::parse(bad),
+                Err(IdError::InvalidClientId),
+                "{bad:?}"
+            );
         }
     }
 

@@ -65,7 +65,10 @@ pub enum ServerMessage {
     /// Everything the agent needs to upload straight to storage.
     StartUpload(UploadPlan),
     /// The server gave up on an upload (timeout, shutdown): the agent stops working on it.
-    CancelUpload { upload_id: UploadId, code: ErrorCode },
+    CancelUpload {
+        upload_id: UploadId,
+        code: ErrorCode,
+    },
     /// A fatal problem with the connection itself; the server closes it after sending this.
     Error { code: ErrorCode, message: String },
 }
@@ -169,7 +172,10 @@ mod tests {
             expires_at: 1,
         });
         let json = serde_json::to_string(&msg).unwrap();
-        assert!(json.starts_with(r#"{"type":"start_upload","upload_id""#), "{json}");
+        assert!(
+            json.starts_with(r#"{"type":"start_upload","upload_id""#),
+            "{json}"
+        );
         assert_eq!(serde_json::from_str::<ServerMessage>(&json).unwrap(), msg);
     }
 

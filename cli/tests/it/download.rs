@@ -1,0 +1,168 @@
+//! The main job: an operator asks, the agent uploads straight to S3, the server verifies.
+
+use crate::harness::*;
+
+async fn download_via_cli_is_byte_identical(mode: Mode, size: u64) {
+    let server = TestServer::start(mode).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("transactions.csv");
+    let sha = write_file(&file, size).await;
+    let client_id = unique_client("store");
+    let _agent = TestAgent::start(&server, &client_id, &file);
+    server.wait_connected(&client_id).await;
+
+    let out = run_cli(
+        &server,
+        &["download", &format!("--client-id={client_id}"), "--json"],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "cli failed: {}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["size"], size);
+    assert_eq!(status["bytes_done"], size);
+    let key = status["key"].as_str().unwrap();
+    assert!(key.starts_with(&format!("uploads/{client_id}/")), "{key}");
+    assert!(key.ends_with("/transactions.csv"), "{key}");
+
+    assert_eq!(
+        server.object_sha256(key).await,
+        sha,
+        "object differs from the agent's file"
+    );
+    let head = server
+        .s3()
+        .await
+        .head_object()
+        .bucket(BUCKET)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.content_length(), Some(size as i64));
+    assert_eq!(head.e_tag(), status["etag"].as_str());
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_download_100_mib_embedded() {
+    download_via_cli_is_byte_identical(Mode::Embedded, 100 * MIB).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_download_100_mib_localstack() {
+    download_via_cli_is_byte_identical(Mode::LocalStack, 100 * MIB).await;
+}
+
+#[tokio::test]
+async fn zero_byte_file_embedded() {
+    download_via_cli_is_byte_identical(Mode::Embedded, 0).await;
+}
+
+#[tokio::test]
+async fn zero_byte_file_localstack() {
+    download_via_cli_is_byte_identical(Mode::LocalStack, 0).await;
+}
+
+#[tokio::test]
+async fn file_smaller_than_one_part_embedded() {
+    download_via_cli_is_byte_identical(Mode::Embedded, 12_345).await;
+}
+
+#[tokio::test]
+async fn file_smaller_than_one_part_localstack() {
+    download_via_cli_is_byte_identical(Mode::LocalStack, 12_345).await;
+}
+
+#[tokio::test]
+async fn part_boundary_sizes_embedded() {
+    // Exactly one part, and one byte into a second part.
+    download_via_cli_is_byte_identical(Mode::Embedded, 8 * MIB).await;
+    download_via_cli_is_byte_identical(Mode::Embedded, 8 * MIB + 1).await;
+}
+
+async fn two_downloads_make_two_objects(mode: Mode) {
+    let server = TestServer::start(mode).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("export.bin");
+    let client_id = unique_client("twice");
+    let _agent = TestAgent::start(&server, &client_id, &file);
+    server.wait_connected(&client_id).await;
+
+    let first_sha = write_file(&file, 6 * MIB).await;
+    let first = run_cli(&server, &["download", "--client-id", &client_id, "--json"]).await;
+    assert!(first.status.success(), "{}", stderr(&first));
+    let first: serde_json::Value = serde_json::from_str(&stdout(&first)).unwrap();
+
+    // The same file name, new content: the first object must survive untouched.
+    let second_sha = write_file(&file, 3 * MIB).await;
+    let second = run_cli(&server, &["download", "--client-id", &client_id, "--json"]).await;
+    assert!(second.status.success(), "{}", stderr(&second));
+    let second: serde_json::Value = serde_json::from_str(&stdout(&second)).unwrap();
+
+    let (k1, k2) = (
+        first["key"].as_str().unwrap(),
+        second["key"].as_str().unwrap(),
+    );
+    assert_ne!(k1, k2);
+    let mut keys = server.list_keys(&client_id).await;
+    keys.sort();
+    let mut expected = vec![k1.to_owned(), k2.to_owned()];
+    expected.sort();
+    assert_eq!(keys, expected);
+    assert_eq!(server.object_sha256(k1).await, first_sha);
+    assert_eq!(server.object_sha256(k2).await, second_sha);
+}
+
+#[tokio::test]
+async fn two_downloads_two_objects_embedded() {
+    two_downloads_make_two_objects(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn two_downloads_two_objects_localstack() {
+    two_downloads_make_two_objects(Mode::LocalStack).await;
+}
+
+#[tokio::test]
+async fn cli_no_wait_prints_the_upload_id_and_status_reports_it() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.txt");
+    write_file(&file, 1000).await;
+    let client_id = unique_client("nowait");
+    let _agent = TestAgent::start(&server, &client_id, &file);
+    server.wait_connected(&client_id).await;
+
+    let out = run_cli(
+        &server,
+        &["download", "--client-id", &client_id, "--no-wait"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let upload_id = stdout(&out).trim().to_owned();
+    let status = server.wait_finished(&upload_id).await;
+    assert_eq!(status["state"], "completed");
+    assert_eq!(status["requested_by"], "test-operator");
+
+    let out = run_cli(&server, &["status", "--client-id", &client_id, "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(st["connected"], true);
+    assert_eq!(st["last_upload"]["upload_id"], upload_id.as_str());
+
+    let out = run_cli(&server, &["clients", "--json"]).await;
+    let clients: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(
+        clients
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["client_id"] == client_id.as_str())
+    );
+}

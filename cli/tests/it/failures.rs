@@ -1,0 +1,257 @@
+//! Everything that can go wrong ends with a clear code and nothing left behind in S3.
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn trigger_for_unconnected_client_is_404() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let (status, body) = server.trigger("nobody-here").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "CLIENT_NOT_CONNECTED");
+
+    // The cli shows the same code and exits non-zero.
+    let out = run_cli(&server, &["download", "--client-id", "nobody-here"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("CLIENT_NOT_CONNECTED"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn second_trigger_while_one_runs_is_409() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let client_id = unique_client("busy");
+    // An agent that never answers keeps the first upload in `requested`.
+    let mut agent = RawAgent::connect(&server, &client_id).await;
+    let (status, first) = server.trigger(&client_id).await;
+    assert_eq!(status, 202, "{first}");
+    let describe = agent.recv_json().await.unwrap();
+    assert_eq!(describe["type"], "describe_file");
+    assert_eq!(describe["upload_id"], first["upload_id"]);
+
+    let (status, body) = server.trigger(&client_id).await;
+    assert_eq!(status, 409);
+    assert_eq!(body["error"]["code"], "DOWNLOAD_IN_PROGRESS");
+    // The refused trigger changed nothing: the first upload is still the active one.
+    let (_, st) = server.get_json(&format!("/status/{client_id}")).await;
+    assert_eq!(st["active_upload"], first["upload_id"]);
+}
+
+async fn missing_file_fails_with_file_not_found(mode: Mode) {
+    let server = TestServer::start(mode).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client_id = unique_client("nofile");
+    let _agent = TestAgent::start(&server, &client_id, &dir.path().join("does-not-exist.csv"));
+    server.wait_connected(&client_id).await;
+
+    let out = run_cli(&server, &["download", "--client-id", &client_id]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("FILE_NOT_FOUND"), "{}", stderr(&out));
+    let (_, st) = server.get_json(&format!("/status/{client_id}")).await;
+    let upload = &st["last_upload"];
+    assert_eq!(upload["state"], "failed");
+    assert_eq!(upload["error"]["code"], "FILE_NOT_FOUND");
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+    assert!(server.list_keys(&client_id).await.is_empty());
+    // The client is free for the next attempt.
+    assert!(st["active_upload"].is_null());
+}
+
+#[tokio::test]
+async fn missing_file_embedded() {
+    missing_file_fails_with_file_not_found(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn missing_file_localstack() {
+    missing_file_fails_with_file_not_found(Mode::LocalStack).await;
+}
+
+/// The agent receives its plan (so a multipart upload exists) and then vanishes.
+async fn agent_lost_mid_upload_aborts_the_multipart(mode: Mode) {
+    let server = TestServer::start(mode).await;
+    let client_id = unique_client("vanish");
+    let mut agent = RawAgent::connect(&server, &client_id).await;
+    let (_, trig) = server.trigger(&client_id).await;
+    let upload_id = trig["upload_id"].as_str().unwrap().to_owned();
+    agent.recv_json().await.unwrap(); // describe_file
+    agent
+        .send_json(serde_json::json!({
+            "type": "file_info", "upload_id": upload_id, "file_name": "big.bin", "size": 20 * MIB
+        }))
+        .await;
+    let plan = agent.recv_json().await.unwrap();
+    assert_eq!(plan["type"], "start_upload", "{plan}");
+    assert_eq!(plan["parts"].as_array().unwrap().len(), 3);
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 1);
+
+    drop(agent);
+    let status = server.wait_finished(&upload_id).await;
+    assert_eq!(status["state"], "failed");
+    assert_eq!(status["error"]["code"], "AGENT_DISCONNECTED");
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+}
+
+#[tokio::test]
+async fn agent_lost_mid_upload_embedded() {
+    agent_lost_mid_upload_aborts_the_multipart(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn agent_lost_mid_upload_localstack() {
+    agent_lost_mid_upload_aborts_the_multipart(Mode::LocalStack).await;
+}
+
+/// An agent that uploads for real but reports ETags that do not match what is stored: the server
+/// must not call that object done, and must not leave it behind.
+async fn lying_agent_fails_verification(mode: Mode) {
+    let server = TestServer::start(mode).await;
+    let client_id = unique_client("liar");
+    let mut agent = RawAgent::connect(&server, &client_id).await;
+    let (_, trig) = server.trigger(&client_id).await;
+    let upload_id = trig["upload_id"].as_str().unwrap().to_owned();
+    agent.recv_json().await.unwrap();
+    let size = 1000u64;
+    agent
+        .send_json(serde_json::json!({
+            "type": "file_info", "upload_id": upload_id, "file_name": "a.bin", "size": size
+        }))
+        .await;
+    let plan = agent.recv_json().await.unwrap();
+    let http = reqwest::Client::new();
+    let url = plan["parts"][0]["url"].as_str().unwrap();
+    let resp = http
+        .put(url)
+        .body(vec![7u8; size as usize])
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
+    let body = format!(
+        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
+    );
+    let resp = http
+        .post(plan["complete_url"].as_str().unwrap())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "complete: {}", resp.status());
+
+    agent
+        .send_json(serde_json::json!({
+            "type": "upload_completed", "upload_id": upload_id,
+            "parts": [{"part_number": 1, "etag": "\"00000000000000000000000000000000\""}]
+        }))
+        .await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_eq!(status["state"], "failed");
+    assert_eq!(status["error"]["code"], "VERIFICATION_FAILED");
+    assert!(status["etag"].is_null());
+    assert!(
+        server.list_keys(&client_id).await.is_empty(),
+        "unverified object left behind"
+    );
+}
+
+#[tokio::test]
+async fn lying_agent_embedded() {
+    lying_agent_fails_verification(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn lying_agent_localstack() {
+    lying_agent_fails_verification(Mode::LocalStack).await;
+}
+
+#[tokio::test]
+async fn silent_agent_times_out() {
+    let server =
+        TestServer::start_with(Mode::Embedded, &["--agent-response-timeout-secs", "1"]).await;
+    let client_id = unique_client("silent");
+    let mut agent = RawAgent::connect(&server, &client_id).await;
+    let (_, trig) = server.trigger(&client_id).await;
+    let upload_id = trig["upload_id"].as_str().unwrap().to_owned();
+    agent.recv_json().await.unwrap();
+    let status = server.wait_finished(&upload_id).await;
+    assert_eq!(status["error"]["code"], "AGENT_TIMEOUT");
+    // The agent is told to stop.
+    let cancel = agent.recv_json().await.unwrap();
+    assert_eq!(cancel["type"], "cancel_upload");
+    assert_eq!(cancel["code"], "AGENT_TIMEOUT");
+}
+
+#[tokio::test]
+async fn agent_reported_failure_codes_surface_in_status() {
+    let server = TestServer::start(Mode::Embedded).await;
+    for code in ["PERMISSION_DENIED", "FILE_READ_ERROR"] {
+        let client_id = unique_client("denied");
+        let mut agent = RawAgent::connect(&server, &client_id).await;
+        let (_, trig) = server.trigger(&client_id).await;
+        let upload_id = trig["upload_id"].as_str().unwrap().to_owned();
+        agent.recv_json().await.unwrap();
+        agent
+            .send_json(serde_json::json!({
+                "type": "upload_failed", "upload_id": upload_id, "code": code, "message": "nope"
+            }))
+            .await;
+        let status = server.wait_finished(&upload_id).await;
+        assert_eq!(status["error"]["code"], code);
+        assert_eq!(status["error"]["message"], "nope");
+    }
+}
+
+#[tokio::test]
+async fn hostile_ids_are_rejected_at_the_boundary() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let long = "a".repeat(1024);
+    let token = operator_token();
+    for raw in [
+        "..",
+        "%2e%2e",
+        ".%2E",
+        "a%2Fb",
+        "a%5Cb",
+        "a%00b",
+        "%0Aevil",
+        "r%D0%B5staurant",
+        "%EF%BD%92x",
+        long.as_str(),
+        "a%20b",
+        "-x",
+        ".hidden",
+    ] {
+        for (method, path) in [("POST", "trigger-download"), ("GET", "status")] {
+            let (status, body) =
+                raw_request(&server, method, &format!("/{path}/{raw}"), &token).await;
+            assert_eq!(status, 400, "{method} /{path}/{raw}: {body}");
+            assert_eq!(
+                body["error"]["code"], "INVALID_CLIENT_ID",
+                "{method} /{path}/{raw}"
+            );
+        }
+    }
+    let (status, body) = server.get_json("/uploads/not-a-uuid").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("INVALID_UPLOAD_ID"))
+    );
+    let (status, body) = server
+        .get_json("/uploads/00000000-0000-4000-8000-000000000000")
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("UPLOAD_NOT_FOUND"))
+    );
+    let (status, body) = server.get_json("/no/such/route").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("NOT_FOUND"))
+    );
+    // Nothing was created by any of it.
+    let (_, clients) = server.get_json("/clients").await;
+    assert_eq!(clients, serde_json::json!([]));
+}

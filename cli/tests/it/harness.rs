@@ -1,0 +1,558 @@
+//! Starts real servers and agents on ephemeral ports and drives them the way users do.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::Credentials;
+use clap::Parser;
+use sha2::{Digest, Sha256};
+use shared::auth::{Role, TokenKeys};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+pub const BUCKET: &str = "pos-uploads";
+const EMBEDDED_ACCESS_KEY: &str = "backhaul-test";
+const EMBEDDED_SECRET_KEY: &str = "backhaul-test-secret-key";
+pub const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Embedded,
+    LocalStack,
+}
+
+pub fn localstack_endpoint() -> String {
+    std::env::var("LOCALSTACK_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4566".into())
+}
+
+pub fn keys() -> TokenKeys {
+    TokenKeys::new(SECRET.as_bytes()).unwrap()
+}
+
+pub fn agent_token(client_id: &str) -> String {
+    keys()
+        .issue(client_id, Role::Agent, Duration::from_secs(3600))
+        .unwrap()
+}
+
+pub fn operator_token() -> String {
+    keys()
+        .issue("test-operator", Role::Operator, Duration::from_secs(3600))
+        .unwrap()
+}
+
+/// A unique client id per test, so tests sharing a bucket never share a key prefix.
+pub fn unique_client(name: &str) -> String {
+    format!("{name}-{}", &uuid_like()[..8])
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    hex::encode(Sha256::digest(format!("{t}-{n}-{}", std::process::id())))
+}
+
+/// Waits for `cond` to hold, polling, up to `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub struct TestServer {
+    pub mode: Mode,
+    pub api_addr: SocketAddr,
+    pub s3_endpoint: String,
+    /// The embedded store's directory (unused with LocalStack).
+    pub data_dir: PathBuf,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    pub async fn start(mode: Mode) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let mut s = Self::start_at(mode, "127.0.0.1:0".parse().unwrap(), &data_dir, &[]).await;
+        s._dir = Some(dir);
+        s
+    }
+
+    pub async fn start_with(mode: Mode, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let mut s = Self::start_at(mode, "127.0.0.1:0".parse().unwrap(), &data_dir, extra).await;
+        s._dir = Some(dir);
+        s
+    }
+
+    /// Starts a server whose API listens on `api_addr` (port 0 for any).
+    pub async fn start_at(
+        mode: Mode,
+        api_addr: SocketAddr,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Self {
+        let api = bind_retrying(api_addr).await;
+        let api_addr = api.local_addr().unwrap();
+        let mut args: Vec<String> = vec![
+            "server".into(),
+            "--jwt-secret".into(),
+            SECRET.into(),
+            "--bucket".into(),
+            BUCKET.into(),
+            "--ping-interval-secs".into(),
+            "2".into(),
+        ];
+        let (embedded_s3, s3_endpoint) = match mode {
+            Mode::Embedded => {
+                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let endpoint = format!("http://{}", l.local_addr().unwrap());
+                args.extend([
+                    "--storage".into(),
+                    "embedded".into(),
+                    "--data-dir".into(),
+                    data_dir.display().to_string(),
+                    "--embedded-s3-access-key".into(),
+                    EMBEDDED_ACCESS_KEY.into(),
+                    "--embedded-s3-secret-key".into(),
+                    EMBEDDED_SECRET_KEY.into(),
+                ]);
+                (Some(l), endpoint)
+            }
+            Mode::LocalStack => {
+                let endpoint = localstack_endpoint();
+                assert_localstack_up(&endpoint).await;
+                args.extend([
+                    "--storage".into(),
+                    "s3".into(),
+                    "--s3-endpoint-url".into(),
+                    endpoint.clone(),
+                    "--aws-access-key-id".into(),
+                    "test".into(),
+                    "--aws-secret-access-key".into(),
+                    "test".into(),
+                    "--aws-region".into(),
+                    "us-east-1".into(),
+                ]);
+                (None, endpoint)
+            }
+        };
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let config = server::config::Config::try_parse_from(&args).unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server::run(
+            config,
+            server::Listeners { api, embedded_s3 },
+            shutdown.clone(),
+        ));
+        let s = Self {
+            mode,
+            api_addr,
+            s3_endpoint,
+            data_dir: data_dir.to_owned(),
+            shutdown,
+            task: Some(task),
+            _dir: None,
+        };
+        let http = reqwest::Client::new();
+        let url = format!("{}/healthz", s.http_url());
+        wait_until(Duration::from_secs(20), "server health", || {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                http.get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await;
+        s
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.api_addr)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws/connect", self.api_addr)
+    }
+
+    /// Stops the server and waits for it to finish draining.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    pub async fn s3(&self) -> aws_sdk_s3::Client {
+        let creds = match self.mode {
+            Mode::Embedded => {
+                Credentials::new(EMBEDDED_ACCESS_KEY, EMBEDDED_SECRET_KEY, None, None, "test")
+            }
+            Mode::LocalStack => Credentials::new("test", "test", None, None, "test"),
+        };
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(&self.s3_endpoint)
+            .credentials_provider(creds)
+            .force_path_style(true)
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .get(format!("{}{path}", self.http_url()))
+            .bearer_auth(operator_token())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn trigger(&self, client_id: &str) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/trigger-download/{client_id}", self.http_url()))
+            .bearer_auth(operator_token())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Waits until `client_id` shows as connected.
+    pub async fn wait_connected(&self, client_id: &str) {
+        let path = format!("/status/{client_id}");
+        wait_until(Duration::from_secs(30), "agent to connect", || async {
+            self.get_json(&path).await.1["connected"] == true
+        })
+        .await;
+    }
+
+    /// Waits until the upload is in a terminal state and returns its status.
+    pub async fn wait_finished(&self, upload_id: &str) -> serde_json::Value {
+        let path = format!("/uploads/{upload_id}");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, body) = self.get_json(&path).await;
+            if matches!(body["state"].as_str(), Some("completed" | "failed")) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "upload {upload_id} did not finish: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Multipart uploads still in progress under a client's prefix.
+    pub async fn in_progress_multiparts(&self, client_id: &str) -> usize {
+        match self.mode {
+            Mode::LocalStack => {
+                let out = self
+                    .s3()
+                    .await
+                    .list_multipart_uploads()
+                    .bucket(BUCKET)
+                    .prefix(format!("uploads/{client_id}/"))
+                    .send()
+                    .await
+                    .unwrap();
+                out.uploads().len()
+            }
+            // s3s-fs 0.14 does not implement ListMultipartUploads. It keeps each open multipart
+            // upload as `.upload-<id>.json` (plus `.upload_id-<id>.part-<n>` files) in its root,
+            // and every test server has its own root, so count those.
+            Mode::Embedded => std::fs::read_dir(&self.data_dir)
+                .unwrap()
+                .filter_map(Result::ok)
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.starts_with(".upload-") && name.ends_with(".json")
+                })
+                .count(),
+        }
+    }
+
+    pub async fn object_sha256(&self, key: &str) -> String {
+        let mut obj = self
+            .s3()
+            .await
+            .get_object()
+            .bucket(BUCKET)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = obj.body.try_next().await.unwrap() {
+            hasher.update(&chunk);
+        }
+        hex::encode(hasher.finalize())
+    }
+
+    pub async fn list_keys(&self, client_id: &str) -> Vec<String> {
+        let out = self
+            .s3()
+            .await
+            .list_objects_v2()
+            .bucket(BUCKET)
+            .prefix(format!("uploads/{client_id}/"))
+            .send()
+            .await
+            .unwrap();
+        out.contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn bind_retrying(addr: SocketAddr) -> TcpListener {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("binding {addr}: {e}"),
+        }
+    }
+}
+
+async fn assert_localstack_up(endpoint: &str) {
+    let url = format!("{endpoint}/_localstack/health");
+    let ok = match reqwest::get(&url).await {
+        Ok(r) => r.text().await.unwrap_or_default().contains("\"s3\""),
+        Err(_) => false,
+    };
+    assert!(
+        ok,
+        "LocalStack is not reachable at {endpoint}: start it with localstack/start.sh \
+         (scripts/test.sh does this); LocalStack tests fail rather than skip"
+    );
+}
+
+/// A real agent (the `client` library) running in this process.
+pub struct TestAgent {
+    shutdown: CancellationToken,
+}
+
+impl TestAgent {
+    pub fn start(server: &TestServer, client_id: &str, file: &Path) -> Self {
+        Self::start_with(server, client_id, file, &[])
+    }
+
+    pub fn start_with(server: &TestServer, client_id: &str, file: &Path, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = vec![
+            "client".into(),
+            "--server-url".into(),
+            server.ws_url(),
+            "--token".into(),
+            agent_token(client_id),
+            "--file-path".into(),
+            file.display().to_string(),
+            "--reconnect-min-ms".into(),
+            "100".into(),
+            "--reconnect-max-ms".into(),
+            "1000".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let config = client::Config::try_parse_from(&args).unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(client::run(config, shutdown.clone()));
+        Self { shutdown }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Writes `len` pseudo-random bytes (cheap, incompressible enough) and returns the SHA-256.
+pub async fn write_file(path: &Path, len: u64) -> String {
+    let mut f = tokio::fs::File::create(path).await.unwrap();
+    let mut hasher = Sha256::new();
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15 ^ len;
+    let mut buf = vec![0u8; MIB as usize];
+    let mut left = len;
+    while left > 0 {
+        for chunk in buf.chunks_mut(8) {
+            // xorshift64
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let bytes = state.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).await.unwrap();
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    f.flush().await.unwrap();
+    hex::encode(hasher.finalize())
+}
+
+/// Runs the real `cli` binary against `server`.
+pub async fn run_cli(server: &TestServer, args: &[&str]) -> Output {
+    let bin = env!("CARGO_BIN_EXE_cli");
+    tokio::process::Command::new(bin)
+        .args(args)
+        .env("SERVER_URL", server.http_url())
+        .env("API_TOKEN", operator_token())
+        .env_remove("JWT_SECRET")
+        .output()
+        .await
+        .unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A hand-driven agent connection, for protocol-level tests.
+pub struct RawAgent {
+    pub ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+/// Opens `/ws/connect` with an optional bearer token; `Err(status)` if the upgrade is refused.
+pub async fn ws_connect(server: &TestServer, token: Option<&str>) -> Result<RawAgent, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = server.ws_url().into_client_request().unwrap();
+    if let Some(t) = token {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(RawAgent { ws }),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("unexpected websocket error: {e}"),
+    }
+}
+
+impl RawAgent {
+    /// Connects and completes the hello/welcome handshake.
+    pub async fn connect(server: &TestServer, client_id: &str) -> Self {
+        let mut a = ws_connect(server, Some(&agent_token(client_id)))
+            .await
+            .unwrap();
+        a.send_json(serde_json::json!({"type":"hello","protocol_version":1,"agent_version":"raw"}))
+            .await;
+        let welcome = a.recv_json().await.expect("welcome");
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        a
+    }
+
+    pub async fn send_json(&mut self, v: serde_json::Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, s: &str) {
+        use futures::SinkExt;
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::Text(
+                s.to_owned().into(),
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// Next JSON message, skipping pings; `None` once the server closed the connection.
+    pub async fn recv_json(&mut self) -> Option<serde_json::Value> {
+        use futures::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(30), self.ws.next())
+                .await
+                .expect("no message within 30s");
+            match next {
+                Some(Ok(Message::Text(t))) => {
+                    return Some(serde_json::from_str(t.as_str()).unwrap());
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Reads messages until the server closes; returns them.
+    pub async fn drain_until_closed(&mut self) -> Vec<serde_json::Value> {
+        let mut all = Vec::new();
+        while let Some(m) = self.recv_json().await {
+            all.push(m);
+        }
+        all
+    }
+}
+
+/// Sends one HTTP/1.1 request with `path` exactly as given (HTTP clients normalise `..` and
+/// `%2e%2e` away, hostile callers do not). Returns the status and the JSON body.
+pub async fn raw_request(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> (u16, serde_json::Value) {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(server.api_addr)
+        .await
+        .unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        server.api_addr
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    stream.read_to_end(&mut resp).await.unwrap();
+    let text = String::from_utf8_lossy(&resp);
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: the real server and agent (as libraries, on ephemeral ports), the real `cli`
+//! binary, and real S3 implementations: the embedded s3s-fs store and LocalStack.
+
+mod auth;
+mod download;
+mod failures;
+mod harness;
+mod protocol;
+mod reconnect;

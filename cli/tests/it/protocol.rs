@@ -1,0 +1,127 @@
+//! The WebSocket protocol's edges: handshake, replacement, malformed input.
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn newer_connection_replaces_the_older_one() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let client_id = unique_client("twin");
+    let mut old = RawAgent::connect(&server, &client_id).await;
+    let mut new = RawAgent::connect(&server, &client_id).await;
+
+    let msgs = old.drain_until_closed().await;
+    assert!(
+        msgs.iter()
+            .any(|m| m["type"] == "error" && m["code"] == "CONNECTION_REPLACED"),
+        "{msgs:?}"
+    );
+    let (_, clients) = server.get_json("/clients").await;
+    assert_eq!(clients.as_array().unwrap().len(), 1);
+
+    // Commands now go to the new connection.
+    let (status, _) = server.trigger(&client_id).await;
+    assert_eq!(status, 202);
+    assert_eq!(new.recv_json().await.unwrap()["type"], "describe_file");
+}
+
+#[tokio::test]
+async fn malformed_messages_close_only_that_connection() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ok.bin");
+    let sha = write_file(&file, 2 * MIB).await;
+    let good_id = unique_client("good");
+    let _good = TestAgent::start(&server, &good_id, &file);
+    server.wait_connected(&good_id).await;
+
+    for bad in [
+        "not json",
+        r#"{"type":"launch_missiles"}"#,
+        r#"{"type":"progress","upload_id":"../../x","parts_done":1,"bytes_done":1}"#,
+        r#"{"type":"file_info","upload_id":"7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d","file_name":"../../etc/passwd","size":1}"#,
+    ] {
+        let bad_id = unique_client("bad");
+        let mut agent = RawAgent::connect(&server, &bad_id).await;
+        agent.send_text(bad).await;
+        let msgs = agent.drain_until_closed().await;
+        assert!(
+            msgs.iter()
+                .any(|m| m["type"] == "error" && m["code"] == "MALFORMED_MESSAGE"),
+            "{bad}: {msgs:?}"
+        );
+        let (_, st) = server.get_json(&format!("/status/{bad_id}")).await;
+        assert_eq!(st["connected"], false, "{bad}");
+    }
+
+    // The well-behaved agent is untouched and still works end to end.
+    let out = run_cli(&server, &["download", "--client-id", &good_id, "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(server.object_sha256(st["key"].as_str().unwrap()).await, sha);
+}
+
+#[tokio::test]
+async fn handshake_errors_are_explained() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let client_id = unique_client("old");
+
+    let mut agent = ws_connect(&server, Some(&agent_token(&client_id)))
+        .await
+        .unwrap();
+    agent
+        .send_json(serde_json::json!({"type":"hello","protocol_version":999,"agent_version":"x"}))
+        .await;
+    let msgs = agent.drain_until_closed().await;
+    assert_eq!(msgs[0]["code"], "PROTOCOL_VERSION_MISMATCH", "{msgs:?}");
+    assert!(
+        msgs[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("upgrade the server")
+    );
+
+    let mut agent = ws_connect(&server, Some(&agent_token(&client_id)))
+        .await
+        .unwrap();
+    agent
+        .send_json(serde_json::json!({"type":"progress","upload_id":"7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d","parts_done":1,"bytes_done":1}))
+        .await;
+    let msgs = agent.drain_until_closed().await;
+    assert_eq!(msgs[0]["code"], "UNEXPECTED_MESSAGE", "{msgs:?}");
+
+    let (_, st) = server.get_json(&format!("/status/{client_id}")).await;
+    assert_eq!(st["connected"], false);
+}
+
+#[tokio::test]
+async fn messages_about_other_clients_uploads_are_ignored() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let victim = unique_client("victim");
+    let mut victim_agent = RawAgent::connect(&server, &victim).await;
+    let (_, trig) = server.trigger(&victim).await;
+    let upload_id = trig["upload_id"].as_str().unwrap().to_owned();
+    victim_agent.recv_json().await.unwrap();
+
+    // Another agent tries to fail the victim's upload, then gets itself closed: the server reads a
+    // connection's messages in order, so once the close arrives the first one was handled.
+    let mut attacker = RawAgent::connect(&server, &unique_client("attacker")).await;
+    attacker
+        .send_json(serde_json::json!({
+            "type":"upload_failed","upload_id": upload_id,"code":"FILE_NOT_FOUND","message":"x"
+        }))
+        .await;
+    attacker.send_text("garbage").await;
+    attacker.drain_until_closed().await;
+    let (_, st) = server.get_json(&format!("/uploads/{upload_id}")).await;
+    assert_eq!(st["state"], "requested", "{st}");
+    assert!(st["error"].is_null(), "{st}");
+
+    // The real owner's report is the one that counts.
+    victim_agent
+        .send_json(serde_json::json!({
+            "type":"upload_failed","upload_id": upload_id,"code":"PERMISSION_DENIED","message":"y"
+        }))
+        .await;
+    let st = server.wait_finished(&upload_id).await;
+    assert_eq!(st["error"]["code"], "PERMISSION_DENIED");
+}

@@ -1,0 +1,33 @@
+//! The agent outlives the server.
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reconnects_after_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut server = TestServer::start_at(
+        Mode::Embedded,
+        "127.0.0.1:0".parse().unwrap(),
+        &data_dir,
+        &[],
+    )
+    .await;
+    let addr = server.api_addr;
+    let file = dir.path().join("day.csv");
+    let sha = write_file(&file, 7 * MIB).await;
+    let client_id = unique_client("phoenix");
+    let _agent = TestAgent::start(&server, &client_id, &file);
+    server.wait_connected(&client_id).await;
+
+    server.stop().await;
+    // While the server is down the agent keeps trying; give it a few failed attempts.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let server = TestServer::start_at(Mode::Embedded, addr, &data_dir, &[]).await;
+    server.wait_connected(&client_id).await;
+    let out = run_cli(&server, &["download", "--client-id", &client_id, "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(server.object_sha256(st["key"].as_str().unwrap()).await, sha);
+}

@@ -267,8 +267,8 @@ async fn wait_for(
         if log_lines && last_line.elapsed() >= Duration::from_secs(5) {
             last_line = Instant::now();
             eprintln!(
-                "{:?}: {}/{} bytes, {} parts done",
-                status.state,
+                "{}: {}/{} bytes, {} parts done",
+                format!("{:?}", status.state).to_lowercase(),
                 status.bytes_done,
                 status
                     .size

@@ -80,7 +80,7 @@ pub struct Config {
     pub reconnect_max_ms: u64,
 
     /// Interval of the agent's WebSocket pings.
-    #[arg(long, env = "PING_INTERVAL_SECS", default_value_t = 15)]
+    #[arg(long, env = "AGENT_PING_INTERVAL_SECS", default_value_t = 15)]
     pub ping_interval_secs: u64,
 
     /// A server that sends nothing for this long is considered gone; the agent reconnects.

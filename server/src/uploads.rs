@@ -86,8 +86,13 @@ impl UploadRecord {
     }
 }
 
+/// RFC 3339 with millisecond precision.
 pub fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
+    let millis = t.nanosecond() / 1_000_000 * 1_000_000;
+    t.replace_nanosecond(millis)
+        .unwrap_or(t)
+        .format(&Rfc3339)
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Default)]

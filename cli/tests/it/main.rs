@@ -2,6 +2,7 @@
 //! binary, and real S3 implementations: the embedded s3s-fs store and LocalStack.
 
 mod auth;
+mod config_docs;
 mod download;
 mod failures;
 mod harness;

@@ -5,7 +5,7 @@
 //! it. A record reaches a terminal state only after its multipart upload has been aborted, so a
 //! caller who sees `failed` can rely on nothing being left behind.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,10 @@ use crate::AppState;
 use crate::config::{MAX_PART_SIZE, MIN_PART_SIZE};
 use crate::error::ApiError;
 use crate::storage::multipart_etag;
+
+/// Finished uploads kept for the status API; older ones are forgotten first, so memory stays
+/// bounded however long the server runs.
+pub const MAX_FINISHED_UPLOADS: usize = 10_000;
 
 /// S3's largest object: 5 TiB.
 pub const MAX_OBJECT_SIZE: u64 = 5 * 1024 * 1024 * 1024 * 1024;
@@ -101,6 +105,28 @@ struct Table {
     /// At most one unfinished upload per client.
     active_by_client: HashMap<ClientId, UploadId>,
     latest_by_client: HashMap<ClientId, UploadId>,
+    /// Terminal uploads, oldest first.
+    finished: VecDeque<UploadId>,
+}
+
+impl Table {
+    /// Bookkeeping for an upload that just reached a terminal state.
+    fn retire(&mut self, id: UploadId, client_id: &ClientId) {
+        if self.active_by_client.get(client_id) == Some(&id) {
+            self.active_by_client.remove(client_id);
+        }
+        self.finished.push_back(id);
+        while self.finished.len() > MAX_FINISHED_UPLOADS {
+            let Some(old) = self.finished.pop_front() else {
+                break;
+            };
+            if let Some(r) = self.by_id.remove(&old)
+                && self.latest_by_client.get(&r.client_id) == Some(&old)
+            {
+                self.latest_by_client.remove(&r.client_id);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -561,9 +587,8 @@ async fn verify(state: &AppState, upload_id: UploadId, parts: Vec<CompletedPart>
                 r.finished_at = Some(OffsetDateTime::now_utc());
                 r.finished_instant = Some(Instant::now());
                 r.touch();
-                if table.active_by_client.get(&r.client_id) == Some(&upload_id) {
-                    table.active_by_client.remove(&r.client_id);
-                }
+                let client_id = r.client_id.clone();
+                table.retire(upload_id, &client_id);
             }
             tracing::info!(%upload_id, %key, size, %etag, "upload verified");
         }
@@ -679,9 +704,8 @@ impl FailCleanup {
             r.finished_at = Some(OffsetDateTime::now_utc());
             r.finished_instant = Some(Instant::now());
             r.touch();
-            if table.active_by_client.get(&r.client_id) == Some(&upload_id) {
-                table.active_by_client.remove(&r.client_id);
-            }
+            let client_id = r.client_id.clone();
+            table.retire(upload_id, &client_id);
         }
         tracing::warn!(%upload_id, %client_id, %code, message, "upload failed");
     }

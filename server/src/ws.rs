@@ -43,7 +43,7 @@ pub async fn connect(
         && state.registry.get(&client_id).is_none()
     {
         return Err(ApiError::new(
-            ErrorCode::ShuttingDown,
+            ErrorCode::TooManyConnections,
             "the server is at its agent connection limit",
         ));
     }

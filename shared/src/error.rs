@@ -20,6 +20,7 @@ pub enum ErrorCode {
     NotFound,
     BadRequest,
     PayloadTooLarge,
+    TooManyConnections,
     Internal,
     // WebSocket protocol.
     ProtocolVersionMismatch,
@@ -58,6 +59,7 @@ impl ErrorCode {
             NotFound => "NOT_FOUND",
             BadRequest => "BAD_REQUEST",
             PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            TooManyConnections => "TOO_MANY_CONNECTIONS",
             Internal => "INTERNAL",
             ProtocolVersionMismatch => "PROTOCOL_VERSION_MISMATCH",
             MalformedMessage => "MALFORMED_MESSAGE",
@@ -93,12 +95,38 @@ mod tests {
 
     #[test]
     fn as_str_matches_serde() {
+        use ErrorCode::*;
         for code in [
-            ErrorCode::ClientNotConnected,
-            ErrorCode::DownloadInProgress,
-            ErrorCode::FileNotFound,
-            ErrorCode::ProtocolVersionMismatch,
-            ErrorCode::VerificationFailed,
+            Unauthorized,
+            Forbidden,
+            InvalidClientId,
+            InvalidUploadId,
+            ClientNotConnected,
+            DownloadInProgress,
+            UploadNotFound,
+            NotFound,
+            BadRequest,
+            PayloadTooLarge,
+            TooManyConnections,
+            Internal,
+            ProtocolVersionMismatch,
+            MalformedMessage,
+            UnexpectedMessage,
+            ConnectionReplaced,
+            FileNotFound,
+            PermissionDenied,
+            FileReadError,
+            FileChanged,
+            InvalidFileName,
+            FileTooLarge,
+            PartUploadFailed,
+            CompleteFailed,
+            AgentDisconnected,
+            AgentTimeout,
+            Stalled,
+            StorageError,
+            VerificationFailed,
+            ShuttingDown,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

@@ -24,7 +24,9 @@ fn all_settings() -> BTreeSet<String> {
 }
 
 fn repo_file(name: &str) -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(name);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -40,7 +42,10 @@ fn env_example_lists_every_setting() {
     let missing: Vec<_> = settings.difference(&listed).collect();
     assert!(missing.is_empty(), ".env.example lacks {missing:?}");
     let stale: Vec<_> = listed.difference(&settings).collect();
-    assert!(stale.is_empty(), ".env.example lists unknown settings {stale:?}");
+    assert!(
+        stale.is_empty(),
+        ".env.example lists unknown settings {stale:?}"
+    );
 }
 
 #[test]

@@ -8,7 +8,8 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use shared::api::{
-    ClientInfo, ClientStatus, ErrorBody, TriggerResponse, UploadState, UploadStatus,
+    ClientInfo, ClientStatus, ErrorBody, RevocationResponse, TriggerResponse, UploadState,
+    UploadStatus,
 };
 use shared::auth::{Role, TokenKeys};
 use shared::{ClientId, UploadId};
@@ -81,6 +82,11 @@ pub struct StatusArgs {
 pub enum TokenCommand {
     /// Print a new token on stdout.
     Issue(IssueArgs),
+    /// Refuse every agent token of a client issued until now, and disconnect it (needs the server).
+    Revoke {
+        #[arg(long)]
+        client_id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -127,6 +133,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
                 }
             };
             println!("{token}");
+            Ok(true)
+        }
+        Command::Token {
+            command: TokenCommand::Revoke { client_id },
+        } => {
+            let api = Api::new(&cli)?;
+            let resp: RevocationResponse = api
+                .post(&format!("/revocations/{}", path_segment(client_id)))
+                .await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&resp)?);
+            } else {
+                println!(
+                    "revoked every token of {} issued before unix time {}{}",
+                    resp.client_id,
+                    resp.tokens_issued_before,
+                    if resp.disconnected {
+                        "; its connection was closed"
+                    } else {
+                        ""
+                    }
+                );
+            }
             Ok(true)
         }
         Command::Download {

@@ -3,7 +3,10 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use shared::api::{ClientInfo, ClientStatus, TriggerResponse, UploadState, UploadStatus};
+use shared::api::{
+    ClientInfo, ClientStatus, RevocationResponse, TriggerResponse, UploadState, UploadStatus,
+};
+use shared::protocol::ServerMessage;
 use shared::{ClientId, ErrorCode, UploadId};
 
 use crate::AppState;
@@ -77,6 +80,37 @@ pub async fn upload_status(
         .status(upload_id, state.storage.bucket())
         .map(Json)
         .ok_or_else(|| ApiError::new(ErrorCode::UploadNotFound, format!("no upload {upload_id}")))
+}
+
+/// `POST /revocations/{client_id}`: refuses every token of that client issued until now and
+/// closes its live connection.
+pub async fn revoke_client(
+    State(state): State<AppState>,
+    operator: Operator,
+    Path(raw_client_id): Path<String>,
+) -> Result<Json<RevocationResponse>, ApiError> {
+    let client_id = parse_client_id(&raw_client_id)?;
+    let not_before = state
+        .revocations
+        .revoke(&client_id)
+        .map_err(|e| ApiError::internal(&e))?;
+    let disconnected = match state.registry.get(&client_id) {
+        Some(handle) => {
+            let _ = handle.outbox.try_send(ServerMessage::Error {
+                code: ErrorCode::Unauthorized,
+                message: "this agent's token was revoked".into(),
+            });
+            handle.close.cancel();
+            true
+        }
+        None => false,
+    };
+    tracing::info!(%client_id, operator = operator.name, disconnected, "agent tokens revoked");
+    Ok(Json(RevocationResponse {
+        client_id,
+        tokens_issued_before: not_before,
+        disconnected,
+    }))
 }
 
 pub async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {

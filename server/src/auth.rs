@@ -7,6 +7,7 @@ use shared::auth::{Claims, Role, TokenKeys};
 use shared::{ClientId, ErrorCode};
 
 use crate::error::ApiError;
+use crate::revocations::Revocations;
 
 /// Pulls the token out of `Authorization: Bearer <token>` and verifies it.
 pub fn verify_bearer(keys: &TokenKeys, headers: &HeaderMap) -> Result<Claims, ApiError> {
@@ -32,8 +33,12 @@ pub fn verify_bearer(keys: &TokenKeys, headers: &HeaderMap) -> Result<Claims, Ap
     })
 }
 
-/// The identity of an agent, from an agent token.
-pub fn agent_identity(keys: &TokenKeys, headers: &HeaderMap) -> Result<ClientId, ApiError> {
+/// The identity of an agent, from an agent token that has not been revoked.
+pub fn agent_identity(
+    keys: &TokenKeys,
+    revocations: &Revocations,
+    headers: &HeaderMap,
+) -> Result<ClientId, ApiError> {
     let claims = verify_bearer(keys, headers)?;
     if claims.role != Role::Agent {
         return Err(ApiError::new(
@@ -41,12 +46,19 @@ pub fn agent_identity(keys: &TokenKeys, headers: &HeaderMap) -> Result<ClientId,
             "only agent tokens may open an agent connection",
         ));
     }
-    ClientId::parse(&claims.sub).map_err(|_| {
+    let client_id = ClientId::parse(&claims.sub).map_err(|_| {
         ApiError::new(
             ErrorCode::Unauthorized,
             "token subject is not a valid client id",
         )
-    })
+    })?;
+    if revocations.is_revoked(&client_id, claims.iat) {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "token has been revoked; issue a new one",
+        ));
+    }
+    Ok(client_id)
 }
 
 /// An operator, authenticated by an operator token. Extracting it from a request with any other

@@ -12,6 +12,7 @@ pub mod connection;
 pub mod embedded_s3;
 pub mod error;
 pub mod registry;
+pub mod revocations;
 pub mod storage;
 pub mod uploads;
 pub mod ws;
@@ -33,6 +34,7 @@ use url::Url;
 
 use crate::config::{Config, StorageKind};
 use crate::registry::Registry;
+use crate::revocations::Revocations;
 use crate::storage::{Storage, StorageSettings};
 use crate::uploads::Uploads;
 
@@ -49,6 +51,7 @@ pub struct StateInner {
     pub config: Config,
     pub keys: TokenKeys,
     pub registry: Registry,
+    pub revocations: Revocations,
     pub uploads: Uploads,
     pub storage: Storage,
     pub shutdown: CancellationToken,
@@ -82,6 +85,7 @@ pub fn router(state: AppState) -> Router {
         .route("/clients", get(api::list_clients))
         .route("/status/{client_id}", get(api::client_status))
         .route("/uploads/{upload_id}", get(api::upload_status))
+        .route("/revocations/{client_id}", post(api::revoke_client))
         .route("/healthz", get(api::healthz))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(MAX_REST_BODY))
@@ -165,10 +169,12 @@ pub async fn run(
         }
     };
 
+    let revocations = Revocations::load(config.data_dir.join("revocations.json"))?;
     let state = AppState(Arc::new(StateInner {
         config,
         keys,
         registry: Registry::default(),
+        revocations,
         uploads: Uploads::default(),
         storage,
         shutdown: shutdown.clone(),

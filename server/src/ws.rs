@@ -37,7 +37,7 @@ pub async fn connect(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // Authenticate before looking at the upgrade, so a bad token is always a 401.
-    let client_id = agent_identity(&state.keys, &headers)?;
+    let client_id = agent_identity(&state.keys, &state.revocations, &headers)?;
     let upgrade = upgrade.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     if state.registry.len() >= state.config.max_agent_connections
         && state.registry.get(&client_id).is_none()

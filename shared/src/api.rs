@@ -90,3 +90,13 @@ pub struct ClientStatus {
     pub active_upload: Option<UploadId>,
     pub last_upload: Option<UploadStatus>,
 }
+
+/// Answer to `POST /revocations/{client_id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevocationResponse {
+    pub client_id: ClientId,
+    /// Agent tokens of this client with an `iat` before this unix time are refused.
+    pub tokens_issued_before: u64,
+    /// Whether a live connection was closed.
+    pub disconnected: bool,
+}

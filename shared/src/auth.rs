@@ -35,12 +35,19 @@ pub struct Claims {
     pub aud: String,
     pub iat: u64,
     pub exp: u64,
+    /// Optional "not before"; checked with the same leeway as `exp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("JWT secret must be at least {MIN_SECRET_LEN} bytes")]
     WeakSecret,
+    #[error("JWT secret looks like a placeholder; generate a random one")]
+    PlaceholderSecret,
+    #[error("token is issued in the future")]
+    IssuedInFuture,
     #[error("agent tokens need a valid client id as subject")]
     InvalidSubject,
     #[error("invalid token: {0}")]
@@ -66,9 +73,13 @@ impl TokenKeys {
         if secret.len() < MIN_SECRET_LEN {
             return Err(AuthError::WeakSecret);
         }
+        if is_placeholder(secret) {
+            return Err(AuthError::PlaceholderSecret);
+        }
         // Pin the algorithm: a token that names any other one, `none` included, is refused.
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
@@ -92,6 +103,7 @@ impl TokenKeys {
             aud: AUDIENCE.to_owned(),
             iat: now,
             exp: now.saturating_add(ttl.as_secs()),
+            nbf: None,
         };
         self.encode(&claims)
     }
@@ -107,8 +119,33 @@ impl TokenKeys {
 
     /// Checks signature, algorithm, issuer, audience and expiry.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        Ok(jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?.claims)
+        let claims =
+            jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?.claims;
+        // `iat` is required by the type; one from the future means a wrong clock or a forgery,
+        // and would dodge a per-client revocation.
+        if claims.iat > unix_now().saturating_add(LEEWAY_SECS) {
+            return Err(AuthError::IssuedInFuture);
+        }
+        Ok(claims)
     }
+}
+
+/// Secrets that were obviously copied from an example or typed by hand.
+fn is_placeholder(secret: &[u8]) -> bool {
+    let lower = String::from_utf8_lossy(secret).to_ascii_lowercase();
+    let known = [
+        "changeme",
+        "change-me",
+        "change_me",
+        "placeholder",
+        "your-secret",
+        "your_secret",
+        "example",
+    ];
+    let mut distinct = secret.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    known.iter().any(|k| lower.contains(k)) || distinct.len() < 8
 }
 
 pub fn unix_now() -> u64 {
@@ -136,11 +173,68 @@ mod tests {
     }
 
     #[test]
-    fn short_secrets_are_refused() {
+    fn short_and_placeholder_secrets_are_refused() {
         assert!(matches!(
             TokenKeys::new(b"short"),
             Err(AuthError::WeakSecret)
         ));
+        for placeholder in [
+            "changeme-changeme-changeme-changeme".as_bytes(),
+            b"please-replace-this-placeholder-value",
+            &[b'a'; 64],
+            b"abababababababababababababababab",
+        ] {
+            assert!(
+                matches!(
+                    TokenKeys::new(placeholder),
+                    Err(AuthError::PlaceholderSecret)
+                ),
+                "{}",
+                String::from_utf8_lossy(placeholder)
+            );
+        }
+    }
+
+    #[test]
+    fn future_and_not_yet_valid_tokens_are_rejected() {
+        let keys = TokenKeys::new(SECRET).unwrap();
+        let now = unix_now();
+        let base = Claims {
+            sub: "a".into(),
+            role: Role::Agent,
+            iss: ISSUER.into(),
+            aud: AUDIENCE.into(),
+            iat: now,
+            exp: now + 3600,
+            nbf: None,
+        };
+        let future_iat = keys
+            .encode(&Claims {
+                iat: now + 600,
+                ..base.clone()
+            })
+            .unwrap();
+        assert!(matches!(
+            keys.verify(&future_iat),
+            Err(AuthError::IssuedInFuture)
+        ));
+        let not_yet = keys
+            .encode(&Claims {
+                nbf: Some(now + 600),
+                ..base.clone()
+            })
+            .unwrap();
+        assert!(keys.verify(&not_yet).is_err());
+        let skewed = keys
+            .encode(&Claims {
+                iat: now + 10,
+                ..base
+            })
+            .unwrap();
+        assert!(
+            keys.verify(&skewed).is_ok(),
+            "a small clock skew is tolerated"
+        );
     }
 
     #[test]
@@ -155,6 +249,7 @@ mod tests {
                 aud: AUDIENCE.into(),
                 iat: 0,
                 exp: unix_now() - 3600,
+                nbf: None,
             })
             .unwrap();
         let wrong_secret = other

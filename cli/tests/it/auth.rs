@@ -14,6 +14,7 @@ fn claims(sub: &str, role: Role, exp: u64) -> Claims {
         aud: AUDIENCE.into(),
         iat: unix_now(),
         exp,
+        nbf: None,
     }
 }
 
@@ -38,8 +39,51 @@ async fn websocket_refuses_bad_credentials() {
     let swapped = if &token[i..=i] == "A" { "B" } else { "A" };
     let tampered = format!("{}{swapped}{}", &token[..i], &token[i + 1..]);
     let operator = operator_token();
+    let not_yet = keys()
+        .encode(&Claims {
+            nbf: Some(unix_now() + 600),
+            ..claims("store-1", Role::Agent, unix_now() + 3600)
+        })
+        .unwrap();
+    let future_iat = keys()
+        .encode(&Claims {
+            iat: unix_now() + 600,
+            ..claims("store-1", Role::Agent, unix_now() + 3600)
+        })
+        .unwrap();
+    let wrong_aud = keys()
+        .encode(&Claims {
+            aud: "someone-else".into(),
+            ..claims("store-1", Role::Agent, unix_now() + 3600)
+        })
+        .unwrap();
+    let wrong_iss = keys()
+        .encode(&Claims {
+            iss: "evil".into(),
+            ..claims("store-1", Role::Agent, unix_now() + 3600)
+        })
+        .unwrap();
+    // {"alg":"none"} with a valid-looking payload and no signature.
+    let alg_none = format!(
+        "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
+        agent_token("store-1").split('.').nth(1).unwrap()
+    );
+    // The same claims signed with HS512 under the right secret: the algorithm is pinned.
+    let hs512 = {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512);
+        header.typ = Some("JWT".into());
+        jsonwebtoken::encode(
+            &header,
+            &claims("store-1", Role::Agent, unix_now() + 3600),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let empty_sub = keys()
+        .encode(&claims("", Role::Agent, unix_now() + 3600))
+        .unwrap();
 
-    let cases: [(&str, Option<&str>, u16); 7] = [
+    let cases: [(&str, Option<&str>, u16); 15] = [
         ("no token", None, 401),
         ("garbage", Some("not-a-jwt"), 401),
         ("wrong secret", Some(&wrong_secret), 401),
@@ -47,6 +91,14 @@ async fn websocket_refuses_bad_credentials() {
         ("expired", Some(&expired), 401),
         ("subject is not a client id", Some(&bad_sub), 401),
         ("operator token", Some(&operator), 403),
+        ("not yet valid", Some(&not_yet), 401),
+        ("issued in the future", Some(&future_iat), 401),
+        ("wrong audience", Some(&wrong_aud), 401),
+        ("wrong issuer", Some(&wrong_iss), 401),
+        ("alg none", Some(&alg_none), 401),
+        ("HS512 instead of HS256", Some(&hs512), 401),
+        ("empty subject", Some(&empty_sub), 401),
+        ("empty bearer", Some(""), 401),
     ];
     for (name, token, expected) in cases {
         match ws_connect(&server, token).await {
@@ -156,4 +208,55 @@ async fn cli_mints_tokens_the_server_accepts() {
         assert!(!out.status.success(), "{args:?}");
         assert!(stdout(&out).is_empty());
     }
+}
+
+#[tokio::test]
+async fn revoking_a_client_closes_it_and_refuses_its_old_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut server = TestServer::start_at(
+        Mode::Embedded,
+        "127.0.0.1:0".parse().unwrap(),
+        &data_dir,
+        &[],
+    )
+    .await;
+    let client_id = unique_client("stolen");
+    let bystander = unique_client("bystander");
+    let old_token = agent_token(&client_id);
+    let mut victim = RawAgent::connect(&server, &client_id).await;
+    let _other = RawAgent::connect(&server, &bystander).await;
+
+    let out = run_cli(
+        &server,
+        &["token", "revoke", "--client-id", &client_id, "--json"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let resp: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(resp["disconnected"], true);
+    let not_before = resp["tokens_issued_before"].as_u64().unwrap();
+
+    // The live connection is told and closed; the old token no longer opens one.
+    let msgs = victim.drain_until_closed().await;
+    assert!(msgs.iter().any(|m| m["code"] == "UNAUTHORIZED"), "{msgs:?}");
+    assert_eq!(ws_connect(&server, Some(&old_token)).await.err(), Some(401));
+    // Other stores are untouched.
+    let (_, st) = server.get_json(&format!("/status/{bystander}")).await;
+    assert_eq!(st["connected"], true);
+
+    // A token issued after the revocation works.
+    wait_until(
+        Duration::from_secs(5),
+        "the revocation second to pass",
+        || async { unix_now() >= not_before },
+    )
+    .await;
+    RawAgent::connect(&server, &client_id).await;
+
+    // The revocation survives a restart.
+    let addr = server.api_addr;
+    server.stop().await;
+    let server = TestServer::start_at(Mode::Embedded, addr, &data_dir, &[]).await;
+    assert_eq!(ws_connect(&server, Some(&old_token)).await.err(), Some(401));
 }

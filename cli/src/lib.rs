@@ -51,6 +51,9 @@ pub enum Command {
     Download {
         #[arg(long)]
         client_id: String,
+        /// Name of the agent's shared file (its SHARED_FILES entry); `default` is its FILE_PATH.
+        #[arg(long, default_value = "default")]
+        file: String,
         /// Print the upload id and return at once.
         #[arg(long)]
         no_wait: bool,
@@ -160,12 +163,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Download {
             client_id,
+            file,
             no_wait,
             wait_timeout_secs,
         } => {
             let api = Api::new(&cli)?;
             let trigger: TriggerResponse = api
-                .post(&format!("/trigger-download/{}", path_segment(client_id)))
+                .post(&format!(
+                    "/trigger-download/{}?file={}",
+                    path_segment(client_id),
+                    path_segment(file)
+                ))
                 .await?;
             if *no_wait {
                 if cli.json {

@@ -1,6 +1,7 @@
 //! The agent's control channel: a reconnect loop around one session at a time.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -25,6 +26,8 @@ const OUTBOX_CAPACITY: usize = 64;
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
     let http = reqwest::Client::builder()
+        // A redirect could lead anywhere; uploads go only where the policy allows.
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
         .pool_max_idle_per_host(config.upload_concurrency)
@@ -79,6 +82,8 @@ struct Session<'a> {
     outbox_rx: mpsc::Receiver<AgentMessage>,
     /// Upload tasks of this session, by upload id; cancelled when the session ends.
     uploads: HashMap<UploadId, CancellationToken>,
+    /// The file each described upload refers to, until its plan arrives.
+    paths: HashMap<UploadId, PathBuf>,
     session_cancel: CancellationToken,
 }
 
@@ -92,6 +97,7 @@ impl<'a> Session<'a> {
             outbox_tx,
             outbox_rx,
             uploads: HashMap::new(),
+            paths: HashMap::new(),
             session_cancel: CancellationToken::new(),
         }
     }
@@ -171,9 +177,18 @@ impl<'a> Session<'a> {
                 tracing::info!(%client_id, "connected to server");
                 backoff.reset();
             }
-            ServerMessage::DescribeFile { upload_id } => {
-                let path = self.config.file_path();
-                let reply = match uploader::describe_file(&path).await {
+            ServerMessage::DescribeFile { upload_id, share } => {
+                let described = match self.config.share_path(&share) {
+                    Some(path) => {
+                        self.paths.insert(upload_id, path.clone());
+                        uploader::describe_file(&path, self.config.max_file_size).await
+                    }
+                    None => Err(uploader::UploadError {
+                        code: ErrorCode::FileNotShared,
+                        message: format!("this agent does not share '{share}'"),
+                    }),
+                };
+                let reply = match described {
                     Ok((file_name, size)) => AgentMessage::FileInfo {
                         upload_id,
                         file_name,
@@ -211,16 +226,27 @@ impl<'a> Session<'a> {
 
     fn start_upload(&mut self, plan: UploadPlan) {
         let upload_id = plan.upload_id;
+        // Only a file this session described can be uploaded.
+        let Some(path) = self.paths.remove(&upload_id) else {
+            tracing::warn!(%upload_id, "plan for an upload this agent never described");
+            let _ = self.outbox_tx.try_send(AgentMessage::UploadFailed {
+                upload_id,
+                code: ErrorCode::UnexpectedMessage,
+                message: "no file was described for this upload".into(),
+            });
+            return;
+        };
         self.uploads.retain(|_, t| !t.is_cancelled());
         let cancel = self.session_cancel.child_token();
         self.uploads.insert(upload_id, cancel.clone());
         let outbox = self.outbox_tx.clone();
         let http = self.http.clone();
-        let path = self.config.file_path();
         let settings = UploadSettings {
             concurrency: self.config.upload_concurrency,
             attempts: self.config.part_attempts,
             request_timeout: Duration::from_secs(self.config.request_timeout_secs),
+            max_file_size: self.config.max_file_size,
+            policy: self.config.upload_policy(),
         };
         tracing::info!(%upload_id, size = plan.size, parts = plan.parts.len(), "upload starting");
         tokio::spawn(async move {

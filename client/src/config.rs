@@ -6,9 +6,35 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Parser, ValueEnum};
+use shared::FileName;
+use shared::protocol::DEFAULT_SHARE;
 use url::Url;
 
 pub const DEFAULT_FILE_NAME: &str = "file_to_download.txt";
+/// 5 GiB: a day's export is around 100 MB, so anything near this is a mistake.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+
+/// One shared file: the name the server may ask for, and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub name: FileName,
+    pub path: PathBuf,
+}
+
+impl std::str::FromStr for Share {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, path) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?} is not name=path"))?;
+        let name = FileName::parse(name.trim()).map_err(|e| format!("share name {name:?}: {e}"))?;
+        let path = PathBuf::from(path.trim());
+        if !path.is_absolute() {
+            return Err(format!("share {name}: path must be absolute"));
+        }
+        Ok(Share { name, path })
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -63,6 +89,24 @@ pub struct Config {
     #[arg(long, env = "FILE_PATH")]
     pub file_path: Option<PathBuf>,
 
+    /// More shared files, as comma-separated `name=path` pairs. The server asks for a file by
+    /// name, never by path; `default` is FILE_PATH.
+    #[arg(long = "share", env = "SHARED_FILES", value_delimiter = ',')]
+    pub shares: Vec<Share>,
+
+    /// Largest file the agent uploads, in bytes (checked before any upload starts).
+    #[arg(long, env = "MAX_FILE_SIZE", default_value_t = DEFAULT_MAX_FILE_SIZE)]
+    pub max_file_size: u64,
+
+    /// Hosts (`host` or `host:port`, comma-separated) the agent may upload to. Empty means the
+    /// host of AGENT_SERVER_URL, which is where the embedded store runs.
+    #[arg(
+        long = "allowed-upload-host",
+        env = "ALLOWED_UPLOAD_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allowed_upload_hosts: Vec<String>,
+
     /// Parts uploaded at the same time.
     #[arg(long, env = "UPLOAD_CONCURRENCY", default_value_t = 4)]
     pub upload_concurrency: usize,
@@ -107,6 +151,20 @@ impl Config {
         if self.part_attempts == 0 {
             bail!("PART_ATTEMPTS must be at least 1");
         }
+        let mut names = std::collections::HashSet::new();
+        for share in &self.shares {
+            if share.name.as_str() == DEFAULT_SHARE {
+                bail!("the share name '{DEFAULT_SHARE}' is FILE_PATH; pick another name");
+            }
+            if !names.insert(share.name.as_str()) {
+                bail!("share '{}' is configured twice", share.name);
+            }
+        }
+        for host in &self.allowed_upload_hosts {
+            if host.is_empty() || host.contains('/') || host.contains('@') {
+                bail!("ALLOWED_UPLOAD_HOSTS entries are `host` or `host:port`, got {host:?}");
+            }
+        }
         if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {
             bail!("RECONNECT_MIN_MS must be positive and at most RECONNECT_MAX_MS");
         }
@@ -121,6 +179,30 @@ impl Config {
                 .unwrap_or_default()
                 .join(DEFAULT_FILE_NAME)
         })
+    }
+
+    /// The path of a share, or `None` if the agent does not share that name.
+    pub fn share_path(&self, name: &FileName) -> Option<PathBuf> {
+        if name.as_str() == DEFAULT_SHARE {
+            return Some(self.file_path());
+        }
+        self.shares
+            .iter()
+            .find(|s| s.name == *name)
+            .map(|s| s.path.clone())
+    }
+
+    /// Where this agent may send bytes.
+    pub fn upload_policy(&self) -> crate::uploader::UploadPolicy {
+        let hosts = if self.allowed_upload_hosts.is_empty() {
+            self.server_url
+                .host_str()
+                .map(|h| vec![h.to_owned()])
+                .unwrap_or_default()
+        } else {
+            self.allowed_upload_hosts.clone()
+        };
+        crate::uploader::UploadPolicy::new(hosts)
     }
 
     pub fn reconnect_policy(&self) -> crate::backoff::Backoff {

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use shared::protocol::{CompletedPart, PresignedPart, UploadPlan};
 use shared::{ErrorCode, FileName};
+
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 use tokio_util::sync::CancellationToken;
@@ -50,10 +51,69 @@ pub struct UploadSettings {
     pub concurrency: usize,
     pub attempts: u32,
     pub request_timeout: Duration,
+    pub max_file_size: u64,
+    pub policy: UploadPolicy,
 }
 
-/// Looks at the shared file: its name as stored, and its size. Errors carry the agent-side codes.
-pub async fn describe_file(path: &Path) -> Result<(FileName, u64), UploadError> {
+/// The hosts this agent may send bytes to. A compromised or impersonated server can hand out
+/// any URL; only these are used.
+#[derive(Debug, Clone)]
+pub struct UploadPolicy {
+    /// `host` (any port) or `host:port`, lowercase.
+    allowed: Vec<String>,
+}
+
+impl UploadPolicy {
+    pub fn new(allowed: Vec<String>) -> Self {
+        Self {
+            allowed: allowed
+                .into_iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
+    /// `Ok` if `raw` is an http(s) URL to an allowed host. The refusal names the host but never
+    /// the URL, which carries a signature.
+    pub fn check(&self, raw: &str) -> Result<(), UploadError> {
+        let refuse = |what: String| Err(UploadError::new(ErrorCode::UploadHostNotAllowed, what));
+        let Ok(url) = url::Url::parse(raw) else {
+            return refuse("the server sent an unparseable upload URL".into());
+        };
+        if !matches!(url.scheme(), "http" | "https") {
+            return refuse(format!(
+                "upload URLs must be http or https, not {}",
+                url.scheme()
+            ));
+        }
+        let Some(host) = url.host_str().map(str::to_ascii_lowercase) else {
+            return refuse("the upload URL has no host".into());
+        };
+        let port = url.port_or_known_default().unwrap_or(0);
+        let with_port = format!("{host}:{port}");
+        if self.allowed.iter().any(|a| *a == host || *a == with_port) {
+            Ok(())
+        } else {
+            refuse(format!("{with_port} is not in ALLOWED_UPLOAD_HOSTS"))
+        }
+    }
+}
+
+/// Looks at a shared file: its name as stored, and its size. Errors carry the agent-side codes.
+/// A symbolic link is refused: swapping a shared file for a link must not widen what is shared.
+pub async fn describe_file(path: &Path, max_size: u64) -> Result<(FileName, u64), UploadError> {
+    let link = tokio::fs::symlink_metadata(path)
+        .await
+        .map_err(|e| io_error(path, &e))?;
+    if link.file_type().is_symlink() {
+        return Err(UploadError::new(
+            ErrorCode::FileNotShared,
+            format!(
+                "{} is a symbolic link; share the file itself",
+                path.display()
+            ),
+        ));
+    }
     let meta = tokio::fs::metadata(path)
         .await
         .map_err(|e| io_error(path, &e))?;
@@ -63,15 +123,32 @@ pub async fn describe_file(path: &Path) -> Result<(FileName, u64), UploadError> 
             format!("{} is not a regular file", path.display()),
         ));
     }
+    if meta.len() > max_size {
+        return Err(UploadError::new(
+            ErrorCode::FileTooLarge,
+            format!(
+                "{} has {} bytes, more than MAX_FILE_SIZE ({max_size})",
+                path.display(),
+                meta.len()
+            ),
+        ));
+    }
     // Opening proves we can read it, so a permission problem shows up now, not mid-upload.
-    tokio::fs::File::open(path)
-        .await
-        .map_err(|e| io_error(path, &e))?;
+    open_no_follow(path).await.map_err(|e| io_error(path, &e))?;
     let name = path
         .file_name()
         .map(|n| stored_name(&n.to_string_lossy()))
         .ok_or_else(|| UploadError::new(ErrorCode::InvalidFileName, "the path has no file name"))?;
     Ok((name, meta.len()))
+}
+
+/// Opens for reading without following a symbolic link in the last component.
+async fn open_no_follow(path: &Path) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .await
 }
 
 fn io_error(path: &Path, err: &std::io::Error) -> UploadError {
@@ -112,7 +189,12 @@ pub async fn upload(
     progress: Arc<Progress>,
     cancel: CancellationToken,
 ) -> Result<Vec<CompletedPart>, UploadError> {
-    let (_, size) = describe_file(&path).await?;
+    // Every URL is checked before the first byte leaves.
+    for part in &plan.parts {
+        settings.policy.check(&part.url)?;
+    }
+    settings.policy.check(&plan.complete_url)?;
+    let (_, size) = describe_file(&path, settings.max_file_size).await?;
     if size != plan.size {
         return Err(UploadError::new(
             ErrorCode::FileChanged,
@@ -213,7 +295,7 @@ async fn put_part_once(
     progress: &Arc<Progress>,
     sent: &Arc<AtomicU64>,
 ) -> Result<String, PartError> {
-    let mut file = tokio::fs::File::open(path)
+    let mut file = open_no_follow(path)
         .await
         .map_err(|e| PartError::Fatal(io_error(path, &e)))?;
     file.seek(std::io::SeekFrom::Start(offset))
@@ -364,6 +446,34 @@ mod tests {
     }
 
     #[test]
+    fn upload_policy_allows_only_listed_hosts() {
+        let policy = UploadPolicy::new(vec!["s3.example.com".into(), "127.0.0.1:9000".into()]);
+        assert!(
+            policy
+                .check("https://s3.example.com/b/k?partNumber=1")
+                .is_ok()
+        );
+        assert!(policy.check("https://S3.EXAMPLE.COM:8443/b/k").is_ok());
+        assert!(policy.check("http://127.0.0.1:9000/b/k").is_ok());
+        for bad in [
+            "http://127.0.0.1:9001/b/k",
+            "https://evil.example.net/b/k",
+            "https://s3.example.com.evil.net/b/k",
+            "https://s3.example.com@evil.net/b/k",
+            "file:///etc/passwd",
+            "not a url",
+        ] {
+            let err = policy.check(bad).unwrap_err();
+            assert_eq!(err.code, ErrorCode::UploadHostNotAllowed, "{bad}");
+            assert!(
+                !err.message.contains("/b/k"),
+                "the URL must not be echoed: {}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
     fn io_errors_map_to_agent_codes() {
         // Tests run as root here, where file modes cannot produce a real EACCES.
         let path = Path::new("/x");
@@ -383,14 +493,22 @@ mod tests {
     async fn describe_reports_agent_side_codes() {
         let dir = std::env::temp_dir().join(format!("backhaul-describe-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let missing = describe_file(&dir.join("missing.txt")).await.unwrap_err();
+        let missing = describe_file(&dir.join("missing.txt"), 100)
+            .await
+            .unwrap_err();
         assert_eq!(missing.code, ErrorCode::FileNotFound);
-        let not_file = describe_file(&dir).await.unwrap_err();
+        let not_file = describe_file(&dir, 100).await.unwrap_err();
         assert_eq!(not_file.code, ErrorCode::FileReadError);
         let file = dir.join("ok.txt");
         std::fs::write(&file, b"hello").unwrap();
-        let (name, size) = describe_file(&file).await.unwrap();
+        let (name, size) = describe_file(&file, 100).await.unwrap();
         assert_eq!((name.as_str(), size), ("ok.txt", 5));
+        let too_big = describe_file(&file, 4).await.unwrap_err();
+        assert_eq!(too_big.code, ErrorCode::FileTooLarge);
+        let link = dir.join("link.txt");
+        std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+        let linked = describe_file(&link, u64::MAX).await.unwrap_err();
+        assert_eq!(linked.code, ErrorCode::FileNotShared);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

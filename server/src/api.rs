@@ -1,13 +1,15 @@
 //! The operator REST API.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use shared::api::{
-    ClientInfo, ClientStatus, RevocationResponse, TriggerResponse, UploadState, UploadStatus,
+    ClientInfo, ClientStatus, RevocationResponse, TriggerParams, TriggerResponse, UploadState,
+    UploadStatus,
 };
-use shared::protocol::ServerMessage;
-use shared::{ClientId, ErrorCode, UploadId};
+use shared::protocol::{DEFAULT_SHARE, ServerMessage};
+use shared::{ClientId, ErrorCode, FileName, UploadId};
 
 use crate::AppState;
 use crate::auth::Operator;
@@ -22,9 +24,13 @@ pub async fn trigger_download(
     State(state): State<AppState>,
     operator: Operator,
     Path(raw_client_id): Path<String>,
+    params: Result<Query<TriggerParams>, QueryRejection>,
 ) -> Result<(StatusCode, Json<TriggerResponse>), ApiError> {
     let client_id = parse_client_id(&raw_client_id)?;
-    let upload_id = uploads::trigger(&state, client_id.clone(), &operator.name)?;
+    let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let share = FileName::parse(params.file.as_deref().unwrap_or(DEFAULT_SHARE))
+        .map_err(|e| ApiError::new(ErrorCode::InvalidFileName, format!("share name: {e}")))?;
+    let upload_id = uploads::trigger(&state, client_id.clone(), share, &operator.name)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(TriggerResponse {

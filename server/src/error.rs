@@ -42,7 +42,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
         Unauthorized => StatusCode::UNAUTHORIZED,
         Forbidden => StatusCode::FORBIDDEN,
-        InvalidClientId | InvalidUploadId | BadRequest | MalformedMessage => {
+        InvalidClientId | InvalidUploadId | InvalidFileName | BadRequest | MalformedMessage => {
             StatusCode::BAD_REQUEST
         }
         ClientNotConnected | UploadNotFound | NotFound => StatusCode::NOT_FOUND,

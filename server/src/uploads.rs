@@ -37,6 +37,7 @@ struct UploadRecord {
     /// Set while a failure is being cleaned up, so only one path does it.
     finishing: bool,
     requested_by: String,
+    share: FileName,
     created_at: OffsetDateTime,
     updated_at: OffsetDateTime,
     finished_at: Option<OffsetDateTime>,
@@ -73,6 +74,7 @@ impl UploadRecord {
             state: self.state,
             bucket: bucket.to_owned(),
             key: self.key.clone(),
+            share: self.share.as_str().to_owned(),
             file_name: self.file_name.as_ref().map(|f| f.as_str().to_owned()),
             size: self.size,
             part_size: self.part_size,
@@ -168,6 +170,7 @@ impl Uploads {
 pub fn trigger(
     state: &AppState,
     client_id: ClientId,
+    share: FileName,
     operator: &str,
 ) -> Result<UploadId, ApiError> {
     if state.shutdown.is_cancelled() {
@@ -202,6 +205,7 @@ pub fn trigger(
                 state: UploadState::Requested,
                 finishing: false,
                 requested_by: operator.to_owned(),
+                share: share.clone(),
                 created_at: now,
                 updated_at: now,
                 finished_at: None,
@@ -226,7 +230,10 @@ pub fn trigger(
     }
     if agent
         .outbox
-        .try_send(ServerMessage::DescribeFile { upload_id: id })
+        .try_send(ServerMessage::DescribeFile {
+            upload_id: id,
+            share: share.clone(),
+        })
         .is_err()
     {
         // The connection closed or stopped reading between the lookup and now. Nothing was
@@ -240,7 +247,7 @@ pub fn trigger(
             format!("client {client_id} is not reachable"),
         ));
     }
-    tracing::info!(%client_id, upload_id = %id, operator, "download triggered");
+    tracing::info!(%client_id, upload_id = %id, %share, operator, "download triggered");
     Ok(id)
 }
 

@@ -17,6 +17,14 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// Query of `POST /trigger-download/{client_id}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerParams {
+    /// Share name on the agent; `default` when absent.
+    pub file: Option<String>,
+}
+
 /// Answer to `POST /trigger-download/{client_id}` (202).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TriggerResponse {
@@ -53,6 +61,8 @@ pub struct UploadStatus {
     pub state: UploadState,
     pub bucket: String,
     pub key: Option<String>,
+    /// The share the operator asked for.
+    pub share: String,
     pub file_name: Option<String>,
     pub size: Option<u64>,
     pub part_size: Option<u64>,

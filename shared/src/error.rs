@@ -33,7 +33,9 @@ pub enum ErrorCode {
     FileReadError,
     FileChanged,
     InvalidFileName,
+    FileNotShared,
     FileTooLarge,
+    UploadHostNotAllowed,
     PartUploadFailed,
     CompleteFailed,
     // Raised by the server while an upload runs.
@@ -70,6 +72,8 @@ impl ErrorCode {
             FileReadError => "FILE_READ_ERROR",
             FileChanged => "FILE_CHANGED",
             InvalidFileName => "INVALID_FILE_NAME",
+            FileNotShared => "FILE_NOT_SHARED",
+            UploadHostNotAllowed => "UPLOAD_HOST_NOT_ALLOWED",
             FileTooLarge => "FILE_TOO_LARGE",
             PartUploadFailed => "PART_UPLOAD_FAILED",
             CompleteFailed => "COMPLETE_FAILED",

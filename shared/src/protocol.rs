@@ -12,6 +12,9 @@ use crate::ids::{ClientId, FileName, PartNumber, UploadId};
 /// refuses a different one with [`ErrorCode::ProtocolVersionMismatch`].
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The share an operator gets when they name none.
+pub const DEFAULT_SHARE: &str = "default";
+
 /// Largest WebSocket message either side accepts. A `StartUpload` for a 10,000-part upload is the
 /// biggest legitimate message (one presigned URL per part, around 600 bytes each).
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
@@ -59,9 +62,12 @@ pub enum ServerMessage {
         client_id: ClientId,
         protocol_version: u32,
     },
-    /// Asks the agent for the name and size of its shared file before the server starts the
-    /// multipart upload.
-    DescribeFile { upload_id: UploadId },
+    /// Asks the agent for the name and size of one of its shared files, by share name (never by
+    /// path), before the server starts the multipart upload.
+    DescribeFile {
+        upload_id: UploadId,
+        share: FileName,
+    },
     /// Everything the agent needs to upload straight to storage.
     StartUpload(UploadPlan),
     /// The server gave up on an upload (timeout, shutdown): the agent stops working on it.

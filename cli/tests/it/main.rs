@@ -8,3 +8,4 @@ mod failures;
 mod harness;
 mod protocol;
 mod reconnect;
+mod sharing;

@@ -2,7 +2,9 @@
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use shared::api::{
     ClientInfo, ClientStatus, RevocationResponse, TriggerParams, TriggerResponse, UploadState,
@@ -22,6 +24,7 @@ fn parse_client_id(raw: &str) -> Result<ClientId, ApiError> {
 
 pub async fn trigger_download(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     operator: Operator,
     Path(raw_client_id): Path<String>,
     params: Result<Query<TriggerParams>, QueryRejection>,
@@ -30,7 +33,15 @@ pub async fn trigger_download(
     let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     let share = FileName::parse(params.file.as_deref().unwrap_or(DEFAULT_SHARE))
         .map_err(|e| ApiError::new(ErrorCode::InvalidFileName, format!("share name: {e}")))?;
-    let upload_id = uploads::trigger(&state, client_id.clone(), share, &operator.name)?;
+    let upload_id = uploads::trigger(
+        &state,
+        client_id.clone(),
+        share,
+        &uploads::Requester {
+            operator: operator.name,
+            from: peer,
+        },
+    )?;
     Ok((
         StatusCode::ACCEPTED,
         Json(TriggerResponse {
@@ -92,6 +103,7 @@ pub async fn upload_status(
 /// closes its live connection.
 pub async fn revoke_client(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     operator: Operator,
     Path(raw_client_id): Path<String>,
 ) -> Result<Json<RevocationResponse>, ApiError> {
@@ -111,7 +123,14 @@ pub async fn revoke_client(
         }
         None => false,
     };
-    tracing::info!(%client_id, operator = operator.name, disconnected, "agent tokens revoked");
+    tracing::info!(
+        audit = true,
+        %client_id,
+        operator = operator.name,
+        from = %peer,
+        disconnected,
+        "agent tokens revoked"
+    );
     Ok(Json(RevocationResponse {
         client_id,
         tokens_issued_before: not_before,

@@ -153,6 +153,11 @@ pub struct Config {
     #[arg(long, env = "AGENT_IDLE_TIMEOUT_SECS", default_value_t = 60)]
     pub agent_idle_timeout_secs: u64,
 
+    /// Messages (frames of any kind) one agent connection may send per second on average; a
+    /// burst of twice as many is tolerated. Beyond it the connection is closed (RATE_LIMITED).
+    #[arg(long, env = "AGENT_MAX_MESSAGES_PER_SEC", default_value_t = 50)]
+    pub agent_max_messages_per_sec: u32,
+
     /// Connected agents beyond this number are refused with 503.
     #[arg(long, env = "MAX_AGENT_CONNECTIONS", default_value_t = 100_000)]
     pub max_agent_connections: usize,
@@ -182,6 +187,9 @@ impl Config {
                 .any(|s| s.is_empty() || s == "." || s == "..")
         {
             bail!("KEY_PREFIX must be non-empty path segments without leading or trailing '/'");
+        }
+        if self.agent_max_messages_per_sec == 0 {
+            bail!("AGENT_MAX_MESSAGES_PER_SEC must be at least 1");
         }
         if self.aws_access_key_id.is_some() != self.aws_secret_access_key.is_some() {
             bail!("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together");

@@ -193,10 +193,13 @@ pub async fn run(
     });
 
     tracing::info!(addr = %listeners.api.local_addr()?, "server listening");
-    axum::serve(listeners.api, router(state.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .context("serving the API")?;
+    axum::serve(
+        listeners.api,
+        router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    .await
+    .context("serving the API")?;
 
     // Agent sessions watch `shutdown` themselves (graceful shutdown does not cover upgraded
     // connections). Unfinished uploads are aborted so nothing is left half-done in S3.

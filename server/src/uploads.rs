@@ -37,6 +37,7 @@ struct UploadRecord {
     /// Set while a failure is being cleaned up, so only one path does it.
     finishing: bool,
     requested_by: String,
+    requested_from: String,
     share: FileName,
     created_at: OffsetDateTime,
     updated_at: OffsetDateTime,
@@ -85,6 +86,7 @@ impl UploadRecord {
             etag: self.etag.clone(),
             error: self.error.clone(),
             requested_by: self.requested_by.clone(),
+            requested_from: self.requested_from.clone(),
             created_at: rfc3339(self.created_at),
             updated_at: rfc3339(self.updated_at),
             finished_at: self.finished_at.map(rfc3339),
@@ -167,11 +169,20 @@ impl Uploads {
 }
 
 /// `POST /trigger-download/{client_id}`: records the upload and asks the agent for its file.
+/// Who asked for an upload, for the audit trail.
+#[derive(Debug, Clone)]
+pub struct Requester {
+    /// The `sub` of the operator's token.
+    pub operator: String,
+    /// The peer address of the request (a reverse proxy's, behind one).
+    pub from: std::net::SocketAddr,
+}
+
 pub fn trigger(
     state: &AppState,
     client_id: ClientId,
     share: FileName,
-    operator: &str,
+    requester: &Requester,
 ) -> Result<UploadId, ApiError> {
     if state.shutdown.is_cancelled() {
         return Err(ApiError::new(
@@ -204,7 +215,8 @@ pub fn trigger(
                 conn_id: agent.conn_id,
                 state: UploadState::Requested,
                 finishing: false,
-                requested_by: operator.to_owned(),
+                requested_by: requester.operator.clone(),
+                requested_from: requester.from.to_string(),
                 share: share.clone(),
                 created_at: now,
                 updated_at: now,
@@ -247,7 +259,15 @@ pub fn trigger(
             format!("client {client_id} is not reachable"),
         ));
     }
-    tracing::info!(%client_id, upload_id = %id, %share, operator, "download triggered");
+    tracing::info!(
+        audit = true,
+        %client_id,
+        upload_id = %id,
+        %share,
+        operator = requester.operator,
+        from = %requester.from,
+        "download triggered"
+    );
     Ok(id)
 }
 

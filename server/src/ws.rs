@@ -14,6 +14,7 @@ use shared::protocol::{AgentMessage, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Server
 use shared::{ClientId, ErrorCode};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::AppState;
 use crate::auth::agent_identity;
@@ -161,12 +162,24 @@ async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
 
     // Reader: dispatches messages until the agent leaves, goes quiet, misbehaves or is closed.
     let idle_timeout = Duration::from_secs(state.config.agent_idle_timeout_secs.max(1));
+    let mut rate = TokenBucket::new(state.config.agent_max_messages_per_sec, Instant::now());
     loop {
         let incoming = tokio::select! {
             () = close.cancelled() => break,
             r = tokio::time::timeout(idle_timeout, reader.recv()) => r,
         };
         match incoming {
+            Ok(Ok(Some(_))) if !rate.allow(Instant::now()) => {
+                tracing::warn!(%client_id, "agent exceeded its message rate, closing");
+                let _ = outbox.try_send(ServerMessage::Error {
+                    code: ErrorCode::RateLimited,
+                    message: format!(
+                        "more than {} messages per second",
+                        state.config.agent_max_messages_per_sec
+                    ),
+                });
+                break;
+            }
             Ok(Ok(Some(incoming))) => {
                 last_seen_ms.store(unix_ms(OffsetDateTime::now_utc()), Ordering::Relaxed);
                 if let Incoming::Message(msg) = incoming {
@@ -210,6 +223,57 @@ async fn reject(writer: &mut AgentWriter, code: ErrorCode, message: &str) {
     writer.close(close_code, code.as_str()).await;
 }
 
+/// Allows `rate` events per second on average and bursts of up to `2 × rate`.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, now: Instant) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self {
+            rate,
+            capacity: rate * 2.0,
+            tokens: rate * 2.0,
+            last: now,
+        }
+    }
+
+    fn allow(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 fn unix_ms(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_bursts_then_the_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(10, start);
+        let burst = (0..100).take_while(|_| bucket.allow(start)).count();
+        assert_eq!(burst, 20);
+        assert!(!bucket.allow(start));
+        // Half a second later, five more.
+        let later = start + Duration::from_millis(500);
+        let refilled = (0..100).take_while(|_| bucket.allow(later)).count();
+        assert_eq!(refilled, 5);
+    }
 }

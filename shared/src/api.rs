@@ -75,6 +75,8 @@ pub struct UploadStatus {
     pub error: Option<ErrorDetail>,
     /// Operator who asked for it (the `sub` of their token).
     pub requested_by: String,
+    /// Peer address the request came from.
+    pub requested_from: String,
     /// RFC 3339 timestamps.
     pub created_at: String,
     pub updated_at: String,

@@ -27,6 +27,7 @@ pub enum ErrorCode {
     MalformedMessage,
     UnexpectedMessage,
     ConnectionReplaced,
+    RateLimited,
     // Raised by the agent.
     FileNotFound,
     PermissionDenied,
@@ -67,6 +68,7 @@ impl ErrorCode {
             MalformedMessage => "MALFORMED_MESSAGE",
             UnexpectedMessage => "UNEXPECTED_MESSAGE",
             ConnectionReplaced => "CONNECTION_REPLACED",
+            RateLimited => "RATE_LIMITED",
             FileNotFound => "FILE_NOT_FOUND",
             PermissionDenied => "PERMISSION_DENIED",
             FileReadError => "FILE_READ_ERROR",

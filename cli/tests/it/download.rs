@@ -149,6 +149,13 @@ async fn cli_no_wait_prints_the_upload_id_and_status_reports_it() {
     let status = server.wait_finished(&upload_id).await;
     assert_eq!(status["state"], "completed");
     assert_eq!(status["requested_by"], "test-operator");
+    assert!(
+        status["requested_from"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{status}"
+    );
 
     let out = run_cli(&server, &["status", "--client-id", &client_id, "--json"]).await;
     assert!(out.status.success(), "{}", stderr(&out));

@@ -125,3 +125,54 @@ async fn messages_about_other_clients_uploads_are_ignored() {
     let st = server.wait_finished(&upload_id).await;
     assert_eq!(st["error"]["code"], "PERMISSION_DENIED");
 }
+
+#[tokio::test]
+async fn oversized_frames_and_floods_close_only_the_offender() {
+    let server =
+        TestServer::start_with(Mode::Embedded, &["--agent-max-messages-per-sec", "20"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ok.bin");
+    let sha = write_file(&file, MIB).await;
+    let good_id = unique_client("steady");
+    let _good = TestAgent::start(&server, &good_id, &file);
+    server.wait_connected(&good_id).await;
+
+    // A 9 MiB message, over the 8 MiB limit.
+    let big_id = unique_client("big");
+    let mut big = RawAgent::connect(&server, &big_id).await;
+    let huge = format!(
+        r#"{{"type":"hello","protocol_version":1,"agent_version":"{}"}}"#,
+        "x".repeat(9 * MIB as usize)
+    );
+    use futures::SinkExt;
+    let _ = big
+        .ws
+        .send(tokio_tungstenite::tungstenite::Message::Text(huge.into()))
+        .await;
+    big.drain_until_closed().await;
+    let (_, st) = server.get_json(&format!("/status/{big_id}")).await;
+    assert_eq!(st["connected"], false);
+
+    // A flood of well-formed messages.
+    let flood_id = unique_client("flood");
+    let mut flood = RawAgent::connect(&server, &flood_id).await;
+    let msg = r#"{"type":"progress","upload_id":"7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d","parts_done":1,"bytes_done":1}"#;
+    for _ in 0..200 {
+        if flood
+            .ws
+            .send(tokio_tungstenite::tungstenite::Message::Text(msg.into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let msgs = flood.drain_until_closed().await;
+    assert!(msgs.iter().any(|m| m["code"] == "RATE_LIMITED"), "{msgs:?}");
+
+    // The server is healthy and the well-behaved agent still works end to end.
+    let out = run_cli(&server, &["download", "--client-id", &good_id, "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(server.object_sha256(st["key"].as_str().unwrap()).await, sha);
+}

@@ -194,3 +194,99 @@ mod tests {
         assert_eq!(part_range(0, 5, p(1)), (0, 0));
     }
 }
+
+#[cfg(test)]
+mod decoder_properties {
+    //! The decoder faces whatever a hostile peer sends. It must never panic, and anything it
+    //! accepts must carry only validated ids.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u64>().prop_map(serde_json::Value::from),
+            ".{0,40}".prop_map(serde_json::Value::from),
+            prop_oneof![
+                Just("hello"),
+                Just("file_info"),
+                Just("progress"),
+                Just("upload_completed"),
+                Just("upload_failed"),
+                Just("7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d"),
+                Just("../x"),
+                Just("FILE_NOT_FOUND"),
+            ]
+            .prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("type".to_owned()),
+                        Just("upload_id".to_owned()),
+                        Just("file_name".to_owned()),
+                        Just("size".to_owned()),
+                        Just("parts".to_owned()),
+                        Just("part_number".to_owned()),
+                        Just("etag".to_owned()),
+                        Just("code".to_owned()),
+                        "[a-z_]{1,12}",
+                    ],
+                    inner,
+                    0..6,
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = serde_json::from_slice::<AgentMessage>(&bytes);
+            let _ = serde_json::from_slice::<ServerMessage>(&bytes);
+        }
+
+        #[test]
+        fn structured_garbage_is_rejected_or_valid(value in json_value()) {
+            let text = value.to_string();
+            if let Ok(msg) = serde_json::from_str::<AgentMessage>(&text) {
+                // Whatever got through re-validates and round-trips.
+                let again = serde_json::to_string(&msg).unwrap();
+                prop_assert_eq!(serde_json::from_str::<AgentMessage>(&again).unwrap(), msg.clone());
+                if let AgentMessage::FileInfo { file_name, .. } = &msg {
+                    prop_assert!(crate::FileName::parse(file_name.as_str()).is_ok());
+                }
+            }
+        }
+
+        #[test]
+        fn valid_messages_round_trip(parts in 0u32..50, size in any::<u64>(), name in "[A-Za-z0-9._-]{1,40}") {
+            prop_assume!(name != "." && name != "..");
+            let upload_id = UploadId::new_random();
+            let msgs = [
+                AgentMessage::FileInfo { upload_id, file_name: FileName::parse(&name).unwrap(), size },
+                AgentMessage::Progress { upload_id, parts_done: parts, bytes_done: size },
+                AgentMessage::UploadCompleted {
+                    upload_id,
+                    parts: (1..=parts).map(|n| CompletedPart {
+                        part_number: PartNumber::new(n).unwrap(),
+                        etag: format!("\"{n:032x}\""),
+                    }).collect(),
+                },
+            ];
+            for msg in msgs {
+                let json = serde_json::to_string(&msg).unwrap();
+                prop_assert_eq!(serde_json::from_str::<AgentMessage>(&json).unwrap(), msg);
+            }
+        }
+    }
+}

@@ -37,6 +37,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
 
+    /// Extra PEM root certificate(s) to trust for an https:// server.
+    #[arg(long, global = true, env = "CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -399,10 +403,18 @@ impl Api {
             .api_token
             .clone()
             .ok_or_else(|| anyhow!("no operator token: set API_TOKEN or pass --api-token (mint one with `cli token issue --operator`)"))?;
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(path) = &cli.ca_file {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading CA_FILE {}", path.display()))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("parsing CA_FILE {}", path.display()))?
+            {
+                http = http.add_root_certificate(cert);
+            }
+        }
         Ok(Self {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()?,
+            http: http.build()?,
             base: cli.server_url.trim_end_matches('/').to_owned(),
             token,
         })

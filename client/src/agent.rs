@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use anyhow::Context;
 use shared::protocol::{AgentMessage, PROTOCOL_VERSION, ServerMessage, UploadPlan};
 use shared::{ErrorCode, UploadId};
 use tokio::sync::mpsc;
@@ -25,7 +26,18 @@ const OUTBOX_CAPACITY: usize = 64;
 /// connect or lost connection feeds the backoff policy and the loop tries again.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
-    let http = reqwest::Client::builder()
+    let tls = crate::connection::tls_config(config.ca_file.as_deref())?;
+    let mut http = reqwest::Client::builder();
+    if let Some(path) = &config.ca_file {
+        let pem =
+            std::fs::read(path).with_context(|| format!("reading CA_FILE {}", path.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("parsing CA_FILE {}", path.display()))?
+        {
+            http = http.add_root_certificate(cert);
+        }
+    }
+    let http = http
         // A redirect could lead anywhere; uploads go only where the policy allows.
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
@@ -39,7 +51,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            r = ServerConnection::connect(&config.server_url, config.token.expose()) => r,
+            r = ServerConnection::connect(&config.server_url, config.token.expose(), &tls) => r,
         };
         match outcome {
             Ok(conn) => {

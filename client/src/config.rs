@@ -135,6 +135,11 @@ pub struct Config {
     #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 600)]
     pub request_timeout_secs: u64,
 
+    /// Extra PEM root certificate(s) to trust for wss:// and https://, on top of the system's
+    /// roots (a private CA, a self-signed server).
+    #[arg(long, env = "CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -1,13 +1,19 @@
 //! The agent's WebSocket edge: typed messages in and out, frames stay here.
 
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
 use futures::{SinkExt, StreamExt};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use shared::protocol::{AgentMessage, MAX_MESSAGE_BYTES, ServerMessage};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use url::Url;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +43,11 @@ pub struct ServerConnection {
 }
 
 impl ServerConnection {
-    pub async fn connect(url: &Url, token: &str) -> Result<Self, ConnectError> {
+    pub async fn connect(
+        url: &Url,
+        token: &str,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> Result<Self, ConnectError> {
         let mut request = url
             .as_str()
             .into_client_request()
@@ -50,7 +60,15 @@ impl ServerConnection {
         config.max_frame_size = Some(MAX_MESSAGE_BYTES);
         config.read_buffer_size = 16 * 1024;
         config.write_buffer_size = 0;
-        match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
+        let connector = Connector::Rustls(tls.clone());
+        match tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            Some(connector),
+        )
+        .await
+        {
             Ok((ws, _)) => Ok(Self { ws }),
             Err(tungstenite::Error::Http(resp)) => {
                 let detail = resp
@@ -97,4 +115,31 @@ impl ServerConnection {
     pub async fn close(&mut self) {
         let _ = self.ws.close(None).await;
     }
+}
+
+/// The TLS settings of the control channel: the system's roots plus `ca_file`, if any.
+pub fn tls_config(ca_file: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    // A machine without a system store still works with a configured CA.
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        for cert in CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("reading CA_FILE {}", path.display()))?
+        {
+            let cert = cert.with_context(|| format!("parsing CA_FILE {}", path.display()))?;
+            roots.add(cert).with_context(|| {
+                format!("CA_FILE {} holds an unusable certificate", path.display())
+            })?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
 }

@@ -162,6 +162,15 @@ pub struct Config {
     #[arg(long, env = "MAX_AGENT_CONNECTIONS", default_value_t = 100_000)]
     pub max_agent_connections: usize,
 
+    /// PEM certificate chain; with TLS_KEY_FILE, the API, the WebSocket and the embedded S3
+    /// endpoint are served over TLS.
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key for TLS_CERT_FILE.
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -187,6 +196,9 @@ impl Config {
                 .any(|s| s.is_empty() || s == "." || s == "..")
         {
             bail!("KEY_PREFIX must be non-empty path segments without leading or trailing '/'");
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            bail!("TLS_CERT_FILE and TLS_KEY_FILE must be set together");
         }
         if self.agent_max_messages_per_sec == 0 {
             bail!("AGENT_MAX_MESSAGES_PER_SEC must be at least 1");

@@ -12,6 +12,7 @@ use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
 use s3s::service::{S3Service, S3ServiceBuilder};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,14 +30,14 @@ pub fn build_service(
     Ok(builder.build())
 }
 
-/// Serves `service` on `listener` until `shutdown` fires.
+/// Serves `service` on `listener` until `shutdown` fires, over TLS when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     service: S3Service,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let http = ConnBuilder::new(TokioExecutor::new());
     loop {
         let socket = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -52,31 +53,51 @@ pub async fn serve(
         };
         let _ = socket.set_nodelay(true);
         let service = service.clone();
-        let conn = http
-            .serve_connection(
-                TokioIo::new(socket),
-                hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let service = service.clone();
-                    async move {
-                        if is_sigv2(&req) {
-                            return Ok(sigv2_refusal());
-                        }
-                        service.call(req.map(s3s::Body::from)).await
-                    }
-                }),
-            )
-            .into_owned();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+            match tls {
+                None => serve_connection(socket, service, shutdown).await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        acceptor.accept(socket),
+                    );
+                    if let Ok(Ok(stream)) = handshake.await {
+                        serve_connection(stream, service, shutdown).await;
+                    }
                 }
             }
         });
+    }
+}
+
+async fn serve_connection<IO>(io: IO, service: S3Service, shutdown: CancellationToken)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let http = ConnBuilder::new(TokioExecutor::new());
+    let conn = http
+        .serve_connection(
+            TokioIo::new(io),
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let service = service.clone();
+                async move {
+                    if is_sigv2(&req) {
+                        return Ok(sigv2_refusal());
+                    }
+                    service.call(req.map(s3s::Body::from)).await
+                }
+            }),
+        )
+        .into_owned();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+        }
     }
 }
 

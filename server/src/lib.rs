@@ -14,6 +14,7 @@ pub mod error;
 pub mod registry;
 pub mod revocations;
 pub mod storage;
+pub mod tls;
 pub mod uploads;
 pub mod ws;
 
@@ -102,13 +103,18 @@ pub async fn run(
     let keys =
         TokenKeys::new(config.jwt_secret.expose().as_bytes()).context("JWT_SECRET is too short")?;
     let tracker = TaskTracker::new();
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
 
     let storage = match config.storage {
         StorageKind::Embedded => {
             let Some(listener) = listeners.embedded_s3 else {
                 bail!("STORAGE=embedded needs a listener for the embedded S3 endpoint");
             };
-            let addr = listener.local_addr()?;
+            let public_addr = listener.local_addr()?;
             let secret = config
                 .embedded_s3_secret_key
                 .as_ref()
@@ -119,19 +125,37 @@ pub async fn run(
                 &config.embedded_s3_access_key,
                 &secret,
             )?;
+            // With TLS, the server reaches its own store over a plain loopback listener, so its
+            // S3 client needs no trust in the configured certificate; agents get TLS.
+            let internal_addr = if tls.is_some() {
+                let internal = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+                let addr = internal.local_addr()?;
+                tracker.spawn(embedded_s3::serve(
+                    internal,
+                    service.clone(),
+                    None,
+                    shutdown.clone(),
+                    tracker.clone(),
+                ));
+                addr
+            } else {
+                public_addr
+            };
             tracker.spawn(embedded_s3::serve(
                 listener,
                 service,
+                tls.clone(),
                 shutdown.clone(),
                 tracker.clone(),
             ));
-            let local = Url::parse(&format!("http://{}", connectable(addr)))?;
-            tracing::info!(endpoint = %local, data_dir = %config.data_dir.display(), "embedded S3 endpoint listening");
+            let local = Url::parse(&format!("http://{}", connectable(internal_addr)))?;
+            let public = Url::parse(&format!("{scheme}://{}", connectable(public_addr)))?;
+            tracing::info!(endpoint = %public, data_dir = %config.data_dir.display(), "embedded S3 endpoint listening");
             let storage = Storage::connect(StorageSettings {
                 bucket: config.bucket.clone(),
                 region: config.aws_region.clone(),
                 endpoint: Some(local.clone()),
-                public_endpoint: Some(config.s3_public_endpoint.clone().unwrap_or(local)),
+                public_endpoint: Some(config.s3_public_endpoint.clone().unwrap_or(public)),
                 force_path_style: true,
                 credentials: Some(Credentials::new(
                     &config.embedded_s3_access_key,
@@ -192,14 +216,27 @@ pub async fn run(
         }
     });
 
-    tracing::info!(addr = %listeners.api.local_addr()?, "server listening");
-    axum::serve(
-        listeners.api,
-        router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-    .await
-    .context("serving the API")?;
+    tracing::info!(addr = %listeners.api.local_addr()?, scheme, "server listening");
+    let app = router(state.clone());
+    match tls {
+        Some(acceptor) => {
+            tls::serve_api(
+                listeners.api,
+                acceptor,
+                app,
+                shutdown.clone(),
+                tracker.clone(),
+            )
+            .await;
+        }
+        None => axum::serve(
+            listeners.api,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("serving the API")?,
+    }
 
     // Agent sessions watch `shutdown` themselves (graceful shutdown does not cover upgraded
     // connections). Unfinished uploads are aborted so nothing is left half-done in S3.

@@ -84,6 +84,8 @@ pub struct TestServer {
     pub s3_endpoint: String,
     /// The embedded store's directory (unused with LocalStack).
     pub data_dir: PathBuf,
+    /// The PEM certificate the server presents, when it serves TLS.
+    pub ca_file: Option<PathBuf>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: Option<tempfile::TempDir>,
@@ -171,11 +173,12 @@ impl TestServer {
             api_addr,
             s3_endpoint,
             data_dir: data_dir.to_owned(),
+            ca_file: tls_cert_path(extra),
             shutdown,
             task: Some(task),
             _dir: None,
         };
-        let http = reqwest::Client::new();
+        let http = s.http_client();
         let url = format!("{}/healthz", s.http_url());
         wait_until(Duration::from_secs(20), "server health", || {
             let http = http.clone();
@@ -191,12 +194,57 @@ impl TestServer {
         s
     }
 
+    /// Starts an embedded-storage server that serves TLS with a fresh self-signed certificate
+    /// for 127.0.0.1 and localhost.
+    pub async fn start_tls() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .unwrap();
+        let cert_file = dir.path().join("cert.pem");
+        let key_file = dir.path().join("key.pem");
+        std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+        std::fs::write(&key_file, cert.key_pair.serialize_pem()).unwrap();
+        let extra = [
+            "--tls-cert-file".to_owned(),
+            cert_file.display().to_string(),
+            "--tls-key-file".to_owned(),
+            key_file.display().to_string(),
+        ];
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let data_dir = dir.path().join("data");
+        let mut s = Self::start_at(
+            Mode::Embedded,
+            "127.0.0.1:0".parse().unwrap(),
+            &data_dir,
+            &extra,
+        )
+        .await;
+        s._dir = Some(dir);
+        s
+    }
+
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.api_addr)
+        let scheme = if self.ca_file.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.api_addr)
     }
 
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws/connect", self.api_addr)
+        let scheme = if self.ca_file.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{}/ws/connect", self.api_addr)
+    }
+
+    /// An HTTP client that trusts this server's certificate.
+    pub fn http_client(&self) -> reqwest::Client {
+        let mut b = reqwest::Client::builder();
+        if let Some(ca) = &self.ca_file {
+            let pem = std::fs::read(ca).unwrap();
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+        }
+        b.build().unwrap()
     }
 
     /// Stops the server and waits for it to finish draining.
@@ -225,7 +273,8 @@ impl TestServer {
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
-        let resp = reqwest::Client::new()
+        let resp = self
+            .http_client()
             .get(format!("{}{path}", self.http_url()))
             .bearer_auth(operator_token())
             .send()
@@ -236,7 +285,8 @@ impl TestServer {
     }
 
     pub async fn trigger(&self, client_id: &str) -> (u16, serde_json::Value) {
-        let resp = reqwest::Client::new()
+        let resp = self
+            .http_client()
             .post(format!("{}/trigger-download/{client_id}", self.http_url()))
             .bearer_auth(operator_token())
             .send()
@@ -302,6 +352,12 @@ impl TestServer {
     }
 
     pub async fn object_sha256(&self, key: &str) -> String {
+        if self.ca_file.is_some() {
+            // The test's S3 client does not trust the throwaway certificate; s3s-fs keeps each
+            // object as a plain file at `<root>/<bucket>/<key>`, so read that instead.
+            let bytes = std::fs::read(self.data_dir.join(BUCKET).join(key)).unwrap();
+            return hex::encode(Sha256::digest(&bytes));
+        }
         let mut obj = self
             .s3()
             .await
@@ -339,6 +395,13 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+fn tls_cert_path(extra: &[&str]) -> Option<PathBuf> {
+    extra
+        .iter()
+        .position(|a| *a == "--tls-cert-file")
+        .map(|i| PathBuf::from(extra[i + 1]))
 }
 
 async fn bind_retrying(addr: SocketAddr) -> TcpListener {
@@ -392,6 +455,9 @@ impl TestAgent {
             "--reconnect-max-ms".into(),
             "1000".into(),
         ];
+        if let Some(ca) = &server.ca_file {
+            args.extend(["--ca-file".into(), ca.display().to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let config = client::Config::try_parse_from(&args).unwrap();
         let shutdown = CancellationToken::new();
@@ -434,8 +500,13 @@ pub async fn write_file(path: &Path, len: u64) -> String {
 /// Runs the real `cli` binary against `server`.
 pub async fn run_cli(server: &TestServer, args: &[&str]) -> Output {
     let bin = env!("CARGO_BIN_EXE_cli");
-    tokio::process::Command::new(bin)
-        .args(args)
+    let mut cmd = tokio::process::Command::new(bin);
+    if let Some(ca) = &server.ca_file {
+        cmd.env("CA_FILE", ca);
+    } else {
+        cmd.env_remove("CA_FILE");
+    }
+    cmd.args(args)
         .env("SERVER_URL", server.http_url())
         .env("API_TOKEN", operator_token())
         .env_remove("JWT_SECRET")

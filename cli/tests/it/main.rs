@@ -9,3 +9,4 @@ mod harness;
 mod protocol;
 mod reconnect;
 mod sharing;
+mod tls;

@@ -48,7 +48,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ClientNotConnected | UploadNotFound | NotFound => StatusCode::NOT_FOUND,
         DownloadInProgress => StatusCode::CONFLICT,
         PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ShuttingDown | TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
+        ShuttingDown | TooManyConnections | Timeout => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

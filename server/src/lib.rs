@@ -79,15 +79,21 @@ pub struct Listeners {
     pub embedded_s3: Option<TcpListener>,
 }
 
+/// How long a REST request may take before it is answered with 503.
+const REST_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/ws/connect", any(ws::connect))
         .route("/trigger-download/{client_id}", post(api::trigger_download))
         .route("/clients", get(api::list_clients))
         .route("/status/{client_id}", get(api::client_status))
         .route("/uploads/{upload_id}", get(api::upload_status))
         .route("/revocations/{client_id}", post(api::revoke_client))
         .route("/healthz", get(api::healthz))
+        // The timeout wraps the REST routes only: an upgraded WebSocket lives on after its
+        // handler returned, and its own tasks watch the shutdown token.
+        .layer(axum::middleware::from_fn(rest_timeout))
+        .route("/ws/connect", any(ws::connect))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(MAX_REST_BODY))
         .with_state(state)
@@ -250,6 +256,18 @@ pub async fn run(
         tracing::warn!("shutdown drain timed out");
     }
     Ok(())
+}
+
+async fn rest_timeout(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(REST_TIMEOUT, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => error::ApiError::new(shared::ErrorCode::Timeout, "the request took too long")
+            .into_response(),
+    }
 }
 
 fn random_secret() -> String {

@@ -21,6 +21,7 @@ pub enum ErrorCode {
     BadRequest,
     PayloadTooLarge,
     TooManyConnections,
+    Timeout,
     Internal,
     // WebSocket protocol.
     ProtocolVersionMismatch,
@@ -63,6 +64,7 @@ impl ErrorCode {
             BadRequest => "BAD_REQUEST",
             PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             TooManyConnections => "TOO_MANY_CONNECTIONS",
+            Timeout => "TIMEOUT",
             Internal => "INTERNAL",
             ProtocolVersionMismatch => "PROTOCOL_VERSION_MISMATCH",
             MalformedMessage => "MALFORMED_MESSAGE",

@@ -176,3 +176,19 @@ async fn oversized_frames_and_floods_close_only_the_offender() {
     let st: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(server.object_sha256(st["key"].as_str().unwrap()).await, sha);
 }
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_refused() {
+    let server = TestServer::start_with(Mode::Embedded, &["--max-agent-connections", "1"]).await;
+    let first = unique_client("first");
+    let _a = RawAgent::connect(&server, &first).await;
+    let second = unique_client("second");
+    assert_eq!(
+        ws_connect(&server, Some(&agent_token(&second))).await.err(),
+        Some(503)
+    );
+    // The connected agent may still reconnect (replace itself) at the limit.
+    let _again = RawAgent::connect(&server, &first).await;
+    let (_, clients) = server.get_json("/clients").await;
+    assert_eq!(clients.as_array().unwrap().len(), 1);
+}

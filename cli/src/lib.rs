@@ -11,25 +11,8 @@ use shared::api::{
     ClientInfo, ClientStatus, ErrorBody, RevocationResponse, TriggerResponse, UploadState,
     UploadStatus,
 };
-use shared::auth::{Role, TokenKeys};
+use shared::auth::{Role, Secret, TokenKeys};
 use shared::{ClientId, UploadId};
-
-/// A secret from a flag or the environment; `Debug` prints `***`.
-#[derive(Clone)]
-pub struct Masked(String);
-
-impl std::fmt::Debug for Masked {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl std::str::FromStr for Masked {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
-}
 
 /// How often `download` polls the upload status.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -52,7 +35,7 @@ pub struct Cli {
 
     /// Operator token (`cli token issue --operator`).
     #[arg(long, global = true, env = "API_TOKEN", hide_env_values = true)]
-    pub api_token: Option<Masked>,
+    pub api_token: Option<Secret>,
 
     /// Extra PEM root certificate(s) to trust for an https:// server.
     #[arg(long, global = true, env = "CA_FILE")]
@@ -133,7 +116,7 @@ pub struct IssueArgs {
     ttl_secs: Option<u64>,
     /// Secret shared with the server.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    jwt_secret: Masked,
+    jwt_secret: Secret,
 }
 
 /// Runs a parsed command. `Ok(false)` means the command ran but what it reports failed (an upload
@@ -143,7 +126,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Token {
             command: TokenCommand::Issue(args),
         } => {
-            let keys = TokenKeys::new(args.jwt_secret.0.as_bytes())
+            let keys = TokenKeys::new(args.jwt_secret.expose().as_bytes())
                 .context("JWT_SECRET must be at least 32 bytes")?;
             let token = match &args.client_id {
                 Some(id) => {
@@ -419,7 +402,7 @@ impl Api {
         let token = cli
             .api_token
             .as_ref()
-            .map(|t| t.0.clone())
+            .map(|t| t.expose().to_owned())
             .ok_or_else(|| anyhow!("no operator token: set API_TOKEN or pass --api-token (mint one with `cli token issue --operator`)"))?;
         let mut http = reqwest::Client::builder().timeout(Duration::from_secs(30));
         if let Some(path) = &cli.ca_file {

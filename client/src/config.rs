@@ -1,12 +1,12 @@
 //! Agent settings: every one is a flag with an environment fallback (see `.env.example`).
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Parser, ValueEnum};
 use shared::FileName;
+pub use shared::auth::Secret;
 use shared::protocol::DEFAULT_SHARE;
 use url::Url;
 
@@ -40,32 +40,6 @@ impl std::str::FromStr for Share {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// A token that never shows up in `Debug` output or logs.
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
 }
 
 /// Backhaul store agent: keeps one outbound WebSocket to the server and uploads its file to S3

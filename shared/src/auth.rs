@@ -20,6 +20,34 @@ pub const LEEWAY_SECS: u64 = 30;
 /// A secret shorter than this is refused: HS256 is only as strong as its key.
 pub const MIN_SECRET_LEN: usize = 32;
 
+/// A secret or token taken from a flag or the environment. `Debug` prints `***`, so a config
+/// struct can derive `Debug` without leaking it into logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -160,6 +188,13 @@ mod tests {
     use super::*;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn secrets_do_not_debug_print() {
+        let s = Secret::new("hunter2-hunter2");
+        assert_eq!(format!("{s:?}"), "***");
+        assert_eq!(s.expose(), "hunter2-hunter2");
+    }
 
     #[test]
     fn issued_tokens_verify() {

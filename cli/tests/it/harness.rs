@@ -93,11 +93,7 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(mode: Mode) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().join("data");
-        let mut s = Self::start_at(mode, "127.0.0.1:0".parse().unwrap(), &data_dir, &[]).await;
-        s._dir = Some(dir);
-        s
+        Self::start_with(mode, &[]).await
     }
 
     pub async fn start_with(mode: Mode, extra: &[&str]) -> Self {

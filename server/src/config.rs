@@ -153,7 +153,7 @@ impl Config {
     /// Checks the settings that clap cannot, before anything is bound.
     pub fn validate(&self) -> anyhow::Result<()> {
         shared::auth::TokenKeys::new(self.jwt_secret.expose().as_bytes())
-            .context("JWT_SECRET is too short: use at least 32 random bytes")?;
+            .context("JWT_SECRET is unusable: use at least 32 random bytes")?;
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size) {
             bail!("PART_SIZE must be between {MIN_PART_SIZE} and {MAX_PART_SIZE} bytes");
         }
@@ -184,5 +184,52 @@ impl Config {
 
     pub fn presign_ttl(&self) -> Duration {
         Duration::from_secs(self.presign_ttl_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        let mut all = vec!["server"];
+        all.extend_from_slice(args);
+        Config::try_parse_from(all).unwrap()
+    }
+
+    #[test]
+    fn weak_or_placeholder_secrets_stop_the_server() {
+        for secret in [
+            "",
+            "short",
+            "changeme-changeme-changeme-changeme-changeme",
+            &"x".repeat(40),
+        ] {
+            let err = parse(&["--jwt-secret", secret]).validate().unwrap_err();
+            assert!(
+                format!("{err:#}").contains("JWT_SECRET"),
+                "{secret:?}: {err:#}"
+            );
+        }
+        parse(&["--jwt-secret", "0123456789abcdef0123456789abcdef"])
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        for bad in [
+            vec!["--part-size", "1024"],
+            vec!["--presign-ttl-secs", "0"],
+            vec!["--presign-ttl-secs", "604801"],
+            vec!["--key-prefix", "../up"],
+            vec!["--tls-cert-file", "/c.pem"],
+            vec!["--agent-max-messages-per-sec", "0"],
+        ] {
+            let mut args = vec!["--jwt-secret", secret];
+            args.extend(bad.iter().copied());
+            assert!(parse(&args).validate().is_err(), "{bad:?}");
+        }
     }
 }

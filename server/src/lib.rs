@@ -107,7 +107,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate()?;
     let keys =
-        TokenKeys::new(config.jwt_secret.expose().as_bytes()).context("JWT_SECRET is too short")?;
+        TokenKeys::new(config.jwt_secret.expose().as_bytes()).context("JWT_SECRET is unusable")?;
     let tracker = TaskTracker::new();
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),

@@ -65,6 +65,8 @@ pub enum Command {
         #[arg(long, env = "WAIT_TIMEOUT_SECS", default_value_t = 3600)]
         wait_timeout_secs: u64,
     },
+    /// Cancel an unfinished upload: the agent stops and the multipart upload is aborted.
+    Cancel { upload_id: String },
     /// List connected agents.
     Clients,
     /// Show one agent's connection and latest upload, or one upload.
@@ -196,6 +198,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             .await?;
             print_outcome(&status, cli.json)?;
             Ok(status.state == UploadState::Completed)
+        }
+        Command::Cancel { upload_id } => {
+            let api = Api::new(&cli)?;
+            let status: UploadStatus = api
+                .delete(&format!("/uploads/{}", path_segment(upload_id)))
+                .await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("upload {} cancelled", status.upload_id);
+            }
+            Ok(true)
         }
         Command::Clients => {
             let api = Api::new(&cli)?;
@@ -350,7 +364,8 @@ fn print_outcome(status: &UploadStatus, json: bool) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|e| (e.code.to_string(), e.message.clone()))
                 .unwrap_or_else(|| ("UNKNOWN".into(), "no error reported".into()));
-            eprintln!("upload {} failed: {code}: {message}", status.upload_id);
+            let state = format!("{:?}", status.state).to_lowercase();
+            eprintln!("upload {} {state}: {code}: {message}", status.upload_id);
             Ok(())
         }
     }
@@ -433,9 +448,21 @@ impl Api {
     }
 
     async fn post<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(reqwest::Method::POST, path).await
+    }
+
+    async fn delete<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(reqwest::Method::DELETE, path).await
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> anyhow::Result<T> {
         let resp = self
             .http
-            .post(format!("{}{path}", self.base))
+            .request(method, format!("{}{path}", self.base))
             .bearer_auth(&self.token)
             .send()
             .await

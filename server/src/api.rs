@@ -138,6 +138,24 @@ pub async fn revoke_client(
     }))
 }
 
+/// `DELETE /uploads/{upload_id}`.
+pub async fn cancel_upload(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    operator: Operator,
+    Path(raw_upload_id): Path<String>,
+) -> Result<Json<UploadStatus>, ApiError> {
+    let upload_id = UploadId::parse(&raw_upload_id)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidUploadId, e.to_string()))?;
+    let requester = uploads::Requester {
+        operator: operator.name,
+        from: peer,
+    };
+    uploads::cancel(&state, upload_id, &requester)
+        .await
+        .map(Json)
+}
+
 pub async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "status": "ok",

@@ -46,7 +46,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
             StatusCode::BAD_REQUEST
         }
         ClientNotConnected | UploadNotFound | NotFound => StatusCode::NOT_FOUND,
-        DownloadInProgress => StatusCode::CONFLICT,
+        DownloadInProgress | UploadFinished => StatusCode::CONFLICT,
         PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ShuttingDown | TooManyConnections | Timeout => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,

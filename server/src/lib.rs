@@ -87,7 +87,10 @@ pub fn router(state: AppState) -> Router {
         .route("/trigger-download/{client_id}", post(api::trigger_download))
         .route("/clients", get(api::list_clients))
         .route("/status/{client_id}", get(api::client_status))
-        .route("/uploads/{upload_id}", get(api::upload_status))
+        .route(
+            "/uploads/{upload_id}",
+            get(api::upload_status).delete(api::cancel_upload),
+        )
         .route("/revocations/{client_id}", post(api::revoke_client))
         .route("/healthz", get(api::healthz))
         // The timeout wraps the REST routes only: an upgraded WebSocket lives on after its

@@ -636,6 +636,55 @@ pub async fn fail(state: &AppState, upload_id: UploadId, code: ErrorCode, messag
     }
 }
 
+/// `DELETE /uploads/{upload_id}`: stops the agent, aborts the multipart upload and ends the
+/// upload as `cancelled`. Returns once the abort is done.
+pub async fn cancel(
+    state: &AppState,
+    upload_id: UploadId,
+    requester: &Requester,
+) -> Result<UploadStatus, ApiError> {
+    let message = format!(
+        "cancelled by {} from {}",
+        requester.operator, requester.from
+    );
+    let cleanup = {
+        let table = state.uploads.lock();
+        let Some(r) = table.by_id.get(&upload_id) else {
+            return Err(ApiError::new(
+                ErrorCode::UploadNotFound,
+                format!("no upload {upload_id}"),
+            ));
+        };
+        if r.state.is_terminal() || r.finishing {
+            return Err(ApiError::new(
+                ErrorCode::UploadFinished,
+                format!("upload {upload_id} is already {:?}", r.state).to_lowercase(),
+            ));
+        }
+        drop(table);
+        begin_fail(state, upload_id, ErrorCode::Cancelled, message)
+    };
+    let Some(mut cleanup) = cleanup else {
+        return Err(ApiError::new(
+            ErrorCode::UploadFinished,
+            format!("upload {upload_id} finished meanwhile"),
+        ));
+    };
+    cleanup.final_state = UploadState::Cancelled;
+    tracing::info!(
+        audit = true,
+        %upload_id,
+        operator = requester.operator,
+        from = %requester.from,
+        "upload cancelled"
+    );
+    cleanup.run(state).await;
+    state
+        .uploads
+        .status(upload_id, state.storage.bucket())
+        .ok_or_else(|| ApiError::new(ErrorCode::UploadNotFound, format!("no upload {upload_id}")))
+}
+
 /// The part of a failure that must happen before the caller moves on: claim the record so no
 /// other path finishes it, and remember why. `None` if it is already finished or finishing.
 fn begin_fail(
@@ -661,6 +710,7 @@ fn begin_fail(
         multipart: r.key.clone().zip(r.s3_upload_id.clone()),
         conn_id: r.conn_id,
         client_id: r.client_id.clone(),
+        final_state: UploadState::Failed,
     })
 }
 
@@ -672,6 +722,8 @@ struct FailCleanup {
     multipart: Option<(String, String)>,
     conn_id: u64,
     client_id: ClientId,
+    /// `failed`, or `cancelled` when an operator asked for it.
+    final_state: UploadState,
 }
 
 impl FailCleanup {
@@ -683,6 +735,7 @@ impl FailCleanup {
             multipart,
             conn_id,
             client_id,
+            final_state,
         } = self;
         // Tell the agent to stop, unless it is the one that reported the failure or is gone.
         let reported_by_agent = matches!(
@@ -693,6 +746,9 @@ impl FailCleanup {
                 | ErrorCode::FileChanged
                 | ErrorCode::PartUploadFailed
                 | ErrorCode::CompleteFailed
+                | ErrorCode::FileNotShared
+                | ErrorCode::FileTooLarge
+                | ErrorCode::UploadHostNotAllowed
                 | ErrorCode::AgentDisconnected
         );
         if !reported_by_agent
@@ -726,7 +782,7 @@ impl FailCleanup {
         let mut table = state.uploads.lock();
         let table = &mut *table;
         if let Some(r) = table.by_id.get_mut(&upload_id) {
-            r.state = UploadState::Failed;
+            r.state = final_state;
             r.finishing = false;
             r.finished_at = Some(OffsetDateTime::now_utc());
             r.finished_instant = Some(Instant::now());
@@ -734,7 +790,7 @@ impl FailCleanup {
             let client_id = r.client_id.clone();
             table.retire(upload_id, &client_id);
         }
-        tracing::warn!(%upload_id, %client_id, %code, message, "upload failed");
+        tracing::warn!(%upload_id, %client_id, state = ?final_state, %code, message, "upload ended");
     }
 }
 

@@ -45,11 +45,16 @@ pub enum UploadState {
     Verifying,
     Completed,
     Failed,
+    /// An operator cancelled it (`DELETE /uploads/{id}`); its multipart upload was aborted.
+    Cancelled,
 }
 
 impl UploadState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, UploadState::Completed | UploadState::Failed)
+        matches!(
+            self,
+            UploadState::Completed | UploadState::Failed | UploadState::Cancelled
+        )
     }
 }
 

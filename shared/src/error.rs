@@ -17,6 +17,7 @@ pub enum ErrorCode {
     ClientNotConnected,
     DownloadInProgress,
     UploadNotFound,
+    UploadFinished,
     NotFound,
     BadRequest,
     PayloadTooLarge,
@@ -47,6 +48,7 @@ pub enum ErrorCode {
     StorageError,
     VerificationFailed,
     ShuttingDown,
+    Cancelled,
 }
 
 impl ErrorCode {
@@ -60,6 +62,7 @@ impl ErrorCode {
             ClientNotConnected => "CLIENT_NOT_CONNECTED",
             DownloadInProgress => "DOWNLOAD_IN_PROGRESS",
             UploadNotFound => "UPLOAD_NOT_FOUND",
+            UploadFinished => "UPLOAD_FINISHED",
             NotFound => "NOT_FOUND",
             BadRequest => "BAD_REQUEST",
             PayloadTooLarge => "PAYLOAD_TOO_LARGE",
@@ -87,6 +90,7 @@ impl ErrorCode {
             StorageError => "STORAGE_ERROR",
             VerificationFailed => "VERIFICATION_FAILED",
             ShuttingDown => "SHUTTING_DOWN",
+            Cancelled => "CANCELLED",
         }
     }
 }
@@ -135,6 +139,7 @@ mod tests {
             StorageError,
             VerificationFailed,
             ShuttingDown,
+            Cancelled,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

@@ -255,3 +255,76 @@ async fn hostile_ids_are_rejected_at_the_boundary() {
     let (_, clients) = server.get_json("/clients").await;
     assert_eq!(clients, serde_json::json!([]));
 }
+
+/// An operator cancels an upload whose multipart upload exists: the agent is told to stop, the
+/// multipart upload is gone, the state is `cancelled`, and who did it is recorded.
+async fn cancel_mid_upload(mode: Mode) {
+    let server = TestServer::start(mode).await;
+    let client_id = unique_client("cancel");
+    let mut agent = RawAgent::connect(&server, &client_id).await;
+    let (_, trig) = server.trigger(&client_id).await;
+    let upload_id = trig["upload_id"].as_str().unwrap().to_owned();
+    agent.recv_json().await.unwrap();
+    agent
+        .send_json(serde_json::json!({
+            "type": "file_info", "upload_id": upload_id, "file_name": "big.bin", "size": 12 * MIB
+        }))
+        .await;
+    assert_eq!(agent.recv_json().await.unwrap()["type"], "start_upload");
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 1);
+
+    let out = run_cli(&server, &["cancel", &upload_id, "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(st["state"], "cancelled");
+    assert_eq!(st["error"]["code"], "CANCELLED");
+    assert!(
+        st["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("test-operator")
+    );
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+    let cancel = agent.recv_json().await.unwrap();
+    assert_eq!(
+        (cancel["type"].as_str(), cancel["code"].as_str()),
+        (Some("cancel_upload"), Some("CANCELLED"))
+    );
+
+    // A finished upload cannot be cancelled again; the client is free for a new one.
+    let out = run_cli(&server, &["cancel", &upload_id]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("UPLOAD_FINISHED"), "{}", stderr(&out));
+    let (status, _) = server.trigger(&client_id).await;
+    assert_eq!(status, 202);
+
+    let http = server.http_client();
+    for (id, status, code) in [
+        (
+            "00000000-0000-4000-8000-000000000000",
+            404,
+            "UPLOAD_NOT_FOUND",
+        ),
+        ("not-a-uuid", 400, "INVALID_UPLOAD_ID"),
+    ] {
+        let resp = http
+            .delete(format!("{}/uploads/{id}", server.http_url()))
+            .bearer_auth(operator_token())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code);
+    }
+}
+
+#[tokio::test]
+async fn cancel_mid_upload_embedded() {
+    cancel_mid_upload(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn cancel_mid_upload_localstack() {
+    cancel_mid_upload(Mode::LocalStack).await;
+}

@@ -192,8 +192,13 @@ impl<'a> Session<'a> {
             ServerMessage::DescribeFile { upload_id, share } => {
                 let described = match self.config.share_path(&share) {
                     Some(path) => {
-                        self.paths.insert(upload_id, path.clone());
-                        uploader::describe_file(&path, self.config.max_file_size).await
+                        let described =
+                            uploader::describe_file(&path, self.config.max_file_size).await;
+                        // Remember the path only for a file the server may now plan an upload of.
+                        if described.is_ok() {
+                            self.paths.insert(upload_id, path);
+                        }
+                        described
                     }
                     None => Err(uploader::UploadError {
                         code: ErrorCode::FileNotShared,
@@ -221,6 +226,8 @@ impl<'a> Session<'a> {
             }
             ServerMessage::StartUpload(plan) => self.start_upload(plan),
             ServerMessage::CancelUpload { upload_id, code } => {
+                // A cancel can come between describe and plan, before any task exists.
+                self.paths.remove(&upload_id);
                 if let Some(token) = self.uploads.remove(&upload_id) {
                     tracing::info!(%upload_id, %code, "server cancelled the upload");
                     token.cancel();

@@ -73,17 +73,8 @@ async fn missing_file_localstack() {
 async fn agent_lost_mid_upload_aborts_the_multipart(mode: Mode) {
     let server = TestServer::start(mode).await;
     let client_id = unique_client("vanish");
-    let mut agent = RawAgent::connect(&server, &client_id).await;
-    let (_, trig) = server.trigger(&client_id).await;
-    let upload_id = trig["upload_id"].as_str().unwrap().to_owned();
-    agent.recv_json().await.unwrap(); // describe_file
-    agent
-        .send_json(serde_json::json!({
-            "type": "file_info", "upload_id": upload_id, "file_name": "big.bin", "size": 20 * MIB
-        }))
-        .await;
-    let plan = agent.recv_json().await.unwrap();
-    assert_eq!(plan["type"], "start_upload", "{plan}");
+    let (agent, upload_id, plan) =
+        RawAgent::with_plan(&server, &client_id, "big.bin", 20 * MIB).await;
     assert_eq!(plan["parts"].as_array().unwrap().len(), 3);
     assert_eq!(server.in_progress_multiparts(&client_id).await, 1);
 
@@ -109,17 +100,9 @@ async fn agent_lost_mid_upload_localstack() {
 async fn lying_agent_fails_verification(mode: Mode) {
     let server = TestServer::start(mode).await;
     let client_id = unique_client("liar");
-    let mut agent = RawAgent::connect(&server, &client_id).await;
-    let (_, trig) = server.trigger(&client_id).await;
-    let upload_id = trig["upload_id"].as_str().unwrap().to_owned();
-    agent.recv_json().await.unwrap();
     let size = 1000u64;
-    agent
-        .send_json(serde_json::json!({
-            "type": "file_info", "upload_id": upload_id, "file_name": "a.bin", "size": size
-        }))
-        .await;
-    let plan = agent.recv_json().await.unwrap();
+    let (mut agent, upload_id, plan) =
+        RawAgent::with_plan(&server, &client_id, "a.bin", size).await;
     let http = reqwest::Client::new();
     let url = plan["parts"][0]["url"].as_str().unwrap();
     let resp = http
@@ -261,16 +244,8 @@ async fn hostile_ids_are_rejected_at_the_boundary() {
 async fn cancel_mid_upload(mode: Mode) {
     let server = TestServer::start(mode).await;
     let client_id = unique_client("cancel");
-    let mut agent = RawAgent::connect(&server, &client_id).await;
-    let (_, trig) = server.trigger(&client_id).await;
-    let upload_id = trig["upload_id"].as_str().unwrap().to_owned();
-    agent.recv_json().await.unwrap();
-    agent
-        .send_json(serde_json::json!({
-            "type": "file_info", "upload_id": upload_id, "file_name": "big.bin", "size": 12 * MIB
-        }))
-        .await;
-    assert_eq!(agent.recv_json().await.unwrap()["type"], "start_upload");
+    let (mut agent, upload_id, _plan) =
+        RawAgent::with_plan(&server, &client_id, "big.bin", 12 * MIB).await;
     assert_eq!(server.in_progress_multiparts(&client_id).await, 1);
 
     let out = run_cli(&server, &["cancel", &upload_id, "--json"]).await;

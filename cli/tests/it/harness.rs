@@ -554,6 +554,31 @@ impl RawAgent {
         a
     }
 
+    /// Connects as `client_id`, has the server trigger a download, describes a file of `size`
+    /// bytes and returns the agent, the upload id and the `start_upload` plan. The multipart
+    /// upload exists in storage from then on.
+    pub async fn with_plan(
+        server: &TestServer,
+        client_id: &str,
+        file_name: &str,
+        size: u64,
+    ) -> (Self, String, serde_json::Value) {
+        let mut agent = Self::connect(server, client_id).await;
+        let (status, trig) = server.trigger(client_id).await;
+        assert_eq!(status, 202, "{trig}");
+        let upload_id = trig["upload_id"].as_str().unwrap().to_owned();
+        let describe = agent.recv_json().await.unwrap();
+        assert_eq!(describe["type"], "describe_file", "{describe}");
+        agent
+            .send_json(serde_json::json!({
+                "type": "file_info", "upload_id": upload_id, "file_name": file_name, "size": size
+            }))
+            .await;
+        let plan = agent.recv_json().await.unwrap();
+        assert_eq!(plan["type"], "start_upload", "{plan}");
+        (agent, upload_id, plan)
+    }
+
     pub async fn send_json(&mut self, v: serde_json::Value) {
         self.send_text(&v.to_string()).await;
     }

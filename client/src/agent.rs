@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::connection::{ConnectError, Incoming, ServerConnection};
-use crate::uploader::{self, Progress, UploadSettings};
+use crate::uploader::{self, Progress, RateLimiter, Snapshot, UploadSettings};
 
 /// How often progress is reported while parts are in flight.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
@@ -44,6 +44,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .tcp_nodelay(true)
         .pool_max_idle_per_host(config.upload_concurrency)
         .build()?;
+    let limiter = (config.max_upload_bytes_per_sec > 0)
+        .then(|| Arc::new(RateLimiter::new(config.max_upload_bytes_per_sec)));
     let mut backoff = config.reconnect_policy();
     loop {
         if shutdown.is_cancelled() {
@@ -55,7 +57,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         };
         match outcome {
             Ok(conn) => {
-                let mut session = Session::new(&config, &http, conn);
+                let mut session = Session::new(&config, &http, conn, limiter.clone());
                 match session.run(&shutdown, &mut backoff).await {
                     SessionEnd::Shutdown => return Ok(()),
                     SessionEnd::Lost(reason) => {
@@ -94,13 +96,20 @@ struct Session<'a> {
     outbox_rx: mpsc::Receiver<AgentMessage>,
     /// Upload tasks of this session, by upload id; cancelled when the session ends.
     uploads: HashMap<UploadId, CancellationToken>,
-    /// The file each described upload refers to, until its plan arrives.
-    paths: HashMap<UploadId, PathBuf>,
+    /// The file each described upload refers to, as hashed; kept until the upload ends here,
+    /// because a plan for fresh URLs can follow the first one.
+    described: HashMap<UploadId, (PathBuf, Snapshot)>,
+    limiter: Option<Arc<RateLimiter>>,
     session_cancel: CancellationToken,
 }
 
 impl<'a> Session<'a> {
-    fn new(config: &'a Config, http: &'a reqwest::Client, conn: ServerConnection) -> Self {
+    fn new(
+        config: &'a Config,
+        http: &'a reqwest::Client,
+        conn: ServerConnection,
+        limiter: Option<Arc<RateLimiter>>,
+    ) -> Self {
         let (outbox_tx, outbox_rx) = mpsc::channel(OUTBOX_CAPACITY);
         Self {
             config,
@@ -109,7 +118,8 @@ impl<'a> Session<'a> {
             outbox_tx,
             outbox_rx,
             uploads: HashMap::new(),
-            paths: HashMap::new(),
+            described: HashMap::new(),
+            limiter,
             session_cancel: CancellationToken::new(),
         }
     }
@@ -150,6 +160,11 @@ impl<'a> Session<'a> {
                     return SessionEnd::Shutdown;
                 }
                 Some(msg) = self.outbox_rx.recv() => {
+                    if let AgentMessage::UploadCompleted { upload_id, .. }
+                    | AgentMessage::UploadFailed { upload_id, .. } = &msg
+                    {
+                        self.described.remove(upload_id);
+                    }
                     if let Err(e) = self.conn.send(&msg).await {
                         return SessionEnd::Lost(e.to_string());
                     }
@@ -189,14 +204,21 @@ impl<'a> Session<'a> {
                 tracing::info!(%client_id, "connected to server");
                 backoff.reset();
             }
-            ServerMessage::DescribeFile { upload_id, share } => {
+            ServerMessage::DescribeFile {
+                upload_id,
+                share,
+                min_part_size,
+            } => {
                 let described = match self.config.share_path(&share) {
                     Some(path) => {
+                        let started = std::time::Instant::now();
                         let described =
-                            uploader::describe_file(&path, self.config.max_file_size).await;
+                            uploader::describe_file(&path, self.config.max_file_size, min_part_size)
+                                .await;
                         // Remember the path only for a file the server may now plan an upload of.
-                        if described.is_ok() {
-                            self.paths.insert(upload_id, path);
+                        if let Ok(d) = &described {
+                            tracing::info!(%upload_id, size = d.snapshot.size, elapsed = ?started.elapsed(), "file hashed");
+                            self.described.insert(upload_id, (path, d.snapshot));
                         }
                         described
                     }
@@ -206,10 +228,14 @@ impl<'a> Session<'a> {
                     }),
                 };
                 let reply = match described {
-                    Ok((file_name, size)) => AgentMessage::FileInfo {
+                    Ok(d) => AgentMessage::FileInfo {
                         upload_id,
-                        file_name,
-                        size,
+                        file_name: d.file_name,
+                        size: d.snapshot.size,
+                        modified_ms: d.snapshot.modified_ms,
+                        sha256: d.sha256,
+                        part_size: d.part_size,
+                        part_md5: d.part_md5,
                     },
                     Err(e) => {
                         tracing::warn!(%upload_id, code = %e.code, message = e.message, "cannot share the file");
@@ -227,7 +253,7 @@ impl<'a> Session<'a> {
             ServerMessage::StartUpload(plan) => self.start_upload(plan),
             ServerMessage::CancelUpload { upload_id, code } => {
                 // A cancel can come between describe and plan, before any task exists.
-                self.paths.remove(&upload_id);
+                self.described.remove(&upload_id);
                 if let Some(token) = self.uploads.remove(&upload_id) {
                     tracing::info!(%upload_id, %code, "server cancelled the upload");
                     token.cancel();
@@ -246,7 +272,7 @@ impl<'a> Session<'a> {
     fn start_upload(&mut self, plan: UploadPlan) {
         let upload_id = plan.upload_id;
         // Only a file this session described can be uploaded.
-        let Some(path) = self.paths.remove(&upload_id) else {
+        let Some((path, snapshot)) = self.described.get(&upload_id).cloned() else {
             tracing::warn!(%upload_id, "plan for an upload this agent never described");
             let _ = self.outbox_tx.try_send(AgentMessage::UploadFailed {
                 upload_id,
@@ -256,6 +282,10 @@ impl<'a> Session<'a> {
             return;
         };
         self.uploads.retain(|_, t| !t.is_cancelled());
+        if self.uploads.contains_key(&upload_id) {
+            tracing::warn!(%upload_id, "a second plan for an upload already running; ignored");
+            return;
+        }
         let cancel = self.session_cancel.child_token();
         self.uploads.insert(upload_id, cancel.clone());
         let outbox = self.outbox_tx.clone();
@@ -263,11 +293,13 @@ impl<'a> Session<'a> {
         let settings = UploadSettings {
             concurrency: self.config.upload_concurrency,
             attempts: self.config.part_attempts,
+            retry_min: Duration::from_millis(self.config.part_retry_min_ms),
+            limiter: self.limiter.clone(),
             request_timeout: Duration::from_secs(self.config.request_timeout_secs),
             max_file_size: self.config.max_file_size,
             policy: self.config.upload_policy(),
         };
-        tracing::info!(%upload_id, size = plan.size, parts = plan.parts.len(), "upload starting");
+        tracing::info!(%upload_id, size = plan.size, parts = plan.parts.len(), already_stored = plan.done.len(), "upload starting");
         tokio::spawn(async move {
             let progress = Arc::new(Progress::default());
             let reporter = {
@@ -299,14 +331,27 @@ impl<'a> Session<'a> {
                 })
             };
             let started = std::time::Instant::now();
-            let result =
-                uploader::upload(&http, path, &plan, &settings, progress, cancel.clone()).await;
+            let result = uploader::upload(
+                &http,
+                path,
+                snapshot,
+                &plan,
+                &settings,
+                progress.clone(),
+                cancel.clone(),
+            )
+            .await;
             cancel.cancel();
             let _ = reporter.await;
+            let retries = progress.retries.load(Ordering::Relaxed);
             let msg = match result {
-                Ok(parts) => {
-                    tracing::info!(%upload_id, elapsed = ?started.elapsed(), "upload finished");
+                Ok(uploader::Outcome::Completed(parts)) => {
+                    tracing::info!(%upload_id, elapsed = ?started.elapsed(), retries, "upload finished");
                     AgentMessage::UploadCompleted { upload_id, parts }
+                }
+                Ok(uploader::Outcome::NeedUrls) => {
+                    tracing::info!(%upload_id, retries, "upload URLs expired; asking for fresh ones");
+                    AgentMessage::NeedUrls { upload_id }
                 }
                 Err(e) => {
                     tracing::warn!(%upload_id, code = %e.code, message = e.message, "upload failed");

@@ -85,9 +85,18 @@ pub struct Config {
     #[arg(long, env = "UPLOAD_CONCURRENCY", default_value_t = 4)]
     pub upload_concurrency: usize,
 
-    /// Attempts per part (and for the completion request) before the upload fails.
+    /// Attempts per part (and for the completion request) before the upload fails. Retries
+    /// wait with exponential backoff and jitter, from PART_RETRY_MIN_MS up to 10 s.
     #[arg(long, env = "PART_ATTEMPTS", default_value_t = 4)]
     pub part_attempts: u32,
+
+    /// First delay before retrying a failed part, in milliseconds.
+    #[arg(long, env = "PART_RETRY_MIN_MS", default_value_t = 200)]
+    pub part_retry_min_ms: u64,
+
+    /// Cap on upload bandwidth in bytes per second, all parts together; 0 means no cap.
+    #[arg(long, env = "MAX_UPLOAD_BYTES_PER_SEC", default_value_t = 0)]
+    pub max_upload_bytes_per_sec: u64,
 
     /// First reconnect delay, in milliseconds; doubles per failed attempt, with jitter.
     #[arg(long, env = "RECONNECT_MIN_MS", default_value_t = 500)]

@@ -11,7 +11,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use shared::protocol::{CompletedPart, PresignedPart, UploadPlan};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use md5::{Digest, Md5};
+use sha2::Sha256;
+use shared::protocol::{CompletedPart, PresignedPart, UploadPlan, plan_parts};
 use shared::{ErrorCode, FileName};
 
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -45,11 +49,16 @@ impl UploadError {
 pub struct Progress {
     pub bytes_done: AtomicU64,
     pub parts_done: AtomicU32,
+    /// Part attempts that failed and were retried.
+    pub retries: AtomicU32,
 }
 
 pub struct UploadSettings {
     pub concurrency: usize,
     pub attempts: u32,
+    pub retry_min: Duration,
+    /// Shared by every upload of the agent, so the cap holds for all of them together.
+    pub limiter: Option<Arc<RateLimiter>>,
     pub request_timeout: Duration,
     pub max_file_size: u64,
     pub policy: UploadPolicy,
@@ -99,9 +108,51 @@ impl UploadPolicy {
     }
 }
 
-/// Looks at a shared file: its name as stored, and its size. Errors carry the agent-side codes.
+/// Size and modification time of a file: if either moves between hashing and uploading, the
+/// file changed under the agent and the upload stops with `FILE_CHANGED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub size: u64,
+    pub modified_ms: u64,
+}
+
+impl Snapshot {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        let modified_ms = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        Self {
+            size: meta.len(),
+            modified_ms,
+        }
+    }
+}
+
+/// A shared file, described and hashed for the server.
+#[derive(Debug, Clone)]
+pub struct Described {
+    pub file_name: FileName,
+    pub snapshot: Snapshot,
+    /// Lowercase hex SHA-256 of the whole file.
+    pub sha256: String,
+    pub part_size: u64,
+    /// Base64 MD5 of each part.
+    pub part_md5: Vec<String>,
+}
+
+/// Read size while hashing.
+const HASH_CHUNK: usize = 1024 * 1024;
+
+/// Looks at a shared file and hashes it: its name as stored, its size, the SHA-256 of the
+/// whole and the MD5 of each part laid out by [`plan_parts`]. Errors carry the agent-side codes.
 /// A symbolic link is refused: swapping a shared file for a link must not widen what is shared.
-pub async fn describe_file(path: &Path, max_size: u64) -> Result<(FileName, u64), UploadError> {
+pub async fn describe_file(
+    path: &Path,
+    max_size: u64,
+    min_part_size: u64,
+) -> Result<Described, UploadError> {
     let link = tokio::fs::symlink_metadata(path)
         .await
         .map_err(|e| io_error(path, &e))?;
@@ -114,32 +165,138 @@ pub async fn describe_file(path: &Path, max_size: u64) -> Result<(FileName, u64)
             ),
         ));
     }
-    let meta = tokio::fs::metadata(path)
-        .await
-        .map_err(|e| io_error(path, &e))?;
-    if !meta.is_file() {
+    if !link.is_file() {
         return Err(UploadError::new(
             ErrorCode::FileReadError,
             format!("{} is not a regular file", path.display()),
         ));
     }
-    if meta.len() > max_size {
+    if link.len() > max_size {
         return Err(UploadError::new(
             ErrorCode::FileTooLarge,
             format!(
                 "{} has {} bytes, more than MAX_FILE_SIZE ({max_size})",
                 path.display(),
-                meta.len()
+                link.len()
             ),
         ));
     }
-    // Opening proves we can read it, so a permission problem shows up now, not mid-upload.
-    open_no_follow(path).await.map_err(|e| io_error(path, &e))?;
     let name = path
         .file_name()
         .map(|n| stored_name(&n.to_string_lossy()))
         .ok_or_else(|| UploadError::new(ErrorCode::InvalidFileName, "the path has no file name"))?;
-    Ok((name, meta.len()))
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || hash_file(&owned, name, min_part_size))
+        .await
+        .map_err(|e| UploadError::new(ErrorCode::FileReadError, format!("hashing failed: {e}")))?
+}
+
+fn hash_file(path: &Path, file_name: FileName, min_part_size: u64) -> Result<Described, UploadError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| io_error(path, &e))?;
+    let before = Snapshot::of(&file.metadata().map_err(|e| io_error(path, &e))?);
+    let (part_size, parts) = plan_parts(before.size, min_part_size).ok_or_else(|| {
+        UploadError::new(
+            ErrorCode::FileTooLarge,
+            format!("{} is larger than one S3 object may be", path.display()),
+        )
+    })?;
+    let mut whole = Sha256::new();
+    let mut part = Md5::new();
+    let mut part_md5 = Vec::with_capacity(parts as usize);
+    let mut in_part = 0u64;
+    let mut total = 0u64;
+    let mut buf = vec![0u8; HASH_CHUNK];
+    loop {
+        let want = (part_size - in_part).min(HASH_CHUNK as u64) as usize;
+        let n = file.read(&mut buf[..want]).map_err(|e| io_error(path, &e))?;
+        if n == 0 {
+            break;
+        }
+        whole.update(&buf[..n]);
+        part.update(&buf[..n]);
+        in_part += n as u64;
+        total += n as u64;
+        if in_part == part_size {
+            part_md5.push(BASE64.encode(std::mem::take(&mut part).finalize()));
+            in_part = 0;
+        }
+    }
+    if in_part > 0 || part_md5.is_empty() {
+        part_md5.push(BASE64.encode(part.finalize()));
+    }
+    let after = Snapshot::of(&file.metadata().map_err(|e| io_error(path, &e))?);
+    if after != before || total != before.size || part_md5.len() != parts as usize {
+        return Err(UploadError::new(
+            ErrorCode::FileChanged,
+            format!("{} changed while it was being hashed", path.display()),
+        ));
+    }
+    Ok(Described {
+        file_name,
+        snapshot: before,
+        sha256: hex::encode(whole.finalize()),
+        part_size,
+        part_md5,
+    })
+}
+
+/// `Err(FILE_CHANGED)` if the file no longer has the size and modification time it was hashed
+/// with.
+async fn check_unchanged(path: &Path, snapshot: Snapshot) -> Result<(), UploadError> {
+    let meta = tokio::fs::symlink_metadata(path)
+        .await
+        .map_err(|e| io_error(path, &e))?;
+    let now = Snapshot::of(&meta);
+    if now == snapshot {
+        Ok(())
+    } else {
+        Err(UploadError::new(
+            ErrorCode::FileChanged,
+            format!(
+                "{} changed after it was hashed (size {} -> {}, modified {} -> {})",
+                path.display(),
+                snapshot.size,
+                now.size,
+                snapshot.modified_ms,
+                now.modified_ms
+            ),
+        ))
+    }
+}
+
+/// Paces bytes so that all uploads together stay under a rate: each chunk is given the next
+/// free slot on a shared timeline, so there is no burst beyond one chunk.
+#[derive(Debug)]
+pub struct RateLimiter {
+    bytes_per_sec: f64,
+    next_free: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl RateLimiter {
+    pub fn new(bytes_per_sec: u64) -> Self {
+        Self {
+            bytes_per_sec: bytes_per_sec.max(1) as f64,
+            next_free: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Waits until `n` more bytes may be sent.
+    pub async fn acquire(&self, n: usize) {
+        let start = {
+            let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
+            let now = tokio::time::Instant::now();
+            let start = next.map_or(now, |t| t.max(now));
+            *next = Some(start + Duration::from_secs_f64(n as f64 / self.bytes_per_sec));
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
 }
 
 /// Opens for reading without following a symbolic link in the last component.
@@ -180,99 +337,173 @@ pub fn stored_name(raw: &str) -> FileName {
     FileName::parse(&name).expect("sanitized names are valid")
 }
 
-/// Uploads every part of `plan`, completes the multipart upload and returns the part ETags.
+/// How an upload run ended, when it did not fail.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Every part is stored and the multipart upload is completed with these ETags.
+    Completed(Vec<CompletedPart>),
+    /// The URLs ran out first. Parts that were sent are stored; the server presigns the rest.
+    NeedUrls,
+}
+
+/// Uploads the parts of `plan`, then completes the multipart upload with them and the parts
+/// already stored. `snapshot` is the file as it was hashed.
+#[allow(clippy::too_many_arguments)]
 pub async fn upload(
     http: &reqwest::Client,
     path: PathBuf,
+    snapshot: Snapshot,
     plan: &UploadPlan,
     settings: &UploadSettings,
     progress: Arc<Progress>,
     cancel: CancellationToken,
-) -> Result<Vec<CompletedPart>, UploadError> {
+) -> Result<Outcome, UploadError> {
+    // The URLs are good for `expires_in_secs` from about now; stop starting requests a margin
+    // before that, so none reaches storage expired.
+    let ttl = Duration::from_secs(plan.expires_in_secs);
+    let deadline = std::time::Instant::now() + ttl - (ttl / 5).min(Duration::from_secs(60));
     // Every URL is checked before the first byte leaves.
     for part in &plan.parts {
         settings.policy.check(&part.url)?;
     }
     settings.policy.check(&plan.complete_url)?;
-    let (_, size) = describe_file(&path, settings.max_file_size).await?;
-    if size != plan.size {
+    if snapshot.size != plan.size {
         return Err(UploadError::new(
             ErrorCode::FileChanged,
             format!(
-                "the file is now {size} bytes, it was {} when described",
-                plan.size
+                "the server planned {} bytes but the file was hashed at {}",
+                plan.size, snapshot.size
             ),
         ));
     }
+    check_unchanged(&path, snapshot).await?;
+    let done_bytes: u64 = plan
+        .done
+        .iter()
+        .map(|p| plan.part_range(p.part_number).1)
+        .sum();
+    progress.bytes_done.store(done_bytes, Ordering::Relaxed);
+    progress
+        .parts_done
+        .store(plan.done.len() as u32, Ordering::Relaxed);
+    let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let path = Arc::new(path);
     let work = futures::stream::iter(plan.parts.iter().cloned())
         .map(|part| {
             let (offset, len) = plan.part_range(part.part_number);
-            let path = path.clone();
+            let job = PartJob {
+                path: path.clone(),
+                snapshot,
+                part,
+                offset,
+                len,
+                deadline,
+            };
             let progress = progress.clone();
+            let expired = expired.clone();
             async move {
-                let etag =
-                    upload_part(http, &path, &part, offset, len, settings, &progress).await?;
+                if expired.load(Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                let etag = upload_part(http, &job, settings, &progress).await?;
+                let Some(etag) = etag else {
+                    expired.store(true, Ordering::Relaxed);
+                    return Ok(None);
+                };
                 progress.parts_done.fetch_add(1, Ordering::Relaxed);
-                Ok::<_, UploadError>(CompletedPart {
-                    part_number: part.part_number,
+                Ok::<_, UploadError>(Some(CompletedPart {
+                    part_number: job.part.part_number,
                     etag,
-                })
+                }))
             }
         })
         .buffer_unordered(settings.concurrency)
         .try_collect::<Vec<_>>();
-    let mut parts = tokio::select! {
+    let sent = tokio::select! {
         r = work => r?,
         () = cancel.cancelled() => {
-            return Err(UploadError::new(ErrorCode::ShuttingDown, "upload cancelled"));
+            return Err(UploadError::new(ErrorCode::Cancelled, "upload cancelled"));
         }
     };
+    if expired.load(Ordering::Relaxed) {
+        return Ok(Outcome::NeedUrls);
+    }
+    let mut parts: Vec<CompletedPart> = plan.done.iter().cloned().chain(sent.into_iter().flatten()).collect();
     parts.sort_by_key(|p| p.part_number);
-
-    tokio::select! {
+    let expected = plan.size.div_ceil(plan.part_size).max(1) as usize;
+    if parts.len() != expected {
+        return Err(UploadError::new(
+            ErrorCode::CompleteFailed,
+            format!("the plan covers {} of {expected} parts", parts.len()),
+        ));
+    }
+    check_unchanged(&path, snapshot).await?;
+    if std::time::Instant::now() >= deadline {
+        return Ok(Outcome::NeedUrls);
+    }
+    let completed = tokio::select! {
         r = complete(http, &plan.complete_url, &parts, settings) => r?,
         () = cancel.cancelled() => {
-            return Err(UploadError::new(ErrorCode::ShuttingDown, "upload cancelled"));
+            return Err(UploadError::new(ErrorCode::Cancelled, "upload cancelled"));
         }
-    }
-    Ok(parts)
+    };
+    Ok(if completed {
+        Outcome::Completed(parts)
+    } else {
+        Outcome::NeedUrls
+    })
 }
 
-async fn upload_part(
-    http: &reqwest::Client,
-    path: &Path,
-    part: &PresignedPart,
+/// One part to send, and what it must be checked against.
+struct PartJob {
+    path: Arc<PathBuf>,
+    snapshot: Snapshot,
+    part: PresignedPart,
     offset: u64,
     len: u64,
+    /// No attempt starts after this: the URL would have expired.
+    deadline: std::time::Instant,
+}
+
+/// Sends one part with bounded, backed-off retries. `Ok(None)` when its URL ran out first.
+async fn upload_part(
+    http: &reqwest::Client,
+    job: &PartJob,
     settings: &UploadSettings,
     progress: &Arc<Progress>,
-) -> Result<String, UploadError> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+) -> Result<Option<String>, UploadError> {
+    let mut backoff = Backoff::new(settings.retry_min, Duration::from_secs(10));
     let mut attempt = 0;
     loop {
+        if std::time::Instant::now() >= job.deadline {
+            return Ok(None);
+        }
         attempt += 1;
         let sent = Arc::new(AtomicU64::new(0));
-        let result = put_part_once(http, path, part, offset, len, settings, progress, &sent).await;
+        let result = put_part_once(http, job, settings, progress, &sent).await;
+        if !matches!(result, Ok(_) | Err(PartError::Fatal(_))) {
+            // Bytes of a failed attempt will be sent again; take them back out of progress.
+            progress
+                .bytes_done
+                .fetch_sub(sent.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         match result {
-            Ok(etag) => return Ok(etag),
+            Ok(etag) => return Ok(Some(etag)),
             Err(PartError::Fatal(e)) => return Err(e),
+            Err(PartError::Expired) => return Ok(None),
             Err(PartError::Retryable(message)) => {
-                // Bytes of a failed attempt will be sent again; take them back out of progress.
-                progress
-                    .bytes_done
-                    .fetch_sub(sent.load(Ordering::Relaxed), Ordering::Relaxed);
+                progress.retries.fetch_add(1, Ordering::Relaxed);
                 if attempt >= settings.attempts {
                     return Err(UploadError::new(
                         ErrorCode::PartUploadFailed,
                         format!(
                             "part {} failed after {attempt} attempts: {message}",
-                            part.part_number
+                            job.part.part_number
                         ),
                     ));
                 }
                 let delay = backoff.next_delay();
-                tracing::warn!(part = part.part_number.get(), attempt, ?delay, error = %message, "part upload failed, retrying");
+                tracing::warn!(part = job.part.part_number.get(), attempt, ?delay, error = %message, "part upload failed, retrying");
                 tokio::time::sleep(delay).await;
             }
         }
@@ -281,39 +512,53 @@ async fn upload_part(
 
 enum PartError {
     Retryable(String),
+    /// Storage said the URL expired.
+    Expired,
     Fatal(UploadError),
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn put_part_once(
     http: &reqwest::Client,
-    path: &Path,
-    part: &PresignedPart,
-    offset: u64,
-    len: u64,
+    job: &PartJob,
     settings: &UploadSettings,
     progress: &Arc<Progress>,
     sent: &Arc<AtomicU64>,
 ) -> Result<String, PartError> {
+    let path = job.path.as_path();
+    check_unchanged(path, job.snapshot)
+        .await
+        .map_err(PartError::Fatal)?;
     let mut file = open_no_follow(path)
         .await
         .map_err(|e| PartError::Fatal(io_error(path, &e)))?;
-    file.seek(std::io::SeekFrom::Start(offset))
+    file.seek(std::io::SeekFrom::Start(job.offset))
         .await
         .map_err(|e| PartError::Fatal(io_error(path, &e)))?;
     let counted = {
         let sent = sent.clone();
         let progress = progress.clone();
-        ReaderStream::with_capacity(file.take(len), READ_CHUNK).inspect_ok(move |chunk: &Bytes| {
-            sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            progress
-                .bytes_done
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        })
+        let limiter = settings.limiter.clone();
+        ReaderStream::with_capacity(file.take(job.len), READ_CHUNK)
+            .and_then(move |chunk: Bytes| {
+                let limiter = limiter.clone();
+                async move {
+                    if let Some(l) = limiter {
+                        l.acquire(chunk.len()).await;
+                    }
+                    Ok(chunk)
+                }
+            })
+            .inspect_ok(move |chunk: &Bytes| {
+                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                progress
+                    .bytes_done
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            })
     };
     let resp = http
-        .put(&part.url)
-        .header(reqwest::header::CONTENT_LENGTH, len)
+        .put(&job.part.url)
+        .header(reqwest::header::CONTENT_LENGTH, job.len)
+        .header("content-md5", &job.part.content_md5)
         .timeout(settings.request_timeout)
         .body(reqwest::Body::wrap_stream(counted))
         .send()
@@ -321,32 +566,52 @@ async fn put_part_once(
         .map_err(|e| PartError::Retryable(e.without_url().to_string()))?;
     let status = resp.status();
     if !status.is_success() {
-        let code = s3_error_code(resp).await;
+        let text = resp.text().await.unwrap_or_default();
+        let code = xml_tag(&text, "Code").unwrap_or_default();
         let message = format!("storage answered {status} {code}");
+        if status.as_u16() == 403 && text.contains("expired") {
+            return Err(PartError::Expired);
+        }
+        if code == "BadDigest" {
+            // The bytes that arrived are not the bytes that were hashed: corrupted on the way
+            // (retry), or the file changed (stop).
+            check_unchanged(path, job.snapshot)
+                .await
+                .map_err(PartError::Fatal)?;
+            return Err(PartError::Retryable(message));
+        }
         // 4xx other than throttling or timeouts will not get better by retrying.
         return if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
             Err(PartError::Retryable(message))
         } else {
             Err(PartError::Fatal(UploadError::new(
                 ErrorCode::PartUploadFailed,
-                format!("part {}: {message}", part.part_number),
+                format!("part {}: {message}", job.part.part_number),
             )))
         };
     }
-    resp.headers()
+    let etag = resp
+        .headers()
         .get(reqwest::header::ETAG)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-        .ok_or_else(|| PartError::Retryable("storage returned no ETag".into()))
+        .ok_or_else(|| PartError::Retryable("storage returned no ETag".into()))?;
+    // A change during the send would have been caught by Content-MD5, unless the new bytes
+    // happen to be the hashed ones; the snapshot settles it.
+    check_unchanged(path, job.snapshot)
+        .await
+        .map_err(PartError::Fatal)?;
+    Ok(etag)
 }
 
 /// POSTs the part list to the presigned CompleteMultipartUpload URL, with bounded retries.
+/// `Ok(false)` if the URL expired.
 async fn complete(
     http: &reqwest::Client,
     url: &str,
     parts: &[CompletedPart],
     settings: &UploadSettings,
-) -> Result<(), UploadError> {
+) -> Result<bool, UploadError> {
     let mut body = String::from("<CompleteMultipartUpload>");
     for p in parts {
         body.push_str(&format!(
@@ -357,7 +622,7 @@ async fn complete(
     }
     body.push_str("</CompleteMultipartUpload>");
 
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut backoff = Backoff::new(settings.retry_min, Duration::from_secs(10));
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -376,6 +641,8 @@ async fn complete(
                 // S3 can answer 200 and still report an error in the body.
                 if status.is_success() && !text.contains("<Error>") {
                     Ok(())
+                } else if status.as_u16() == 403 && text.contains("expired") {
+                    return Ok(false);
                 } else {
                     let code = xml_tag(&text, "Code").unwrap_or_default();
                     Err((
@@ -386,7 +653,7 @@ async fn complete(
             }
         };
         match outcome {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(true),
             Err((retryable, message)) if retryable && attempt < settings.attempts => {
                 let delay = backoff.next_delay();
                 tracing::warn!(attempt, ?delay, error = %message, "completion failed, retrying");
@@ -400,12 +667,6 @@ async fn complete(
             }
         }
     }
-}
-
-/// The S3 error code of a failed response, without echoing anything else from it.
-async fn s3_error_code(resp: reqwest::Response) -> String {
-    let text = resp.text().await.unwrap_or_default();
-    xml_tag(&text, "Code").unwrap_or_default()
 }
 
 fn xml_tag(xml: &str, tag: &str) -> Option<String> {
@@ -493,22 +754,87 @@ mod tests {
     async fn describe_reports_agent_side_codes() {
         let dir = std::env::temp_dir().join(format!("backhaul-describe-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let missing = describe_file(&dir.join("missing.txt"), 100)
+        let min = MIN_PART;
+        let missing = describe_file(&dir.join("missing.txt"), 100, min)
             .await
             .unwrap_err();
         assert_eq!(missing.code, ErrorCode::FileNotFound);
-        let not_file = describe_file(&dir, 100).await.unwrap_err();
+        let not_file = describe_file(&dir, 100, min).await.unwrap_err();
         assert_eq!(not_file.code, ErrorCode::FileReadError);
         let file = dir.join("ok.txt");
         std::fs::write(&file, b"hello").unwrap();
-        let (name, size) = describe_file(&file, 100).await.unwrap();
-        assert_eq!((name.as_str(), size), ("ok.txt", 5));
-        let too_big = describe_file(&file, 4).await.unwrap_err();
+        let d = describe_file(&file, 100, min).await.unwrap();
+        assert_eq!((d.file_name.as_str(), d.snapshot.size), ("ok.txt", 5));
+        let too_big = describe_file(&file, 4, min).await.unwrap_err();
         assert_eq!(too_big.code, ErrorCode::FileTooLarge);
         let link = dir.join("link.txt");
         std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
-        let linked = describe_file(&link, u64::MAX).await.unwrap_err();
+        let linked = describe_file(&link, u64::MAX, min).await.unwrap_err();
         assert_eq!(linked.code, ErrorCode::FileNotShared);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    const MIN_PART: u64 = 5 * 1024 * 1024;
+
+    #[tokio::test]
+    async fn hashes_cover_the_whole_file_and_each_part() {
+        let dir = std::env::temp_dir().join(format!("backhaul-hash-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Two full parts and a 3-byte tail; the chunked reader must cut exactly at part edges.
+        let data: Vec<u8> = (0..2 * MIN_PART + 3).map(|i| (i % 251) as u8).collect();
+        let file = dir.join("data.bin");
+        std::fs::write(&file, &data).unwrap();
+        let d = describe_file(&file, u64::MAX, MIN_PART).await.unwrap();
+        assert_eq!(d.part_size, MIN_PART);
+        assert_eq!(d.sha256, hex::encode(Sha256::digest(&data)));
+        let expected: Vec<String> = data
+            .chunks(MIN_PART as usize)
+            .map(|c| BASE64.encode(Md5::digest(c)))
+            .collect();
+        assert_eq!(d.part_md5, expected);
+        assert_eq!(d.part_md5.len(), 3);
+
+        let empty = dir.join("empty.bin");
+        std::fs::write(&empty, b"").unwrap();
+        let e = describe_file(&empty, u64::MAX, MIN_PART).await.unwrap();
+        assert_eq!(e.part_md5, vec![BASE64.encode(Md5::digest(b""))]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_file_that_changes_after_hashing_is_refused() {
+        let dir = std::env::temp_dir().join(format!("backhaul-changed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("f.txt");
+        std::fs::write(&file, b"before").unwrap();
+        let d = describe_file(&file, u64::MAX, MIN_PART).await.unwrap();
+        assert!(check_unchanged(&file, d.snapshot).await.is_ok());
+        std::fs::write(&file, b"after, longer").unwrap();
+        let err = check_unchanged(&file, d.snapshot).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::FileChanged);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limiter_paces_all_callers_together() {
+        let limiter = Arc::new(RateLimiter::new(1024 * 1024));
+        let start = tokio::time::Instant::now();
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let l = limiter.clone();
+                tokio::spawn(async move {
+                    for _ in 0..16 {
+                        l.acquire(64 * 1024).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // 4 MiB at 1 MiB/s: the last chunk may start after 3 s plus all but one chunk.
+        let elapsed = start.elapsed();
+        assert!(elapsed >= Duration::from_millis(3900), "{elapsed:?}");
+        assert!(elapsed <= Duration::from_millis(4000), "{elapsed:?}");
     }
 }

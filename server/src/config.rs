@@ -9,10 +9,7 @@ use clap::{Parser, ValueEnum};
 pub use shared::auth::Secret;
 use url::Url;
 
-/// S3 requires every part but the last to be at least this long.
-pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
-/// S3 refuses parts longer than this.
-pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+pub use shared::protocol::{MAX_PART_SIZE, MIN_PART_SIZE};
 /// The part size used unless `PART_SIZE` says otherwise.
 pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 /// A presigned URL can live at most seven days.
@@ -110,11 +107,19 @@ pub struct Config {
     #[arg(long, env = "PRESIGN_TTL_SECS", default_value_t = 900)]
     pub presign_ttl_secs: u64,
 
-    /// How long an agent may take to describe its file before the upload fails.
-    #[arg(long, env = "AGENT_RESPONSE_TIMEOUT_SECS", default_value_t = 30)]
+    /// How long an agent may take to describe (and hash) its file before the upload fails.
+    #[arg(long, env = "AGENT_RESPONSE_TIMEOUT_SECS", default_value_t = 120)]
     pub agent_response_timeout_secs: u64,
 
-    /// An upload with no progress for this long fails with STALLED.
+    /// SQLite database of upload records; defaults to `backhaul.db` in DATA_DIR.
+    #[arg(long, env = "DATABASE_PATH")]
+    pub database_path: Option<PathBuf>,
+
+    /// How often multipart uploads that no upload owns are aborted (also once at start-up).
+    #[arg(long, env = "ORPHAN_SWEEP_INTERVAL_SECS", default_value_t = 600)]
+    pub orphan_sweep_interval_secs: u64,
+
+    /// An upload with no progress for this long (agent away included) fails with STALLED.
     #[arg(long, env = "UPLOAD_STALL_TIMEOUT_SECS", default_value_t = 300)]
     pub upload_stall_timeout_secs: u64,
 
@@ -180,6 +185,12 @@ impl Config {
             bail!("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together");
         }
         Ok(())
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.database_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("backhaul.db"))
     }
 
     pub fn presign_ttl(&self) -> Duration {

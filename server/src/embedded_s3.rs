@@ -23,9 +23,8 @@ pub fn build_service(
 ) -> anyhow::Result<S3Service> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-    let fs = s3s_fs::FileSystem::new(data_dir)
-        .map_err(|e| anyhow::anyhow!("opening embedded store at {}: {e:?}", data_dir.display()))?;
-    let mut builder = S3ServiceBuilder::new(fs);
+    let store = crate::embedded_store::EmbeddedStore::new(data_dir)?;
+    let mut builder = S3ServiceBuilder::new(store);
     builder.set_auth(SimpleAuth::from_single(access_key, secret_key.to_owned()));
     Ok(builder.build())
 }

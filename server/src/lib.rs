@@ -9,7 +9,9 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod db;
 pub mod embedded_s3;
+pub mod embedded_store;
 pub mod error;
 pub mod registry;
 pub mod revocations;
@@ -203,17 +205,22 @@ pub async fn run(
     };
 
     let revocations = Revocations::load(config.data_dir.join("revocations.json"))?;
+    let database = config.database_path();
+    let uploads = Uploads::open(Box::new(db::SqliteStore::open(&database)?))
+        .with_context(|| format!("loading uploads from {}", database.display()))?;
     let state = AppState(Arc::new(StateInner {
         config,
         keys,
         registry: Registry::default(),
         revocations,
-        uploads: Uploads::default(),
+        uploads,
         storage,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     }));
 
+    // What a previous run left half-done is finished before agents can reconnect.
+    uploads::recover(&state).await;
     let sweeper_state = state.clone();
     tracker.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -221,6 +228,18 @@ pub async fn run(
             tokio::select! {
                 () = sweeper_state.shutdown.cancelled() => break,
                 _ = tick.tick() => uploads::sweep(&sweeper_state).await,
+            }
+        }
+    });
+    let orphan_state = state.clone();
+    tracker.spawn(async move {
+        // The first tick is immediate: orphans are swept at start-up, then periodically.
+        let every = Duration::from_secs(orphan_state.config.orphan_sweep_interval_secs.max(1));
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                () = orphan_state.shutdown.cancelled() => break,
+                _ = tick.tick() => { uploads::sweep_orphans(&orphan_state).await; }
             }
         }
     });
@@ -248,10 +267,9 @@ pub async fn run(
     }
 
     // Agent sessions watch `shutdown` themselves (graceful shutdown does not cover upgraded
-    // connections). Unfinished uploads are aborted so nothing is left half-done in S3.
+    // connections). Unfinished uploads stay recorded and resume when the server is back.
     tracing::info!("shutting down");
     let drain = async {
-        uploads::fail_all_unfinished(&state).await;
         tracker.close();
         tracker.wait().await;
     };

@@ -50,7 +50,29 @@ pub struct Storage {
 pub struct ObjectInfo {
     pub size: u64,
     pub etag: String,
+    /// The `sha256` user metadata set at CreateMultipartUpload.
+    pub sha256: Option<String>,
 }
+
+/// A part already stored in an unfinished multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPart {
+    pub part_number: u32,
+    pub size: u64,
+    /// Quoted hex MD5. The embedded store does not report it; there, `Content-MD5` was enforced
+    /// when the part was written.
+    pub etag: Option<String>,
+}
+
+/// An unfinished multipart upload found in the bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingMultipart {
+    pub key: String,
+    pub upload_id: String,
+}
+
+/// Name of the user metadata that records the file's SHA-256 on the object.
+pub const SHA256_METADATA: &str = "sha256";
 
 impl Storage {
     pub async fn connect(settings: StorageSettings) -> anyhow::Result<Self> {
@@ -139,12 +161,14 @@ impl Storage {
         }
     }
 
-    pub async fn create_multipart(&self, key: &str) -> anyhow::Result<String> {
+    /// Starts a multipart upload whose object will carry the file's SHA-256 as metadata.
+    pub async fn create_multipart(&self, key: &str, sha256: &str) -> anyhow::Result<String> {
         let out = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
+            .metadata(SHA256_METADATA, sha256)
             .send()
             .await
             .map_err(|e| anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e)))
@@ -158,6 +182,7 @@ impl Storage {
         key: &str,
         s3_upload_id: &str,
         part: PartNumber,
+        content_md5: &str,
         ttl: Duration,
     ) -> anyhow::Result<String> {
         let req = self
@@ -167,9 +192,18 @@ impl Storage {
             .key(key)
             .upload_id(s3_upload_id)
             .part_number(part.get() as i32)
+            .content_md5(content_md5)
             .presigned(PresigningConfig::expires_in(ttl)?)
             .await
             .context("presigning UploadPart")?;
+        // The checksum protects the part only if it is signed; an unsigned one is ignored.
+        let signed = req
+            .uri()
+            .split_once("X-Amz-SignedHeaders=")
+            .is_some_and(|(_, rest)| rest.split('&').next().unwrap_or("").contains("content-md5"));
+        if !signed {
+            return Err(anyhow!("the presigned UploadPart URL does not sign Content-MD5"));
+        }
         Ok(req.uri().to_owned())
     }
 
@@ -234,6 +268,9 @@ impl Storage {
             Ok(out) => Ok(Some(ObjectInfo {
                 size: out.content_length.unwrap_or(0).max(0) as u64,
                 etag: out.e_tag.unwrap_or_default(),
+                sha256: out
+                    .metadata
+                    .and_then(|mut m| m.remove(SHA256_METADATA)),
             })),
             Err(err) if err.as_service_error().is_some_and(|e| e.is_not_found()) => Ok(None),
             Err(err) => Err(anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(err)))
@@ -265,6 +302,95 @@ impl Storage {
         }
     }
 
+    /// The parts stored so far, or `None` if the multipart upload no longer exists (completed or
+    /// aborted).
+    pub async fn list_parts(
+        &self,
+        key: &str,
+        s3_upload_id: &str,
+    ) -> anyhow::Result<Option<Vec<StoredPart>>> {
+        let mut parts = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let mut req = self
+                .client
+                .list_parts()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(s3_upload_id);
+            if let Some(m) = &marker {
+                req = req.part_number_marker(m);
+            }
+            let out = match req.send().await {
+                Ok(out) => out,
+                Err(err)
+                    if err
+                        .as_service_error()
+                        .is_some_and(|e| e.meta().code() == Some("NoSuchUpload")) =>
+                {
+                    return Ok(None);
+                }
+                Err(err) => {
+                    return Err(anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(err)))
+                        .context("ListParts");
+                }
+            };
+            for p in out.parts() {
+                let (Some(n), Some(size)) = (p.part_number, p.size) else {
+                    continue;
+                };
+                parts.push(StoredPart {
+                    part_number: u32::try_from(n).unwrap_or(0),
+                    size: u64::try_from(size).unwrap_or(0),
+                    etag: p.e_tag.clone().filter(|e| !e.is_empty()),
+                });
+            }
+            match (out.is_truncated, out.next_part_number_marker) {
+                (Some(true), Some(next)) if marker.as_deref() != Some(next.as_str()) => {
+                    marker = Some(next);
+                }
+                _ => break,
+            }
+        }
+        Ok(Some(parts))
+    }
+
+    /// Every unfinished multipart upload whose key starts with `prefix`.
+    pub async fn list_multipart_uploads(
+        &self,
+        prefix: &str,
+    ) -> anyhow::Result<Vec<PendingMultipart>> {
+        let mut found = Vec::new();
+        let mut markers: (Option<String>, Option<String>) = (None, None);
+        loop {
+            let out = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_key_marker(markers.0.clone())
+                .set_upload_id_marker(markers.1.clone())
+                .send()
+                .await
+                .map_err(|e| anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e)))
+                .context("ListMultipartUploads")?;
+            for u in out.uploads() {
+                if let (Some(key), Some(id)) = (&u.key, &u.upload_id) {
+                    found.push(PendingMultipart {
+                        key: key.clone(),
+                        upload_id: id.clone(),
+                    });
+                }
+            }
+            let next = (out.next_key_marker, out.next_upload_id_marker);
+            if out.is_truncated != Some(true) || next.0.is_none() || next == markers {
+                break;
+            }
+            markers = next;
+        }
+        Ok(found)
+    }
+
     pub async fn delete_object(&self, key: &str) -> anyhow::Result<()> {
         self.client
             .delete_object()
@@ -276,6 +402,15 @@ impl Storage {
             .map_err(|e| anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e)))
             .context("DeleteObject")
     }
+}
+
+/// The quoted hex ETag S3 gives a part uploaded with this base64 `Content-MD5`.
+pub fn part_etag_from_md5(content_md5: &str) -> Option<String> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(content_md5)
+        .ok()?;
+    (raw.len() == 16).then(|| format!("\"{}\"", hex::encode(raw)))
 }
 
 /// The ETag S3 gives a multipart object: the MD5 of the concatenated binary part MD5s, a dash and

@@ -128,6 +128,7 @@ async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
             protocol_version: PROTOCOL_VERSION,
         })
         .await;
+    uploads::on_agent_connected(&state, &client_id, conn_id);
 
     // Writer: drains the outbox and pings; on close it flushes what is queued first, so an
     // error message reaches the agent before the close frame.
@@ -204,7 +205,7 @@ async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
     close.cancel();
     let _ = writer_task.await;
     state.registry.remove(&client_id, conn_id);
-    uploads::on_agent_disconnected(&state, conn_id).await;
+    uploads::on_agent_disconnected(&state, conn_id);
     tracing::info!(%client_id, conn_id, "agent disconnected");
 }
 

@@ -74,8 +74,20 @@ pub struct UploadStatus {
     pub parts_total: Option<u32>,
     pub parts_done: u32,
     pub bytes_done: u64,
-    /// Bytes per second over the upload so far.
+    /// Bytes per second since the plan (or, after a resume, the latest plan) was sent.
     pub rate_bytes_per_sec: Option<u64>,
+    /// Seconds to go at that rate, while uploading.
+    pub eta_secs: Option<u64>,
+    /// Seconds since the agent last reported progress, while unfinished.
+    pub idle_secs: Option<u64>,
+    /// True when an unfinished upload has made no progress for 10 seconds or more.
+    pub stalled: bool,
+    /// Whether the agent that owns an unfinished upload is connected now.
+    pub agent_connected: bool,
+    /// How many times the upload was resumed (after a reconnect, a restart or expired URLs).
+    pub resumes: u32,
+    /// SHA-256 of the file, as the agent hashed it and as recorded on the object.
+    pub sha256: Option<String>,
     pub etag: Option<String>,
     pub error: Option<ErrorDetail>,
     /// Operator who asked for it (the `sub` of their token).

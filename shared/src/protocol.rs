@@ -10,7 +10,7 @@ use crate::ids::{ClientId, FileName, PartNumber, UploadId};
 
 /// Bumped on any incompatible change. The agent sends it in [`AgentMessage::Hello`]; the server
 /// refuses a different one with [`ErrorCode::ProtocolVersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The share an operator gets when they name none.
 pub const DEFAULT_SHARE: &str = "default";
@@ -28,11 +28,20 @@ pub enum AgentMessage {
         protocol_version: u32,
         agent_version: String,
     },
-    /// Answer to [`ServerMessage::DescribeFile`]: what the agent would upload.
+    /// Answer to [`ServerMessage::DescribeFile`]: what the agent would upload, hashed. The part
+    /// layout is [`plan_parts`] of `size` and the server's minimum part size.
     FileInfo {
         upload_id: UploadId,
         file_name: FileName,
         size: u64,
+        /// Modification time in milliseconds since the Unix epoch, when the file was hashed.
+        modified_ms: u64,
+        /// Lowercase hex SHA-256 of the whole file.
+        sha256: String,
+        /// The part size the agent hashed with; must equal the server's own [`plan_parts`].
+        part_size: u64,
+        /// Base64 MD5 of each part, in part order: the `Content-MD5` signed into its URL.
+        part_md5: Vec<String>,
     },
     /// Sent as parts finish, so the server can report progress.
     Progress {
@@ -45,6 +54,9 @@ pub enum AgentMessage {
         upload_id: UploadId,
         parts: Vec<CompletedPart>,
     },
+    /// The presigned URLs expired before every part was sent. Parts already stored stay; the
+    /// server answers with a new [`ServerMessage::StartUpload`] for the missing ones.
+    NeedUrls { upload_id: UploadId },
     /// The agent could not do what was asked; the upload ends `failed` with this code.
     UploadFailed {
         upload_id: UploadId,
@@ -62,11 +74,14 @@ pub enum ServerMessage {
         client_id: ClientId,
         protocol_version: u32,
     },
-    /// Asks the agent for the name and size of one of its shared files, by share name (never by
-    /// path), before the server starts the multipart upload.
+    /// Asks the agent to describe and hash one of its shared files, by share name (never by
+    /// path). Sent before the multipart upload starts, and again when an agent reconnects with
+    /// an upload unfinished, so the server can tell whether the file is still the same.
     DescribeFile {
         upload_id: UploadId,
         share: FileName,
+        /// The server's minimum part size; the agent hashes parts laid out by [`plan_parts`].
+        min_part_size: u64,
     },
     /// Everything the agent needs to upload straight to storage.
     StartUpload(UploadPlan),
@@ -88,11 +103,18 @@ pub struct UploadPlan {
     pub size: u64,
     /// Every part is this long except the last, which holds the remainder.
     pub part_size: u64,
+    /// The parts still to send. On a resumed upload, parts already in storage are not here.
     pub parts: Vec<PresignedPart>,
+    /// Parts already in storage, with their ETags, for the completion request.
+    #[serde(default)]
+    pub done: Vec<CompletedPart>,
     /// Presigned `POST ...?uploadId=` that completes the multipart upload.
     pub complete_url: String,
-    /// Unix seconds after which the URLs stop working.
+    /// Unix seconds (server clock) after which the URLs stop working.
     pub expires_at: u64,
+    /// The same, as seconds from when the plan was sent, so a skewed agent clock does not
+    /// matter. Before the URLs run out the agent stops starting parts and sends `need_urls`.
+    pub expires_in_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,6 +122,9 @@ pub struct UploadPlan {
 pub struct PresignedPart {
     pub part_number: PartNumber,
     pub url: String,
+    /// Base64 MD5 of the part, signed into `url`: the agent must send it as `Content-MD5`, and
+    /// storage refuses a body that does not match it.
+    pub content_md5: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +140,31 @@ impl UploadPlan {
     pub fn part_range(&self, part_number: PartNumber) -> (u64, u64) {
         part_range(self.size, self.part_size, part_number)
     }
+}
+
+/// S3's smallest part (except the last one).
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// S3's largest part.
+pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+/// S3's largest object: 5 TiB.
+pub const MAX_OBJECT_SIZE: u64 = 5 * 1024 * 1024 * 1024 * 1024;
+
+/// Picks a part size: at least `min_part_size`, grown in whole MiB so that `size` fits in
+/// 10,000 parts, and returns it with the part count. `None` if the file is too large for one S3
+/// object. Server and agent both call it, so they agree on the layout without sending it.
+pub fn plan_parts(size: u64, min_part_size: u64) -> Option<(u64, u32)> {
+    const MIB: u64 = 1024 * 1024;
+    if size > MAX_OBJECT_SIZE {
+        return None;
+    }
+    let max_parts = u64::from(crate::ids::MAX_PARTS);
+    let needed = size.div_ceil(max_parts).div_ceil(MIB) * MIB;
+    let part_size = min_part_size.max(needed).max(MIN_PART_SIZE);
+    if part_size > MAX_PART_SIZE {
+        return None;
+    }
+    let parts = size.div_ceil(part_size).max(1);
+    Some((part_size, u32::try_from(parts).ok()?))
 }
 
 /// Byte range `(offset, len)` of `part_number` in a file of `size` bytes split into `part_size`
@@ -135,15 +185,11 @@ mod tests {
 
     #[test]
     fn agent_messages_use_a_type_tag() {
-        let msg = AgentMessage::FileInfo {
-            upload_id: id(),
-            file_name: FileName::parse("export.csv").unwrap(),
-            size: 42,
-        };
+        let msg = AgentMessage::NeedUrls { upload_id: id() };
         let json = serde_json::to_string(&msg).unwrap();
         assert_eq!(
             json,
-            r#"{"type":"file_info","upload_id":"7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d","file_name":"export.csv","size":42}"#
+            r#"{"type":"need_urls","upload_id":"7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d"}"#
         );
         assert_eq!(serde_json::from_str::<AgentMessage>(&json).unwrap(), msg);
     }
@@ -173,9 +219,15 @@ mod tests {
             parts: vec![PresignedPart {
                 part_number: PartNumber::new(1).unwrap(),
                 url: "http://s3/x".into(),
+                content_md5: "1B2M2Y8AsgTpgAmY7PhCfg==".into(),
+            }],
+            done: vec![CompletedPart {
+                part_number: PartNumber::new(2).unwrap(),
+                etag: "\"d41d8cd98f00b204e9800998ecf8427e\"".into(),
             }],
             complete_url: "http://s3/c".into(),
             expires_at: 1,
+            expires_in_secs: 900,
         });
         let json = serde_json::to_string(&msg).unwrap();
         assert!(
@@ -192,6 +244,32 @@ mod tests {
         assert_eq!(part_range(12, 5, p(3)), (10, 2));
         assert_eq!(part_range(10, 5, p(2)), (5, 5));
         assert_eq!(part_range(0, 5, p(1)), (0, 0));
+    }
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn small_and_empty_files_are_one_part() {
+        assert_eq!(plan_parts(0, 8 * MIB), Some((8 * MIB, 1)));
+        assert_eq!(plan_parts(1, 8 * MIB), Some((8 * MIB, 1)));
+        assert_eq!(plan_parts(8 * MIB, 8 * MIB), Some((8 * MIB, 1)));
+        assert_eq!(plan_parts(8 * MIB + 1, 8 * MIB), Some((8 * MIB, 2)));
+        assert_eq!(plan_parts(1, 1), Some((MIN_PART_SIZE, 1)), "never below 5 MiB");
+    }
+
+    #[test]
+    fn part_size_grows_to_stay_within_ten_thousand_parts() {
+        let size = 100 * 1024 * MIB; // 100 GiB
+        let (part_size, parts) = plan_parts(size, 5 * MIB).unwrap();
+        assert!(parts <= 10_000);
+        assert!(part_size >= 5 * MIB);
+        assert_eq!(part_size % MIB, 0);
+        assert!(part_size * u64::from(parts) >= size);
+        assert_eq!(
+            plan_parts(MAX_OBJECT_SIZE, 5 * MIB).map(|p| p.1 <= 10_000),
+            Some(true)
+        );
+        assert_eq!(plan_parts(MAX_OBJECT_SIZE + 1, 5 * MIB), None);
     }
 }
 
@@ -217,6 +295,7 @@ mod decoder_properties {
                 Just("progress"),
                 Just("upload_completed"),
                 Just("upload_failed"),
+                Just("need_urls"),
                 Just("7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d"),
                 Just("../x"),
                 Just("FILE_NOT_FOUND"),
@@ -273,7 +352,16 @@ mod decoder_properties {
             prop_assume!(name != "." && name != "..");
             let upload_id = UploadId::new_random();
             let msgs = [
-                AgentMessage::FileInfo { upload_id, file_name: FileName::parse(&name).unwrap(), size },
+                AgentMessage::FileInfo {
+                    upload_id,
+                    file_name: FileName::parse(&name).unwrap(),
+                    size,
+                    modified_ms: size / 2,
+                    sha256: format!("{size:064x}"),
+                    part_size: MIN_PART_SIZE,
+                    part_md5: (0..parts).map(|n| format!("{n:022}==")).collect(),
+                },
+                AgentMessage::NeedUrls { upload_id },
                 AgentMessage::Progress { upload_id, parts_done: parts, bytes_done: size },
                 AgentMessage::UploadCompleted {
                     upload_id,

@@ -1,5 +1,7 @@
 //! Everything that can go wrong ends with a clear code and nothing left behind in S3.
 
+use std::time::Duration;
+
 use crate::harness::*;
 
 #[tokio::test]
@@ -69,9 +71,11 @@ async fn missing_file_localstack() {
     missing_file_fails_with_file_not_found(Mode::LocalStack).await;
 }
 
-/// The agent receives its plan (so a multipart upload exists) and then vanishes.
-async fn agent_lost_mid_upload_aborts_the_multipart(mode: Mode) {
-    let server = TestServer::start(mode).await;
+/// The agent receives its plan (so a multipart upload exists) and then vanishes for good. The
+/// upload waits for it, visibly, and when the stall timeout passes it fails with STALLED and
+/// its multipart upload is aborted.
+async fn agent_lost_for_good_stalls_and_aborts(mode: Mode) {
+    let server = TestServer::start_with(mode, &["--upload-stall-timeout-secs", "3"]).await;
     let client_id = unique_client("vanish");
     let (agent, upload_id, plan) =
         RawAgent::with_plan(&server, &client_id, "big.bin", 20 * MIB).await;
@@ -79,20 +83,28 @@ async fn agent_lost_mid_upload_aborts_the_multipart(mode: Mode) {
     assert_eq!(server.in_progress_multiparts(&client_id).await, 1);
 
     drop(agent);
+    let path = format!("/uploads/{upload_id}");
+    wait_until(Duration::from_secs(10), "agent shown as away", || async {
+        let (_, st) = server.get_json(&path).await;
+        st["state"] == "uploading" && st["agent_connected"] == false
+    })
+    .await;
+    // Still resumable: nothing was aborted yet.
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 1);
     let status = server.wait_finished(&upload_id).await;
     assert_eq!(status["state"], "failed");
-    assert_eq!(status["error"]["code"], "AGENT_DISCONNECTED");
+    assert_eq!(status["error"]["code"], "STALLED");
     assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
 }
 
 #[tokio::test]
-async fn agent_lost_mid_upload_embedded() {
-    agent_lost_mid_upload_aborts_the_multipart(Mode::Embedded).await;
+async fn agent_lost_for_good_embedded() {
+    agent_lost_for_good_stalls_and_aborts(Mode::Embedded).await;
 }
 
 #[tokio::test]
-async fn agent_lost_mid_upload_localstack() {
-    agent_lost_mid_upload_aborts_the_multipart(Mode::LocalStack).await;
+async fn agent_lost_for_good_localstack() {
+    agent_lost_for_good_stalls_and_aborts(Mode::LocalStack).await;
 }
 
 /// An agent that uploads for real but reports ETags that do not match what is stored: the server
@@ -107,6 +119,7 @@ async fn lying_agent_fails_verification(mode: Mode) {
     let url = plan["parts"][0]["url"].as_str().unwrap();
     let resp = http
         .put(url)
+        .header("content-md5", plan["parts"][0]["content_md5"].as_str().unwrap())
         .body(vec![7u8; size as usize])
         .send()
         .await

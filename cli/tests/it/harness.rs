@@ -318,33 +318,19 @@ impl TestServer {
         }
     }
 
-    /// Multipart uploads still in progress under a client's prefix.
+    /// Multipart uploads still in progress under a client's prefix, as ListMultipartUploads
+    /// reports them (the embedded store implements it on top of s3s-fs).
     pub async fn in_progress_multiparts(&self, client_id: &str) -> usize {
-        match self.mode {
-            Mode::LocalStack => {
-                let out = self
-                    .s3()
-                    .await
-                    .list_multipart_uploads()
-                    .bucket(BUCKET)
-                    .prefix(format!("uploads/{client_id}/"))
-                    .send()
-                    .await
-                    .unwrap();
-                out.uploads().len()
-            }
-            // s3s-fs 0.14 does not implement ListMultipartUploads. It keeps each open multipart
-            // upload as `.upload-<id>.json` (plus `.upload_id-<id>.part-<n>` files) in its root,
-            // and every test server has its own root, so count those.
-            Mode::Embedded => std::fs::read_dir(&self.data_dir)
-                .unwrap()
-                .filter_map(Result::ok)
-                .filter(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    name.starts_with(".upload-") && name.ends_with(".json")
-                })
-                .count(),
-        }
+        let out = self
+            .s3()
+            .await
+            .list_multipart_uploads()
+            .bucket(BUCKET)
+            .prefix(format!("uploads/{client_id}/"))
+            .send()
+            .await
+            .unwrap();
+        out.uploads().len()
     }
 
     pub async fn object_sha256(&self, key: &str) -> String {
@@ -519,6 +505,35 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The `file_info` an honest agent sends for `data`.
+pub fn file_info(
+    upload_id: &str,
+    file_name: &str,
+    data: &[u8],
+    min_part_size: u64,
+) -> serde_json::Value {
+    use base64::Engine;
+    use md5::Md5;
+    let (part_size, _) = shared::protocol::plan_parts(data.len() as u64, min_part_size).unwrap();
+    let mut part_md5: Vec<String> = data
+        .chunks(part_size as usize)
+        .map(|c| base64::engine::general_purpose::STANDARD.encode(Md5::digest(c)))
+        .collect();
+    if part_md5.is_empty() {
+        part_md5.push(base64::engine::general_purpose::STANDARD.encode(Md5::digest(b"")));
+    }
+    serde_json::json!({
+        "type": "file_info",
+        "upload_id": upload_id,
+        "file_name": file_name,
+        "size": data.len(),
+        "modified_ms": 1,
+        "sha256": hex::encode(Sha256::digest(data)),
+        "part_size": part_size,
+        "part_md5": part_md5,
+    })
+}
+
 /// A hand-driven agent connection, for protocol-level tests.
 pub struct RawAgent {
     pub ws: tokio_tungstenite::WebSocketStream<
@@ -547,16 +562,20 @@ impl RawAgent {
         let mut a = ws_connect(server, Some(&agent_token(client_id)))
             .await
             .unwrap();
-        a.send_json(serde_json::json!({"type":"hello","protocol_version":1,"agent_version":"raw"}))
-            .await;
+        a.send_json(serde_json::json!({
+            "type": "hello",
+            "protocol_version": shared::protocol::PROTOCOL_VERSION,
+            "agent_version": "raw"
+        }))
+        .await;
         let welcome = a.recv_json().await.expect("welcome");
         assert_eq!(welcome["type"], "welcome", "{welcome}");
         a
     }
 
     /// Connects as `client_id`, has the server trigger a download, describes a file of `size`
-    /// bytes and returns the agent, the upload id and the `start_upload` plan. The multipart
-    /// upload exists in storage from then on.
+    /// bytes of 7s and returns the agent, the upload id and the `start_upload` plan. The
+    /// multipart upload exists in storage from then on.
     pub async fn with_plan(
         server: &TestServer,
         client_id: &str,
@@ -569,10 +588,14 @@ impl RawAgent {
         let upload_id = trig["upload_id"].as_str().unwrap().to_owned();
         let describe = agent.recv_json().await.unwrap();
         assert_eq!(describe["type"], "describe_file", "{describe}");
+        let min_part_size = describe["min_part_size"].as_u64().unwrap();
         agent
-            .send_json(serde_json::json!({
-                "type": "file_info", "upload_id": upload_id, "file_name": file_name, "size": size
-            }))
+            .send_json(file_info(
+                &upload_id,
+                file_name,
+                &vec![7u8; size as usize],
+                min_part_size,
+            ))
             .await;
         let plan = agent.recv_json().await.unwrap();
         assert_eq!(plan["type"], "start_upload", "{plan}");

@@ -1,0 +1,227 @@
+//! The embedded store: s3s-fs, with the two S3 behaviours Backhaul depends on that s3s-fs 0.14
+//! lacks.
+//!
+//! - UploadPart checks `Content-MD5` against the body, as S3 does, and answers `BadDigest`
+//!   without keeping the part. s3s-fs checks it only on PutObject.
+//! - ListMultipartUploads lists the unfinished uploads, so the orphan sweep works here too.
+//!
+//! Every other operation Backhaul, its tests and its users need goes straight to s3s-fs.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use base64::Engine;
+use bytes::Bytes;
+use futures::Stream;
+use md5::{Digest, Md5};
+use s3s::dto::*;
+use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
+use s3s_fs::FileSystem;
+
+pub struct EmbeddedStore {
+    fs: FileSystem,
+    root: PathBuf,
+}
+
+impl EmbeddedStore {
+    pub fn new(root: &Path) -> anyhow::Result<Self> {
+        let fs = FileSystem::new(root)
+            .map_err(|e| anyhow::anyhow!("opening embedded store at {}: {e:?}", root.display()))?;
+        Ok(Self {
+            fs,
+            root: root.to_owned(),
+        })
+    }
+}
+
+/// Passes a body through while hashing it; at its end, yields an error instead of the end if
+/// the MD5 is not the expected one, so s3s-fs never moves the part into place.
+struct Md5Checked<S> {
+    inner: S,
+    hasher: Md5,
+    expected: [u8; 16],
+    mismatch: Arc<Mutex<bool>>,
+    done: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the body does not match Content-MD5")]
+struct DigestMismatch;
+
+impl<S> Stream for Md5Checked<S>
+where
+    S: Stream<Item = Result<Bytes, s3s::StdError>> + Unpin,
+{
+    type Item = Result<Bytes, s3s::StdError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                self.hasher.update(&chunk);
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                let actual: [u8; 16] = std::mem::take(&mut self.hasher).finalize().into();
+                if actual == self.expected {
+                    Poll::Ready(None)
+                } else {
+                    *self.mismatch.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                    Poll::Ready(Some(Err(Box::new(DigestMismatch))))
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Implements S3 for the store: the listed operations go to s3s-fs unchanged, the rest is
+/// written out. (`async_trait` must see the methods, so the whole impl comes from the macro.)
+macro_rules! s3_impl {
+    (delegate { $($method:ident($input:ident) -> $output:ident;)* } $($own:tt)*) => {
+        #[async_trait::async_trait]
+        impl S3 for EmbeddedStore {
+            $(
+                async fn $method(&self, req: S3Request<$input>) -> S3Result<S3Response<$output>> {
+                    self.fs.$method(req).await
+                }
+            )*
+            $($own)*
+        }
+    };
+}
+
+s3_impl! {
+    delegate {
+        create_bucket(CreateBucketInput) -> CreateBucketOutput;
+        delete_bucket(DeleteBucketInput) -> DeleteBucketOutput;
+        head_bucket(HeadBucketInput) -> HeadBucketOutput;
+        list_buckets(ListBucketsInput) -> ListBucketsOutput;
+        get_bucket_location(GetBucketLocationInput) -> GetBucketLocationOutput;
+        create_multipart_upload(CreateMultipartUploadInput) -> CreateMultipartUploadOutput;
+        list_parts(ListPartsInput) -> ListPartsOutput;
+        complete_multipart_upload(CompleteMultipartUploadInput) -> CompleteMultipartUploadOutput;
+        abort_multipart_upload(AbortMultipartUploadInput) -> AbortMultipartUploadOutput;
+        head_object(HeadObjectInput) -> HeadObjectOutput;
+        get_object(GetObjectInput) -> GetObjectOutput;
+        put_object(PutObjectInput) -> PutObjectOutput;
+        delete_object(DeleteObjectInput) -> DeleteObjectOutput;
+        list_objects(ListObjectsInput) -> ListObjectsOutput;
+        list_objects_v2(ListObjectsV2Input) -> ListObjectsV2Output;
+    }
+
+    async fn upload_part(
+        &self,
+        mut req: S3Request<UploadPartInput>,
+    ) -> S3Result<S3Response<UploadPartOutput>> {
+        let Some(content_md5) = req.input.content_md5.take() else {
+            return self.fs.upload_part(req).await;
+        };
+        let expected: [u8; 16] = base64::engine::general_purpose::STANDARD
+            .decode(content_md5.as_bytes())
+            .ok()
+            .and_then(|raw| raw.try_into().ok())
+            .ok_or_else(|| S3Error::with_message(S3ErrorCode::InvalidDigest, "bad Content-MD5"))?;
+        let mismatch = Arc::new(Mutex::new(false));
+        if let Some(body) = req.input.body.take() {
+            req.input.body = Some(StreamingBlob::new(ByteStreamOf(Md5Checked {
+                inner: body,
+                hasher: Md5::new(),
+                expected,
+                mismatch: mismatch.clone(),
+                done: false,
+            })));
+        }
+        let result = self.fs.upload_part(req).await;
+        if *mismatch.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Err(S3Error::with_message(
+                S3ErrorCode::BadDigest,
+                "The Content-MD5 you specified did not match what we received.",
+            ));
+        }
+        result
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        req: S3Request<ListMultipartUploadsInput>,
+    ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
+        let input = req.input;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let uploads = pending_uploads(&self.root, &input.bucket)
+            .map_err(|e| S3Error::with_message(S3ErrorCode::InternalError, e.to_string()))?
+            .into_iter()
+            .filter(|(key, _)| key.starts_with(&prefix))
+            .map(|(key, upload_id)| MultipartUpload {
+                key: Some(key),
+                upload_id: Some(upload_id),
+                ..Default::default()
+            })
+            .collect();
+        Ok(S3Response::new(ListMultipartUploadsOutput {
+            bucket: Some(input.bucket),
+            prefix: input.prefix,
+            uploads: Some(uploads),
+            is_truncated: Some(false),
+            ..Default::default()
+        }))
+    }
+}
+
+/// Adapts a plain stream to s3s's `ByteStream`, which only adds an optional length.
+struct ByteStreamOf<S>(S);
+
+impl<S: Stream + Unpin> Stream for ByteStreamOf<S> {
+    type Item = S::Item;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.0).poll_next(cx)
+    }
+}
+
+impl<S> s3s::stream::ByteStream for ByteStreamOf<S> where
+    S: Stream<Item = Result<Bytes, s3s::StdError>> + Unpin
+{
+}
+
+/// `(key, upload id)` of every unfinished multipart upload in `bucket`. s3s-fs keeps, per
+/// upload, `.upload-<id>.json` (removed by complete and abort) and the object attributes in
+/// `.bucket-<b64 bucket>.object-<b64 key>.upload-<id>.metadata.json`.
+fn pending_uploads(root: &Path, bucket: &str) -> std::io::Result<Vec<(String, String)>> {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(root)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name
+            .strip_prefix(".bucket-")
+            .and_then(|r| r.strip_suffix(".metadata.json"))
+        else {
+            continue;
+        };
+        let Some((enc_bucket, rest)) = rest.split_once(".object-") else {
+            continue;
+        };
+        let Some((enc_key, upload_id)) = rest.rsplit_once(".upload-") else {
+            continue;
+        };
+        let decode = |s: &str| {
+            b64.decode(s)
+                .ok()
+                .and_then(|raw| String::from_utf8(raw).ok())
+        };
+        if decode(enc_bucket).as_deref() != Some(bucket) {
+            continue;
+        }
+        let Some(key) = decode(enc_key) else { continue };
+        if root.join(format!(".upload-{upload_id}.json")).exists() {
+            found.push((key, upload_id.to_owned()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}

@@ -212,9 +212,12 @@ impl<'a> Session<'a> {
                 let described = match self.config.share_path(&share) {
                     Some(path) => {
                         let started = std::time::Instant::now();
-                        let described =
-                            uploader::describe_file(&path, self.config.max_file_size, min_part_size)
-                                .await;
+                        let described = uploader::describe_file(
+                            &path,
+                            self.config.max_file_size,
+                            min_part_size,
+                        )
+                        .await;
                         // Remember the path only for a file the server may now plan an upload of.
                         if let Ok(d) = &described {
                             tracing::info!(%upload_id, size = d.snapshot.size, elapsed = ?started.elapsed(), "file hashed");

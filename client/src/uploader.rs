@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 use sha2::Sha256;
 use shared::protocol::{CompletedPart, PresignedPart, UploadPlan, plan_parts};
@@ -191,7 +191,11 @@ pub async fn describe_file(
         .map_err(|e| UploadError::new(ErrorCode::FileReadError, format!("hashing failed: {e}")))?
 }
 
-fn hash_file(path: &Path, file_name: FileName, min_part_size: u64) -> Result<Described, UploadError> {
+fn hash_file(
+    path: &Path,
+    file_name: FileName,
+    min_part_size: u64,
+) -> Result<Described, UploadError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
@@ -214,7 +218,9 @@ fn hash_file(path: &Path, file_name: FileName, min_part_size: u64) -> Result<Des
     let mut buf = vec![0u8; HASH_CHUNK];
     loop {
         let want = (part_size - in_part).min(HASH_CHUNK as u64) as usize;
-        let n = file.read(&mut buf[..want]).map_err(|e| io_error(path, &e))?;
+        let n = file
+            .read(&mut buf[..want])
+            .map_err(|e| io_error(path, &e))?;
         if n == 0 {
             break;
         }
@@ -428,7 +434,12 @@ pub async fn upload(
     if expired.load(Ordering::Relaxed) {
         return Ok(Outcome::NeedUrls);
     }
-    let mut parts: Vec<CompletedPart> = plan.done.iter().cloned().chain(sent.into_iter().flatten()).collect();
+    let mut parts: Vec<CompletedPart> = plan
+        .done
+        .iter()
+        .cloned()
+        .chain(sent.into_iter().flatten())
+        .collect();
     parts.sort_by_key(|p| p.part_number);
     let expected = plan.size.div_ceil(plan.part_size).max(1) as usize;
     if parts.len() != expected {

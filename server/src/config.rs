@@ -115,7 +115,8 @@ pub struct Config {
     #[arg(long, env = "DATABASE_PATH")]
     pub database_path: Option<PathBuf>,
 
-    /// How often multipart uploads that no upload owns are aborted (also once at start-up).
+    /// How often multipart uploads under KEY_PREFIX that no upload owns are aborted (also once
+    /// at start-up); 0 turns the sweep off, for a prefix that several servers share.
     #[arg(long, env = "ORPHAN_SWEEP_INTERVAL_SECS", default_value_t = 600)]
     pub orphan_sweep_interval_secs: u64,
 

@@ -37,11 +37,9 @@ pub struct SqliteStore {
 impl SqliteStore {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let conn =
-            Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
         // WAL: readers never block the writer, and a commit survives a killed process. NORMAL
         // syncs at checkpoints, not every commit: a power cut may lose the last moments, which
         // resume (ListParts) recovers from.

@@ -206,7 +206,8 @@ pub async fn run(
 
     let revocations = Revocations::load(config.data_dir.join("revocations.json"))?;
     let database = config.database_path();
-    let uploads = Uploads::open(Box::new(db::SqliteStore::open(&database)?))
+    let stall_timeout = Duration::from_secs(config.upload_stall_timeout_secs);
+    let uploads = Uploads::open(Box::new(db::SqliteStore::open(&database)?), stall_timeout)
         .with_context(|| format!("loading uploads from {}", database.display()))?;
     let state = AppState(Arc::new(StateInner {
         config,
@@ -232,9 +233,13 @@ pub async fn run(
         }
     });
     let orphan_state = state.clone();
+    let sweep_orphans = state.config.orphan_sweep_interval_secs > 0;
     tracker.spawn(async move {
+        if !sweep_orphans {
+            return;
+        }
         // The first tick is immediate: orphans are swept at start-up, then periodically.
-        let every = Duration::from_secs(orphan_state.config.orphan_sweep_interval_secs.max(1));
+        let every = Duration::from_secs(orphan_state.config.orphan_sweep_interval_secs);
         let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {

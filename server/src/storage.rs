@@ -202,7 +202,9 @@ impl Storage {
             .split_once("X-Amz-SignedHeaders=")
             .is_some_and(|(_, rest)| rest.split('&').next().unwrap_or("").contains("content-md5"));
         if !signed {
-            return Err(anyhow!("the presigned UploadPart URL does not sign Content-MD5"));
+            return Err(anyhow!(
+                "the presigned UploadPart URL does not sign Content-MD5"
+            ));
         }
         Ok(req.uri().to_owned())
     }
@@ -268,9 +270,7 @@ impl Storage {
             Ok(out) => Ok(Some(ObjectInfo {
                 size: out.content_length.unwrap_or(0).max(0) as u64,
                 etag: out.e_tag.unwrap_or_default(),
-                sha256: out
-                    .metadata
-                    .and_then(|mut m| m.remove(SHA256_METADATA)),
+                sha256: out.metadata.and_then(|mut m| m.remove(SHA256_METADATA)),
             })),
             Err(err) if err.as_service_error().is_some_and(|e| e.is_not_found()) => Ok(None),
             Err(err) => Err(anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(err)))

@@ -32,7 +32,8 @@ use crate::storage::{multipart_etag, part_etag_from_md5};
 /// Finished uploads kept in memory for the status API; older ones are read from the store.
 pub const MAX_FINISHED_UPLOADS: usize = 10_000;
 
-/// An unfinished upload with no progress for this long shows as stalled.
+/// An unfinished upload with no progress for this long shows as stalled (or for half the stall
+/// timeout, if that is shorter).
 pub const STALLED_AFTER: Duration = Duration::from_secs(10);
 
 /// What the agent said about its file. Kept so a resumed upload can prove it is the same file.
@@ -115,7 +116,7 @@ impl UploadRecord {
         !self.state.is_terminal() && self.ending.is_none()
     }
 
-    fn status(&self, bucket: &str) -> UploadStatus {
+    fn status(&self, bucket: &str, stalled_after: Duration) -> UploadStatus {
         let open = !self.state.is_terminal();
         let rate = self.live.plan_sent.and_then(|(start, base)| {
             let end = self.live.finished.unwrap_or_else(Instant::now);
@@ -146,7 +147,7 @@ impl UploadRecord {
             rate_bytes_per_sec: rate,
             eta_secs: eta,
             idle_secs: idle.map(|d| d.as_secs()),
-            stalled: idle.is_some_and(|d| d >= STALLED_AFTER),
+            stalled: idle.is_some_and(|d| d >= stalled_after),
             agent_connected: open && self.live.conn_id != 0,
             resumes: self.resumes,
             sha256: self.file.as_ref().map(|f| f.sha256.clone()),
@@ -214,11 +215,12 @@ impl Table {
 pub struct Uploads {
     table: Mutex<Table>,
     store: Box<dyn UploadStore>,
+    stalled_after: Duration,
 }
 
 impl Uploads {
     /// Loads every unfinished upload and the most recent finished ones from `store`.
-    pub fn open(store: Box<dyn UploadStore>) -> anyhow::Result<Self> {
+    pub fn open(store: Box<dyn UploadStore>, stall_timeout: Duration) -> anyhow::Result<Self> {
         let mut table = Table::default();
         for json in store.load_working_set(MAX_FINISHED_UPLOADS)? {
             match serde_json::from_str::<UploadRecord>(&json) {
@@ -229,6 +231,7 @@ impl Uploads {
         Ok(Self {
             table: Mutex::new(table),
             store,
+            stalled_after: STALLED_AFTER.min(stall_timeout / 2),
         })
     }
 
@@ -259,20 +262,29 @@ impl Uploads {
         }
     }
 
-    fn from_store(&self, json: anyhow::Result<Option<String>>, bucket: &str) -> Option<UploadStatus> {
+    fn read_stored(
+        &self,
+        json: anyhow::Result<Option<String>>,
+        bucket: &str,
+    ) -> Option<UploadStatus> {
         let json = json
             .map_err(|err| tracing::error!(error = format!("{err:#}"), "reading an upload failed"))
             .ok()??;
         serde_json::from_str::<UploadRecord>(&json)
             .ok()
-            .map(|r| r.status(bucket))
+            .map(|r| r.status(bucket, self.stalled_after))
     }
 
     pub fn status(&self, id: UploadId, bucket: &str) -> Option<UploadStatus> {
-        if let Some(s) = self.lock().by_id.get(&id).map(|r| r.status(bucket)) {
+        if let Some(s) = self
+            .lock()
+            .by_id
+            .get(&id)
+            .map(|r| r.status(bucket, self.stalled_after))
+        {
             return Some(s);
         }
-        self.from_store(self.store.get(id), bucket)
+        self.read_stored(self.store.get(id), bucket)
     }
 
     pub fn active_for(&self, client_id: &ClientId) -> Option<UploadId> {
@@ -287,10 +299,10 @@ impl Uploads {
                 .get(client_id)
                 .and_then(|id| table.by_id.get(id))
             {
-                return Some(r.status(bucket));
+                return Some(r.status(bucket, self.stalled_after));
             }
         }
-        self.from_store(self.store.latest_for(client_id), bucket)
+        self.read_stored(self.store.latest_for(client_id), bucket)
     }
 
     /// Changes a record and writes it through, if it exists and `pred` holds.
@@ -426,7 +438,11 @@ fn upload_id_of_key(prefix: &str, key: &str) -> Option<UploadId> {
 /// An agent (re)connected: an upload it left unfinished picks up where it stopped, starting
 /// with a fresh description of the file.
 pub fn on_agent_connected(state: &AppState, client_id: &ClientId, conn_id: u64) {
-    let Some(handle) = state.registry.get(client_id).filter(|h| h.conn_id == conn_id) else {
+    let Some(handle) = state
+        .registry
+        .get(client_id)
+        .filter(|h| h.conn_id == conn_id)
+    else {
         return;
     };
     let mut table = state.uploads.lock();
@@ -515,7 +531,10 @@ pub fn on_agent_message(
             let ok = state.uploads.update(
                 upload_id,
                 |r| owned(r) && r.is_open() && r.state == UploadState::Uploading,
-                |r| r.live.last_progress = Instant::now(),
+                |r| {
+                    r.live.last_progress = Instant::now();
+                    r.resumes += 1;
+                },
             );
             if ok.is_none() {
                 tracing::warn!(%client_id, %upload_id, "need_urls for an upload that is not uploading");
@@ -642,7 +661,9 @@ async fn on_file_info(state: &AppState, upload_id: UploadId, facts: FileFacts) {
                 .await;
                 return;
             }
-            state.uploads.update(upload_id, |_| true, |r| r.resumes += 1);
+            state
+                .uploads
+                .update(upload_id, |_| true, |r| r.resumes += 1);
             resume(state, upload_id).await;
         }
         _ => {}
@@ -708,9 +729,13 @@ async fn start_upload(state: &AppState, upload_id: UploadId, facts: FileFacts) {
 /// plan has no parts and the agent only completes. If the multipart upload is gone, the agent may
 /// have completed it before losing its connection: the object is verified.
 async fn resume(state: &AppState, upload_id: UploadId) {
-    let Some((key, s3_upload_id, facts)) = state.uploads.lock().by_id.get(&upload_id).and_then(|r| {
-        Some((r.key.clone()?, r.s3_upload_id.clone()?, r.file.clone()?))
-    }) else {
+    let Some((key, s3_upload_id, facts)) = state
+        .uploads
+        .lock()
+        .by_id
+        .get(&upload_id)
+        .and_then(|r| Some((r.key.clone()?, r.s3_upload_id.clone()?, r.file.clone()?)))
+    else {
         return;
     };
     let stored = match state.storage.list_parts(&key, &s3_upload_id).await {
@@ -768,9 +793,13 @@ async fn send_plan(
     missing: Vec<PartNumber>,
     done: Vec<CompletedPart>,
 ) {
-    let Some((key, s3_upload_id, facts)) = state.uploads.lock().by_id.get(&upload_id).and_then(|r| {
-        Some((r.key.clone()?, r.s3_upload_id.clone()?, r.file.clone()?))
-    }) else {
+    let Some((key, s3_upload_id, facts)) = state
+        .uploads
+        .lock()
+        .by_id
+        .get(&upload_id)
+        .and_then(|r| Some((r.key.clone()?, r.s3_upload_id.clone()?, r.file.clone()?)))
+    else {
         return;
     };
     let ttl = state.config.presign_ttl();
@@ -894,7 +923,9 @@ async fn verify(state: &AppState, upload_id: UploadId, reported: Option<Vec<Comp
         parts.len() == expected_parts.len()
             && parts.iter().zip(&expected_parts).all(|(a, b)| {
                 a.part_number == b.part_number
-                    && a.etag.trim_matches('"').eq_ignore_ascii_case(b.etag.trim_matches('"'))
+                    && a.etag
+                        .trim_matches('"')
+                        .eq_ignore_ascii_case(b.etag.trim_matches('"'))
             })
     };
     let outcome = match (reported.as_deref(), multipart_etag(&expected_parts)) {
@@ -977,13 +1008,17 @@ pub async fn cancel(
         let table = state.uploads.lock();
         let Some(r) = table.by_id.get(&upload_id) else {
             drop(table);
-            return Err(match state.uploads.status(upload_id, state.storage.bucket()) {
-                Some(s) => ApiError::new(
-                    ErrorCode::UploadFinished,
-                    format!("upload {upload_id} is already {:?}", s.state).to_lowercase(),
-                ),
-                None => ApiError::new(ErrorCode::UploadNotFound, format!("no upload {upload_id}")),
-            });
+            return Err(
+                match state.uploads.status(upload_id, state.storage.bucket()) {
+                    Some(s) => ApiError::new(
+                        ErrorCode::UploadFinished,
+                        format!("upload {upload_id} is already {:?}", s.state).to_lowercase(),
+                    ),
+                    None => {
+                        ApiError::new(ErrorCode::UploadNotFound, format!("no upload {upload_id}"))
+                    }
+                },
+            );
         };
         if !r.is_open() {
             return Err(ApiError::new(
@@ -992,7 +1027,13 @@ pub async fn cancel(
             ));
         }
         drop(table);
-        begin_end(state, upload_id, ErrorCode::Cancelled, message, UploadState::Cancelled)
+        begin_end(
+            state,
+            upload_id,
+            ErrorCode::Cancelled,
+            message,
+            UploadState::Cancelled,
+        )
     };
     let Some(cleanup) = cleanup else {
         return Err(ApiError::new(
@@ -1250,7 +1291,10 @@ pub async fn sweep_orphans(state: &AppState) -> usize {
     {
         Ok(p) => p,
         Err(err) => {
-            tracing::error!(error = format!("{err:#}"), "listing multipart uploads failed");
+            tracing::error!(
+                error = format!("{err:#}"),
+                "listing multipart uploads failed"
+            );
             return 0;
         }
     };
@@ -1276,7 +1320,11 @@ pub async fn sweep_orphans(state: &AppState) -> usize {
                 tracing::warn!(key = p.key, "aborted an orphaned multipart upload");
             }
             Err(err) => {
-                tracing::error!(key = p.key, error = format!("{err:#}"), "aborting an orphaned multipart upload failed")
+                tracing::error!(
+                    key = p.key,
+                    error = format!("{err:#}"),
+                    "aborting an orphaned multipart upload failed"
+                )
             }
         }
     }

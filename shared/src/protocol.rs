@@ -254,7 +254,11 @@ mod tests {
         assert_eq!(plan_parts(1, 8 * MIB), Some((8 * MIB, 1)));
         assert_eq!(plan_parts(8 * MIB, 8 * MIB), Some((8 * MIB, 1)));
         assert_eq!(plan_parts(8 * MIB + 1, 8 * MIB), Some((8 * MIB, 2)));
-        assert_eq!(plan_parts(1, 1), Some((MIN_PART_SIZE, 1)), "never below 5 MiB");
+        assert_eq!(
+            plan_parts(1, 1),
+            Some((MIN_PART_SIZE, 1)),
+            "never below 5 MiB"
+        );
     }
 
     #[test]

@@ -86,7 +86,7 @@ async fn agent_lost_for_good_stalls_and_aborts(mode: Mode) {
     let path = format!("/uploads/{upload_id}");
     wait_until(Duration::from_secs(10), "agent shown as away", || async {
         let (_, st) = server.get_json(&path).await;
-        st["state"] == "uploading" && st["agent_connected"] == false
+        st["state"] == "uploading" && st["agent_connected"] == false && st["stalled"] == true
     })
     .await;
     // Still resumable: nothing was aborted yet.
@@ -119,7 +119,10 @@ async fn lying_agent_fails_verification(mode: Mode) {
     let url = plan["parts"][0]["url"].as_str().unwrap();
     let resp = http
         .put(url)
-        .header("content-md5", plan["parts"][0]["content_md5"].as_str().unwrap())
+        .header(
+            "content-md5",
+            plan["parts"][0]["content_md5"].as_str().unwrap(),
+        )
         .body(vec![7u8; size as usize])
         .send()
         .await

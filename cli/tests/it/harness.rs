@@ -113,50 +113,19 @@ impl TestServer {
     ) -> Self {
         let api = bind_retrying(api_addr).await;
         let api_addr = api.local_addr().unwrap();
-        let mut args: Vec<String> = vec![
-            "server".into(),
-            "--jwt-secret".into(),
-            SECRET.into(),
-            "--bucket".into(),
-            BUCKET.into(),
-            "--ping-interval-secs".into(),
-            "2".into(),
-        ];
         let (embedded_s3, s3_endpoint) = match mode {
             Mode::Embedded => {
                 let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let endpoint = format!("http://{}", l.local_addr().unwrap());
-                args.extend([
-                    "--storage".into(),
-                    "embedded".into(),
-                    "--data-dir".into(),
-                    data_dir.display().to_string(),
-                    "--embedded-s3-access-key".into(),
-                    EMBEDDED_ACCESS_KEY.into(),
-                    "--embedded-s3-secret-key".into(),
-                    EMBEDDED_SECRET_KEY.into(),
-                ]);
                 (Some(l), endpoint)
             }
             Mode::LocalStack => {
                 let endpoint = localstack_endpoint();
                 assert_localstack_up(&endpoint).await;
-                args.extend([
-                    "--storage".into(),
-                    "s3".into(),
-                    "--s3-endpoint-url".into(),
-                    endpoint.clone(),
-                    "--aws-access-key-id".into(),
-                    "test".into(),
-                    "--aws-secret-access-key".into(),
-                    "test".into(),
-                    "--aws-region".into(),
-                    "us-east-1".into(),
-                ]);
                 (None, endpoint)
             }
         };
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let args = server_args(mode, data_dir, extra);
         let config = server::config::Config::try_parse_from(&args).unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::run(
@@ -174,9 +143,38 @@ impl TestServer {
             task: Some(task),
             _dir: None,
         };
-        let http = s.http_client();
-        let url = format!("{}/healthz", s.http_url());
-        wait_until(Duration::from_secs(20), "server health", || {
+        s.wait_healthy().await;
+        s
+    }
+
+    /// A handle on a server running elsewhere (a [`ChildProcess`]); waits until it is healthy.
+    pub async fn attach(
+        mode: Mode,
+        api_addr: SocketAddr,
+        s3_endpoint: &str,
+        data_dir: &Path,
+    ) -> Self {
+        let s = Self {
+            mode,
+            api_addr,
+            s3_endpoint: match mode {
+                Mode::Embedded => s3_endpoint.to_owned(),
+                Mode::LocalStack => localstack_endpoint(),
+            },
+            data_dir: data_dir.to_owned(),
+            ca_file: None,
+            shutdown: CancellationToken::new(),
+            task: None,
+            _dir: None,
+        };
+        s.wait_healthy().await;
+        s
+    }
+
+    async fn wait_healthy(&self) {
+        let http = self.http_client();
+        let url = format!("{}/healthz", self.http_url());
+        wait_until(Duration::from_secs(30), "server health", || {
             let http = http.clone();
             let url = url.clone();
             async move {
@@ -187,7 +185,6 @@ impl TestServer {
             }
         })
         .await;
-        s
     }
 
     /// Starts an embedded-storage server that serves TLS with a fresh self-signed certificate
@@ -379,6 +376,116 @@ impl Drop for TestServer {
     }
 }
 
+/// Command-line arguments of a test server (listen addresses not included).
+pub fn server_args(mode: Mode, data_dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "server".into(),
+        "--jwt-secret".into(),
+        SECRET.into(),
+        "--bucket".into(),
+        BUCKET.into(),
+        "--ping-interval-secs".into(),
+        "2".into(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+    ];
+    match mode {
+        Mode::Embedded => args.extend([
+            "--storage".into(),
+            "embedded".into(),
+            "--embedded-s3-access-key".into(),
+            EMBEDDED_ACCESS_KEY.into(),
+            "--embedded-s3-secret-key".into(),
+            EMBEDDED_SECRET_KEY.into(),
+        ]),
+        Mode::LocalStack => args.extend([
+            "--storage".into(),
+            "s3".into(),
+            "--s3-endpoint-url".into(),
+            localstack_endpoint(),
+            "--aws-access-key-id".into(),
+            "test".into(),
+            "--aws-secret-access-key".into(),
+            "test".into(),
+            "--aws-region".into(),
+            "us-east-1".into(),
+        ]),
+    }
+    // Test servers share LocalStack's bucket; a server sweeping orphans would abort the other
+    // servers' uploads, so only tests that ask for the sweep get it.
+    if mode == Mode::LocalStack && !extra.contains(&"--orphan-sweep-interval-secs") {
+        args.extend(["--orphan-sweep-interval-secs".into(), "0".into()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// The arguments of an in-process [`TestAgent`], for running the same agent as a process.
+pub fn agent_args(
+    server_ws_url: &str,
+    client_id: &str,
+    file: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "client".into(),
+        "--server-url".into(),
+        server_ws_url.to_owned(),
+        "--token".into(),
+        agent_token(client_id),
+        "--file-path".into(),
+        file.display().to_string(),
+        "--reconnect-min-ms".into(),
+        "100".into(),
+        "--reconnect-max-ms".into(),
+        "1000".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// An agent or server running as a separate process (this test binary, re-run with
+/// [`crate::child::entry`]), so a test can kill it with SIGKILL.
+pub struct ChildProcess {
+    child: tokio::process::Child,
+}
+
+impl ChildProcess {
+    pub fn spawn(kind: &str, args: &[String]) -> Self {
+        let exe = std::env::current_exe().unwrap();
+        let child = tokio::process::Command::new(exe)
+            .args([
+                "--exact",
+                "child::entry",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("BACKHAUL_CHILD", kind)
+            .env("BACKHAUL_CHILD_ARGS", serde_json::to_string(args).unwrap())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Self { child }
+    }
+
+    /// SIGKILL: no clean-up, no goodbye on the WebSocket.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().unwrap();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// A free loopback port (bound and released; the tiny race is acceptable in tests).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 fn tls_cert_path(extra: &[&str]) -> Option<PathBuf> {
     extra
         .iter()
@@ -424,23 +531,10 @@ impl TestAgent {
     }
 
     pub fn start_with(server: &TestServer, client_id: &str, file: &Path, extra: &[&str]) -> Self {
-        let mut args: Vec<String> = vec![
-            "client".into(),
-            "--server-url".into(),
-            server.ws_url(),
-            "--token".into(),
-            agent_token(client_id),
-            "--file-path".into(),
-            file.display().to_string(),
-            "--reconnect-min-ms".into(),
-            "100".into(),
-            "--reconnect-max-ms".into(),
-            "1000".into(),
-        ];
+        let mut args = agent_args(&server.ws_url(), client_id, file, extra);
         if let Some(ca) = &server.ca_file {
             args.extend(["--ca-file".into(), ca.display().to_string()]);
         }
-        args.extend(extra.iter().map(|s| s.to_string()));
         let config = client::Config::try_parse_from(&args).unwrap();
         let shutdown = CancellationToken::new();
         tokio::spawn(client::run(config, shutdown.clone()));

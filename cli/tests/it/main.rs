@@ -2,11 +2,14 @@
 //! binary, and real S3 implementations: the embedded s3s-fs store and LocalStack.
 
 mod auth;
+mod child;
 mod config_docs;
 mod download;
 mod failures;
 mod harness;
 mod protocol;
+mod proxy;
 mod reconnect;
+mod resilience;
 mod sharing;
 mod tls;

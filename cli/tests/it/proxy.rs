@@ -1,0 +1,244 @@
+//! A loopback proxy in front of S3 that counts part uploads and injects faults: 503s, cut
+//! connections and corrupted bytes. The server presigns for the proxy's address
+//! (`--s3-public-endpoint`), so agents send every part through it; the Host header is passed on
+//! unchanged, which keeps the signatures valid.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// Which part PUTs get a fault: the n-th PUT (counting from 1) gets the first matching rule.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// Every n-th PUT is answered 503 without reaching storage.
+    pub fail_every: Option<u32>,
+    /// Every n-th PUT has its connection cut after the body is read.
+    pub cut_every: Option<u32>,
+    /// Every n-th PUT reaches storage with one byte flipped.
+    pub corrupt_every: Option<u32>,
+}
+
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub part_puts: AtomicU32,
+    pub injected_503: AtomicU32,
+    pub injected_cuts: AtomicU32,
+    pub injected_corruptions: AtomicU32,
+    /// Storage refused a corrupted part (BadDigest).
+    pub rejected_by_storage: AtomicU32,
+    /// Body bytes of part PUTs that reached the proxy, faults included.
+    pub part_bytes: AtomicU64,
+    /// Successful part PUTs by (uploadId, partNumber).
+    pub stored: Mutex<HashMap<(String, u32), u32>>,
+    /// When the first part PUT arrived and the last part body was complete.
+    pub window: Mutex<Option<(Instant, Instant)>>,
+}
+
+impl ProxyStats {
+    /// Parts that storage accepted more than once: a completed part uploaded twice.
+    pub fn duplicates(&self) -> Vec<((String, u32), u32)> {
+        self.stored
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(k, n)| (k.clone(), *n))
+            .collect()
+    }
+
+    pub fn stored_parts(&self) -> u32 {
+        self.stored.lock().unwrap().values().sum()
+    }
+
+    pub fn faults(&self) -> u32 {
+        self.injected_503.load(Ordering::Relaxed)
+            + self.injected_cuts.load(Ordering::Relaxed)
+            + self.injected_corruptions.load(Ordering::Relaxed)
+    }
+}
+
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    pub stats: Arc<ProxyStats>,
+    upstream: Arc<Mutex<String>>,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: &str, faults: Faults) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(ProxyStats::default());
+        let upstream = Arc::new(Mutex::new(upstream.trim_end_matches('/').to_owned()));
+        let up = upstream.clone();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let st = stats.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (st, upstream, http) = (st.clone(), up.clone(), http.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let upstream = upstream.lock().unwrap().clone();
+                        // Detached, so a client that dies mid-request does not stop the
+                        // proxy from seeing (and counting) storage's answer.
+                        let job =
+                            tokio::spawn(forward(req, upstream, http.clone(), st.clone(), faults));
+                        async move { job.await.unwrap_or(Err(Cut)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(socket), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            stats,
+            upstream,
+        }
+    }
+
+    /// Points the proxy at storage (an embedded store's address is known only once its
+    /// server runs).
+    pub fn set_upstream(&self, upstream: &str) {
+        *self.upstream.lock().unwrap() = upstream.trim_end_matches('/').to_owned();
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("connection cut by the fault proxy")]
+struct Cut;
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| v.to_owned())
+    })
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    upstream: String,
+    http: reqwest::Client,
+    stats: Arc<ProxyStats>,
+    faults: Faults,
+) -> Result<Response<Full<Bytes>>, Cut> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let query = parts.uri.query().unwrap_or("").to_owned();
+    let part = (parts.method == http::Method::PUT)
+        .then(|| query_param(&query, "partNumber").zip(query_param(&query, "uploadId")))
+        .flatten();
+    let mut corrupt = false;
+    let mut upload_key = None;
+    if let Some((n, upload_id)) = &part {
+        let nth = stats.part_puts.fetch_add(1, Ordering::Relaxed) + 1;
+        {
+            let mut w = stats.window.lock().unwrap();
+            let first = w.map_or(started, |(f, _)| f.min(started));
+            *w = Some((first, w.map_or(started, |(_, l)| l)));
+        }
+        let hit = |every: Option<u32>| every.is_some_and(|e| nth.is_multiple_of(e));
+        if hit(faults.fail_every) {
+            stats.injected_503.fetch_add(1, Ordering::Relaxed);
+            let got = body.collect().await.map_err(|_| Cut)?.to_bytes();
+            stats
+                .part_bytes
+                .fetch_add(got.len() as u64, Ordering::Relaxed);
+            return Ok(Response::builder()
+                .status(503)
+                .body(Full::new(Bytes::from_static(
+                    b"<Error><Code>SlowDown</Code></Error>",
+                )))
+                .unwrap());
+        }
+        if hit(faults.cut_every) {
+            stats.injected_cuts.fetch_add(1, Ordering::Relaxed);
+            // Take some of the body, then drop the connection mid-request.
+            let mut stream = body.into_data_stream();
+            if let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
+                stats
+                    .part_bytes
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            return Err(Cut);
+        }
+        corrupt = hit(faults.corrupt_every);
+        if corrupt {
+            stats.injected_corruptions.fetch_add(1, Ordering::Relaxed);
+        }
+        upload_key = Some((upload_id.clone(), n.parse::<u32>().unwrap_or(0)));
+    }
+    // Bodies are streamed through, never buffered: storage sees the request when the agent
+    // sends it (presigned expiry), and an agent that dies mid-body leaves an incomplete one.
+    let counting = part.is_some();
+    let st = stats.clone();
+    let mut flipped = !corrupt;
+    let stream = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
+        let chunk = chunk?;
+        if counting {
+            st.part_bytes
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            let mut w = st.window.lock().unwrap();
+            if let Some((_, last)) = w.as_mut() {
+                *last = Instant::now();
+            }
+        }
+        if !flipped && !chunk.is_empty() {
+            flipped = true;
+            let mut v = chunk.to_vec();
+            v[chunk.len() / 2] ^= 0x01;
+            return Ok::<_, hyper::Error>(Bytes::from(v));
+        }
+        Ok(chunk)
+    });
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut out = http.request(parts.method.clone(), format!("{upstream}{path}"));
+    for (name, value) in &parts.headers {
+        out = out.header(name, value);
+    }
+    let resp = out
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .map_err(|_| Cut)?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.map_err(|_| Cut)?;
+    if let Some(k) = upload_key {
+        if status.is_success() {
+            *stats.stored.lock().unwrap().entry(k).or_default() += 1;
+        } else if String::from_utf8_lossy(&bytes).contains("BadDigest") {
+            stats.rejected_by_storage.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let mut builder = Response::builder().status(status.as_u16());
+    for (name, value) in &headers {
+        if name != http::header::TRANSFER_ENCODING && name != http::header::CONNECTION {
+            builder = builder.header(name, value);
+        }
+    }
+    Ok(builder.body(Full::new(bytes)).unwrap())
+}

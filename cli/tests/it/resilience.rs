@@ -1,0 +1,583 @@
+//! Transfers that survive bad links, crashes and restarts, and prove their integrity. Part PUTs
+//! go through [`FaultProxy`], which counts them: a part that storage accepted twice would be a
+//! completed part uploaded again.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::harness::*;
+use crate::proxy::{FaultProxy, Faults};
+
+/// A server whose presigned URLs point at a fresh proxy in front of its storage.
+async fn proxied(mode: Mode, faults: Faults, extra: &[&str]) -> (TestServer, FaultProxy) {
+    let proxy = FaultProxy::start(&localstack_endpoint(), faults).await;
+    let url = proxy.url();
+    let mut args = vec![
+        "--s3-public-endpoint",
+        url.as_str(),
+        "--part-size",
+        "5242880",
+    ];
+    args.extend_from_slice(extra);
+    let server = TestServer::start_with(mode, &args).await;
+    proxy.set_upstream(&server.s3_endpoint);
+    (server, proxy)
+}
+
+async fn trigger_id(server: &TestServer, client_id: &str) -> String {
+    let (status, trig) = server.trigger(client_id).await;
+    assert_eq!(status, 202, "{trig}");
+    trig["upload_id"].as_str().unwrap().to_owned()
+}
+
+async fn assert_identical(server: &TestServer, status: &serde_json::Value, sha: &str) {
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["sha256"], sha, "the recorded SHA-256 is the file's");
+    let key = status["key"].as_str().unwrap();
+    assert_eq!(server.object_sha256(key).await, sha, "stored bytes differ");
+}
+
+async fn wait_parts_done(server: &TestServer, upload_id: &str, at_least: u64) {
+    let path = format!("/uploads/{upload_id}");
+    wait_until(Duration::from_secs(60), "parts to be stored", || async {
+        server.get_json(&path).await.1["parts_done"]
+            .as_u64()
+            .is_some_and(|n| n >= at_least)
+    })
+    .await;
+}
+
+/// Storage itself refuses a part whose bytes differ from the checksum signed into its URL, and a
+/// request that drops or changes the checksum no longer matches the signature.
+async fn storage_rejects_tampered_parts(mode: Mode) {
+    let server = TestServer::start(mode).await;
+    let client_id = unique_client("tamper");
+    let size = 1000usize;
+    let (mut agent, upload_id, plan) =
+        RawAgent::with_plan(&server, &client_id, "a.bin", size as u64).await;
+    let part = &plan["parts"][0];
+    let (url, md5) = (
+        part["url"].as_str().unwrap(),
+        part["content_md5"].as_str().unwrap(),
+    );
+    let http = reqwest::Client::new();
+    let mut flipped = vec![7u8; size];
+    flipped[10] ^= 1;
+    let resp = http
+        .put(url)
+        .header("content-md5", md5)
+        .body(flipped.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("BadDigest"));
+    // Without the header, or with the header of the tampered bytes, the signature fails.
+    let own_md5 = {
+        use base64::Engine;
+        use md5::Digest;
+        base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&flipped))
+    };
+    for header in [None, Some(own_md5.as_str())] {
+        let mut req = http.put(url).body(flipped.clone());
+        if let Some(h) = header {
+            req = req.header("content-md5", h);
+        }
+        let status = req.send().await.map(|r| r.status().as_u16());
+        assert!(
+            matches!(status, Ok(403) | Err(_)),
+            "an unsigned checksum must not pass: {status:?}"
+        );
+    }
+    // The honest bytes go in, and the upload completes and verifies.
+    let resp = http
+        .put(url)
+        .header("content-md5", md5)
+        .body(vec![7u8; size])
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
+    let body = format!(
+        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
+    );
+    let resp = http
+        .post(plan["complete_url"].as_str().unwrap())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    agent
+        .send_json(serde_json::json!({
+            "type": "upload_completed", "upload_id": upload_id,
+            "parts": [{"part_number": 1, "etag": etag}]
+        }))
+        .await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_eq!(status["state"], "completed", "{status}");
+}
+
+#[tokio::test]
+async fn tampered_parts_embedded() {
+    storage_rejects_tampered_parts(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn tampered_parts_localstack() {
+    storage_rejects_tampered_parts(Mode::LocalStack).await;
+}
+
+/// A link that corrupts every part: storage refuses each one, the agent gives up after its
+/// attempts, and the upload ends failed with nothing left behind, never completed.
+async fn always_corrupted_never_completes(mode: Mode) {
+    let faults = Faults {
+        corrupt_every: Some(1),
+        ..Faults::default()
+    };
+    let (server, proxy) = proxied(mode, faults, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.bin");
+    write_file(&file, 6 * MIB).await;
+    let client_id = unique_client("corrupt");
+    let _agent = TestAgent::start_with(
+        &server,
+        &client_id,
+        &file,
+        &["--part-attempts", "3", "--part-retry-min-ms", "10"],
+    );
+    server.wait_connected(&client_id).await;
+    let upload_id = trigger_id(&server, &client_id).await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_eq!(status["state"], "failed");
+    assert_eq!(status["error"]["code"], "PART_UPLOAD_FAILED");
+    let corrupted = proxy.stats.injected_corruptions.load(Ordering::Relaxed);
+    // The failing part used all 3 attempts; a part still in flight when the upload failed is
+    // cut off by the agent and may never get an answer from storage.
+    assert!(corrupted >= 3, "{corrupted}");
+    assert!(
+        proxy.stats.rejected_by_storage.load(Ordering::Relaxed) >= 3,
+        "storage refused the corrupted parts"
+    );
+    assert_eq!(
+        proxy.stats.stored_parts(),
+        0,
+        "no corrupted part was stored"
+    );
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+    assert!(server.list_keys(&client_id).await.is_empty());
+}
+
+#[tokio::test]
+async fn always_corrupted_embedded() {
+    always_corrupted_never_completes(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn always_corrupted_localstack() {
+    always_corrupted_never_completes(Mode::LocalStack).await;
+}
+
+/// 503s, cut connections and flipped bytes on a share of part PUTs: the download still
+/// completes byte-identical, and no part is stored twice.
+async fn faulty_link_completes(mode: Mode) {
+    let faults = Faults {
+        fail_every: Some(4),
+        cut_every: Some(7),
+        corrupt_every: Some(5),
+    };
+    let (server, proxy) = proxied(mode, faults, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.bin");
+    let size = 40 * MIB;
+    let sha = write_file(&file, size).await;
+    let client_id = unique_client("faulty");
+    let _agent = TestAgent::start_with(
+        &server,
+        &client_id,
+        &file,
+        &["--part-attempts", "10", "--part-retry-min-ms", "10"],
+    );
+    server.wait_connected(&client_id).await;
+    let upload_id = trigger_id(&server, &client_id).await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_identical(&server, &status, &sha).await;
+    let st = &proxy.stats;
+    assert!(st.faults() >= 4, "faults were injected: {}", st.faults());
+    assert_eq!(
+        st.rejected_by_storage.load(Ordering::Relaxed),
+        st.injected_corruptions.load(Ordering::Relaxed)
+    );
+    assert_eq!(st.duplicates(), vec![]);
+    assert_eq!(st.stored_parts(), 8);
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+    eprintln!(
+        "FIGURES faulty link ({mode:?}): {} part PUTs for 8 parts, {} 503s, {} cuts, {} corruptions refused, {} bytes re-sent",
+        st.part_puts.load(Ordering::Relaxed),
+        st.injected_503.load(Ordering::Relaxed),
+        st.injected_cuts.load(Ordering::Relaxed),
+        st.injected_corruptions.load(Ordering::Relaxed),
+        st.part_bytes.load(Ordering::Relaxed) - size
+    );
+}
+
+#[tokio::test]
+async fn faulty_link_embedded() {
+    faulty_link_completes(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn faulty_link_localstack() {
+    faulty_link_completes(Mode::LocalStack).await;
+}
+
+/// kill -9 the agent process at random points of a 100 MiB upload, five times, and start it
+/// again: every download completes byte-identical and no stored part is sent twice.
+async fn agent_killed_resumes(mode: Mode) {
+    let (server, proxy) = proxied(mode, Faults::default(), &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("export.bin");
+    let size = 100 * MIB;
+    let sha = write_file(&file, size).await;
+    let mut resumed = 0;
+    for trial in 0..5 {
+        let client_id = unique_client("kill9");
+        let args = agent_args(
+            &server.ws_url(),
+            &client_id,
+            &file,
+            &["--max-upload-bytes-per-sec", "41943040"],
+        );
+        let mut agent = ChildProcess::spawn("agent", &args);
+        server.wait_connected(&client_id).await;
+        let upload_id = trigger_id(&server, &client_id).await;
+        // The first trial dies anywhere from hashing on; the others once parts are flowing,
+        // anywhere in the 2.5 s the parts take at 40 MiB/s.
+        if trial > 0 {
+            wait_until(Duration::from_secs(60), "the upload to start", || async {
+                server.get_json(&format!("/uploads/{upload_id}")).await.1["state"] == "uploading"
+            })
+            .await;
+        }
+        let delay = rand::thread_rng().gen_range(100..2500);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        agent.kill9().await;
+        let (_, before) = server.get_json(&format!("/uploads/{upload_id}")).await;
+        let _agent = ChildProcess::spawn("agent", &args);
+        let status = server.wait_finished(&upload_id).await;
+        assert_identical(&server, &status, &sha).await;
+        resumed += status["resumes"].as_u64().unwrap();
+        eprintln!(
+            "FIGURES kill -9 trial {trial} ({mode:?}): killed after {delay} ms in state {} with {} parts stored; resumes {}",
+            before["state"], before["parts_done"], status["resumes"]
+        );
+        assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+    }
+    let st = &proxy.stats;
+    assert_eq!(st.duplicates(), vec![], "a stored part was uploaded twice");
+    assert_eq!(st.stored_parts(), 5 * 20);
+    eprintln!(
+        "FIGURES kill -9 ({mode:?}): 5 trials, {resumed} resumes, {} part PUTs for 100 parts, {} bytes re-sent",
+        st.part_puts.load(Ordering::Relaxed),
+        st.part_bytes.load(Ordering::Relaxed) - 5 * size
+    );
+}
+
+#[tokio::test]
+async fn agent_killed_resumes_embedded() {
+    agent_killed_resumes(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn agent_killed_resumes_localstack() {
+    agent_killed_resumes(Mode::LocalStack).await;
+}
+
+/// kill -9 the server mid-upload and start it again on the same address and data directory:
+/// the status API still knows every upload and the download completes.
+async fn server_killed_resumes(mode: Mode) {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let (api, s3) = (free_addr(), free_addr());
+    let proxy = FaultProxy::start(
+        &match mode {
+            Mode::Embedded => format!("http://{s3}"),
+            Mode::LocalStack => localstack_endpoint(),
+        },
+        Faults::default(),
+    )
+    .await;
+    let (api_s, s3_s, proxy_url) = (api.to_string(), s3.to_string(), proxy.url());
+    let args = server_args(
+        mode,
+        &data_dir,
+        &[
+            "--listen-addr",
+            &api_s,
+            "--embedded-s3-listen-addr",
+            &s3_s,
+            "--s3-public-endpoint",
+            &proxy_url,
+            "--part-size",
+            "5242880",
+        ],
+    );
+    let mut server_proc = ChildProcess::spawn("server", &args);
+    let server = TestServer::attach(mode, api, &format!("http://{s3}"), &data_dir).await;
+
+    let file = dir.path().join("export.bin");
+    let first_sha = write_file(&file, 6 * MIB).await;
+    let client_id = unique_client("srvkill");
+    let _agent = TestAgent::start_with(
+        &server,
+        &client_id,
+        &file,
+        &["--max-upload-bytes-per-sec", "20971520"],
+    );
+    server.wait_connected(&client_id).await;
+    let first = trigger_id(&server, &client_id).await;
+    let first_status = server.wait_finished(&first).await;
+    assert_identical(&server, &first_status, &first_sha).await;
+
+    let sha = write_file(&file, 60 * MIB).await;
+    let upload_id = trigger_id(&server, &client_id).await;
+    wait_parts_done(&server, &upload_id, 2).await;
+    server_proc.kill9().await;
+    let _server_proc = ChildProcess::spawn("server", &args);
+    let server = TestServer::attach(mode, api, &format!("http://{s3}"), &data_dir).await;
+
+    // The earlier upload is still known after the restart.
+    let (code, old) = server.get_json(&format!("/uploads/{first}")).await;
+    assert_eq!((code, old["state"].as_str()), (200, Some("completed")));
+    let status = server.wait_finished(&upload_id).await;
+    assert_identical(&server, &status, &sha).await;
+    assert!(status["resumes"].as_u64().unwrap() >= 1, "{status}");
+    assert_eq!(proxy.stats.duplicates(), vec![]);
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+    eprintln!(
+        "FIGURES server kill -9 ({mode:?}): {} part PUTs for 12+2 parts",
+        proxy.stats.part_puts.load(Ordering::Relaxed)
+    );
+}
+
+#[tokio::test]
+async fn server_killed_resumes_embedded() {
+    server_killed_resumes(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn server_killed_resumes_localstack() {
+    server_killed_resumes(Mode::LocalStack).await;
+}
+
+/// URLs that live 3 seconds and an agent held to 5 MiB/s, one part at a time (LocalStack checks
+/// expiry when a request ends, so each part must take less than the URL lifetime): the agent
+/// asks for fresh URLs for the missing parts and carries on.
+async fn expired_urls_are_refreshed(mode: Mode) {
+    let (server, proxy) = proxied(mode, Faults::default(), &["--presign-ttl-secs", "3"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.bin");
+    let sha = write_file(&file, 30 * MIB).await;
+    let client_id = unique_client("expiry");
+    let _agent = TestAgent::start_with(
+        &server,
+        &client_id,
+        &file,
+        &[
+            "--max-upload-bytes-per-sec",
+            "5242880",
+            "--upload-concurrency",
+            "1",
+        ],
+    );
+    server.wait_connected(&client_id).await;
+    let upload_id = trigger_id(&server, &client_id).await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_identical(&server, &status, &sha).await;
+    assert!(status["resumes"].as_u64().unwrap() >= 1, "{status}");
+    assert_eq!(proxy.stats.duplicates(), vec![]);
+    assert_eq!(proxy.stats.stored_parts(), 6);
+}
+
+#[tokio::test]
+async fn expired_urls_embedded() {
+    expired_urls_are_refreshed(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn expired_urls_localstack() {
+    expired_urls_are_refreshed(Mode::LocalStack).await;
+}
+
+/// The file grows while its parts are being sent: FILE_CHANGED, and nothing left behind.
+async fn file_changed_mid_upload(mode: Mode) {
+    let (server, _proxy) = proxied(mode, Faults::default(), &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.bin");
+    write_file(&file, 20 * MIB).await;
+    let client_id = unique_client("changed");
+    let _agent = TestAgent::start_with(
+        &server,
+        &client_id,
+        &file,
+        &["--max-upload-bytes-per-sec", "5242880"],
+    );
+    server.wait_connected(&client_id).await;
+    let upload_id = trigger_id(&server, &client_id).await;
+    let path = format!("/uploads/{upload_id}");
+    wait_until(Duration::from_secs(30), "bytes to flow", || async {
+        server.get_json(&path).await.1["bytes_done"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    })
+    .await;
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap();
+        f.write_all(b"one more line\n").unwrap();
+    }
+    let status = server.wait_finished(&upload_id).await;
+    assert_eq!(status["state"], "failed");
+    assert_eq!(status["error"]["code"], "FILE_CHANGED", "{status}");
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+    assert!(server.list_keys(&client_id).await.is_empty());
+}
+
+#[tokio::test]
+async fn file_changed_mid_upload_embedded() {
+    file_changed_mid_upload(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn file_changed_mid_upload_localstack() {
+    file_changed_mid_upload(Mode::LocalStack).await;
+}
+
+/// The agent comes back describing different content for the same upload: FILE_CHANGED.
+#[tokio::test]
+async fn file_changed_while_agent_away() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let client_id = unique_client("away");
+    let (agent, upload_id, _plan) =
+        RawAgent::with_plan(&server, &client_id, "f.bin", 6 * MIB).await;
+    drop(agent);
+    let mut agent = RawAgent::connect(&server, &client_id).await;
+    let describe = agent.recv_json().await.unwrap();
+    assert_eq!(describe["type"], "describe_file", "{describe}");
+    assert_eq!(describe["upload_id"], upload_id.as_str());
+    let min = describe["min_part_size"].as_u64().unwrap();
+    agent
+        .send_json(file_info(
+            &upload_id,
+            "f.bin",
+            &vec![8u8; 6 * MIB as usize],
+            min,
+        ))
+        .await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_eq!(status["error"]["code"], "FILE_CHANGED");
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+}
+
+/// MAX_UPLOAD_BYTES_PER_SEC holds for all parts together, measured where the bytes arrive.
+#[tokio::test]
+async fn bandwidth_cap_holds() {
+    let (server, proxy) = proxied(Mode::Embedded, Faults::default(), &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.bin");
+    let size = 20 * MIB;
+    let sha = write_file(&file, size).await;
+    let client_id = unique_client("capped");
+    let cap = 4 * MIB;
+    let _agent = TestAgent::start_with(
+        &server,
+        &client_id,
+        &file,
+        &["--max-upload-bytes-per-sec", &cap.to_string()],
+    );
+    server.wait_connected(&client_id).await;
+    let upload_id = trigger_id(&server, &client_id).await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_identical(&server, &status, &sha).await;
+    let (first, last) = proxy.stats.window.lock().unwrap().unwrap();
+    let rate = size as f64 / (last - first).as_secs_f64();
+    eprintln!("FIGURES bandwidth cap: {cap} B/s cap, measured {rate:.0} B/s");
+    assert!(
+        (rate - cap as f64).abs() <= cap as f64 * 0.10,
+        "measured {rate:.0} B/s against a cap of {cap}"
+    );
+}
+
+/// Multipart uploads under the prefix that no upload owns are aborted by the sweep; others are
+/// not touched. The server gets a prefix of its own, as LocalStack's bucket is shared by tests.
+async fn orphans_are_aborted(mode: Mode) {
+    let prefix = unique_client("sweep");
+    let server = TestServer::start_with(
+        mode,
+        &["--orphan-sweep-interval-secs", "1", "--key-prefix", &prefix],
+    )
+    .await;
+    let s3 = server.s3().await;
+    let orphan_key =
+        format!("{prefix}/store-1/20260101T000000Z-7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d/x.bin");
+    let outside_key = format!("{prefix}-elsewhere/store-1/x.bin");
+    let mut ids = Vec::new();
+    for key in [&orphan_key, &outside_key] {
+        let out = s3
+            .create_multipart_upload()
+            .bucket(BUCKET)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        ids.push(out.upload_id.unwrap());
+    }
+    let pending = |p: String| {
+        let s3 = s3.clone();
+        async move {
+            s3.list_multipart_uploads()
+                .bucket(BUCKET)
+                .prefix(p)
+                .send()
+                .await
+                .unwrap()
+                .uploads()
+                .len()
+        }
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "the orphan to be aborted",
+        || async { pending(format!("{prefix}/")).await == 0 },
+    )
+    .await;
+    assert_eq!(pending(format!("{prefix}/")).await, 0);
+    assert_eq!(
+        pending(format!("{prefix}-elsewhere/")).await,
+        1,
+        "outside the prefix stays"
+    );
+    s3.abort_multipart_upload()
+        .bucket(BUCKET)
+        .key(&outside_key)
+        .upload_id(&ids[1])
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn orphans_embedded() {
+    orphans_are_aborted(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn orphans_localstack() {
+    orphans_are_aborted(Mode::LocalStack).await;
+}

@@ -317,19 +317,31 @@ async fn wait_for(
             bar.set_length(size);
         }
         bar.set_position(status.bytes_done);
-        bar.set_message(format!("{:?}", status.state).to_lowercase());
+        // A stalled upload says so, and whether its agent is away, instead of a frozen bar.
+        let label = match (status.stalled, status.agent_connected) {
+            (true, false) => "agent away".to_owned(),
+            (true, true) => "stalled".to_owned(),
+            _ => format!("{:?}", status.state).to_lowercase(),
+        };
+        bar.set_message(label.clone());
         // Without a terminal there is no bar; a line every few seconds still shows progress.
         if log_lines && last_line.elapsed() >= Duration::from_secs(5) {
             last_line = Instant::now();
             eprintln!(
-                "{}: {}/{} bytes, {} parts done",
-                format!("{:?}", status.state).to_lowercase(),
+                "{label}: {}/{} bytes, {} parts done, {} B/s, ETA {}s, idle {}s, resumed {} times",
                 status.bytes_done,
                 status
                     .size
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "?".into()),
-                status.parts_done
+                status.parts_done,
+                status.rate_bytes_per_sec.unwrap_or(0),
+                status
+                    .eta_secs
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                status.idle_secs.unwrap_or(0),
+                status.resumes
             );
         }
         if status.state.is_terminal() {
@@ -396,8 +408,23 @@ fn print_upload(s: &UploadStatus, json: bool) -> anyhow::Result<()> {
             .unwrap_or_else(|| "?".into())
     );
     println!("  etag:     {}", opt(&s.etag));
+    println!("  sha256:   {}", opt(&s.sha256));
     if let Some(rate) = s.rate_bytes_per_sec {
         println!("  rate:     {:.1} MiB/s", rate as f64 / (1024.0 * 1024.0));
+    }
+    if let Some(eta) = s.eta_secs {
+        println!("  eta:      {eta}s");
+    }
+    if s.stalled {
+        let who = if s.agent_connected {
+            "no progress"
+        } else {
+            "agent away"
+        };
+        println!("  stalled:  {who} for {}s", s.idle_secs.unwrap_or(0));
+    }
+    if s.resumes > 0 {
+        println!("  resumed:  {} times", s.resumes);
     }
     if let Some(e) = &s.error {
         println!("  error:    {}: {}", e.code, e.message);

@@ -4,6 +4,7 @@
 //! - UploadPart checks `Content-MD5` against the body, as S3 does, and answers `BadDigest`
 //!   without keeping the part. s3s-fs checks it only on PutObject.
 //! - ListMultipartUploads lists the unfinished uploads, so the orphan sweep works here too.
+//! - ListParts answers `NoSuchUpload` for an upload that was completed or aborted.
 //!
 //! Every other operation Backhaul, its tests and its users need goes straight to s3s-fs.
 
@@ -104,7 +105,6 @@ s3_impl! {
         list_buckets(ListBucketsInput) -> ListBucketsOutput;
         get_bucket_location(GetBucketLocationInput) -> GetBucketLocationOutput;
         create_multipart_upload(CreateMultipartUploadInput) -> CreateMultipartUploadOutput;
-        list_parts(ListPartsInput) -> ListPartsOutput;
         complete_multipart_upload(CompleteMultipartUploadInput) -> CompleteMultipartUploadOutput;
         abort_multipart_upload(AbortMultipartUploadInput) -> AbortMultipartUploadOutput;
         head_object(HeadObjectInput) -> HeadObjectOutput;
@@ -145,6 +145,21 @@ s3_impl! {
             ));
         }
         result
+    }
+
+    /// s3s-fs lists whatever part files it finds, even for a completed or aborted upload; S3
+    /// answers NoSuchUpload, and resuming relies on that to spot an upload that was completed.
+    async fn list_parts(
+        &self,
+        req: S3Request<ListPartsInput>,
+    ) -> S3Result<S3Response<ListPartsOutput>> {
+        let open = uuid::Uuid::parse_str(&req.input.upload_id)
+            .map(|id| self.root.join(format!(".upload-{id}.json")).exists())
+            .unwrap_or(false);
+        if !open {
+            return Err(S3Error::new(S3ErrorCode::NoSuchUpload));
+        }
+        self.fs.list_parts(req).await
     }
 
     async fn list_multipart_uploads(

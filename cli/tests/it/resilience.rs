@@ -581,3 +581,92 @@ async fn orphans_embedded() {
 async fn orphans_localstack() {
     orphans_are_aborted(Mode::LocalStack).await;
 }
+
+/// Every part is stored but the agent died before completing, and (second upload) the agent
+/// completed but died before reporting: either way the upload ends `completed` once the agent is
+/// back, without a byte sent again.
+async fn finished_work_is_not_lost(mode: Mode) {
+    let server = TestServer::start(mode).await;
+    let http = reqwest::Client::new();
+    for complete_before_dying in [false, true] {
+        let client_id = unique_client("almost");
+        // Two parts: 8 MiB and 4 MiB.
+        let size = 12 * MIB;
+        let (agent, upload_id, plan) =
+            RawAgent::with_plan(&server, &client_id, "f.bin", size).await;
+        let data = vec![7u8; size as usize];
+        let part_size = plan["part_size"].as_u64().unwrap() as usize;
+        let mut etags = Vec::new();
+        assert_eq!(plan["parts"].as_array().unwrap().len(), 2);
+        for (i, part) in plan["parts"].as_array().unwrap().iter().enumerate() {
+            let body = data[i * part_size..((i + 1) * part_size).min(data.len())].to_vec();
+            let resp = http
+                .put(part["url"].as_str().unwrap())
+                .header("content-md5", part["content_md5"].as_str().unwrap())
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert!(resp.status().is_success());
+            etags.push(resp.headers()["etag"].to_str().unwrap().to_owned());
+        }
+        let complete = |etags: &[String], url: &str| {
+            let mut body = String::from("<CompleteMultipartUpload>");
+            for (i, e) in etags.iter().enumerate() {
+                body.push_str(&format!(
+                    "<Part><PartNumber>{}</PartNumber><ETag>{e}</ETag></Part>",
+                    i + 1
+                ));
+            }
+            body.push_str("</CompleteMultipartUpload>");
+            http.post(url).body(body).send()
+        };
+        if complete_before_dying {
+            let resp = complete(&etags, plan["complete_url"].as_str().unwrap())
+                .await
+                .unwrap();
+            assert!(resp.status().is_success());
+        }
+        drop(agent);
+
+        let mut agent = RawAgent::connect(&server, &client_id).await;
+        let describe = agent.recv_json().await.unwrap();
+        assert_eq!(describe["upload_id"], upload_id.as_str());
+        let min = describe["min_part_size"].as_u64().unwrap();
+        agent
+            .send_json(file_info(&upload_id, "f.bin", &data, min))
+            .await;
+        if !complete_before_dying {
+            let plan = agent.recv_json().await.unwrap();
+            assert_eq!(plan["type"], "start_upload", "{plan}");
+            assert_eq!(
+                plan["parts"],
+                serde_json::json!([]),
+                "nothing to send again"
+            );
+            assert_eq!(plan["done"].as_array().unwrap().len(), etags.len());
+            let resp = complete(&etags, plan["complete_url"].as_str().unwrap())
+                .await
+                .unwrap();
+            assert!(resp.status().is_success());
+            agent
+                .send_json(serde_json::json!({
+                    "type": "upload_completed", "upload_id": upload_id, "parts": plan["done"]
+                }))
+                .await;
+        }
+        let status = server.wait_finished(&upload_id).await;
+        assert_eq!(status["state"], "completed", "{status}");
+        assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+    }
+}
+
+#[tokio::test]
+async fn finished_work_is_not_lost_embedded() {
+    finished_work_is_not_lost(Mode::Embedded).await;
+}
+
+#[tokio::test]
+async fn finished_work_is_not_lost_localstack() {
+    finished_work_is_not_lost(Mode::LocalStack).await;
+}

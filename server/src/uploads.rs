@@ -87,6 +87,23 @@ struct Live {
     /// there.
     plan_sent: Option<(Instant, u64)>,
     finished: Option<Instant>,
+    /// Parts already stored when the latest plan was sent.
+    stored_at_last_plan: usize,
+    /// `need_urls` in a row after which no new part was stored: the URLs die before a part
+    /// can get through.
+    fruitless_refreshes: u32,
+}
+
+/// After this many fruitless refreshes in a row the upload fails instead of looping.
+const MAX_FRUITLESS_REFRESHES: u32 = 3;
+
+/// Why a plan is being made again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    /// The agent (re)described the file after connecting.
+    Reconnect,
+    /// The agent's URLs ran out.
+    Refresh,
 }
 
 impl Default for Live {
@@ -99,6 +116,8 @@ impl Default for Live {
             last_progress: now,
             plan_sent: None,
             finished: None,
+            stored_at_last_plan: 0,
+            fruitless_refreshes: 0,
         }
     }
 }
@@ -545,7 +564,7 @@ pub fn on_agent_message(
             state
                 .clone()
                 .tracker
-                .spawn(async move { resume(&state, upload_id).await });
+                .spawn(async move { resume(&state, upload_id, Resume::Refresh).await });
         }
         UploadCompleted { upload_id, parts } => {
             let ok = state.uploads.update(
@@ -664,7 +683,7 @@ async fn on_file_info(state: &AppState, upload_id: UploadId, facts: FileFacts) {
             state
                 .uploads
                 .update(upload_id, |_| true, |r| r.resumes += 1);
-            resume(state, upload_id).await;
+            resume(state, upload_id, Resume::Reconnect).await;
         }
         _ => {}
     }
@@ -728,7 +747,7 @@ async fn start_upload(state: &AppState, upload_id: UploadId, facts: FileFacts) {
 /// Lists what storage already holds and sends a plan for the rest. With every part stored, the
 /// plan has no parts and the agent only completes. If the multipart upload is gone, the agent may
 /// have completed it before losing its connection: the object is verified.
-async fn resume(state: &AppState, upload_id: UploadId) {
+async fn resume(state: &AppState, upload_id: UploadId, why: Resume) {
     let Some((key, s3_upload_id, facts)) = state
         .uploads
         .lock()
@@ -782,7 +801,32 @@ async fn resume(state: &AppState, upload_id: UploadId) {
             missing.push(part_number);
         }
     }
-    tracing::info!(%upload_id, stored = done.len(), missing = missing.len(), "resuming");
+    let fruitless = state.uploads.update(
+        upload_id,
+        |_| true,
+        |r| {
+            if why == Resume::Refresh && done.len() <= r.live.stored_at_last_plan {
+                r.live.fruitless_refreshes += 1;
+            } else {
+                r.live.fruitless_refreshes = 0;
+            }
+            r.live.fruitless_refreshes
+        },
+    );
+    if fruitless.is_some_and(|n| n >= MAX_FRUITLESS_REFRESHES) {
+        fail(
+            state,
+            upload_id,
+            ErrorCode::Stalled,
+            format!(
+                "the presigned URLs expired {MAX_FRUITLESS_REFRESHES} times in a row before a part got through; \
+                 raise PRESIGN_TTL_SECS above the time one part takes on this store's uplink"
+            ),
+        )
+        .await;
+        return;
+    }
+    tracing::info!(%upload_id, stored = done.len(), missing = missing.len(), ?why, "resuming");
     send_plan(state, upload_id, missing, done).await;
 }
 
@@ -879,6 +923,7 @@ async fn send_plan(
             r.parts_done = plan.done.len() as u32;
             r.bytes_done = done_bytes;
             r.live.plan_sent = Some((now, done_bytes));
+            r.live.stored_at_last_plan = plan.done.len();
             r.live.last_progress = now;
             r.touch();
         }

@@ -119,6 +119,7 @@ async fn storage_rejects_tampered_parts(mode: Mode) {
         .await;
     let status = server.wait_finished(&upload_id).await;
     assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
 }
 
 #[tokio::test]
@@ -400,6 +401,7 @@ async fn expired_urls_are_refreshed(mode: Mode) {
     assert!(status["resumes"].as_u64().unwrap() >= 1, "{status}");
     assert_eq!(proxy.stats.duplicates(), vec![]);
     assert_eq!(proxy.stats.stored_parts(), 6);
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
 }
 
 #[tokio::test]
@@ -410,6 +412,47 @@ async fn expired_urls_embedded() {
 #[tokio::test]
 async fn expired_urls_localstack() {
     expired_urls_are_refreshed(Mode::LocalStack).await;
+}
+
+/// URLs that die before one part can get through (LocalStack checks expiry when a request
+/// ends): after three fruitless refreshes the upload fails with a message that names the fix,
+/// instead of looping.
+#[tokio::test]
+async fn urls_shorter_than_a_part_fail_clearly_localstack() {
+    let (server, proxy) = proxied(
+        Mode::LocalStack,
+        Faults::default(),
+        &["--presign-ttl-secs", "2"],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.bin");
+    write_file(&file, 6 * MIB).await;
+    let client_id = unique_client("shortttl");
+    let _agent = TestAgent::start_with(
+        &server,
+        &client_id,
+        &file,
+        &[
+            "--max-upload-bytes-per-sec",
+            "2097152",
+            "--upload-concurrency",
+            "1",
+        ],
+    );
+    server.wait_connected(&client_id).await;
+    let upload_id = trigger_id(&server, &client_id).await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_eq!(status["state"], "failed");
+    assert_eq!(status["error"]["code"], "STALLED", "{status}");
+    assert!(
+        status["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("PRESIGN_TTL_SECS")
+    );
+    assert_eq!(proxy.stats.stored_parts(), 0);
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
 }
 
 /// The file grows while its parts are being sent: FILE_CHANGED, and nothing left behind.

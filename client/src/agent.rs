@@ -311,7 +311,7 @@ impl<'a> Session<'a> {
                 let cancel = cancel.clone();
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
-                    let mut last = (u32::MAX, u64::MAX);
+                    let mut last = (u32::MAX, u64::MAX, u32::MAX);
                     loop {
                         tokio::select! {
                             () = cancel.cancelled() => break,
@@ -320,6 +320,7 @@ impl<'a> Session<'a> {
                         let now = (
                             progress.parts_done.load(Ordering::Relaxed),
                             progress.bytes_done.load(Ordering::Relaxed),
+                            progress.retries.load(Ordering::Relaxed),
                         );
                         if now != last {
                             last = now;
@@ -328,6 +329,7 @@ impl<'a> Session<'a> {
                                 upload_id,
                                 parts_done: now.0,
                                 bytes_done: now.1,
+                                part_retries: now.2,
                             });
                         }
                     }
@@ -347,6 +349,15 @@ impl<'a> Session<'a> {
             cancel.cancel();
             let _ = reporter.await;
             let retries = progress.retries.load(Ordering::Relaxed);
+            // A last report, so the server's counts include what happened since the last tick.
+            let _ = outbox
+                .send(AgentMessage::Progress {
+                    upload_id,
+                    parts_done: progress.parts_done.load(Ordering::Relaxed),
+                    bytes_done: progress.bytes_done.load(Ordering::Relaxed),
+                    part_retries: retries,
+                })
+                .await;
             let msg = match result {
                 Ok(uploader::Outcome::Completed(parts)) => {
                     tracing::info!(%upload_id, elapsed = ?started.elapsed(), retries, "upload finished");

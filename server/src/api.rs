@@ -29,6 +29,7 @@ pub async fn trigger_download(
     Path(raw_client_id): Path<String>,
     params: Result<Query<TriggerParams>, QueryRejection>,
 ) -> Result<(StatusCode, Json<TriggerResponse>), ApiError> {
+    let received = std::time::Instant::now();
     let client_id = parse_client_id(&raw_client_id)?;
     let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     let share = FileName::parse(params.file.as_deref().unwrap_or(DEFAULT_SHARE))
@@ -42,6 +43,7 @@ pub async fn trigger_download(
             from: peer,
         },
     )?;
+    state.metrics.observe_dispatch(received.elapsed());
     Ok((
         StatusCode::ACCEPTED,
         Json(TriggerResponse {
@@ -161,6 +163,22 @@ pub async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
         "status": "ok",
         "connected_agents": state.registry.len(),
     }))
+}
+
+/// `GET /metrics`: Prometheus text format. Operators only, like the rest of the API; Prometheus
+/// sends the token with `authorization: {credentials_file: ...}`.
+pub async fn metrics(
+    State(state): State<AppState>,
+    _operator: Operator,
+) -> impl axum::response::IntoResponse {
+    let open = state.uploads.open_counts();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(state.registry.len(), &open),
+    )
 }
 
 pub async fn not_found() -> ApiError {

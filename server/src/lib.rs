@@ -13,6 +13,7 @@ pub mod db;
 pub mod embedded_s3;
 pub mod embedded_store;
 pub mod error;
+pub mod metrics;
 pub mod registry;
 pub mod revocations;
 pub mod storage;
@@ -56,6 +57,7 @@ pub struct StateInner {
     pub registry: Registry,
     pub revocations: Revocations,
     pub uploads: Uploads,
+    pub metrics: metrics::Metrics,
     pub storage: Storage,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
@@ -95,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/revocations/{client_id}", post(api::revoke_client))
         .route("/healthz", get(api::healthz))
+        .route("/metrics", get(api::metrics))
         // The timeout wraps the REST routes only: an upgraded WebSocket lives on after its
         // handler returned, and its own tasks watch the shutdown token.
         .layer(axum::middleware::from_fn(rest_timeout))
@@ -215,6 +218,7 @@ pub async fn run(
         registry: Registry::default(),
         revocations,
         uploads,
+        metrics: metrics::Metrics::default(),
         storage,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

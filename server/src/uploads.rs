@@ -89,6 +89,8 @@ struct Live {
     finished: Option<Instant>,
     /// Parts already stored when the latest plan was sent.
     stored_at_last_plan: usize,
+    /// The latest part retry count the agent reported for its current run.
+    retries_seen: u32,
     /// `need_urls` in a row after which no new part was stored: the URLs die before a part
     /// can get through.
     fruitless_refreshes: u32,
@@ -118,6 +120,7 @@ impl Default for Live {
             finished: None,
             stored_at_last_plan: 0,
             fruitless_refreshes: 0,
+            retries_seen: 0,
         }
     }
 }
@@ -306,6 +309,22 @@ impl Uploads {
         self.read_stored(self.store.get(id), bucket)
     }
 
+    /// Unfinished uploads per state, for `/metrics`.
+    pub fn open_counts(&self) -> Vec<(&'static str, usize)> {
+        let table = self.lock();
+        let mut counts = [("requested", 0), ("uploading", 0), ("verifying", 0)];
+        for id in table.active_by_client.values() {
+            let i = match table.by_id.get(id).map(|r| r.state) {
+                Some(UploadState::Requested) => 0,
+                Some(UploadState::Uploading) => 1,
+                Some(UploadState::Verifying) => 2,
+                _ => continue,
+            };
+            counts[i].1 += 1;
+        }
+        counts.to_vec()
+    }
+
     pub fn active_for(&self, client_id: &ClientId) -> Option<UploadId> {
         self.lock().active_by_client.get(client_id).copied()
     }
@@ -417,6 +436,10 @@ pub fn trigger(
         state.uploads.persist(&record);
         table.insert(record);
     }
+    state
+        .metrics
+        .triggers
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         audit = true,
         %client_id,
@@ -533,6 +556,7 @@ pub fn on_agent_message(
             upload_id,
             parts_done,
             bytes_done,
+            part_retries,
         } => {
             let mut table = state.uploads.lock();
             if let Some(r) = table.by_id.get_mut(&upload_id)
@@ -543,6 +567,15 @@ pub fn on_agent_message(
                 r.parts_done = parts_done.min(r.parts_total().unwrap_or(0));
                 r.bytes_done = bytes_done.min(size);
                 r.live.last_progress = Instant::now();
+                // The count restarts with each plan the agent runs.
+                let new = part_retries
+                    .checked_sub(r.live.retries_seen)
+                    .unwrap_or(part_retries);
+                r.live.retries_seen = part_retries;
+                state
+                    .metrics
+                    .part_retries
+                    .fetch_add(u64::from(new), std::sync::atomic::Ordering::Relaxed);
                 r.touch();
             }
         }
@@ -827,6 +860,10 @@ async fn resume(state: &AppState, upload_id: UploadId, why: Resume) {
         return;
     }
     tracing::info!(%upload_id, stored = done.len(), missing = missing.len(), ?why, "resuming");
+    state
+        .metrics
+        .resumes
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     send_plan(state, upload_id, missing, done).await;
 }
 
@@ -924,6 +961,7 @@ async fn send_plan(
             r.bytes_done = done_bytes;
             r.live.plan_sent = Some((now, done_bytes));
             r.live.stored_at_last_plan = plan.done.len();
+            r.live.retries_seen = 0;
             r.live.last_progress = now;
             r.touch();
         }
@@ -1009,6 +1047,13 @@ async fn verify(state: &AppState, upload_id: UploadId, reported: Option<Vec<Comp
                 && r.is_open()
             {
                 r.state = UploadState::Completed;
+                use std::sync::atomic::Ordering::Relaxed;
+                state.metrics.completed.fetch_add(1, Relaxed);
+                state.metrics.bytes_uploaded.fetch_add(facts.size, Relaxed);
+                state
+                    .metrics
+                    .parts_uploaded
+                    .fetch_add(expected_parts.len() as u64, Relaxed);
                 r.etag = Some(etag.clone());
                 r.parts_done = expected_parts.len() as u32;
                 r.bytes_done = facts.size;
@@ -1227,6 +1272,12 @@ impl FailCleanup {
         if let Some(r) = table.by_id.get_mut(&upload_id) {
             r.state = final_state;
             r.ending = None;
+            let counter = if final_state == UploadState::Cancelled {
+                &state.metrics.cancelled
+            } else {
+                &state.metrics.failed
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             r.finished_at = Some(OffsetDateTime::now_utc());
             r.live.finished = Some(Instant::now());
             r.touch();
@@ -1362,6 +1413,10 @@ pub async fn sweep_orphans(state: &AppState) -> usize {
         match state.storage.abort_multipart(&p.key, &p.upload_id).await {
             Ok(()) => {
                 aborted += 1;
+                state
+                    .metrics
+                    .orphans_aborted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(key = p.key, "aborted an orphaned multipart upload");
             }
             Err(err) => {

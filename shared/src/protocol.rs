@@ -48,6 +48,9 @@ pub enum AgentMessage {
         upload_id: UploadId,
         parts_done: u32,
         bytes_done: u64,
+        /// Part attempts that failed and were retried since the current plan arrived.
+        #[serde(default)]
+        part_retries: u32,
     },
     /// Every part is uploaded and the multipart upload was completed with these ETags.
     UploadCompleted {
@@ -366,7 +369,7 @@ mod decoder_properties {
                     part_md5: (0..parts).map(|n| format!("{n:022}==")).collect(),
                 },
                 AgentMessage::NeedUrls { upload_id },
-                AgentMessage::Progress { upload_id, parts_done: parts, bytes_done: size },
+                AgentMessage::Progress { upload_id, parts_done: parts, bytes_done: size, part_retries: parts },
                 AgentMessage::UploadCompleted {
                     upload_id,
                     parts: (1..=parts).map(|n| CompletedPart {

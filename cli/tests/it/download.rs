@@ -46,7 +46,65 @@ async fn download_via_cli_is_byte_identical(mode: Mode, size: u64) {
         .unwrap();
     assert_eq!(head.content_length(), Some(size as i64));
     assert_eq!(head.e_tag(), status["etag"].as_str());
+    assert_eq!(
+        head.metadata()
+            .and_then(|m| m.get("sha256"))
+            .map(String::as_str),
+        Some(sha.as_str()),
+        "the file's SHA-256 is recorded on the object"
+    );
+    assert_eq!(status["sha256"], sha);
     assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+}
+
+/// `/metrics` counts what happened, in Prometheus text, for operators only.
+#[tokio::test]
+async fn metrics_count_a_download() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.bin");
+    let size = 12 * MIB;
+    write_file(&file, size).await;
+    let client_id = unique_client("metrics");
+    let _agent = TestAgent::start(&server, &client_id, &file);
+    server.wait_connected(&client_id).await;
+    let (_, trig) = server.trigger(&client_id).await;
+    let status = server
+        .wait_finished(trig["upload_id"].as_str().unwrap())
+        .await;
+    assert_eq!(status["state"], "completed");
+
+    let http = server.http_client();
+    let url = format!("{}/metrics", server.http_url());
+    let anonymous = http.get(&url).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let resp = http
+        .get(&url)
+        .bearer_auth(operator_token())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = resp.text().await.unwrap();
+    for line in [
+        "backhaul_connected_agents 1".to_owned(),
+        "backhaul_uploads_triggered_total 1".to_owned(),
+        "backhaul_uploads_finished_total{state=\"completed\"} 1".to_owned(),
+        format!("backhaul_bytes_uploaded_total {size}"),
+        "backhaul_parts_uploaded_total 2".to_owned(),
+        "backhaul_trigger_dispatch_seconds_count 1".to_owned(),
+        "backhaul_uploads_open{state=\"uploading\"} 0".to_owned(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

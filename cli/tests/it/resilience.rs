@@ -39,6 +39,25 @@ async fn assert_identical(server: &TestServer, status: &serde_json::Value, sha: 
     assert_eq!(server.object_sha256(key).await, sha, "stored bytes differ");
 }
 
+/// One unlabelled sample from `/metrics`.
+async fn metric(server: &TestServer, name: &str) -> u64 {
+    let text = server
+        .http_client()
+        .get(format!("{}/metrics", server.http_url()))
+        .bearer_auth(operator_token())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
 async fn wait_parts_done(server: &TestServer, upload_id: &str, at_least: u64) {
     let path = format!("/uploads/{upload_id}");
     wait_until(Duration::from_secs(60), "parts to be stored", || async {
@@ -215,8 +234,16 @@ async fn faulty_link_completes(mode: Mode) {
     assert_eq!(st.duplicates(), vec![]);
     assert_eq!(st.stored_parts(), 8);
     assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+    // Every failed attempt was retried, and the agent reported each retry.
+    let failed_attempts = st.part_puts.load(Ordering::Relaxed) - 8;
+    let reported = metric(&server, "backhaul_part_retries_total").await;
+    assert_eq!(
+        reported,
+        u64::from(failed_attempts),
+        "retries reported to /metrics"
+    );
     eprintln!(
-        "FIGURES faulty link ({mode:?}): {} part PUTs for 8 parts, {} 503s, {} cuts, {} corruptions refused, {} bytes re-sent",
+        "FIGURES faulty link ({mode:?}): {} part PUTs for 8 parts, {reported} retries, {} 503s, {} cuts, {} corruptions refused, {} bytes re-sent",
         st.part_puts.load(Ordering::Relaxed),
         st.injected_503.load(Ordering::Relaxed),
         st.injected_cuts.load(Ordering::Relaxed),

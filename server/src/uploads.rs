@@ -309,6 +309,13 @@ impl Uploads {
         self.read_stored(self.store.get(id), bucket)
     }
 
+    /// The object key, S3 upload id and file description of an upload past `start_upload`.
+    fn multipart(&self, id: UploadId) -> Option<(String, String, FileFacts)> {
+        let table = self.lock();
+        let r = table.by_id.get(&id)?;
+        Some((r.key.clone()?, r.s3_upload_id.clone()?, r.file.clone()?))
+    }
+
     /// Unfinished uploads per state, for `/metrics`.
     pub fn open_counts(&self) -> Vec<(&'static str, usize)> {
         let table = self.lock();
@@ -781,13 +788,7 @@ async fn start_upload(state: &AppState, upload_id: UploadId, facts: FileFacts) {
 /// plan has no parts and the agent only completes. If the multipart upload is gone, the agent may
 /// have completed it before losing its connection: the object is verified.
 async fn resume(state: &AppState, upload_id: UploadId, why: Resume) {
-    let Some((key, s3_upload_id, facts)) = state
-        .uploads
-        .lock()
-        .by_id
-        .get(&upload_id)
-        .and_then(|r| Some((r.key.clone()?, r.s3_upload_id.clone()?, r.file.clone()?)))
-    else {
+    let Some((key, s3_upload_id, facts)) = state.uploads.multipart(upload_id) else {
         return;
     };
     let stored = match state.storage.list_parts(&key, &s3_upload_id).await {
@@ -874,13 +875,7 @@ async fn send_plan(
     missing: Vec<PartNumber>,
     done: Vec<CompletedPart>,
 ) {
-    let Some((key, s3_upload_id, facts)) = state
-        .uploads
-        .lock()
-        .by_id
-        .get(&upload_id)
-        .and_then(|r| Some((r.key.clone()?, r.s3_upload_id.clone()?, r.file.clone()?)))
-    else {
+    let Some((key, s3_upload_id, facts)) = state.uploads.multipart(upload_id) else {
         return;
     };
     let ttl = state.config.presign_ttl();

@@ -26,6 +26,31 @@ async fn proxied(mode: Mode, faults: Faults, extra: &[&str]) -> (TestServer, Fau
     (server, proxy)
 }
 
+/// A store: an agent started with `agent_extra`, sharing a file of `size` random bytes.
+struct Store {
+    client_id: String,
+    file: std::path::PathBuf,
+    sha: String,
+    _agent: TestAgent,
+    _dir: tempfile::TempDir,
+}
+
+async fn store(server: &TestServer, name: &str, size: u64, agent_extra: &[&str]) -> Store {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.bin");
+    let sha = write_file(&file, size).await;
+    let client_id = unique_client(name);
+    let agent = TestAgent::start_with(server, &client_id, &file, agent_extra);
+    server.wait_connected(&client_id).await;
+    Store {
+        client_id,
+        file,
+        sha,
+        _agent: agent,
+        _dir: dir,
+    }
+}
+
 async fn trigger_id(server: &TestServer, client_id: &str) -> String {
     let (status, trig) = server.trigger(client_id).await;
     assert_eq!(status, 202, "{trig}");
@@ -159,18 +184,15 @@ async fn always_corrupted_never_completes(mode: Mode) {
         ..Faults::default()
     };
     let (server, proxy) = proxied(mode, faults, &[]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("f.bin");
-    write_file(&file, 6 * MIB).await;
-    let client_id = unique_client("corrupt");
-    let _agent = TestAgent::start_with(
+    let store = store(
         &server,
-        &client_id,
-        &file,
+        "corrupt",
+        6 * MIB,
         &["--part-attempts", "3", "--part-retry-min-ms", "10"],
-    );
-    server.wait_connected(&client_id).await;
-    let upload_id = trigger_id(&server, &client_id).await;
+    )
+    .await;
+    let client_id = &store.client_id;
+    let upload_id = trigger_id(&server, client_id).await;
     let status = server.wait_finished(&upload_id).await;
     assert_eq!(status["state"], "failed");
     assert_eq!(status["error"]["code"], "PART_UPLOAD_FAILED");
@@ -187,8 +209,8 @@ async fn always_corrupted_never_completes(mode: Mode) {
         0,
         "no corrupted part was stored"
     );
-    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
-    assert!(server.list_keys(&client_id).await.is_empty());
+    assert_eq!(server.in_progress_multiparts(client_id).await, 0);
+    assert!(server.list_keys(client_id).await.is_empty());
 }
 
 #[tokio::test]
@@ -210,21 +232,18 @@ async fn faulty_link_completes(mode: Mode) {
         corrupt_every: Some(5),
     };
     let (server, proxy) = proxied(mode, faults, &[]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("f.bin");
     let size = 40 * MIB;
-    let sha = write_file(&file, size).await;
-    let client_id = unique_client("faulty");
-    let _agent = TestAgent::start_with(
+    let store = store(
         &server,
-        &client_id,
-        &file,
+        "faulty",
+        size,
         &["--part-attempts", "10", "--part-retry-min-ms", "10"],
-    );
-    server.wait_connected(&client_id).await;
-    let upload_id = trigger_id(&server, &client_id).await;
+    )
+    .await;
+    let (client_id, sha) = (&store.client_id, &store.sha);
+    let upload_id = trigger_id(&server, client_id).await;
     let status = server.wait_finished(&upload_id).await;
-    assert_identical(&server, &status, &sha).await;
+    assert_identical(&server, &status, sha).await;
     let st = &proxy.stats;
     assert!(st.faults() >= 4, "faults were injected: {}", st.faults());
     assert_eq!(
@@ -233,7 +252,7 @@ async fn faulty_link_completes(mode: Mode) {
     );
     assert_eq!(st.duplicates(), vec![]);
     assert_eq!(st.stored_parts(), 8);
-    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+    assert_eq!(server.in_progress_multiparts(client_id).await, 0);
     // Every failed attempt was retried, and the agent reported each retry.
     let failed_attempts = st.part_puts.load(Ordering::Relaxed) - 8;
     let reported = metric(&server, "backhaul_part_retries_total").await;
@@ -406,29 +425,26 @@ async fn server_killed_resumes_localstack() {
 /// asks for fresh URLs for the missing parts and carries on.
 async fn expired_urls_are_refreshed(mode: Mode) {
     let (server, proxy) = proxied(mode, Faults::default(), &["--presign-ttl-secs", "3"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("f.bin");
-    let sha = write_file(&file, 30 * MIB).await;
-    let client_id = unique_client("expiry");
-    let _agent = TestAgent::start_with(
+    let store = store(
         &server,
-        &client_id,
-        &file,
+        "expiry",
+        30 * MIB,
         &[
             "--max-upload-bytes-per-sec",
             "5242880",
             "--upload-concurrency",
             "1",
         ],
-    );
-    server.wait_connected(&client_id).await;
-    let upload_id = trigger_id(&server, &client_id).await;
+    )
+    .await;
+    let (client_id, sha) = (&store.client_id, &store.sha);
+    let upload_id = trigger_id(&server, client_id).await;
     let status = server.wait_finished(&upload_id).await;
-    assert_identical(&server, &status, &sha).await;
+    assert_identical(&server, &status, sha).await;
     assert!(status["resumes"].as_u64().unwrap() >= 1, "{status}");
     assert_eq!(proxy.stats.duplicates(), vec![]);
     assert_eq!(proxy.stats.stored_parts(), 6);
-    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+    assert_eq!(server.in_progress_multiparts(client_id).await, 0);
 }
 
 #[tokio::test]
@@ -452,23 +468,20 @@ async fn urls_shorter_than_a_part_fail_clearly_localstack() {
         &["--presign-ttl-secs", "2"],
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("f.bin");
-    write_file(&file, 6 * MIB).await;
-    let client_id = unique_client("shortttl");
-    let _agent = TestAgent::start_with(
+    let store = store(
         &server,
-        &client_id,
-        &file,
+        "shortttl",
+        6 * MIB,
         &[
             "--max-upload-bytes-per-sec",
             "2097152",
             "--upload-concurrency",
             "1",
         ],
-    );
-    server.wait_connected(&client_id).await;
-    let upload_id = trigger_id(&server, &client_id).await;
+    )
+    .await;
+    let client_id = &store.client_id;
+    let upload_id = trigger_id(&server, client_id).await;
     let status = server.wait_finished(&upload_id).await;
     assert_eq!(status["state"], "failed");
     assert_eq!(status["error"]["code"], "STALLED", "{status}");
@@ -479,24 +492,21 @@ async fn urls_shorter_than_a_part_fail_clearly_localstack() {
             .contains("PRESIGN_TTL_SECS")
     );
     assert_eq!(proxy.stats.stored_parts(), 0);
-    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+    assert_eq!(server.in_progress_multiparts(client_id).await, 0);
 }
 
 /// The file grows while its parts are being sent: FILE_CHANGED, and nothing left behind.
 async fn file_changed_mid_upload(mode: Mode) {
     let (server, _proxy) = proxied(mode, Faults::default(), &[]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("f.bin");
-    write_file(&file, 20 * MIB).await;
-    let client_id = unique_client("changed");
-    let _agent = TestAgent::start_with(
+    let store = store(
         &server,
-        &client_id,
-        &file,
+        "changed",
+        20 * MIB,
         &["--max-upload-bytes-per-sec", "5242880"],
-    );
-    server.wait_connected(&client_id).await;
-    let upload_id = trigger_id(&server, &client_id).await;
+    )
+    .await;
+    let client_id = &store.client_id;
+    let upload_id = trigger_id(&server, client_id).await;
     let path = format!("/uploads/{upload_id}");
     wait_until(Duration::from_secs(30), "bytes to flow", || async {
         server.get_json(&path).await.1["bytes_done"]
@@ -508,15 +518,15 @@ async fn file_changed_mid_upload(mode: Mode) {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .append(true)
-            .open(&file)
+            .open(&store.file)
             .unwrap();
         f.write_all(b"one more line\n").unwrap();
     }
     let status = server.wait_finished(&upload_id).await;
     assert_eq!(status["state"], "failed");
     assert_eq!(status["error"]["code"], "FILE_CHANGED", "{status}");
-    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
-    assert!(server.list_keys(&client_id).await.is_empty());
+    assert_eq!(server.in_progress_multiparts(client_id).await, 0);
+    assert!(server.list_keys(client_id).await.is_empty());
 }
 
 #[tokio::test]
@@ -559,22 +569,19 @@ async fn file_changed_while_agent_away() {
 #[tokio::test]
 async fn bandwidth_cap_holds() {
     let (server, proxy) = proxied(Mode::Embedded, Faults::default(), &[]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("f.bin");
     let size = 20 * MIB;
-    let sha = write_file(&file, size).await;
-    let client_id = unique_client("capped");
     let cap = 4 * MIB;
-    let _agent = TestAgent::start_with(
+    let store = store(
         &server,
-        &client_id,
-        &file,
+        "capped",
+        size,
         &["--max-upload-bytes-per-sec", &cap.to_string()],
-    );
-    server.wait_connected(&client_id).await;
-    let upload_id = trigger_id(&server, &client_id).await;
+    )
+    .await;
+    let (client_id, sha) = (&store.client_id, &store.sha);
+    let upload_id = trigger_id(&server, client_id).await;
     let status = server.wait_finished(&upload_id).await;
-    assert_identical(&server, &status, &sha).await;
+    assert_identical(&server, &status, sha).await;
     let (first, last) = proxy.stats.window.lock().unwrap().unwrap();
     let rate = size as f64 / (last - first).as_secs_f64();
     eprintln!("FIGURES bandwidth cap: {cap} B/s cap, measured {rate:.0} B/s");

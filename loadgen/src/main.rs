@@ -1,0 +1,344 @@
+//! Fleet load generator: holds many simulated agents on one Backhaul server, with real
+//! WebSockets and real agent JWTs, spread over several 127.0.0.x source addresses, and measures:
+//!
+//! - server memory per idle agent (the server's RSS before and after, from /proc);
+//! - trigger-to-command latency: from `POST /trigger-download` sent to `describe_file` received
+//!   by the simulated agent, one trigger at a time;
+//! - a burst of concurrent triggers to distinct agents: time until every command arrived;
+//! - a reconnect storm: every agent drops at once and comes back after a jittered delay, as real
+//!   agents do; time until all are connected again, and how many attempts the server refused.
+//!
+//! A simulated agent answers `describe_file` with `upload_failed` (FILE_NOT_FOUND), so the server
+//! frees it for the next trigger and no storage is involved.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use futures::{SinkExt, StreamExt};
+use rand::Rng;
+use shared::auth::{Role, TokenKeys};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The server's HTTP address, such as 127.0.0.1:8080.
+    #[arg(long)]
+    server: SocketAddr,
+    /// The server's JWT_SECRET, to mint agent and operator tokens.
+    #[arg(long, env = "JWT_SECRET")]
+    jwt_secret: String,
+    /// Process id of the server, to read its RSS.
+    #[arg(long)]
+    server_pid: u32,
+    #[arg(long, default_value_t = 10_000)]
+    agents: usize,
+    /// Connections opened at the same time while the fleet comes up.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Agents per source address (127.0.0.2, 127.0.0.3, ...); each address has about 28,000
+    /// ephemeral ports.
+    #[arg(long, default_value_t = 20_000)]
+    agents_per_address: usize,
+    /// Sequential triggers for the latency percentiles.
+    #[arg(long, default_value_t = 500)]
+    triggers: usize,
+    #[arg(long, default_value_t = 1_000)]
+    burst: usize,
+    /// Largest reconnect delay in the storm; each agent waits a uniform random time up to it.
+    #[arg(long, default_value_t = 10_000)]
+    storm_spread_ms: u64,
+}
+
+/// What a simulated agent tells the coordinator.
+enum Event {
+    Command { agent: usize, at: Instant },
+}
+
+struct Shared {
+    args: Args,
+    keys: TokenKeys,
+    events: mpsc::UnboundedSender<Event>,
+    connected: AtomicUsize,
+    refused: AtomicU64,
+    /// Bumped to make every agent drop its connection and reconnect.
+    storm: watch::Receiver<u64>,
+}
+
+fn client_id(i: usize) -> String {
+    format!("loadgen-{i:06}")
+}
+
+fn source_ip(args: &Args, i: usize) -> Ipv4Addr {
+    let n = (i / args.agents_per_address.max(1)) as u32 + 2;
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 0)) + n)
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn connect(shared: &Shared, i: usize) -> anyhow::Result<Ws> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source_ip(&shared.args, i).into(), 0))?;
+    let stream = socket.connect(shared.args.server).await?;
+    let token = shared
+        .keys
+        .issue(&client_id(i), Role::Agent, Duration::from_secs(24 * 3600))?;
+    let mut req = format!("ws://{}/ws/connect", shared.args.server).into_client_request()?;
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await?;
+    let hello = serde_json::json!({
+        "type": "hello",
+        "protocol_version": shared::protocol::PROTOCOL_VERSION,
+        "agent_version": "loadgen",
+    });
+    ws.send(Message::Text(hello.to_string().into())).await?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.contains("\"welcome\"") => return Ok(ws),
+            Some(Ok(Message::Text(t))) => bail!("expected welcome, got {t}"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("closed before welcome"),
+        }
+    }
+}
+
+/// One simulated agent: connects (retrying), then serves commands until a storm drops it.
+async fn agent(shared: Arc<Shared>, i: usize, gate: Arc<Semaphore>) {
+    let mut storm = shared.storm.clone();
+    let mut first = true;
+    loop {
+        let ws = {
+            let _permit = if first {
+                Some(gate.acquire().await)
+            } else {
+                None
+            };
+            let mut attempt = 0u32;
+            loop {
+                match connect(&shared, i).await {
+                    Ok(ws) => break ws,
+                    Err(_) => {
+                        shared.refused.fetch_add(1, Ordering::Relaxed);
+                        attempt += 1;
+                        let cap = 100u64 << attempt.min(6);
+                        let d = rand::thread_rng().gen_range(cap / 2..=cap);
+                        tokio::time::sleep(Duration::from_millis(d)).await;
+                    }
+                }
+            }
+        };
+        first = false;
+        shared.connected.fetch_add(1, Ordering::Relaxed);
+        let dropped = serve(&shared, i, ws, &mut storm).await;
+        shared.connected.fetch_sub(1, Ordering::Relaxed);
+        if dropped {
+            let spread = shared.args.storm_spread_ms.max(1);
+            let d = rand::thread_rng().gen_range(0..spread);
+            tokio::time::sleep(Duration::from_millis(d)).await;
+        }
+    }
+}
+
+/// Returns true when a storm dropped the connection.
+async fn serve(shared: &Shared, i: usize, mut ws: Ws, storm: &mut watch::Receiver<u64>) -> bool {
+    loop {
+        tokio::select! {
+            _ = storm.changed() => return true,
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) if t.contains("\"describe_file\"") => {
+                    let at = Instant::now();
+                    let _ = shared.events.send(Event::Command { agent: i, at });
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                    let reply = serde_json::json!({
+                        "type": "upload_failed",
+                        "upload_id": v["upload_id"],
+                        "code": "FILE_NOT_FOUND",
+                        "message": "simulated agent",
+                    });
+                    if ws.send(Message::Text(reply.to_string().into())).await.is_err() {
+                        return false;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return false,
+            },
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[idx]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+async fn trigger(http: &reqwest::Client, args: &Args, token: &str, i: usize) -> u16 {
+    let url = format!("http://{}/trigger-download/{}", args.server, client_id(i));
+    match http.post(url).bearer_auth(token).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let limit = rlimit::increase_nofile_limit(u64::MAX)?;
+    if (limit as usize) < args.agents + 1024 {
+        bail!(
+            "the file-descriptor limit is {limit}, too low for {} agents",
+            args.agents
+        );
+    }
+    let keys = TokenKeys::new(args.jwt_secret.as_bytes())?;
+    let operator = keys.issue("loadgen", Role::Operator, Duration::from_secs(24 * 3600))?;
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (storm_tx, storm_rx) = watch::channel(0u64);
+    let rss_before = rss_kib(args.server_pid)?;
+    let n = args.agents;
+    let shared = Arc::new(Shared {
+        args,
+        keys,
+        events: events_tx,
+        connected: AtomicUsize::new(0),
+        refused: AtomicU64::new(0),
+        storm: storm_rx,
+    });
+    let args = &shared.args;
+
+    // The fleet comes up.
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(args.connect_concurrency));
+    for i in 0..n {
+        tokio::spawn(agent(shared.clone(), i, gate.clone()));
+    }
+    while shared.connected.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "only {} of {n} agents connected after 600 s",
+                shared.connected.load(Ordering::Relaxed)
+            );
+        }
+    }
+    let connect_time = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_idle = rss_kib(args.server_pid)?;
+    let per_agent = (rss_idle.saturating_sub(rss_before)) as f64 * 1024.0 / n as f64;
+    println!(
+        "agents: {n} connected in {:.1} s",
+        connect_time.as_secs_f64()
+    );
+    println!(
+        "server RSS: {rss_before} KiB before, {rss_idle} KiB with {n} idle agents: {per_agent:.0} bytes per agent"
+    );
+
+    // Trigger-to-command latency, one at a time.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let mut lat = Vec::with_capacity(args.triggers);
+    let mut rng = rand::thread_rng();
+    for _ in 0..args.triggers {
+        let i = rng.gen_range(0..n);
+        let t0 = Instant::now();
+        let status = trigger(&http, args, &operator, i).await;
+        if status != 202 {
+            bail!("trigger for agent {i} answered {status}");
+        }
+        loop {
+            let Some(Event::Command { agent, at }) = events.recv().await else {
+                bail!("event channel closed");
+            };
+            if agent == i {
+                lat.push(at.duration_since(t0));
+                break;
+            }
+        }
+        // Let the agent's failure report free it before it could be picked again.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    lat.sort();
+    println!(
+        "trigger-to-command latency over {} triggers: p50 {} ms, p99 {} ms, max {} ms",
+        lat.len(),
+        ms(percentile(&lat, 0.50)),
+        ms(percentile(&lat, 0.99)),
+        ms(*lat.last().unwrap_or(&Duration::ZERO))
+    );
+
+    // A burst to distinct agents.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let burst = args.burst.min(n);
+    let offset = rng.gen_range(0..n);
+    let chosen: Vec<usize> = (0..burst).map(|k| (offset + k) % n).collect();
+    let t0 = Instant::now();
+    let sends =
+        futures::future::join_all(chosen.iter().map(|&i| trigger(&http, args, &operator, i)));
+    let statuses = sends.await;
+    let accepted = statuses.iter().filter(|s| **s == 202).count();
+    let mut got = 0;
+    while got < accepted {
+        match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+            Ok(Some(Event::Command { .. })) => got += 1,
+            _ => break,
+        }
+    }
+    let burst_time = t0.elapsed();
+    println!(
+        "burst: {burst} triggers, {accepted} accepted, {got} commands received within {} ms",
+        ms(burst_time)
+    );
+
+    // The reconnect storm.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    shared.refused.store(0, Ordering::Relaxed);
+    let t0 = Instant::now();
+    storm_tx.send(1)?;
+    // Wait for the drop to register, then for everyone to be back.
+    while shared.connected.load(Ordering::Relaxed) > n / 2 && t0.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while shared.connected.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if t0.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+    }
+    println!(
+        "reconnect storm: {} of {n} back in {:.1} s (delays spread over {} ms), {} connection attempts failed",
+        shared.connected.load(Ordering::Relaxed),
+        t0.elapsed().as_secs_f64(),
+        args.storm_spread_ms,
+        shared.refused.load(Ordering::Relaxed)
+    );
+    println!(
+        "server RSS after the storm: {} KiB",
+        rss_kib(args.server_pid)?
+    );
+    Ok(())
+}

@@ -41,9 +41,9 @@ struct Args {
     /// Connections opened at the same time while the fleet comes up.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
-    /// Agents per source address (127.0.0.2, 127.0.0.3, ...); each address has about 28,000
-    /// ephemeral ports.
-    #[arg(long, default_value_t = 20_000)]
+    /// Agents per source address (127.B.0.2, 127.B.0.3, ...); each address has about 28,000
+    /// ephemeral ports. B is drawn per run, so a run never meets the TIME_WAIT ports of the last.
+    #[arg(long, default_value_t = 10_000)]
     agents_per_address: usize,
     /// Sequential triggers for the latency percentiles.
     #[arg(long, default_value_t = 500)]
@@ -68,15 +68,17 @@ struct Shared {
     refused: AtomicU64,
     /// Bumped to make every agent drop its connection and reconnect.
     storm: watch::Receiver<u64>,
+    /// Second octet of this run's source addresses.
+    address_base: u8,
 }
 
 fn client_id(i: usize) -> String {
     format!("loadgen-{i:06}")
 }
 
-fn source_ip(args: &Args, i: usize) -> Ipv4Addr {
+fn source_ip(args: &Args, base: u8, i: usize) -> Ipv4Addr {
     let n = (i / args.agents_per_address.max(1)) as u32 + 2;
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 0)) + n)
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(127, base, 0, 0)) + n)
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
@@ -93,7 +95,10 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 async fn connect(shared: &Shared, i: usize) -> anyhow::Result<Ws> {
     let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source_ip(&shared.args, i).into(), 0))?;
+    socket.bind(SocketAddr::new(
+        source_ip(&shared.args, shared.address_base, i).into(),
+        0,
+    ))?;
     let stream = socket.connect(shared.args.server).await?;
     let token = shared
         .keys
@@ -226,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
         connected: AtomicUsize::new(0),
         refused: AtomicU64::new(0),
         storm: storm_rx,
+        address_base: rand::thread_rng().gen_range(1..=254),
     });
     let args = &shared.args;
 

@@ -299,7 +299,6 @@ impl<'a> Session<'a> {
             retry_min: Duration::from_millis(self.config.part_retry_min_ms),
             limiter: self.limiter.clone(),
             request_timeout: Duration::from_secs(self.config.request_timeout_secs),
-            max_file_size: self.config.max_file_size,
             policy: self.config.upload_policy(),
         };
         tracing::info!(%upload_id, size = plan.size, parts = plan.parts.len(), already_stored = plan.done.len(), "upload starting");

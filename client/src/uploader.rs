@@ -60,7 +60,6 @@ pub struct UploadSettings {
     /// Shared by every upload of the agent, so the cap holds for all of them together.
     pub limiter: Option<Arc<RateLimiter>>,
     pub request_timeout: Duration,
-    pub max_file_size: u64,
     pub policy: UploadPolicy,
 }
 

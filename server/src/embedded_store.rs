@@ -10,7 +10,8 @@
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use base64::Engine;
@@ -43,7 +44,7 @@ struct Md5Checked<S> {
     inner: S,
     hasher: Md5,
     expected: [u8; 16],
-    mismatch: Arc<Mutex<bool>>,
+    mismatch: Arc<AtomicBool>,
     done: bool,
 }
 
@@ -72,7 +73,7 @@ where
                 if actual == self.expected {
                     Poll::Ready(None)
                 } else {
-                    *self.mismatch.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                    self.mismatch.store(true, Ordering::Relaxed);
                     Poll::Ready(Some(Err(Box::new(DigestMismatch))))
                 }
             }
@@ -127,7 +128,7 @@ s3_impl! {
             .ok()
             .and_then(|raw| raw.try_into().ok())
             .ok_or_else(|| S3Error::with_message(S3ErrorCode::InvalidDigest, "bad Content-MD5"))?;
-        let mismatch = Arc::new(Mutex::new(false));
+        let mismatch = Arc::new(AtomicBool::new(false));
         if let Some(body) = req.input.body.take() {
             req.input.body = Some(StreamingBlob::new(ByteStreamOf(Md5Checked {
                 inner: body,
@@ -138,7 +139,7 @@ s3_impl! {
             })));
         }
         let result = self.fs.upload_part(req).await;
-        if *mismatch.lock().unwrap_or_else(|e| e.into_inner()) {
+        if mismatch.load(Ordering::Relaxed) {
             return Err(S3Error::with_message(
                 S3ErrorCode::BadDigest,
                 "The Content-MD5 you specified did not match what we received.",

@@ -8,8 +8,8 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use shared::api::{
-    ClientInfo, ClientStatus, ErrorBody, RevocationResponse, TriggerResponse, UploadState,
-    UploadStatus,
+    ClientInfo, ClientStatus, ErrorBody, PhaseTimes, RevocationResponse, TriggerResponse,
+    UploadState, UploadStatus,
 };
 use shared::auth::{Role, Secret, TokenKeys};
 use shared::{ClientId, UploadId};
@@ -425,6 +425,13 @@ fn print_upload(s: &UploadStatus, json: bool) -> anyhow::Result<()> {
     }
     if s.resumes > 0 {
         println!("  resumed:  {} times", s.resumes);
+    }
+    let p = s.phases;
+    if p != PhaseTimes::default() {
+        println!(
+            "  phases:   describe {} ms, presign {} ms, transfer {} ms (complete {} ms), verify {} ms",
+            p.describe_ms, p.presign_ms, p.transfer_ms, p.complete_ms, p.verify_ms
+        );
     }
     if let Some(e) = &s.error {
         println!("  error:    {}: {}", e.code, e.message);

@@ -358,9 +358,16 @@ impl<'a> Session<'a> {
                 })
                 .await;
             let msg = match result {
-                Ok(uploader::Outcome::Completed(parts)) => {
-                    tracing::info!(%upload_id, elapsed = ?started.elapsed(), retries, "upload finished");
-                    AgentMessage::UploadCompleted { upload_id, parts }
+                Ok(uploader::Outcome::Completed {
+                    parts,
+                    complete_time,
+                }) => {
+                    tracing::info!(%upload_id, elapsed = ?started.elapsed(), ?complete_time, retries, "upload finished");
+                    AgentMessage::UploadCompleted {
+                        upload_id,
+                        parts,
+                        complete_ms: complete_time.as_millis() as u64,
+                    }
                 }
                 Ok(uploader::Outcome::NeedUrls) => {
                     tracing::info!(%upload_id, retries, "upload URLs expired; asking for fresh ones");

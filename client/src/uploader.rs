@@ -346,7 +346,11 @@ pub fn stored_name(raw: &str) -> FileName {
 #[derive(Debug)]
 pub enum Outcome {
     /// Every part is stored and the multipart upload is completed with these ETags.
-    Completed(Vec<CompletedPart>),
+    Completed {
+        parts: Vec<CompletedPart>,
+        /// How long the completion request took.
+        complete_time: Duration,
+    },
     /// The URLs ran out first. Parts that were sent are stored; the server presigns the rest.
     NeedUrls,
 }
@@ -451,6 +455,7 @@ pub async fn upload(
     if std::time::Instant::now() >= deadline {
         return Ok(Outcome::NeedUrls);
     }
+    let complete_started = std::time::Instant::now();
     let completed = tokio::select! {
         r = complete(http, &plan.complete_url, &parts, settings) => r?,
         () = cancel.cancelled() => {
@@ -458,7 +463,10 @@ pub async fn upload(
         }
     };
     Ok(if completed {
-        Outcome::Completed(parts)
+        Outcome::Completed {
+            parts,
+            complete_time: complete_started.elapsed(),
+        }
     } else {
         Outcome::NeedUrls
     })

@@ -18,7 +18,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use shared::api::{ErrorDetail, UploadState, UploadStatus};
+use shared::api::{ErrorDetail, PhaseTimes, UploadState, UploadStatus};
 use shared::protocol::{CompletedPart, PresignedPart, ServerMessage, UploadPlan, plan_parts};
 use shared::{ClientId, ErrorCode, FileName, PartNumber, UploadId};
 use time::OffsetDateTime;
@@ -70,6 +70,8 @@ struct UploadRecord {
     etag: Option<String>,
     error: Option<ErrorDetail>,
     resumes: u32,
+    #[serde(default)]
+    phases: PhaseTimes,
     #[serde(skip)]
     live: Live,
 }
@@ -86,6 +88,10 @@ struct Live {
     /// When the latest plan was sent, and the bytes already stored then; the rate counts from
     /// there.
     plan_sent: Option<(Instant, u64)>,
+    /// When a plan was asked for (`file_info` or `need_urls` arrived) and not yet sent.
+    plan_asked: Option<Instant>,
+    /// When the agent reported its completion, until verification ends.
+    completed: Option<Instant>,
     finished: Option<Instant>,
     /// Parts already stored when the latest plan was sent.
     stored_at_last_plan: usize,
@@ -117,6 +123,8 @@ impl Default for Live {
             asked_at: now,
             last_progress: now,
             plan_sent: None,
+            plan_asked: None,
+            completed: None,
             finished: None,
             stored_at_last_plan: 0,
             fruitless_refreshes: 0,
@@ -180,8 +188,13 @@ impl UploadRecord {
             created_at: rfc3339(self.created_at),
             updated_at: rfc3339(self.updated_at),
             finished_at: self.finished_at.map(rfc3339),
+            phases: self.phases,
         }
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// RFC 3339 with millisecond precision.
@@ -426,6 +439,7 @@ pub fn trigger(
             etag: None,
             error: None,
             resumes: 0,
+            phases: PhaseTimes::default(),
             live: Live {
                 conn_id: agent.conn_id,
                 awaiting_info: true,
@@ -538,8 +552,11 @@ pub fn on_agent_message(
                 upload_id,
                 |r| owned(r) && r.is_open() && r.live.awaiting_info,
                 |r| {
+                    let now = Instant::now();
                     r.live.awaiting_info = false;
-                    r.live.last_progress = Instant::now();
+                    r.live.last_progress = now;
+                    r.live.plan_asked = Some(now);
+                    r.phases.describe_ms += millis(now - r.live.asked_at);
                 },
             );
             if accepted.is_none() {
@@ -591,7 +608,12 @@ pub fn on_agent_message(
                 upload_id,
                 |r| owned(r) && r.is_open() && r.state == UploadState::Uploading,
                 |r| {
-                    r.live.last_progress = Instant::now();
+                    let now = Instant::now();
+                    r.live.last_progress = now;
+                    r.live.plan_asked = Some(now);
+                    if let Some((sent, _)) = r.live.plan_sent {
+                        r.phases.transfer_ms += millis(now - sent);
+                    }
                     r.resumes += 1;
                 },
             );
@@ -606,13 +628,23 @@ pub fn on_agent_message(
                 .tracker
                 .spawn(async move { resume(&state, upload_id, Resume::Refresh).await });
         }
-        UploadCompleted { upload_id, parts } => {
+        UploadCompleted {
+            upload_id,
+            parts,
+            complete_ms,
+        } => {
             let ok = state.uploads.update(
                 upload_id,
                 |r| owned(r) && r.is_open() && r.state == UploadState::Uploading,
                 |r| {
+                    let now = Instant::now();
                     r.state = UploadState::Verifying;
-                    r.live.last_progress = Instant::now();
+                    r.live.last_progress = now;
+                    r.live.completed = Some(now);
+                    if let Some((sent, _)) = r.live.plan_sent {
+                        r.phases.transfer_ms += millis(now - sent);
+                    }
+                    r.phases.complete_ms += complete_ms;
                 },
             );
             if ok.is_none() {
@@ -955,6 +987,9 @@ async fn send_plan(
             r.parts_done = plan.done.len() as u32;
             r.bytes_done = done_bytes;
             r.live.plan_sent = Some((now, done_bytes));
+            if let Some(asked) = r.live.plan_asked.take() {
+                r.phases.presign_ms += millis(now - asked);
+            }
             r.live.stored_at_last_plan = plan.done.len();
             r.live.retries_seen = 0;
             r.live.last_progress = now;
@@ -1053,7 +1088,11 @@ async fn verify(state: &AppState, upload_id: UploadId, reported: Option<Vec<Comp
                 r.parts_done = expected_parts.len() as u32;
                 r.bytes_done = facts.size;
                 r.finished_at = Some(OffsetDateTime::now_utc());
-                r.live.finished = Some(Instant::now());
+                let now = Instant::now();
+                r.live.finished = Some(now);
+                if let Some(completed) = r.live.completed.take() {
+                    r.phases.verify_ms += millis(now - completed);
+                }
                 r.touch();
                 state.uploads.persist(r);
                 let client_id = r.client_id.clone();

@@ -98,6 +98,28 @@ pub struct UploadStatus {
     pub created_at: String,
     pub updated_at: String,
     pub finished_at: Option<String>,
+    /// Where the time went, in milliseconds, summed over resumes. Each phase is counted when
+    /// it ends, so an unfinished upload shows only the phases behind it.
+    #[serde(default)]
+    pub phases: PhaseTimes,
+}
+
+/// The phases of an upload, in milliseconds, as the server saw them (see docs/PROTOCOL.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    /// `describe_file` sent until `file_info` arrived: the agent reading and hashing the file,
+    /// plus one round trip.
+    pub describe_ms: u64,
+    /// `file_info` until the plan was sent: CreateMultipartUpload (or ListParts, on a resume)
+    /// and presigning.
+    pub presign_ms: u64,
+    /// The plan sent until `upload_completed` arrived: the agent's part PUTs and its presigned
+    /// completion.
+    pub transfer_ms: u64,
+    /// The share of `transfer_ms` the agent spent on the completion request, as it reported.
+    pub complete_ms: u64,
+    /// `upload_completed` until the object was verified (HeadObject and the checks).
+    pub verify_ms: u64,
 }
 
 /// One entry of `GET /clients`.

@@ -56,6 +56,9 @@ pub enum AgentMessage {
     UploadCompleted {
         upload_id: UploadId,
         parts: Vec<CompletedPart>,
+        /// Milliseconds the completion request took, for the server's phase times.
+        #[serde(default)]
+        complete_ms: u64,
     },
     /// The presigned URLs expired before every part was sent. Parts already stored stay; the
     /// server answers with a new [`ServerMessage::StartUpload`] for the missing ones.
@@ -376,6 +379,7 @@ mod decoder_properties {
                         part_number: PartNumber::new(n).unwrap(),
                         etag: format!("\"{n:032x}\""),
                     }).collect(),
+                    complete_ms: size % 1000,
                 },
             ];
             for msg in msgs {

@@ -107,6 +107,43 @@ async fn metrics_count_a_download() {
     }
 }
 
+/// The status says where an upload's time went, and the phases fit inside the time it took.
+#[tokio::test]
+async fn phases_account_for_a_download() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.bin");
+    write_file(&file, 12 * MIB).await;
+    let client_id = unique_client("phases");
+    let _agent = TestAgent::start(&server, &client_id, &file);
+    server.wait_connected(&client_id).await;
+    let started = std::time::Instant::now();
+    let (_, trig) = server.trigger(&client_id).await;
+    let status = server
+        .wait_finished(trig["upload_id"].as_str().unwrap())
+        .await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    assert_eq!(status["state"], "completed");
+    let p = &status["phases"];
+    let ms = |name: &str| p[name].as_u64().unwrap_or_else(|| panic!("{name} in {p}"));
+    // Hashing 12 MiB and sending two 6 MiB parts each take well over a millisecond.
+    assert!(ms("describe_ms") > 0, "{p}");
+    assert!(ms("transfer_ms") > 0, "{p}");
+    assert!(ms("complete_ms") <= ms("transfer_ms"), "{p}");
+    let sum = ms("describe_ms") + ms("presign_ms") + ms("transfer_ms") + ms("verify_ms");
+    assert!(
+        sum <= elapsed_ms,
+        "phases {p} add up to more than {elapsed_ms} ms"
+    );
+
+    let out = run_cli(&server, &["status", &format!("--client-id={client_id}")]).await;
+    assert!(
+        stdout(&out).contains("phases:   describe "),
+        "{}",
+        stdout(&out)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_download_100_mib_embedded() {
     download_via_cli_is_byte_identical(Mode::Embedded, 100 * MIB).await;

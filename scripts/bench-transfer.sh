@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# Measures one file size on both storage modes, side by side in one run, with release binaries:
-# the wall time of `cli download` (which polls every 250 ms, so it is quantised to that), and the
-# server's own trigger-to-verified time (finished_at - created_at of the upload, in ms). Also reads the agent's idle RSS and its
-# peak RSS (VmHWM) over the run. Results go to stdout as a Markdown table.
+# Transfer benchmark: Backhaul beside its two anchors, on both storage modes, in one run, with
+# release binaries on loopback.
 #
 #   scripts/bench-transfer.sh [size_mib=100] [runs=5]
 #
-# Needs LocalStack for the s3 mode: it is installed and started like in scripts/test.sh.
+# For each storage mode (the embedded store, then LocalStack) it starts the server and one agent,
+# then runs three transfers of the same random file per round, in an order that rotates from
+# round to round:
+#   - backhaul: `cli download`, trigger to verified. The server's own figure is
+#     finished_at - created_at of the upload, with the time split into phases; the cli's wall time
+#     is also kept (it polls every 250 ms).
+#   - awscli:   `aws s3 cp` of the file to the same bucket (AWS CLI v1 from scripts/awscli.lock,
+#     default multipart settings: 8 MiB parts, 10 in flight), wall time of the whole command.
+#   - bareput:  the floor (loadgen/src/bin/bareput.rs): CreateMultipartUpload, presign, PUT the
+#     parts with 4 in flight and complete, nothing else.
+# Every object is deleted after its round. It reads the agent's idle RSS, its peak RSS (VmHWM)
+# and its CPU time per download from /proc; the AWS CLI's and bareput's CPU and peak RSS come from
+# GNU time. Raw results go to $BENCH_RESULTS (default: a temporary file) as JSON lines, and
+# the summary to stdout as Markdown tables.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source localstack/env.sh
@@ -16,8 +27,9 @@ RUNS="${2:-5}"
 API_PORT="${BENCH_API_PORT:-18480}"
 S3_PORT="${BENCH_S3_PORT:-19480}"
 
-cargo build --release --locked --bins --quiet
+cargo build --release --locked --workspace --bins --quiet
 bin="$PWD/target/release"
+aws="$(scripts/install-awscli.sh)"
 
 started_ls=0
 if ! curl -fsS --max-time 2 "$LOCALSTACK_ENDPOINT/_localstack/health" >/dev/null 2>&1; then
@@ -26,6 +38,8 @@ fi
 localstack/start.sh >/dev/null
 
 work="$(mktemp -d -t backhaul-bench.XXXXXX)"
+results="${BENCH_RESULTS:-$work/results.jsonl}"
+: > "$results"
 pids=()
 stop_all() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -40,29 +54,41 @@ cleanup() {
 trap cleanup EXIT
 
 export JWT_SECRET="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$work/export.bin"
+embedded_secret="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+file="$work/export.bin"
+head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$file"
 export SERVER_URL="http://127.0.0.1:$API_PORT"
 export API_TOKEN="$("$bin/cli" token issue --operator --name bench)"
+bucket="$LOCALSTACK_BUCKET"
 
-rss_kib() { awk "/^$2:/ {print \$2}" "/proc/$1/status"; }
+status_kib() { awk "/^$2:/ {print \$2}" "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+clk_tck="$(getconf CLK_TCK)"
+# GNU time's output as JSON fields: wall, CPU seconds, peak RSS.
+gnu_time_fields() {
+  awk '{printf "\"wall_ms\": %d, \"cpu_s\": %s, \"peak_rss_kib\": %d", $1 * 1000, $2 + $3, $4}' "$1"
+}
 
-echo "| storage | size | runs | cli wall median s | server trigger-to-verified median s (min-max) | MiB/s at that median | agent idle RSS KiB | agent peak RSS KiB |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 for mode in embedded s3; do
   if [[ $mode == embedded ]]; then
     STORAGE=embedded DATA_DIR="$work/data" LISTEN_ADDR="127.0.0.1:$API_PORT" \
-      EMBEDDED_S3_LISTEN_ADDR="127.0.0.1:$S3_PORT" RUST_LOG=warn \
-      "$bin/server" > "$work/server-$mode.log" 2>&1 &
+      EMBEDDED_S3_LISTEN_ADDR="127.0.0.1:$S3_PORT" EMBEDDED_S3_SECRET_KEY="$embedded_secret" \
+      RUST_LOG=warn "$bin/server" > "$work/server-$mode.log" 2>&1 &
+    s3_env=(AWS_ACCESS_KEY_ID=backhaul AWS_SECRET_ACCESS_KEY="$embedded_secret")
+    endpoint="http://127.0.0.1:$S3_PORT"
   else
     STORAGE=s3 AWS_ENDPOINT_URL="$LOCALSTACK_ENDPOINT" AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
-      S3_BUCKET_NAME="$LOCALSTACK_BUCKET" LISTEN_ADDR="127.0.0.1:$API_PORT" RUST_LOG=warn \
-      "$bin/server" > "$work/server-$mode.log" 2>&1 &
+      S3_BUCKET_NAME="$bucket" LISTEN_ADDR="127.0.0.1:$API_PORT" ORPHAN_SWEEP_INTERVAL_SECS=0 \
+      RUST_LOG=warn "$bin/server" > "$work/server-$mode.log" 2>&1 &
+    s3_env=(AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test)
+    endpoint="$LOCALSTACK_ENDPOINT"
   fi
   pids+=($!)
+  s3_env+=(AWS_DEFAULT_REGION=us-east-1)
   for _ in $(seq 1 100); do curl -fsS "$SERVER_URL/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 
   AGENT_TOKEN="$("$bin/cli" token issue --client-id bench-store)" \
-    AGENT_SERVER_URL="ws://127.0.0.1:$API_PORT/ws/connect" FILE_PATH="$work/export.bin" RUST_LOG=warn \
+    AGENT_SERVER_URL="ws://127.0.0.1:$API_PORT/ws/connect" FILE_PATH="$file" RUST_LOG=warn \
     "$bin/client" > "$work/agent-$mode.log" 2>&1 &
   agent_pid=$!
   pids+=($agent_pid)
@@ -71,32 +97,88 @@ for mode in embedded s3; do
     sleep 0.1
   done
   sleep 1
-  idle_rss="$(rss_kib "$agent_pid" VmRSS)"
+  idle_rss="$(status_kib "$agent_pid" VmRSS)"
 
-  times=()
-  server_times=()
-  for _ in $(seq 1 "$RUNS"); do
-    t0=$(date +%s%N)
-    "$bin/cli" download --client-id=bench-store --json > "$work/last.json"
-    t1=$(date +%s%N)
-    grep -q '"state": "completed"' "$work/last.json"
-    times+=("$(( (t1 - t0) / 1000000 ))")
-    server_times+=("$(python3 -c "
+  tools=(backhaul awscli bareput)
+  for run in $(seq 1 "$RUNS"); do
+    for i in 0 1 2; do
+      tool="${tools[$(((run + i) % 3))]}"
+      case $tool in
+        backhaul)
+          ticks0="$(cpu_ticks "$agent_pid")"
+          t0=$(date +%s%N)
+          "$bin/cli" download --client-id=bench-store --json > "$work/last.json"
+          t1=$(date +%s%N)
+          ticks1="$(cpu_ticks "$agent_pid")"
+          python3 - "$work/last.json" >> "$results" <<PY
 import json, sys
 from datetime import datetime
-s = json.load(open('$work/last.json'))
-f = lambda t: datetime.fromisoformat(t.replace('Z', '+00:00'))
-print(int((f(s['finished_at']) - f(s['created_at'])).total_seconds() * 1000))
-")")
+s = json.load(open(sys.argv[1]))
+assert s["state"] == "completed", s
+t = lambda v: datetime.fromisoformat(v.replace("Z", "+00:00"))
+print(json.dumps({"mode": "$mode", "tool": "backhaul", "run": $run, "bytes": s["size"],
+    "wall_ms": ($t1 - $t0) // 1000000,
+    "server_ms": int((t(s["finished_at"]) - t(s["created_at"])).total_seconds() * 1000),
+    "cpu_s": ($ticks1 - $ticks0) / $clk_tck, **s["phases"], "key": s["key"]}))
+PY
+          key="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["key"])' "$work/last.json")"
+          env "${s3_env[@]}" "$aws" --endpoint-url "$endpoint" s3 rm --only-show-errors "s3://$bucket/$key" >/dev/null
+          ;;
+        awscli)
+          env "${s3_env[@]}" /usr/bin/time -f '%e %U %S %M' -o "$work/time.txt" \
+            "$aws" --endpoint-url "$endpoint" s3 cp --only-show-errors "$file" "s3://$bucket/bench/awscli-$run"
+          echo "{\"mode\": \"$mode\", \"tool\": \"awscli\", \"run\": $run, $(gnu_time_fields "$work/time.txt")}" >> "$results"
+          env "${s3_env[@]}" "$aws" --endpoint-url "$endpoint" s3 rm --only-show-errors "s3://$bucket/bench/awscli-$run" >/dev/null
+          ;;
+        bareput)
+          out="$(env "${s3_env[@]}" /usr/bin/time -f '%e %U %S %M' -o "$work/time.txt" \
+            "$bin/bareput" --endpoint "$endpoint" --bucket "$bucket" --file "$file" --key "bench/bareput-$run")"
+          echo "{\"mode\": \"$mode\", \"tool\": \"bareput\", \"run\": $run, ${out:1:-1}, $(gnu_time_fields "$work/time.txt")}" >> "$results"
+          ;;
+      esac
+    done
   done
-  peak_rss="$(rss_kib "$agent_pid" VmHWM)"
+  peak_rss="$(status_kib "$agent_pid" VmHWM)"
+  echo "{\"mode\": \"$mode\", \"tool\": \"agent\", \"idle_rss_kib\": $idle_rss, \"peak_rss_kib\": $peak_rss}" >> "$results"
   stop_all
-
-  python3 -c "
-import statistics
-cli = [int(x) for x in '${times[*]}'.split()]
-srv = [int(x) for x in '${server_times[*]}'.split()]
-c, s = statistics.median(cli) / 1000, statistics.median(srv) / 1000
-print(f'| $mode | $SIZE_MIB MiB | {len(cli)} | {c:.2f} | {s:.3f} ({min(srv)/1000:.3f}-{max(srv)/1000:.3f}) | {$SIZE_MIB/s:.0f} | $idle_rss | $peak_rss |')
-"
 done
+
+python3 - "$results" "$SIZE_MIB" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+size_mib = int(sys.argv[2])
+gib = size_mib / 1024
+med = statistics.median
+def pick(mode, tool, field):
+    return [r[field] for r in rows if r["mode"] == mode and r["tool"] == tool]
+names = {"embedded": "embedded (s3s-fs)", "s3": "s3 (LocalStack)"}
+modes = [m for m in names if pick(m, "backhaul", "server_ms")]
+runs = len(pick(modes[0], "backhaul", "server_ms"))
+
+print(f"Transfer of {size_mib} MiB, medians of {runs} rounds (seconds):\n")
+print("| storage | Backhaul trigger to verified | Backhaul `cli download` wall | `aws s3 cp` wall | bare PUT floor | Backhaul / AWS CLI | Backhaul / floor | Backhaul MiB/s |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for m in modes:
+    srv = med(pick(m, "backhaul", "server_ms")) / 1000
+    cli = med(pick(m, "backhaul", "wall_ms")) / 1000
+    awsw = med(pick(m, "awscli", "wall_ms")) / 1000
+    floor = med(pick(m, "bareput", "total_ms")) / 1000
+    print(f"| {names[m]} | {srv:.3f} | {cli:.2f} | {awsw:.2f} | {floor:.3f} | {srv / awsw:.2f} | {srv / floor:.2f} | {size_mib / srv:.0f} |")
+
+print("\nWhere the time goes, medians in milliseconds:\n")
+print("| storage | Backhaul describe (hashing) | presign | transfer | of which complete | verify | floor presign | floor PUTs | floor complete |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for m in modes:
+    b = lambda f: med(pick(m, "backhaul", f))
+    f = lambda f: med(pick(m, "bareput", f))
+    print(f"| {names[m]} | {b('describe_ms'):.0f} | {b('presign_ms'):.0f} | {b('transfer_ms'):.0f} | {b('complete_ms'):.0f} | {b('verify_ms'):.0f} | {f('presign_ms'):.0f} | {f('put_ms'):.0f} | {f('complete_ms'):.0f} |")
+
+print("\nFootprint (CPU seconds per GiB are medians of per-run figures):\n")
+print("| storage | agent idle RSS KiB | agent peak RSS KiB | agent CPU s/GiB | `aws s3 cp` peak RSS KiB | `aws s3 cp` CPU s/GiB | bareput peak RSS KiB | bareput CPU s/GiB |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for m in modes:
+    agent = next(r for r in rows if r["mode"] == m and r["tool"] == "agent")
+    c = lambda t: med(pick(m, t, "cpu_s")) / gib
+    r = lambda t: med(pick(m, t, "peak_rss_kib"))
+    print(f"| {names[m]} | {agent['idle_rss_kib']} | {agent['peak_rss_kib']} | {c('backhaul'):.2f} | {r('awscli'):.0f} | {c('awscli'):.2f} | {r('bareput'):.0f} | {c('bareput'):.2f} |")
+PY

@@ -1,0 +1,165 @@
+//! The transfer floor for `scripts/bench-transfer.sh`: one multipart upload of a file through
+//! presigned part URLs, with no orchestration around it. No hashing, no checksums, no WebSocket,
+//! no progress reports, no retries: it creates the multipart upload, presigns every part, then
+//! PUTs the parts with a fixed number in flight (each part read whole into memory first) and
+//! completes. The part layout is the one Backhaul uses (`shared::protocol::plan_parts`).
+//!
+//! Prints one JSON line: `{"bytes":…,"parts":…,"presign_ms":…,"put_ms":…,"complete_ms":…,
+//! "total_ms":…}`, where `total_ms` runs from before CreateMultipartUpload to after the
+//! completion. The object is deleted afterwards unless `--keep`.
+
+use std::io::SeekFrom;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use aws_sdk_s3::presigning::PresigningConfig;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// S3 endpoint, path-style (LocalStack, the embedded store).
+    #[arg(long)]
+    endpoint: String,
+    #[arg(long)]
+    bucket: String,
+    #[arg(long, env = "AWS_ACCESS_KEY_ID")]
+    access_key: String,
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    secret_key: String,
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    #[arg(long)]
+    file: PathBuf,
+    #[arg(long, default_value = "bench/bareput")]
+    key: String,
+    /// Smallest part size; the layout grows it like Backhaul does for very large files.
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    min_part_size: u64,
+    /// Parts in flight, like the agent's UPLOAD_CONCURRENCY.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Leave the object in the bucket.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let size = tokio::fs::metadata(&args.file)
+        .await
+        .with_context(|| format!("reading {}", args.file.display()))?
+        .len();
+    let Some((part_size, parts)) = shared::protocol::plan_parts(size, args.min_part_size) else {
+        bail!("{size} bytes do not fit in one multipart upload");
+    };
+    let creds =
+        aws_credential_types::Credentials::from_keys(&args.access_key, &args.secret_key, None);
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new(args.region.clone()))
+        .endpoint_url(&args.endpoint)
+        .force_path_style(true)
+        .credentials_provider(creds)
+        .build();
+    let s3 = aws_sdk_s3::Client::from_conf(conf);
+    let http = reqwest::Client::new();
+
+    let started = Instant::now();
+    let upload_id = s3
+        .create_multipart_upload()
+        .bucket(&args.bucket)
+        .key(&args.key)
+        .send()
+        .await
+        .context("CreateMultipartUpload")?
+        .upload_id
+        .context("no upload id")?;
+    let mut urls = Vec::with_capacity(parts as usize);
+    for n in 1..=parts {
+        let presigned = s3
+            .upload_part()
+            .bucket(&args.bucket)
+            .key(&args.key)
+            .upload_id(&upload_id)
+            .part_number(n as i32)
+            .presigned(PresigningConfig::expires_in(Duration::from_secs(3600))?)
+            .await
+            .context("presigning")?;
+        urls.push(presigned.uri().to_owned());
+    }
+    let presigned_at = Instant::now();
+
+    let file = &args.file;
+    let http = &http;
+    let mut etags: Vec<(u32, String)> = futures::stream::iter(urls.into_iter().enumerate())
+        .map(|(i, url)| async move {
+            let offset = i as u64 * part_size;
+            let len = part_size.min(size - offset);
+            let mut f = tokio::fs::File::open(file).await?;
+            f.seek(SeekFrom::Start(offset)).await?;
+            let mut body = vec![0; len as usize];
+            f.read_exact(&mut body).await?;
+            let resp = http.put(url).body(body).send().await?;
+            if !resp.status().is_success() {
+                bail!("part {} answered {}", i + 1, resp.status());
+            }
+            let etag = resp
+                .headers()
+                .get(reqwest::header::ETAG)
+                .context("no ETag")?
+                .to_str()?
+                .to_owned();
+            Ok((i as u32 + 1, etag))
+        })
+        .buffer_unordered(args.concurrency)
+        .try_collect()
+        .await?;
+    let put_at = Instant::now();
+
+    etags.sort();
+    let completed = CompletedMultipartUpload::builder()
+        .set_parts(Some(
+            etags
+                .into_iter()
+                .map(|(n, etag)| {
+                    CompletedPart::builder()
+                        .part_number(n as i32)
+                        .e_tag(etag)
+                        .build()
+                })
+                .collect(),
+        ))
+        .build();
+    s3.complete_multipart_upload()
+        .bucket(&args.bucket)
+        .key(&args.key)
+        .upload_id(&upload_id)
+        .multipart_upload(completed)
+        .send()
+        .await
+        .context("CompleteMultipartUpload")?;
+    let done = Instant::now();
+
+    if !args.keep {
+        s3.delete_object()
+            .bucket(&args.bucket)
+            .key(&args.key)
+            .send()
+            .await
+            .context("DeleteObject")?;
+    }
+    let ms = |d: Duration| d.as_millis();
+    println!(
+        "{{\"bytes\":{size},\"parts\":{parts},\"presign_ms\":{},\"put_ms\":{},\"complete_ms\":{},\"total_ms\":{}}}",
+        ms(presigned_at - started),
+        ms(put_at - presigned_at),
+        ms(done - put_at),
+        ms(done - started)
+    );
+    Ok(())
+}

@@ -216,6 +216,7 @@ impl<'a> Session<'a> {
                             &path,
                             self.config.max_file_size,
                             min_part_size,
+                            self.config.hash_threads,
                         )
                         .await;
                         // Remember the path only for a file the server may now plan an upload of.

@@ -118,6 +118,26 @@ async fn storage_rejects_tampered_parts(mode: Mode) {
         .unwrap();
     assert_eq!(resp.status(), 400);
     assert!(resp.text().await.unwrap().contains("BadDigest"));
+    // Storage keeps nothing of a refused part.
+    let parsed = reqwest::Url::parse(url).unwrap();
+    let key = parsed.path().strip_prefix(&format!("/{BUCKET}/")).unwrap();
+    let s3_upload_id = parsed
+        .query_pairs()
+        .find(|(k, _)| k == "uploadId")
+        .unwrap()
+        .1
+        .into_owned();
+    let listed = server
+        .s3()
+        .await
+        .list_parts()
+        .bucket(BUCKET)
+        .key(key)
+        .upload_id(&s3_upload_id)
+        .send()
+        .await
+        .unwrap();
+    assert!(listed.parts().is_empty(), "{:?}", listed.parts());
     // Without the header, or with the header of the tampered bytes, the signature fails.
     let own_md5 = {
         use base64::Engine;

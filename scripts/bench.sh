@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every benchmark behind BENCHMARKS.md, with the sizes used there, one after the other:
+# transfer at 100 MiB (5 rounds) and 1 GiB (3 rounds), both storage modes beside the AWS CLI and
+# the bare-PUT floor, then the fleet at 10,000 agents. Each script installs what it needs
+# (LocalStack, the AWS CLI) and prints Markdown tables. Takes about 15 minutes on 2 cores.
+#
+#   scripts/bench.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+./bench-transfer.sh 100 5
+echo
+./bench-transfer.sh 1024 3
+echo
+./bench-fleet.sh 10000 10000

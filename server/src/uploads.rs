@@ -556,7 +556,10 @@ pub fn on_agent_message(
                     r.live.awaiting_info = false;
                     r.live.last_progress = now;
                     r.live.plan_asked = Some(now);
-                    r.phases.describe_ms += millis(now - r.live.asked_at);
+                    r.phases.describe_ms = r
+                        .phases
+                        .describe_ms
+                        .saturating_add(millis(now - r.live.asked_at));
                 },
             );
             if accepted.is_none() {
@@ -612,7 +615,8 @@ pub fn on_agent_message(
                     r.live.last_progress = now;
                     r.live.plan_asked = Some(now);
                     if let Some((sent, _)) = r.live.plan_sent {
-                        r.phases.transfer_ms += millis(now - sent);
+                        r.phases.transfer_ms =
+                            r.phases.transfer_ms.saturating_add(millis(now - sent));
                     }
                     r.resumes += 1;
                 },
@@ -642,9 +646,10 @@ pub fn on_agent_message(
                     r.live.last_progress = now;
                     r.live.completed = Some(now);
                     if let Some((sent, _)) = r.live.plan_sent {
-                        r.phases.transfer_ms += millis(now - sent);
+                        r.phases.transfer_ms =
+                            r.phases.transfer_ms.saturating_add(millis(now - sent));
                     }
-                    r.phases.complete_ms += complete_ms;
+                    r.phases.complete_ms = r.phases.complete_ms.saturating_add(complete_ms);
                 },
             );
             if ok.is_none() {
@@ -988,7 +993,7 @@ async fn send_plan(
             r.bytes_done = done_bytes;
             r.live.plan_sent = Some((now, done_bytes));
             if let Some(asked) = r.live.plan_asked.take() {
-                r.phases.presign_ms += millis(now - asked);
+                r.phases.presign_ms = r.phases.presign_ms.saturating_add(millis(now - asked));
             }
             r.live.stored_at_last_plan = plan.done.len();
             r.live.retries_seen = 0;
@@ -1091,7 +1096,7 @@ async fn verify(state: &AppState, upload_id: UploadId, reported: Option<Vec<Comp
                 let now = Instant::now();
                 r.live.finished = Some(now);
                 if let Some(completed) = r.live.completed.take() {
-                    r.phases.verify_ms += millis(now - completed);
+                    r.phases.verify_ms = r.phases.verify_ms.saturating_add(millis(now - completed));
                 }
                 r.touch();
                 state.uploads.persist(r);

@@ -99,7 +99,8 @@ pub struct UploadStatus {
     pub updated_at: String,
     pub finished_at: Option<String>,
     /// Where the time went, in milliseconds, summed over resumes. Each phase is counted when
-    /// it ends, so an unfinished upload shows only the phases behind it.
+    /// it ends, so an unfinished upload shows only the phases behind it, and a transfer cut off
+    /// by a lost connection is not counted.
     #[serde(default)]
     pub phases: PhaseTimes,
 }

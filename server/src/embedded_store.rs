@@ -9,10 +9,15 @@
 //!   because the store's multipart ETag is computed from the bytes it holds.
 //! - ListMultipartUploads lists the unfinished uploads, so the orphan sweep works here too.
 //! - ListParts answers `NoSuchUpload` for an upload that was completed or aborted.
+//! - CompleteMultipartUpload runs to its end even if the client goes away, and ListParts waits
+//!   for running completions. s3s-fs forgets the upload first and then copies the parts into the
+//!   object, so a completion cut off by a dropped connection, or observed halfway, looked like a
+//!   finished upload whose object was missing. S3 completes atomically.
 //!
 //! Every other operation Backhaul, its tests and its users need goes straight to s3s-fs.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::Engine;
 use s3s::dto::*;
@@ -20,8 +25,10 @@ use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 use s3s_fs::FileSystem;
 
 pub struct EmbeddedStore {
-    fs: FileSystem,
+    fs: Arc<FileSystem>,
     root: PathBuf,
+    /// Held shared by every running completion, and exclusively by ListParts.
+    completions: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl EmbeddedStore {
@@ -29,8 +36,9 @@ impl EmbeddedStore {
         let fs = FileSystem::new(root)
             .map_err(|e| anyhow::anyhow!("opening embedded store at {}: {e:?}", root.display()))?;
         Ok(Self {
-            fs,
+            fs: Arc::new(fs),
             root: root.to_owned(),
+            completions: Arc::default(),
         })
     }
 }
@@ -59,7 +67,6 @@ s3_impl! {
         list_buckets(ListBucketsInput) -> ListBucketsOutput;
         get_bucket_location(GetBucketLocationInput) -> GetBucketLocationOutput;
         create_multipart_upload(CreateMultipartUploadInput) -> CreateMultipartUploadOutput;
-        complete_multipart_upload(CompleteMultipartUploadInput) -> CompleteMultipartUploadOutput;
         abort_multipart_upload(AbortMultipartUploadInput) -> AbortMultipartUploadOutput;
         head_object(HeadObjectInput) -> HeadObjectOutput;
         get_object(GetObjectInput) -> GetObjectOutput;
@@ -108,12 +115,30 @@ s3_impl! {
         }
     }
 
+    async fn complete_multipart_upload(
+        &self,
+        req: S3Request<CompleteMultipartUploadInput>,
+    ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+        let running = self.completions.clone().read_owned().await;
+        let fs = self.fs.clone();
+        // A task of its own, so a client that goes away cannot cut the copy short.
+        tokio::spawn(async move {
+            let _running = running;
+            fs.complete_multipart_upload(req).await
+        })
+        .await
+        .map_err(|e| S3Error::with_message(S3ErrorCode::InternalError, e.to_string()))?
+    }
+
     /// s3s-fs lists whatever part files it finds, even for a completed or aborted upload; S3
     /// answers NoSuchUpload, and resuming relies on that to spot an upload that was completed.
     async fn list_parts(
         &self,
         req: S3Request<ListPartsInput>,
     ) -> S3Result<S3Response<ListPartsOutput>> {
+        // A completion in progress has already forgotten the upload but not yet written the
+        // object: wait for it, so the answer is either the parts or a finished object.
+        let _quiet = self.completions.write().await;
         let open = uuid::Uuid::parse_str(&req.input.upload_id)
             .map(|id| self.root.join(format!(".upload-{id}.json")).exists())
             .unwrap_or(false);

@@ -767,3 +767,99 @@ async fn finished_work_is_not_lost_embedded() {
 async fn finished_work_is_not_lost_localstack() {
     finished_work_is_not_lost(Mode::LocalStack).await;
 }
+
+/// The embedded store completes a multipart upload atomically, as S3 does: a client that gives
+/// up on CompleteMultipartUpload does not cut the completion short, and ListParts during a
+/// completion never answers `NoSuchUpload` while the object is still missing. (An agent killed
+/// right after sending its completion once left a resume with neither parts nor object.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_completion_is_atomic() {
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    let server = TestServer::start(Mode::Embedded).await;
+    let s3 = server.s3().await;
+    let key = "tests/atomic/f.bin";
+    let part = vec![5u8; 5 * MIB as usize];
+    let parts = 20;
+    let upload_id = s3
+        .create_multipart_upload()
+        .bucket(BUCKET)
+        .key(key)
+        .send()
+        .await
+        .unwrap()
+        .upload_id
+        .unwrap();
+    let mut done = Vec::new();
+    for n in 1..=parts {
+        let out = s3
+            .upload_part()
+            .bucket(BUCKET)
+            .key(key)
+            .upload_id(&upload_id)
+            .part_number(n)
+            .body(part.clone().into())
+            .send()
+            .await
+            .unwrap();
+        done.push(
+            CompletedPart::builder()
+                .part_number(n)
+                .e_tag(out.e_tag.unwrap())
+                .build(),
+        );
+    }
+    // Give up on the completion almost at once: the connection is dropped mid-copy.
+    let impatient = s3
+        .complete_multipart_upload()
+        .bucket(BUCKET)
+        .key(key)
+        .upload_id(&upload_id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(done))
+                .build(),
+        )
+        .customize()
+        .config_override(
+            aws_sdk_s3::config::Config::builder().timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .operation_timeout(Duration::from_millis(30))
+                    .build(),
+            ),
+        )
+        .send()
+        .await;
+    assert!(impatient.is_err(), "the completion should outlast 30 ms");
+    let listed = s3
+        .list_parts()
+        .bucket(BUCKET)
+        .key(key)
+        .upload_id(&upload_id)
+        .send()
+        .await;
+    if let Err(err) = &listed {
+        assert!(
+            format!("{:?}", err.as_service_error()).contains("NoSuchUpload"),
+            "{err:?}"
+        );
+        let head = s3.head_object().bucket(BUCKET).key(key).send().await;
+        assert_eq!(
+            head.expect("NoSuchUpload, so the object must be there")
+                .content_length(),
+            Some(i64::from(parts) * 5 * MIB as i64)
+        );
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the object to be complete",
+        || async {
+            s3.head_object()
+                .bucket(BUCKET)
+                .key(key)
+                .send()
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+}

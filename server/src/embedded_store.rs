@@ -1,4 +1,4 @@
-//! The embedded store: s3s-fs, with the two S3 behaviours Backhaul depends on that s3s-fs 0.14
+//! The embedded store: s3s-fs, with the S3 behaviours Backhaul depends on that s3s-fs 0.14
 //! lacks.
 //!
 //! - UploadPart checks `Content-MD5` against the body, as S3 does, and answers `BadDigest`.

@@ -15,6 +15,8 @@ use aws_sigv4::http_request::{
     SigningSettings, UriPathNormalizationMode, sign,
 };
 use aws_sigv4::sign::v4;
+use aws_smithy_http_client::tls;
+use aws_smithy_runtime_api::client::http::SharedHttpClient;
 use md5::{Digest, Md5};
 use url::Url;
 
@@ -74,9 +76,27 @@ pub struct PendingMultipart {
 /// Name of the user metadata that records the file's SHA-256 on the object.
 pub const SHA256_METADATA: &str = "sha256";
 
+/// The one HTTPS client of every AWS SDK call: hyper 1 and rustls on ring, the stack the rest of
+/// Backhaul uses. It trusts the platform's roots, or, where `SSL_CERT_FILE` or `SSL_CERT_DIR` is
+/// set, the certificates found there instead (OpenSSL's convention), so an S3 endpoint behind a
+/// private CA needs no setting of Backhaul's own.
+///
+/// The SDK builds no client of its own: its default features, which would bring hyper 0.14 and
+/// aws-lc-rs, are off (see the workspace `Cargo.toml`).
+pub fn https_client() -> SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
 impl Storage {
     pub async fn connect(settings: StorageSettings) -> anyhow::Result<Self> {
+        // The loader hands the client to the credential providers (instance metadata, ECS, STS
+        // web identity, SSO) and, through the SdkConfig, to the S3 clients below.
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(https_client())
             .region(aws_config::Region::new(settings.region.clone()));
         if let Some(creds) = &settings.credentials {
             loader = loader.credentials_provider(creds.clone());

@@ -1,5 +1,6 @@
 //! Starts real servers and agents on ephemeral ports and drives them the way users do.
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -16,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
 pub const BUCKET: &str = "pos-uploads";
-const EMBEDDED_ACCESS_KEY: &str = "backhaul-test";
-const EMBEDDED_SECRET_KEY: &str = "backhaul-test-secret-key";
+pub const EMBEDDED_ACCESS_KEY: &str = "backhaul-test";
+pub const EMBEDDED_SECRET_KEY: &str = "backhaul-test-secret-key";
 pub const MIB: u64 = 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,6 +258,7 @@ impl TestServer {
         };
         let conf = aws_sdk_s3::Config::builder()
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .http_client(server::storage::https_client())
             .region(aws_sdk_s3::config::Region::new("us-east-1"))
             .endpoint_url(&self.s3_endpoint)
             .credentials_provider(creds)
@@ -452,8 +454,15 @@ pub struct ChildProcess {
 
 impl ChildProcess {
     pub fn spawn(kind: &str, args: &[String]) -> Self {
+        Self::spawn_with_env(kind, args, &[])
+    }
+
+    /// Like [`ChildProcess::spawn`], with extra environment variables for the child alone (such
+    /// as `SSL_CERT_FILE`, which a test must not set in its own process).
+    pub fn spawn_with_env(kind: &str, args: &[String], env: &[(&str, &OsStr)]) -> Self {
         let exe = std::env::current_exe().unwrap();
         let child = tokio::process::Command::new(exe)
+            .envs(env.iter().copied())
             .args([
                 "--exact",
                 "child::entry",

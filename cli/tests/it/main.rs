@@ -4,6 +4,7 @@
 mod auth;
 mod child;
 mod config_docs;
+mod credentials;
 mod download;
 mod failures;
 mod harness;

@@ -51,3 +51,93 @@ async fn tls_is_verified_and_plain_http_is_refused() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// The server's own S3 client (aws-sdk-s3 on hyper 1 and rustls with ring) speaks HTTPS to an S3
+/// endpoint behind a private CA: it refuses the endpoint while the CA is unknown, and completes
+/// and verifies a download once `SSL_CERT_FILE` names the CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_over_https_with_a_private_ca() {
+    // An embedded store served over TLS with a throwaway certificate stands in for the private
+    // S3 endpoint; a second server uses it as plain `STORAGE=s3`.
+    let store = TestServer::start_tls().await;
+    let ca = store.ca_file.clone().unwrap();
+    let https_endpoint = store.s3_endpoint.replacen("http://", "https://", 1);
+
+    // Without the CA, the SDK refuses the certificate.
+    let untrusting = server::storage::Storage::connect(server::storage::StorageSettings {
+        bucket: BUCKET.into(),
+        region: "us-east-1".into(),
+        endpoint: Some(url::Url::parse(&https_endpoint).unwrap()),
+        public_endpoint: None,
+        force_path_style: true,
+        credentials: Some(aws_sdk_s3::config::Credentials::new(
+            EMBEDDED_ACCESS_KEY,
+            EMBEDDED_SECRET_KEY,
+            None,
+            None,
+            "test",
+        )),
+    })
+    .await
+    .unwrap();
+    let err = untrusting
+        .ensure_bucket(false)
+        .await
+        .expect_err("an unknown CA must be refused");
+    let chain = format!("{err:#}").to_lowercase();
+    assert!(
+        chain.contains("certificate") || chain.contains("issuer"),
+        "{chain}"
+    );
+
+    // With SSL_CERT_FILE set for its process alone, a server on that endpoint completes a
+    // download: CreateMultipartUpload, presigning, HeadObject, all over HTTPS.
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let api = free_addr();
+    let args: Vec<String> = [
+        "server",
+        "--jwt-secret",
+        SECRET,
+        "--bucket",
+        BUCKET,
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--listen-addr",
+        &api.to_string(),
+        "--storage",
+        "s3",
+        "--s3-endpoint-url",
+        &https_endpoint,
+        "--aws-access-key-id",
+        EMBEDDED_ACCESS_KEY,
+        "--aws-secret-access-key",
+        EMBEDDED_SECRET_KEY,
+        "--aws-region",
+        "us-east-1",
+        "--orphan-sweep-interval-secs",
+        "0",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let _server_proc =
+        ChildProcess::spawn_with_env("server", &args, &[("SSL_CERT_FILE", ca.as_os_str())]);
+    let server = TestServer::attach(Mode::Embedded, api, &https_endpoint, &data_dir).await;
+
+    let file = dir.path().join("private-ca.bin");
+    let sha = write_file(&file, 12 * MIB).await;
+    let client_id = unique_client("privca");
+    let ca_s = ca.display().to_string();
+    let _agent = TestAgent::start_with(&server, &client_id, &file, &["--ca-file", &ca_s]);
+    server.wait_connected(&client_id).await;
+    let (code, trig) = server.trigger(&client_id).await;
+    assert_eq!(code, 202, "{trig}");
+    let status = server
+        .wait_finished(trig["upload_id"].as_str().unwrap())
+        .await;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(
+        store.object_sha256(status["key"].as_str().unwrap()).await,
+        sha
+    );
+}

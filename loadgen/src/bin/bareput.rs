@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_smithy_http_client::tls;
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -61,6 +62,14 @@ async fn main() -> anyhow::Result<()> {
         aws_credential_types::Credentials::from_keys(&args.access_key, &args.secret_key, None);
     let conf = aws_sdk_s3::config::Builder::new()
         .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        // The SDK's own default client is off in this workspace (one TLS stack, on ring).
+        .http_client(
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(tls::Provider::Rustls(
+                    tls::rustls_provider::CryptoMode::Ring,
+                ))
+                .build_https(),
+        )
         .region(aws_sdk_s3::config::Region::new(args.region.clone()))
         .endpoint_url(&args.endpoint)
         .force_path_style(true)

@@ -321,7 +321,7 @@ async fn wait_for(
         let label = match (status.stalled, status.agent_connected) {
             (true, false) => "agent away".to_owned(),
             (true, true) => "stalled".to_owned(),
-            _ => format!("{:?}", status.state).to_lowercase(),
+            _ => status.state.to_string(),
         };
         bar.set_message(label.clone());
         // Without a terminal there is no bar; a line every few seconds still shows progress.
@@ -376,7 +376,7 @@ fn print_outcome(status: &UploadStatus, json: bool) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|e| (e.code.to_string(), e.message.clone()))
                 .unwrap_or_else(|| ("UNKNOWN".into(), "no error reported".into()));
-            let state = format!("{:?}", status.state).to_lowercase();
+            let state = status.state.to_string();
             eprintln!("upload {} {state}: {code}: {message}", status.upload_id);
             Ok(())
         }
@@ -391,7 +391,7 @@ fn print_upload(s: &UploadStatus, json: bool) -> anyhow::Result<()> {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     println!("  upload:   {}", s.upload_id);
     println!("  client:   {}", s.client_id);
-    println!("  state:    {}", format!("{:?}", s.state).to_lowercase());
+    println!("  state:    {}", s.state);
     println!("  bucket:   {}", s.bucket);
     println!("  key:      {}", opt(&s.key));
     println!(

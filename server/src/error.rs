@@ -37,6 +37,9 @@ impl ApiError {
     }
 }
 
+/// The HTTP status of each code. The match is exhaustive, so a new code gets a status on purpose.
+/// Codes that only travel on the WebSocket or in an upload's status never answer a REST request;
+/// they map to 500 should one ever reach it.
 pub fn status_of(code: ErrorCode) -> StatusCode {
     use ErrorCode::*;
     match code {
@@ -49,7 +52,26 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         DownloadInProgress | UploadFinished => StatusCode::CONFLICT,
         PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ShuttingDown | TooManyConnections | Timeout => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
+        Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ProtocolVersionMismatch
+        | UnexpectedMessage
+        | ConnectionReplaced
+        | RateLimited
+        | FileNotFound
+        | PermissionDenied
+        | FileReadError
+        | FileChanged
+        | FileNotShared
+        | FileTooLarge
+        | UploadHostNotAllowed
+        | PartUploadFailed
+        | CompleteFailed
+        | AgentDisconnected
+        | AgentTimeout
+        | Stalled
+        | StorageError
+        | VerificationFailed
+        | Cancelled => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -70,5 +92,44 @@ impl IntoResponse for ApiError {
             );
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row of the README's table of REST error codes gives the status the server answers.
+    #[test]
+    fn readme_error_table_matches_the_statuses() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+        let by_name: std::collections::HashMap<&str, ErrorCode> =
+            ErrorCode::ALL.iter().map(|c| (c.as_str(), *c)).collect();
+        let mut rows = 0;
+        for line in readme.lines() {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            // `| `CODE` / `CODE` | 404 | when |` splits into ["", codes, status, when, ""].
+            let [_, codes, status, _, _] = cells[..] else {
+                continue;
+            };
+            let Ok(status) = status.parse::<u16>() else {
+                continue;
+            };
+            let names: Vec<&str> = codes.split('`').skip(1).step_by(2).collect();
+            if names.is_empty() {
+                continue;
+            }
+            for name in names {
+                let code = by_name
+                    .get(name)
+                    .unwrap_or_else(|| panic!("README names {name}, which is no error code"));
+                assert_eq!(status_of(*code).as_u16(), status, "README row for {name}");
+                rows += 1;
+            }
+        }
+        assert!(
+            rows >= 10,
+            "the README's error table was not found ({rows} codes)"
+        );
     }
 }

@@ -1141,7 +1141,7 @@ pub async fn cancel(
                 match state.uploads.status(upload_id, state.storage.bucket()) {
                     Some(s) => ApiError::new(
                         ErrorCode::UploadFinished,
-                        format!("upload {upload_id} is already {:?}", s.state).to_lowercase(),
+                        format!("upload {upload_id} is already {}", s.state),
                     ),
                     None => {
                         ApiError::new(ErrorCode::UploadNotFound, format!("no upload {upload_id}"))
@@ -1152,7 +1152,7 @@ pub async fn cancel(
         if !r.is_open() {
             return Err(ApiError::new(
                 ErrorCode::UploadFinished,
-                format!("upload {upload_id} is already {:?}", r.state).to_lowercase(),
+                format!("upload {upload_id} is already {}", r.state),
             ));
         }
         drop(table);

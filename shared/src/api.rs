@@ -50,11 +50,39 @@ pub enum UploadState {
 }
 
 impl UploadState {
+    /// Every state, for tests.
+    pub const ALL: [UploadState; 6] = [
+        UploadState::Requested,
+        UploadState::Uploading,
+        UploadState::Verifying,
+        UploadState::Completed,
+        UploadState::Failed,
+        UploadState::Cancelled,
+    ];
+
+    /// The wire name, as in the JSON of `GET /uploads/{id}`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UploadState::Requested => "requested",
+            UploadState::Uploading => "uploading",
+            UploadState::Verifying => "verifying",
+            UploadState::Completed => "completed",
+            UploadState::Failed => "failed",
+            UploadState::Cancelled => "cancelled",
+        }
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
             UploadState::Completed | UploadState::Failed | UploadState::Cancelled
         )
+    }
+}
+
+impl std::fmt::Display for UploadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -151,4 +179,18 @@ pub struct RevocationResponse {
     pub tokens_issued_before: u64,
     /// Whether a live connection was closed.
     pub disconnected: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_are_the_wire_names() {
+        for state in UploadState::ALL {
+            let json = serde_json::to_string(&state).unwrap();
+            assert_eq!(json, format!("\"{state}\""));
+            assert_eq!(serde_json::from_str::<UploadState>(&json).unwrap(), state);
+        }
+    }
 }

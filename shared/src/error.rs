@@ -4,95 +4,73 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// A stable, machine-readable error code. The REST layer maps each to an HTTP status; agents send
-/// the agent-side ones in `UploadFailed`; the upload status reports whichever ended an upload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum ErrorCode {
-    // Operator API.
-    Unauthorized,
-    Forbidden,
-    InvalidClientId,
-    InvalidUploadId,
-    ClientNotConnected,
-    DownloadInProgress,
-    UploadNotFound,
-    UploadFinished,
-    NotFound,
-    BadRequest,
-    PayloadTooLarge,
-    TooManyConnections,
-    Timeout,
-    Internal,
-    // WebSocket protocol.
-    ProtocolVersionMismatch,
-    MalformedMessage,
-    UnexpectedMessage,
-    ConnectionReplaced,
-    RateLimited,
-    // Raised by the agent.
-    FileNotFound,
-    PermissionDenied,
-    FileReadError,
-    FileChanged,
-    InvalidFileName,
-    FileNotShared,
-    FileTooLarge,
-    UploadHostNotAllowed,
-    PartUploadFailed,
-    CompleteFailed,
-    // Raised by the server while an upload runs.
-    AgentDisconnected,
-    AgentTimeout,
-    Stalled,
-    StorageError,
-    VerificationFailed,
-    ShuttingDown,
-    Cancelled,
+/// Declares [`ErrorCode`] from one list, so that its variants, [`ErrorCode::ALL`] and
+/// [`ErrorCode::as_str`] cannot drift apart.
+macro_rules! error_codes {
+    ($($(#[$attr:meta])* $variant:ident => $wire:literal,)*) => {
+        /// A stable, machine-readable error code. The REST layer maps each to an HTTP status; agents
+        /// send the agent-side ones in `UploadFailed`; the upload status reports whichever ended an
+        /// upload.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+        pub enum ErrorCode {
+            $($(#[$attr])* $variant,)*
+        }
+
+        impl ErrorCode {
+            /// Every code, in declaration order (for tests and documentation checks).
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $wire,)*
+                }
+            }
+        }
+    };
 }
 
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        use ErrorCode::*;
-        match self {
-            Unauthorized => "UNAUTHORIZED",
-            Forbidden => "FORBIDDEN",
-            InvalidClientId => "INVALID_CLIENT_ID",
-            InvalidUploadId => "INVALID_UPLOAD_ID",
-            ClientNotConnected => "CLIENT_NOT_CONNECTED",
-            DownloadInProgress => "DOWNLOAD_IN_PROGRESS",
-            UploadNotFound => "UPLOAD_NOT_FOUND",
-            UploadFinished => "UPLOAD_FINISHED",
-            NotFound => "NOT_FOUND",
-            BadRequest => "BAD_REQUEST",
-            PayloadTooLarge => "PAYLOAD_TOO_LARGE",
-            TooManyConnections => "TOO_MANY_CONNECTIONS",
-            Timeout => "TIMEOUT",
-            Internal => "INTERNAL",
-            ProtocolVersionMismatch => "PROTOCOL_VERSION_MISMATCH",
-            MalformedMessage => "MALFORMED_MESSAGE",
-            UnexpectedMessage => "UNEXPECTED_MESSAGE",
-            ConnectionReplaced => "CONNECTION_REPLACED",
-            RateLimited => "RATE_LIMITED",
-            FileNotFound => "FILE_NOT_FOUND",
-            PermissionDenied => "PERMISSION_DENIED",
-            FileReadError => "FILE_READ_ERROR",
-            FileChanged => "FILE_CHANGED",
-            InvalidFileName => "INVALID_FILE_NAME",
-            FileNotShared => "FILE_NOT_SHARED",
-            UploadHostNotAllowed => "UPLOAD_HOST_NOT_ALLOWED",
-            FileTooLarge => "FILE_TOO_LARGE",
-            PartUploadFailed => "PART_UPLOAD_FAILED",
-            CompleteFailed => "COMPLETE_FAILED",
-            AgentDisconnected => "AGENT_DISCONNECTED",
-            AgentTimeout => "AGENT_TIMEOUT",
-            Stalled => "STALLED",
-            StorageError => "STORAGE_ERROR",
-            VerificationFailed => "VERIFICATION_FAILED",
-            ShuttingDown => "SHUTTING_DOWN",
-            Cancelled => "CANCELLED",
-        }
-    }
+error_codes! {
+    // Operator API.
+    Unauthorized => "UNAUTHORIZED",
+    Forbidden => "FORBIDDEN",
+    InvalidClientId => "INVALID_CLIENT_ID",
+    InvalidUploadId => "INVALID_UPLOAD_ID",
+    ClientNotConnected => "CLIENT_NOT_CONNECTED",
+    DownloadInProgress => "DOWNLOAD_IN_PROGRESS",
+    UploadNotFound => "UPLOAD_NOT_FOUND",
+    UploadFinished => "UPLOAD_FINISHED",
+    NotFound => "NOT_FOUND",
+    BadRequest => "BAD_REQUEST",
+    PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+    TooManyConnections => "TOO_MANY_CONNECTIONS",
+    Timeout => "TIMEOUT",
+    Internal => "INTERNAL",
+    // WebSocket protocol.
+    ProtocolVersionMismatch => "PROTOCOL_VERSION_MISMATCH",
+    MalformedMessage => "MALFORMED_MESSAGE",
+    UnexpectedMessage => "UNEXPECTED_MESSAGE",
+    ConnectionReplaced => "CONNECTION_REPLACED",
+    RateLimited => "RATE_LIMITED",
+    // Raised by the agent.
+    FileNotFound => "FILE_NOT_FOUND",
+    PermissionDenied => "PERMISSION_DENIED",
+    FileReadError => "FILE_READ_ERROR",
+    FileChanged => "FILE_CHANGED",
+    InvalidFileName => "INVALID_FILE_NAME",
+    FileNotShared => "FILE_NOT_SHARED",
+    FileTooLarge => "FILE_TOO_LARGE",
+    UploadHostNotAllowed => "UPLOAD_HOST_NOT_ALLOWED",
+    PartUploadFailed => "PART_UPLOAD_FAILED",
+    CompleteFailed => "COMPLETE_FAILED",
+    // Raised by the server while an upload runs.
+    AgentDisconnected => "AGENT_DISCONNECTED",
+    AgentTimeout => "AGENT_TIMEOUT",
+    Stalled => "STALLED",
+    StorageError => "STORAGE_ERROR",
+    VerificationFailed => "VERIFICATION_FAILED",
+    ShuttingDown => "SHUTTING_DOWN",
+    Cancelled => "CANCELLED",
 }
 
 impl fmt::Display for ErrorCode {
@@ -107,42 +85,18 @@ mod tests {
 
     #[test]
     fn as_str_matches_serde() {
-        use ErrorCode::*;
-        for code in [
-            Unauthorized,
-            Forbidden,
-            InvalidClientId,
-            InvalidUploadId,
-            ClientNotConnected,
-            DownloadInProgress,
-            UploadNotFound,
-            NotFound,
-            BadRequest,
-            PayloadTooLarge,
-            TooManyConnections,
-            Internal,
-            ProtocolVersionMismatch,
-            MalformedMessage,
-            UnexpectedMessage,
-            ConnectionReplaced,
-            FileNotFound,
-            PermissionDenied,
-            FileReadError,
-            FileChanged,
-            InvalidFileName,
-            FileTooLarge,
-            PartUploadFailed,
-            CompleteFailed,
-            AgentDisconnected,
-            AgentTimeout,
-            Stalled,
-            StorageError,
-            VerificationFailed,
-            ShuttingDown,
-            Cancelled,
-        ] {
+        for &code in ErrorCode::ALL {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
+        }
+    }
+
+    #[test]
+    fn codes_are_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for &code in ErrorCode::ALL {
+            assert!(seen.insert(code.as_str()), "{code} twice");
         }
     }
 }

@@ -250,9 +250,19 @@ async fn hostile_ids_are_rejected_at_the_boundary() {
         (status, body["error"]["code"].as_str()),
         (404, Some("NOT_FOUND"))
     );
-    // Nothing was created by any of it.
-    let (_, clients) = server.get_json("/clients").await;
-    assert_eq!(clients, serde_json::json!([]));
+    // Nothing was created by any of it: no upload was recorded, and the bucket holds neither an
+    // object nor a multipart upload.
+    assert_eq!(server.metric("backhaul_uploads_triggered_total").await, 0);
+    let s3 = server.s3().await;
+    let objects = s3.list_objects_v2().bucket(BUCKET).send().await.unwrap();
+    assert!(objects.contents().is_empty(), "{objects:?}");
+    let multiparts = s3
+        .list_multipart_uploads()
+        .bucket(BUCKET)
+        .send()
+        .await
+        .unwrap();
+    assert!(multiparts.uploads().is_empty(), "{multiparts:?}");
 }
 
 /// An operator cancels an upload whose multipart upload exists: the agent is told to stop, the

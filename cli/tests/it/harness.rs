@@ -79,6 +79,19 @@ where
     }
 }
 
+/// A random generator for a test's random choices (kill points, delays), seeded from
+/// `BACKHAUL_TEST_SEED` when set and from the OS otherwise. The seed is printed first, so a failing
+/// run can be replayed with the same choices.
+pub fn seeded_rng(test: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = match std::env::var("BACKHAUL_TEST_SEED") {
+        Ok(s) => s.parse().expect("BACKHAUL_TEST_SEED must be a u64"),
+        Err(_) => rand::random(),
+    };
+    eprintln!("{test}: random choices from seed {seed} (replay with BACKHAUL_TEST_SEED={seed})");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
 pub struct TestServer {
     pub mode: Mode,
     pub api_addr: SocketAddr,
@@ -297,6 +310,37 @@ impl TestServer {
         wait_until(Duration::from_secs(30), "agent to connect", || async {
             self.get_json(&path).await.1["connected"] == true
         })
+        .await;
+    }
+
+    /// One unlabelled sample from `/metrics`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self
+            .http_client()
+            .get(format!("{}/metrics", self.http_url()))
+            .bearer_auth(operator_token())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .unwrap_or_else(|| panic!("{name} not in /metrics"))
+    }
+
+    /// Waits until the server no longer lists the agent as connected (it removes the entry after
+    /// the connection's task ends, a moment after the socket closes).
+    pub async fn wait_disconnected(&self, client_id: &str) {
+        let path = format!("/status/{client_id}");
+        wait_until(
+            Duration::from_secs(30),
+            "agent to be disconnected",
+            || async { self.get_json(&path).await.1["connected"] == false },
+        )
         .await;
     }
 

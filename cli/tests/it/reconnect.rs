@@ -1,5 +1,7 @@
 //! The agent outlives the server.
 
+use std::time::Duration;
+
 use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,8 +23,18 @@ async fn agent_reconnects_after_server_restart() {
     server.wait_connected(&client_id).await;
 
     server.stop().await;
-    // While the server is down the agent keeps trying; give it a few failed attempts.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // While the server is down the agent keeps trying. Something else holds the address for a
+    // while and refuses the WebSocket upgrade (it closes every connection at once): the agent
+    // must come back to it, not give up after the first failure.
+    let stand_in = tokio::net::TcpListener::bind(addr).await.unwrap();
+    for attempt in 1..=3 {
+        let (sock, _) = tokio::time::timeout(Duration::from_secs(30), stand_in.accept())
+            .await
+            .unwrap_or_else(|_| panic!("the agent stopped trying after {} attempts", attempt - 1))
+            .unwrap();
+        drop(sock);
+    }
+    drop(stand_in);
 
     let server = TestServer::start_at(Mode::Embedded, addr, &data_dir, &[]).await;
     server.wait_connected(&client_id).await;

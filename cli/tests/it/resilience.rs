@@ -64,25 +64,6 @@ async fn assert_identical(server: &TestServer, status: &serde_json::Value, sha: 
     assert_eq!(server.object_sha256(key).await, sha, "stored bytes differ");
 }
 
-/// One unlabelled sample from `/metrics`.
-async fn metric(server: &TestServer, name: &str) -> u64 {
-    let text = server
-        .http_client()
-        .get(format!("{}/metrics", server.http_url()))
-        .bearer_auth(operator_token())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
-}
-
 async fn wait_parts_done(server: &TestServer, upload_id: &str, at_least: u64) {
     let path = format!("/uploads/{upload_id}");
     wait_until(Duration::from_secs(60), "parts to be stored", || async {
@@ -275,7 +256,7 @@ async fn faulty_link_completes(mode: Mode) {
     assert_eq!(server.in_progress_multiparts(client_id).await, 0);
     // Every failed attempt was retried, and the agent reported each retry.
     let failed_attempts = st.part_puts.load(Ordering::Relaxed) - 8;
-    let reported = metric(&server, "backhaul_part_retries_total").await;
+    let reported = server.metric("backhaul_part_retries_total").await;
     assert_eq!(
         reported,
         u64::from(failed_attempts),
@@ -310,6 +291,7 @@ async fn agent_killed_resumes(mode: Mode) {
     let size = 100 * MIB;
     let sha = write_file(&file, size).await;
     let mut resumed = 0;
+    let mut rng = seeded_rng(&format!("agent_killed_resumes ({mode:?})"));
     for trial in 0..5 {
         let client_id = unique_client("kill9");
         let args = agent_args(
@@ -329,7 +311,8 @@ async fn agent_killed_resumes(mode: Mode) {
             })
             .await;
         }
-        let delay = rand::thread_rng().gen_range(100..2500);
+        let delay = rng.gen_range(100..2500);
+        eprintln!("kill -9 trial {trial} ({mode:?}): killing the agent after {delay} ms");
         tokio::time::sleep(Duration::from_millis(delay)).await;
         agent.kill9().await;
         let (_, before) = server.get_json(&format!("/uploads/{upload_id}")).await;
@@ -837,17 +820,23 @@ async fn embedded_completion_is_atomic() {
         .upload_id(&upload_id)
         .send()
         .await;
-    if let Err(err) = &listed {
-        assert!(
-            format!("{:?}", err.as_service_error()).contains("NoSuchUpload"),
-            "{err:?}"
-        );
-        let head = s3.head_object().bucket(BUCKET).key(key).send().await;
-        assert_eq!(
-            head.expect("NoSuchUpload, so the object must be there")
-                .content_length(),
-            Some(i64::from(parts) * 5 * MIB as i64)
-        );
+    let size = Some(i64::from(parts) * 5 * MIB as i64);
+    match &listed {
+        // The completion had not begun: the upload is still whole.
+        Ok(out) => assert_eq!(out.parts().len(), parts as usize, "{out:?}"),
+        // It is over: then the object is whole.
+        Err(err) => {
+            assert!(
+                format!("{:?}", err.as_service_error()).contains("NoSuchUpload"),
+                "{err:?}"
+            );
+            let head = s3.head_object().bucket(BUCKET).key(key).send().await;
+            assert_eq!(
+                head.expect("NoSuchUpload, so the object must be there")
+                    .content_length(),
+                size
+            );
+        }
     }
     wait_until(
         Duration::from_secs(30),
@@ -862,4 +851,12 @@ async fn embedded_completion_is_atomic() {
         },
     )
     .await;
+    let head = s3
+        .head_object()
+        .bucket(BUCKET)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.content_length(), size);
 }

@@ -127,152 +127,181 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
     match &cli.command {
         Command::Token {
             command: TokenCommand::Issue(args),
-        } => {
-            let keys = TokenKeys::new(args.jwt_secret.expose().as_bytes())
-                .context("JWT_SECRET must be at least 32 bytes")?;
-            let token = match &args.client_id {
-                Some(id) => {
-                    let id = ClientId::parse(id)?;
-                    let ttl = args.ttl_secs.unwrap_or(30 * 24 * 3600);
-                    keys.issue(id.as_str(), Role::Agent, Duration::from_secs(ttl))?
-                }
-                None => {
-                    let ttl = args.ttl_secs.unwrap_or(12 * 3600);
-                    keys.issue(&args.name, Role::Operator, Duration::from_secs(ttl))?
-                }
-            };
-            println!("{token}");
-            Ok(true)
-        }
+        } => token_issue(args),
         Command::Token {
             command: TokenCommand::Revoke { client_id },
-        } => {
-            let api = Api::new(&cli)?;
-            let resp: RevocationResponse = api
-                .post(&format!("/revocations/{}", path_segment(client_id)))
-                .await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&resp)?);
-            } else {
-                println!(
-                    "revoked every token of {} issued before unix time {}{}",
-                    resp.client_id,
-                    resp.tokens_issued_before,
-                    if resp.disconnected {
-                        "; its connection was closed"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            Ok(true)
-        }
+        } => token_revoke(&cli, client_id).await,
         Command::Download {
             client_id,
             file,
             no_wait,
             wait_timeout_secs,
         } => {
-            let api = Api::new(&cli)?;
-            let trigger: TriggerResponse = api
-                .post(&format!(
-                    "/trigger-download/{}?file={}",
-                    path_segment(client_id),
-                    path_segment(file)
-                ))
-                .await?;
-            if *no_wait {
-                if cli.json {
-                    println!("{}", serde_json::to_string_pretty(&trigger)?);
-                } else {
-                    println!("{}", trigger.upload_id);
-                }
-                return Ok(true);
-            }
-            let status = wait_for(
-                &api,
-                trigger.upload_id,
-                Duration::from_secs(*wait_timeout_secs),
-                cli.json,
-            )
-            .await?;
-            print_outcome(&status, cli.json)?;
-            Ok(status.state == UploadState::Completed)
+            let wait = (!*no_wait).then(|| Duration::from_secs(*wait_timeout_secs));
+            download(&cli, client_id, file, wait).await
         }
-        Command::Cancel { upload_id } => {
-            let api = Api::new(&cli)?;
-            let status: UploadStatus = api
-                .delete(&format!("/uploads/{}", path_segment(upload_id)))
-                .await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                println!("upload {} cancelled", status.upload_id);
-            }
-            Ok(true)
-        }
-        Command::Clients => {
-            let api = Api::new(&cli)?;
-            let clients: Vec<ClientInfo> = api.get("/clients").await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&clients)?);
-            } else if clients.is_empty() {
-                println!("no agents connected");
-            } else {
-                println!(
-                    "{:<24} {:<26} {:<26} ACTIVE UPLOAD",
-                    "CLIENT", "CONNECTED SINCE", "LAST SEEN"
-                );
-                for c in clients {
-                    let active = c
-                        .active_upload
-                        .map(|u| u.to_string())
-                        .unwrap_or_else(|| "-".into());
-                    println!(
-                        "{:<24} {:<26} {:<26} {active}",
-                        c.client_id, c.connected_since, c.last_seen
-                    );
-                }
-            }
-            Ok(true)
-        }
+        Command::Cancel { upload_id } => cancel(&cli, upload_id).await,
+        Command::Clients => clients(&cli).await,
         Command::Status(StatusArgs {
             client_id,
             upload_id,
-        }) => {
-            let api = Api::new(&cli)?;
-            if let Some(upload_id) = upload_id {
-                let status: UploadStatus = api
-                    .get(&format!("/uploads/{}", path_segment(upload_id)))
-                    .await?;
-                print_upload(&status, cli.json)?;
-            } else if let Some(client_id) = client_id {
-                let status: ClientStatus = api
-                    .get(&format!("/status/{}", path_segment(client_id)))
-                    .await?;
-                if cli.json {
-                    println!("{}", serde_json::to_string_pretty(&status)?);
-                } else {
-                    println!("client:          {}", status.client_id);
-                    println!("connected:       {}", status.connected);
-                    if let Some(since) = &status.connected_since {
-                        println!("connected since: {since}");
-                    }
-                    if let Some(seen) = &status.last_seen {
-                        println!("last seen:       {seen}");
-                    }
-                    match &status.last_upload {
-                        Some(u) => {
-                            println!("last upload:");
-                            print_upload(u, false)?;
-                        }
-                        None => println!("last upload:     none"),
-                    }
-                }
+        }) => match (upload_id, client_id) {
+            (Some(upload_id), _) => upload_status(&cli, upload_id).await,
+            (None, Some(client_id)) => client_status(&cli, client_id).await,
+            // clap's group makes one of them required.
+            (None, None) => bail!("give --client-id or --upload-id"),
+        },
+    }
+}
+
+/// `token issue`: signs a token locally; needs no server.
+fn token_issue(args: &IssueArgs) -> anyhow::Result<bool> {
+    let keys = TokenKeys::new(args.jwt_secret.expose().as_bytes())
+        .context("JWT_SECRET must be at least 32 bytes")?;
+    let token = match &args.client_id {
+        Some(id) => {
+            let id = ClientId::parse(id)?;
+            let ttl = args.ttl_secs.unwrap_or(30 * 24 * 3600);
+            keys.issue(id.as_str(), Role::Agent, Duration::from_secs(ttl))?
+        }
+        None => {
+            let ttl = args.ttl_secs.unwrap_or(12 * 3600);
+            keys.issue(&args.name, Role::Operator, Duration::from_secs(ttl))?
+        }
+    };
+    println!("{token}");
+    Ok(true)
+}
+
+/// `token revoke`.
+async fn token_revoke(cli: &Cli, client_id: &str) -> anyhow::Result<bool> {
+    let api = Api::new(cli)?;
+    let resp: RevocationResponse = api
+        .post(&format!("/revocations/{}", path_segment(client_id)))
+        .await?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&resp)?);
+    } else {
+        println!(
+            "revoked every token of {} issued before unix time {}{}",
+            resp.client_id,
+            resp.tokens_issued_before,
+            if resp.disconnected {
+                "; its connection was closed"
+            } else {
+                ""
             }
-            Ok(true)
+        );
+    }
+    Ok(true)
+}
+
+/// `download`: triggers, then (unless `wait` is `None`) follows the upload until it ends or
+/// `wait` passes.
+async fn download(
+    cli: &Cli,
+    client_id: &str,
+    file: &str,
+    wait: Option<Duration>,
+) -> anyhow::Result<bool> {
+    let api = Api::new(cli)?;
+    let trigger: TriggerResponse = api
+        .post(&format!(
+            "/trigger-download/{}?file={}",
+            path_segment(client_id),
+            path_segment(file)
+        ))
+        .await?;
+    let Some(wait) = wait else {
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(&trigger)?);
+        } else {
+            println!("{}", trigger.upload_id);
+        }
+        return Ok(true);
+    };
+    let status = wait_for(&api, trigger.upload_id, wait, cli.json).await?;
+    print_outcome(&status, cli.json)?;
+    Ok(status.state == UploadState::Completed)
+}
+
+/// `cancel`.
+async fn cancel(cli: &Cli, upload_id: &str) -> anyhow::Result<bool> {
+    let api = Api::new(cli)?;
+    let status: UploadStatus = api
+        .delete(&format!("/uploads/{}", path_segment(upload_id)))
+        .await?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        println!("upload {} cancelled", status.upload_id);
+    }
+    Ok(true)
+}
+
+/// `clients`: the connected agents, as a table.
+async fn clients(cli: &Cli) -> anyhow::Result<bool> {
+    let api = Api::new(cli)?;
+    let clients: Vec<ClientInfo> = api.get("/clients").await?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&clients)?);
+    } else if clients.is_empty() {
+        println!("no agents connected");
+    } else {
+        println!(
+            "{:<24} {:<26} {:<26} ACTIVE UPLOAD",
+            "CLIENT", "CONNECTED SINCE", "LAST SEEN"
+        );
+        for c in clients {
+            let active = c
+                .active_upload
+                .map(|u| u.to_string())
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "{:<24} {:<26} {:<26} {active}",
+                c.client_id, c.connected_since, c.last_seen
+            );
         }
     }
+    Ok(true)
+}
+
+/// `status --upload-id`.
+async fn upload_status(cli: &Cli, upload_id: &str) -> anyhow::Result<bool> {
+    let api = Api::new(cli)?;
+    let status: UploadStatus = api
+        .get(&format!("/uploads/{}", path_segment(upload_id)))
+        .await?;
+    print_upload(&status, cli.json)?;
+    Ok(true)
+}
+
+/// `status --client-id`: the agent's connection and its latest upload.
+async fn client_status(cli: &Cli, client_id: &str) -> anyhow::Result<bool> {
+    let api = Api::new(cli)?;
+    let status: ClientStatus = api
+        .get(&format!("/status/{}", path_segment(client_id)))
+        .await?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(true);
+    }
+    println!("client:          {}", status.client_id);
+    println!("connected:       {}", status.connected);
+    if let Some(since) = &status.connected_since {
+        println!("connected since: {since}");
+    }
+    if let Some(seen) = &status.last_seen {
+        println!("last seen:       {seen}");
+    }
+    match &status.last_upload {
+        Some(u) => {
+            println!("last upload:");
+            print_upload(u, false)?;
+        }
+        None => println!("last upload:     none"),
+    }
+    Ok(true)
 }
 
 /// Percent-encodes a user-supplied id for use as one path segment, so the server (not the URL

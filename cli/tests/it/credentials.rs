@@ -59,27 +59,7 @@ async fn default_chain_takes_container_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let api = free_addr();
-    let args: Vec<String> = [
-        "server",
-        "--jwt-secret",
-        SECRET,
-        "--bucket",
-        BUCKET,
-        "--data-dir",
-        &data_dir.display().to_string(),
-        "--listen-addr",
-        &api.to_string(),
-        "--storage",
-        "s3",
-        "--s3-endpoint-url",
-        &store.s3_endpoint,
-        "--aws-region",
-        "us-east-1",
-        "--orphan-sweep-interval-secs",
-        "0",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let args = s3_server_args(&data_dir, api, &store.s3_endpoint, false);
     // Empty profile files, so the chain reaches the container provider (environment keys are
     // not set in tests).
     let empty = OsStr::new("/dev/null");

@@ -423,6 +423,50 @@ impl Drop for TestServer {
 }
 
 /// Command-line arguments of a test server (listen addresses not included).
+/// Arguments of a `STORAGE=s3` server listening on `api`, whose S3 is `endpoint` (in tests, another
+/// server's embedded store). With `static_keys`, the embedded store's keys are in its settings;
+/// without, it finds credentials through aws-config's default chain.
+pub fn s3_server_args(
+    data_dir: &Path,
+    api: SocketAddr,
+    endpoint: &str,
+    static_keys: bool,
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "server",
+        "--jwt-secret",
+        SECRET,
+        "--bucket",
+        BUCKET,
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--listen-addr",
+        &api.to_string(),
+        "--storage",
+        "s3",
+        "--s3-endpoint-url",
+        endpoint,
+        "--aws-region",
+        "us-east-1",
+        "--orphan-sweep-interval-secs",
+        "0",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    if static_keys {
+        args.extend(
+            [
+                "--aws-access-key-id",
+                EMBEDDED_ACCESS_KEY,
+                "--aws-secret-access-key",
+                EMBEDDED_SECRET_KEY,
+            ]
+            .map(str::to_owned),
+        );
+    }
+    args
+}
+
 pub fn server_args(mode: Mode, data_dir: &Path, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "server".into(),

@@ -95,31 +95,7 @@ async fn s3_over_https_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let api = free_addr();
-    let args: Vec<String> = [
-        "server",
-        "--jwt-secret",
-        SECRET,
-        "--bucket",
-        BUCKET,
-        "--data-dir",
-        &data_dir.display().to_string(),
-        "--listen-addr",
-        &api.to_string(),
-        "--storage",
-        "s3",
-        "--s3-endpoint-url",
-        &https_endpoint,
-        "--aws-access-key-id",
-        EMBEDDED_ACCESS_KEY,
-        "--aws-secret-access-key",
-        EMBEDDED_SECRET_KEY,
-        "--aws-region",
-        "us-east-1",
-        "--orphan-sweep-interval-secs",
-        "0",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let args = s3_server_args(&data_dir, api, &https_endpoint, true);
     let _server_proc =
         ChildProcess::spawn_with_env("server", &args, &[("SSL_CERT_FILE", ca.as_os_str())]);
     let server = TestServer::attach(Mode::Embedded, api, &https_endpoint, &data_dir).await;

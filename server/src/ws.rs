@@ -57,10 +57,27 @@ pub async fn connect(
         .on_upgrade(move |socket| run_session(state, client_id, socket)))
 }
 
+/// One agent connection: the handshake, then registration, the writer task and the read loop.
 async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
     let (mut reader, mut writer) = connection::split(socket);
+    if !handshake(&client_id, &mut reader, &mut writer).await {
+        return;
+    }
+    let (session, outbox_rx) = Registration::new(&state, &client_id).await;
+    let writer_task = spawn_writer(&state, writer, outbox_rx, session.close.clone());
+    read_loop(&state, &session, &mut reader).await;
+    session.close.cancel();
+    let _ = writer_task.await;
+    // `session` drops here, and with it the registry entry.
+}
 
-    // Handshake: the first message must be a hello with our protocol version.
+/// The first message must be a hello with our protocol version; anything else is answered with
+/// an error and a close. Returns whether the session may go on.
+async fn handshake(
+    client_id: &ClientId,
+    reader: &mut connection::AgentReader,
+    writer: &mut AgentWriter,
+) -> bool {
     let hello = tokio::time::timeout(HELLO_TIMEOUT, reader.recv()).await;
     match hello {
         Ok(Ok(Some(Incoming::Message(AgentMessage::Hello {
@@ -77,64 +94,109 @@ async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
                     }
                 );
                 tracing::warn!(%client_id, agent_version, "{message}");
-                reject(&mut writer, ErrorCode::ProtocolVersionMismatch, &message).await;
-                return;
+                reject(writer, ErrorCode::ProtocolVersionMismatch, &message).await;
+                return false;
             }
             tracing::info!(%client_id, agent_version, "agent connected");
+            true
         }
         Ok(Ok(Some(_))) => {
             reject(
-                &mut writer,
+                writer,
                 ErrorCode::UnexpectedMessage,
                 "the first message must be hello",
             )
             .await;
-            return;
+            false
         }
         Ok(Err(err)) => {
-            reject(&mut writer, err.code(), &err.to_string()).await;
-            return;
+            reject(writer, err.code(), &err.to_string()).await;
+            false
         }
-        Ok(Ok(None)) => return,
+        Ok(Ok(None)) => false,
         Err(_) => {
-            reject(&mut writer, ErrorCode::AgentTimeout, "no hello received").await;
-            return;
+            reject(writer, ErrorCode::AgentTimeout, "no hello received").await;
+            false
         }
     }
+}
 
-    let conn_id = state.registry.next_conn_id();
-    let close = state.shutdown.child_token();
-    let (outbox, mut outbox_rx) = mpsc::channel::<ServerMessage>(OUTBOX_CAPACITY);
-    let now = OffsetDateTime::now_utc();
-    let last_seen_ms = Arc::new(AtomicI64::new(unix_ms(now)));
-    let handle = AgentHandle {
-        conn_id,
-        outbox: outbox.clone(),
-        connected_since: now,
-        last_seen_ms: last_seen_ms.clone(),
-        close: close.clone(),
-    };
-    if let Some(old) = state.registry.insert(client_id.clone(), handle) {
-        tracing::info!(%client_id, old_conn = old.conn_id, "replacing an older connection");
-        let _ = old.outbox.try_send(ServerMessage::Error {
-            code: ErrorCode::ConnectionReplaced,
-            message: "a newer connection for this client id replaced this one".into(),
-        });
-        old.close.cancel();
-    }
-    let _ = outbox
-        .send(ServerMessage::Welcome {
+/// A connection's place in the registry. Its `Drop` removes the entry (unless a newer connection
+/// replaced it), tells the uploads that the agent is away and stops the writer, on every way out
+/// of the session, a panic in a handler included.
+struct Registration {
+    state: AppState,
+    client_id: ClientId,
+    conn_id: u64,
+    outbox: mpsc::Sender<ServerMessage>,
+    last_seen_ms: Arc<AtomicI64>,
+    /// Ends the writer, and the session with it.
+    close: tokio_util::sync::CancellationToken,
+}
+
+impl Registration {
+    /// Registers the connection (replacing an older one of the same client), queues the
+    /// welcome and lets the uploads know the agent is here.
+    async fn new(state: &AppState, client_id: &ClientId) -> (Self, mpsc::Receiver<ServerMessage>) {
+        let conn_id = state.registry.next_conn_id();
+        let close = state.shutdown.child_token();
+        let (outbox, outbox_rx) = mpsc::channel::<ServerMessage>(OUTBOX_CAPACITY);
+        let now = OffsetDateTime::now_utc();
+        let last_seen_ms = Arc::new(AtomicI64::new(unix_ms(now)));
+        let handle = AgentHandle {
+            conn_id,
+            outbox: outbox.clone(),
+            connected_since: now,
+            last_seen_ms: last_seen_ms.clone(),
+            close: close.clone(),
+        };
+        let registration = Self {
+            state: state.clone(),
             client_id: client_id.clone(),
-            protocol_version: PROTOCOL_VERSION,
-        })
-        .await;
-    uploads::on_agent_connected(&state, &client_id, conn_id);
+            conn_id,
+            outbox,
+            last_seen_ms,
+            close,
+        };
+        if let Some(old) = state.registry.insert(client_id.clone(), handle) {
+            tracing::info!(%client_id, old_conn = old.conn_id, "replacing an older connection");
+            let _ = old.outbox.try_send(ServerMessage::Error {
+                code: ErrorCode::ConnectionReplaced,
+                message: "a newer connection for this client id replaced this one".into(),
+            });
+            old.close.cancel();
+        }
+        let _ = registration
+            .outbox
+            .send(ServerMessage::Welcome {
+                client_id: client_id.clone(),
+                protocol_version: PROTOCOL_VERSION,
+            })
+            .await;
+        uploads::on_agent_connected(state, client_id, conn_id);
+        (registration, outbox_rx)
+    }
+}
 
-    // Writer: drains the outbox and pings; on close it flushes what is queued first, so an
-    // error message reaches the agent before the close frame.
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.close.cancel();
+        self.state.registry.remove(&self.client_id, self.conn_id);
+        uploads::on_agent_disconnected(&self.state, self.conn_id);
+        tracing::info!(client_id = %self.client_id, conn_id = self.conn_id, "agent disconnected");
+    }
+}
+
+/// The writer: drains the outbox and pings. On close it flushes what is queued first, so an
+/// error message reaches the agent before the close frame. Whatever ends it ends the session.
+fn spawn_writer(
+    state: &AppState,
+    mut writer: AgentWriter,
+    mut outbox_rx: mpsc::Receiver<ServerMessage>,
+    close: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     let ping_interval = Duration::from_secs(state.config.ping_interval_secs.max(1));
-    let writer_close = close.clone();
-    let writer_task = state.tracker.spawn(async move {
+    state.tracker.spawn(async move {
         let mut ping = tokio::time::interval(ping_interval);
         ping.tick().await;
         loop {
@@ -148,7 +210,7 @@ async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
                 _ = ping.tick() => {
                     if writer.ping().await.is_err() { break; }
                 }
-                () = writer_close.cancelled() => {
+                () = close.cancelled() => {
                     while let Ok(msg) = outbox_rx.try_recv() {
                         if writer.send(&msg).await.is_err() { break; }
                     }
@@ -157,56 +219,55 @@ async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
                 }
             }
         }
-        // Whatever ended the writer ends the session.
-        writer_close.cancel();
-    });
+        close.cancel();
+    })
+}
 
-    // Reader: dispatches messages until the agent leaves, goes quiet, misbehaves or is closed.
+/// The reader: dispatches messages until the agent leaves, goes quiet, misbehaves or is closed.
+async fn read_loop(state: &AppState, session: &Registration, reader: &mut connection::AgentReader) {
+    let client_id = &session.client_id;
     let idle_timeout = Duration::from_secs(state.config.agent_idle_timeout_secs.max(1));
     let mut rate = TokenBucket::new(state.config.agent_max_messages_per_sec, Instant::now());
     loop {
         let incoming = tokio::select! {
-            () = close.cancelled() => break,
+            () = session.close.cancelled() => return,
             r = tokio::time::timeout(idle_timeout, reader.recv()) => r,
         };
         match incoming {
             Ok(Ok(Some(_))) if !rate.allow(Instant::now()) => {
                 tracing::warn!(%client_id, "agent exceeded its message rate, closing");
-                let _ = outbox.try_send(ServerMessage::Error {
+                let _ = session.outbox.try_send(ServerMessage::Error {
                     code: ErrorCode::RateLimited,
                     message: format!(
                         "more than {} messages per second",
                         state.config.agent_max_messages_per_sec
                     ),
                 });
-                break;
+                return;
             }
             Ok(Ok(Some(incoming))) => {
-                last_seen_ms.store(unix_ms(OffsetDateTime::now_utc()), Ordering::Relaxed);
+                session
+                    .last_seen_ms
+                    .store(unix_ms(OffsetDateTime::now_utc()), Ordering::Relaxed);
                 if let Incoming::Message(msg) = incoming {
-                    uploads::on_agent_message(&state, &client_id, conn_id, msg);
+                    uploads::on_agent_message(state, client_id, session.conn_id, msg);
                 }
             }
-            Ok(Ok(None)) => break,
+            Ok(Ok(None)) => return,
             Ok(Err(err)) => {
                 tracing::warn!(%client_id, error = %err, "closing connection");
-                let _ = outbox.try_send(ServerMessage::Error {
+                let _ = session.outbox.try_send(ServerMessage::Error {
                     code: err.code(),
                     message: err.to_string(),
                 });
-                break;
+                return;
             }
             Err(_) => {
                 tracing::warn!(%client_id, "agent silent for too long, closing");
-                break;
+                return;
             }
         }
     }
-    close.cancel();
-    let _ = writer_task.await;
-    state.registry.remove(&client_id, conn_id);
-    uploads::on_agent_disconnected(&state, conn_id);
-    tracing::info!(%client_id, conn_id, "agent disconnected");
 }
 
 async fn reject(writer: &mut AgentWriter, code: ErrorCode, message: &str) {

@@ -121,97 +121,20 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
         _ => None,
     };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-
-    let storage = match config.storage {
-        StorageKind::Embedded => {
-            let Some(listener) = listeners.embedded_s3 else {
-                bail!("STORAGE=embedded needs a listener for the embedded S3 endpoint");
-            };
-            let public_addr = listener.local_addr()?;
-            let secret = config
-                .embedded_s3_secret_key
-                .as_ref()
-                .map(|s| s.expose().to_owned())
-                .unwrap_or_else(random_secret);
-            let service = embedded_s3::build_service(
-                &config.data_dir,
-                &config.embedded_s3_access_key,
-                &secret,
-            )?;
-            // With TLS, the server reaches its own store over a plain loopback listener, so its
-            // S3 client needs no trust in the configured certificate; agents get TLS.
-            let internal_addr = if tls.is_some() {
-                let internal = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
-                let addr = internal.local_addr()?;
-                tracker.spawn(embedded_s3::serve(
-                    internal,
-                    service.clone(),
-                    None,
-                    shutdown.clone(),
-                    tracker.clone(),
-                ));
-                addr
-            } else {
-                public_addr
-            };
-            tracker.spawn(embedded_s3::serve(
-                listener,
-                service,
-                tls.clone(),
-                shutdown.clone(),
-                tracker.clone(),
-            ));
-            let local = Url::parse(&format!("http://{}", connectable(internal_addr)))?;
-            let public = Url::parse(&format!("{scheme}://{}", connectable(public_addr)))?;
-            tracing::info!(endpoint = %public, data_dir = %config.data_dir.display(), "embedded S3 endpoint listening");
-            let storage = Storage::connect(StorageSettings {
-                bucket: config.bucket.clone(),
-                region: config.aws_region.clone(),
-                endpoint: Some(local.clone()),
-                public_endpoint: Some(config.s3_public_endpoint.clone().unwrap_or(public)),
-                force_path_style: true,
-                credentials: Some(Credentials::new(
-                    &config.embedded_s3_access_key,
-                    secret,
-                    None,
-                    None,
-                    "backhaul-embedded",
-                )),
-            })
-            .await?;
-            storage.ensure_bucket(true).await?;
-            storage
-        }
-        StorageKind::S3 => {
-            let credentials = config
-                .aws_access_key_id
-                .as_ref()
-                .zip(config.aws_secret_access_key.as_ref())
-                .map(|(id, secret)| {
-                    Credentials::new(id, secret.expose(), None, None, "backhaul-config")
-                });
-            let storage = Storage::connect(StorageSettings {
-                bucket: config.bucket.clone(),
-                region: config.aws_region.clone(),
-                endpoint: config.s3_endpoint_url.clone(),
-                public_endpoint: config.s3_public_endpoint.clone(),
-                force_path_style: config
-                    .s3_force_path_style
-                    .unwrap_or(config.s3_endpoint_url.is_some()),
-                credentials,
-            })
-            .await?;
-            storage.ensure_bucket(false).await?;
-            storage
-        }
-    };
-
+    let storage = open_storage(
+        &config,
+        listeners.embedded_s3,
+        tls.as_ref(),
+        &shutdown,
+        &tracker,
+    )
+    .await?;
     let revocations = Revocations::load(config.data_dir.join("revocations.json"))?;
     let database = config.database_path();
     let stall_timeout = Duration::from_secs(config.upload_stall_timeout_secs);
     let uploads = Uploads::open(Box::new(db::SqliteStore::open(&database)?), stall_timeout)
         .with_context(|| format!("loading uploads from {}", database.display()))?;
+    let orphan_sweep = Duration::from_secs(config.orphan_sweep_interval_secs);
     let state = AppState(Arc::new(StateInner {
         config,
         keys,
@@ -226,54 +149,22 @@ pub async fn run(
 
     // What a previous run left half-done is finished before agents can reconnect.
     uploads::recover(&state).await;
-    let sweeper_state = state.clone();
-    tracker.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                () = sweeper_state.shutdown.cancelled() => break,
-                _ = tick.tick() => uploads::sweep(&sweeper_state).await,
-            }
-        }
+    spawn_every(&state, Duration::from_secs(1), |s| async move {
+        uploads::sweep(&s).await;
     });
-    let orphan_state = state.clone();
-    let sweep_orphans = state.config.orphan_sweep_interval_secs > 0;
-    tracker.spawn(async move {
-        if !sweep_orphans {
-            return;
-        }
+    if !orphan_sweep.is_zero() {
         // The first tick is immediate: orphans are swept at start-up, then periodically.
-        let every = Duration::from_secs(orphan_state.config.orphan_sweep_interval_secs);
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tokio::select! {
-                () = orphan_state.shutdown.cancelled() => break,
-                _ = tick.tick() => { uploads::sweep_orphans(&orphan_state).await; }
-            }
-        }
-    });
-
-    tracing::info!(addr = %listeners.api.local_addr()?, scheme, "server listening");
-    let app = router(state.clone());
-    match tls {
-        Some(acceptor) => {
-            tls::serve_api(
-                listeners.api,
-                acceptor,
-                app,
-                shutdown.clone(),
-                tracker.clone(),
-            )
-            .await;
-        }
-        None => axum::serve(
-            listeners.api,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .context("serving the API")?,
+        spawn_every(&state, orphan_sweep, |s| async move {
+            uploads::sweep_orphans(&s).await;
+        });
     }
+
+    tracing::info!(
+        addr = %listeners.api.local_addr()?,
+        scheme = if tls.is_some() { "https" } else { "http" },
+        "server listening"
+    );
+    serve(listeners.api, tls, router(state), &shutdown, &tracker).await?;
 
     // Agent sessions watch `shutdown` themselves (graceful shutdown does not cover upgraded
     // connections). Unfinished uploads stay recorded and resume when the server is back.
@@ -286,6 +177,150 @@ pub async fn run(
         tracing::warn!("shutdown drain timed out");
     }
     Ok(())
+}
+
+/// Runs `job` now and then every `every` until shutdown, one run at a time.
+fn spawn_every<F, Fut>(state: &AppState, every: Duration, job: F)
+where
+    F: Fn(AppState) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let state = state.clone();
+    state.tracker.clone().spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                () = state.shutdown.cancelled() => break,
+                _ = tick.tick() => job(state.clone()).await,
+            }
+        }
+    });
+}
+
+/// Serves the API (and the WebSocket) on `listener` until `shutdown`, over TLS when an acceptor
+/// is given.
+async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    app: Router,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<()> {
+    match tls {
+        Some(acceptor) => {
+            tls::serve_api(listener, acceptor, app, shutdown.clone(), tracker.clone()).await;
+            Ok(())
+        }
+        None => axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("serving the API"),
+    }
+}
+
+/// Connects to the configured storage.
+async fn open_storage(
+    config: &Config,
+    listener: Option<TcpListener>,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<Storage> {
+    match config.storage {
+        StorageKind::Embedded => open_embedded(config, listener, tls, shutdown, tracker).await,
+        StorageKind::S3 => open_s3(config).await,
+    }
+}
+
+/// `STORAGE=embedded`: starts the embedded S3 endpoint on `listener` (and, with TLS, a plain
+/// loopback listener for the server's own client), then connects to it.
+async fn open_embedded(
+    config: &Config,
+    listener: Option<TcpListener>,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<Storage> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let Some(listener) = listener else {
+        bail!("STORAGE=embedded needs a listener for the embedded S3 endpoint");
+    };
+    let public_addr = listener.local_addr()?;
+    let secret = config
+        .embedded_s3_secret_key
+        .as_ref()
+        .map(|s| s.expose().to_owned())
+        .unwrap_or_else(random_secret);
+    let service =
+        embedded_s3::build_service(&config.data_dir, &config.embedded_s3_access_key, &secret)?;
+    // With TLS, the server reaches its own store over a plain loopback listener, so its
+    // S3 client needs no trust in the configured certificate; agents get TLS.
+    let internal_addr = if tls.is_some() {
+        let internal = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = internal.local_addr()?;
+        tracker.spawn(embedded_s3::serve(
+            internal,
+            service.clone(),
+            None,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        addr
+    } else {
+        public_addr
+    };
+    tracker.spawn(embedded_s3::serve(
+        listener,
+        service,
+        tls.cloned(),
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    let local = Url::parse(&format!("http://{}", connectable(internal_addr)))?;
+    let public = Url::parse(&format!("{scheme}://{}", connectable(public_addr)))?;
+    tracing::info!(endpoint = %public, data_dir = %config.data_dir.display(), "embedded S3 endpoint listening");
+    let storage = Storage::connect(StorageSettings {
+        bucket: config.bucket.clone(),
+        region: config.aws_region.clone(),
+        endpoint: Some(local.clone()),
+        public_endpoint: Some(config.s3_public_endpoint.clone().unwrap_or(public)),
+        force_path_style: true,
+        credentials: Some(Credentials::new(
+            &config.embedded_s3_access_key,
+            secret,
+            None,
+            None,
+            "backhaul-embedded",
+        )),
+    })
+    .await?;
+    storage.ensure_bucket(true).await?;
+    Ok(storage)
+}
+
+/// `STORAGE=s3`: AWS or any S3, through the standard settings and aws-config's chain.
+async fn open_s3(config: &Config) -> anyhow::Result<Storage> {
+    let credentials = config
+        .aws_access_key_id
+        .as_ref()
+        .zip(config.aws_secret_access_key.as_ref())
+        .map(|(id, secret)| Credentials::new(id, secret.expose(), None, None, "backhaul-config"));
+    let storage = Storage::connect(StorageSettings {
+        bucket: config.bucket.clone(),
+        region: config.aws_region.clone(),
+        endpoint: config.s3_endpoint_url.clone(),
+        public_endpoint: config.s3_public_endpoint.clone(),
+        force_path_style: config
+            .s3_force_path_style
+            .unwrap_or(config.s3_endpoint_url.is_some()),
+        credentials,
+    })
+    .await?;
+    storage.ensure_bucket(false).await?;
+    Ok(storage)
 }
 
 async fn rest_timeout(

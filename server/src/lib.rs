@@ -121,14 +121,13 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
         _ => None,
     };
-    let storage = open_storage(
-        &config,
-        listeners.embedded_s3,
-        tls.as_ref(),
-        &shutdown,
-        &tracker,
-    )
-    .await?;
+    let storage = match config.storage {
+        StorageKind::Embedded => {
+            let listener = listeners.embedded_s3;
+            open_embedded(&config, listener, tls.as_ref(), &shutdown, &tracker).await?
+        }
+        StorageKind::S3 => open_s3(&config).await?,
+    };
     let revocations = Revocations::load(config.data_dir.join("revocations.json"))?;
     let database = config.database_path();
     let stall_timeout = Duration::from_secs(config.upload_stall_timeout_secs);
@@ -218,20 +217,6 @@ async fn serve(
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
         .context("serving the API"),
-    }
-}
-
-/// Connects to the configured storage.
-async fn open_storage(
-    config: &Config,
-    listener: Option<TcpListener>,
-    tls: Option<&tokio_rustls::TlsAcceptor>,
-    shutdown: &CancellationToken,
-    tracker: &TaskTracker,
-) -> anyhow::Result<Storage> {
-    match config.storage {
-        StorageKind::Embedded => open_embedded(config, listener, tls, shutdown, tracker).await,
-        StorageKind::S3 => open_s3(config).await,
     }
 }
 

@@ -15,6 +15,7 @@ use shared::{ClientId, ErrorCode};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::auth::agent_identity;
@@ -131,7 +132,7 @@ struct Registration {
     outbox: mpsc::Sender<ServerMessage>,
     last_seen_ms: Arc<AtomicI64>,
     /// Ends the writer, and the session with it.
-    close: tokio_util::sync::CancellationToken,
+    close: CancellationToken,
 }
 
 impl Registration {
@@ -193,7 +194,7 @@ fn spawn_writer(
     state: &AppState,
     mut writer: AgentWriter,
     mut outbox_rx: mpsc::Receiver<ServerMessage>,
-    close: tokio_util::sync::CancellationToken,
+    close: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let ping_interval = Duration::from_secs(state.config.ping_interval_secs.max(1));
     state.tracker.spawn(async move {

@@ -79,6 +79,21 @@ where
     }
 }
 
+/// Triggers a download of the agent's default file and returns the upload id.
+pub async fn trigger_id(server: &TestServer, client_id: &str) -> String {
+    let (status, trig) = server.trigger(client_id).await;
+    assert_eq!(status, 202, "{trig}");
+    trig["upload_id"].as_str().unwrap().to_owned()
+}
+
+/// The upload completed, with the file's SHA-256 recorded and the same bytes in `store`.
+pub async fn assert_identical(store: &TestServer, status: &serde_json::Value, sha: &str) {
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["sha256"], sha, "the recorded SHA-256 is the file's");
+    let key = status["key"].as_str().unwrap();
+    assert_eq!(store.object_sha256(key).await, sha, "stored bytes differ");
+}
+
 /// A random generator for a test's random choices (kill points, delays), seeded from
 /// `BACKHAUL_TEST_SEED` when set and from the OS otherwise. The seed is printed first, so a failing
 /// run can be replayed with the same choices.
@@ -422,7 +437,6 @@ impl Drop for TestServer {
     }
 }
 
-/// Command-line arguments of a test server (listen addresses not included).
 /// Arguments of a `STORAGE=s3` server listening on `api`, whose S3 is `endpoint` (in tests, another
 /// server's embedded store). With `static_keys`, the embedded store's keys are in its settings;
 /// without, it finds credentials through aws-config's default chain.
@@ -432,27 +446,22 @@ pub fn s3_server_args(
     endpoint: &str,
     static_keys: bool,
 ) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "server",
-        "--jwt-secret",
-        SECRET,
-        "--bucket",
-        BUCKET,
-        "--data-dir",
-        &data_dir.display().to_string(),
-        "--listen-addr",
-        &api.to_string(),
-        "--storage",
-        "s3",
-        "--s3-endpoint-url",
-        endpoint,
-        "--aws-region",
-        "us-east-1",
-        "--orphan-sweep-interval-secs",
-        "0",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let mut args = base_server_args(data_dir);
+    args.extend(
+        [
+            "--listen-addr",
+            &api.to_string(),
+            "--storage",
+            "s3",
+            "--s3-endpoint-url",
+            endpoint,
+            "--aws-region",
+            "us-east-1",
+            "--orphan-sweep-interval-secs",
+            "0",
+        ]
+        .map(str::to_owned),
+    );
     if static_keys {
         args.extend(
             [
@@ -467,8 +476,9 @@ pub fn s3_server_args(
     args
 }
 
-pub fn server_args(mode: Mode, data_dir: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = vec![
+/// What every test server gets: the secret, the bucket, quick pings and its data directory.
+fn base_server_args(data_dir: &Path) -> Vec<String> {
+    vec![
         "server".into(),
         "--jwt-secret".into(),
         SECRET.into(),
@@ -478,7 +488,12 @@ pub fn server_args(mode: Mode, data_dir: &Path, extra: &[&str]) -> Vec<String> {
         "2".into(),
         "--data-dir".into(),
         data_dir.display().to_string(),
-    ];
+    ]
+}
+
+/// Command-line arguments of a test server (listen addresses not included).
+pub fn server_args(mode: Mode, data_dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = base_server_args(data_dir);
     match mode {
         Mode::Embedded => args.extend([
             "--storage".into(),

@@ -51,19 +51,6 @@ async fn store(server: &TestServer, name: &str, size: u64, agent_extra: &[&str])
     }
 }
 
-async fn trigger_id(server: &TestServer, client_id: &str) -> String {
-    let (status, trig) = server.trigger(client_id).await;
-    assert_eq!(status, 202, "{trig}");
-    trig["upload_id"].as_str().unwrap().to_owned()
-}
-
-async fn assert_identical(server: &TestServer, status: &serde_json::Value, sha: &str) {
-    assert_eq!(status["state"], "completed", "{status}");
-    assert_eq!(status["sha256"], sha, "the recorded SHA-256 is the file's");
-    let key = status["key"].as_str().unwrap();
-    assert_eq!(server.object_sha256(key).await, sha, "stored bytes differ");
-}
-
 async fn wait_parts_done(server: &TestServer, upload_id: &str, at_least: u64) {
     let path = format!("/uploads/{upload_id}");
     wait_until(Duration::from_secs(60), "parts to be stored", || async {

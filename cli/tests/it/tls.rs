@@ -106,14 +106,7 @@ async fn s3_over_https_with_a_private_ca() {
     let ca_s = ca.display().to_string();
     let _agent = TestAgent::start_with(&server, &client_id, &file, &["--ca-file", &ca_s]);
     server.wait_connected(&client_id).await;
-    let (code, trig) = server.trigger(&client_id).await;
-    assert_eq!(code, 202, "{trig}");
-    let status = server
-        .wait_finished(trig["upload_id"].as_str().unwrap())
-        .await;
-    assert_eq!(status["state"], "completed", "{status}");
-    assert_eq!(
-        store.object_sha256(status["key"].as_str().unwrap()).await,
-        sha
-    );
+    let upload_id = trigger_id(&server, &client_id).await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_identical(&store, &status, &sha).await;
 }

@@ -34,8 +34,7 @@ pub async fn trigger_download(
     let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     let share = FileName::parse(params.file.as_deref().unwrap_or(DEFAULT_SHARE))
         .map_err(|e| ApiError::new(ErrorCode::InvalidFileName, format!("share name: {e}")))?;
-    let upload_id = uploads::trigger(
-        &state,
+    let upload_id = state.uploads.trigger(
         client_id.clone(),
         share,
         &uploads::Requester {
@@ -82,7 +81,7 @@ pub async fn client_status(
         connected_since: handle.as_ref().map(|h| rfc3339(h.connected_since)),
         last_seen: handle.as_ref().map(|h| rfc3339(h.last_seen())),
         active_upload: state.uploads.active_for(&client_id),
-        last_upload: state.uploads.latest_for(&client_id, state.storage.bucket()),
+        last_upload: state.uploads.latest_for(&client_id),
         client_id,
     }))
 }
@@ -96,7 +95,7 @@ pub async fn upload_status(
         .map_err(|e| ApiError::new(ErrorCode::InvalidUploadId, e.to_string()))?;
     state
         .uploads
-        .status(upload_id, state.storage.bucket())
+        .status(upload_id)
         .map(Json)
         .ok_or_else(|| ApiError::new(ErrorCode::UploadNotFound, format!("no upload {upload_id}")))
 }
@@ -153,9 +152,7 @@ pub async fn cancel_upload(
         operator: operator.name,
         from: peer,
     };
-    uploads::cancel(&state, upload_id, &requester)
-        .await
-        .map(Json)
+    state.uploads.cancel(upload_id, &requester).await.map(Json)
 }
 
 pub async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {

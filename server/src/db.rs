@@ -1,8 +1,12 @@
 //! Durable upload records: what must survive a server restart.
 //!
-//! [`UploadStore`] is the seam: the server keeps its working set in memory and writes every
-//! state change through to the store. [`SqliteStore`] (one file in the data directory, WAL
-//! journal) is the default; a shared database for several servers can implement the same trait.
+//! [`UploadStore`] is the seam: the upload table keeps its working set in memory and writes
+//! changes through to the store. [`SqliteStore`] (one file in the data directory, WAL journal) is
+//! the default; a shared database for several servers can implement the same trait.
+//!
+//! The schema is versioned by numbered migrations in `server/migrations/`, applied in order at
+//! start and counted in SQLite's `user_version`. A row carries the format of its record, so a
+//! record written by an older release is read as what it is (`uploads::stored`).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -11,23 +15,46 @@ use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params};
 use shared::{ClientId, UploadId};
 
-/// Each record is stored as one JSON document: its shape is owned by `uploads.rs`, and the
-/// store only needs the id, the client and the creation time to index it.
-pub struct StoredRecord {
+/// The migrations, in order; the database's `user_version` counts those applied.
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_uploads",
+        include_str!("../migrations/0001_uploads.sql"),
+    ),
+    (
+        "0002_uploads_millis",
+        include_str!("../migrations/0002_uploads_millis.sql"),
+    ),
+];
+
+/// One upload as the store holds it: the columns it is indexed by, and the record itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRow {
     pub id: UploadId,
     pub client_id: ClientId,
-    pub created_at: String,
+    pub created_ms: i64,
     pub terminal: bool,
-    pub json: String,
+    /// The version of the record's form (`uploads::stored`).
+    pub format: u32,
+    pub record: String,
+}
+
+/// A row as read back: its id column as text (so that a row whose id no longer parses is still
+/// reported by name), its format and its record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedRow {
+    pub id: String,
+    pub format: u32,
+    pub record: String,
 }
 
 pub trait UploadStore: Send + Sync {
     /// Inserts or replaces a record.
-    fn save(&self, record: &StoredRecord) -> anyhow::Result<()>;
+    fn save(&self, row: &StoredRow) -> anyhow::Result<()>;
     /// Every unfinished record, plus the newest `recent` finished ones, oldest first.
-    fn load_working_set(&self, recent: usize) -> anyhow::Result<Vec<String>>;
-    fn get(&self, id: UploadId) -> anyhow::Result<Option<String>>;
-    fn latest_for(&self, client_id: &ClientId) -> anyhow::Result<Option<String>>;
+    fn load_working_set(&self, recent: usize) -> anyhow::Result<Vec<LoadedRow>>;
+    fn get(&self, id: UploadId) -> anyhow::Result<Option<LoadedRow>>;
+    fn latest_for(&self, client_id: &ClientId) -> anyhow::Result<Option<LoadedRow>>;
 }
 
 pub struct SqliteStore {
@@ -39,25 +66,15 @@ impl SqliteStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut conn =
+            Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
         // WAL: readers never block the writer, and a commit survives a killed process. NORMAL
         // syncs at checkpoints, not every commit: a power cut may lose the last moments, which
         // resume (ListParts) recovers from.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS uploads (
-                 id TEXT PRIMARY KEY,
-                 client_id TEXT NOT NULL,
-                 created_at TEXT NOT NULL,
-                 terminal INTEGER NOT NULL,
-                 record TEXT NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS uploads_by_client ON uploads (client_id, created_at);
-             CREATE INDEX IF NOT EXISTS uploads_unfinished ON uploads (terminal, created_at);",
-        )
-        .context("creating the uploads table")?;
+        migrate(&mut conn).with_context(|| format!("migrating {}", path.display()))?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -68,53 +85,83 @@ impl SqliteStore {
     }
 }
 
+/// Applies the migrations the database has not seen, each in its own transaction together with
+/// the new `user_version`. A database newer than this release is refused rather than guessed at.
+fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+    let applied: usize = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    anyhow::ensure!(
+        applied <= MIGRATIONS.len(),
+        "the database has schema version {applied}, newer than this release knows ({})",
+        MIGRATIONS.len()
+    );
+    for (version, (name, sql)) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)
+            .with_context(|| format!("applying migration {name}"))?;
+        tx.pragma_update(None, "user_version", version + 1)?;
+        tx.commit()?;
+        tracing::info!(migration = name, "database migrated");
+    }
+    Ok(())
+}
+
+fn loaded(row: &rusqlite::Row<'_>) -> rusqlite::Result<LoadedRow> {
+    Ok(LoadedRow {
+        id: row.get(0)?,
+        format: row.get(1)?,
+        record: row.get(2)?,
+    })
+}
+
 impl UploadStore for SqliteStore {
-    fn save(&self, r: &StoredRecord) -> anyhow::Result<()> {
+    fn save(&self, r: &StoredRow) -> anyhow::Result<()> {
         self.conn()
             .prepare_cached(
-                "INSERT INTO uploads (id, client_id, created_at, terminal, record)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (id) DO UPDATE SET terminal = ?4, record = ?5",
+                "INSERT INTO uploads (id, client_id, created_ms, terminal, format, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (id) DO UPDATE SET terminal = ?4, format = ?5, record = ?6",
             )?
             .execute(params![
                 r.id.to_string(),
                 r.client_id.as_str(),
-                r.created_at,
+                r.created_ms,
                 r.terminal,
-                r.json
+                r.format,
+                r.record
             ])?;
         Ok(())
     }
 
-    fn load_working_set(&self, recent: usize) -> anyhow::Result<Vec<String>> {
+    fn load_working_set(&self, recent: usize) -> anyhow::Result<Vec<LoadedRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT record FROM (
-                 SELECT record, created_at FROM uploads WHERE terminal = 0
+            "SELECT id, format, record FROM (
+                 SELECT id, format, record, created_ms FROM uploads WHERE terminal = 0
                  UNION ALL
-                 SELECT * FROM (SELECT record, created_at FROM uploads WHERE terminal = 1
-                                ORDER BY created_at DESC LIMIT ?1)
-             ) ORDER BY created_at",
+                 SELECT * FROM (SELECT id, format, record, created_ms FROM uploads
+                                WHERE terminal = 1 ORDER BY created_ms DESC LIMIT ?1)
+             ) ORDER BY created_ms",
         )?;
-        let rows = stmt.query_map(params![recent as i64], |row| row.get(0))?;
+        let rows = stmt.query_map(params![recent as i64], loaded)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn get(&self, id: UploadId) -> anyhow::Result<Option<String>> {
+    fn get(&self, id: UploadId) -> anyhow::Result<Option<LoadedRow>> {
         Ok(self
             .conn()
-            .prepare_cached("SELECT record FROM uploads WHERE id = ?1")?
-            .query_row(params![id.to_string()], |row| row.get(0))
+            .prepare_cached("SELECT id, format, record FROM uploads WHERE id = ?1")?
+            .query_row(params![id.to_string()], loaded)
             .optional()?)
     }
 
-    fn latest_for(&self, client_id: &ClientId) -> anyhow::Result<Option<String>> {
+    fn latest_for(&self, client_id: &ClientId) -> anyhow::Result<Option<LoadedRow>> {
         Ok(self
             .conn()
             .prepare_cached(
-                "SELECT record FROM uploads WHERE client_id = ?1 ORDER BY created_at DESC LIMIT 1",
+                "SELECT id, format, record FROM uploads WHERE client_id = ?1
+                 ORDER BY created_ms DESC LIMIT 1",
             )?
-            .query_row(params![client_id.as_str()], |row| row.get(0))
+            .query_row(params![client_id.as_str()], loaded)
             .optional()?)
     }
 }
@@ -123,47 +170,75 @@ impl UploadStore for SqliteStore {
 mod tests {
     use super::*;
 
-    fn record(n: u32, client: &str, terminal: bool) -> StoredRecord {
-        StoredRecord {
+    fn temp_db() -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("backhaul-db-{}", UploadId::new_random()));
+        let path = dir.join("backhaul.db");
+        (dir, path)
+    }
+
+    fn row(ms: i64, client: &str, terminal: bool) -> StoredRow {
+        StoredRow {
             id: UploadId::new_random(),
             client_id: ClientId::parse(client).unwrap(),
-            created_at: format!("2026-11-22T00:00:{n:02}Z"),
+            created_ms: ms,
             terminal,
-            json: format!("{{\"n\":{n}}}"),
+            format: 2,
+            record: format!("{{\"n\":{ms}}}"),
         }
     }
 
     #[test]
     fn records_survive_reopening() {
-        let dir = std::env::temp_dir().join(format!("backhaul-db-{}", UploadId::new_random()));
-        let path = dir.join("backhaul.db");
-        let first = record(1, "a", true);
-        let second = record(2, "a", false);
-        let third = record(3, "b", true);
+        let (dir, path) = temp_db();
+        let first = row(1000, "a", true);
+        let second = row(1500, "a", false);
+        let third = row(3000, "b", true);
         {
             let db = SqliteStore::open(&path).unwrap();
             for r in [&first, &second, &third] {
                 db.save(r).unwrap();
             }
             // An update replaces the document, not the row's identity.
-            let mut updated = record(1, "a", true);
+            let mut updated = row(1000, "a", true);
             updated.id = first.id;
-            updated.json = "{\"n\":10}".into();
+            updated.record = "{\"n\":10}".into();
             db.save(&updated).unwrap();
         }
         let db = SqliteStore::open(&path).unwrap();
-        assert_eq!(db.get(first.id).unwrap().as_deref(), Some("{\"n\":10}"));
-        assert_eq!(db.get(UploadId::new_random()).unwrap(), None);
+        let record = |r: Option<LoadedRow>| r.map(|r| r.record);
         assert_eq!(
-            db.latest_for(&ClientId::parse("a").unwrap())
-                .unwrap()
-                .as_deref(),
-            Some("{\"n\":2}")
+            record(db.get(first.id).unwrap()).as_deref(),
+            Some("{\"n\":10}")
+        );
+        assert_eq!(db.get(UploadId::new_random()).unwrap(), None);
+        // 1500 ms is newer than 1000 ms (as RFC 3339 text, "...:01.5Z" sorted before "...:01Z").
+        assert_eq!(
+            record(db.latest_for(&ClientId::parse("a").unwrap()).unwrap()).as_deref(),
+            Some("{\"n\":1500}")
         );
         // Unfinished always; of the finished, only the newest one.
-        assert_eq!(
-            db.load_working_set(1).unwrap(),
-            vec!["{\"n\":2}".to_owned(), "{\"n\":3}".to_owned()]
+        let working: Vec<_> = db
+            .load_working_set(1)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.record)
+            .collect();
+        assert_eq!(working, vec!["{\"n\":1500}", "{\"n\":3000}"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_database_from_a_newer_release_is_refused() {
+        let (dir, path) = temp_db();
+        drop(SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", MIGRATIONS.len() + 1)
+            .unwrap();
+        drop(conn);
+        let err = SqliteStore::open(&path).err().expect("refused");
+        assert!(
+            format!("{err:#}").contains("newer than this release"),
+            "{err:#}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -54,10 +54,10 @@ pub struct AppState(Arc<StateInner>);
 pub struct StateInner {
     pub config: Config,
     pub keys: TokenKeys,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     pub revocations: Revocations,
     pub uploads: Uploads,
-    pub metrics: metrics::Metrics,
+    pub metrics: Arc<metrics::Metrics>,
     pub storage: Storage,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
@@ -130,31 +130,42 @@ pub async fn run(
     };
     let revocations = Revocations::load(config.data_dir.join("revocations.json"))?;
     let database = config.database_path();
-    let stall_timeout = Duration::from_secs(config.upload_stall_timeout_secs);
-    let uploads = Uploads::open(Box::new(db::SqliteStore::open(&database)?), stall_timeout)
-        .with_context(|| format!("loading uploads from {}", database.display()))?;
+    let registry = Arc::new(Registry::default());
+    let metrics = Arc::new(metrics::Metrics::default());
+    let uploads = Uploads::open(
+        Box::new(db::SqliteStore::open(&database)?),
+        uploads::Settings::from_config(&config),
+        uploads::Services {
+            storage: storage.clone(),
+            agents: registry.clone(),
+            metrics: metrics.clone(),
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+        },
+    )
+    .with_context(|| format!("loading uploads from {}", database.display()))?;
     let orphan_sweep = Duration::from_secs(config.orphan_sweep_interval_secs);
     let state = AppState(Arc::new(StateInner {
         config,
         keys,
-        registry: Registry::default(),
+        registry,
         revocations,
         uploads,
-        metrics: metrics::Metrics::default(),
+        metrics,
         storage,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     }));
 
     // What a previous run left half-done is finished before agents can reconnect.
-    uploads::recover(&state).await;
+    state.uploads.recover().await;
     spawn_every(&state, Duration::from_secs(1), |s| async move {
-        uploads::sweep(&s).await;
+        s.uploads.sweep().await;
     });
     if !orphan_sweep.is_zero() {
         // The first tick is immediate: orphans are swept at start-up, then periodically.
         spawn_every(&state, orphan_sweep, |s| async move {
-            uploads::sweep_orphans(&s).await;
+            s.uploads.sweep_orphans().await;
         });
     }
 

@@ -1,6 +1,8 @@
-//! The connected agents, by client id.
+//! The connected agents, by client id, and [`AgentLink`], the one way the rest of the server
+//! sends to an agent.
 
 use std::collections::HashMap;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -15,10 +17,62 @@ use tokio_util::sync::CancellationToken;
 /// the agent stopped reading, and the caller is told rather than left waiting.
 pub const OUTBOX_CAPACITY: usize = 32;
 
+/// One agent connection, numbered from 1 in the order this process accepted them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId(NonZeroU64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[cfg(test)]
+impl ConnId {
+    pub fn for_test(n: u64) -> Self {
+        Self(NonZeroU64::new(n).expect("connection ids start at 1"))
+    }
+}
+
+/// Why a message did not reach an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The client has no connection, or a newer one than the message was meant for.
+    #[error("the agent's connection is gone")]
+    Gone,
+    /// The connection's queue is full: the agent stopped reading.
+    #[error("the agent is not reading")]
+    Full,
+}
+
+/// Sending to the agent that holds a store. The upload core uses nothing else to reach agents,
+/// so that another implementation (one that reaches agents connected to other replicas) can take
+/// the registry's place. Every send names the connection it is meant for: a message for a
+/// connection that was replaced is not delivered to its successor.
+#[async_trait::async_trait]
+pub trait AgentLink: Send + Sync {
+    /// The current connection of `client_id`, if it is connected.
+    fn connection(&self, client_id: &ClientId) -> Option<ConnId>;
+    /// Queues `msg` without waiting.
+    fn try_send(
+        &self,
+        client_id: &ClientId,
+        conn: ConnId,
+        msg: ServerMessage,
+    ) -> Result<(), SendError>;
+    /// Queues `msg`, waiting while the queue is full (for large messages such as a plan).
+    async fn send(
+        &self,
+        client_id: &ClientId,
+        conn: ConnId,
+        msg: ServerMessage,
+    ) -> Result<(), SendError>;
+}
+
 /// How the rest of the server reaches one live agent connection.
 #[derive(Debug, Clone)]
 pub struct AgentHandle {
-    pub conn_id: u64,
+    pub conn_id: ConnId,
     pub outbox: mpsc::Sender<ServerMessage>,
     pub connected_since: OffsetDateTime,
     /// Unix milliseconds of the last frame received, updated by the connection's reader.
@@ -43,8 +97,9 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn next_conn_id(&self) -> u64 {
-        self.next_conn_id.fetch_add(1, Ordering::Relaxed) + 1
+    pub fn next_conn_id(&self) -> ConnId {
+        let n = self.next_conn_id.fetch_add(1, Ordering::Relaxed) + 1;
+        ConnId(NonZeroU64::new(n).unwrap_or(NonZeroU64::MIN))
     }
 
     /// Registers a connection and returns the one it replaces, if any.
@@ -54,7 +109,7 @@ impl Registry {
 
     /// Removes the entry only if it still belongs to `conn_id`: a replaced connection must not
     /// remove its successor.
-    pub fn remove(&self, client_id: &ClientId, conn_id: u64) {
+    pub fn remove(&self, client_id: &ClientId, conn_id: ConnId) {
         let mut agents = self.lock();
         if agents.get(client_id).is_some_and(|h| h.conn_id == conn_id) {
             agents.remove(client_id);
@@ -83,9 +138,53 @@ impl Registry {
         all
     }
 
+    /// The outbox of `conn`, if it is still `client_id`'s connection.
+    fn outbox(
+        &self,
+        client_id: &ClientId,
+        conn: ConnId,
+    ) -> Result<mpsc::Sender<ServerMessage>, SendError> {
+        self.lock()
+            .get(client_id)
+            .filter(|h| h.conn_id == conn)
+            .map(|h| h.outbox.clone())
+            .ok_or(SendError::Gone)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, AgentHandle>> {
         // A panic while holding this lock cannot leave the map half-updated (every operation is
         // a single insert or remove), so a poisoned lock is still safe to use.
         self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait::async_trait]
+impl AgentLink for Registry {
+    fn connection(&self, client_id: &ClientId) -> Option<ConnId> {
+        self.lock().get(client_id).map(|h| h.conn_id)
+    }
+
+    fn try_send(
+        &self,
+        client_id: &ClientId,
+        conn: ConnId,
+        msg: ServerMessage,
+    ) -> Result<(), SendError> {
+        self.outbox(client_id, conn)?
+            .try_send(msg)
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => SendError::Full,
+                mpsc::error::TrySendError::Closed(_) => SendError::Gone,
+            })
+    }
+
+    async fn send(
+        &self,
+        client_id: &ClientId,
+        conn: ConnId,
+        msg: ServerMessage,
+    ) -> Result<(), SendError> {
+        let outbox = self.outbox(client_id, conn)?;
+        outbox.send(msg).await.map_err(|_| SendError::Gone)
     }
 }

@@ -21,8 +21,7 @@ use crate::AppState;
 use crate::auth::agent_identity;
 use crate::connection::{self, AgentWriter, Incoming};
 use crate::error::ApiError;
-use crate::registry::{AgentHandle, OUTBOX_CAPACITY};
-use crate::uploads;
+use crate::registry::{AgentHandle, ConnId, OUTBOX_CAPACITY};
 
 /// How long a new connection has to send its `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -128,7 +127,7 @@ async fn handshake(
 struct Registration {
     state: AppState,
     client_id: ClientId,
-    conn_id: u64,
+    conn_id: ConnId,
     outbox: mpsc::Sender<ServerMessage>,
     last_seen_ms: Arc<AtomicI64>,
     /// Ends the writer, and the session with it.
@@ -160,7 +159,7 @@ impl Registration {
             close,
         };
         if let Some(old) = state.registry.insert(client_id.clone(), handle) {
-            tracing::info!(%client_id, old_conn = old.conn_id, "replacing an older connection");
+            tracing::info!(%client_id, old_conn = %old.conn_id, "replacing an older connection");
             let _ = old.outbox.try_send(ServerMessage::Error {
                 code: ErrorCode::ConnectionReplaced,
                 message: "a newer connection for this client id replaced this one".into(),
@@ -174,7 +173,7 @@ impl Registration {
                 protocol_version: PROTOCOL_VERSION,
             })
             .await;
-        uploads::on_agent_connected(state, client_id, conn_id);
+        state.uploads.on_agent_connected(client_id, conn_id);
         (registration, outbox_rx)
     }
 }
@@ -183,8 +182,8 @@ impl Drop for Registration {
     fn drop(&mut self) {
         self.close.cancel();
         self.state.registry.remove(&self.client_id, self.conn_id);
-        uploads::on_agent_disconnected(&self.state, self.conn_id);
-        tracing::info!(client_id = %self.client_id, conn_id = self.conn_id, "agent disconnected");
+        self.state.uploads.on_agent_disconnected(self.conn_id);
+        tracing::info!(client_id = %self.client_id, conn_id = %self.conn_id, "agent disconnected");
     }
 }
 
@@ -251,7 +250,9 @@ async fn read_loop(state: &AppState, session: &Registration, reader: &mut connec
                     .last_seen_ms
                     .store(unix_ms(OffsetDateTime::now_utc()), Ordering::Relaxed);
                 if let Incoming::Message(msg) = incoming {
-                    uploads::on_agent_message(state, client_id, session.conn_id, msg);
+                    state
+                        .uploads
+                        .on_agent_message(client_id, session.conn_id, msg);
                 }
             }
             Ok(Ok(None)) => return,

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod hash;
 pub mod ids;
 pub mod protocol;
 

@@ -1,0 +1,306 @@
+//! Describing a shared file for the server: its size, the SHA-256 of the whole and the MD5 of
+//! each part, on `HASH_THREADS` threads.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use md5::{Digest, Md5};
+use sha2::Sha256;
+use shared::protocol::plan_parts;
+use shared::{ErrorCode, FileName};
+
+use super::UploadError;
+use super::file::{Snapshot, changed_while_hashing, io_error, stored_name};
+
+/// A shared file, described and hashed for the server.
+#[derive(Debug, Clone)]
+pub struct Described {
+    pub file_name: FileName,
+    pub snapshot: Snapshot,
+    /// Lowercase hex SHA-256 of the whole file.
+    pub sha256: String,
+    pub part_size: u64,
+    /// Base64 MD5 of each part.
+    pub part_md5: Vec<String>,
+}
+
+/// Read size while hashing.
+const HASH_CHUNK: usize = 1024 * 1024;
+
+/// Looks at a shared file and hashes it: its name as stored, its size, the SHA-256 of the
+/// whole and the MD5 of each part laid out by [`plan_parts`]. Errors carry the agent-side codes.
+/// A symbolic link is refused: swapping a shared file for a link must not widen what is shared.
+pub async fn describe_file(
+    path: &Path,
+    max_size: u64,
+    min_part_size: u64,
+    hash_threads: usize,
+) -> Result<Described, UploadError> {
+    let link = tokio::fs::symlink_metadata(path)
+        .await
+        .map_err(|e| io_error(path, &e))?;
+    if link.file_type().is_symlink() {
+        return Err(UploadError::new(
+            ErrorCode::FileNotShared,
+            format!(
+                "{} is a symbolic link; share the file itself",
+                path.display()
+            ),
+        ));
+    }
+    if !link.is_file() {
+        return Err(UploadError::new(
+            ErrorCode::FileReadError,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    if link.len() > max_size {
+        return Err(UploadError::new(
+            ErrorCode::FileTooLarge,
+            format!(
+                "{} has {} bytes, more than MAX_FILE_SIZE ({max_size})",
+                path.display(),
+                link.len()
+            ),
+        ));
+    }
+    let name = path
+        .file_name()
+        .map(|n| stored_name(&n.to_string_lossy()))
+        .ok_or_else(|| UploadError::new(ErrorCode::InvalidFileName, "the path has no file name"))?;
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || hash_file(&owned, name, min_part_size, hash_threads))
+        .await
+        .map_err(|e| UploadError::new(ErrorCode::FileReadError, format!("hashing failed: {e}")))?
+}
+
+fn hash_file(
+    path: &Path,
+    file_name: FileName,
+    min_part_size: u64,
+    threads: usize,
+) -> Result<Described, UploadError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| io_error(path, &e))?;
+    let before = Snapshot::of(&file.metadata().map_err(|e| io_error(path, &e))?);
+    let (part_size, parts) = plan_parts(before.size, min_part_size).ok_or_else(|| {
+        UploadError::new(
+            ErrorCode::FileTooLarge,
+            format!("{} is larger than one S3 object may be", path.display()),
+        )
+    })?;
+    let src = HashSource {
+        file: &file,
+        path,
+        size: before.size,
+        part_size,
+        parts: parts as usize,
+    };
+    let (sha256, part_md5) = if threads <= 1 {
+        src.hash_in_one_pass()?
+    } else {
+        src.hash_in_parallel(threads)?
+    };
+    let after = Snapshot::of(&file.metadata().map_err(|e| io_error(path, &e))?);
+    if after != before {
+        return Err(changed_while_hashing(path));
+    }
+    Ok(Described {
+        file_name,
+        snapshot: before,
+        sha256,
+        part_size,
+        part_md5,
+    })
+}
+
+/// The open file being hashed and its part layout. Reads are positioned (`pread`), so threads
+/// can share the one descriptor.
+struct HashSource<'a> {
+    file: &'a std::fs::File,
+    path: &'a Path,
+    size: u64,
+    part_size: u64,
+    parts: usize,
+}
+
+impl HashSource<'_> {
+    /// Feeds `[offset, offset + len)` to `f` in [`HASH_CHUNK`] pieces. A file that ends early
+    /// changed under the agent.
+    fn read_range(
+        &self,
+        offset: u64,
+        len: u64,
+        buf: &mut [u8],
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<(), UploadError> {
+        use std::os::unix::fs::FileExt;
+        let mut done = 0u64;
+        while done < len {
+            let want = (len - done).min(buf.len() as u64) as usize;
+            let n = self
+                .file
+                .read_at(&mut buf[..want], offset + done)
+                .map_err(|e| io_error(self.path, &e))?;
+            if n == 0 {
+                return Err(changed_while_hashing(self.path));
+            }
+            f(&buf[..n]);
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn part(&self, index: usize) -> (u64, u64) {
+        let offset = index as u64 * self.part_size;
+        (offset, self.size.saturating_sub(offset).min(self.part_size))
+    }
+
+    /// One thread, one read of the file: SHA-256 and the part's MD5 from each chunk.
+    fn hash_in_one_pass(&self) -> Result<(String, Vec<String>), UploadError> {
+        let mut whole = Sha256::new();
+        let mut part_md5 = Vec::with_capacity(self.parts);
+        let mut buf = vec![0u8; HASH_CHUNK];
+        for i in 0..self.parts {
+            let (offset, len) = self.part(i);
+            let mut md5 = Md5::new();
+            self.read_range(offset, len, &mut buf, |c| {
+                whole.update(c);
+                md5.update(c);
+            })?;
+            part_md5.push(BASE64.encode(md5.finalize()));
+        }
+        Ok((hex::encode(whole.finalize()), part_md5))
+    }
+
+    /// `threads` threads: this one reads the file for the SHA-256, which must go in order, while
+    /// the others take parts from a shared counter and MD5 them; when the SHA-256 is done, this
+    /// thread takes parts too. The file is read twice (from the page cache, usually), and the
+    /// work balances itself whatever the two hashes cost on this CPU.
+    fn hash_in_parallel(&self, threads: usize) -> Result<(String, Vec<String>), UploadError> {
+        use std::sync::OnceLock;
+        use std::sync::atomic::AtomicUsize;
+        let next = AtomicUsize::new(0);
+        let slots: Vec<OnceLock<String>> = (0..self.parts).map(|_| OnceLock::new()).collect();
+        let md5_parts = || -> Result<(), UploadError> {
+            let mut buf = vec![0u8; HASH_CHUNK];
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= self.parts {
+                    return Ok(());
+                }
+                let (offset, len) = self.part(i);
+                let mut md5 = Md5::new();
+                self.read_range(offset, len, &mut buf, |c| md5.update(c))
+                    .inspect_err(|_| next.store(self.parts, Ordering::Relaxed))?;
+                let _ = slots[i].set(BASE64.encode(md5.finalize()));
+            }
+        };
+        let sha256 = std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(md5_parts)).collect();
+            let mut whole = Sha256::new();
+            let mut buf = vec![0u8; HASH_CHUNK];
+            let own = self
+                .read_range(0, self.size, &mut buf, |c| whole.update(c))
+                .inspect_err(|_| next.store(self.parts, Ordering::Relaxed))
+                .and_then(|()| {
+                    drop(buf);
+                    md5_parts()
+                });
+            let mut result = own.map(|()| hex::encode(whole.finalize()));
+            for helper in helpers {
+                let joined = helper.join().unwrap_or_else(|_| {
+                    Err(UploadError::new(
+                        ErrorCode::FileReadError,
+                        "a hashing thread panicked",
+                    ))
+                });
+                if let (Ok(_), Err(e)) = (&result, joined) {
+                    result = Err(e);
+                }
+            }
+            result
+        })?;
+        let part_md5 = slots
+            .into_iter()
+            .map(OnceLock::into_inner)
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| changed_while_hashing(self.path))?;
+        Ok((sha256, part_md5))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN_PART: u64 = 5 * 1024 * 1024;
+
+    #[tokio::test]
+    async fn hashes_cover_the_whole_file_and_each_part() {
+        let dir = std::env::temp_dir().join(format!("backhaul-hash-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Two full parts and a 3-byte tail; the chunked reader must cut exactly at part edges.
+        let data: Vec<u8> = (0..2 * MIN_PART + 3).map(|i| (i % 251) as u8).collect();
+        let file = dir.join("data.bin");
+        std::fs::write(&file, &data).unwrap();
+        let expected: Vec<String> = data
+            .chunks(MIN_PART as usize)
+            .map(|c| BASE64.encode(Md5::digest(c)))
+            .collect();
+        assert_eq!(expected.len(), 3);
+        let empty = dir.join("empty.bin");
+        std::fs::write(&empty, b"").unwrap();
+        // One pass, and the SHA-256 thread beside one or more MD5 threads, agree exactly.
+        for threads in [1, 2, 3, 8] {
+            let d = describe_file(&file, u64::MAX, MIN_PART, threads)
+                .await
+                .unwrap();
+            assert_eq!(d.part_size, MIN_PART);
+            assert_eq!(d.sha256, hex::encode(Sha256::digest(&data)), "{threads}");
+            assert_eq!(d.part_md5, expected, "{threads} threads");
+
+            let e = describe_file(&empty, u64::MAX, MIN_PART, threads)
+                .await
+                .unwrap();
+            assert_eq!(e.part_md5, vec![BASE64.encode(Md5::digest(b""))]);
+            assert_eq!(e.sha256, hex::encode(Sha256::digest(b"")));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file shorter than its snapshot said (it shrank mid-hash) is FILE_CHANGED on every
+    /// path, and the parallel one stops all its threads.
+    #[test]
+    fn a_file_that_ends_early_while_hashing_is_changed() {
+        let dir = std::env::temp_dir().join(format!("backhaul-short-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("short.bin");
+        std::fs::write(&path, vec![7u8; (MIN_PART + 10) as usize]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let src = HashSource {
+            file: &file,
+            path: &path,
+            size: 3 * MIN_PART,
+            part_size: MIN_PART,
+            parts: 3,
+        };
+        assert_eq!(
+            src.hash_in_one_pass().unwrap_err().code,
+            ErrorCode::FileChanged
+        );
+        for threads in [2, 4] {
+            assert_eq!(
+                src.hash_in_parallel(threads).unwrap_err().code,
+                ErrorCode::FileChanged
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,65 @@
+//! Everything the agent does with a shared file, in five rooms:
+//! - [`policy`]: the hosts the agent may send bytes to;
+//! - [`hashing`] (with [`file`]): describing the file, SHA-256 of the whole and MD5 of each part;
+//! - [`pacing`]: one byte rate for all uploads together;
+//! - [`transfer`]: the parts of a plan in parallel, each streamed from disk and retried a bounded
+//!   number of times, then the presigned completion;
+//! - [`answers`]: what storage's answers mean, for the parts and the completion alike.
+//!
+//! Memory stays bounded whatever the file size: at most `concurrency` parts are in flight and
+//! each is read in [`READ_CHUNK`] pieces.
+
+mod answers;
+mod file;
+mod hashing;
+mod pacing;
+mod policy;
+mod transfer;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::time::Duration;
+
+use shared::ErrorCode;
+
+pub use file::{Snapshot, stored_name};
+pub use hashing::{Described, describe_file};
+pub use pacing::RateLimiter;
+pub use policy::UploadPolicy;
+pub use transfer::{Outcome, READ_CHUNK, upload};
+
+/// Why an upload stopped, in the terms the server reports to operators.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct UploadError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl UploadError {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Bytes and parts done so far, shared with whoever reports progress.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes_done: AtomicU64,
+    pub parts_done: AtomicU32,
+    /// Part attempts that failed and were retried.
+    pub retries: AtomicU32,
+}
+
+pub struct UploadSettings {
+    pub concurrency: usize,
+    pub attempts: u32,
+    pub retry_min: Duration,
+    /// Shared by every upload of the agent, so the cap holds for all of them together.
+    pub limiter: Option<Arc<RateLimiter>>,
+    pub request_timeout: Duration,
+    pub policy: UploadPolicy,
+}

@@ -1,0 +1,364 @@
+//! Moving the bytes: the parts of a plan in parallel, each streamed from disk with bounded,
+//! backed-off retries, then the presigned completion.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use shared::ErrorCode;
+use shared::protocol::{CompletedPart, PresignedPart, UploadPlan};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+use tokio_util::sync::CancellationToken;
+
+use super::answers::{Answer, judge, xml_escape};
+use super::file::{Snapshot, check_unchanged, io_error, open_no_follow};
+use super::{Progress, UploadError, UploadSettings};
+use crate::backoff::Backoff;
+
+/// Size of each read from disk while streaming a part.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// How an upload run ended, when it did not fail.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Every part is stored and the multipart upload is completed with these ETags.
+    Completed {
+        parts: Vec<CompletedPart>,
+        /// How long the completion request took.
+        complete_time: Duration,
+    },
+    /// The URLs ran out first. Parts that were sent are stored; the server presigns the rest.
+    NeedUrls,
+}
+
+/// Uploads the parts of `plan`, then completes the multipart upload with them and the parts
+/// already stored. `snapshot` is the file as it was hashed.
+#[allow(clippy::too_many_arguments)]
+pub async fn upload(
+    http: &reqwest::Client,
+    path: PathBuf,
+    snapshot: Snapshot,
+    plan: &UploadPlan,
+    settings: &UploadSettings,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<Outcome, UploadError> {
+    // The URLs are good for `expires_in_secs` from about now; stop starting requests a margin
+    // before that, so none reaches storage expired.
+    let ttl = Duration::from_secs(plan.expires_in_secs);
+    let deadline = std::time::Instant::now() + ttl - (ttl / 5).min(Duration::from_secs(60));
+    // Every URL is checked before the first byte leaves.
+    for part in &plan.parts {
+        settings.policy.check(&part.url)?;
+    }
+    settings.policy.check(&plan.complete_url)?;
+    if snapshot.size != plan.size {
+        return Err(UploadError::new(
+            ErrorCode::FileChanged,
+            format!(
+                "the server planned {} bytes but the file was hashed at {}",
+                plan.size, snapshot.size
+            ),
+        ));
+    }
+    check_unchanged(&path, snapshot).await?;
+    let done_bytes: u64 = plan
+        .done
+        .iter()
+        .map(|p| plan.part_range(p.part_number).1)
+        .sum();
+    progress.bytes_done.store(done_bytes, Ordering::Relaxed);
+    progress
+        .parts_done
+        .store(plan.done.len() as u32, Ordering::Relaxed);
+    let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let path = Arc::new(path);
+    let work = futures::stream::iter(plan.parts.iter().cloned())
+        .map(|part| {
+            let (offset, len) = plan.part_range(part.part_number);
+            let job = PartJob {
+                path: path.clone(),
+                snapshot,
+                part,
+                offset,
+                len,
+                deadline,
+            };
+            let progress = progress.clone();
+            let expired = expired.clone();
+            async move {
+                if expired.load(Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                let etag = upload_part(http, &job, settings, &progress).await?;
+                let Some(etag) = etag else {
+                    expired.store(true, Ordering::Relaxed);
+                    return Ok(None);
+                };
+                progress.parts_done.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, UploadError>(Some(CompletedPart {
+                    part_number: job.part.part_number,
+                    etag,
+                }))
+            }
+        })
+        .buffer_unordered(settings.concurrency)
+        .try_collect::<Vec<_>>();
+    let sent = tokio::select! {
+        r = work => r?,
+        () = cancel.cancelled() => {
+            return Err(UploadError::new(ErrorCode::Cancelled, "upload cancelled"));
+        }
+    };
+    if expired.load(Ordering::Relaxed) {
+        return Ok(Outcome::NeedUrls);
+    }
+    let mut parts: Vec<CompletedPart> = plan
+        .done
+        .iter()
+        .cloned()
+        .chain(sent.into_iter().flatten())
+        .collect();
+    parts.sort_by_key(|p| p.part_number);
+    let expected = plan.size.div_ceil(plan.part_size).max(1) as usize;
+    if parts.len() != expected {
+        return Err(UploadError::new(
+            ErrorCode::CompleteFailed,
+            format!("the plan covers {} of {expected} parts", parts.len()),
+        ));
+    }
+    check_unchanged(&path, snapshot).await?;
+    if std::time::Instant::now() >= deadline {
+        return Ok(Outcome::NeedUrls);
+    }
+    let complete_started = std::time::Instant::now();
+    let completed = tokio::select! {
+        r = complete(http, &plan.complete_url, &parts, settings) => r?,
+        () = cancel.cancelled() => {
+            return Err(UploadError::new(ErrorCode::Cancelled, "upload cancelled"));
+        }
+    };
+    Ok(if completed {
+        Outcome::Completed {
+            parts,
+            complete_time: complete_started.elapsed(),
+        }
+    } else {
+        Outcome::NeedUrls
+    })
+}
+
+/// One part to send, and what it must be checked against.
+struct PartJob {
+    path: Arc<PathBuf>,
+    snapshot: Snapshot,
+    part: PresignedPart,
+    offset: u64,
+    len: u64,
+    /// No attempt starts after this: the URL would have expired.
+    deadline: std::time::Instant,
+}
+
+/// Sends one part with bounded, backed-off retries. `Ok(None)` when its URL ran out first.
+async fn upload_part(
+    http: &reqwest::Client,
+    job: &PartJob,
+    settings: &UploadSettings,
+    progress: &Arc<Progress>,
+) -> Result<Option<String>, UploadError> {
+    let mut backoff = Backoff::new(settings.retry_min, Duration::from_secs(10));
+    let mut attempt = 0;
+    loop {
+        if std::time::Instant::now() >= job.deadline {
+            return Ok(None);
+        }
+        attempt += 1;
+        let sent = Arc::new(AtomicU64::new(0));
+        let result = put_part_once(http, job, settings, progress, &sent).await;
+        if !matches!(result, Ok(_) | Err(PartError::Fatal(_))) {
+            // Bytes of a failed attempt will be sent again; take them back out of progress.
+            progress
+                .bytes_done
+                .fetch_sub(sent.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        match result {
+            Ok(etag) => return Ok(Some(etag)),
+            Err(PartError::Fatal(e)) => return Err(e),
+            Err(PartError::Expired) => return Ok(None),
+            Err(PartError::Retryable(message)) => {
+                progress.retries.fetch_add(1, Ordering::Relaxed);
+                if attempt >= settings.attempts {
+                    return Err(UploadError::new(
+                        ErrorCode::PartUploadFailed,
+                        format!(
+                            "part {} failed after {attempt} attempts: {message}",
+                            job.part.part_number
+                        ),
+                    ));
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(part = job.part.part_number.get(), attempt, ?delay, error = %message, "part upload failed, retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+enum PartError {
+    Retryable(String),
+    /// Storage said the URL expired.
+    Expired,
+    Fatal(UploadError),
+}
+
+async fn put_part_once(
+    http: &reqwest::Client,
+    job: &PartJob,
+    settings: &UploadSettings,
+    progress: &Arc<Progress>,
+    sent: &Arc<AtomicU64>,
+) -> Result<String, PartError> {
+    let path = job.path.as_path();
+    check_unchanged(path, job.snapshot)
+        .await
+        .map_err(PartError::Fatal)?;
+    let mut file = open_no_follow(path)
+        .await
+        .map_err(|e| PartError::Fatal(io_error(path, &e)))?;
+    file.seek(std::io::SeekFrom::Start(job.offset))
+        .await
+        .map_err(|e| PartError::Fatal(io_error(path, &e)))?;
+    let counted = {
+        let sent = sent.clone();
+        let progress = progress.clone();
+        let limiter = settings.limiter.clone();
+        ReaderStream::with_capacity(file.take(job.len), READ_CHUNK)
+            .and_then(move |chunk: Bytes| {
+                let limiter = limiter.clone();
+                async move {
+                    if let Some(l) = limiter {
+                        l.acquire(chunk.len()).await;
+                    }
+                    Ok(chunk)
+                }
+            })
+            .inspect_ok(move |chunk: &Bytes| {
+                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                progress
+                    .bytes_done
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            })
+    };
+    let resp = http
+        .put(&job.part.url)
+        .header(reqwest::header::CONTENT_LENGTH, job.len)
+        .header("content-md5", &job.part.content_md5)
+        .timeout(settings.request_timeout)
+        .body(reqwest::Body::wrap_stream(counted))
+        .send()
+        .await
+        .map_err(|e| PartError::Retryable(e.without_url().to_string()))?;
+    let status = resp.status();
+    let etag = resp
+        .headers()
+        .get(reqwest::header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    // A stored part's body is empty; only an error's is worth reading.
+    let body = if status.is_success() {
+        String::new()
+    } else {
+        resp.text().await.unwrap_or_default()
+    };
+    let etag = match judge(status, &body) {
+        Answer::Stored => {
+            etag.ok_or_else(|| PartError::Retryable("storage returned no ETag".into()))?
+        }
+        Answer::Expired => return Err(PartError::Expired),
+        Answer::BadDigest(message) => {
+            // The bytes that arrived are not the bytes that were hashed: corrupted on the way
+            // (retry), or the file changed (stop).
+            check_unchanged(path, job.snapshot)
+                .await
+                .map_err(PartError::Fatal)?;
+            return Err(PartError::Retryable(message));
+        }
+        Answer::Retry(message) => return Err(PartError::Retryable(message)),
+        Answer::Fatal(message) => {
+            return Err(PartError::Fatal(UploadError::new(
+                ErrorCode::PartUploadFailed,
+                format!("part {}: {message}", job.part.part_number),
+            )));
+        }
+    };
+    // A change during the send would have been caught by Content-MD5, unless the new bytes
+    // happen to be the hashed ones; the snapshot settles it.
+    check_unchanged(path, job.snapshot)
+        .await
+        .map_err(PartError::Fatal)?;
+    Ok(etag)
+}
+
+/// POSTs the part list to the presigned CompleteMultipartUpload URL, with bounded retries.
+/// `Ok(false)` if the URL expired.
+async fn complete(
+    http: &reqwest::Client,
+    url: &str,
+    parts: &[CompletedPart],
+    settings: &UploadSettings,
+) -> Result<bool, UploadError> {
+    let mut body = String::from("<CompleteMultipartUpload>");
+    for p in parts {
+        body.push_str(&format!(
+            "<Part><PartNumber>{}</PartNumber><ETag>{}</ETag></Part>",
+            p.part_number,
+            xml_escape(&p.etag)
+        ));
+    }
+    body.push_str("</CompleteMultipartUpload>");
+
+    let mut backoff = Backoff::new(settings.retry_min, Duration::from_secs(10));
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let outcome = match http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/xml")
+            .timeout(settings.request_timeout)
+            .body(body.clone())
+            .send()
+            .await
+        {
+            Err(e) => Err((true, e.without_url().to_string())),
+            Ok(resp) => {
+                let status = resp.status();
+                let text = resp.text().await.unwrap_or_default();
+                match judge(status, &text) {
+                    Answer::Stored => Ok(()),
+                    Answer::Expired => return Ok(false),
+                    Answer::Retry(message) => Err((true, message)),
+                    // A completion carries no body of the file, so a digest error is final.
+                    Answer::BadDigest(message) | Answer::Fatal(message) => Err((false, message)),
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => return Ok(true),
+            Err((retryable, message)) if retryable && attempt < settings.attempts => {
+                let delay = backoff.next_delay();
+                tracing::warn!(attempt, ?delay, error = %message, "completion failed, retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err((_, message)) => {
+                return Err(UploadError::new(
+                    ErrorCode::CompleteFailed,
+                    format!("completing the upload failed: {message}"),
+                ));
+            }
+        }
+    }
+}

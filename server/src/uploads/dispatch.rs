@@ -1,0 +1,174 @@
+//! Agent messages and connections, turned into events.
+//!
+//! This is where what an agent says enters the upload core: a `file_info` is checked against the
+//! server's part layout and its hashes become typed values here, once. Each message is applied in
+//! the order it arrived; only the S3 calls it leads to run in the background.
+
+use shared::hash::{ContentMd5, Sha256Hex};
+use shared::protocol::{AgentMessage, plan_parts};
+use shared::{ClientId, ErrorCode};
+
+use super::Uploads;
+use super::record::{AgentRef, Event, FileFacts, Rejection};
+use crate::registry::ConnId;
+
+/// Longest agent-supplied failure message kept; it is shown to operators.
+const MAX_AGENT_MESSAGE_CHARS: usize = 1024;
+
+impl Uploads {
+    /// An agent (re)connected: an upload it left unfinished picks up where it stopped, starting
+    /// with a fresh description of the file.
+    pub fn on_agent_connected(&self, client_id: &ClientId, conn: ConnId) {
+        if self.agents().connection(client_id) != Some(conn) {
+            return;
+        }
+        if let Some((id, Ok(effects))) = self
+            .table()
+            .apply_to_client(client_id, Event::AgentConnected { conn })
+        {
+            tracing::info!(%client_id, upload_id = %id, "agent is back; asking it to describe the file again");
+            self.start(id, effects);
+        }
+    }
+
+    /// A connection ended. Its uploads wait for the agent to come back; the stall timeout
+    /// bounds the wait.
+    pub fn on_agent_disconnected(&self, conn: ConnId) {
+        for id in self.table().held_by(conn) {
+            if self.handle(id, Event::AgentDisconnected { conn }).is_ok() {
+                tracing::info!(upload_id = %id, "agent disconnected; the upload waits for it");
+            }
+        }
+    }
+
+    /// One message from the agent `client_id` on connection `conn`.
+    pub fn on_agent_message(&self, client_id: &ClientId, conn: ConnId, msg: AgentMessage) {
+        let agent = AgentRef {
+            client_id: client_id.clone(),
+            conn,
+        };
+        let (upload_id, event) = match msg {
+            AgentMessage::Hello { .. } => {
+                tracing::warn!(%client_id, "ignoring a second hello");
+                return;
+            }
+            AgentMessage::FileInfo {
+                upload_id,
+                file_name,
+                size,
+                modified_ms,
+                sha256,
+                part_size,
+                part_md5,
+            } => {
+                let facts = check_facts(
+                    self.settings().part_size,
+                    FileInfo {
+                        file_name,
+                        size,
+                        modified_ms,
+                        sha256,
+                        part_size,
+                        part_md5,
+                    },
+                );
+                (upload_id, Event::Described { agent, facts })
+            }
+            AgentMessage::Progress {
+                upload_id,
+                parts_done,
+                bytes_done,
+                part_retries,
+            } => (
+                upload_id,
+                Event::Progress {
+                    agent,
+                    parts_done,
+                    bytes_done,
+                    part_retries,
+                },
+            ),
+            AgentMessage::NeedUrls { upload_id } => {
+                tracing::info!(%client_id, %upload_id, "agent's URLs expired; presigning the missing parts again");
+                (upload_id, Event::NeedUrls { agent })
+            }
+            AgentMessage::UploadCompleted {
+                upload_id,
+                parts,
+                complete_ms,
+            } => (
+                upload_id,
+                Event::AgentCompleted {
+                    agent,
+                    parts,
+                    complete_ms,
+                },
+            ),
+            AgentMessage::UploadFailed {
+                upload_id,
+                code,
+                message,
+            } => (
+                upload_id,
+                Event::AgentFailed {
+                    client_id: client_id.clone(),
+                    code,
+                    message: message.chars().take(MAX_AGENT_MESSAGE_CHARS).collect(),
+                },
+            ),
+        };
+        if let Err(refused) = self.handle(upload_id, event) {
+            tracing::warn!(%client_id, %upload_id, reason = refused.0, "ignoring an agent message");
+        }
+    }
+}
+
+/// `file_info` as it arrived, its hashes still text.
+pub(super) struct FileInfo {
+    pub file_name: shared::FileName,
+    pub size: u64,
+    pub modified_ms: u64,
+    pub sha256: String,
+    pub part_size: u64,
+    pub part_md5: Vec<String>,
+}
+
+/// Checks a description against the server's own part layout and parses its hashes. The
+/// rejection names what is wrong, with the code the upload fails with.
+pub(super) fn check_facts(min_part_size: u64, info: FileInfo) -> Result<FileFacts, Rejection> {
+    let malformed = |message: String| Rejection {
+        code: ErrorCode::MalformedMessage,
+        message,
+    };
+    let Some((part_size, parts)) = plan_parts(info.size, min_part_size) else {
+        return Err(Rejection {
+            code: ErrorCode::FileTooLarge,
+            message: format!(
+                "file of {} bytes is larger than one S3 object may be",
+                info.size
+            ),
+        });
+    };
+    if info.part_size != part_size || info.part_md5.len() != parts as usize {
+        return Err(malformed(format!(
+            "the agent hashed {} parts of {} bytes; expected {parts} parts of {part_size}",
+            info.part_md5.len(),
+            info.part_size
+        )));
+    }
+    let sha256 = Sha256Hex::parse(&info.sha256).map_err(|e| malformed(e.to_string()))?;
+    let part_md5 = info
+        .part_md5
+        .iter()
+        .map(|m| ContentMd5::parse(m))
+        .collect::<Result<_, _>>()
+        .map_err(|e| malformed(e.to_string()))?;
+    Ok(FileFacts {
+        file_name: info.file_name,
+        size: info.size,
+        modified_ms: info.modified_ms,
+        sha256,
+        part_size: info.part_size,
+        part_md5,
+    })
+}

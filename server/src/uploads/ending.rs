@@ -1,0 +1,98 @@
+//! Endings: an upload that will not complete is claimed (the record says `Ending`, durably), its
+//! agent is told to stop, its multipart upload is aborted, and only then does it read `failed` or
+//! `cancelled`.
+
+use std::time::Duration;
+
+use shared::api::UploadStatus;
+use shared::{ErrorCode, UploadId};
+
+use super::record::{Event, Multipart};
+use super::{Requester, Uploads};
+use crate::error::ApiError;
+
+/// Attempts at AbortMultipartUpload before the orphan sweep is left to retry.
+const ABORT_ATTEMPTS: u32 = 3;
+
+impl Uploads {
+    /// Ends an upload as `failed` and returns once its multipart upload is aborted. Nothing
+    /// happens if it is already ending or finished.
+    pub(super) async fn fail(&self, id: UploadId, code: ErrorCode, message: String) {
+        if let Ok(effects) = self.table().apply(id, Event::Fail { code, message }) {
+            self.carry_out(id, effects).await;
+        }
+    }
+
+    /// `DELETE /uploads/{upload_id}`: stops the agent, aborts the multipart upload and ends the
+    /// upload as `cancelled`. Returns once the abort is done.
+    pub async fn cancel(
+        &self,
+        id: UploadId,
+        requester: &Requester,
+    ) -> Result<UploadStatus, ApiError> {
+        let message = format!(
+            "cancelled by {} from {}",
+            requester.operator, requester.from
+        );
+        let effects = match self.table().apply(id, Event::Cancel { message }) {
+            Ok(effects) => effects,
+            Err(_) => {
+                return Err(match self.status(id) {
+                    Some(s) => ApiError::new(
+                        ErrorCode::UploadFinished,
+                        format!("upload {id} is already {}", s.state),
+                    ),
+                    None => ApiError::new(ErrorCode::UploadNotFound, format!("no upload {id}")),
+                });
+            }
+        };
+        tracing::info!(
+            audit = true,
+            upload_id = %id,
+            operator = requester.operator,
+            from = %requester.from,
+            "upload cancelled"
+        );
+        self.carry_out(id, effects).await;
+        self.status(id)
+            .ok_or_else(|| ApiError::new(ErrorCode::UploadNotFound, format!("no upload {id}")))
+    }
+
+    /// AbortMultipartUpload with bounded retries. One that never succeeds is logged, and the
+    /// orphan sweep tries again later.
+    pub(super) async fn abort(&self, id: UploadId, multipart: &Multipart) {
+        for attempt in 1..=ABORT_ATTEMPTS {
+            match self
+                .storage()
+                .abort_multipart(&multipart.key, &multipart.upload_id)
+                .await
+            {
+                Ok(()) => return,
+                Err(err) if attempt < ABORT_ATTEMPTS => {
+                    tracing::warn!(upload_id = %id, attempt, error = format!("{err:#}"), "abort failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                }
+                Err(err) => {
+                    tracing::error!(upload_id = %id, key = multipart.key, error = format!("{err:#}"), "abort failed; the orphan sweep will retry");
+                }
+            }
+        }
+    }
+
+    pub(super) fn log_ending(&self, id: UploadId) {
+        let ending = self.table().read(id, |u| match &u.stage {
+            super::record::Stage::Ending(e) => Some((u.client_id.clone(), e.clone())),
+            _ => None,
+        });
+        if let Some(Some((client_id, e))) = ending {
+            tracing::warn!(
+                upload_id = %id,
+                %client_id,
+                state = %e.outcome.state(),
+                code = %e.error.code,
+                message = e.error.message,
+                "upload ended"
+            );
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The jobs no request starts: the sweep of overdue uploads (every second), the recovery of what
+//! a stopped server left half-done (at start), and the orphan sweep of multipart uploads nobody
+//! owns (every `ORPHAN_SWEEP_INTERVAL_SECS`).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use super::Uploads;
+use super::steps::upload_id_of_key;
+
+impl Uploads {
+    /// Fails uploads whose agent never answered or that stopped making progress.
+    pub async fn sweep(&self) {
+        let (response, stall) = (
+            self.settings().agent_response_timeout,
+            self.settings().stall_timeout,
+        );
+        let now = Instant::now();
+        let overdue = self.table().each_unfinished(|u| {
+            u.overdue(now, response, stall)
+                .map(|(code, message)| (u.id, code, message))
+        });
+        for (id, code, message) in overdue {
+            self.fail(id, code, message).await;
+        }
+    }
+
+    /// At start-up: finishes what a stopped server left half-done. Endings are completed (their
+    /// multipart uploads aborted) and verifications run again. Uploads that were requested or
+    /// uploading wait for their agents, under the stall timeout.
+    pub async fn recover(&self) {
+        let work = self
+            .table()
+            .each_unfinished(|u| u.recovery().map(|effect| (u.id, effect)));
+        tracing::info!(
+            unfinished = self.table().unfinished_count(),
+            to_finish = work.len(),
+            "recovered upload state"
+        );
+        for (id, effect) in work {
+            self.carry_out(id, vec![effect]).await;
+        }
+    }
+
+    /// Aborts multipart uploads under the key prefix that no open upload owns: left by a crash
+    /// between CreateMultipartUpload and recording it, by an abort that failed, or by a database
+    /// that was reset. A key whose upload record exists but cannot be read is left alone. Returns
+    /// how many were aborted.
+    pub async fn sweep_orphans(&self) -> usize {
+        let prefix = self.settings().key_prefix.as_str();
+        let pending = match self
+            .storage()
+            .list_multipart_uploads(&format!("{prefix}/"))
+            .await
+        {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::error!(
+                    error = format!("{err:#}"),
+                    "listing multipart uploads failed"
+                );
+                return 0;
+            }
+        };
+        let mut aborted = 0;
+        for p in pending {
+            let owner = upload_id_of_key(prefix, &p.key);
+            if let Some(id) = owner
+                && self.table().is_unreadable(id)
+            {
+                tracing::warn!(key = p.key, upload_id = %id, "leaving the multipart upload of an unreadable record alone");
+                continue;
+            }
+            let owned = owner.is_some_and(|id| {
+                self.table()
+                    .read(id, |u| u.owns_multipart(&p.upload_id))
+                    .unwrap_or(false)
+            });
+            if owned {
+                continue;
+            }
+            match self.storage().abort_multipart(&p.key, &p.upload_id).await {
+                Ok(()) => {
+                    aborted += 1;
+                    self.metrics().orphans_aborted.fetch_add(1, Relaxed);
+                    tracing::warn!(key = p.key, "aborted an orphaned multipart upload");
+                }
+                Err(err) => {
+                    tracing::error!(
+                        key = p.key,
+                        error = format!("{err:#}"),
+                        "aborting an orphaned multipart upload failed"
+                    )
+                }
+            }
+        }
+        aborted
+    }
+}

@@ -1,0 +1,261 @@
+//! Uploads: the steps that move a store's file from `requested` to `completed`, or to `failed` or
+//! `cancelled`, and the record of each.
+//!
+//! An upload belongs to a client, not to a connection. When the agent drops, the upload waits;
+//! when the agent comes back (or the server restarts and the agent reconnects), the server asks it
+//! to describe the file again, checks that the file is the same one (size, SHA-256, part MD5s),
+//! lists the parts already in storage and hands out URLs for the missing ones only. An upload that
+//! makes no progress for `UPLOAD_STALL_TIMEOUT_SECS` fails with `STALLED`.
+//!
+//! ```text
+//!                trigger
+//!                   │ describe_file
+//!                   ▼
+//!              ┌─────────┐ file_info: CreateMultipartUpload, presign, start_upload
+//!              │Requested├──────────────────────────────────┐
+//!              └────┬────┘                                  ▼
+//!                   │                               ┌─────────────┐ reconnect + file_info,
+//!                   │                               │  Uploading  │◄─ need_urls: ListParts,
+//!                   │                               └──────┬──────┘   presign the missing parts
+//!                   │            upload_completed, or ListParts│finds it gone
+//!                   │                                      ▼
+//!                   │                               ┌─────────────┐ HeadObject agrees
+//!                   │                               │  Verifying  ├──────────────► Completed
+//!                   │                               └──────┬──────┘
+//!                   │ fail, cancel, upload_failed,         │ (from any open stage)
+//!                   │ stall, a changed file, a bad object  │
+//!                   ▼                                      ▼
+//!              ┌──────────────────────────────────────────────┐ AbortMultipartUpload
+//!              │ Ending (failed or cancelled; saved, so a     ├──────────► Failed / Cancelled
+//!              │ restart finishes the abort)                  │
+//!              └──────────────────────────────────────────────┘
+//! ```
+//!
+//! Where to look:
+//! - a state change: [`record`], `Upload::on`, a pure function from event to effects;
+//! - when it is saved: [`table`], `Table::apply` and the rule in `Event::is_saved`;
+//! - the stored form and its versions: [`stored`] (and `crate::db` for the schema);
+//! - an S3 call or a message to an agent: [`steps`], which carries out the effects;
+//! - agent messages: [`dispatch`]; endings (fail, cancel, abort): [`ending`]; the timers and
+//!   start-up recovery: [`housekeeping`]; what the REST API shows: [`status`].
+//!
+//! **Invariant:** a record reaches `failed` or `cancelled` only after its multipart upload has
+//! been aborted, and `completed` only after HeadObject agreed, so a caller who sees a terminal
+//! state can rely on it.
+
+mod dispatch;
+mod ending;
+mod housekeeping;
+mod record;
+mod status;
+mod steps;
+mod stored;
+mod table;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shared::api::UploadStatus;
+use shared::{ClientId, ErrorCode, FileName, UploadId};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::db::UploadStore;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::registry::AgentLink;
+use crate::storage::Storage;
+
+pub use status::{STALLED_AFTER, rfc3339};
+pub use table::MAX_FINISHED_UPLOADS;
+
+use record::{NewUpload, Upload};
+use table::{CreateError, Table};
+
+/// The settings the upload steps follow, from the server's [`Config`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The smallest part size agents hash and upload with.
+    pub part_size: u64,
+    pub presign_ttl: Duration,
+    /// Object keys start with this, then the client id.
+    pub key_prefix: String,
+    /// How long an agent may take to describe its file.
+    pub agent_response_timeout: Duration,
+    /// How long an upload may go without progress.
+    pub stall_timeout: Duration,
+}
+
+impl Settings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            part_size: config.part_size,
+            presign_ttl: config.presign_ttl(),
+            key_prefix: config.key_prefix.trim_end_matches('/').to_owned(),
+            agent_response_timeout: Duration::from_secs(config.agent_response_timeout_secs),
+            stall_timeout: Duration::from_secs(config.upload_stall_timeout_secs),
+        }
+    }
+}
+
+/// What the upload steps use of the rest of the server.
+pub struct Services {
+    pub storage: Storage,
+    pub agents: Arc<dyn AgentLink>,
+    pub metrics: Arc<Metrics>,
+    /// Background steps run on it, so that shutdown waits for them.
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+/// The upload service. Cheap to clone; every clone is the same service.
+#[derive(Clone)]
+pub struct Uploads(Arc<Core>);
+
+struct Core {
+    table: Table,
+    settings: Settings,
+    services: Services,
+    stalled_after: Duration,
+}
+
+/// Who asked for an upload, for the audit trail.
+#[derive(Debug, Clone)]
+pub struct Requester {
+    /// The `sub` of the operator's token.
+    pub operator: String,
+    /// The peer address of the request (a reverse proxy's, behind one).
+    pub from: std::net::SocketAddr,
+}
+
+impl Uploads {
+    /// Loads every unfinished upload and the most recent finished ones from `store`.
+    pub fn open(
+        store: Box<dyn UploadStore>,
+        settings: Settings,
+        services: Services,
+    ) -> anyhow::Result<Self> {
+        let stalled_after = STALLED_AFTER.min(settings.stall_timeout / 2);
+        Ok(Self(Arc::new(Core {
+            table: Table::open(store)?,
+            settings,
+            services,
+            stalled_after,
+        })))
+    }
+
+    fn table(&self) -> &Table {
+        &self.0.table
+    }
+
+    fn settings(&self) -> &Settings {
+        &self.0.settings
+    }
+
+    fn storage(&self) -> &Storage {
+        &self.0.services.storage
+    }
+
+    fn agents(&self) -> &dyn AgentLink {
+        self.0.services.agents.as_ref()
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.0.services.metrics
+    }
+
+    /// `POST /trigger-download/{client_id}`: records the upload and asks the agent for its file.
+    pub fn trigger(
+        &self,
+        client_id: ClientId,
+        share: FileName,
+        requester: &Requester,
+    ) -> Result<UploadId, ApiError> {
+        if self.0.services.shutdown.is_cancelled() {
+            return Err(ApiError::new(
+                ErrorCode::ShuttingDown,
+                "server is shutting down",
+            ));
+        }
+        let not_connected = || {
+            ApiError::new(
+                ErrorCode::ClientNotConnected,
+                format!("client {client_id} is not connected"),
+            )
+        };
+        let conn = self
+            .agents()
+            .connection(&client_id)
+            .ok_or_else(not_connected)?;
+        let id = UploadId::new_random();
+        let (upload, describe) = Upload::requested(
+            NewUpload {
+                id,
+                client_id: client_id.clone(),
+                share: share.clone(),
+                requested_by: requester.operator.clone(),
+                requested_from: requester.from.to_string(),
+            },
+            conn,
+            Instant::now(),
+        );
+        let created = self.table().create(upload, |upload| {
+            // The connection closed or stopped reading since the lookup: nothing is created.
+            self.send_now(upload.id, &upload.client_id, describe)
+                .map_err(|_| {
+                    ApiError::new(
+                        ErrorCode::ClientNotConnected,
+                        format!("client {client_id} is not reachable"),
+                    )
+                })
+        });
+        match created {
+            Ok(()) => {}
+            Err(CreateError::Busy(active)) => {
+                return Err(ApiError::new(
+                    ErrorCode::DownloadInProgress,
+                    format!("client {client_id} already has upload {active} in progress"),
+                ));
+            }
+            Err(CreateError::Refused(err)) => return Err(err),
+        }
+        self.metrics()
+            .triggers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            audit = true,
+            %client_id,
+            upload_id = %id,
+            %share,
+            operator = requester.operator,
+            from = %requester.from,
+            "download triggered"
+        );
+        Ok(id)
+    }
+
+    pub fn status(&self, id: UploadId) -> Option<UploadStatus> {
+        self.table().read_or_load(id, |u| {
+            status::of(u, self.storage().bucket(), self.0.stalled_after)
+        })
+    }
+
+    pub fn latest_for(&self, client_id: &ClientId) -> Option<UploadStatus> {
+        self.table().read_latest(client_id, |u| {
+            status::of(u, self.storage().bucket(), self.0.stalled_after)
+        })
+    }
+
+    pub fn active_for(&self, client_id: &ClientId) -> Option<UploadId> {
+        self.table().active_for(client_id)
+    }
+
+    /// Unfinished uploads per state, for `/metrics`.
+    pub fn open_counts(&self) -> Vec<(&'static str, usize)> {
+        status::open_counts(self.table())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,409 @@
+//! Carrying out effects: every S3 call and every message to an agent that the upload steps make.
+//!
+//! A transition ([`super::record`]) says what to do; this module does it and feeds the answer
+//! back as the next event: CreateMultipartUpload answers `MultipartCreated`, ListParts
+//! `PartsListed` or `MultipartGone`, presigning `PlanReady`, HeadObject `Verified` or `Fail`, and
+//! the abort `Aborted`. Messages and counters are carried out at once, in the caller's order;
+//! the first S3 call and everything after it run in a task of their own, unless the caller waits.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+
+use shared::protocol::{CompletedPart, PresignedPart, ServerMessage, UploadPlan};
+use shared::{ClientId, ErrorCode, FileName, UploadId};
+use time::OffsetDateTime;
+
+use super::Uploads;
+use super::record::{Counter, Effect, Event, Outcome, Transfer};
+use crate::registry::{ConnId, SendError};
+use crate::storage::multipart_etag;
+
+impl Uploads {
+    /// Applies `event` and carries out its effects: messages and counters now, S3 calls in the
+    /// background. Returns whether the upload accepted the event.
+    pub(super) fn handle(&self, id: UploadId, event: Event) -> Result<(), super::record::Refused> {
+        let effects = self.table().apply(id, event)?;
+        self.start(id, effects);
+        Ok(())
+    }
+
+    /// Carries out the effects that need no waiting, then hands the rest to a task.
+    pub(super) fn start(&self, id: UploadId, effects: Vec<Effect>) {
+        let mut effects = VecDeque::from(effects);
+        while let Some(effect) = effects.pop_front() {
+            if !self.carry_out_now(id, &effect) {
+                effects.push_front(effect);
+                let this = self.clone();
+                self.0
+                    .services
+                    .tracker
+                    .spawn(async move { this.carry_out(id, effects.into()).await });
+                return;
+            }
+        }
+    }
+
+    /// Carries out `effects` and those of every event they lead to, until none is left.
+    pub(super) async fn carry_out(&self, id: UploadId, effects: Vec<Effect>) {
+        let mut queue = VecDeque::from(effects);
+        while let Some(effect) = queue.pop_front() {
+            if self.carry_out_now(id, &effect) {
+                continue;
+            }
+            let Some(event) = self.call(id, effect).await else {
+                continue;
+            };
+            let created = match &event {
+                Event::MultipartCreated { multipart, .. } => Some(multipart.clone()),
+                _ => None,
+            };
+            match self.table().apply(id, event) {
+                // Depth first: what the answer leads to comes before the rest of the list.
+                Ok(next) => next.into_iter().rev().for_each(|e| queue.push_front(e)),
+                Err(refused) => {
+                    tracing::debug!(upload_id = %id, reason = refused.0, "answer not applied");
+                    if let Some(multipart) = created {
+                        // Cancelled or failed meanwhile: the new multipart upload has no owner.
+                        tracing::info!(upload_id = %id, "the upload ended while its multipart upload was created; aborting it");
+                        self.abort(id, &multipart).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Carries out an effect that needs no waiting; false for those that do.
+    fn carry_out_now(&self, id: UploadId, effect: &Effect) -> bool {
+        match effect {
+            Effect::Describe { conn, share } => {
+                if let Some(client_id) = self.client_of(id) {
+                    let describe = self.describe(id, share);
+                    match self.agents().try_send(&client_id, *conn, describe) {
+                        Ok(()) => {
+                            tracing::info!(%client_id, upload_id = %id, "asked the agent to describe the file")
+                        }
+                        Err(err) => {
+                            tracing::info!(%client_id, upload_id = %id, error = %err, "could not ask the agent to describe the file")
+                        }
+                    }
+                }
+            }
+            Effect::TellCancel { conn, code } => {
+                if let Some(client_id) = self.client_of(id) {
+                    let cancel = ServerMessage::CancelUpload {
+                        upload_id: id,
+                        code: *code,
+                    };
+                    let _ = self.agents().try_send(&client_id, *conn, cancel);
+                }
+            }
+            Effect::Count(counter) => self.count(*counter),
+            Effect::CreateMultipart(_)
+            | Effect::ListParts { .. }
+            | Effect::Presign { .. }
+            | Effect::SendPlan { .. }
+            | Effect::Verify { .. }
+            | Effect::Abort(_) => return false,
+        }
+        true
+    }
+
+    /// Sends the first message of a new upload, before it is recorded.
+    pub(super) fn send_now(
+        &self,
+        id: UploadId,
+        client_id: &ClientId,
+        effect: Effect,
+    ) -> Result<(), SendError> {
+        let Effect::Describe { conn, share } = effect else {
+            unreachable!("a new upload starts with describe_file");
+        };
+        self.agents()
+            .try_send(client_id, conn, self.describe(id, &share))
+    }
+
+    fn describe(&self, upload_id: UploadId, share: &FileName) -> ServerMessage {
+        ServerMessage::DescribeFile {
+            upload_id,
+            share: share.clone(),
+            min_part_size: self.settings().part_size,
+        }
+    }
+
+    fn client_of(&self, id: UploadId) -> Option<ClientId> {
+        self.table().read(id, |u| u.client_id.clone())
+    }
+
+    fn count(&self, counter: Counter) {
+        let m = self.metrics();
+        match counter {
+            Counter::PartRetries(n) => {
+                m.part_retries.fetch_add(u64::from(n), Relaxed);
+            }
+            Counter::Resumed => {
+                m.resumes.fetch_add(1, Relaxed);
+            }
+            Counter::Completed { bytes, parts } => {
+                m.completed.fetch_add(1, Relaxed);
+                m.bytes_uploaded.fetch_add(bytes, Relaxed);
+                m.parts_uploaded.fetch_add(u64::from(parts), Relaxed);
+            }
+            Counter::Ended(Outcome::Failed) => {
+                m.failed.fetch_add(1, Relaxed);
+            }
+            Counter::Ended(Outcome::Cancelled) => {
+                m.cancelled.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Makes the S3 call (or the waiting send) of `effect`; the event is its answer.
+    async fn call(&self, id: UploadId, effect: Effect) -> Option<Event> {
+        match effect {
+            Effect::CreateMultipart(facts) => self.create(id, facts).await,
+            Effect::ListParts { multipart, why } => {
+                match self
+                    .storage()
+                    .list_parts(&multipart.key, &multipart.upload_id)
+                    .await
+                {
+                    Ok(Some(stored)) => Some(Event::PartsListed { stored, why }),
+                    Ok(None) => {
+                        tracing::info!(upload_id = %id, "multipart upload no longer open; checking for the object");
+                        Some(Event::MultipartGone)
+                    }
+                    Err(err) => {
+                        // Storage trouble: leave the upload as it is; the next reconnect or the
+                        // stall timeout decides.
+                        tracing::error!(upload_id = %id, error = format!("{err:#}"), "ListParts failed");
+                        None
+                    }
+                }
+            }
+            Effect::Presign {
+                transfer,
+                missing,
+                done,
+            } => Some(self.presign(id, &transfer, &missing, done).await),
+            Effect::SendPlan { conn, plan } => {
+                self.send_plan(id, conn, plan).await;
+                None
+            }
+            Effect::Verify { transfer, reported } => {
+                Some(self.verify(id, &transfer, reported.as_deref()).await)
+            }
+            Effect::Abort(multipart) => {
+                if let Some(multipart) = multipart {
+                    self.abort(id, &multipart).await;
+                }
+                self.log_ending(id);
+                Some(Event::Aborted)
+            }
+            Effect::Describe { .. } | Effect::TellCancel { .. } | Effect::Count(_) => None,
+        }
+    }
+
+    /// CreateMultipartUpload with the SHA-256 metadata.
+    async fn create(&self, id: UploadId, facts: super::record::FileFacts) -> Option<Event> {
+        let client_id = self.client_of(id)?;
+        let key = object_key(
+            &self.settings().key_prefix,
+            &client_id,
+            id,
+            &facts.file_name,
+        );
+        let s3_upload_id = match self
+            .storage()
+            .create_multipart(&key, facts.sha256.as_str())
+            .await
+        {
+            Ok(s3_upload_id) => s3_upload_id,
+            Err(err) => {
+                tracing::error!(upload_id = %id, error = format!("{err:#}"), "CreateMultipartUpload failed");
+                return Some(Event::Fail {
+                    code: ErrorCode::StorageError,
+                    message: "could not start the multipart upload".into(),
+                });
+            }
+        };
+        // Recorded (by the caller, applying this answer) before anything else can fail, so
+        // that a failure aborts it.
+        Some(Event::MultipartCreated {
+            facts,
+            multipart: super::record::Multipart {
+                key,
+                upload_id: s3_upload_id,
+            },
+        })
+    }
+
+    /// Presigns `missing` (with their `Content-MD5`) and the completion.
+    async fn presign(
+        &self,
+        id: UploadId,
+        transfer: &Transfer,
+        missing: &[shared::PartNumber],
+        done: Vec<CompletedPart>,
+    ) -> Event {
+        let ttl = self.settings().presign_ttl;
+        let (key, s3_upload_id) = (&transfer.multipart.key, &transfer.multipart.upload_id);
+        let failed = |what: &str, err: anyhow::Error| {
+            tracing::error!(upload_id = %id, error = format!("{err:#}"), "presigning {what} failed");
+            Event::Fail {
+                code: ErrorCode::StorageError,
+                message: "could not presign the upload".into(),
+            }
+        };
+        let mut parts = Vec::with_capacity(missing.len());
+        for &part_number in missing {
+            let content_md5 = transfer.file.part_md5[part_number.get() as usize - 1]
+                .as_base64()
+                .to_owned();
+            match self
+                .storage()
+                .presign_part(key, s3_upload_id, part_number, &content_md5, ttl)
+                .await
+            {
+                Ok(url) => parts.push(PresignedPart {
+                    part_number,
+                    url,
+                    content_md5,
+                }),
+                Err(err) => return failed("a part", err),
+            }
+        }
+        let complete_url = match self
+            .storage()
+            .presign_complete(key, s3_upload_id, ttl)
+            .await
+        {
+            Ok(url) => url,
+            Err(err) => return failed("the completion", err),
+        };
+        Event::PlanReady {
+            plan: UploadPlan {
+                upload_id: id,
+                size: transfer.file.size,
+                part_size: transfer.file.part_size,
+                parts,
+                done,
+                complete_url,
+                expires_at: shared::auth::unix_now() + ttl.as_secs(),
+                expires_in_secs: ttl.as_secs(),
+            },
+        }
+    }
+
+    async fn send_plan(&self, id: UploadId, conn: ConnId, plan: UploadPlan) {
+        let Some(client_id) = self.client_of(id) else {
+            return;
+        };
+        let (size, part_size, parts) = (plan.size, plan.part_size, plan.parts.len());
+        match self
+            .agents()
+            .send(&client_id, conn, ServerMessage::StartUpload(plan))
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(upload_id = %id, size, part_size, parts, "upload plan sent");
+            }
+            Err(_) => {
+                tracing::info!(upload_id = %id, "agent went away before the plan was sent; waiting for it to return");
+            }
+        }
+    }
+
+    /// Checks the stored object before believing the upload: its size, its multipart ETag (from
+    /// the part MD5s the agent hashed before uploading) and the SHA-256 recorded on it.
+    /// `reported` is the agent's part list, when it says it completed; it must agree too. An
+    /// object that fails is deleted, so that it cannot be mistaken for a good one.
+    async fn verify(
+        &self,
+        id: UploadId,
+        transfer: &Transfer,
+        reported: Option<&[CompletedPart]>,
+    ) -> Event {
+        let file = &transfer.file;
+        let key = &transfer.multipart.key;
+        let expected_parts = file.completed_parts();
+        let agrees = |parts: &[CompletedPart]| {
+            parts.len() == expected_parts.len()
+                && parts.iter().zip(&expected_parts).all(|(a, b)| {
+                    a.part_number == b.part_number
+                        && a.etag
+                            .trim_matches('"')
+                            .eq_ignore_ascii_case(b.etag.trim_matches('"'))
+                })
+        };
+        let expected = multipart_etag(&expected_parts);
+        let outcome = match (reported, expected) {
+            (Some(parts), _) if !agrees(parts) => Err(format!(
+                "the agent reported {} part ETags that do not match the {} parts it hashed",
+                parts.len(),
+                expected_parts.len()
+            )),
+            (_, None) => Err("a part MD5 is malformed".to_owned()),
+            (_, Some(expected)) => match self.storage().head_object(key).await {
+                Ok(Some(obj)) if obj.size != file.size => Err(format!(
+                    "stored object has {} bytes, expected {}",
+                    obj.size, file.size
+                )),
+                Ok(Some(obj)) if obj.etag != expected => Err(format!(
+                    "stored object ETag {} does not match the hashed parts' ETag {expected}",
+                    obj.etag
+                )),
+                Ok(Some(obj)) if obj.sha256.as_deref() != Some(file.sha256.as_str()) => {
+                    Err(format!(
+                        "stored object records SHA-256 {:?}, expected {}",
+                        obj.sha256, file.sha256
+                    ))
+                }
+                Ok(Some(obj)) => Ok(obj.etag),
+                Ok(None) => Err("the object is not in storage".to_owned()),
+                Err(err) => {
+                    tracing::error!(upload_id = %id, error = format!("{err:#}"), "HeadObject failed");
+                    Err("could not read the stored object".to_owned())
+                }
+            },
+        };
+        match outcome {
+            Ok(etag) => {
+                tracing::info!(upload_id = %id, %key, size = file.size, %etag, sha256 = %file.sha256, "upload verified");
+                Event::Verified { etag }
+            }
+            Err(message) => {
+                if let Err(err) = self.storage().delete_object(key).await {
+                    tracing::error!(upload_id = %id, error = format!("{err:#}"), "deleting an unverified object failed");
+                }
+                Event::Fail {
+                    code: ErrorCode::VerificationFailed,
+                    message,
+                }
+            }
+        }
+    }
+}
+
+/// The object key of an upload: under the prefix and the client, with a time stamp and the
+/// upload id, so that keys never collide and the orphan sweep can tell whose a key is.
+pub(super) fn object_key(
+    prefix: &str,
+    client_id: &ClientId,
+    id: UploadId,
+    file_name: &FileName,
+) -> String {
+    let stamp = OffsetDateTime::now_utc()
+        .format(time::macros::format_description!(
+            "[year][month][day]T[hour][minute][second]Z"
+        ))
+        .unwrap_or_default();
+    format!("{prefix}/{client_id}/{stamp}-{id}/{file_name}")
+}
+
+/// The upload id inside an object key made by [`object_key`].
+pub(super) fn upload_id_of_key(prefix: &str, key: &str) -> Option<UploadId> {
+    let rest = key.strip_prefix(prefix)?.strip_prefix('/')?;
+    let dir = rest.split('/').nth(1)?;
+    let (_, id) = dir.split_once('-')?;
+    UploadId::parse(id).ok()
+}

@@ -1,0 +1,825 @@
+//! Unit tests of the upload core: every transition of the state machine, table-driven, and the
+//! stored forms (this release's, and the first release's as its code wrote them).
+
+use std::time::{Duration, Instant};
+
+use shared::api::UploadState;
+use shared::hash::{ContentMd5, Sha256Hex};
+use shared::protocol::{CompletedPart, UploadPlan};
+use shared::{ClientId, ErrorCode, FileName, PartNumber, UploadId};
+
+use super::dispatch::{FileInfo, check_facts};
+use super::record::*;
+use super::steps::{object_key, upload_id_of_key};
+use super::stored;
+use super::table::Table;
+use crate::db::{SqliteStore, UploadStore};
+use crate::registry::ConnId;
+use crate::storage::StoredPart;
+
+const MIB: u64 = 1024 * 1024;
+const EMPTY_MD5: &str = "1B2M2Y8AsgTpgAmY7PhCfg==";
+
+fn client() -> ClientId {
+    ClientId::parse("store-1").unwrap()
+}
+
+fn conn() -> ConnId {
+    ConnId::for_test(7)
+}
+
+fn agent() -> AgentRef {
+    AgentRef {
+        client_id: client(),
+        conn: conn(),
+    }
+}
+
+fn stranger() -> AgentRef {
+    AgentRef {
+        client_id: client(),
+        conn: ConnId::for_test(8),
+    }
+}
+
+/// A 12 MiB file in three 5 MiB parts (the last one 2 MiB).
+fn facts() -> FileFacts {
+    FileFacts {
+        file_name: FileName::parse("export.csv").unwrap(),
+        size: 12 * MIB,
+        modified_ms: 1,
+        sha256: Sha256Hex::parse(&"a".repeat(64)).unwrap(),
+        part_size: 5 * MIB,
+        part_md5: vec![ContentMd5::parse(EMPTY_MD5).unwrap(); 3],
+    }
+}
+
+fn transfer() -> Transfer {
+    Transfer {
+        file: facts(),
+        multipart: Multipart {
+            key: "uploads/store-1/x/export.csv".into(),
+            upload_id: "mpu-1".into(),
+        },
+    }
+}
+
+fn new_upload() -> Upload {
+    let (upload, _) = Upload::requested(
+        NewUpload {
+            id: UploadId::new_random(),
+            client_id: client(),
+            share: FileName::parse("default").unwrap(),
+            requested_by: "ops".into(),
+            requested_from: "127.0.0.1:1".into(),
+        },
+        conn(),
+        Instant::now(),
+    );
+    upload
+}
+
+/// An upload in `stage`, its agent connected on [`conn`] and not asked to describe.
+fn at(stage: Stage) -> Upload {
+    let mut u = new_upload();
+    u.stage = stage;
+    u.live.awaiting_info = None;
+    u
+}
+
+fn requested() -> Upload {
+    new_upload()
+}
+fn requested_idle() -> Upload {
+    at(Stage::Open(Open::Requested))
+}
+fn uploading() -> Upload {
+    at(Stage::Open(Open::Uploading(transfer())))
+}
+fn uploading_described_again() -> Upload {
+    let mut u = uploading();
+    u.live.awaiting_info = Some(Instant::now());
+    u
+}
+fn uploading_away() -> Upload {
+    let mut u = uploading();
+    u.live.conn = None;
+    u
+}
+fn verifying() -> Upload {
+    at(Stage::Open(Open::Verifying(transfer())))
+}
+fn ending() -> Upload {
+    at(Stage::Ending(Ending {
+        outcome: Outcome::Failed,
+        error: shared::api::ErrorDetail {
+            code: ErrorCode::Stalled,
+            message: "no progress".into(),
+        },
+        from: Open::Uploading(transfer()),
+    }))
+}
+fn completed() -> Upload {
+    at(Stage::Completed {
+        transfer: transfer(),
+        etag: "\"e-3\"".into(),
+    })
+}
+
+fn all_parts_stored() -> Vec<StoredPart> {
+    [5 * MIB, 5 * MIB, 2 * MIB]
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| StoredPart {
+            part_number: i as u32 + 1,
+            size,
+            etag: Some("\"d41d8cd98f00b204e9800998ecf8427e\"".into()),
+        })
+        .collect()
+}
+
+fn plan(done: usize) -> UploadPlan {
+    UploadPlan {
+        upload_id: UploadId::new_random(),
+        size: 12 * MIB,
+        part_size: 5 * MIB,
+        parts: Vec::new(),
+        done: transfer().file.completed_parts()[..done].to_vec(),
+        complete_url: "http://s3/complete".into(),
+        expires_at: 0,
+        expires_in_secs: 60,
+    }
+}
+
+fn kind(e: &Effect) -> &'static str {
+    match e {
+        Effect::Describe { .. } => "describe",
+        Effect::TellCancel { .. } => "tell_cancel",
+        Effect::CreateMultipart(_) => "create",
+        Effect::ListParts { .. } => "list_parts",
+        Effect::Presign { .. } => "presign",
+        Effect::SendPlan { .. } => "send_plan",
+        Effect::Verify { .. } => "verify",
+        Effect::Abort(_) => "abort",
+        Effect::Count(_) => "count",
+    }
+}
+
+/// The stage names used by the table: the REST state, with endings told apart.
+fn stage_name(u: &Upload) -> String {
+    match &u.stage {
+        Stage::Ending(e) => format!("ending {}", e.outcome.state()),
+        other => other.state().to_string(),
+    }
+}
+
+struct Case {
+    name: &'static str,
+    from: fn() -> Upload,
+    event: fn() -> Event,
+    /// `None`: refused, and the record must be unchanged.
+    to: Option<(&'static str, &'static [&'static str])>,
+}
+
+const fn case(
+    name: &'static str,
+    from: fn() -> Upload,
+    event: fn() -> Event,
+    to: Option<(&'static str, &'static [&'static str])>,
+) -> Case {
+    Case {
+        name,
+        from,
+        event,
+        to,
+    }
+}
+
+fn described() -> Event {
+    Event::Described {
+        agent: agent(),
+        facts: Ok(facts()),
+    }
+}
+fn fail() -> Event {
+    Event::Fail {
+        code: ErrorCode::Stalled,
+        message: "no progress".into(),
+    }
+}
+fn agent_failed() -> Event {
+    Event::AgentFailed {
+        client_id: client(),
+        code: ErrorCode::FileNotFound,
+        message: "gone".into(),
+    }
+}
+fn progress(agent: AgentRef) -> Event {
+    Event::Progress {
+        agent,
+        parts_done: 99,
+        bytes_done: u64::MAX,
+        part_retries: 2,
+    }
+}
+fn completed_by(agent: AgentRef) -> Event {
+    Event::AgentCompleted {
+        agent,
+        parts: transfer().file.completed_parts(),
+        complete_ms: 5,
+    }
+}
+
+const CASES: &[Case] = &[
+    case(
+        "connect: requested is described again",
+        requested_idle,
+        || Event::AgentConnected { conn: conn() },
+        Some(("requested", &["describe"])),
+    ),
+    case(
+        "connect: uploading is described again",
+        uploading_away,
+        || Event::AgentConnected { conn: conn() },
+        Some(("uploading", &["describe"])),
+    ),
+    case(
+        "connect: verifying waits for its check",
+        verifying,
+        || Event::AgentConnected { conn: conn() },
+        None,
+    ),
+    case(
+        "connect: an ending upload is not described",
+        ending,
+        || Event::AgentConnected { conn: conn() },
+        None,
+    ),
+    case(
+        "disconnect: its own connection",
+        uploading,
+        || Event::AgentDisconnected { conn: conn() },
+        Some(("uploading", &[])),
+    ),
+    case(
+        "disconnect: another connection",
+        uploading,
+        || Event::AgentDisconnected {
+            conn: ConnId::for_test(8),
+        },
+        None,
+    ),
+    case(
+        "described: requested creates the multipart upload",
+        requested,
+        described,
+        Some(("requested", &["create"])),
+    ),
+    case("described: not asked", requested_idle, described, None),
+    case(
+        "described: by a connection that does not own it",
+        requested,
+        || Event::Described {
+            agent: stranger(),
+            facts: Ok(facts()),
+        },
+        None,
+    ),
+    case(
+        "described: a rejected description fails it",
+        requested,
+        || Event::Described {
+            agent: agent(),
+            facts: Err(Rejection {
+                code: ErrorCode::FileTooLarge,
+                message: "big".into(),
+            }),
+        },
+        Some(("ending failed", &["tell_cancel", "abort"])),
+    ),
+    case(
+        "described again: the same file resumes",
+        uploading_described_again,
+        described,
+        Some(("uploading", &["list_parts"])),
+    ),
+    case(
+        "described again: a changed file fails",
+        uploading_described_again,
+        || {
+            let mut f = facts();
+            f.size += 1;
+            Event::Described {
+                agent: agent(),
+                facts: Ok(f),
+            }
+        },
+        Some(("ending failed", &["tell_cancel", "abort"])),
+    ),
+    case(
+        "created: requested starts uploading",
+        requested_idle,
+        || Event::MultipartCreated {
+            facts: facts(),
+            multipart: transfer().multipart,
+        },
+        Some(("uploading", &["presign"])),
+    ),
+    case(
+        "created: too late, the upload is ending",
+        ending,
+        || Event::MultipartCreated {
+            facts: facts(),
+            multipart: transfer().multipart,
+        },
+        None,
+    ),
+    case(
+        "listed: presign what is missing",
+        uploading,
+        || Event::PartsListed {
+            stored: all_parts_stored(),
+            why: Resume::Reconnect,
+        },
+        Some(("uploading", &["count", "presign"])),
+    ),
+    case(
+        "listed: not uploading",
+        verifying,
+        || Event::PartsListed {
+            stored: Vec::new(),
+            why: Resume::Refresh,
+        },
+        None,
+    ),
+    case(
+        "gone: verify what the agent may have completed",
+        uploading,
+        || Event::MultipartGone,
+        Some(("verifying", &["verify"])),
+    ),
+    case(
+        "gone: not uploading",
+        requested_idle,
+        || Event::MultipartGone,
+        None,
+    ),
+    case(
+        "plan ready: send it",
+        uploading,
+        || Event::PlanReady { plan: plan(1) },
+        Some(("uploading", &["send_plan"])),
+    ),
+    case(
+        "plan ready: the agent is away",
+        uploading_away,
+        || Event::PlanReady { plan: plan(1) },
+        None,
+    ),
+    case(
+        "progress: counted",
+        uploading,
+        || progress(agent()),
+        Some(("uploading", &["count"])),
+    ),
+    case(
+        "progress: from another connection",
+        uploading,
+        || progress(stranger()),
+        None,
+    ),
+    case(
+        "progress: before uploading",
+        requested_idle,
+        || progress(agent()),
+        None,
+    ),
+    case(
+        "need urls: list again",
+        uploading,
+        || Event::NeedUrls { agent: agent() },
+        Some(("uploading", &["list_parts"])),
+    ),
+    case(
+        "need urls: from another connection",
+        uploading,
+        || Event::NeedUrls { agent: stranger() },
+        None,
+    ),
+    case(
+        "completed: verify",
+        uploading,
+        || completed_by(agent()),
+        Some(("verifying", &["verify"])),
+    ),
+    case(
+        "completed: twice",
+        verifying,
+        || completed_by(agent()),
+        None,
+    ),
+    case(
+        "completed: from another connection",
+        uploading,
+        || completed_by(stranger()),
+        None,
+    ),
+    case(
+        "agent failed: no word back",
+        uploading,
+        agent_failed,
+        Some(("ending failed", &["abort"])),
+    ),
+    case(
+        "agent failed: another client's upload",
+        uploading,
+        || Event::AgentFailed {
+            client_id: ClientId::parse("store-2").unwrap(),
+            code: ErrorCode::FileNotFound,
+            message: String::new(),
+        },
+        None,
+    ),
+    case("agent failed: already ending", ending, agent_failed, None),
+    case(
+        "verified: completed",
+        verifying,
+        || Event::Verified {
+            etag: "\"e-3\"".into(),
+        },
+        Some(("completed", &["count"])),
+    ),
+    case(
+        "verified: not verifying",
+        uploading,
+        || Event::Verified {
+            etag: "\"e-3\"".into(),
+        },
+        None,
+    ),
+    case(
+        "fail: requested, nothing to abort but the agent told",
+        requested,
+        fail,
+        Some(("ending failed", &["tell_cancel", "abort"])),
+    ),
+    case(
+        "fail: verifying",
+        verifying,
+        fail,
+        Some(("ending failed", &["tell_cancel", "abort"])),
+    ),
+    case(
+        "fail: the agent is away",
+        uploading_away,
+        fail,
+        Some(("ending failed", &["abort"])),
+    ),
+    case("fail: already ending", ending, fail, None),
+    case("fail: completed", completed, fail, None),
+    case(
+        "cancel: uploading",
+        uploading,
+        || Event::Cancel {
+            message: "by ops".into(),
+        },
+        Some(("ending cancelled", &["tell_cancel", "abort"])),
+    ),
+    case(
+        "cancel: completed",
+        completed,
+        || Event::Cancel {
+            message: "by ops".into(),
+        },
+        None,
+    ),
+    case(
+        "aborted: the ending is done",
+        ending,
+        || Event::Aborted,
+        Some(("failed", &["count"])),
+    ),
+    case("aborted: not ending", uploading, || Event::Aborted, None),
+];
+
+#[test]
+fn every_transition() {
+    for c in CASES {
+        let mut u = (c.from)();
+        let before = format!("{u:?}");
+        let result = u.on((c.event)(), Instant::now());
+        match (c.to, result) {
+            (None, Err(_)) => assert_eq!(
+                format!("{u:?}"),
+                before,
+                "{}: a refusal changed the record",
+                c.name
+            ),
+            (None, Ok(effects)) => panic!("{}: accepted, with {effects:?}", c.name),
+            (Some((_, _)), Err(refused)) => panic!("{}: refused ({})", c.name, refused.0),
+            (Some((stage, kinds)), Ok(effects)) => {
+                assert_eq!(stage_name(&u), stage, "{}", c.name);
+                let got: Vec<_> = effects.iter().map(kind).collect();
+                assert_eq!(got, kinds, "{}", c.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_resume_plans_only_the_missing_parts() {
+    let mut u = uploading();
+    let mut stored = all_parts_stored();
+    stored.remove(1); // part 2 never arrived
+    stored[1].size -= 1; // part 3 is short
+    let effects = u
+        .on(
+            Event::PartsListed {
+                stored,
+                why: Resume::Reconnect,
+            },
+            Instant::now(),
+        )
+        .unwrap();
+    let Some(Effect::Presign { missing, done, .. }) = effects.last() else {
+        panic!("{effects:?}");
+    };
+    let n = |n| PartNumber::new(n).unwrap();
+    assert_eq!(missing, &vec![n(2), n(3)]);
+    assert_eq!(
+        done.iter().map(|p| p.part_number).collect::<Vec<_>>(),
+        vec![n(1)]
+    );
+}
+
+#[test]
+fn fruitless_refreshes_end_in_stalled() {
+    let mut u = uploading();
+    let now = Instant::now();
+    for _ in 1..MAX_FRUITLESS_REFRESHES {
+        let effects = u
+            .on(
+                Event::PartsListed {
+                    stored: Vec::new(),
+                    why: Resume::Refresh,
+                },
+                now,
+            )
+            .unwrap();
+        assert_eq!(kind(effects.last().unwrap()), "presign");
+    }
+    u.on(
+        Event::PartsListed {
+            stored: Vec::new(),
+            why: Resume::Refresh,
+        },
+        now,
+    )
+    .unwrap();
+    assert_eq!(u.stage.error().map(|e| e.code), Some(ErrorCode::Stalled));
+}
+
+#[test]
+fn progress_is_clamped_and_retries_counted_once() {
+    let mut u = uploading();
+    let effects = u.on(progress(agent()), Instant::now()).unwrap();
+    assert_eq!(effects, vec![Effect::Count(Counter::PartRetries(2))]);
+    assert_eq!((u.parts_done, u.bytes_done), (3, 12 * MIB));
+    // The same count again is nothing new.
+    assert!(u.on(progress(agent()), Instant::now()).unwrap().is_empty());
+}
+
+#[test]
+fn overdue_uploads() {
+    let (response, stall) = (Duration::from_secs(30), Duration::from_secs(300));
+    let now = Instant::now();
+    let later = now + Duration::from_secs(31);
+    let u = requested();
+    assert_eq!(u.overdue(now, response, stall), None);
+    assert_eq!(
+        u.overdue(later, response, stall).map(|o| o.0),
+        Some(ErrorCode::AgentTimeout)
+    );
+    let u = uploading_away();
+    assert_eq!(u.overdue(later, response, stall), None);
+    let (code, message) = u.overdue(now + stall * 2, response, stall).unwrap();
+    assert_eq!(code, ErrorCode::Stalled);
+    assert!(message.contains("away"), "{message}");
+    assert_eq!(ending().overdue(now + stall * 2, response, stall), None);
+}
+
+#[test]
+fn only_a_live_upload_owns_its_multipart_upload() {
+    assert!(requested().owns_multipart("anything"));
+    assert!(uploading().owns_multipart("mpu-1"));
+    assert!(!uploading().owns_multipart("mpu-2"));
+    assert!(ending().owns_multipart("mpu-1"));
+    assert!(!completed().owns_multipart("mpu-1"));
+}
+
+#[test]
+fn keys_are_unique_and_under_the_client_prefix() {
+    let file = FileName::parse("export.csv").unwrap();
+    let id = UploadId::new_random();
+    let a = object_key("uploads", &client(), id, &file);
+    let b = object_key("uploads", &client(), UploadId::new_random(), &file);
+    assert_ne!(a, b);
+    assert!(a.starts_with("uploads/store-1/"), "{a}");
+    assert!(a.ends_with("/export.csv"), "{a}");
+    assert_eq!(upload_id_of_key("uploads", &a), Some(id));
+    assert_eq!(upload_id_of_key("other", &a), None);
+    assert_eq!(upload_id_of_key("uploads", "uploads/x/nodash/f"), None);
+}
+
+fn info() -> FileInfo {
+    FileInfo {
+        file_name: FileName::parse("f.csv").unwrap(),
+        size: 6 * MIB,
+        modified_ms: 1,
+        sha256: "a".repeat(64),
+        part_size: 5 * MIB,
+        part_md5: vec![EMPTY_MD5.into(); 2],
+    }
+}
+
+#[test]
+fn descriptions_must_match_the_servers_layout() {
+    let min = 5 * MIB;
+    assert!(check_facts(min, info()).is_ok());
+    let code = |f: FileInfo| check_facts(min, f).map(|_| ()).map_err(|r| r.code);
+    let mut f = info();
+    f.part_md5.pop();
+    assert_eq!(
+        code(f),
+        Err(ErrorCode::MalformedMessage),
+        "too few part hashes"
+    );
+    let mut f = info();
+    f.part_size = 6 * MIB;
+    assert_eq!(
+        code(f),
+        Err(ErrorCode::MalformedMessage),
+        "another part size"
+    );
+    let mut f = info();
+    f.sha256 = "A".repeat(64);
+    assert_eq!(code(f), Err(ErrorCode::MalformedMessage), "uppercase hex");
+    let mut f = info();
+    f.part_md5[0] = "not base64".into();
+    assert_eq!(code(f), Err(ErrorCode::MalformedMessage), "bad md5");
+    let mut f = info();
+    f.size = shared::protocol::MAX_OBJECT_SIZE + 1;
+    assert_eq!(code(f), Err(ErrorCode::FileTooLarge), "too large");
+}
+
+#[test]
+fn every_stage_survives_the_stored_form() {
+    for u in [requested(), uploading(), verifying(), ending(), completed()] {
+        let row = stored::to_row(&u).unwrap();
+        let loaded = crate::db::LoadedRow {
+            id: row.id.to_string(),
+            format: row.format,
+            record: row.record.clone(),
+        };
+        let back = stored::from_row(&loaded, Instant::now()).unwrap();
+        assert_eq!(back.stage, u.stage);
+        assert_eq!(stored::to_row(&back).unwrap(), row);
+    }
+}
+
+fn temp_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("backhaul-uploads-{}", UploadId::new_random()))
+}
+
+/// The database the first release's code wrote (`tests/fixtures/uploads-v1.sql`, dumped from
+/// it): every record is read, in the stage it was in, and time sorts as time.
+#[test]
+fn a_database_written_by_the_first_release_is_read_whole() {
+    let dir = temp_dir();
+    let path = dir.join("backhaul.db");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(include_str!("../../tests/fixtures/uploads-v1.sql"))
+        .unwrap();
+    drop(conn);
+    let table = Table::open(Box::new(SqliteStore::open(&path).unwrap())).unwrap();
+    let id = |n: u32| UploadId::parse(&format!("00000000-0000-4000-8000-00000000000{n}")).unwrap();
+    let read = |n| {
+        table
+            .read_or_load(id(n), |u| (stage_name(u), u.clone()))
+            .unwrap()
+    };
+
+    let (stage, u) = read(1);
+    assert_eq!(stage, "requested");
+    assert_eq!(u.client_id.as_str(), "store-requested");
+
+    let (stage, u) = read(2);
+    assert_eq!(stage, "uploading");
+    let t = u.stage.transfer().unwrap();
+    assert_eq!(t.multipart.upload_id, format!("mpu-{}", id(2)));
+    assert_eq!(t.file.size, 12 * MIB);
+    assert_eq!(t.file.part_md5.len(), 3);
+    assert_eq!(
+        t.file.sha256.as_str(),
+        "5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
+    );
+    assert_eq!((u.parts_done, u.bytes_done, u.resumes), (1, 5 * MIB, 2));
+    assert_eq!((u.phases.describe_ms, u.phases.presign_ms), (120, 3));
+    assert_eq!(u.created.0, 1_796_083_202_250);
+
+    assert_eq!(read(3).0, "verifying");
+
+    let (stage, u) = read(4);
+    assert_eq!(stage, "ending failed");
+    assert_eq!(u.state(), UploadState::Uploading);
+    assert_eq!(u.stage.error().unwrap().code, ErrorCode::Stalled);
+    assert!(u.recovery().is_some(), "a restart finishes the ending");
+
+    let (stage, u) = read(5);
+    assert_eq!(stage, "completed");
+    assert!(
+        matches!(&u.stage, Stage::Completed { etag, .. } if etag == "\"0123456789abcdef0123456789abcdef-3\"")
+    );
+    assert_eq!(u.finished.unwrap().0, 1_796_083_265_500);
+
+    let (stage, u) = read(6);
+    assert_eq!(stage, "failed");
+    assert_eq!(u.stage.error().unwrap().code, ErrorCode::FileChanged);
+    assert!(u.stage.transfer().is_some());
+
+    let (stage, u) = read(7);
+    assert_eq!(stage, "cancelled");
+    assert_eq!(u.stage.error().unwrap().code, ErrorCode::Cancelled);
+
+    // Of store-done's two uploads, the one created half a second later is the latest.
+    let latest = table
+        .read_latest(&ClientId::parse("store-done").unwrap(), |u| u.id)
+        .unwrap();
+    assert_eq!(latest, id(6));
+    // The store answers the same, by integer milliseconds.
+    let store = SqliteStore::open(&path).unwrap();
+    let row = store
+        .latest_for(&ClientId::parse("store-done").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.id, id(6).to_string());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_unreadable_record_is_set_aside_not_dropped() {
+    let dir = temp_dir();
+    let path = dir.join("backhaul.db");
+    let good = uploading();
+    let bad = UploadId::new_random();
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store.save(&stored::to_row(&good).unwrap()).unwrap();
+        let mut row = stored::to_row(&uploading()).unwrap();
+        row.id = bad;
+        row.record = row.record.replace("\"stage\"", "\"renamed_stage\"");
+        store.save(&row).unwrap();
+    }
+    let table = Table::open(Box::new(SqliteStore::open(&path).unwrap())).unwrap();
+    assert!(table.read(good.id, |_| ()).is_some());
+    assert!(table.read(bad, |_| ()).is_none());
+    assert!(
+        table.is_unreadable(bad),
+        "the orphan sweep must leave its key alone"
+    );
+    assert!(!table.is_unreadable(good.id));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_table_saves_by_its_rule() {
+    let dir = temp_dir();
+    let path = dir.join("backhaul.db");
+    let table = Table::open(Box::new(SqliteStore::open(&path).unwrap())).unwrap();
+    let u = uploading();
+    let id = u.id;
+    table.create(u, |_| Ok::<(), ()>(())).unwrap();
+    let stored_parts = || {
+        let row = SqliteStore::open(&path).unwrap().get(id).unwrap().unwrap();
+        let u = stored::from_row(&row, Instant::now()).unwrap();
+        (stage_name(&u), u.parts_done)
+    };
+    // Progress is not saved on its own...
+    table.apply(id, progress(agent())).unwrap();
+    assert_eq!(stored_parts(), ("uploading".into(), 0));
+    // ...but carried by the next saved change.
+    table.apply(id, completed_by(agent())).unwrap();
+    assert_eq!(stored_parts(), ("verifying".into(), 3));
+    // A second upload for the client is refused while this one is open.
+    assert!(table.create(uploading(), |_| Ok::<(), ()>(())).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn completed_parts_carry_the_etags_of_their_md5s() {
+    let parts: Vec<CompletedPart> = facts().completed_parts();
+    assert_eq!(parts.len(), 3);
+    assert_eq!(parts[2].part_number.get(), 3);
+    assert_eq!(parts[0].etag, "\"d41d8cd98f00b204e9800998ecf8427e\"");
+}

@@ -9,7 +9,8 @@ use shared::protocol::{AgentMessage, plan_parts};
 use shared::{ClientId, ErrorCode};
 
 use super::Uploads;
-use super::record::{AgentRef, Event, FileFacts, Rejection};
+use super::machine::{AgentRef, Event, Rejection};
+use super::record::FileFacts;
 use crate::registry::ConnId;
 
 /// Longest agent-supplied failure message kept; it is shown to operators.

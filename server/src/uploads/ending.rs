@@ -7,7 +7,8 @@ use std::time::Duration;
 use shared::api::UploadStatus;
 use shared::{ErrorCode, UploadId};
 
-use super::record::{Event, Multipart};
+use super::machine::Event;
+use super::record::Multipart;
 use super::{Requester, Uploads};
 use crate::error::ApiError;
 

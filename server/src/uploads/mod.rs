@@ -32,7 +32,8 @@
 //! ```
 //!
 //! Where to look:
-//! - a state change: [`record`], `Upload::on`, a pure function from event to effects;
+//! - a state change: [`machine`], `Upload::on`, a pure function from event to effects, on the
+//!   record of [`record`];
 //! - when it is saved: [`table`], `Table::apply` and the rule in `Event::is_saved`;
 //! - the stored form and its versions: [`stored`] (and `crate::db` for the schema);
 //! - an S3 call or a message to an agent: [`steps`], which carries out the effects;
@@ -46,6 +47,7 @@
 mod dispatch;
 mod ending;
 mod housekeeping;
+mod machine;
 mod record;
 mod status;
 mod steps;

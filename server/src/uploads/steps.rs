@@ -14,14 +14,15 @@ use shared::{ClientId, ErrorCode, FileName, UploadId};
 use time::OffsetDateTime;
 
 use super::Uploads;
-use super::record::{Counter, Effect, Event, Outcome, Transfer};
+use super::machine::{Counter, Effect, Event, Refused};
+use super::record::{Outcome, Transfer};
 use crate::registry::{ConnId, SendError};
 use crate::storage::multipart_etag;
 
 impl Uploads {
     /// Applies `event` and carries out its effects: messages and counters now, S3 calls in the
     /// background. Returns whether the upload accepted the event.
-    pub(super) fn handle(&self, id: UploadId, event: Event) -> Result<(), super::record::Refused> {
+    pub(super) fn handle(&self, id: UploadId, event: Event) -> Result<(), Refused> {
         let effects = self.table().apply(id, event)?;
         self.start(id, effects);
         Ok(())

@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use shared::{ClientId, UploadId};
 
-use super::record::{Effect, Event, Refused, Upload};
+use super::machine::{Effect, Event, Refused};
+use super::record::Upload;
 use super::stored;
 use crate::db::{LoadedRow, UploadStore};
 use crate::registry::ConnId;

@@ -1,0 +1,670 @@
+//! The state machine of an upload.
+//!
+//! [`Upload::on`] takes an [`Event`], checks that it is one the upload's [`Stage`] accepts,
+//! changes the record, and returns the [`Effect`]s the caller must carry out (S3 calls, messages
+//! to the agent, counters). It does no I/O and reads no clock but the `now` it is given, so every
+//! transition is tested without a server (`tests.rs`). An event the stage does not accept is
+//! [`Refused`] and leaves the record untouched: each handler below checks before it changes.
+
+use std::time::{Duration, Instant};
+
+use shared::api::{ErrorDetail, PhaseTimes};
+use shared::protocol::{CompletedPart, UploadPlan};
+use shared::{ClientId, ErrorCode, FileName, PartNumber};
+
+use super::record::{
+    Ending, FileFacts, Live, Multipart, NewUpload, Open, Outcome, Stage, Transfer, UnixMs, Upload,
+};
+use crate::registry::ConnId;
+use crate::storage::StoredPart;
+
+/// After this many `need_urls` in a row with no new part stored, the upload fails instead of
+/// looping: the URLs die before a part can get through.
+pub const MAX_FRUITLESS_REFRESHES: u32 = 3;
+
+/// The agent connection a message came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRef {
+    pub client_id: ClientId,
+    pub conn: ConnId,
+}
+
+/// Why a plan is being made again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// The agent (re)described the file after connecting.
+    Reconnect,
+    /// The agent's URLs ran out.
+    Refresh,
+}
+
+/// A description the server cannot accept, with the code the upload fails with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Something that happened to an upload.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The upload's agent connected (again).
+    AgentConnected {
+        conn: ConnId,
+    },
+    /// A connection ended; it may or may not be the upload's.
+    AgentDisconnected {
+        conn: ConnId,
+    },
+    /// `file_info`, already checked against the server's part layout.
+    Described {
+        agent: AgentRef,
+        facts: Result<FileFacts, Rejection>,
+    },
+    /// CreateMultipartUpload answered for the facts the upload was described with.
+    MultipartCreated {
+        facts: FileFacts,
+        multipart: Multipart,
+    },
+    /// ListParts answered: these parts are in storage.
+    PartsListed {
+        stored: Vec<StoredPart>,
+        why: Resume,
+    },
+    /// ListParts says the multipart upload no longer exists: the agent may have completed it.
+    MultipartGone,
+    /// The missing parts and the completion are presigned.
+    PlanReady {
+        plan: UploadPlan,
+    },
+    Progress {
+        agent: AgentRef,
+        parts_done: u32,
+        bytes_done: u64,
+        part_retries: u32,
+    },
+    NeedUrls {
+        agent: AgentRef,
+    },
+    AgentCompleted {
+        agent: AgentRef,
+        parts: Vec<CompletedPart>,
+        complete_ms: u64,
+    },
+    /// The agent gave up; it needs no word back.
+    AgentFailed {
+        client_id: ClientId,
+        code: ErrorCode,
+        message: String,
+    },
+    /// HeadObject agreed with the hashes.
+    Verified {
+        etag: String,
+    },
+    /// The server gave up (storage, timeouts, a failed verification).
+    Fail {
+        code: ErrorCode,
+        message: String,
+    },
+    /// An operator cancelled it.
+    Cancel {
+        message: String,
+    },
+    /// The multipart upload of an ending upload is aborted (or the abort gave up).
+    Aborted,
+}
+
+impl Event {
+    /// The rule of what is saved: every accepted event is written through to the store before
+    /// its effects are carried out, except these three. Connections and liveness live in memory
+    /// only, and an agent's progress counters are carried by the next save (after a restart the
+    /// resume recomputes them from ListParts anyway).
+    pub fn is_saved(&self) -> bool {
+        !matches!(
+            self,
+            Event::AgentConnected { .. } | Event::AgentDisconnected { .. } | Event::Progress { .. }
+        )
+    }
+}
+
+/// What the caller must carry out after a transition, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Send `describe_file` on this connection.
+    Describe {
+        conn: ConnId,
+        share: FileName,
+    },
+    /// Tell the agent on this connection to stop.
+    TellCancel {
+        conn: ConnId,
+        code: ErrorCode,
+    },
+    CreateMultipart(FileFacts),
+    ListParts {
+        multipart: Multipart,
+        why: Resume,
+    },
+    /// Presign `missing` and the completion; `done` are already stored.
+    Presign {
+        transfer: Transfer,
+        missing: Vec<PartNumber>,
+        done: Vec<CompletedPart>,
+    },
+    SendPlan {
+        conn: ConnId,
+        plan: UploadPlan,
+    },
+    /// HeadObject and compare; `reported` is the agent's part list, when it completed.
+    Verify {
+        transfer: Transfer,
+        reported: Option<Vec<CompletedPart>>,
+    },
+    /// Abort the multipart upload, if there is one, then feed back [`Event::Aborted`].
+    Abort(Option<Multipart>),
+    Count(Counter),
+}
+
+/// Counters an effect moves in `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    PartRetries(u32),
+    Resumed,
+    Completed { bytes: u64, parts: u32 },
+    Ended(Outcome),
+}
+
+/// An event the upload's stage does not accept; the record is unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused(pub &'static str);
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Upload {
+    /// A new upload, with `describe_file` to send on the agent's connection `conn`.
+    pub fn requested(new: NewUpload, conn: ConnId, now: Instant) -> (Self, Effect) {
+        let created = UnixMs::now();
+        let mut live = Live::new(now);
+        live.conn = Some(conn);
+        live.awaiting_info = Some(now);
+        let describe = Effect::Describe {
+            conn,
+            share: new.share.clone(),
+        };
+        let upload = Self {
+            id: new.id,
+            client_id: new.client_id,
+            share: new.share,
+            requested_by: new.requested_by,
+            requested_from: new.requested_from,
+            created,
+            updated: created,
+            finished: None,
+            stage: Stage::Open(Open::Requested),
+            parts_done: 0,
+            bytes_done: 0,
+            resumes: 0,
+            phases: PhaseTimes::default(),
+            live,
+        };
+        (upload, describe)
+    }
+
+    /// What a server that stopped in the middle must finish: an ending's abort, or a
+    /// verification. Uploads that were requested or uploading wait for their agents.
+    pub fn recovery(&self) -> Option<Effect> {
+        match &self.stage {
+            Stage::Ending(e) => Some(Effect::Abort(
+                e.from.transfer().map(|t| t.multipart.clone()),
+            )),
+            Stage::Open(Open::Verifying(t)) => Some(Effect::Verify {
+                transfer: t.clone(),
+                reported: None,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Why the upload should fail now, if it should: its agent never described the file, or it
+    /// made no progress for too long (agent away included).
+    pub fn overdue(
+        &self,
+        now: Instant,
+        response_timeout: Duration,
+        stall_timeout: Duration,
+    ) -> Option<(ErrorCode, String)> {
+        if !self.is_open() {
+            return None;
+        }
+        if let Some(asked) = self.live.awaiting_info
+            && self.live.conn.is_some()
+            && now.duration_since(asked) > response_timeout
+        {
+            return Some((
+                ErrorCode::AgentTimeout,
+                format!(
+                    "the agent did not describe the file within {}s",
+                    response_timeout.as_secs()
+                ),
+            ));
+        }
+        if now.duration_since(self.live.last_progress) > stall_timeout {
+            let why = if self.live.conn.is_none() {
+                "the agent has been away"
+            } else {
+                "no progress"
+            };
+            return Some((
+                ErrorCode::Stalled,
+                format!("{why} for {}s", stall_timeout.as_secs()),
+            ));
+        }
+        None
+    }
+
+    /// The state machine. On `Ok` the record has changed and the effects are to be carried out
+    /// in order; on `Err` nothing changed.
+    pub fn on(&mut self, event: Event, now: Instant) -> Result<Vec<Effect>, Refused> {
+        let effects = match event {
+            Event::AgentConnected { conn } => self.connected(conn, now)?,
+            Event::AgentDisconnected { conn } => self.disconnected(conn)?,
+            Event::Described { agent, facts } => self.described(&agent, facts, now)?,
+            Event::MultipartCreated { facts, multipart } => {
+                self.multipart_created(facts, multipart)?
+            }
+            Event::PartsListed { stored, why } => self.parts_listed(&stored, why)?,
+            Event::MultipartGone => self.multipart_gone()?,
+            Event::PlanReady { plan } => self.plan_ready(plan, now)?,
+            Event::Progress {
+                agent,
+                parts_done,
+                bytes_done,
+                part_retries,
+            } => self.progress(&agent, (parts_done, bytes_done), part_retries, now)?,
+            Event::NeedUrls { agent } => self.need_urls(&agent, now)?,
+            Event::AgentCompleted {
+                agent,
+                parts,
+                complete_ms,
+            } => self.agent_completed(&agent, parts, complete_ms, now)?,
+            Event::AgentFailed {
+                client_id,
+                code,
+                message,
+            } => self.agent_failed(&client_id, code, message)?,
+            Event::Verified { etag } => self.verified(etag, now)?,
+            Event::Fail { code, message } => self.end_open(Outcome::Failed, code, message)?,
+            Event::Cancel { message } => {
+                self.end_open(Outcome::Cancelled, ErrorCode::Cancelled, message)?
+            }
+            Event::Aborted => self.aborted(now)?,
+        };
+        self.updated = UnixMs::now();
+        Ok(effects)
+    }
+
+    fn owned_by(&self, agent: &AgentRef) -> bool {
+        self.client_id == agent.client_id && self.live.conn == Some(agent.conn)
+    }
+
+    /// The transfer of an upload that is uploading, if `agent` (when given) owns it.
+    fn uploading_for(
+        &self,
+        agent: Option<&AgentRef>,
+        what: &'static str,
+    ) -> Result<Transfer, Refused> {
+        let Stage::Open(Open::Uploading(transfer)) = &self.stage else {
+            return Err(Refused(what));
+        };
+        if agent.is_some_and(|a| !self.owned_by(a)) {
+            return Err(Refused("a connection that does not own the upload"));
+        }
+        Ok(transfer.clone())
+    }
+
+    fn connected(&mut self, conn: ConnId, now: Instant) -> Result<Vec<Effect>, Refused> {
+        if !matches!(
+            self.stage,
+            Stage::Open(Open::Requested | Open::Uploading(_))
+        ) {
+            return Err(Refused(
+                "only a requested or uploading upload is described again",
+            ));
+        }
+        self.live.conn = Some(conn);
+        self.live.awaiting_info = Some(now);
+        Ok(vec![Effect::Describe {
+            conn,
+            share: self.share.clone(),
+        }])
+    }
+
+    fn disconnected(&mut self, conn: ConnId) -> Result<Vec<Effect>, Refused> {
+        if !self.is_open() || self.live.conn != Some(conn) {
+            return Err(Refused("not this connection's upload"));
+        }
+        self.live.conn = None;
+        self.live.awaiting_info = None;
+        Ok(Vec::new())
+    }
+
+    /// `file_info`: a first description creates the multipart upload; a description after a
+    /// reconnect resumes, if the file is the same.
+    fn described(
+        &mut self,
+        agent: &AgentRef,
+        facts: Result<FileFacts, Rejection>,
+        now: Instant,
+    ) -> Result<Vec<Effect>, Refused> {
+        let asked = match self.live.awaiting_info {
+            Some(asked) if self.owned_by(agent) && self.is_open() => asked,
+            _ => return Err(Refused("file_info that was not asked for")),
+        };
+        self.live.awaiting_info = None;
+        self.live.last_progress = now;
+        self.live.plan_asked = Some(now);
+        self.phases.describe_ms = self
+            .phases
+            .describe_ms
+            .saturating_add(millis(now.duration_since(asked)));
+        let facts = match facts {
+            Ok(facts) => facts,
+            Err(rejected) => {
+                return Ok(self.begin_end(Outcome::Failed, rejected.code, rejected.message, true));
+            }
+        };
+        Ok(match &self.stage {
+            Stage::Open(Open::Uploading(t)) if t.file != facts => {
+                let what = if t.file.size != facts.size {
+                    format!("size {} is now {}", t.file.size, facts.size)
+                } else {
+                    "its content hash differs".to_owned()
+                };
+                self.begin_end(
+                    Outcome::Failed,
+                    ErrorCode::FileChanged,
+                    format!("the file changed while the upload was interrupted: {what}"),
+                    true,
+                )
+            }
+            Stage::Open(Open::Uploading(t)) => {
+                let multipart = t.multipart.clone();
+                self.resumes += 1;
+                vec![Effect::ListParts {
+                    multipart,
+                    why: Resume::Reconnect,
+                }]
+            }
+            _ => vec![Effect::CreateMultipart(facts)],
+        })
+    }
+
+    fn multipart_created(
+        &mut self,
+        facts: FileFacts,
+        multipart: Multipart,
+    ) -> Result<Vec<Effect>, Refused> {
+        if !matches!(self.stage, Stage::Open(Open::Requested)) {
+            return Err(Refused(
+                "the upload moved on while its multipart upload was created",
+            ));
+        }
+        let transfer = Transfer {
+            file: facts,
+            multipart,
+        };
+        let missing = transfer.file.parts().map(|(n, _)| n).collect();
+        self.stage = Stage::Open(Open::Uploading(transfer.clone()));
+        Ok(vec![Effect::Presign {
+            transfer,
+            missing,
+            done: Vec::new(),
+        }])
+    }
+
+    /// ListParts answered: presign what is missing, unless refreshes keep bringing nothing.
+    fn parts_listed(&mut self, stored: &[StoredPart], why: Resume) -> Result<Vec<Effect>, Refused> {
+        let transfer =
+            self.uploading_for(None, "parts listed for an upload that is not uploading")?;
+        let (done, missing) = sort_parts(&transfer.file, stored);
+        if why == Resume::Refresh && done.len() <= self.live.stored_at_last_plan {
+            self.live.fruitless_refreshes += 1;
+        } else {
+            self.live.fruitless_refreshes = 0;
+        }
+        if self.live.fruitless_refreshes >= MAX_FRUITLESS_REFRESHES {
+            return Ok(self.begin_end(
+                Outcome::Failed,
+                ErrorCode::Stalled,
+                format!(
+                    "the presigned URLs expired {MAX_FRUITLESS_REFRESHES} times in a row before a part got through; \
+                     raise PRESIGN_TTL_SECS above the time one part takes on this store's uplink"
+                ),
+                true,
+            ));
+        }
+        Ok(vec![
+            Effect::Count(Counter::Resumed),
+            Effect::Presign {
+                transfer,
+                missing,
+                done,
+            },
+        ])
+    }
+
+    fn multipart_gone(&mut self) -> Result<Vec<Effect>, Refused> {
+        let transfer = self.uploading_for(None, "the upload is not uploading")?;
+        self.stage = Stage::Open(Open::Verifying(transfer.clone()));
+        Ok(vec![Effect::Verify {
+            transfer,
+            reported: None,
+        }])
+    }
+
+    fn plan_ready(&mut self, plan: UploadPlan, now: Instant) -> Result<Vec<Effect>, Refused> {
+        let transfer = self.uploading_for(None, "the upload is not uploading")?;
+        let Some(conn) = self.live.conn else {
+            return Err(Refused("agent went away before the plan was sent"));
+        };
+        let done_bytes = plan
+            .done
+            .iter()
+            .map(|p| transfer.file.part_len(p.part_number))
+            .sum();
+        self.parts_done = plan.done.len() as u32;
+        self.bytes_done = done_bytes;
+        self.live.plan_sent = Some((now, done_bytes));
+        if let Some(asked) = self.live.plan_asked.take() {
+            self.phases.presign_ms = self
+                .phases
+                .presign_ms
+                .saturating_add(millis(now.duration_since(asked)));
+        }
+        self.live.stored_at_last_plan = plan.done.len();
+        self.live.retries_seen = 0;
+        self.live.last_progress = now;
+        Ok(vec![Effect::SendPlan { conn, plan }])
+    }
+
+    /// `(parts_done, bytes_done)` as the agent counts them, clamped to the file.
+    fn progress(
+        &mut self,
+        agent: &AgentRef,
+        (parts_done, bytes_done): (u32, u64),
+        part_retries: u32,
+        now: Instant,
+    ) -> Result<Vec<Effect>, Refused> {
+        let transfer =
+            self.uploading_for(Some(agent), "progress for an upload that is not uploading")?;
+        self.parts_done = parts_done.min(transfer.file.parts_total());
+        self.bytes_done = bytes_done.min(transfer.file.size);
+        self.live.last_progress = now;
+        // The count restarts with each plan the agent runs.
+        let new = part_retries
+            .checked_sub(self.live.retries_seen)
+            .unwrap_or(part_retries);
+        self.live.retries_seen = part_retries;
+        Ok(if new > 0 {
+            vec![Effect::Count(Counter::PartRetries(new))]
+        } else {
+            Vec::new()
+        })
+    }
+
+    fn need_urls(&mut self, agent: &AgentRef, now: Instant) -> Result<Vec<Effect>, Refused> {
+        let transfer =
+            self.uploading_for(Some(agent), "need_urls for an upload that is not uploading")?;
+        self.live.last_progress = now;
+        self.live.plan_asked = Some(now);
+        self.add_transfer_time(now);
+        self.resumes += 1;
+        Ok(vec![Effect::ListParts {
+            multipart: transfer.multipart,
+            why: Resume::Refresh,
+        }])
+    }
+
+    fn agent_completed(
+        &mut self,
+        agent: &AgentRef,
+        parts: Vec<CompletedPart>,
+        complete_ms: u64,
+        now: Instant,
+    ) -> Result<Vec<Effect>, Refused> {
+        let transfer = self.uploading_for(
+            Some(agent),
+            "completion for an upload that is not uploading",
+        )?;
+        self.stage = Stage::Open(Open::Verifying(transfer.clone()));
+        self.live.last_progress = now;
+        self.live.completed = Some(now);
+        self.add_transfer_time(now);
+        self.phases.complete_ms = self.phases.complete_ms.saturating_add(complete_ms);
+        Ok(vec![Effect::Verify {
+            transfer,
+            reported: Some(parts),
+        }])
+    }
+
+    fn agent_failed(
+        &mut self,
+        client_id: &ClientId,
+        code: ErrorCode,
+        message: String,
+    ) -> Result<Vec<Effect>, Refused> {
+        if *client_id != self.client_id {
+            return Err(Refused(
+                "a failure report for an upload this agent does not own",
+            ));
+        }
+        if !self.is_open() {
+            return Err(Refused("the upload is already ending"));
+        }
+        Ok(self.begin_end(Outcome::Failed, code, message, false))
+    }
+
+    fn verified(&mut self, etag: String, now: Instant) -> Result<Vec<Effect>, Refused> {
+        let Stage::Open(Open::Verifying(transfer)) = &self.stage else {
+            return Err(Refused("the upload is not being verified"));
+        };
+        let transfer = transfer.clone();
+        let (bytes, parts) = (transfer.file.size, transfer.file.parts_total());
+        self.parts_done = parts;
+        self.bytes_done = bytes;
+        self.finished = Some(UnixMs::now());
+        self.live.finished = Some(now);
+        if let Some(completed) = self.live.completed.take() {
+            self.phases.verify_ms = self
+                .phases
+                .verify_ms
+                .saturating_add(millis(now.duration_since(completed)));
+        }
+        self.stage = Stage::Completed { transfer, etag };
+        Ok(vec![Effect::Count(Counter::Completed { bytes, parts })])
+    }
+
+    /// The server's own failure, or an operator's cancel.
+    fn end_open(
+        &mut self,
+        outcome: Outcome,
+        code: ErrorCode,
+        message: String,
+    ) -> Result<Vec<Effect>, Refused> {
+        if !self.is_open() {
+            return Err(Refused("the upload is already ending"));
+        }
+        Ok(self.begin_end(outcome, code, message, true))
+    }
+
+    fn aborted(&mut self, now: Instant) -> Result<Vec<Effect>, Refused> {
+        let Stage::Ending(ending) = &self.stage else {
+            return Err(Refused("the upload is not ending"));
+        };
+        let outcome = ending.outcome;
+        self.stage = Stage::Ended(ending.clone());
+        self.finished = Some(UnixMs::now());
+        self.live.finished = Some(now);
+        Ok(vec![Effect::Count(Counter::Ended(outcome))])
+    }
+
+    fn add_transfer_time(&mut self, now: Instant) {
+        if let Some((sent, _)) = self.live.plan_sent {
+            self.phases.transfer_ms = self
+                .phases
+                .transfer_ms
+                .saturating_add(millis(now.duration_since(sent)));
+        }
+    }
+
+    /// Claims an open upload for ending: from here only the abort and [`Event::Aborted`] move
+    /// it. `tell_agent` is false when the agent itself reported the failure.
+    fn begin_end(
+        &mut self,
+        outcome: Outcome,
+        code: ErrorCode,
+        message: String,
+        tell_agent: bool,
+    ) -> Vec<Effect> {
+        let Stage::Open(from) = std::mem::replace(&mut self.stage, Stage::Open(Open::Requested))
+        else {
+            unreachable!("begin_end is only called on an open upload");
+        };
+        let multipart = from.transfer().map(|t| t.multipart.clone());
+        self.stage = Stage::Ending(Ending {
+            outcome,
+            error: ErrorDetail { code, message },
+            from,
+        });
+        let mut effects = Vec::new();
+        if tell_agent && let Some(conn) = self.live.conn {
+            effects.push(Effect::TellCancel { conn, code });
+        }
+        effects.push(Effect::Abort(multipart));
+        effects
+    }
+}
+
+/// Splits a file's parts into those storage holds intact (right size and, where storage says,
+/// right ETag) and those still to send.
+fn sort_parts(file: &FileFacts, stored: &[StoredPart]) -> (Vec<CompletedPart>, Vec<PartNumber>) {
+    let mut done = Vec::new();
+    let mut missing = Vec::new();
+    for (part_number, md5) in file.parts() {
+        let etag = md5.part_etag();
+        let len = file.part_len(part_number);
+        let good = stored.iter().any(|p| {
+            p.part_number == part_number.get()
+                && p.size == len
+                && p.etag.as_ref().is_none_or(|e| *e == etag)
+        });
+        if good {
+            done.push(CompletedPart { part_number, etag });
+        } else {
+            missing.push(part_number);
+        }
+    }
+    (done, missing)
+}

@@ -50,7 +50,6 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         }
         ClientNotConnected | UploadNotFound | NotFound => StatusCode::NOT_FOUND,
         DownloadInProgress | UploadFinished => StatusCode::CONFLICT,
-        PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ShuttingDown | TooManyConnections | Timeout => StatusCode::SERVICE_UNAVAILABLE,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
         ProtocolVersionMismatch
@@ -66,7 +65,6 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | UploadHostNotAllowed
         | PartUploadFailed
         | CompleteFailed
-        | AgentDisconnected
         | AgentTimeout
         | Stalled
         | StorageError

@@ -25,8 +25,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use aws_credential_types::Credentials;
+use anyhow::Context;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{any, get, post};
@@ -34,12 +33,12 @@ use shared::auth::TokenKeys;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use url::Url;
 
-use crate::config::{Config, StorageKind};
+use crate::config::Config;
 use crate::registry::Registry;
 use crate::revocations::Revocations;
-use crate::storage::{Storage, StorageSettings};
+use crate::storage::Storage;
+
 use crate::uploads::Uploads;
 
 /// How long shutdown waits for connections and S3 clean-up before giving up.
@@ -121,41 +120,16 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
         _ => None,
     };
-    let storage = match config.storage {
-        StorageKind::Embedded => {
-            let listener = listeners.embedded_s3;
-            open_embedded(&config, listener, tls.as_ref(), &shutdown, &tracker).await?
-        }
-        StorageKind::S3 => open_s3(&config).await?,
-    };
-    let revocations = Revocations::load(config.data_dir.join("revocations.json"))?;
-    let database = config.database_path();
-    let registry = Arc::new(Registry::default());
-    let metrics = Arc::new(metrics::Metrics::default());
-    let uploads = Uploads::open(
-        Box::new(db::SqliteStore::open(&database)?),
-        uploads::Settings::from_config(&config),
-        uploads::Services {
-            storage: storage.clone(),
-            agents: registry.clone(),
-            metrics: metrics.clone(),
-            tracker: tracker.clone(),
-            shutdown: shutdown.clone(),
-        },
+    let storage = storage::from_config(
+        &config,
+        listeners.embedded_s3,
+        tls.as_ref(),
+        &shutdown,
+        &tracker,
     )
-    .with_context(|| format!("loading uploads from {}", database.display()))?;
-    let orphan_sweep = Duration::from_secs(config.orphan_sweep_interval_secs);
-    let state = AppState(Arc::new(StateInner {
-        config,
-        keys,
-        registry,
-        revocations,
-        uploads,
-        metrics,
-        storage,
-        shutdown: shutdown.clone(),
-        tracker: tracker.clone(),
-    }));
+    .await?;
+    let state = AppState::open(config, keys, storage, &shutdown, &tracker)?;
+    let orphan_sweep = Duration::from_secs(state.config.orphan_sweep_interval_secs);
 
     // What a previous run left half-done is finished before agents can reconnect.
     state.uploads.recover().await;
@@ -179,14 +153,59 @@ pub async fn run(
     // Agent sessions watch `shutdown` themselves (graceful shutdown does not cover upgraded
     // connections). Unfinished uploads stay recorded and resume when the server is back.
     tracing::info!("shutting down");
-    let drain = async {
-        tracker.close();
-        tracker.wait().await;
-    };
-    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+    drain(&tracker).await;
+    Ok(())
+}
+
+/// Waits for every task (connections, S3 clean-up) within [`DRAIN_TIMEOUT`].
+async fn drain(tracker: &TaskTracker) {
+    tracker.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown drain timed out");
     }
-    Ok(())
+}
+
+impl AppState {
+    /// The state of a server on `storage`: revocations and uploads loaded from the data
+    /// directory, the upload service wired to the registry and the metrics.
+    fn open(
+        config: Config,
+        keys: TokenKeys,
+        storage: Storage,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> anyhow::Result<Self> {
+        let revocations = Revocations::load(config.data_dir.join("revocations.json"))?;
+        let database = config.database_path();
+        let registry = Arc::new(Registry::default());
+        let metrics = Arc::new(metrics::Metrics::default());
+        let uploads = Uploads::open(
+            Box::new(db::SqliteStore::open(&database)?),
+            uploads::Settings::from_config(&config),
+            uploads::Services {
+                storage: storage.clone(),
+                agents: registry.clone(),
+                metrics: metrics.clone(),
+                tracker: tracker.clone(),
+                shutdown: shutdown.clone(),
+            },
+        )
+        .with_context(|| format!("loading uploads from {}", database.display()))?;
+        Ok(Self(Arc::new(StateInner {
+            config,
+            keys,
+            registry,
+            revocations,
+            uploads,
+            metrics,
+            storage,
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        })))
+    }
 }
 
 /// Runs `job` now and then every `every` until shutdown, one run at a time.
@@ -231,94 +250,6 @@ async fn serve(
     }
 }
 
-/// `STORAGE=embedded`: starts the embedded S3 endpoint on `listener` (and, with TLS, a plain
-/// loopback listener for the server's own client), then connects to it.
-async fn open_embedded(
-    config: &Config,
-    listener: Option<TcpListener>,
-    tls: Option<&tokio_rustls::TlsAcceptor>,
-    shutdown: &CancellationToken,
-    tracker: &TaskTracker,
-) -> anyhow::Result<Storage> {
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let Some(listener) = listener else {
-        bail!("STORAGE=embedded needs a listener for the embedded S3 endpoint");
-    };
-    let public_addr = listener.local_addr()?;
-    let secret = config
-        .embedded_s3_secret_key
-        .as_ref()
-        .map(|s| s.expose().to_owned())
-        .unwrap_or_else(random_secret);
-    let service =
-        embedded_s3::build_service(&config.data_dir, &config.embedded_s3_access_key, &secret)?;
-    // With TLS, the server reaches its own store over a plain loopback listener, so its
-    // S3 client needs no trust in the configured certificate; agents get TLS.
-    let internal_addr = if tls.is_some() {
-        let internal = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
-        let addr = internal.local_addr()?;
-        tracker.spawn(embedded_s3::serve(
-            internal,
-            service.clone(),
-            None,
-            shutdown.clone(),
-            tracker.clone(),
-        ));
-        addr
-    } else {
-        public_addr
-    };
-    tracker.spawn(embedded_s3::serve(
-        listener,
-        service,
-        tls.cloned(),
-        shutdown.clone(),
-        tracker.clone(),
-    ));
-    let local = Url::parse(&format!("http://{}", connectable(internal_addr)))?;
-    let public = Url::parse(&format!("{scheme}://{}", connectable(public_addr)))?;
-    tracing::info!(endpoint = %public, data_dir = %config.data_dir.display(), "embedded S3 endpoint listening");
-    let storage = Storage::connect(StorageSettings {
-        bucket: config.bucket.clone(),
-        region: config.aws_region.clone(),
-        endpoint: Some(local.clone()),
-        public_endpoint: Some(config.s3_public_endpoint.clone().unwrap_or(public)),
-        force_path_style: true,
-        credentials: Some(Credentials::new(
-            &config.embedded_s3_access_key,
-            secret,
-            None,
-            None,
-            "backhaul-embedded",
-        )),
-    })
-    .await?;
-    storage.ensure_bucket(true).await?;
-    Ok(storage)
-}
-
-/// `STORAGE=s3`: AWS or any S3, through the standard settings and aws-config's chain.
-async fn open_s3(config: &Config) -> anyhow::Result<Storage> {
-    let credentials = config
-        .aws_access_key_id
-        .as_ref()
-        .zip(config.aws_secret_access_key.as_ref())
-        .map(|(id, secret)| Credentials::new(id, secret.expose(), None, None, "backhaul-config"));
-    let storage = Storage::connect(StorageSettings {
-        bucket: config.bucket.clone(),
-        region: config.aws_region.clone(),
-        endpoint: config.s3_endpoint_url.clone(),
-        public_endpoint: config.s3_public_endpoint.clone(),
-        force_path_style: config
-            .s3_force_path_style
-            .unwrap_or(config.s3_endpoint_url.is_some()),
-        credentials,
-    })
-    .await?;
-    storage.ensure_bucket(false).await?;
-    Ok(storage)
-}
-
 async fn rest_timeout(
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -329,19 +260,4 @@ async fn rest_timeout(
         Err(_) => error::ApiError::new(shared::ErrorCode::Timeout, "the request took too long")
             .into_response(),
     }
-}
-
-fn random_secret() -> String {
-    use rand::Rng;
-    let bytes: [u8; 24] = rand::thread_rng().r#gen();
-    hex::encode(bytes)
-}
-
-/// An address a local client can connect to: a wildcard bind becomes loopback.
-fn connectable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
-    let mut addr = addr;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    addr
 }

@@ -42,7 +42,6 @@ error_codes! {
     UploadFinished => "UPLOAD_FINISHED",
     NotFound => "NOT_FOUND",
     BadRequest => "BAD_REQUEST",
-    PayloadTooLarge => "PAYLOAD_TOO_LARGE",
     TooManyConnections => "TOO_MANY_CONNECTIONS",
     Timeout => "TIMEOUT",
     Internal => "INTERNAL",
@@ -64,7 +63,6 @@ error_codes! {
     PartUploadFailed => "PART_UPLOAD_FAILED",
     CompleteFailed => "COMPLETE_FAILED",
     // Raised by the server while an upload runs.
-    AgentDisconnected => "AGENT_DISCONNECTED",
     AgentTimeout => "AGENT_TIMEOUT",
     Stalled => "STALLED",
     StorageError => "STORAGE_ERROR",

@@ -116,7 +116,11 @@ pub struct UploadPlan {
     pub done: Vec<CompletedPart>,
     /// Presigned `POST ...?uploadId=` that completes the multipart upload.
     pub complete_url: String,
-    /// Unix seconds (server clock) after which the URLs stop working.
+    /// Unix seconds (server clock) after which the URLs stop working. No agent reads it (they
+    /// use `expires_in_secs`), but agents of this protocol version released before 2026-12
+    /// require the field, so the server still sends it. It may be absent on the wire, so that a
+    /// later protocol version can drop it.
+    #[serde(default)]
     pub expires_at: u64,
     /// The same, as seconds from when the plan was sent, so a skewed agent clock does not
     /// matter. Before the URLs run out the agent stops starting parts and sends `need_urls`.
@@ -241,6 +245,46 @@ mod tests {
             "{json}"
         );
         assert_eq!(serde_json::from_str::<ServerMessage>(&json).unwrap(), msg);
+    }
+
+    /// The plan as agents released before 2026-12 parse it: every field required, none unknown.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct ReleasedPlan {
+        upload_id: UploadId,
+        size: u64,
+        part_size: u64,
+        parts: Vec<PresignedPart>,
+        #[serde(default)]
+        done: Vec<CompletedPart>,
+        complete_url: String,
+        expires_at: u64,
+        expires_in_secs: u64,
+    }
+
+    #[test]
+    fn plans_stay_readable_by_released_agents() {
+        let plan = UploadPlan {
+            upload_id: id(),
+            size: 10,
+            part_size: 5,
+            parts: Vec::new(),
+            done: Vec::new(),
+            complete_url: "http://s3/c".into(),
+            expires_at: 1,
+            expires_in_secs: 900,
+        };
+        let json = serde_json::to_string(&plan).unwrap();
+        assert!(
+            serde_json::from_str::<ReleasedPlan>(&json).is_ok(),
+            "{json}"
+        );
+        // And a plan without `expires_at` is read by this release.
+        let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        value.as_object_mut().unwrap().remove("expires_at");
+        let read: UploadPlan = serde_json::from_value(value).unwrap();
+        assert_eq!(read.expires_in_secs, 900);
     }
 
     #[test]

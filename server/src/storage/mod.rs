@@ -4,6 +4,10 @@
 //! are signed for [`Storage::public_endpoint`], the address agents reach, which may differ from
 //! the one the server itself uses (a Docker network name, a load balancer).
 
+mod setup;
+
+pub use setup::from_config;
+
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, anyhow};

@@ -93,11 +93,7 @@ pub async fn upload_status(
 ) -> Result<Json<UploadStatus>, ApiError> {
     let upload_id = UploadId::parse(&raw_upload_id)
         .map_err(|e| ApiError::new(ErrorCode::InvalidUploadId, e.to_string()))?;
-    state
-        .uploads
-        .status(upload_id)
-        .map(Json)
-        .ok_or_else(|| ApiError::new(ErrorCode::UploadNotFound, format!("no upload {upload_id}")))
+    state.uploads.status(upload_id).map(Json)
 }
 
 /// `POST /revocations/{client_id}`: refuses every token of that client issued until now and

@@ -72,7 +72,7 @@ async fn metrics_count_a_download() {
     let status = server
         .wait_finished(trig["upload_id"].as_str().unwrap())
         .await;
-    assert_eq!(status["state"], "completed");
+    assert_eq!(status.state, UploadState::Completed);
 
     let http = server.http_client();
     let url = format!("{}/metrics", server.http_url());
@@ -123,17 +123,16 @@ async fn phases_account_for_a_download() {
         .wait_finished(trig["upload_id"].as_str().unwrap())
         .await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
-    assert_eq!(status["state"], "completed");
-    let p = &status["phases"];
-    let ms = |name: &str| p[name].as_u64().unwrap_or_else(|| panic!("{name} in {p}"));
+    assert_eq!(status.state, UploadState::Completed);
+    let p = status.phases;
     // Hashing 12 MiB and sending two 6 MiB parts each take well over a millisecond.
-    assert!(ms("describe_ms") > 0, "{p}");
-    assert!(ms("transfer_ms") > 0, "{p}");
-    assert!(ms("complete_ms") <= ms("transfer_ms"), "{p}");
-    let sum = ms("describe_ms") + ms("presign_ms") + ms("transfer_ms") + ms("verify_ms");
+    assert!(p.describe_ms > 0, "{p:?}");
+    assert!(p.transfer_ms > 0, "{p:?}");
+    assert!(p.complete_ms <= p.transfer_ms, "{p:?}");
+    let sum = p.describe_ms + p.presign_ms + p.transfer_ms + p.verify_ms;
     assert!(
         sum <= elapsed_ms,
-        "phases {p} add up to more than {elapsed_ms} ms"
+        "phases {p:?} add up to more than {elapsed_ms} ms"
     );
 
     let out = run_cli(&server, &["status", &format!("--client-id={client_id}")]).await;
@@ -144,35 +143,17 @@ async fn phases_account_for_a_download() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_download_100_mib_embedded() {
-    download_via_cli_is_byte_identical(Mode::Embedded, 100 * MIB).await;
-}
+storage_modes!(cli_download_100_mib, |mode| {
+    download_via_cli_is_byte_identical(mode, 100 * MIB)
+});
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_download_100_mib_localstack() {
-    download_via_cli_is_byte_identical(Mode::LocalStack, 100 * MIB).await;
-}
+storage_modes!(zero_byte_file, |mode| download_via_cli_is_byte_identical(
+    mode, 0
+));
 
-#[tokio::test]
-async fn zero_byte_file_embedded() {
-    download_via_cli_is_byte_identical(Mode::Embedded, 0).await;
-}
-
-#[tokio::test]
-async fn zero_byte_file_localstack() {
-    download_via_cli_is_byte_identical(Mode::LocalStack, 0).await;
-}
-
-#[tokio::test]
-async fn file_smaller_than_one_part_embedded() {
-    download_via_cli_is_byte_identical(Mode::Embedded, 12_345).await;
-}
-
-#[tokio::test]
-async fn file_smaller_than_one_part_localstack() {
-    download_via_cli_is_byte_identical(Mode::LocalStack, 12_345).await;
-}
+storage_modes!(file_smaller_than_one_part, |mode| {
+    download_via_cli_is_byte_identical(mode, 12_345)
+});
 
 #[tokio::test]
 async fn part_boundary_sizes_embedded() {
@@ -214,15 +195,9 @@ async fn two_downloads_make_two_objects(mode: Mode) {
     assert_eq!(server.object_sha256(k2).await, second_sha);
 }
 
-#[tokio::test]
-async fn two_downloads_two_objects_embedded() {
-    two_downloads_make_two_objects(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn two_downloads_two_objects_localstack() {
-    two_downloads_make_two_objects(Mode::LocalStack).await;
-}
+storage_modes!(two_downloads_two_objects, |mode| {
+    two_downloads_make_two_objects(mode)
+});
 
 #[tokio::test]
 async fn cli_no_wait_prints_the_upload_id_and_status_reports_it() {
@@ -242,14 +217,11 @@ async fn cli_no_wait_prints_the_upload_id_and_status_reports_it() {
     assert!(out.status.success(), "{}", stderr(&out));
     let upload_id = stdout(&out).trim().to_owned();
     let status = server.wait_finished(&upload_id).await;
-    assert_eq!(status["state"], "completed");
-    assert_eq!(status["requested_by"], "test-operator");
+    assert_eq!(status.state, UploadState::Completed);
+    assert_eq!(status.requested_by, "test-operator");
     assert!(
-        status["requested_from"]
-            .as_str()
-            .unwrap()
-            .starts_with("127.0.0.1:"),
-        "{status}"
+        status.requested_from.starts_with("127.0.0.1:"),
+        "{status:?}"
     );
 
     let out = run_cli(&server, &["status", "--client-id", &client_id, "--json"]).await;

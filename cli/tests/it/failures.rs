@@ -37,8 +37,11 @@ async fn second_trigger_while_one_runs_is_409() {
     assert_eq!(status, 409);
     assert_eq!(body["error"]["code"], "DOWNLOAD_IN_PROGRESS");
     // The refused trigger changed nothing: the first upload is still the active one.
-    let (_, st) = server.get_json(&format!("/status/{client_id}")).await;
-    assert_eq!(st["active_upload"], first["upload_id"]);
+    let st = server.client(&client_id).await;
+    assert_eq!(
+        st.active_upload.map(|id| id.to_string()).as_deref(),
+        first["upload_id"].as_str()
+    );
 }
 
 async fn missing_file_fails_with_file_not_found(mode: Mode) {
@@ -51,31 +54,29 @@ async fn missing_file_fails_with_file_not_found(mode: Mode) {
     let out = run_cli(&server, &["download", "--client-id", &client_id]).await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("FILE_NOT_FOUND"), "{}", stderr(&out));
-    let (_, st) = server.get_json(&format!("/status/{client_id}")).await;
-    let upload = &st["last_upload"];
-    assert_eq!(upload["state"], "failed");
-    assert_eq!(upload["error"]["code"], "FILE_NOT_FOUND");
+    let st = server.client(&client_id).await;
+    let upload = st
+        .last_upload
+        .as_ref()
+        .expect("the failed upload is the last one");
+    assert_eq!(upload.state, UploadState::Failed);
+    assert_eq!(upload.code(), Some(ErrorCode::FileNotFound));
     assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
     assert!(server.list_keys(&client_id).await.is_empty());
     // The client is free for the next attempt.
-    assert!(st["active_upload"].is_null());
+    assert_eq!(st.active_upload, None);
 }
 
-#[tokio::test]
-async fn missing_file_embedded() {
-    missing_file_fails_with_file_not_found(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn missing_file_localstack() {
-    missing_file_fails_with_file_not_found(Mode::LocalStack).await;
-}
+storage_modes!(missing_file, missing_file_fails_with_file_not_found);
 
 /// The agent receives its plan (so a multipart upload exists) and then vanishes for good. The
 /// upload waits for it, visibly, and when the stall timeout passes it fails with STALLED and
 /// its multipart upload is aborted.
 async fn agent_lost_for_good_stalls_and_aborts(mode: Mode) {
-    let server = TestServer::start_with(mode, &["--upload-stall-timeout-secs", "3"]).await;
+    let server = TestServer::builder(mode)
+        .args(&["--upload-stall-timeout-secs", "3"])
+        .start()
+        .await;
     let client_id = unique_client("vanish");
     let (agent, upload_id, plan) =
         RawAgent::with_plan(&server, &client_id, "big.bin", 20 * MIB).await;
@@ -83,29 +84,22 @@ async fn agent_lost_for_good_stalls_and_aborts(mode: Mode) {
     assert_eq!(server.in_progress_multiparts(&client_id).await, 1);
 
     drop(agent);
-    let path = format!("/uploads/{upload_id}");
     wait_until(Duration::from_secs(10), "agent shown as away", || async {
-        let (_, st) = server.get_json(&path).await;
-        st["state"] == "uploading" && st["agent_connected"] == false && st["stalled"] == true
+        let st = server.upload(&upload_id).await;
+        st.state == UploadState::Uploading && !st.agent_connected && st.stalled
     })
     .await;
     // Still resumable: nothing was aborted yet.
     assert_eq!(server.in_progress_multiparts(&client_id).await, 1);
     let status = server.wait_finished(&upload_id).await;
-    assert_eq!(status["state"], "failed");
-    assert_eq!(status["error"]["code"], "STALLED");
+    assert_eq!(status.state, UploadState::Failed);
+    assert_eq!(status.code(), Some(ErrorCode::Stalled));
     assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
 }
 
-#[tokio::test]
-async fn agent_lost_for_good_embedded() {
-    agent_lost_for_good_stalls_and_aborts(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn agent_lost_for_good_localstack() {
-    agent_lost_for_good_stalls_and_aborts(Mode::LocalStack).await;
-}
+storage_modes!(agent_lost_for_good, |mode| {
+    agent_lost_for_good_stalls_and_aborts(mode)
+});
 
 /// An agent that uploads for real but reports ETags that do not match what is stored: the server
 /// must not call that object done, and must not leave it behind.
@@ -115,29 +109,8 @@ async fn lying_agent_fails_verification(mode: Mode) {
     let size = 1000u64;
     let (mut agent, upload_id, plan) =
         RawAgent::with_plan(&server, &client_id, "a.bin", size).await;
-    let http = reqwest::Client::new();
-    let url = plan["parts"][0]["url"].as_str().unwrap();
-    let resp = http
-        .put(url)
-        .header(
-            "content-md5",
-            plan["parts"][0]["content_md5"].as_str().unwrap(),
-        )
-        .body(vec![7u8; size as usize])
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "{}", resp.status());
-    let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
-    let body = format!(
-        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
-    );
-    let resp = http
-        .post(plan["complete_url"].as_str().unwrap())
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let etag = raw_s3::put_planned_part(&plan, 0, vec![7u8; size as usize]).await;
+    let resp = raw_s3::complete(&plan, &[etag]).await;
     assert!(resp.status().is_success(), "complete: {}", resp.status());
 
     agent
@@ -147,36 +120,30 @@ async fn lying_agent_fails_verification(mode: Mode) {
         }))
         .await;
     let status = server.wait_finished(&upload_id).await;
-    assert_eq!(status["state"], "failed");
-    assert_eq!(status["error"]["code"], "VERIFICATION_FAILED");
-    assert!(status["etag"].is_null());
+    assert_eq!(status.state, UploadState::Failed);
+    assert_eq!(status.code(), Some(ErrorCode::VerificationFailed));
+    assert!(status.etag.is_none());
     assert!(
         server.list_keys(&client_id).await.is_empty(),
         "unverified object left behind"
     );
 }
 
-#[tokio::test]
-async fn lying_agent_embedded() {
-    lying_agent_fails_verification(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn lying_agent_localstack() {
-    lying_agent_fails_verification(Mode::LocalStack).await;
-}
+storage_modes!(lying_agent, lying_agent_fails_verification);
 
 #[tokio::test]
 async fn silent_agent_times_out() {
-    let server =
-        TestServer::start_with(Mode::Embedded, &["--agent-response-timeout-secs", "1"]).await;
+    let server = TestServer::builder(Mode::Embedded)
+        .args(&["--agent-response-timeout-secs", "1"])
+        .start()
+        .await;
     let client_id = unique_client("silent");
     let mut agent = RawAgent::connect(&server, &client_id).await;
     let (_, trig) = server.trigger(&client_id).await;
     let upload_id = trig["upload_id"].as_str().unwrap().to_owned();
     agent.recv_json().await.unwrap();
     let status = server.wait_finished(&upload_id).await;
-    assert_eq!(status["error"]["code"], "AGENT_TIMEOUT");
+    assert_eq!(status.code(), Some(ErrorCode::AgentTimeout));
     // The agent is told to stop.
     let cancel = agent.recv_json().await.unwrap();
     assert_eq!(cancel["type"], "cancel_upload");
@@ -186,7 +153,7 @@ async fn silent_agent_times_out() {
 #[tokio::test]
 async fn agent_reported_failure_codes_surface_in_status() {
     let server = TestServer::start(Mode::Embedded).await;
-    for code in ["PERMISSION_DENIED", "FILE_READ_ERROR"] {
+    for code in [ErrorCode::PermissionDenied, ErrorCode::FileReadError] {
         let client_id = unique_client("denied");
         let mut agent = RawAgent::connect(&server, &client_id).await;
         let (_, trig) = server.trigger(&client_id).await;
@@ -198,8 +165,8 @@ async fn agent_reported_failure_codes_surface_in_status() {
             }))
             .await;
         let status = server.wait_finished(&upload_id).await;
-        assert_eq!(status["error"]["code"], code);
-        assert_eq!(status["error"]["message"], "nope");
+        assert_eq!(status.code(), Some(code));
+        assert_eq!(status.error.as_ref().unwrap().message, "nope");
     }
 }
 
@@ -320,12 +287,4 @@ async fn cancel_mid_upload(mode: Mode) {
     }
 }
 
-#[tokio::test]
-async fn cancel_mid_upload_embedded() {
-    cancel_mid_upload(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn cancel_mid_upload_localstack() {
-    cancel_mid_upload(Mode::LocalStack).await;
-}
+storage_modes!(cancel_mid_upload, cancel_mid_upload);

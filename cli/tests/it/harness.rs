@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use aws_sdk_s3::config::Credentials;
 use clap::Parser;
 use sha2::{Digest, Sha256};
+pub use shared::ErrorCode;
+pub use shared::api::{ClientStatus, UploadState, UploadStatus};
 use shared::auth::{Role, TokenKeys};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -20,6 +22,28 @@ pub const BUCKET: &str = "pos-uploads";
 pub const EMBEDDED_ACCESS_KEY: &str = "backhaul-test";
 pub const EMBEDDED_SECRET_KEY: &str = "backhaul-test-secret-key";
 pub const MIB: u64 = 1024 * 1024;
+
+/// Defines one test per storage mode from one body: `storage_modes!(name, |mode| body(mode))`
+/// makes a module `name` with the tests `embedded` and `localstack`, each awaiting the body with
+/// its [`Mode`].
+macro_rules! storage_modes {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                ($body)(Mode::Embedded).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn localstack() {
+                ($body)(Mode::LocalStack).await
+            }
+        }
+    };
+}
+pub(crate) use storage_modes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -87,11 +111,38 @@ pub async fn trigger_id(server: &TestServer, client_id: &str) -> String {
 }
 
 /// The upload completed, with the file's SHA-256 recorded and the same bytes in `store`.
-pub async fn assert_identical(store: &TestServer, status: &serde_json::Value, sha: &str) {
-    assert_eq!(status["state"], "completed", "{status}");
-    assert_eq!(status["sha256"], sha, "the recorded SHA-256 is the file's");
-    let key = status["key"].as_str().unwrap();
-    assert_eq!(store.object_sha256(key).await, sha, "stored bytes differ");
+pub async fn assert_identical(store: &TestServer, status: &UploadStatus, sha: &str) {
+    assert_eq!(status.state, UploadState::Completed, "{status:?}");
+    assert_eq!(
+        status.sha256.as_deref(),
+        Some(sha),
+        "the recorded SHA-256 is the file's"
+    );
+    assert_eq!(
+        store.object_sha256(status.key()).await,
+        sha,
+        "stored bytes differ"
+    );
+}
+
+/// Short reads of a typed upload status.
+pub trait StatusExt {
+    /// The code the upload ended with, if it failed or was cancelled.
+    fn code(&self) -> Option<ErrorCode>;
+    /// The object key, which every upload past `requested` has.
+    fn key(&self) -> &str;
+}
+
+impl StatusExt for UploadStatus {
+    fn code(&self) -> Option<ErrorCode> {
+        self.error.as_ref().map(|e| e.code)
+    }
+
+    fn key(&self) -> &str {
+        self.key
+            .as_deref()
+            .unwrap_or_else(|| panic!("upload {} has no key: {self:?}", self.upload_id))
+    }
 }
 
 /// A random generator for a test's random choices (kill points, delays), seeded from
@@ -120,26 +171,81 @@ pub struct TestServer {
     _dir: Option<tempfile::TempDir>,
 }
 
-impl TestServer {
-    pub async fn start(mode: Mode) -> Self {
-        Self::start_with(mode, &[]).await
+/// How to start a [`TestServer`]: `TestServer::builder(mode)`, then any of `args`, `at` and
+/// `tls`, then `start`.
+pub struct ServerBuilder {
+    mode: Mode,
+    args: Vec<String>,
+    /// A fixed API address and data directory (to restart a server where it was).
+    at: Option<(SocketAddr, PathBuf)>,
+    tls: bool,
+}
+
+impl ServerBuilder {
+    /// Extra server arguments, after the harness's own.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
     }
 
-    pub async fn start_with(mode: Mode, extra: &[&str]) -> Self {
+    /// Listens on `api_addr` (port 0 for any) and keeps its data in `data_dir`, which outlives
+    /// the server.
+    pub fn at(mut self, api_addr: SocketAddr, data_dir: &Path) -> Self {
+        self.at = Some((api_addr, data_dir.to_owned()));
+        self
+    }
+
+    /// Serves TLS with a fresh self-signed certificate for 127.0.0.1 and localhost.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
+    pub async fn start(self) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().join("data");
-        let mut s = Self::start_at(mode, "127.0.0.1:0".parse().unwrap(), &data_dir, extra).await;
-        s._dir = Some(dir);
-        s
+        let mut args = self.args;
+        if self.tls {
+            let cert =
+                rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+                    .unwrap();
+            let cert_file = dir.path().join("cert.pem");
+            let key_file = dir.path().join("key.pem");
+            std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+            std::fs::write(&key_file, cert.key_pair.serialize_pem()).unwrap();
+            for (flag, file) in [
+                ("--tls-cert-file", &cert_file),
+                ("--tls-key-file", &key_file),
+            ] {
+                args.push(flag.to_owned());
+                args.push(file.display().to_string());
+            }
+        }
+        let (api_addr, data_dir) = self
+            .at
+            .unwrap_or_else(|| ("127.0.0.1:0".parse().unwrap(), dir.path().join("data")));
+        let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut server = TestServer::start_at(self.mode, api_addr, &data_dir, &extra).await;
+        server._dir = Some(dir);
+        server
+    }
+}
+
+impl TestServer {
+    /// A server on `mode`'s storage with the harness's settings.
+    pub async fn start(mode: Mode) -> Self {
+        Self::builder(mode).start().await
     }
 
-    /// Starts a server whose API listens on `api_addr` (port 0 for any).
-    pub async fn start_at(
-        mode: Mode,
-        api_addr: SocketAddr,
-        data_dir: &Path,
-        extra: &[&str],
-    ) -> Self {
+    pub fn builder(mode: Mode) -> ServerBuilder {
+        ServerBuilder {
+            mode,
+            args: Vec::new(),
+            at: None,
+            tls: false,
+        }
+    }
+
+    async fn start_at(mode: Mode, api_addr: SocketAddr, data_dir: &Path, extra: &[&str]) -> Self {
         let api = bind_retrying(api_addr).await;
         let api_addr = api.local_addr().unwrap();
         let (embedded_s3, s3_endpoint) = match mode {
@@ -216,35 +322,6 @@ impl TestServer {
         .await;
     }
 
-    /// Starts an embedded-storage server that serves TLS with a fresh self-signed certificate
-    /// for 127.0.0.1 and localhost.
-    pub async fn start_tls() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
-            .unwrap();
-        let cert_file = dir.path().join("cert.pem");
-        let key_file = dir.path().join("key.pem");
-        std::fs::write(&cert_file, cert.cert.pem()).unwrap();
-        std::fs::write(&key_file, cert.key_pair.serialize_pem()).unwrap();
-        let extra = [
-            "--tls-cert-file".to_owned(),
-            cert_file.display().to_string(),
-            "--tls-key-file".to_owned(),
-            key_file.display().to_string(),
-        ];
-        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        let data_dir = dir.path().join("data");
-        let mut s = Self::start_at(
-            Mode::Embedded,
-            "127.0.0.1:0".parse().unwrap(),
-            &data_dir,
-            &extra,
-        )
-        .await;
-        s._dir = Some(dir);
-        s
-    }
-
     pub fn http_url(&self) -> String {
         let scheme = if self.ca_file.is_some() {
             "https"
@@ -319,11 +396,27 @@ impl TestServer {
         (status, resp.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// `GET /uploads/{upload_id}`, read as the typed status: a renamed or missing field fails
+    /// here at once, not as a wait that times out.
+    pub async fn upload(&self, upload_id: &str) -> UploadStatus {
+        let (code, body) = self.get_json(&format!("/uploads/{upload_id}")).await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_value(body.clone())
+            .unwrap_or_else(|e| panic!("not an upload status ({e}): {body}"))
+    }
+
+    /// `GET /status/{client_id}`, typed.
+    pub async fn client(&self, client_id: &str) -> ClientStatus {
+        let (code, body) = self.get_json(&format!("/status/{client_id}")).await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_value(body.clone())
+            .unwrap_or_else(|e| panic!("not a client status ({e}): {body}"))
+    }
+
     /// Waits until `client_id` shows as connected.
     pub async fn wait_connected(&self, client_id: &str) {
-        let path = format!("/status/{client_id}");
         wait_until(Duration::from_secs(30), "agent to connect", || async {
-            self.get_json(&path).await.1["connected"] == true
+            self.client(client_id).await.connected
         })
         .await;
     }
@@ -350,27 +443,25 @@ impl TestServer {
     /// Waits until the server no longer lists the agent as connected (it removes the entry after
     /// the connection's task ends, a moment after the socket closes).
     pub async fn wait_disconnected(&self, client_id: &str) {
-        let path = format!("/status/{client_id}");
         wait_until(
             Duration::from_secs(30),
             "agent to be disconnected",
-            || async { self.get_json(&path).await.1["connected"] == false },
+            || async { !self.client(client_id).await.connected },
         )
         .await;
     }
 
     /// Waits until the upload is in a terminal state and returns its status.
-    pub async fn wait_finished(&self, upload_id: &str) -> serde_json::Value {
-        let path = format!("/uploads/{upload_id}");
+    pub async fn wait_finished(&self, upload_id: &str) -> UploadStatus {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let (_, body) = self.get_json(&path).await;
-            if matches!(body["state"].as_str(), Some("completed" | "failed")) {
-                return body;
+            let status = self.upload(upload_id).await;
+            if status.state.is_terminal() {
+                return status;
             }
             assert!(
                 Instant::now() < deadline,
-                "upload {upload_id} did not finish: {body}"
+                "upload {upload_id} did not finish: {status:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -876,4 +967,83 @@ pub async fn raw_request(
         status,
         serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
     )
+}
+
+/// Requests straight to storage through presigned URLs, as an agent (or a hostile client) makes
+/// them, with no SDK in between.
+pub mod raw_s3 {
+    /// The object key and S3 upload id a path-style presigned part or completion URL is for.
+    pub fn multipart_of(url: &str) -> (String, String) {
+        let parsed = reqwest::Url::parse(url).unwrap();
+        let key = parsed
+            .path()
+            .strip_prefix(&format!("/{}/", super::BUCKET))
+            .unwrap_or_else(|| panic!("not a path-style URL for the test bucket: {url}"))
+            .to_owned();
+        let upload_id = parsed
+            .query_pairs()
+            .find(|(k, _)| k == "uploadId")
+            .unwrap_or_else(|| panic!("no uploadId in {url}"))
+            .1
+            .into_owned();
+        (key, upload_id)
+    }
+
+    /// PUTs one part, with `Content-MD5` when given.
+    pub async fn put_part(
+        url: &str,
+        content_md5: Option<&str>,
+        body: Vec<u8>,
+    ) -> reqwest::Response {
+        try_put_part(url, content_md5, body).await.unwrap()
+    }
+
+    /// [`put_part`], for a request storage may refuse by closing the connection.
+    pub async fn try_put_part(
+        url: &str,
+        content_md5: Option<&str>,
+        body: Vec<u8>,
+    ) -> reqwest::Result<reqwest::Response> {
+        let mut req = reqwest::Client::new().put(url).body(body);
+        if let Some(md5) = content_md5 {
+            req = req.header("content-md5", md5);
+        }
+        req.send().await
+    }
+
+    /// PUTs the `index`th part of a plan (`parts[index]` of a `start_upload`) with its signed
+    /// `Content-MD5`, and returns the ETag storage gave it.
+    pub async fn put_planned_part(plan: &serde_json::Value, index: usize, body: Vec<u8>) -> String {
+        let part = &plan["parts"][index];
+        let resp = put_part(
+            part["url"].as_str().unwrap(),
+            part["content_md5"].as_str(),
+            body,
+        )
+        .await;
+        assert!(
+            resp.status().is_success(),
+            "part {index}: {}",
+            resp.status()
+        );
+        resp.headers()["etag"].to_str().unwrap().to_owned()
+    }
+
+    /// POSTs the completion of a plan with these ETags, parts numbered from 1.
+    pub async fn complete(plan: &serde_json::Value, etags: &[String]) -> reqwest::Response {
+        let mut body = String::from("<CompleteMultipartUpload>");
+        for (i, etag) in etags.iter().enumerate() {
+            body.push_str(&format!(
+                "<Part><PartNumber>{}</PartNumber><ETag>{etag}</ETag></Part>",
+                i + 1
+            ));
+        }
+        body.push_str("</CompleteMultipartUpload>");
+        reqwest::Client::new()
+            .post(plan["complete_url"].as_str().unwrap())
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
 }

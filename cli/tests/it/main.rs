@@ -11,6 +11,7 @@ mod harness;
 mod protocol;
 mod proxy;
 mod reconnect;
+mod records;
 mod resilience;
 mod sharing;
 mod tls;

@@ -121,13 +121,15 @@ async fn messages_about_other_clients_uploads_are_ignored() {
         }))
         .await;
     let st = server.wait_finished(&upload_id).await;
-    assert_eq!(st["error"]["code"], "PERMISSION_DENIED");
+    assert_eq!(st.code(), Some(ErrorCode::PermissionDenied));
 }
 
 #[tokio::test]
 async fn oversized_frames_and_floods_close_only_the_offender() {
-    let server =
-        TestServer::start_with(Mode::Embedded, &["--agent-max-messages-per-sec", "20"]).await;
+    let server = TestServer::builder(Mode::Embedded)
+        .args(&["--agent-max-messages-per-sec", "20"])
+        .start()
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ok.bin");
     let sha = write_file(&file, MIB).await;
@@ -176,7 +178,10 @@ async fn oversized_frames_and_floods_close_only_the_offender() {
 
 #[tokio::test]
 async fn connections_beyond_the_limit_are_refused() {
-    let server = TestServer::start_with(Mode::Embedded, &["--max-agent-connections", "1"]).await;
+    let server = TestServer::builder(Mode::Embedded)
+        .args(&["--max-agent-connections", "1"])
+        .start()
+        .await;
     let first = unique_client("first");
     let _a = RawAgent::connect(&server, &first).await;
     let second = unique_client("second");

@@ -8,13 +8,10 @@ use crate::harness::*;
 async fn agent_reconnects_after_server_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let mut server = TestServer::start_at(
-        Mode::Embedded,
-        "127.0.0.1:0".parse().unwrap(),
-        &data_dir,
-        &[],
-    )
-    .await;
+    let mut server = TestServer::builder(Mode::Embedded)
+        .at("127.0.0.1:0".parse().unwrap(), &data_dir)
+        .start()
+        .await;
     let addr = server.api_addr;
     let file = dir.path().join("day.csv");
     let sha = write_file(&file, 7 * MIB).await;
@@ -36,7 +33,10 @@ async fn agent_reconnects_after_server_restart() {
     }
     drop(stand_in);
 
-    let server = TestServer::start_at(Mode::Embedded, addr, &data_dir, &[]).await;
+    let server = TestServer::builder(Mode::Embedded)
+        .at(addr, &data_dir)
+        .start()
+        .await;
     server.wait_connected(&client_id).await;
     let out = run_cli(&server, &["download", "--client-id", &client_id, "--json"]).await;
     assert!(out.status.success(), "{}", stderr(&out));

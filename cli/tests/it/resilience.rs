@@ -21,7 +21,7 @@ async fn proxied(mode: Mode, faults: Faults, extra: &[&str]) -> (TestServer, Fau
         "5242880",
     ];
     args.extend_from_slice(extra);
-    let server = TestServer::start_with(mode, &args).await;
+    let server = TestServer::builder(mode).args(&args).start().await;
     proxy.set_upstream(&server.s3_endpoint);
     (server, proxy)
 }
@@ -52,11 +52,8 @@ async fn store(server: &TestServer, name: &str, size: u64, agent_extra: &[&str])
 }
 
 async fn wait_parts_done(server: &TestServer, upload_id: &str, at_least: u64) {
-    let path = format!("/uploads/{upload_id}");
     wait_until(Duration::from_secs(60), "parts to be stored", || async {
-        server.get_json(&path).await.1["parts_done"]
-            .as_u64()
-            .is_some_and(|n| n >= at_least)
+        u64::from(server.upload(upload_id).await.parts_done) >= at_least
     })
     .await;
 }
@@ -74,33 +71,19 @@ async fn storage_rejects_tampered_parts(mode: Mode) {
         part["url"].as_str().unwrap(),
         part["content_md5"].as_str().unwrap(),
     );
-    let http = reqwest::Client::new();
     let mut flipped = vec![7u8; size];
     flipped[10] ^= 1;
-    let resp = http
-        .put(url)
-        .header("content-md5", md5)
-        .body(flipped.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = raw_s3::put_part(url, Some(md5), flipped.clone()).await;
     assert_eq!(resp.status(), 400);
     assert!(resp.text().await.unwrap().contains("BadDigest"));
     // Storage keeps nothing of a refused part.
-    let parsed = reqwest::Url::parse(url).unwrap();
-    let key = parsed.path().strip_prefix(&format!("/{BUCKET}/")).unwrap();
-    let s3_upload_id = parsed
-        .query_pairs()
-        .find(|(k, _)| k == "uploadId")
-        .unwrap()
-        .1
-        .into_owned();
+    let (key, s3_upload_id) = raw_s3::multipart_of(url);
     let listed = server
         .s3()
         .await
         .list_parts()
         .bucket(BUCKET)
-        .key(key)
+        .key(&key)
         .upload_id(&s3_upload_id)
         .send()
         .await
@@ -113,35 +96,17 @@ async fn storage_rejects_tampered_parts(mode: Mode) {
         base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&flipped))
     };
     for header in [None, Some(own_md5.as_str())] {
-        let mut req = http.put(url).body(flipped.clone());
-        if let Some(h) = header {
-            req = req.header("content-md5", h);
-        }
-        let status = req.send().await.map(|r| r.status().as_u16());
+        let status = raw_s3::try_put_part(url, header, flipped.clone())
+            .await
+            .map(|r| r.status().as_u16());
         assert!(
             matches!(status, Ok(403) | Err(_)),
             "an unsigned checksum must not pass: {status:?}"
         );
     }
     // The honest bytes go in, and the upload completes and verifies.
-    let resp = http
-        .put(url)
-        .header("content-md5", md5)
-        .body(vec![7u8; size])
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success());
-    let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
-    let body = format!(
-        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
-    );
-    let resp = http
-        .post(plan["complete_url"].as_str().unwrap())
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let etag = raw_s3::put_planned_part(&plan, 0, vec![7u8; size]).await;
+    let resp = raw_s3::complete(&plan, std::slice::from_ref(&etag)).await;
     assert!(resp.status().is_success());
     agent
         .send_json(serde_json::json!({
@@ -150,19 +115,11 @@ async fn storage_rejects_tampered_parts(mode: Mode) {
         }))
         .await;
     let status = server.wait_finished(&upload_id).await;
-    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status.state, UploadState::Completed, "{status:?}");
     assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
 }
 
-#[tokio::test]
-async fn tampered_parts_embedded() {
-    storage_rejects_tampered_parts(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn tampered_parts_localstack() {
-    storage_rejects_tampered_parts(Mode::LocalStack).await;
-}
+storage_modes!(tampered_parts, storage_rejects_tampered_parts);
 
 /// A link that corrupts every part: storage refuses each one, the agent gives up after its
 /// attempts, and the upload ends failed with nothing left behind, never completed.
@@ -182,8 +139,8 @@ async fn always_corrupted_never_completes(mode: Mode) {
     let client_id = &store.client_id;
     let upload_id = trigger_id(&server, client_id).await;
     let status = server.wait_finished(&upload_id).await;
-    assert_eq!(status["state"], "failed");
-    assert_eq!(status["error"]["code"], "PART_UPLOAD_FAILED");
+    assert_eq!(status.state, UploadState::Failed);
+    assert_eq!(status.code(), Some(ErrorCode::PartUploadFailed));
     let corrupted = proxy.stats.injected_corruptions.load(Ordering::Relaxed);
     // The failing part used all 3 attempts; a part still in flight when the upload failed is
     // cut off by the agent and may never get an answer from storage.
@@ -201,15 +158,7 @@ async fn always_corrupted_never_completes(mode: Mode) {
     assert!(server.list_keys(client_id).await.is_empty());
 }
 
-#[tokio::test]
-async fn always_corrupted_embedded() {
-    always_corrupted_never_completes(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn always_corrupted_localstack() {
-    always_corrupted_never_completes(Mode::LocalStack).await;
-}
+storage_modes!(always_corrupted, always_corrupted_never_completes);
 
 /// 503s, cut connections and flipped bytes on a share of part PUTs: the download still
 /// completes byte-identical, and no part is stored twice.
@@ -259,15 +208,7 @@ async fn faulty_link_completes(mode: Mode) {
     );
 }
 
-#[tokio::test]
-async fn faulty_link_embedded() {
-    faulty_link_completes(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn faulty_link_localstack() {
-    faulty_link_completes(Mode::LocalStack).await;
-}
+storage_modes!(faulty_link, faulty_link_completes);
 
 /// kill -9 the agent process at random points of a 100 MiB upload, five times, and start it
 /// again: every download completes byte-identical and no stored part is sent twice.
@@ -294,7 +235,7 @@ async fn agent_killed_resumes(mode: Mode) {
         // anywhere in the 2.5 s the parts take at 40 MiB/s.
         if trial > 0 {
             wait_until(Duration::from_secs(60), "the upload to start", || async {
-                server.get_json(&format!("/uploads/{upload_id}")).await.1["state"] == "uploading"
+                server.upload(&upload_id).await.state == UploadState::Uploading
             })
             .await;
         }
@@ -302,14 +243,14 @@ async fn agent_killed_resumes(mode: Mode) {
         eprintln!("kill -9 trial {trial} ({mode:?}): killing the agent after {delay} ms");
         tokio::time::sleep(Duration::from_millis(delay)).await;
         agent.kill9().await;
-        let (_, before) = server.get_json(&format!("/uploads/{upload_id}")).await;
+        let before = server.upload(&upload_id).await;
         let _agent = ChildProcess::spawn("agent", &args);
         let status = server.wait_finished(&upload_id).await;
         assert_identical(&server, &status, &sha).await;
-        resumed += status["resumes"].as_u64().unwrap();
+        resumed += u64::from(status.resumes);
         eprintln!(
             "FIGURES kill -9 trial {trial} ({mode:?}): killed after {delay} ms in state {} with {} parts stored; resumes {}",
-            before["state"], before["parts_done"], status["resumes"]
+            before.state, before.parts_done, status.resumes
         );
         assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
     }
@@ -323,15 +264,7 @@ async fn agent_killed_resumes(mode: Mode) {
     );
 }
 
-#[tokio::test]
-async fn agent_killed_resumes_embedded() {
-    agent_killed_resumes(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn agent_killed_resumes_localstack() {
-    agent_killed_resumes(Mode::LocalStack).await;
-}
+storage_modes!(agent_killed_resumes, agent_killed_resumes);
 
 /// kill -9 the server mid-upload and start it again on the same address and data directory:
 /// the status API still knows every upload and the download completes.
@@ -387,11 +320,10 @@ async fn server_killed_resumes(mode: Mode) {
     let server = TestServer::attach(mode, api, &format!("http://{s3}"), &data_dir).await;
 
     // The earlier upload is still known after the restart.
-    let (code, old) = server.get_json(&format!("/uploads/{first}")).await;
-    assert_eq!((code, old["state"].as_str()), (200, Some("completed")));
+    assert_eq!(server.upload(&first).await.state, UploadState::Completed);
     let status = server.wait_finished(&upload_id).await;
     assert_identical(&server, &status, &sha).await;
-    assert!(status["resumes"].as_u64().unwrap() >= 1, "{status}");
+    assert!(u64::from(status.resumes) >= 1, "{status:?}");
     assert_eq!(proxy.stats.duplicates(), vec![]);
     assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
     eprintln!(
@@ -400,15 +332,7 @@ async fn server_killed_resumes(mode: Mode) {
     );
 }
 
-#[tokio::test]
-async fn server_killed_resumes_embedded() {
-    server_killed_resumes(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn server_killed_resumes_localstack() {
-    server_killed_resumes(Mode::LocalStack).await;
-}
+storage_modes!(server_killed_resumes, server_killed_resumes);
 
 /// URLs that live 3 seconds and an agent held to 5 MiB/s, one part at a time (LocalStack checks
 /// expiry when a request ends, so each part must take less than the URL lifetime): the agent
@@ -431,21 +355,13 @@ async fn expired_urls_are_refreshed(mode: Mode) {
     let upload_id = trigger_id(&server, client_id).await;
     let status = server.wait_finished(&upload_id).await;
     assert_identical(&server, &status, sha).await;
-    assert!(status["resumes"].as_u64().unwrap() >= 1, "{status}");
+    assert!(u64::from(status.resumes) >= 1, "{status:?}");
     assert_eq!(proxy.stats.duplicates(), vec![]);
     assert_eq!(proxy.stats.stored_parts(), 6);
     assert_eq!(server.in_progress_multiparts(client_id).await, 0);
 }
 
-#[tokio::test]
-async fn expired_urls_embedded() {
-    expired_urls_are_refreshed(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn expired_urls_localstack() {
-    expired_urls_are_refreshed(Mode::LocalStack).await;
-}
+storage_modes!(expired_urls, expired_urls_are_refreshed);
 
 /// URLs that die before one part can get through (LocalStack checks expiry when a request
 /// ends): after three fruitless refreshes the upload fails with a message that names the fix,
@@ -473,12 +389,14 @@ async fn urls_shorter_than_a_part_fail_clearly_localstack() {
     let client_id = &store.client_id;
     let upload_id = trigger_id(&server, client_id).await;
     let status = server.wait_finished(&upload_id).await;
-    assert_eq!(status["state"], "failed");
-    assert_eq!(status["error"]["code"], "STALLED", "{status}");
+    assert_eq!(status.state, UploadState::Failed);
+    assert_eq!(status.code(), Some(ErrorCode::Stalled), "{status:?}");
     assert!(
-        status["error"]["message"]
-            .as_str()
+        status
+            .error
+            .as_ref()
             .unwrap()
+            .message
             .contains("PRESIGN_TTL_SECS")
     );
     assert_eq!(proxy.stats.stored_parts(), 0);
@@ -497,11 +415,8 @@ async fn file_changed_mid_upload(mode: Mode) {
     .await;
     let client_id = &store.client_id;
     let upload_id = trigger_id(&server, client_id).await;
-    let path = format!("/uploads/{upload_id}");
     wait_until(Duration::from_secs(30), "bytes to flow", || async {
-        server.get_json(&path).await.1["bytes_done"]
-            .as_u64()
-            .is_some_and(|n| n > 0)
+        server.upload(&upload_id).await.bytes_done > 0
     })
     .await;
     {
@@ -513,21 +428,13 @@ async fn file_changed_mid_upload(mode: Mode) {
         f.write_all(b"one more line\n").unwrap();
     }
     let status = server.wait_finished(&upload_id).await;
-    assert_eq!(status["state"], "failed");
-    assert_eq!(status["error"]["code"], "FILE_CHANGED", "{status}");
+    assert_eq!(status.state, UploadState::Failed);
+    assert_eq!(status.code(), Some(ErrorCode::FileChanged), "{status:?}");
     assert_eq!(server.in_progress_multiparts(client_id).await, 0);
     assert!(server.list_keys(client_id).await.is_empty());
 }
 
-#[tokio::test]
-async fn file_changed_mid_upload_embedded() {
-    file_changed_mid_upload(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn file_changed_mid_upload_localstack() {
-    file_changed_mid_upload(Mode::LocalStack).await;
-}
+storage_modes!(file_changed_mid_upload, file_changed_mid_upload);
 
 /// The agent comes back describing different content for the same upload: FILE_CHANGED.
 #[tokio::test]
@@ -551,7 +458,7 @@ async fn file_changed_while_agent_away() {
         ))
         .await;
     let status = server.wait_finished(&upload_id).await;
-    assert_eq!(status["error"]["code"], "FILE_CHANGED");
+    assert_eq!(status.code(), Some(ErrorCode::FileChanged));
     assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
 }
 
@@ -585,11 +492,10 @@ async fn bandwidth_cap_holds() {
 /// not touched. The server gets a prefix of its own, as LocalStack's bucket is shared by tests.
 async fn orphans_are_aborted(mode: Mode) {
     let prefix = unique_client("sweep");
-    let server = TestServer::start_with(
-        mode,
-        &["--orphan-sweep-interval-secs", "1", "--key-prefix", &prefix],
-    )
-    .await;
+    let server = TestServer::builder(mode)
+        .args(&["--orphan-sweep-interval-secs", "1", "--key-prefix", &prefix])
+        .start()
+        .await;
     let s3 = server.s3().await;
     let orphan_key =
         format!("{prefix}/store-1/20260101T000000Z-7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d/x.bin");
@@ -639,22 +545,13 @@ async fn orphans_are_aborted(mode: Mode) {
         .unwrap();
 }
 
-#[tokio::test]
-async fn orphans_embedded() {
-    orphans_are_aborted(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn orphans_localstack() {
-    orphans_are_aborted(Mode::LocalStack).await;
-}
+storage_modes!(orphans, orphans_are_aborted);
 
 /// Every part is stored but the agent died before completing, and (second upload) the agent
 /// completed but died before reporting: either way the upload ends `completed` once the agent is
 /// back, without a byte sent again.
 async fn finished_work_is_not_lost(mode: Mode) {
     let server = TestServer::start(mode).await;
-    let http = reqwest::Client::new();
     for complete_before_dying in [false, true] {
         let client_id = unique_client("almost");
         // Two parts: 8 MiB and 4 MiB.
@@ -665,33 +562,12 @@ async fn finished_work_is_not_lost(mode: Mode) {
         let part_size = plan["part_size"].as_u64().unwrap() as usize;
         let mut etags = Vec::new();
         assert_eq!(plan["parts"].as_array().unwrap().len(), 2);
-        for (i, part) in plan["parts"].as_array().unwrap().iter().enumerate() {
+        for i in 0..2 {
             let body = data[i * part_size..((i + 1) * part_size).min(data.len())].to_vec();
-            let resp = http
-                .put(part["url"].as_str().unwrap())
-                .header("content-md5", part["content_md5"].as_str().unwrap())
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert!(resp.status().is_success());
-            etags.push(resp.headers()["etag"].to_str().unwrap().to_owned());
+            etags.push(raw_s3::put_planned_part(&plan, i, body).await);
         }
-        let complete = |etags: &[String], url: &str| {
-            let mut body = String::from("<CompleteMultipartUpload>");
-            for (i, e) in etags.iter().enumerate() {
-                body.push_str(&format!(
-                    "<Part><PartNumber>{}</PartNumber><ETag>{e}</ETag></Part>",
-                    i + 1
-                ));
-            }
-            body.push_str("</CompleteMultipartUpload>");
-            http.post(url).body(body).send()
-        };
         if complete_before_dying {
-            let resp = complete(&etags, plan["complete_url"].as_str().unwrap())
-                .await
-                .unwrap();
+            let resp = raw_s3::complete(&plan, &etags).await;
             assert!(resp.status().is_success());
         }
         drop(agent);
@@ -712,9 +588,7 @@ async fn finished_work_is_not_lost(mode: Mode) {
                 "nothing to send again"
             );
             assert_eq!(plan["done"].as_array().unwrap().len(), etags.len());
-            let resp = complete(&etags, plan["complete_url"].as_str().unwrap())
-                .await
-                .unwrap();
+            let resp = raw_s3::complete(&plan, &etags).await;
             assert!(resp.status().is_success());
             agent
                 .send_json(serde_json::json!({
@@ -723,20 +597,12 @@ async fn finished_work_is_not_lost(mode: Mode) {
                 .await;
         }
         let status = server.wait_finished(&upload_id).await;
-        assert_eq!(status["state"], "completed", "{status}");
+        assert_eq!(status.state, UploadState::Completed, "{status:?}");
         assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
     }
 }
 
-#[tokio::test]
-async fn finished_work_is_not_lost_embedded() {
-    finished_work_is_not_lost(Mode::Embedded).await;
-}
-
-#[tokio::test]
-async fn finished_work_is_not_lost_localstack() {
-    finished_work_is_not_lost(Mode::LocalStack).await;
-}
+storage_modes!(finished_work_is_not_lost, finished_work_is_not_lost);
 
 /// The embedded store completes a multipart upload atomically, as S3 does: a client that gives
 /// up on CompleteMultipartUpload does not cut the completion short, and ListParts during a

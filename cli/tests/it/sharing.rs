@@ -70,18 +70,18 @@ async fn only_named_shares_are_uploaded() {
 
     // Anything else is refused by the agent, before any multipart upload exists.
     for (share, code) in [
-        ("secrets", "FILE_NOT_SHARED"),
-        ("etc-passwd", "FILE_NOT_SHARED"),
-        ("link", "FILE_NOT_SHARED"),
-        ("big", "FILE_TOO_LARGE"),
+        ("secrets", ErrorCode::FileNotShared),
+        ("etc-passwd", ErrorCode::FileNotShared),
+        ("link", ErrorCode::FileNotShared),
+        ("big", ErrorCode::FileTooLarge),
     ] {
         let (status, trig) = trigger_share(&server, &client_id, share).await;
         assert_eq!(status, 202, "{share}: {trig}");
         let st = server
             .wait_finished(trig["upload_id"].as_str().unwrap())
             .await;
-        assert_eq!(st["state"], "failed", "{share}");
-        assert_eq!(st["error"]["code"], code, "{share}");
+        assert_eq!(st.state, UploadState::Failed, "{share}");
+        assert_eq!(st.code(), Some(code), "{share}");
     }
     assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
     assert_eq!(server.list_keys(&client_id).await.len(), 1);
@@ -109,7 +109,10 @@ async fn urls_to_a_foreign_host_are_refused_and_no_byte_leaves() {
 
     // A server that presigns for that host, as a compromised or misconfigured one might.
     let public = format!("http://{foreign_addr}");
-    let server = TestServer::start_with(Mode::Embedded, &["--s3-public-endpoint", &public]).await;
+    let server = TestServer::builder(Mode::Embedded)
+        .args(&["--s3-public-endpoint", &public])
+        .start()
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("till.csv");
     write_file(&file, 20_000).await;

@@ -4,7 +4,7 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn download_over_tls_end_to_end() {
-    let server = TestServer::start_tls().await;
+    let server = TestServer::builder(Mode::Embedded).tls().start().await;
     assert!(server.http_url().starts_with("https://"));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("tls.bin");
@@ -22,7 +22,7 @@ async fn download_over_tls_end_to_end() {
 
 #[tokio::test]
 async fn tls_is_verified_and_plain_http_is_refused() {
-    let server = TestServer::start_tls().await;
+    let server = TestServer::builder(Mode::Embedded).tls().start().await;
     // An agent that does not trust the certificate cannot connect.
     let untrusting = client::connection::tls_config(None).unwrap();
     let url = url::Url::parse(&server.ws_url()).unwrap();
@@ -59,7 +59,7 @@ async fn tls_is_verified_and_plain_http_is_refused() {
 async fn s3_over_https_with_a_private_ca() {
     // An embedded store served over TLS with a throwaway certificate stands in for the private
     // S3 endpoint; a second server uses it as plain `STORAGE=s3`.
-    let store = TestServer::start_tls().await;
+    let store = TestServer::builder(Mode::Embedded).tls().start().await;
     let ca = store.ca_file.clone().unwrap();
     let https_endpoint = store.s3_endpoint.replacen("http://", "https://", 1);
 

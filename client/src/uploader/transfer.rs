@@ -1,7 +1,7 @@
 //! Moving the bytes: the parts of a plan in parallel, each streamed from disk with bounded,
 //! backed-off retries, then the presigned completion.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -51,21 +51,7 @@ pub async fn upload(
     // before that, so none reaches storage expired.
     let ttl = Duration::from_secs(plan.expires_in_secs);
     let deadline = std::time::Instant::now() + ttl - (ttl / 5).min(Duration::from_secs(60));
-    // Every URL is checked before the first byte leaves.
-    for part in &plan.parts {
-        settings.policy.check(&part.url)?;
-    }
-    settings.policy.check(&plan.complete_url)?;
-    if snapshot.size != plan.size {
-        return Err(UploadError::new(
-            ErrorCode::FileChanged,
-            format!(
-                "the server planned {} bytes but the file was hashed at {}",
-                plan.size, snapshot.size
-            ),
-        ));
-    }
-    check_unchanged(&path, snapshot).await?;
+    check_plan(&path, snapshot, plan, settings).await?;
     let done_bytes: u64 = plan
         .done
         .iter()
@@ -75,54 +61,26 @@ pub async fn upload(
     progress
         .parts_done
         .store(plan.done.len() as u32, Ordering::Relaxed);
-    let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let path = Arc::new(path);
-    let work = futures::stream::iter(plan.parts.iter().cloned())
-        .map(|part| {
-            let (offset, len) = plan.part_range(part.part_number);
-            let job = PartJob {
-                path: path.clone(),
-                snapshot,
-                part,
-                offset,
-                len,
-                deadline,
-            };
-            let progress = progress.clone();
-            let expired = expired.clone();
-            async move {
-                if expired.load(Ordering::Relaxed) {
-                    return Ok(None);
-                }
-                let etag = upload_part(http, &job, settings, &progress).await?;
-                let Some(etag) = etag else {
-                    expired.store(true, Ordering::Relaxed);
-                    return Ok(None);
-                };
-                progress.parts_done.fetch_add(1, Ordering::Relaxed);
-                Ok::<_, UploadError>(Some(CompletedPart {
-                    part_number: job.part.part_number,
-                    etag,
-                }))
-            }
-        })
-        .buffer_unordered(settings.concurrency)
-        .try_collect::<Vec<_>>();
+    let job = Run {
+        http,
+        path: &path,
+        snapshot,
+        plan,
+        settings,
+        progress: &progress,
+        deadline,
+    };
     let sent = tokio::select! {
-        r = work => r?,
+        r = job.send_parts() => r?,
         () = cancel.cancelled() => {
             return Err(UploadError::new(ErrorCode::Cancelled, "upload cancelled"));
         }
     };
-    if expired.load(Ordering::Relaxed) {
+    let Some(sent) = sent else {
         return Ok(Outcome::NeedUrls);
-    }
-    let mut parts: Vec<CompletedPart> = plan
-        .done
-        .iter()
-        .cloned()
-        .chain(sent.into_iter().flatten())
-        .collect();
+    };
+    let mut parts: Vec<CompletedPart> = plan.done.iter().cloned().chain(sent).collect();
     parts.sort_by_key(|p| p.part_number);
     let expected = plan.size.div_ceil(plan.part_size).max(1) as usize;
     if parts.len() != expected {
@@ -150,6 +108,85 @@ pub async fn upload(
     } else {
         Outcome::NeedUrls
     })
+}
+
+/// Before the first byte leaves: every URL goes to an allowed host, and the file is still the
+/// one that was hashed and planned.
+async fn check_plan(
+    path: &Path,
+    snapshot: Snapshot,
+    plan: &UploadPlan,
+    settings: &UploadSettings,
+) -> Result<(), UploadError> {
+    for part in &plan.parts {
+        settings.policy.check(&part.url)?;
+    }
+    settings.policy.check(&plan.complete_url)?;
+    if snapshot.size != plan.size {
+        return Err(UploadError::new(
+            ErrorCode::FileChanged,
+            format!(
+                "the server planned {} bytes but the file was hashed at {}",
+                plan.size, snapshot.size
+            ),
+        ));
+    }
+    check_unchanged(path, snapshot).await
+}
+
+/// One run of a plan's parts.
+struct Run<'a> {
+    http: &'a reqwest::Client,
+    path: &'a Arc<PathBuf>,
+    snapshot: Snapshot,
+    plan: &'a UploadPlan,
+    settings: &'a UploadSettings,
+    progress: &'a Arc<Progress>,
+    /// No part starts after this: its URL would expire on the way.
+    deadline: std::time::Instant,
+}
+
+impl Run<'_> {
+    /// Sends the plan's parts, `concurrency` at a time. `None` once a URL ran out: the parts
+    /// sent are stored, and the server presigns the rest.
+    async fn send_parts(&self) -> Result<Option<Vec<CompletedPart>>, UploadError> {
+        let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = futures::stream::iter(self.plan.parts.iter().cloned())
+            .map(|part| {
+                let (offset, len) = self.plan.part_range(part.part_number);
+                let job = PartJob {
+                    path: self.path.clone(),
+                    snapshot: self.snapshot,
+                    part,
+                    offset,
+                    len,
+                    deadline: self.deadline,
+                };
+                let expired = expired.clone();
+                async move {
+                    if expired.load(Ordering::Relaxed) {
+                        return Ok(None);
+                    }
+                    let etag = upload_part(self.http, &job, self.settings, self.progress).await?;
+                    let Some(etag) = etag else {
+                        expired.store(true, Ordering::Relaxed);
+                        return Ok(None);
+                    };
+                    self.progress.parts_done.fetch_add(1, Ordering::Relaxed);
+                    Ok::<_, UploadError>(Some(CompletedPart {
+                        part_number: job.part.part_number,
+                        etag,
+                    }))
+                }
+            })
+            .buffer_unordered(self.settings.concurrency)
+            .try_collect::<Vec<_>>()
+            .await?;
+        if expired.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        Ok(Some(sent.into_iter().flatten().collect()))
+    }
 }
 
 /// One part to send, and what it must be checked against.

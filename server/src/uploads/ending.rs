@@ -38,13 +38,11 @@ impl Uploads {
         let effects = match self.table().apply(id, Event::Cancel { message }) {
             Ok(effects) => effects,
             Err(_) => {
-                return Err(match self.status(id) {
-                    Some(s) => ApiError::new(
-                        ErrorCode::UploadFinished,
-                        format!("upload {id} is already {}", s.state),
-                    ),
-                    None => ApiError::new(ErrorCode::UploadNotFound, format!("no upload {id}")),
-                });
+                let s = self.status(id)?;
+                return Err(ApiError::new(
+                    ErrorCode::UploadFinished,
+                    format!("upload {id} is already {}", s.state),
+                ));
             }
         };
         tracing::info!(
@@ -56,7 +54,6 @@ impl Uploads {
         );
         self.carry_out(id, effects).await;
         self.status(id)
-            .ok_or_else(|| ApiError::new(ErrorCode::UploadNotFound, format!("no upload {id}")))
     }
 
     /// AbortMultipartUpload with bounded retries. One that never succeeds is logged, and the

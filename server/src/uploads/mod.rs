@@ -237,10 +237,23 @@ impl Uploads {
         Ok(id)
     }
 
-    pub fn status(&self, id: UploadId) -> Option<UploadStatus> {
-        self.table().read_or_load(id, |u| {
+    /// `GET /uploads/{id}`: `UPLOAD_NOT_FOUND` for an upload there never was, `INTERNAL` for one
+    /// whose record this release cannot read.
+    pub fn status(&self, id: UploadId) -> Result<UploadStatus, ApiError> {
+        let found = self.table().read_or_load(id, |u| {
             status::of(u, self.storage().bucket(), self.0.stalled_after)
-        })
+        });
+        match found {
+            Ok(Some(status)) => Ok(status),
+            Ok(None) => Err(ApiError::new(
+                ErrorCode::UploadNotFound,
+                format!("no upload {id}"),
+            )),
+            Err(table::Unreadable) => Err(ApiError::new(
+                ErrorCode::Internal,
+                format!("the record of upload {id} cannot be read; see the server log"),
+            )),
+        }
     }
 
     pub fn latest_for(&self, client_id: &ClientId) -> Option<UploadStatus> {

@@ -110,11 +110,12 @@ enum OutcomeV2 {
 struct TransferV2 {
     key: String,
     s3_upload_id: String,
-    file: FileV2,
+    file: FileV1,
 }
 
+/// The file facts, in the same form in formats 1 and 2.
 #[derive(Debug, Serialize, Deserialize)]
-struct FileV2 {
+struct FileV1 {
     file_name: FileName,
     size: u64,
     modified_ms: u64,
@@ -174,7 +175,7 @@ impl From<&Transfer> for TransferV2 {
         Self {
             key: t.multipart.key.clone(),
             s3_upload_id: t.multipart.upload_id.clone(),
-            file: FileV2 {
+            file: FileV1 {
                 file_name: t.file.file_name.clone(),
                 size: t.file.size,
                 modified_ms: t.file.modified_ms,
@@ -212,16 +213,8 @@ impl From<&Ending> for EndingV2 {
 impl TryFrom<TransferV2> for Transfer {
     type Error = ReadError;
     fn try_from(t: TransferV2) -> Result<Self, ReadError> {
-        let f = t.file;
         Ok(Transfer {
-            file: facts(
-                f.file_name,
-                f.size,
-                f.modified_ms,
-                &f.sha256,
-                f.part_size,
-                &f.part_md5,
-            )?,
+            file: t.file.try_into()?,
             multipart: Multipart {
                 key: t.key,
                 upload_id: t.s3_upload_id,
@@ -297,28 +290,25 @@ impl UploadV2 {
     }
 }
 
-/// File facts from their stored parts, with the hashes checked.
-fn facts(
-    file_name: FileName,
-    size: u64,
-    modified_ms: u64,
-    sha256: &str,
-    part_size: u64,
-    part_md5: &[String],
-) -> Result<FileFacts, ReadError> {
-    let invalid = |e: shared::hash::HashError| ReadError::Invalid(e.to_string());
-    Ok(FileFacts {
-        file_name,
-        size,
-        modified_ms,
-        sha256: Sha256Hex::parse(sha256).map_err(invalid)?,
-        part_size,
-        part_md5: part_md5
-            .iter()
-            .map(|m| ContentMd5::parse(m))
-            .collect::<Result<_, _>>()
-            .map_err(invalid)?,
-    })
+impl TryFrom<FileV1> for FileFacts {
+    type Error = ReadError;
+    /// The hashes are checked here, as where they first entered.
+    fn try_from(f: FileV1) -> Result<Self, ReadError> {
+        let invalid = |e: shared::hash::HashError| ReadError::Invalid(e.to_string());
+        Ok(FileFacts {
+            file_name: f.file_name,
+            size: f.size,
+            modified_ms: f.modified_ms,
+            sha256: Sha256Hex::parse(&f.sha256).map_err(invalid)?,
+            part_size: f.part_size,
+            part_md5: f
+                .part_md5
+                .iter()
+                .map(|m| ContentMd5::parse(m))
+                .collect::<Result<_, _>>()
+                .map_err(invalid)?,
+        })
+    }
 }
 
 /// Format 1: the first release's record, field for field as it serialized it.
@@ -340,7 +330,7 @@ pub mod legacy {
         created_at: OffsetDateTime,
         updated_at: OffsetDateTime,
         finished_at: Option<OffsetDateTime>,
-        file: Option<FileFactsV1>,
+        file: Option<FileV1>,
         parts_done: u32,
         bytes_done: u64,
         key: Option<String>,
@@ -352,30 +342,13 @@ pub mod legacy {
         phases: PhaseTimes,
     }
 
-    #[derive(Debug, Deserialize)]
-    struct FileFactsV1 {
-        file_name: FileName,
-        size: u64,
-        modified_ms: u64,
-        sha256: String,
-        part_size: u64,
-        part_md5: Vec<String>,
-    }
-
     impl RecordV1 {
         pub fn into_upload(self, now: Instant) -> Result<Upload, ReadError> {
             let invalid =
                 |what: &str| ReadError::Invalid(format!("{what} in a {} record", self.state));
             let transfer = match (self.file, self.key, self.s3_upload_id) {
-                (Some(f), Some(key), Some(upload_id)) => Some(Transfer {
-                    file: facts(
-                        f.file_name,
-                        f.size,
-                        f.modified_ms,
-                        &f.sha256,
-                        f.part_size,
-                        &f.part_md5,
-                    )?,
+                (Some(file), Some(key), Some(upload_id)) => Some(Transfer {
+                    file: file.try_into()?,
                     multipart: Multipart { key, upload_id },
                 }),
                 (None, None, None) => None,

@@ -65,6 +65,11 @@ impl Index {
     }
 }
 
+/// An upload whose record exists but cannot be read (or could not be fetched): it is reported,
+/// never taken as absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable;
+
 /// Why a new upload was not created.
 #[derive(Debug)]
 pub enum CreateError<E> {
@@ -191,15 +196,36 @@ impl Table {
         self.lock().by_id.get(&id).map(f)
     }
 
-    /// Reads an upload from memory, or else from the store.
-    pub fn read_or_load<T>(&self, id: UploadId, f: impl FnOnce(&Upload) -> T) -> Option<T> {
+    /// Reads an upload from memory, or else from the store. `Ok(None)` if there is no such
+    /// upload; `Err` if its record exists but cannot be read (or the store failed).
+    pub fn read_or_load<T>(
+        &self,
+        id: UploadId,
+        f: impl FnOnce(&Upload) -> T,
+    ) -> Result<Option<T>, Unreadable> {
         {
             let index = self.lock();
             if let Some(upload) = index.by_id.get(&id) {
-                return Some(f(upload));
+                return Ok(Some(f(upload)));
+            }
+            if index.unreadable.contains(&id) {
+                return Err(Unreadable);
             }
         }
-        self.load(self.store.get(id)).map(|u| f(&u))
+        let row = self.store.get(id).map_err(|err| {
+            tracing::error!(upload_id = %id, error = format!("{err:#}"), "reading an upload failed");
+            Unreadable
+        })?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        match stored::from_row(&row, Instant::now()) {
+            Ok(upload) => Ok(Some(f(&upload))),
+            Err(err) => {
+                tracing::error!(upload_id = %id, error = %err, "an upload record cannot be read");
+                Err(Unreadable)
+            }
+        }
     }
 
     /// Reads the newest upload of `client_id`, from memory or else from the store.

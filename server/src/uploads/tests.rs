@@ -709,6 +709,7 @@ fn a_database_written_by_the_first_release_is_read_whole() {
         table
             .read_or_load(id(n), |u| (stage_name(u), u.clone()))
             .unwrap()
+            .unwrap()
     };
 
     let (stage, u) = read(1);
@@ -790,6 +791,9 @@ fn an_unreadable_record_is_set_aside_not_dropped() {
         "the orphan sweep must leave its key alone"
     );
     assert!(!table.is_unreadable(good.id));
+    // Reported as unreadable, not as absent.
+    assert!(table.read_or_load(bad, |_| ()).is_err());
+    assert_eq!(table.read_or_load(UploadId::new_random(), |_| ()), Ok(None));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -428,15 +428,6 @@ impl Storage {
     }
 }
 
-/// The quoted hex ETag S3 gives a part uploaded with this base64 `Content-MD5`.
-pub fn part_etag_from_md5(content_md5: &str) -> Option<String> {
-    use base64::Engine;
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(content_md5)
-        .ok()?;
-    (raw.len() == 16).then(|| format!("\"{}\"", hex::encode(raw)))
-}
-
 /// The ETag S3 gives a multipart object: the MD5 of the concatenated binary part MD5s, a dash and
 /// the part count, in quotes. `None` if a part ETag is not a hex MD5 (SSE-KMS objects, say).
 pub fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {

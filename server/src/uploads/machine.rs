@@ -2,7 +2,7 @@
 //!
 //! [`Upload::on`] takes an [`Event`], checks that it is one the upload's [`Stage`] accepts,
 //! changes the record, and returns the [`Effect`]s the caller must carry out (S3 calls, messages
-//! to the agent, counters). It does no I/O and reads no clock but the `now` it is given, so every
+//! to the agent, counters). It does no I/O and reads no clock (it is handed a [`Now`]), so every
 //! transition is tested without a server (`tests.rs`). An event the stage does not accept is
 //! [`Refused`] and leaves the record untouched: each handler below checks before it changes.
 
@@ -13,7 +13,7 @@ use shared::protocol::{CompletedPart, UploadPlan};
 use shared::{ClientId, ErrorCode, FileName, PartNumber};
 
 use super::record::{
-    Ending, FileFacts, Live, Multipart, NewUpload, Open, Outcome, Stage, Transfer, UnixMs, Upload,
+    Ending, FileFacts, Live, Multipart, NewUpload, Now, Open, Outcome, Stage, Transfer, Upload,
 };
 use crate::registry::ConnId;
 use crate::storage::StoredPart;
@@ -184,11 +184,11 @@ fn millis(d: Duration) -> u64 {
 
 impl Upload {
     /// A new upload, with `describe_file` to send on the agent's connection `conn`.
-    pub fn requested(new: NewUpload, conn: ConnId, now: Instant) -> (Self, Effect) {
-        let created = UnixMs::now();
-        let mut live = Live::new(now);
+    pub fn requested(new: NewUpload, conn: ConnId, now: Now) -> (Self, Effect) {
+        let created = now.wall;
+        let mut live = Live::new(now.at);
         live.conn = Some(conn);
-        live.awaiting_info = Some(now);
+        live.awaiting_info = Some(now.at);
         let describe = Effect::Describe {
             conn,
             share: new.share.clone(),
@@ -266,29 +266,29 @@ impl Upload {
 
     /// The state machine. On `Ok` the record has changed and the effects are to be carried out
     /// in order; on `Err` nothing changed.
-    pub fn on(&mut self, event: Event, now: Instant) -> Result<Vec<Effect>, Refused> {
+    pub fn on(&mut self, event: Event, now: Now) -> Result<Vec<Effect>, Refused> {
         let effects = match event {
-            Event::AgentConnected { conn } => self.connected(conn, now)?,
+            Event::AgentConnected { conn } => self.connected(conn, now.at)?,
             Event::AgentDisconnected { conn } => self.disconnected(conn)?,
-            Event::Described { agent, facts } => self.described(&agent, facts, now)?,
+            Event::Described { agent, facts } => self.described(&agent, facts, now.at)?,
             Event::MultipartCreated { facts, multipart } => {
                 self.multipart_created(facts, multipart)?
             }
             Event::PartsListed { stored, why } => self.parts_listed(&stored, why)?,
             Event::MultipartGone => self.multipart_gone()?,
-            Event::PlanReady { plan } => self.plan_ready(plan, now)?,
+            Event::PlanReady { plan } => self.plan_ready(plan, now.at)?,
             Event::Progress {
                 agent,
                 parts_done,
                 bytes_done,
                 part_retries,
-            } => self.progress(&agent, (parts_done, bytes_done), part_retries, now)?,
-            Event::NeedUrls { agent } => self.need_urls(&agent, now)?,
+            } => self.progress(&agent, (parts_done, bytes_done), part_retries, now.at)?,
+            Event::NeedUrls { agent } => self.need_urls(&agent, now.at)?,
             Event::AgentCompleted {
                 agent,
                 parts,
                 complete_ms,
-            } => self.agent_completed(&agent, parts, complete_ms, now)?,
+            } => self.agent_completed(&agent, parts, complete_ms, now.at)?,
             Event::AgentFailed {
                 client_id,
                 code,
@@ -301,7 +301,7 @@ impl Upload {
             }
             Event::Aborted => self.aborted(now)?,
         };
-        self.updated = UnixMs::now();
+        self.updated = now.wall;
         Ok(effects)
     }
 
@@ -566,7 +566,7 @@ impl Upload {
         Ok(self.begin_end(Outcome::Failed, code, message, false))
     }
 
-    fn verified(&mut self, etag: String, now: Instant) -> Result<Vec<Effect>, Refused> {
+    fn verified(&mut self, etag: String, now: Now) -> Result<Vec<Effect>, Refused> {
         let Stage::Open(Open::Verifying(transfer)) = &self.stage else {
             return Err(Refused("the upload is not being verified"));
         };
@@ -574,13 +574,13 @@ impl Upload {
         let (bytes, parts) = (transfer.file.size, transfer.file.parts_total());
         self.parts_done = parts;
         self.bytes_done = bytes;
-        self.finished = Some(UnixMs::now());
-        self.live.finished = Some(now);
+        self.finished = Some(now.wall);
+        self.live.finished = Some(now.at);
         if let Some(completed) = self.live.completed.take() {
             self.phases.verify_ms = self
                 .phases
                 .verify_ms
-                .saturating_add(millis(now.duration_since(completed)));
+                .saturating_add(millis(now.at.duration_since(completed)));
         }
         self.stage = Stage::Completed { transfer, etag };
         Ok(vec![Effect::Count(Counter::Completed { bytes, parts })])
@@ -599,14 +599,14 @@ impl Upload {
         Ok(self.begin_end(outcome, code, message, true))
     }
 
-    fn aborted(&mut self, now: Instant) -> Result<Vec<Effect>, Refused> {
+    fn aborted(&mut self, now: Now) -> Result<Vec<Effect>, Refused> {
         let Stage::Ending(ending) = &self.stage else {
             return Err(Refused("the upload is not ending"));
         };
         let outcome = ending.outcome;
         self.stage = Stage::Ended(ending.clone());
-        self.finished = Some(UnixMs::now());
-        self.live.finished = Some(now);
+        self.finished = Some(now.wall);
+        self.live.finished = Some(now.at);
         Ok(vec![Effect::Count(Counter::Ended(outcome))])
     }
 

@@ -55,7 +55,7 @@ mod stored;
 mod table;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shared::api::UploadStatus;
 use shared::{ClientId, ErrorCode, FileName, UploadId};
@@ -200,7 +200,7 @@ impl Uploads {
                 requested_from: requester.from.to_string(),
             },
             conn,
-            Instant::now(),
+            record::Now::read(),
         );
         let created = self.table().create(upload, |upload| {
             // The connection closed or stopped reading since the lookup: nothing is created.

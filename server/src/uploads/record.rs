@@ -11,6 +11,23 @@ use time::OffsetDateTime;
 
 use crate::registry::ConnId;
 
+/// A moment on both clocks: the monotonic one for durations and deadlines, the wall clock for
+/// the stamps a record keeps. The state machine is handed one and reads no clock itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub at: Instant,
+    pub wall: UnixMs,
+}
+
+impl Now {
+    pub fn read() -> Self {
+        Self {
+            at: Instant::now(),
+            wall: UnixMs::now(),
+        }
+    }
+}
+
 /// Wall-clock time as milliseconds since the Unix epoch: what records store and sort by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct UnixMs(pub i64);

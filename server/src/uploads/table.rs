@@ -13,7 +13,7 @@ use std::time::Instant;
 use shared::{ClientId, UploadId};
 
 use super::machine::{Effect, Event, Refused};
-use super::record::Upload;
+use super::record::{Now, Upload};
 use super::stored;
 use crate::db::{LoadedRow, UploadStore};
 use crate::registry::ConnId;
@@ -160,7 +160,7 @@ impl Table {
             .by_id
             .get_mut(&id)
             .ok_or(Refused("no such upload in memory"))?;
-        let effects = upload.on(event, Instant::now())?;
+        let effects = upload.on(event, Now::read())?;
         if saved {
             self.save(upload);
         }

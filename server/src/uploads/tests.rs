@@ -75,7 +75,7 @@ fn new_upload() -> Upload {
             requested_from: "127.0.0.1:1".into(),
         },
         conn(),
-        Instant::now(),
+        Now::read(),
     );
     upload
 }
@@ -508,7 +508,7 @@ fn every_transition() {
     for c in CASES {
         let mut u = (c.from)();
         let before = format!("{u:?}");
-        let result = u.on((c.event)(), Instant::now());
+        let result = u.on((c.event)(), Now::read());
         match (c.to, result) {
             (None, Err(_)) => assert_eq!(
                 format!("{u:?}"),
@@ -539,7 +539,7 @@ fn a_resume_plans_only_the_missing_parts() {
                 stored,
                 why: Resume::Reconnect,
             },
-            Instant::now(),
+            Now::read(),
         )
         .unwrap();
     let Some(Effect::Presign { missing, done, .. }) = effects.last() else {
@@ -556,7 +556,7 @@ fn a_resume_plans_only_the_missing_parts() {
 #[test]
 fn fruitless_refreshes_end_in_stalled() {
     let mut u = uploading();
-    let now = Instant::now();
+    let now = Now::read();
     for _ in 1..MAX_FRUITLESS_REFRESHES {
         let effects = u
             .on(
@@ -583,11 +583,11 @@ fn fruitless_refreshes_end_in_stalled() {
 #[test]
 fn progress_is_clamped_and_retries_counted_once() {
     let mut u = uploading();
-    let effects = u.on(progress(agent()), Instant::now()).unwrap();
+    let effects = u.on(progress(agent()), Now::read()).unwrap();
     assert_eq!(effects, vec![Effect::Count(Counter::PartRetries(2))]);
     assert_eq!((u.parts_done, u.bytes_done), (3, 12 * MIB));
     // The same count again is nothing new.
-    assert!(u.on(progress(agent()), Instant::now()).unwrap().is_empty());
+    assert!(u.on(progress(agent()), Now::read()).unwrap().is_empty());
 }
 
 #[test]
@@ -827,4 +827,58 @@ fn completed_parts_carry_the_etags_of_their_md5s() {
     assert_eq!(parts.len(), 3);
     assert_eq!(parts[2].part_number.get(), 3);
     assert_eq!(parts[0].etag, "\"d41d8cd98f00b204e9800998ecf8427e\"");
+}
+
+/// Time passes only through the moments the machine is handed: each phase is the span between
+/// the events that bound it, and the stamps are the wall times given.
+#[test]
+fn phases_are_the_time_between_events() {
+    let start = Now::read();
+    let (mut u, _) = Upload::requested(
+        NewUpload {
+            id: UploadId::new_random(),
+            client_id: client(),
+            share: FileName::parse("default").unwrap(),
+            requested_by: "ops".into(),
+            requested_from: "127.0.0.1:1".into(),
+        },
+        conn(),
+        start,
+    );
+    let at = |ms: u64| Now {
+        at: start.at + Duration::from_millis(ms),
+        wall: UnixMs(start.wall.0 + ms as i64),
+    };
+    u.on(described(), at(250)).unwrap();
+    u.on(
+        Event::MultipartCreated {
+            facts: facts(),
+            multipart: transfer().multipart,
+        },
+        at(260),
+    )
+    .unwrap();
+    u.on(Event::PlanReady { plan: plan(0) }, at(300)).unwrap();
+    u.on(completed_by(agent()), at(1300)).unwrap();
+    u.on(
+        Event::Verified {
+            etag: "\"e-3\"".into(),
+        },
+        at(1310),
+    )
+    .unwrap();
+    let p = u.phases;
+    assert_eq!(
+        (
+            p.describe_ms,
+            p.presign_ms,
+            p.transfer_ms,
+            p.complete_ms,
+            p.verify_ms
+        ),
+        (250, 50, 1000, 5, 10)
+    );
+    assert_eq!(u.created, start.wall);
+    assert_eq!(u.finished, Some(at(1310).wall));
+    assert_eq!(u.updated, at(1310).wall);
 }

@@ -179,6 +179,7 @@ pub struct ServerBuilder {
     /// A fixed API address and data directory (to restart a server where it was).
     at: Option<(SocketAddr, PathBuf)>,
     tls: bool,
+    s3_endpoint: Option<String>,
 }
 
 impl ServerBuilder {
@@ -195,6 +196,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Uses S3 at `endpoint` (`STORAGE=s3` with the embedded store's keys), for a server whose
+    /// storage is another test server's embedded store, or a fault proxy in front of it.
+    pub fn s3_endpoint(mut self, endpoint: &str) -> Self {
+        self.s3_endpoint = Some(endpoint.to_owned());
+        self
+    }
+
     /// Serves TLS with a fresh self-signed certificate for 127.0.0.1 and localhost.
     pub fn tls(mut self) -> Self {
         self.tls = true;
@@ -202,6 +210,10 @@ impl ServerBuilder {
     }
 
     pub async fn start(self) -> TestServer {
+        assert!(
+            self.s3_endpoint.is_none() || self.mode == Mode::Embedded,
+            "s3_endpoint names another test server's embedded store"
+        );
         let dir = tempfile::tempdir().unwrap();
         let mut args = self.args;
         if self.tls {
@@ -224,7 +236,14 @@ impl ServerBuilder {
             .at
             .unwrap_or_else(|| ("127.0.0.1:0".parse().unwrap(), dir.path().join("data")));
         let extra: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut server = TestServer::start_at(self.mode, api_addr, &data_dir, &extra).await;
+        let mut server = TestServer::start_at(
+            self.mode,
+            api_addr,
+            &data_dir,
+            &extra,
+            self.s3_endpoint.as_deref(),
+        )
+        .await;
         server._dir = Some(dir);
         server
     }
@@ -242,25 +261,40 @@ impl TestServer {
             args: Vec::new(),
             at: None,
             tls: false,
+            s3_endpoint: None,
         }
     }
 
-    async fn start_at(mode: Mode, api_addr: SocketAddr, data_dir: &Path, extra: &[&str]) -> Self {
+    async fn start_at(
+        mode: Mode,
+        api_addr: SocketAddr,
+        data_dir: &Path,
+        extra: &[&str],
+        s3_endpoint: Option<&str>,
+    ) -> Self {
         let api = bind_retrying(api_addr).await;
         let api_addr = api.local_addr().unwrap();
-        let (embedded_s3, s3_endpoint) = match mode {
-            Mode::Embedded => {
+        let (embedded_s3, s3_endpoint) = match (mode, s3_endpoint) {
+            (_, Some(endpoint)) => (None, endpoint.to_owned()),
+            (Mode::Embedded, None) => {
                 let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let endpoint = format!("http://{}", l.local_addr().unwrap());
                 (Some(l), endpoint)
             }
-            Mode::LocalStack => {
+            (Mode::LocalStack, None) => {
                 let endpoint = localstack_endpoint();
                 assert_localstack_up(&endpoint).await;
                 (None, endpoint)
             }
         };
-        let args = server_args(mode, data_dir, extra);
+        let args = if embedded_s3.is_none() && mode == Mode::Embedded {
+            // Another server's embedded store, or a proxy in front of it.
+            let mut args = s3_server_args(data_dir, api_addr, &s3_endpoint, true);
+            args.extend(extra.iter().map(|a| (*a).to_owned()));
+            args
+        } else {
+            server_args(mode, data_dir, extra)
+        };
         let config = server::config::Config::try_parse_from(&args).unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::run(

@@ -15,3 +15,4 @@ mod records;
 mod resilience;
 mod sharing;
 mod tls;
+mod verification;

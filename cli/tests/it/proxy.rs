@@ -25,6 +25,11 @@ pub struct Faults {
     pub cut_every: Option<u32>,
     /// Every n-th PUT reaches storage with one byte flipped.
     pub corrupt_every: Option<u32>,
+    /// The first n HeadObject requests are answered 503 without reaching storage.
+    pub fail_heads: Option<u32>,
+    /// The first completion (POST with an `uploadId`) reaches storage, but its answer is lost:
+    /// the connection is cut instead.
+    pub lose_completion_reply: bool,
 }
 
 #[derive(Debug, Default)]
@@ -33,6 +38,9 @@ pub struct ProxyStats {
     pub injected_503: AtomicU32,
     pub injected_cuts: AtomicU32,
     pub injected_corruptions: AtomicU32,
+    pub injected_head_503: AtomicU32,
+    /// Completion answers cut after storage completed.
+    pub lost_completion_replies: AtomicU32,
     /// Storage refused a corrupted part (BadDigest).
     pub rejected_by_storage: AtomicU32,
     /// Body bytes of part PUTs that reached the proxy, faults included.
@@ -144,6 +152,31 @@ async fn forward(
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let query = parts.uri.query().unwrap_or("").to_owned();
+    // HeadObject has a key after the bucket (path style); HeadBucket, at start-up, does not.
+    let head_object = parts.method == http::Method::HEAD
+        && parts
+            .uri
+            .path()
+            .trim_start_matches('/')
+            .split_once('/')
+            .is_some_and(|(_, key)| !key.is_empty());
+    if head_object
+        && faults.fail_heads.is_some_and(|n| {
+            stats
+                .injected_head_503
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |seen| {
+                    (seen < n).then_some(seen + 1)
+                })
+                .is_ok()
+        })
+    {
+        return Ok(Response::builder()
+            .status(503)
+            .body(Full::default())
+            .unwrap());
+    }
+    let completion =
+        parts.method == http::Method::POST && query_param(&query, "uploadId").is_some();
     let part = (parts.method == http::Method::PUT)
         .then(|| query_param(&query, "partNumber").zip(query_param(&query, "uploadId")))
         .flatten();
@@ -219,14 +252,33 @@ async fn forward(
     for (name, value) in &parts.headers {
         out = out.header(name, value);
     }
-    let resp = out
-        .body(reqwest::Body::wrap_stream(stream))
-        .send()
-        .await
-        .map_err(|_| Cut)?;
+    // A request without a length (the server's own bodiless calls) must not turn into a
+    // chunked one, which storage refuses for lack of a Content-Length.
+    let sized = parts.headers.contains_key(http::header::CONTENT_LENGTH)
+        || parts.headers.contains_key(http::header::TRANSFER_ENCODING);
+    let body = if sized {
+        reqwest::Body::wrap_stream(stream)
+    } else {
+        let mut all = Vec::new();
+        let mut stream = std::pin::pin!(stream);
+        while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+            all.extend_from_slice(&chunk.map_err(|_| Cut)?);
+        }
+        reqwest::Body::from(all)
+    };
+    let resp = out.body(body).send().await.map_err(|_| Cut)?;
     let status = resp.status();
     let headers = resp.headers().clone();
     let bytes = resp.bytes().await.map_err(|_| Cut)?;
+    if completion
+        && faults.lose_completion_reply
+        && stats
+            .lost_completion_replies
+            .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        return Err(Cut);
+    }
     if let Some(k) = upload_key {
         if status.is_success() {
             *stats.stored.lock().unwrap().entry(k).or_default() += 1;

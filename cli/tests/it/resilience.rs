@@ -167,6 +167,7 @@ async fn faulty_link_completes(mode: Mode) {
         fail_every: Some(4),
         cut_every: Some(7),
         corrupt_every: Some(5),
+        ..Faults::default()
     };
     let (server, proxy) = proxied(mode, faults, &[]).await;
     let size = 40 * MIB;

@@ -8,7 +8,8 @@ use reqwest::StatusCode;
 pub(super) enum Answer {
     /// Storage took the request.
     Stored,
-    /// The presigned URL expired: the server presigns the rest again.
+    /// The presigned URL, or the credentials that signed it, expired: the server presigns the
+    /// rest again.
     Expired,
     /// The body did not match its signed `Content-MD5`: corrupted on the way, or the file
     /// changed; the caller tells which.
@@ -27,10 +28,12 @@ pub(super) fn judge(status: StatusCode, body: &str) -> Answer {
     if status.is_success() && !body.contains("<Error>") {
         return Answer::Stored;
     }
-    if status == StatusCode::FORBIDDEN && body.contains("expired") {
+    let code = xml_tag(body, "Code").unwrap_or_default();
+    // A URL past its `X-Amz-Expires`, or signed with temporary credentials that have since
+    // expired (S3 answers 400 `ExpiredToken`, long before the URL's own expiry).
+    if (status == StatusCode::FORBIDDEN && body.contains("expired")) || code == "ExpiredToken" {
         return Answer::Expired;
     }
-    let code = xml_tag(body, "Code").unwrap_or_default();
     let message = format!("storage answered {status} {code}");
     if code == "BadDigest" {
         return Answer::BadDigest(message);
@@ -85,6 +88,7 @@ mod tests {
             (200, "<CompleteMultipartUploadResult/>".to_owned(), "stored"),
             (200, error("InternalError"), "retry"),
             (403, expired.to_owned(), "expired"),
+            (400, error("ExpiredToken"), "expired"),
             (403, error("SignatureDoesNotMatch"), "fatal"),
             (400, error("BadDigest"), "bad digest"),
             (400, error("InvalidPart"), "fatal"),

@@ -95,6 +95,20 @@ pub fn https_client() -> SharedHttpClient {
         .build_https()
 }
 
+/// How long one S3 request may take, and one call with the SDK's retries. None of the server's
+/// calls moves file bytes, so a call that takes longer is hung, and must not hold up the
+/// upload (or the sweep) waiting on it.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn timeouts() -> aws_sdk_s3::config::timeout::TimeoutConfig {
+    aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+        .connect_timeout(ATTEMPT_TIMEOUT)
+        .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+        .operation_timeout(OPERATION_TIMEOUT)
+        .build()
+}
+
 impl Storage {
     pub async fn connect(settings: StorageSettings) -> anyhow::Result<Self> {
         // The loader hands the client to the credential providers (instance metadata, ECS, STS
@@ -112,7 +126,8 @@ impl Storage {
 
         let build = |endpoint: Option<&Url>| {
             let mut b = aws_sdk_s3::config::Builder::from(&sdk_config)
-                .force_path_style(settings.force_path_style);
+                .force_path_style(settings.force_path_style)
+                .timeout_config(timeouts());
             if let Some(e) = endpoint {
                 b = b.endpoint_url(e.as_str().trim_end_matches('/'));
             }

@@ -16,14 +16,6 @@ use crate::error::ApiError;
 const ABORT_ATTEMPTS: u32 = 3;
 
 impl Uploads {
-    /// Ends an upload as `failed` and returns once its multipart upload is aborted. Nothing
-    /// happens if it is already ending or finished.
-    pub(super) async fn fail(&self, id: UploadId, code: ErrorCode, message: String) {
-        if let Ok(effects) = self.table().apply(id, Event::Fail { code, message }) {
-            self.carry_out(id, effects).await;
-        }
-    }
-
     /// `DELETE /uploads/{upload_id}`: stops the agent, aborts the multipart upload and ends the
     /// upload as `cancelled`. Returns once the abort is done.
     pub async fn cancel(

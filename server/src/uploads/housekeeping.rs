@@ -5,24 +5,39 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
+use futures::StreamExt;
+
 use super::Uploads;
+use super::machine::Event;
 use super::steps::upload_id_of_key;
 
+/// Uploads the sweep and the start-up recovery work on at once.
+const SWEEP_CONCURRENCY: usize = 16;
+
 impl Uploads {
-    /// Fails uploads whose agent never answered or that stopped making progress.
+    /// Fails uploads whose agent never answered or that stopped making progress, and tries
+    /// deferred verifications again. Each upload's work runs concurrently, so one slow storage
+    /// call does not hold up the rest.
     pub async fn sweep(&self) {
         let (response, stall) = (
             self.settings().agent_response_timeout,
             self.settings().stall_timeout,
         );
         let now = Instant::now();
-        let overdue = self.table().each_unfinished(|u| {
-            u.overdue(now, response, stall)
-                .map(|(code, message)| (u.id, code, message))
+        let due = self.table().each_unfinished(|u| {
+            if let Some((code, message)) = u.overdue(now, response, stall) {
+                Some((u.id, Event::Fail { code, message }))
+            } else {
+                u.verify_due(now).then_some((u.id, Event::VerifyAgain))
+            }
         });
-        for (id, code, message) in overdue {
-            self.fail(id, code, message).await;
-        }
+        futures::stream::iter(due)
+            .for_each_concurrent(SWEEP_CONCURRENCY, |(id, event)| async move {
+                if let Ok(effects) = self.table().apply(id, event) {
+                    self.carry_out(id, effects).await;
+                }
+            })
+            .await;
     }
 
     /// At start-up: finishes what a stopped server left half-done. Endings are completed (their
@@ -37,9 +52,11 @@ impl Uploads {
             to_finish = work.len(),
             "recovered upload state"
         );
-        for (id, effect) in work {
-            self.carry_out(id, vec![effect]).await;
-        }
+        futures::stream::iter(work)
+            .for_each_concurrent(SWEEP_CONCURRENCY, |(id, effect)| {
+                self.carry_out(id, vec![effect])
+            })
+            .await;
     }
 
     /// Aborts multipart uploads under the key prefix that no open upload owns: left by a crash

@@ -22,6 +22,10 @@ use crate::storage::StoredPart;
 /// looping: the URLs die before a part can get through.
 pub const MAX_FRUITLESS_REFRESHES: u32 = 3;
 
+/// How long a verification that could not read storage waits before it tries again. Until the
+/// stall timeout, storage trouble never fails an upload, let alone deletes its object.
+pub const VERIFY_AGAIN_AFTER: Duration = Duration::from_secs(5);
+
 /// The agent connection a message came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentRef {
@@ -101,6 +105,13 @@ pub enum Event {
     Verified {
         etag: String,
     },
+    /// Storage could not be read (after retries): nothing is proven either way. `if_missing` is
+    /// that of the verification, kept for the next try.
+    VerifyDeferred {
+        if_missing: Option<ErrorDetail>,
+    },
+    /// The time to try a deferred verification again has come.
+    VerifyAgain,
     /// The server gave up (storage, timeouts, a failed verification).
     Fail {
         code: ErrorCode,
@@ -116,13 +127,17 @@ pub enum Event {
 
 impl Event {
     /// The rule of what is saved: every accepted event is written through to the store before
-    /// its effects are carried out, except these three. Connections and liveness live in memory
-    /// only, and an agent's progress counters are carried by the next save (after a restart the
-    /// resume recomputes them from ListParts anyway).
+    /// its effects are carried out, except those that change only what lives in memory:
+    /// connections, when to try a verification again, and an agent's progress counters, which
+    /// the next save carries (after a restart the resume recomputes them from ListParts anyway).
     pub fn is_saved(&self) -> bool {
         !matches!(
             self,
-            Event::AgentConnected { .. } | Event::AgentDisconnected { .. } | Event::Progress { .. }
+            Event::AgentConnected { .. }
+                | Event::AgentDisconnected { .. }
+                | Event::Progress { .. }
+                | Event::VerifyDeferred { .. }
+                | Event::VerifyAgain
         )
     }
 }
@@ -156,9 +171,16 @@ pub enum Effect {
         plan: UploadPlan,
     },
     /// HeadObject and compare; `reported` is the agent's part list, when it completed.
+    /// `if_missing` is the error to fail with if there is no object (by default
+    /// `VERIFICATION_FAILED`).
     Verify {
         transfer: Transfer,
         reported: Option<Vec<CompletedPart>>,
+        if_missing: Option<ErrorDetail>,
+    },
+    /// Delete the object at this key: an upload that ends without completing leaves none.
+    DeleteObject {
+        key: String,
     },
     /// Abort the multipart upload, if there is one, then feed back [`Event::Aborted`].
     Abort(Option<Multipart>),
@@ -222,9 +244,20 @@ impl Upload {
             Stage::Open(Open::Verifying(t)) => Some(Effect::Verify {
                 transfer: t.clone(),
                 reported: None,
+                if_missing: None,
             }),
             _ => None,
         }
+    }
+
+    /// Whether a deferred verification is due.
+    pub fn verify_due(&self, now: Instant) -> bool {
+        matches!(self.stage, Stage::Open(Open::Verifying(_)))
+            && self
+                .live
+                .verify_again
+                .as_ref()
+                .is_some_and(|(due, _)| *due <= now)
     }
 
     /// Why the upload should fail now, if it should: its agent never described the file, or it
@@ -295,6 +328,8 @@ impl Upload {
                 message,
             } => self.agent_failed(&client_id, code, message)?,
             Event::Verified { etag } => self.verified(etag, now)?,
+            Event::VerifyDeferred { if_missing } => self.verify_deferred(if_missing, now.at)?,
+            Event::VerifyAgain => self.verify_again(now.at)?,
             Event::Fail { code, message } => self.end_open(Outcome::Failed, code, message)?,
             Event::Cancel { message } => {
                 self.end_open(Outcome::Cancelled, ErrorCode::Cancelled, message)?
@@ -461,6 +496,7 @@ impl Upload {
         Ok(vec![Effect::Verify {
             transfer,
             reported: None,
+            if_missing: None,
         }])
     }
 
@@ -546,6 +582,7 @@ impl Upload {
         Ok(vec![Effect::Verify {
             transfer,
             reported: Some(parts),
+            if_missing: None,
         }])
     }
 
@@ -563,7 +600,51 @@ impl Upload {
         if !self.is_open() {
             return Err(Refused("the upload is already ending"));
         }
+        if code == ErrorCode::CompleteFailed
+            && let Stage::Open(Open::Uploading(transfer)) = &self.stage
+        {
+            // The completion may have reached storage with only its answer lost: look for the
+            // object before believing the agent.
+            let transfer = transfer.clone();
+            self.stage = Stage::Open(Open::Verifying(transfer.clone()));
+            return Ok(vec![Effect::Verify {
+                transfer,
+                reported: None,
+                if_missing: Some(ErrorDetail { code, message }),
+            }]);
+        }
         Ok(self.begin_end(Outcome::Failed, code, message, false))
+    }
+
+    /// The verification could not read storage: try again later, remembering what a missing
+    /// object would mean.
+    fn verify_deferred(
+        &mut self,
+        if_missing: Option<ErrorDetail>,
+        now: Instant,
+    ) -> Result<Vec<Effect>, Refused> {
+        if !matches!(self.stage, Stage::Open(Open::Verifying(_))) {
+            return Err(Refused("the upload is not being verified"));
+        }
+        self.live.verify_again = Some((now + VERIFY_AGAIN_AFTER, if_missing));
+        Ok(Vec::new())
+    }
+
+    fn verify_again(&mut self, now: Instant) -> Result<Vec<Effect>, Refused> {
+        let Stage::Open(Open::Verifying(transfer)) = &self.stage else {
+            return Err(Refused("the upload is not being verified"));
+        };
+        match &self.live.verify_again {
+            Some((due, _)) if *due <= now => {}
+            _ => return Err(Refused("no verification is due")),
+        }
+        let transfer = transfer.clone();
+        let if_missing = self.live.verify_again.take().and_then(|(_, e)| e);
+        Ok(vec![Effect::Verify {
+            transfer,
+            reported: None,
+            if_missing,
+        }])
     }
 
     fn verified(&mut self, etag: String, now: Now) -> Result<Vec<Effect>, Refused> {
@@ -633,6 +714,12 @@ impl Upload {
             unreachable!("begin_end is only called on an open upload");
         };
         let multipart = from.transfer().map(|t| t.multipart.clone());
+        // Past the agent's completion there may be an object; an upload that does not complete
+        // leaves none.
+        let object = match &from {
+            Open::Verifying(t) => Some(t.multipart.key.clone()),
+            Open::Requested | Open::Uploading(_) => None,
+        };
         self.stage = Stage::Ending(Ending {
             outcome,
             error: ErrorDetail { code, message },
@@ -642,6 +729,10 @@ impl Upload {
         if tell_agent && let Some(conn) = self.live.conn {
             effects.push(Effect::TellCancel { conn, code });
         }
+        if let Some(key) = object {
+            effects.push(Effect::DeleteObject { key });
+        }
+        // Last: its answer ends the upload.
         effects.push(Effect::Abort(multipart));
         effects
     }

@@ -224,6 +224,9 @@ pub struct Live {
     pub retries_seen: u32,
     /// `need_urls` in a row after which no new part was stored.
     pub fruitless_refreshes: u32,
+    /// A verification that could not read storage is tried again at this time, and fails with
+    /// this error if the object turns out to be missing.
+    pub verify_again: Option<(Instant, Option<ErrorDetail>)>,
 }
 
 impl Live {
@@ -239,6 +242,7 @@ impl Live {
             stored_at_last_plan: 0,
             retries_seen: 0,
             fruitless_refreshes: 0,
+            verify_again: None,
         }
     }
 }

@@ -1,14 +1,16 @@
 //! Carrying out effects: every S3 call and every message to an agent that the upload steps make.
 //!
-//! A transition ([`super::record`]) says what to do; this module does it and feeds the answer
+//! A transition ([`super::machine`]) says what to do; this module does it and feeds the answer
 //! back as the next event: CreateMultipartUpload answers `MultipartCreated`, ListParts
-//! `PartsListed` or `MultipartGone`, presigning `PlanReady`, HeadObject `Verified` or `Fail`, and
-//! the abort `Aborted`. Messages and counters are carried out at once, in the caller's order;
+//! `PartsListed` or `MultipartGone`, presigning `PlanReady`, HeadObject `Verified`, `Fail` (a
+//! proven mismatch) or `VerifyDeferred` (storage could not be read), and the abort `Aborted`. Messages and counters are carried out at once, in the caller's order;
 //! the first S3 call and everything after it run in a task of their own, unless the caller waits.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
+use shared::api::ErrorDetail;
 use shared::protocol::{CompletedPart, PresignedPart, ServerMessage, UploadPlan};
 use shared::{ClientId, ErrorCode, FileName, UploadId};
 use time::OffsetDateTime;
@@ -104,6 +106,7 @@ impl Uploads {
             | Effect::Presign { .. }
             | Effect::SendPlan { .. }
             | Effect::Verify { .. }
+            | Effect::DeleteObject { .. }
             | Effect::Abort(_) => return false,
         }
         true
@@ -190,8 +193,21 @@ impl Uploads {
                 self.send_plan(id, conn, plan).await;
                 None
             }
-            Effect::Verify { transfer, reported } => {
-                Some(self.verify(id, &transfer, reported.as_deref()).await)
+            Effect::Verify {
+                transfer,
+                reported,
+                if_missing,
+            } => Some(
+                self.verify(id, &transfer, reported.as_deref(), if_missing)
+                    .await,
+            ),
+            Effect::DeleteObject { key } => {
+                // Deleting a key that holds nothing succeeds; a failure is logged, and the key
+                // (unique to this upload) holds an object nobody was told about.
+                if let Err(err) = self.storage().delete_object(&key).await {
+                    tracing::error!(upload_id = %id, %key, error = format!("{err:#}"), "deleting the object of an upload that did not complete failed");
+                }
+                None
             }
             Effect::Abort(multipart) => {
                 if let Some(multipart) = multipart {
@@ -316,13 +332,15 @@ impl Uploads {
 
     /// Checks the stored object before believing the upload: its size, its multipart ETag (from
     /// the part MD5s the agent hashed before uploading) and the SHA-256 recorded on it.
-    /// `reported` is the agent's part list, when it says it completed; it must agree too. An
-    /// object that fails is deleted, so that it cannot be mistaken for a good one.
+    /// `reported` is the agent's part list, when it says it completed; it must agree too. Only a
+    /// proven mismatch or a missing object fails the upload (whose ending deletes the object);
+    /// storage that cannot be read defers the verification.
     async fn verify(
         &self,
         id: UploadId,
         transfer: &Transfer,
         reported: Option<&[CompletedPart]>,
+        if_missing: Option<ErrorDetail>,
     ) -> Event {
         let file = &transfer.file;
         let key = &transfer.multipart.key;
@@ -336,54 +354,86 @@ impl Uploads {
                             .eq_ignore_ascii_case(b.etag.trim_matches('"'))
                 })
         };
-        let expected = multipart_etag(&expected_parts);
-        let outcome = match (reported, expected) {
-            (Some(parts), _) if !agrees(parts) => Err(format!(
+        let mismatch = |message: String| Event::Fail {
+            code: ErrorCode::VerificationFailed,
+            message,
+        };
+        if let Some(parts) = reported
+            && !agrees(parts)
+        {
+            return mismatch(format!(
                 "the agent reported {} part ETags that do not match the {} parts it hashed",
                 parts.len(),
                 expected_parts.len()
-            )),
-            (_, None) => Err("a part MD5 is malformed".to_owned()),
-            (_, Some(expected)) => match self.storage().head_object(key).await {
-                Ok(Some(obj)) if obj.size != file.size => Err(format!(
-                    "stored object has {} bytes, expected {}",
-                    obj.size, file.size
-                )),
-                Ok(Some(obj)) if obj.etag != expected => Err(format!(
-                    "stored object ETag {} does not match the hashed parts' ETag {expected}",
-                    obj.etag
-                )),
-                Ok(Some(obj)) if obj.sha256.as_deref() != Some(file.sha256.as_str()) => {
-                    Err(format!(
-                        "stored object records SHA-256 {:?}, expected {}",
-                        obj.sha256, file.sha256
-                    ))
-                }
-                Ok(Some(obj)) => Ok(obj.etag),
-                Ok(None) => Err("the object is not in storage".to_owned()),
-                Err(err) => {
-                    tracing::error!(upload_id = %id, error = format!("{err:#}"), "HeadObject failed");
-                    Err("could not read the stored object".to_owned())
-                }
-            },
+            ));
+        }
+        let Some(expected) = multipart_etag(&expected_parts) else {
+            return mismatch("a part MD5 is malformed".to_owned());
         };
-        match outcome {
-            Ok(etag) => {
-                tracing::info!(upload_id = %id, %key, size = file.size, %etag, sha256 = %file.sha256, "upload verified");
-                Event::Verified { etag }
+        let obj = match self.head_with_retries(id, key).await {
+            Ok(Some(obj)) => obj,
+            Ok(None) => {
+                return match if_missing {
+                    Some(error) => Event::Fail {
+                        code: error.code,
+                        message: error.message,
+                    },
+                    None => mismatch("the object is not in storage".to_owned()),
+                };
             }
-            Err(message) => {
-                if let Err(err) = self.storage().delete_object(key).await {
-                    tracing::error!(upload_id = %id, error = format!("{err:#}"), "deleting an unverified object failed");
+            Err(err) => {
+                tracing::warn!(upload_id = %id, error = format!("{err:#}"), "storage could not be read; verifying again later");
+                return Event::VerifyDeferred { if_missing };
+            }
+        };
+        let wrong = if obj.size != file.size {
+            Some(format!(
+                "stored object has {} bytes, expected {}",
+                obj.size, file.size
+            ))
+        } else if obj.etag != expected {
+            Some(format!(
+                "stored object ETag {} does not match the hashed parts' ETag {expected}",
+                obj.etag
+            ))
+        } else if obj.sha256.as_deref() != Some(file.sha256.as_str()) {
+            Some(format!(
+                "stored object records SHA-256 {:?}, expected {}",
+                obj.sha256, file.sha256
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = wrong {
+            return mismatch(message);
+        }
+        tracing::info!(upload_id = %id, %key, size = file.size, etag = obj.etag, sha256 = %file.sha256, "upload verified");
+        Event::Verified { etag: obj.etag }
+    }
+
+    /// HeadObject, tried [`HEAD_ATTEMPTS`] times with backoff (each attempt is itself retried
+    /// by the SDK): a passing storage error must not decide an upload.
+    async fn head_with_retries(
+        &self,
+        id: UploadId,
+        key: &str,
+    ) -> anyhow::Result<Option<crate::storage::ObjectInfo>> {
+        let mut attempt = 1;
+        loop {
+            match self.storage().head_object(key).await {
+                Err(err) if attempt < HEAD_ATTEMPTS => {
+                    tracing::warn!(upload_id = %id, attempt, error = format!("{err:#}"), "HeadObject failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(500) * attempt).await;
+                    attempt += 1;
                 }
-                Event::Fail {
-                    code: ErrorCode::VerificationFailed,
-                    message,
-                }
+                other => return other,
             }
         }
     }
 }
+
+/// Attempts at HeadObject within one verification.
+const HEAD_ATTEMPTS: u32 = 3;
 
 /// The object key of an upload: under the prefix and the client, with a time stamp and the
 /// upload id, so that keys never collide and the orphan sweep can tell whose a key is.

@@ -110,6 +110,16 @@ fn uploading_away() -> Upload {
 fn verifying() -> Upload {
     at(Stage::Open(Open::Verifying(transfer())))
 }
+fn verifying_deferred() -> Upload {
+    let mut u = verifying();
+    u.live.verify_again = Some((Instant::now(), None));
+    u
+}
+fn verifying_deferred_later() -> Upload {
+    let mut u = verifying();
+    u.live.verify_again = Some((Instant::now() + Duration::from_secs(60), None));
+    u
+}
 fn ending() -> Upload {
     at(Stage::Ending(Ending {
         outcome: Outcome::Failed,
@@ -161,6 +171,7 @@ fn kind(e: &Effect) -> &'static str {
         Effect::Presign { .. } => "presign",
         Effect::SendPlan { .. } => "send_plan",
         Effect::Verify { .. } => "verify",
+        Effect::DeleteObject { .. } => "delete_object",
         Effect::Abort(_) => "abort",
         Effect::Count(_) => "count",
     }
@@ -465,10 +476,10 @@ const CASES: &[Case] = &[
         Some(("ending failed", &["tell_cancel", "abort"])),
     ),
     case(
-        "fail: verifying",
+        "fail: verifying deletes the object",
         verifying,
         fail,
-        Some(("ending failed", &["tell_cancel", "abort"])),
+        Some(("ending failed", &["tell_cancel", "delete_object", "abort"])),
     ),
     case(
         "fail: the agent is away",
@@ -485,6 +496,57 @@ const CASES: &[Case] = &[
             message: "by ops".into(),
         },
         Some(("ending cancelled", &["tell_cancel", "abort"])),
+    ),
+    case(
+        "cancel: verifying deletes the object",
+        verifying,
+        || Event::Cancel {
+            message: "by ops".into(),
+        },
+        Some((
+            "ending cancelled",
+            &["tell_cancel", "delete_object", "abort"],
+        )),
+    ),
+    case(
+        "agent failed to complete: look for the object",
+        uploading,
+        || Event::AgentFailed {
+            client_id: client(),
+            code: ErrorCode::CompleteFailed,
+            message: "lost".into(),
+        },
+        Some(("verifying", &["verify"])),
+    ),
+    case(
+        "verify deferred: storage could not be read",
+        verifying,
+        || Event::VerifyDeferred { if_missing: None },
+        Some(("verifying", &[])),
+    ),
+    case(
+        "verify deferred: not verifying",
+        uploading,
+        || Event::VerifyDeferred { if_missing: None },
+        None,
+    ),
+    case(
+        "verify again: due",
+        verifying_deferred,
+        || Event::VerifyAgain,
+        Some(("verifying", &["verify"])),
+    ),
+    case(
+        "verify again: not yet",
+        verifying_deferred_later,
+        || Event::VerifyAgain,
+        None,
+    ),
+    case(
+        "verify again: nothing deferred",
+        verifying,
+        || Event::VerifyAgain,
+        None,
     ),
     case(
         "cancel: completed",
@@ -881,4 +943,49 @@ fn phases_are_the_time_between_events() {
     assert_eq!(u.created, start.wall);
     assert_eq!(u.finished, Some(at(1310).wall));
     assert_eq!(u.updated, at(1310).wall);
+}
+
+/// A verification that cannot read storage never fails the upload by itself, and one that
+/// follows a lost completion reply fails with the agent's error only if the object is missing.
+#[test]
+fn deferred_verifications_keep_what_a_missing_object_means() {
+    let mut u = uploading();
+    let effects = u
+        .on(
+            Event::AgentFailed {
+                client_id: client(),
+                code: ErrorCode::CompleteFailed,
+                message: "the answer was lost".into(),
+            },
+            Now::read(),
+        )
+        .unwrap();
+    let Some(Effect::Verify { if_missing, .. }) = effects.first() else {
+        panic!("{effects:?}");
+    };
+    let if_missing = if_missing.clone();
+    assert_eq!(
+        if_missing.as_ref().map(|e| e.code),
+        Some(ErrorCode::CompleteFailed)
+    );
+    let now = Now::read();
+    u.on(Event::VerifyDeferred { if_missing }, now).unwrap();
+    assert!(!u.verify_due(now.at));
+    assert!(
+        u.overdue(now.at, Duration::from_secs(30), Duration::from_secs(300))
+            .is_none()
+    );
+    let later = Now {
+        at: now.at + VERIFY_AGAIN_AFTER,
+        wall: now.wall,
+    };
+    assert!(u.verify_due(later.at));
+    let effects = u.on(Event::VerifyAgain, later).unwrap();
+    let Some(Effect::Verify { if_missing, .. }) = effects.first() else {
+        panic!("{effects:?}");
+    };
+    assert_eq!(
+        if_missing.as_ref().map(|e| e.code),
+        Some(ErrorCode::CompleteFailed)
+    );
 }

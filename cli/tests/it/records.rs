@@ -93,3 +93,62 @@ async fn an_unreadable_record_keeps_its_multipart_upload() {
         "{body}"
     );
 }
+
+/// `PART_SIZE` changes across a restart while an upload is half done: the agent is asked to
+/// describe its file in the layout the upload was planned with, the file is found the same
+/// (though its modification time moved), and the upload resumes and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_keeps_its_part_layout_across_a_part_size_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let five_mib = (5 * MIB).to_string();
+    let mut server = TestServer::builder(Mode::Embedded)
+        .at("127.0.0.1:0".parse().unwrap(), &data_dir)
+        .args(&["--part-size", &five_mib])
+        .start()
+        .await;
+    let addr = server.api_addr;
+    let client_id = unique_client("layout");
+    let size = 12 * MIB;
+    let data = vec![7u8; size as usize];
+    let (agent, upload_id, plan) = RawAgent::with_plan(&server, &client_id, "f.bin", size).await;
+    assert_eq!(plan["part_size"], 5 * MIB);
+    let first = raw_s3::put_planned_part(&plan, 0, data[..(5 * MIB) as usize].to_vec()).await;
+    drop(agent);
+    server.stop().await;
+
+    let eight_mib = (8 * MIB).to_string();
+    let server = TestServer::builder(Mode::Embedded)
+        .at(addr, &data_dir)
+        .args(&["--part-size", &eight_mib])
+        .start()
+        .await;
+    let mut agent = RawAgent::connect(&server, &client_id).await;
+    let describe = agent.recv_json().await.unwrap();
+    assert_eq!(describe["upload_id"], upload_id.as_str(), "{describe}");
+    assert_eq!(describe["min_part_size"], 5 * MIB, "the recorded layout");
+    let mut info = file_info(&upload_id, "f.bin", &data, 5 * MIB);
+    info["modified_ms"] = serde_json::json!(2);
+    agent.send_json(info).await;
+    let plan = agent.recv_json().await.unwrap();
+    assert_eq!(plan["type"], "start_upload", "{plan}");
+    assert_eq!(plan["done"].as_array().unwrap().len(), 1, "{plan}");
+    let mut etags = vec![first];
+    for (i, range) in [(1, 5 * MIB..10 * MIB), (2, 10 * MIB..size)] {
+        let body = data[range.start as usize..range.end as usize].to_vec();
+        etags.push(raw_s3::put_planned_part(&plan, i - 1, body).await);
+    }
+    let resp = raw_s3::complete(&plan, &etags).await;
+    assert!(resp.status().is_success(), "{}", resp.status());
+    agent
+        .send_json(serde_json::json!({
+            "type": "upload_completed", "upload_id": upload_id,
+            "parts": etags.iter().enumerate().map(|(i, e)| serde_json::json!({
+                "part_number": i + 1, "etag": e
+            })).collect::<Vec<_>>()
+        }))
+        .await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_eq!(status.state, UploadState::Completed, "{status:?}");
+    assert_eq!(status.part_size, Some(5 * MIB));
+}

@@ -62,8 +62,15 @@ impl Uploads {
                 part_size,
                 part_md5,
             } => {
+                // A resumed upload keeps the layout it was planned with, whatever PART_SIZE
+                // says now.
+                let min_part_size = self
+                    .table()
+                    .read(upload_id, |u| u.stage.transfer().map(|t| t.file.part_size))
+                    .flatten()
+                    .unwrap_or(self.settings().part_size);
                 let facts = check_facts(
-                    self.settings().part_size,
+                    min_part_size,
                     FileInfo {
                         file_name,
                         size,

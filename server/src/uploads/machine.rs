@@ -145,10 +145,12 @@ impl Event {
 /// What the caller must carry out after a transition, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    /// Send `describe_file` on this connection.
+    /// Send `describe_file` on this connection. `part_size` is the layout a resumed upload was
+    /// planned with (`None` for a new upload: the server's own `PART_SIZE`).
     Describe {
         conn: ConnId,
         share: FileName,
+        part_size: Option<u64>,
     },
     /// Tell the agent on this connection to stop.
     TellCancel {
@@ -214,6 +216,7 @@ impl Upload {
         let describe = Effect::Describe {
             conn,
             share: new.share.clone(),
+            part_size: None,
         };
         let upload = Self {
             id: new.id,
@@ -373,6 +376,7 @@ impl Upload {
         Ok(vec![Effect::Describe {
             conn,
             share: self.share.clone(),
+            part_size: self.stage.transfer().map(|t| t.file.part_size),
         }])
     }
 
@@ -411,7 +415,7 @@ impl Upload {
             }
         };
         Ok(match &self.stage {
-            Stage::Open(Open::Uploading(t)) if t.file != facts => {
+            Stage::Open(Open::Uploading(t)) if !t.file.same_content(&facts) => {
                 let what = if t.file.size != facts.size {
                     format!("size {} is now {}", t.file.size, facts.size)
                 } else {

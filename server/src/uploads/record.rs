@@ -63,6 +63,15 @@ pub struct FileFacts {
 }
 
 impl FileFacts {
+    /// The same bytes in the same layout: a resume may go on. The modification time alone
+    /// may move (a copy, a `touch`) without the content changing.
+    pub fn same_content(&self, other: &FileFacts) -> bool {
+        self.size == other.size
+            && self.sha256 == other.sha256
+            && self.part_size == other.part_size
+            && self.part_md5 == other.part_md5
+    }
+
     pub fn parts_total(&self) -> u32 {
         self.part_md5.len() as u32
     }

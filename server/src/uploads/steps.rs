@@ -78,9 +78,13 @@ impl Uploads {
     /// Carries out an effect that needs no waiting; false for those that do.
     fn carry_out_now(&self, id: UploadId, effect: &Effect) -> bool {
         match effect {
-            Effect::Describe { conn, share } => {
+            Effect::Describe {
+                conn,
+                share,
+                part_size,
+            } => {
                 if let Some(client_id) = self.client_of(id) {
-                    let describe = self.describe(id, share);
+                    let describe = self.describe(id, share, *part_size);
                     match self.agents().try_send(&client_id, *conn, describe) {
                         Ok(()) => {
                             tracing::info!(%client_id, upload_id = %id, "asked the agent to describe the file")
@@ -119,18 +123,28 @@ impl Uploads {
         client_id: &ClientId,
         effect: Effect,
     ) -> Result<(), SendError> {
-        let Effect::Describe { conn, share } = effect else {
+        let Effect::Describe {
+            conn,
+            share,
+            part_size,
+        } = effect
+        else {
             unreachable!("a new upload starts with describe_file");
         };
         self.agents()
-            .try_send(client_id, conn, self.describe(id, &share))
+            .try_send(client_id, conn, self.describe(id, &share, part_size))
     }
 
-    fn describe(&self, upload_id: UploadId, share: &FileName) -> ServerMessage {
+    fn describe(
+        &self,
+        upload_id: UploadId,
+        share: &FileName,
+        part_size: Option<u64>,
+    ) -> ServerMessage {
         ServerMessage::DescribeFile {
             upload_id,
             share: share.clone(),
-            min_part_size: self.settings().part_size,
+            min_part_size: part_size.unwrap_or(self.settings().part_size),
         }
     }
 

@@ -329,6 +329,19 @@ const CASES: &[Case] = &[
         Some(("ending failed", &["tell_cancel", "abort"])),
     ),
     case(
+        "described again: only the modification time moved",
+        uploading_described_again,
+        || {
+            let mut f = facts();
+            f.modified_ms += 1000;
+            Event::Described {
+                agent: agent(),
+                facts: Ok(f),
+            }
+        },
+        Some(("uploading", &["list_parts"])),
+    ),
+    case(
         "created: requested starts uploading",
         requested_idle,
         || Event::MultipartCreated {
@@ -988,4 +1001,39 @@ fn deferred_verifications_keep_what_a_missing_object_means() {
         if_missing.as_ref().map(|e| e.code),
         Some(ErrorCode::CompleteFailed)
     );
+}
+
+/// A resumed upload is described in the layout it was planned with, not today's PART_SIZE.
+#[test]
+fn a_resume_asks_for_the_recorded_layout() {
+    let mut u = uploading_away();
+    let effects = u
+        .on(Event::AgentConnected { conn: conn() }, Now::read())
+        .unwrap();
+    assert_eq!(
+        effects,
+        vec![Effect::Describe {
+            conn: conn(),
+            share: FileName::parse("default").unwrap(),
+            part_size: Some(5 * MIB),
+        }]
+    );
+    let (_, first) = Upload::requested(
+        NewUpload {
+            id: UploadId::new_random(),
+            client_id: client(),
+            share: FileName::parse("default").unwrap(),
+            requested_by: "ops".into(),
+            requested_from: "127.0.0.1:1".into(),
+        },
+        conn(),
+        Now::read(),
+    );
+    assert!(matches!(
+        first,
+        Effect::Describe {
+            part_size: None,
+            ..
+        }
+    ));
 }

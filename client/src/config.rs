@@ -72,8 +72,9 @@ pub struct Config {
     #[arg(long, env = "MAX_FILE_SIZE", default_value_t = DEFAULT_MAX_FILE_SIZE)]
     pub max_file_size: u64,
 
-    /// Hosts (`host` or `host:port`, comma-separated) the agent may upload to. Empty means the
-    /// host of AGENT_SERVER_URL, which is where the embedded store runs.
+    /// Hosts the agent may upload to, comma-separated: `host` or `host:port`, each optionally
+    /// followed by `/bucket` to allow that bucket only (path style or virtual-hosted). Empty
+    /// means the host of AGENT_SERVER_URL, which is where the embedded store runs.
     #[arg(
         long = "allowed-upload-host",
         env = "ALLOWED_UPLOAD_HOSTS",
@@ -157,9 +158,11 @@ impl Config {
                 bail!("share '{}' is configured twice", share.name);
             }
         }
-        for host in &self.allowed_upload_hosts {
-            if host.is_empty() || host.contains('/') || host.contains('@') {
-                bail!("ALLOWED_UPLOAD_HOSTS entries are `host` or `host:port`, got {host:?}");
+        for entry in &self.allowed_upload_hosts {
+            if let Err(why) = crate::uploader::check_entry(entry) {
+                bail!(
+                    "ALLOWED_UPLOAD_HOSTS entries are `host`, `host:port`, `host/bucket` or `host:port/bucket`: {why}"
+                );
             }
         }
         if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {

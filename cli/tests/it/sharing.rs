@@ -135,3 +135,36 @@ async fn urls_to_a_foreign_host_are_refused_and_no_byte_leaves() {
     );
     assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
 }
+
+/// With its bucket pinned (`ALLOWED_UPLOAD_HOSTS=host/bucket`), the agent uploads to that bucket
+/// and refuses any other on the same host: with path-style S3, a compromised server could
+/// otherwise send a store's file to a bucket of its own there.
+#[tokio::test]
+async fn a_pinned_bucket_is_the_only_one_used() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("till.csv");
+    let sha = write_file(&file, 20_000).await;
+    for (pin, allowed) in [
+        (format!("127.0.0.1/{BUCKET}"), true),
+        ("127.0.0.1/another-bucket".to_owned(), false),
+    ] {
+        let client_id = unique_client("pinned");
+        let _agent =
+            TestAgent::start_with(&server, &client_id, &file, &["--allowed-upload-host", &pin]);
+        server.wait_connected(&client_id).await;
+        let upload_id = trigger_id(&server, &client_id).await;
+        let status = server.wait_finished(&upload_id).await;
+        if allowed {
+            assert_identical(&server, &status, &sha).await;
+        } else {
+            assert_eq!(
+                status.code(),
+                Some(ErrorCode::UploadHostNotAllowed),
+                "{pin}"
+            );
+            assert!(server.list_keys(&client_id).await.is_empty());
+            assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+        }
+    }
+}

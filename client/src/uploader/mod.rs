@@ -25,7 +25,7 @@ use shared::ErrorCode;
 pub use file::{Snapshot, stored_name};
 pub use hashing::{Described, describe_file};
 pub use pacing::RateLimiter;
-pub use policy::UploadPolicy;
+pub use policy::{UploadPolicy, check_entry};
 pub use transfer::{Outcome, READ_CHUNK, upload};
 
 /// Why an upload stopped, in the terms the server reports to operators.

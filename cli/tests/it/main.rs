@@ -4,6 +4,7 @@
 mod auth;
 mod child;
 mod config_docs;
+mod crash_completion;
 mod credentials;
 mod download;
 mod failures;

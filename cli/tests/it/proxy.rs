@@ -41,6 +41,8 @@ pub struct ProxyStats {
     pub injected_head_503: AtomicU32,
     /// Completion answers cut after storage completed.
     pub lost_completion_replies: AtomicU32,
+    /// Completions (POST with an `uploadId`) that arrived, counted before they are forwarded.
+    pub completions_seen: AtomicU32,
     /// Storage refused a corrupted part (BadDigest).
     pub rejected_by_storage: AtomicU32,
     /// Body bytes of part PUTs that reached the proxy, faults included.
@@ -177,6 +179,9 @@ async fn forward(
     }
     let completion =
         parts.method == http::Method::POST && query_param(&query, "uploadId").is_some();
+    if completion {
+        stats.completions_seen.fetch_add(1, Ordering::Relaxed);
+    }
     let part = (parts.method == http::Method::PUT)
         .then(|| query_param(&query, "partNumber").zip(query_param(&query, "uploadId")))
         .flatten();

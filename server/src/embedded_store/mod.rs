@@ -13,11 +13,16 @@
 //!   for running completions. s3s-fs forgets the upload first and then copies the parts into the
 //!   object, so a completion cut off by a dropped connection, or observed halfway, looked like a
 //!   finished upload whose object was missing. S3 completes atomically.
+//! - A completion is journaled ([`journal`]): a crash, or an error, halfway leaves the upload as
+//!   it was (resumable), never neither the upload nor the object. Part files of uploads that no
+//!   longer exist are removed at start-up.
 //!
 //! Every other operation Backhaul, its tests and its users need goes straight to s3s-fs.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+mod journal;
 
 use base64::Engine;
 use s3s::dto::*;
@@ -35,6 +40,23 @@ impl EmbeddedStore {
     pub fn new(root: &Path) -> anyhow::Result<Self> {
         let fs = FileSystem::new(root)
             .map_err(|e| anyhow::anyhow!("opening embedded store at {}: {e:?}", root.display()))?;
+        let rolled_back = journal::Journal::recover_all(root).map_err(|e| {
+            anyhow::anyhow!(
+                "rolling back interrupted completions in {}: {e}",
+                root.display()
+            )
+        })?;
+        if rolled_back > 0 {
+            tracing::warn!(
+                rolled_back,
+                "completions cut short by a crash were rolled back; their uploads resume"
+            );
+        }
+        let strays = journal::remove_stray_parts(root)
+            .map_err(|e| anyhow::anyhow!("removing stray parts in {}: {e}", root.display()))?;
+        if strays > 0 {
+            tracing::info!(strays, "removed part files of uploads that no longer exist");
+        }
         Ok(Self {
             fs: Arc::new(fs),
             root: root.to_owned(),
@@ -121,10 +143,32 @@ s3_impl! {
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         let running = self.completions.clone().read_owned().await;
         let fs = self.fs.clone();
+        let root = self.root.clone();
         // A task of its own, so a client that goes away cannot cut the copy short.
         tokio::spawn(async move {
             let _running = running;
-            fs.complete_multipart_upload(req).await
+            let input = &req.input;
+            let journal =
+                journal::Journal::begin(&root, &input.bucket, &input.key, &input.upload_id)
+                    .map_err(|e| {
+                        S3Error::with_message(
+                            S3ErrorCode::InternalError,
+                            format!("journaling the completion: {e}"),
+                        )
+                    })?;
+            let result = fs.complete_multipart_upload(req).await;
+            let ended = match (journal, &result) {
+                (None, _) => Ok(()),
+                (Some(journal), Ok(_)) => journal.finish(),
+                (Some(journal), Err(_)) => journal.roll_back(),
+            };
+            if let Err(e) = ended {
+                return Err(S3Error::with_message(
+                    S3ErrorCode::InternalError,
+                    format!("ending the completion's journal: {e}"),
+                ));
+            }
+            result
         })
         .await
         .map_err(|e| S3Error::with_message(S3ErrorCode::InternalError, e.to_string()))?

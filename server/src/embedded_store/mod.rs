@@ -34,6 +34,10 @@ pub struct EmbeddedStore {
     root: PathBuf,
     /// Held shared by every running completion, and exclusively by ListParts.
     completions: Arc<tokio::sync::RwLock<()>>,
+    /// Upload ids whose completion is running: a second completion of the same upload (a
+    /// client that gave up waiting and retried) is refused until the first has ended, so two
+    /// never share one journal.
+    completing: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl EmbeddedStore {
@@ -61,6 +65,7 @@ impl EmbeddedStore {
             fs: Arc::new(fs),
             root: root.to_owned(),
             completions: Arc::default(),
+            completing: Arc::default(),
         })
     }
 }
@@ -144,10 +149,17 @@ s3_impl! {
         let running = self.completions.clone().read_owned().await;
         let fs = self.fs.clone();
         let root = self.root.clone();
+        let completing = self.completing.clone();
         // A task of its own, so a client that goes away cannot cut the copy short.
         tokio::spawn(async move {
             let _running = running;
             let input = &req.input;
+            let Some(_only) = OnlyCompletion::claim(&completing, &input.upload_id) else {
+                return Err(S3Error::with_message(
+                    S3ErrorCode::InternalError,
+                    "a completion of this upload is already running; retry later",
+                ));
+            };
             let journal =
                 journal::Journal::begin(&root, &input.bucket, &input.key, &input.upload_id)
                     .map_err(|e| {
@@ -218,6 +230,37 @@ s3_impl! {
     }
 }
 
+/// The one running completion of an upload, released on drop.
+struct OnlyCompletion {
+    set: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    upload_id: String,
+}
+
+impl OnlyCompletion {
+    fn claim(
+        set: &Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+        upload_id: &str,
+    ) -> Option<Self> {
+        let fresh = set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(upload_id.to_owned());
+        fresh.then(|| Self {
+            set: set.clone(),
+            upload_id: upload_id.to_owned(),
+        })
+    }
+}
+
+impl Drop for OnlyCompletion {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.upload_id);
+    }
+}
+
 /// `(key, upload id)` of every unfinished multipart upload in `bucket`. s3s-fs keeps, per
 /// upload, `.upload-<id>.json` (removed by complete and abort) and the object attributes in
 /// `.bucket-<b64 bucket>.object-<b64 key>.upload-<id>.metadata.json`.
@@ -254,4 +297,19 @@ fn pending_uploads(root: &Path, bucket: &str) -> std::io::Result<Vec<(String, St
     }
     found.sort();
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_completion_per_upload_at_a_time() {
+        let set = Arc::default();
+        let first = OnlyCompletion::claim(&set, "u").unwrap();
+        assert!(OnlyCompletion::claim(&set, "u").is_none());
+        assert!(OnlyCompletion::claim(&set, "v").is_some());
+        drop(first);
+        assert!(OnlyCompletion::claim(&set, "u").is_some());
+    }
 }

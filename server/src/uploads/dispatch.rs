@@ -9,7 +9,7 @@ use shared::protocol::{AgentMessage, plan_parts};
 use shared::{ClientId, ErrorCode};
 
 use super::Uploads;
-use super::machine::{AgentRef, Event, Rejection};
+use super::events::{AgentRef, Event, Rejection};
 use super::record::FileFacts;
 use crate::registry::ConnId;
 

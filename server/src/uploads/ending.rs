@@ -7,7 +7,7 @@ use std::time::Duration;
 use shared::api::UploadStatus;
 use shared::{ErrorCode, UploadId};
 
-use super::machine::Event;
+use super::events::Event;
 use super::record::Multipart;
 use super::{Requester, Uploads};
 use crate::error::ApiError;

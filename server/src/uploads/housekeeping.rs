@@ -8,7 +8,7 @@ use std::time::Instant;
 use futures::StreamExt;
 
 use super::Uploads;
-use super::machine::Event;
+use super::events::Event;
 use super::steps::upload_id_of_key;
 
 /// Uploads the sweep and the start-up recovery work on at once.

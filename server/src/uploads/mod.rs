@@ -34,7 +34,7 @@
 //! Where to look:
 //! - a state change: [`machine`], `Upload::on`, a pure function from event to effects, on the
 //!   record of [`record`];
-//! - when it is saved: [`table`], `Table::apply` and the rule in `Event::is_saved`;
+//! - when it is saved: [`table`], `Table::apply` and the rule in `Event::is_saved` ([`events`]);
 //! - the stored form and its versions: [`stored`] (and `crate::db` for the schema);
 //! - an S3 call or a message to an agent: [`steps`], which carries out the effects;
 //! - agent messages: [`dispatch`]; endings (fail, cancel, abort): [`ending`]; the timers and
@@ -46,6 +46,7 @@
 
 mod dispatch;
 mod ending;
+mod events;
 mod housekeeping;
 mod machine;
 mod record;

@@ -16,7 +16,7 @@ use shared::{ClientId, ErrorCode, FileName, UploadId};
 use time::OffsetDateTime;
 
 use super::Uploads;
-use super::machine::{Counter, Effect, Event, Refused};
+use super::events::{Counter, Effect, Event, Refused};
 use super::record::{Outcome, Transfer};
 use crate::registry::{ConnId, SendError};
 use crate::storage::multipart_etag;

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use shared::{ClientId, UploadId};
 
-use super::machine::{Effect, Event, Refused};
+use super::events::{Effect, Event, Refused};
 use super::record::{Now, Upload};
 use super::stored;
 use crate::db::{LoadedRow, UploadStore};

@@ -9,6 +9,7 @@ use shared::protocol::{CompletedPart, UploadPlan};
 use shared::{ClientId, ErrorCode, FileName, PartNumber, UploadId};
 
 use super::dispatch::{FileInfo, check_facts};
+use super::events::*;
 use super::machine::*;
 use super::record::*;
 use super::steps::{object_key, upload_id_of_key};

@@ -4,14 +4,16 @@
 use std::ffi::OsStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
 
 /// A stand-in for the ECS (and EKS Pod Identity) credentials endpoint: it answers every GET with
-/// the embedded store's keys as temporary credentials, and counts the requests.
-async fn fake_container_credentials() -> (String, Arc<AtomicUsize>) {
+/// the embedded store's keys as temporary credentials that expire `lifetime` after the request
+/// (in 2099 without one), and counts the requests.
+async fn fake_container_credentials(lifetime: Option<Duration>) -> (String, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!(
         "http://{}/v2/credentials/test",
@@ -35,8 +37,14 @@ async fn fake_container_credentials() -> (String, Arc<AtomicUsize>) {
                     }
                 }
                 count.fetch_add(1, Ordering::Relaxed);
+                let expiration = match lifetime {
+                    Some(d) => (time::OffsetDateTime::now_utc() + d)
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap(),
+                    None => "2099-01-01T00:00:00Z".to_owned(),
+                };
                 let body = format!(
-                    r#"{{"AccessKeyId":"{EMBEDDED_ACCESS_KEY}","SecretAccessKey":"{EMBEDDED_SECRET_KEY}","Token":"session-token-from-the-container","Expiration":"2099-01-01T00:00:00Z"}}"#
+                    r#"{{"AccessKeyId":"{EMBEDDED_ACCESS_KEY}","SecretAccessKey":"{EMBEDDED_SECRET_KEY}","Token":"session-token-from-the-container","Expiration":"{expiration}"}}"#
                 );
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -49,13 +57,20 @@ async fn fake_container_credentials() -> (String, Arc<AtomicUsize>) {
     (url, served)
 }
 
-/// With no keys in its settings, a `STORAGE=s3` server takes its credentials from the container
-/// endpoint and completes a download with them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn default_chain_takes_container_credentials() {
+/// A `STORAGE=s3` server process, on another test server's embedded store, with no keys in its
+/// settings: the default chain finds the container endpoint's. Returns the store, the server,
+/// the request count of the endpoint, the server process and its directory.
+async fn server_on_container_credentials(
+    lifetime: Option<Duration>,
+) -> (
+    TestServer,
+    TestServer,
+    Arc<AtomicUsize>,
+    ChildProcess,
+    tempfile::TempDir,
+) {
     let store = TestServer::start(Mode::Embedded).await;
-    let (creds_url, served) = fake_container_credentials().await;
-
+    let (creds_url, served) = fake_container_credentials(lifetime).await;
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let api = free_addr();
@@ -63,7 +78,7 @@ async fn default_chain_takes_container_credentials() {
     // Empty profile files, so the chain reaches the container provider (environment keys are
     // not set in tests).
     let empty = OsStr::new("/dev/null");
-    let _server_proc = ChildProcess::spawn_with_env(
+    let server_proc = ChildProcess::spawn_with_env(
         "server",
         &args,
         &[
@@ -73,6 +88,14 @@ async fn default_chain_takes_container_credentials() {
         ],
     );
     let server = TestServer::attach(Mode::Embedded, api, &store.s3_endpoint, &data_dir).await;
+    (store, server, served, server_proc, dir)
+}
+
+/// With no keys in its settings, a `STORAGE=s3` server takes its credentials from the container
+/// endpoint and completes a download with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_chain_takes_container_credentials() {
+    let (store, server, served, _server_proc, dir) = server_on_container_credentials(None).await;
     assert!(
         served.load(Ordering::Relaxed) >= 1,
         "the server started without asking the container endpoint for credentials"
@@ -86,4 +109,19 @@ async fn default_chain_takes_container_credentials() {
     let upload_id = trigger_id(&server, &client_id).await;
     let status = server.wait_finished(&upload_id).await;
     assert_identical(&store, &status, &sha).await;
+}
+
+/// Temporary credentials that expire in two minutes sign URLs that live less than that,
+/// whatever PRESIGN_TTL_SECS says: a URL that outlived them would get `ExpiredToken`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presigned_urls_end_before_their_credentials() {
+    let (_store, server, _served, _server_proc, _dir) =
+        server_on_container_credentials(Some(Duration::from_secs(120))).await;
+    let client_id = unique_client("shortcreds");
+    let (_agent, _upload_id, plan) = RawAgent::with_plan(&server, &client_id, "a.bin", 1000).await;
+    let ttl = plan["expires_in_secs"].as_u64().unwrap();
+    assert!(
+        (1..=90).contains(&ttl),
+        "URLs live {ttl} s past credentials of 120 s"
+    );
 }

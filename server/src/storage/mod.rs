@@ -216,6 +216,23 @@ impl Storage {
             .ok_or_else(|| anyhow!("CreateMultipartUpload returned no upload id"))
     }
 
+    /// How long presigned URLs may live: `wanted`, but never past the expiry of the
+    /// credentials that sign them (an instance role, a task role or a web-identity session
+    /// expires long before a URL's own `X-Amz-Expires`, and S3 then answers `ExpiredToken`),
+    /// less a margin. At least one second.
+    pub async fn usable_ttl(&self, wanted: Duration) -> anyhow::Result<Duration> {
+        let credentials = self
+            .credentials
+            .provide_credentials()
+            .await
+            .context("loading credentials to presign")?;
+        Ok(cap_at_expiry(
+            wanted,
+            credentials.expiry(),
+            SystemTime::now(),
+        ))
+    }
+
     pub async fn presign_part(
         &self,
         key: &str,
@@ -443,6 +460,21 @@ impl Storage {
     }
 }
 
+/// Credentials expiring this soon after a URL would still be signing it are left out of its
+/// life: the agent asks for fresh URLs before then.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+
+fn cap_at_expiry(wanted: Duration, expiry: Option<SystemTime>, now: SystemTime) -> Duration {
+    let Some(expiry) = expiry else {
+        return wanted;
+    };
+    let left = expiry
+        .duration_since(now)
+        .unwrap_or_default()
+        .saturating_sub(EXPIRY_MARGIN);
+    wanted.min(left).max(Duration::from_secs(1))
+}
+
 /// The ETag S3 gives a multipart object: the MD5 of the concatenated binary part MD5s, a dash and
 /// the part count, in quotes. `None` if a part ETag is not a hex MD5 (SSE-KMS objects, say).
 pub fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {
@@ -484,6 +516,22 @@ mod tests {
         h.update(hex::decode("92eb5ffee6ae2fec3ad71c777531578f").unwrap());
         let expected = format!("\"{}-2\"", hex::encode(h.finalize()));
         assert_eq!(multipart_etag(&parts).unwrap(), expected);
+    }
+
+    #[test]
+    fn urls_never_outlive_their_credentials() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let wanted = Duration::from_secs(900);
+        assert_eq!(cap_at_expiry(wanted, None, now), wanted, "long-term keys");
+        let in_an_hour = Some(now + Duration::from_secs(3600));
+        assert_eq!(cap_at_expiry(wanted, in_an_hour, now), wanted);
+        let in_two_minutes = Some(now + Duration::from_secs(120));
+        assert_eq!(
+            cap_at_expiry(wanted, in_two_minutes, now),
+            Duration::from_secs(90)
+        );
+        let expired = Some(now - Duration::from_secs(5));
+        assert_eq!(cap_at_expiry(wanted, expired, now), Duration::from_secs(1));
     }
 
     #[test]

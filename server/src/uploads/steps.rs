@@ -276,7 +276,16 @@ impl Uploads {
         missing: &[shared::PartNumber],
         done: Vec<CompletedPart>,
     ) -> Event {
-        let ttl = self.settings().presign_ttl;
+        let ttl = match self.storage().usable_ttl(self.settings().presign_ttl).await {
+            Ok(ttl) => ttl,
+            Err(err) => {
+                tracing::error!(upload_id = %id, error = format!("{err:#}"), "loading credentials failed");
+                return Event::Fail {
+                    code: ErrorCode::StorageError,
+                    message: "could not presign the upload".into(),
+                };
+            }
+        };
         let (key, s3_upload_id) = (&transfer.multipart.key, &transfer.multipart.upload_id);
         let failed = |what: &str, err: anyhow::Error| {
             tracing::error!(upload_id = %id, error = format!("{err:#}"), "presigning {what} failed");

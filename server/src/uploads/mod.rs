@@ -17,17 +17,17 @@
 //!                   │                               ┌─────────────┐ reconnect + file_info,
 //!                   │                               │  Uploading  │◄─ need_urls: ListParts,
 //!                   │                               └──────┬──────┘   presign the missing parts
-//!                   │            upload_completed, or ListParts│finds it gone
+//!                   │   upload_completed, COMPLETE_FAILED, │or ListParts finds it gone
 //!                   │                                      ▼
 //!                   │                               ┌─────────────┐ HeadObject agrees
-//!                   │                               │  Verifying  ├──────────────► Completed
-//!                   │                               └──────┬──────┘
+//!                   │     storage unreadable: again │  Verifying  ├──────────────► Completed
+//!                   │     in 5 s (VerifyAgain) ────►└──────┬──────┘
 //!                   │ fail, cancel, upload_failed,         │ (from any open stage)
 //!                   │ stall, a changed file, a bad object  │
 //!                   ▼                                      ▼
-//!              ┌──────────────────────────────────────────────┐ AbortMultipartUpload
-//!              │ Ending (failed or cancelled; saved, so a     ├──────────► Failed / Cancelled
-//!              │ restart finishes the abort)                  │
+//!              ┌──────────────────────────────────────────────┐ DeleteObject (from Verifying),
+//!              │ Ending (failed or cancelled; saved, so a     │ AbortMultipartUpload
+//!              │ restart finishes the abort)                  ├──────────► Failed / Cancelled
 //!              └──────────────────────────────────────────────┘
 //! ```
 //!
@@ -41,8 +41,8 @@
 //!   start-up recovery: [`housekeeping`]; what the REST API shows: [`status`].
 //!
 //! **Invariant:** a record reaches `failed` or `cancelled` only after its multipart upload has
-//! been aborted, and `completed` only after HeadObject agreed, so a caller who sees a terminal
-//! state can rely on it.
+//! been aborted (and an object past the agent's completion deleted), and `completed` only after
+//! HeadObject agreed, so a caller who sees a terminal state can rely on it.
 
 mod dispatch;
 mod ending;

@@ -3,8 +3,8 @@
 //! s3s-fs completes a multipart upload by forgetting it first, then moving each part into the
 //! object and deleting the part as it goes: a crash in between left neither the upload nor the
 //! object. Before s3s-fs starts, a [`Journal`] hard-links every file of the upload (its record,
-//! its metadata and its parts) into `.backhaul-completions/<upload id>/` and then names the
-//! object in a `target` file. Once the completion has ended, the journal is removed; if it
+//! its metadata and the parts it lists) into `.backhaul-completions/<upload id>/` and then
+//! writes a `target` file naming the object. Once the completion has ended, the journal is removed; if it
 //! failed, the upload's files are linked back first. A journal found at start-up belongs to a
 //! completion that a crash cut short: the upload's files are linked back, so the upload is
 //! resumable and the agent completes it again, which rewrites whatever object the cut-short
@@ -28,15 +28,16 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Links the files of upload `upload_id` of `bucket`/`key` into a fresh journal. `None` if
+    /// Links the files of upload `upload_id` of `bucket`/`key` into a fresh journal: its record,
+    /// its metadata and the parts the completion lists (the ones s3s-fs consumes). `None` if
     /// there is no such upload (s3s-fs will refuse the completion, touching nothing).
     pub fn begin(
         root: &Path,
         bucket: &str,
         key: &str,
         upload_id: &str,
+        parts: &[i32],
     ) -> io::Result<Option<Self>> {
-        check_names(bucket, key)?;
         if uuid::Uuid::parse_str(upload_id).is_err()
             || !root.join(format!(".upload-{upload_id}.json")).exists()
         {
@@ -47,7 +48,7 @@ impl Journal {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
-        for name in upload_files(root, bucket, key, upload_id)? {
+        for name in upload_files(root, bucket, key, upload_id, parts) {
             std::fs::hard_link(root.join(&name), dir.join(&name))?;
         }
         let tmp = dir.join(format!("{TARGET}.tmp"));
@@ -67,11 +68,6 @@ impl Journal {
     /// The completion failed or was cut short: the upload's files are put back, so the upload
     /// is as it was before the completion.
     pub fn roll_back(self) -> io::Result<()> {
-        let target = std::fs::read_to_string(self.dir.join(TARGET))?;
-        let (bucket, key) = target
-            .split_once('\n')
-            .ok_or_else(|| io::Error::other("malformed completion journal"))?;
-        check_names(bucket, key)?;
         for entry in std::fs::read_dir(&self.dir)? {
             let name = entry?.file_name();
             if name == TARGET {
@@ -131,24 +127,6 @@ pub fn remove_stray_parts(root: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
-/// A bucket and key that stay inside the store's root as paths (s3s-fs refuses the others too).
-fn check_names(bucket: &str, key: &str) -> io::Result<()> {
-    let inside = |s: &str| {
-        !s.is_empty()
-            && Path::new(s)
-                .components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)))
-    };
-    if inside(bucket) && inside(key) && !bucket.contains('/') {
-        Ok(())
-    } else {
-        Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the bucket or key is not a plain path",
-        ))
-    }
-}
-
 fn remove_if_present(path: &Path) -> io::Result<()> {
     match std::fs::remove_file(path) {
         Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
@@ -160,9 +138,15 @@ fn encode(s: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
 }
 
-/// The names, in the store's root, of the files s3s-fs keeps for an unfinished upload: its
-/// record, its metadata and its parts.
-fn upload_files(root: &Path, bucket: &str, key: &str, upload_id: &str) -> io::Result<Vec<String>> {
+/// The names, in the store's root, of the files of an unfinished upload that exist: its record,
+/// its metadata and the listed parts.
+fn upload_files(
+    root: &Path,
+    bucket: &str,
+    key: &str,
+    upload_id: &str,
+    parts: &[i32],
+) -> Vec<String> {
     let mut names = vec![
         format!(".upload-{upload_id}.json"),
         format!(
@@ -171,17 +155,13 @@ fn upload_files(root: &Path, bucket: &str, key: &str, upload_id: &str) -> io::Re
             encode(key)
         ),
     ];
+    names.extend(
+        parts
+            .iter()
+            .map(|n| format!(".upload_id-{upload_id}.part-{n}")),
+    );
     names.retain(|n| root.join(n).exists());
-    let part_prefix = format!(".upload_id-{upload_id}.part-");
-    for entry in std::fs::read_dir(root)? {
-        let name = entry?.file_name();
-        if let Some(name) = name.to_str()
-            && name.starts_with(&part_prefix)
-        {
-            names.push(name.to_owned());
-        }
-    }
-    Ok(names)
+    names
 }
 
 #[cfg(test)]
@@ -214,7 +194,9 @@ mod tests {
     fn a_completion_cut_short_is_rolled_back() {
         let (dir, names) = store();
         let root = dir.path();
-        let journal = Journal::begin(root, "b", "k/f.bin", ID).unwrap().unwrap();
+        let journal = Journal::begin(root, "b", "k/f.bin", ID, &[1, 2])
+            .unwrap()
+            .unwrap();
         std::fs::remove_file(root.join(&names[0])).unwrap();
         std::fs::remove_file(root.join(&names[2])).unwrap();
         drop(journal); // the process dies here
@@ -234,7 +216,9 @@ mod tests {
     fn a_finished_completion_leaves_nothing_and_unknown_uploads_are_not_journaled() {
         let (dir, names) = store();
         let root = dir.path();
-        let journal = Journal::begin(root, "b", "k/f.bin", ID).unwrap().unwrap();
+        let journal = Journal::begin(root, "b", "k/f.bin", ID, &[1, 2])
+            .unwrap()
+            .unwrap();
         for name in &names {
             std::fs::remove_file(root.join(name)).unwrap();
         }
@@ -243,8 +227,11 @@ mod tests {
         assert!(names.iter().all(|n| !root.join(n).exists()));
         // The upload is gone now: a retried completion is not journaled (and so cannot roll
         // anything back).
-        assert!(Journal::begin(root, "b", "k/f.bin", ID).unwrap().is_none());
-        assert!(Journal::begin(root, "b", "../escape", ID).is_err());
+        assert!(
+            Journal::begin(root, "b", "k/f.bin", ID, &[1, 2])
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

@@ -160,8 +160,19 @@ s3_impl! {
                     "a completion of this upload is already running; retry later",
                 ));
             };
-            let journal =
-                journal::Journal::begin(&root, &input.bucket, &input.key, &input.upload_id)
+            let parts: Vec<i32> = input
+                .multipart_upload
+                .as_ref()
+                .and_then(|m| m.parts.as_ref())
+                .map(|parts| parts.iter().filter_map(|p| p.part_number).collect())
+                .unwrap_or_default();
+            let journal = journal::Journal::begin(
+                &root,
+                &input.bucket,
+                &input.key,
+                &input.upload_id,
+                &parts,
+            )
                     .map_err(|e| {
                         S3Error::with_message(
                             S3ErrorCode::InternalError,

@@ -34,21 +34,7 @@ async fn server_killed_during_completions() {
     let data_dir = dir.path().join("data");
     let (api, s3) = (free_addr(), free_addr());
     let proxy = FaultProxy::start(&format!("http://{s3}"), Faults::default()).await;
-    let (api_s, s3_s, proxy_url) = (api.to_string(), s3.to_string(), proxy.url());
-    let args = server_args(
-        Mode::Embedded,
-        &data_dir,
-        &[
-            "--listen-addr",
-            &api_s,
-            "--embedded-s3-listen-addr",
-            &s3_s,
-            "--s3-public-endpoint",
-            &proxy_url,
-            "--part-size",
-            "5242880",
-        ],
-    );
+    let args = child_server_args(Mode::Embedded, &data_dir, api, s3, &proxy.url());
     let mut server_proc = ChildProcess::spawn("server", &args);
     let mut server =
         TestServer::attach(Mode::Embedded, api, &format!("http://{s3}"), &data_dir).await;

@@ -650,6 +650,33 @@ pub fn server_args(mode: Mode, data_dir: &Path, extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// Arguments of a server process (a [`ChildProcess`] to kill) on `mode`'s storage, listening
+/// on `api`, with its embedded store (if any) on `s3`, presigning for `public` (a fault proxy)
+/// and parts of 5 MiB.
+pub fn child_server_args(
+    mode: Mode,
+    data_dir: &Path,
+    api: SocketAddr,
+    s3: SocketAddr,
+    public: &str,
+) -> Vec<String> {
+    let (api, s3) = (api.to_string(), s3.to_string());
+    server_args(
+        mode,
+        data_dir,
+        &[
+            "--listen-addr",
+            &api,
+            "--embedded-s3-listen-addr",
+            &s3,
+            "--s3-public-endpoint",
+            public,
+            "--part-size",
+            "5242880",
+        ],
+    )
+}
+
 /// The arguments of an in-process [`TestAgent`], for running the same agent as a process.
 pub fn agent_args(
     server_ws_url: &str,

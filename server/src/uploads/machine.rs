@@ -3,7 +3,7 @@
 //! [`Upload::on`] takes an [`Event`], checks that it is one the upload's [`Stage`] accepts,
 //! changes the record, and returns the [`Effect`]s the caller must carry out (S3 calls, messages
 //! to the agent, counters). It does no I/O and reads no clock (it is handed a [`Now`]), so every
-//! transition is tested without a server (`tests.rs`). An event the stage does not accept is
+//! transition is tested without a server (`tests/transitions.rs`). An event the stage does not accept is
 //! [`Refused`] and leaves the record untouched: each handler below checks before it changes.
 
 use std::time::{Duration, Instant};

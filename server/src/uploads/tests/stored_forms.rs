@@ -1,0 +1,151 @@
+//! The stored forms, a database written by the first release, and the table's save rule.
+
+use super::*;
+
+#[test]
+fn every_stage_survives_the_stored_form() {
+    for u in [requested(), uploading(), verifying(), ending(), completed()] {
+        let row = stored::to_row(&u).unwrap();
+        let loaded = crate::db::LoadedRow {
+            id: row.id.to_string(),
+            format: row.format,
+            record: row.record.clone(),
+        };
+        let back = stored::from_row(&loaded, Instant::now()).unwrap();
+        assert_eq!(back.stage, u.stage);
+        assert_eq!(stored::to_row(&back).unwrap(), row);
+    }
+}
+
+fn temp_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("backhaul-uploads-{}", UploadId::new_random()))
+}
+
+/// The database the first release's code wrote (`tests/fixtures/uploads-v1.sql`, dumped from
+/// it): every record is read, in the stage it was in, and time sorts as time.
+#[test]
+fn a_database_written_by_the_first_release_is_read_whole() {
+    let dir = temp_dir();
+    let path = dir.join("backhaul.db");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(include_str!("../../../tests/fixtures/uploads-v1.sql"))
+        .unwrap();
+    drop(conn);
+    let table = Table::open(Box::new(SqliteStore::open(&path).unwrap())).unwrap();
+    let id = |n: u32| UploadId::parse(&format!("00000000-0000-4000-8000-00000000000{n}")).unwrap();
+    let read = |n| {
+        table
+            .read_or_load(id(n), |u| (stage_name(u), u.clone()))
+            .unwrap()
+            .unwrap()
+    };
+
+    let (stage, u) = read(1);
+    assert_eq!(stage, "requested");
+    assert_eq!(u.client_id.as_str(), "store-requested");
+
+    let (stage, u) = read(2);
+    assert_eq!(stage, "uploading");
+    let t = u.stage.transfer().unwrap();
+    assert_eq!(t.multipart.upload_id, format!("mpu-{}", id(2)));
+    assert_eq!(t.file.size, 12 * MIB);
+    assert_eq!(t.file.part_md5.len(), 3);
+    assert_eq!(
+        t.file.sha256.as_str(),
+        "5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
+    );
+    assert_eq!((u.parts_done, u.bytes_done, u.resumes), (1, 5 * MIB, 2));
+    assert_eq!((u.phases.describe_ms, u.phases.presign_ms), (120, 3));
+    assert_eq!(u.created.0, 1_796_083_202_250);
+
+    assert_eq!(read(3).0, "verifying");
+
+    let (stage, u) = read(4);
+    assert_eq!(stage, "ending failed");
+    assert_eq!(u.state(), UploadState::Uploading);
+    assert_eq!(u.stage.error().unwrap().code, ErrorCode::Stalled);
+    assert!(u.recovery().is_some(), "a restart finishes the ending");
+
+    let (stage, u) = read(5);
+    assert_eq!(stage, "completed");
+    assert!(
+        matches!(&u.stage, Stage::Completed { etag, .. } if etag == "\"0123456789abcdef0123456789abcdef-3\"")
+    );
+    assert_eq!(u.finished.unwrap().0, 1_796_083_265_500);
+
+    let (stage, u) = read(6);
+    assert_eq!(stage, "failed");
+    assert_eq!(u.stage.error().unwrap().code, ErrorCode::FileChanged);
+    assert!(u.stage.transfer().is_some());
+
+    let (stage, u) = read(7);
+    assert_eq!(stage, "cancelled");
+    assert_eq!(u.stage.error().unwrap().code, ErrorCode::Cancelled);
+
+    // Of store-done's two uploads, the one created half a second later is the latest.
+    let latest = table
+        .read_latest(&ClientId::parse("store-done").unwrap(), |u| u.id)
+        .unwrap();
+    assert_eq!(latest, id(6));
+    // The store answers the same, by integer milliseconds.
+    let store = SqliteStore::open(&path).unwrap();
+    let row = store
+        .latest_for(&ClientId::parse("store-done").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.id, id(6).to_string());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_unreadable_record_is_set_aside_not_dropped() {
+    let dir = temp_dir();
+    let path = dir.join("backhaul.db");
+    let good = uploading();
+    let bad = UploadId::new_random();
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store.save(&stored::to_row(&good).unwrap()).unwrap();
+        let mut row = stored::to_row(&uploading()).unwrap();
+        row.id = bad;
+        row.record = row.record.replace("\"stage\"", "\"renamed_stage\"");
+        store.save(&row).unwrap();
+    }
+    let table = Table::open(Box::new(SqliteStore::open(&path).unwrap())).unwrap();
+    assert!(table.read(good.id, |_| ()).is_some());
+    assert!(table.read(bad, |_| ()).is_none());
+    assert!(
+        table.is_unreadable(bad),
+        "the orphan sweep must leave its key alone"
+    );
+    assert!(!table.is_unreadable(good.id));
+    // Reported as unreadable, not as absent.
+    assert!(table.read_or_load(bad, |_| ()).is_err());
+    assert_eq!(table.read_or_load(UploadId::new_random(), |_| ()), Ok(None));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_table_saves_by_its_rule() {
+    let dir = temp_dir();
+    let path = dir.join("backhaul.db");
+    let table = Table::open(Box::new(SqliteStore::open(&path).unwrap())).unwrap();
+    let u = uploading();
+    let id = u.id;
+    table.create(u, |_| Ok::<(), ()>(())).unwrap();
+    let stored_parts = || {
+        let row = SqliteStore::open(&path).unwrap().get(id).unwrap().unwrap();
+        let u = stored::from_row(&row, Instant::now()).unwrap();
+        (stage_name(&u), u.parts_done)
+    };
+    // Progress is not saved on its own...
+    table.apply(id, progress(agent())).unwrap();
+    assert_eq!(stored_parts(), ("uploading".into(), 0));
+    // ...but carried by the next saved change.
+    table.apply(id, completed_by(agent())).unwrap();
+    assert_eq!(stored_parts(), ("verifying".into(), 3));
+    // A second upload for the client is refused while this one is open.
+    assert!(table.create(uploading(), |_| Ok::<(), ()>(())).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

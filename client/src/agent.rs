@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::connection::{ConnectError, Incoming, ServerConnection};
-use crate::uploader::{self, Progress, RateLimiter, Snapshot, UploadSettings};
+use crate::uploader::{self, KnownHashes, Layout, Progress, RateLimiter, UploadSettings};
 
 /// How often progress is reported while parts are in flight.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
@@ -47,6 +47,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let limiter = (config.max_upload_bytes_per_sec > 0)
         .then(|| Arc::new(RateLimiter::new(config.max_upload_bytes_per_sec)));
     let mut backoff = config.reconnect_policy();
+    let known = KnownHashes::default();
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
@@ -57,7 +58,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         };
         match outcome {
             Ok(conn) => {
-                let mut session = Session::new(&config, &http, conn, limiter.clone());
+                let mut session =
+                    Session::new(&config, &http, conn, limiter.clone(), known.clone());
                 match session.run(&shutdown, &mut backoff).await {
                     SessionEnd::Shutdown => return Ok(()),
                     SessionEnd::Lost(reason) => {
@@ -96,10 +98,12 @@ struct Session<'a> {
     outbox_rx: mpsc::Receiver<AgentMessage>,
     /// Upload tasks of this session, by upload id; cancelled when the session ends.
     uploads: HashMap<UploadId, CancellationToken>,
-    /// The file each described upload refers to, as hashed; kept until the upload ends here,
-    /// because a plan for fresh URLs can follow the first one.
-    described: HashMap<UploadId, (PathBuf, Snapshot)>,
+    /// The file each described upload refers to, as described; kept until the upload ends
+    /// here, because a plan for fresh URLs can follow the first one.
+    described: HashMap<UploadId, (PathBuf, Layout)>,
     limiter: Option<Arc<RateLimiter>>,
+    /// SHA-256s of files uploaded, kept across sessions.
+    known: KnownHashes,
     session_cancel: CancellationToken,
 }
 
@@ -109,6 +113,7 @@ impl<'a> Session<'a> {
         http: &'a reqwest::Client,
         conn: ServerConnection,
         limiter: Option<Arc<RateLimiter>>,
+        known: KnownHashes,
     ) -> Self {
         let (outbox_tx, outbox_rx) = mpsc::channel(OUTBOX_CAPACITY);
         Self {
@@ -120,6 +125,7 @@ impl<'a> Session<'a> {
             uploads: HashMap::new(),
             described: HashMap::new(),
             limiter,
+            known,
             session_cancel: CancellationToken::new(),
         }
     }
@@ -220,11 +226,17 @@ impl<'a> Session<'a> {
                         )
                         .await;
                         // Remember the path only for a file the server may now plan an upload of.
-                        if let Ok(d) = &described {
-                            tracing::info!(%upload_id, size = d.snapshot.size, elapsed = ?started.elapsed(), "file hashed");
-                            self.described.insert(upload_id, (path, d.snapshot));
-                        }
-                        described
+                        described.map(|d| {
+                            tracing::info!(%upload_id, size = d.snapshot.size, elapsed = ?started.elapsed(), "file described");
+                            let layout = Layout {
+                                snapshot: d.snapshot,
+                                part_size: d.part_size,
+                                part_crc64nvme: d.part_crc64nvme.clone().into(),
+                            };
+                            let sha256 = self.known.lookup(&path, &layout);
+                            self.described.insert(upload_id, (path, layout));
+                            (d, sha256)
+                        })
                     }
                     None => Err(uploader::UploadError {
                         code: ErrorCode::FileNotShared,
@@ -232,14 +244,15 @@ impl<'a> Session<'a> {
                     }),
                 };
                 let reply = match described {
-                    Ok(d) => AgentMessage::FileInfo {
+                    Ok((d, sha256)) => AgentMessage::FileInfo {
                         upload_id,
                         file_name: d.file_name,
                         size: d.snapshot.size,
                         modified_ms: d.snapshot.modified_ms,
-                        sha256: d.sha256,
                         part_size: d.part_size,
-                        part_md5: d.part_md5,
+                        part_crc64nvme: d.part_crc64nvme.iter().map(|c| c.to_base64()).collect(),
+                        sha256,
+                        part_md5: Vec::new(),
                     },
                     Err(e) => {
                         tracing::warn!(%upload_id, code = %e.code, message = e.message, "cannot share the file");
@@ -247,6 +260,7 @@ impl<'a> Session<'a> {
                             upload_id,
                             code: e.code,
                             message: e.message,
+                            sha256: None,
                         }
                     }
                 };
@@ -276,12 +290,13 @@ impl<'a> Session<'a> {
     fn start_upload(&mut self, plan: UploadPlan) {
         let upload_id = plan.upload_id;
         // Only a file this session described can be uploaded.
-        let Some((path, snapshot)) = self.described.get(&upload_id).cloned() else {
+        let Some((path, layout)) = self.described.get(&upload_id).cloned() else {
             tracing::warn!(%upload_id, "plan for an upload this agent never described");
             let _ = self.outbox_tx.try_send(AgentMessage::UploadFailed {
                 upload_id,
                 code: ErrorCode::UnexpectedMessage,
                 message: "no file was described for this upload".into(),
+                sha256: None,
             });
             return;
         };
@@ -294,6 +309,7 @@ impl<'a> Session<'a> {
         self.uploads.insert(upload_id, cancel.clone());
         let outbox = self.outbox_tx.clone();
         let http = self.http.clone();
+        let known = self.known.clone();
         let settings = UploadSettings {
             concurrency: self.config.upload_concurrency,
             attempts: self.config.part_attempts,
@@ -338,8 +354,8 @@ impl<'a> Session<'a> {
             let started = std::time::Instant::now();
             let result = uploader::upload(
                 &http,
-                path,
-                snapshot,
+                path.clone(),
+                &layout,
                 &plan,
                 &settings,
                 progress.clone(),
@@ -358,16 +374,34 @@ impl<'a> Session<'a> {
                     part_retries: retries,
                 })
                 .await;
+            if let Ok(
+                uploader::Outcome::Completed { sha256, .. }
+                | uploader::Outcome::CompleteFailed { sha256, .. },
+            ) = &result
+            {
+                known.remember(path, layout, sha256.clone());
+            }
             let msg = match result {
                 Ok(uploader::Outcome::Completed {
                     parts,
                     complete_time,
+                    sha256,
                 }) => {
-                    tracing::info!(%upload_id, elapsed = ?started.elapsed(), ?complete_time, retries, "upload finished");
+                    tracing::info!(%upload_id, elapsed = ?started.elapsed(), ?complete_time, retries, sha256, "upload finished");
                     AgentMessage::UploadCompleted {
                         upload_id,
                         parts,
                         complete_ms: complete_time.as_millis() as u64,
+                        sha256: Some(sha256),
+                    }
+                }
+                Ok(uploader::Outcome::CompleteFailed { error, sha256 }) => {
+                    tracing::warn!(%upload_id, code = %error.code, message = error.message, "completing the upload failed");
+                    AgentMessage::UploadFailed {
+                        upload_id,
+                        code: error.code,
+                        message: error.message,
+                        sha256: Some(sha256),
                     }
                 }
                 Ok(uploader::Outcome::NeedUrls) => {
@@ -380,6 +414,7 @@ impl<'a> Session<'a> {
                         upload_id,
                         code: e.code,
                         message: e.message,
+                        sha256: None,
                     }
                 }
             };

@@ -86,9 +86,8 @@ pub struct Config {
     #[arg(long, env = "UPLOAD_CONCURRENCY", default_value_t = 4)]
     pub upload_concurrency: usize,
 
-    /// Threads that hash a file before it is uploaded. With 1 the file is read once for both
-    /// hashes; with more, one thread computes the SHA-256 while the others MD5 the parts, and
-    /// the file is read twice (mostly from the page cache). The CPU time is the same either way.
+    /// Threads that compute the parts' CRC64NVME checksums before a file is uploaded. The
+    /// SHA-256 of the whole is computed on one more thread while the parts upload.
     #[arg(long, env = "HASH_THREADS", default_value_t = 2)]
     pub hash_threads: usize,
 

@@ -99,6 +99,18 @@ pub struct Config {
     #[arg(long, env = "S3_PUBLIC_ENDPOINT")]
     pub s3_public_endpoint: Option<Url>,
 
+    /// Server-side encryption requested for every object at CreateMultipartUpload: `AES256`
+    /// (SSE-S3) or `aws:kms` (SSE-KMS). Unset leaves it to the bucket's default encryption.
+    /// Verification does not depend on it: objects are checked by their CRC64NVME, not their
+    /// ETag (which SSE-KMS makes no MD5).
+    #[arg(long, env = "S3_SSE", value_enum)]
+    pub s3_sse: Option<crate::storage::Sse>,
+
+    /// KMS key (id, ARN or alias) for `S3_SSE=aws:kms`; unset means the account's AWS-managed
+    /// key for S3.
+    #[arg(long, env = "S3_SSE_KMS_KEY_ID")]
+    pub s3_sse_kms_key_id: Option<String>,
+
     /// Smallest part size in bytes (at least 5 MiB); grows so no file needs over 10,000 parts.
     #[arg(long, env = "PART_SIZE", default_value_t = DEFAULT_PART_SIZE)]
     pub part_size: u64,
@@ -184,6 +196,9 @@ impl Config {
         }
         if self.aws_access_key_id.is_some() != self.aws_secret_access_key.is_some() {
             bail!("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together");
+        }
+        if self.s3_sse_kms_key_id.is_some() && self.s3_sse != Some(crate::storage::Sse::Kms) {
+            bail!("S3_SSE_KMS_KEY_ID needs S3_SSE=aws:kms");
         }
         Ok(())
     }

@@ -10,7 +10,9 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use shared::protocol::{AgentMessage, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ServerMessage};
+use shared::protocol::{
+    AgentMessage, MAX_MESSAGE_BYTES, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION, ServerMessage,
+};
 use shared::{ClientId, ErrorCode};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -60,10 +62,10 @@ pub async fn connect(
 /// One agent connection: the handshake, then registration, the writer task and the read loop.
 async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
     let (mut reader, mut writer) = connection::split(socket);
-    if !handshake(&client_id, &mut reader, &mut writer).await {
+    let Some(protocol_version) = handshake(&client_id, &mut reader, &mut writer).await else {
         return;
-    }
-    let (session, outbox_rx) = Registration::new(&state, &client_id).await;
+    };
+    let (session, outbox_rx) = Registration::new(&state, &client_id, protocol_version).await;
     let writer_task = spawn_writer(&state, writer, outbox_rx, session.close.clone());
     read_loop(&state, &session, &mut reader).await;
     session.close.cancel();
@@ -71,22 +73,23 @@ async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
     // `session` drops here, and with it the registry entry.
 }
 
-/// The first message must be a hello with our protocol version; anything else is answered with
-/// an error and a close. Returns whether the session may go on.
+/// The first message must be a hello with a protocol version the server serves (this release's
+/// or the previous one); anything else is answered with an error and a close. Returns the
+/// agent's version if the session may go on.
 async fn handshake(
     client_id: &ClientId,
     reader: &mut connection::AgentReader,
     writer: &mut AgentWriter,
-) -> bool {
+) -> Option<u32> {
     let hello = tokio::time::timeout(HELLO_TIMEOUT, reader.recv()).await;
     match hello {
         Ok(Ok(Some(Incoming::Message(AgentMessage::Hello {
             protocol_version,
             agent_version,
         })))) => {
-            if protocol_version != PROTOCOL_VERSION {
+            if !(OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&protocol_version) {
                 let message = format!(
-                    "agent speaks protocol {protocol_version}, server speaks {PROTOCOL_VERSION}: upgrade the {}",
+                    "agent speaks protocol {protocol_version}, server speaks {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}: upgrade the {}",
                     if protocol_version < PROTOCOL_VERSION {
                         "agent"
                     } else {
@@ -95,10 +98,10 @@ async fn handshake(
                 );
                 tracing::warn!(%client_id, agent_version, "{message}");
                 reject(writer, ErrorCode::ProtocolVersionMismatch, &message).await;
-                return false;
+                return None;
             }
-            tracing::info!(%client_id, agent_version, "agent connected");
-            true
+            tracing::info!(%client_id, agent_version, protocol_version, "agent connected");
+            Some(protocol_version)
         }
         Ok(Ok(Some(_))) => {
             reject(
@@ -107,16 +110,16 @@ async fn handshake(
                 "the first message must be hello",
             )
             .await;
-            false
+            None
         }
         Ok(Err(err)) => {
             reject(writer, err.code(), &err.to_string()).await;
-            false
+            None
         }
-        Ok(Ok(None)) => false,
+        Ok(Ok(None)) => None,
         Err(_) => {
             reject(writer, ErrorCode::AgentTimeout, "no hello received").await;
-            false
+            None
         }
     }
 }
@@ -137,7 +140,11 @@ struct Registration {
 impl Registration {
     /// Registers the connection (replacing an older one of the same client), queues the
     /// welcome and lets the uploads know the agent is here.
-    async fn new(state: &AppState, client_id: &ClientId) -> (Self, mpsc::Receiver<ServerMessage>) {
+    async fn new(
+        state: &AppState,
+        client_id: &ClientId,
+        protocol_version: u32,
+    ) -> (Self, mpsc::Receiver<ServerMessage>) {
         let conn_id = state.registry.next_conn_id();
         let close = state.shutdown.child_token();
         let (outbox, outbox_rx) = mpsc::channel::<ServerMessage>(OUTBOX_CAPACITY);
@@ -170,7 +177,7 @@ impl Registration {
             .outbox
             .send(ServerMessage::Welcome {
                 client_id: client_id.clone(),
-                protocol_version: PROTOCOL_VERSION,
+                protocol_version,
             })
             .await;
         state.uploads.on_agent_connected(client_id, conn_id);

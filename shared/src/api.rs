@@ -114,8 +114,14 @@ pub struct UploadStatus {
     pub agent_connected: bool,
     /// How many times the upload was resumed (after a reconnect, a restart or expired URLs).
     pub resumes: u32,
-    /// SHA-256 of the file, as the agent hashed it and as recorded on the object.
+    /// SHA-256 of the file as the agent hashed it. Protocol 3 agents hash it while the parts
+    /// upload and report it when they complete; protocol 2 agents, before the upload, and it is
+    /// recorded on the object as `x-amz-meta-sha256`.
     pub sha256: Option<String>,
+    /// Base64 CRC64NVME of the whole file, S3's full-object checksum, which verification reads
+    /// back from storage (protocol 3 agents).
+    #[serde(default)]
+    pub checksum_crc64nvme: Option<String>,
     pub etag: Option<String>,
     pub error: Option<ErrorDetail>,
     /// Operator who asked for it (the `sub` of their token).

@@ -1,16 +1,29 @@
 //! The WebSocket protocol between the server and an agent: JSON text frames, one message each.
 //!
 //! Each direction has one enum, internally tagged by `type`. `docs/PROTOCOL.md` describes the
-//! sequence; this file is the authority on field names.
+//! sequence and the versions; this file is the authority on field names.
+//!
+//! Unknown fields are ignored in both directions, so a field can be added without locking out
+//! the peers that do not know it yet. An unknown message type is still an error. Fields that
+//! only one protocol version carries are optional here; the server turns what arrived into
+//! typed values at its boundary (`uploads::dispatch`), and refuses a mixture.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
 use crate::ids::{ClientId, FileName, PartNumber, UploadId};
 
-/// Bumped on any incompatible change. The agent sends it in [`AgentMessage::Hello`]; the server
-/// refuses a different one with [`ErrorCode::ProtocolVersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 2;
+/// The protocol this release speaks, bumped on any incompatible change. The agent sends it in
+/// [`AgentMessage::Hello`].
+///
+/// - 3: parts carry CRC64NVME checksums, the object a full-object CRC64NVME, and the SHA-256
+///   of the file comes with `upload_completed`.
+/// - 2: parts carry `Content-MD5`, and the SHA-256 comes with `file_info`.
+pub const PROTOCOL_VERSION: u32 = 3;
+
+/// The oldest protocol the server still serves: agents in the field cannot all be upgraded at
+/// once. Older ones are refused with [`ErrorCode::ProtocolVersionMismatch`].
+pub const OLDEST_PROTOCOL_VERSION: u32 = 2;
 
 /// The share an operator gets when they name none.
 pub const DEFAULT_SHARE: &str = "default";
@@ -21,7 +34,7 @@ pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Messages the agent sends to the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMessage {
     /// First message of every connection.
     Hello {
@@ -29,18 +42,27 @@ pub enum AgentMessage {
         agent_version: String,
     },
     /// Answer to [`ServerMessage::DescribeFile`]: what the agent would upload, hashed. The part
-    /// layout is [`plan_parts`] of `size` and the server's minimum part size.
+    /// layout is [`plan_parts`] of `size` and the server's minimum part size. A protocol 3
+    /// agent sends `part_crc64nvme`; a protocol 2 agent sends `sha256` and `part_md5`.
     FileInfo {
         upload_id: UploadId,
         file_name: FileName,
         size: u64,
         /// Modification time in milliseconds since the Unix epoch, when the file was hashed.
         modified_ms: u64,
-        /// Lowercase hex SHA-256 of the whole file.
-        sha256: String,
         /// The part size the agent hashed with; must equal the server's own [`plan_parts`].
         part_size: u64,
-        /// Base64 MD5 of each part, in part order: the `Content-MD5` signed into its URL.
+        /// Protocol 3: base64 CRC64NVME of each part, in part order, signed into its URL.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        part_crc64nvme: Vec<String>,
+        /// Lowercase hex SHA-256 of the whole file. Protocol 2: always. Protocol 3: only when
+        /// the agent already computed it for this very file (an upload whose end the server may
+        /// not have heard).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+        /// Protocol 2: base64 MD5 of each part, in part order, signed into its URL as
+        /// `Content-MD5`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         part_md5: Vec<String>,
     },
     /// Sent as parts finish, so the server can report progress.
@@ -59,23 +81,32 @@ pub enum AgentMessage {
         /// Milliseconds the completion request took, for the server's phase times.
         #[serde(default)]
         complete_ms: u64,
+        /// Protocol 3: lowercase hex SHA-256 of the whole file, computed while the parts
+        /// uploaded, over the bytes whose part checksums storage accepted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
     },
     /// The presigned URLs expired before every part was sent. Parts already stored stay; the
     /// server answers with a new [`ServerMessage::StartUpload`] for the missing ones.
     NeedUrls { upload_id: UploadId },
-    /// The agent could not do what was asked; the upload ends `failed` with this code.
+    /// The agent could not do what was asked; the upload ends `failed` with this code. With
+    /// `COMPLETE_FAILED` the server first looks for the object, which the completion may have
+    /// built with only its answer lost.
     UploadFailed {
         upload_id: UploadId,
         code: ErrorCode,
         message: String,
+        /// Protocol 3, with `COMPLETE_FAILED`: the file's SHA-256, as in `upload_completed`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
     },
 }
 
 /// Messages the server sends to an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
-    /// Accepts a [`AgentMessage::Hello`].
+    /// Accepts a [`AgentMessage::Hello`], with the protocol version the agent said it speaks.
     Welcome {
         client_id: ClientId,
         protocol_version: u32,
@@ -100,9 +131,9 @@ pub enum ServerMessage {
     Error { code: ErrorCode, message: String },
 }
 
-/// The presigned plan for one multipart upload.
+/// The presigned plan for one multipart upload. Agents of protocol 2 refuse unknown fields, so
+/// what only protocol 3 carries is left out when empty.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct UploadPlan {
     pub upload_id: UploadId,
     /// The size the agent reported; the agent refuses to go on if its file no longer has it.
@@ -116,6 +147,10 @@ pub struct UploadPlan {
     pub done: Vec<CompletedPart>,
     /// Presigned `POST ...?uploadId=` that completes the multipart upload.
     pub complete_url: String,
+    /// Protocol 3: base64 CRC64NVME of the whole file, signed into `complete_url`. The agent
+    /// sends it as `x-amz-checksum-crc64nvme`, with `x-amz-checksum-type: FULL_OBJECT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum_crc64nvme: Option<String>,
     /// Unix seconds (server clock) after which the URLs stop working. No agent reads it (they
     /// use `expires_in_secs`), but agents of this protocol version released before 2026-12
     /// require the field, so the server still sends it. It may be absent on the wire, so that a
@@ -127,18 +162,21 @@ pub struct UploadPlan {
     pub expires_in_secs: u64,
 }
 
+/// One part's URL and the checksum signed into it: the agent must send the checksum as its
+/// header, and storage refuses a body that does not match it. One of the two is set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PresignedPart {
     pub part_number: PartNumber,
     pub url: String,
-    /// Base64 MD5 of the part, signed into `url`: the agent must send it as `Content-MD5`, and
-    /// storage refuses a body that does not match it.
-    pub content_md5: String,
+    /// Protocol 3: base64 CRC64NVME of the part, sent as `x-amz-checksum-crc64nvme`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum_crc64nvme: Option<String>,
+    /// Protocol 2: base64 MD5 of the part, sent as `Content-MD5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_md5: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CompletedPart {
     pub part_number: PartNumber,
     /// The ETag S3 returned for the part, quotes included.
@@ -209,7 +247,6 @@ mod tests {
         for bad in [
             r#"{"type":"launch_missiles"}"#,
             r#"{"type":"hello","protocol_version":1}"#,
-            r#"{"type":"hello","protocol_version":1,"agent_version":"x","extra":1}"#,
             r#"{"type":"file_info","upload_id":"x","file_name":"a","size":1}"#,
             r#"{"type":"file_info","upload_id":"7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d","file_name":"../a","size":1}"#,
             r#"{"type":"file_info","upload_id":"7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d","file_name":"a","size":-1}"#,
@@ -218,6 +255,29 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<AgentMessage>(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A field a later release adds must not lock out this one, in either direction.
+    #[test]
+    fn unknown_fields_are_ignored_both_ways() {
+        let hello: AgentMessage = serde_json::from_str(
+            r#"{"type":"hello","protocol_version":3,"agent_version":"x","extra":{"a":1}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            hello,
+            AgentMessage::Hello {
+                protocol_version: 3,
+                ..
+            }
+        ));
+        let plan = r#"{"type":"start_upload","upload_id":"7b0c5e4e-3c1a-4a53-9d43-0b5f0e1b2c3d",
+            "size":1,"part_size":5242880,"parts":[{"part_number":1,"url":"u","checksum_crc64nvme":"AAAAAAAAAAA=","future":true}],
+            "complete_url":"c","expires_in_secs":60,"compression":"zstd"}"#;
+        let ServerMessage::StartUpload(plan) = serde_json::from_str(plan).unwrap() else {
+            panic!("not a plan");
+        };
+        assert_eq!(plan.parts.len(), 1);
     }
 
     #[test]
@@ -229,13 +289,15 @@ mod tests {
             parts: vec![PresignedPart {
                 part_number: PartNumber::new(1).unwrap(),
                 url: "http://s3/x".into(),
-                content_md5: "1B2M2Y8AsgTpgAmY7PhCfg==".into(),
+                checksum_crc64nvme: Some("AAAAAAAAAAA=".into()),
+                content_md5: None,
             }],
             done: vec![CompletedPart {
                 part_number: PartNumber::new(2).unwrap(),
                 etag: "\"d41d8cd98f00b204e9800998ecf8427e\"".into(),
             }],
             complete_url: "http://s3/c".into(),
+            checksum_crc64nvme: Some("AAAAAAAAAAA=".into()),
             expires_at: 1,
             expires_in_secs: 900,
         });
@@ -247,7 +309,8 @@ mod tests {
         assert_eq!(serde_json::from_str::<ServerMessage>(&json).unwrap(), msg);
     }
 
-    /// The plan as agents released before 2026-12 parse it: every field required, none unknown.
+    /// The plan as protocol 2 agents released before 2026-12 parse it: every field required,
+    /// none unknown.
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     #[allow(dead_code)]
@@ -255,7 +318,7 @@ mod tests {
         upload_id: UploadId,
         size: u64,
         part_size: u64,
-        parts: Vec<PresignedPart>,
+        parts: Vec<ReleasedPart>,
         #[serde(default)]
         done: Vec<CompletedPart>,
         complete_url: String,
@@ -263,15 +326,31 @@ mod tests {
         expires_in_secs: u64,
     }
 
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct ReleasedPart {
+        part_number: PartNumber,
+        url: String,
+        content_md5: String,
+    }
+
     #[test]
     fn plans_stay_readable_by_released_agents() {
+        // A protocol 2 plan: MD5s, no whole-object checksum.
         let plan = UploadPlan {
             upload_id: id(),
             size: 10,
             part_size: 5,
-            parts: Vec::new(),
+            parts: vec![PresignedPart {
+                part_number: PartNumber::new(1).unwrap(),
+                url: "http://s3/x".into(),
+                checksum_crc64nvme: None,
+                content_md5: Some("1B2M2Y8AsgTpgAmY7PhCfg==".into()),
+            }],
             done: Vec::new(),
             complete_url: "http://s3/c".into(),
+            checksum_crc64nvme: None,
             expires_at: 1,
             expires_in_secs: 900,
         };
@@ -411,8 +490,19 @@ mod decoder_properties {
                     file_name: FileName::parse(&name).unwrap(),
                     size,
                     modified_ms: size / 2,
-                    sha256: format!("{size:064x}"),
                     part_size: MIN_PART_SIZE,
+                    part_crc64nvme: (0..parts).map(|n| format!("{n:011}=")).collect(),
+                    sha256: None,
+                    part_md5: Vec::new(),
+                },
+                AgentMessage::FileInfo {
+                    upload_id,
+                    file_name: FileName::parse(&name).unwrap(),
+                    size,
+                    modified_ms: size / 2,
+                    part_size: MIN_PART_SIZE,
+                    part_crc64nvme: Vec::new(),
+                    sha256: Some(format!("{size:064x}")),
                     part_md5: (0..parts).map(|n| format!("{n:022}==")).collect(),
                 },
                 AgentMessage::NeedUrls { upload_id },
@@ -424,6 +514,7 @@ mod decoder_properties {
                         etag: format!("\"{n:032x}\""),
                     }).collect(),
                     complete_ms: size % 1000,
+                    sha256: Some(format!("{size:064x}")),
                 },
             ];
             for msg in msgs {

@@ -41,19 +41,24 @@ async fn download_via_cli_is_byte_identical(mode: Mode, size: u64) {
         .head_object()
         .bucket(BUCKET)
         .key(key)
+        .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
         .send()
         .await
         .unwrap();
     assert_eq!(head.content_length(), Some(size as i64));
     assert_eq!(head.e_tag(), status["etag"].as_str());
+    // Storage computed the object's CRC64NVME itself, and it is the file's.
+    let crc = shared::hash::Crc64Nvme::of(&tokio::fs::read(&file).await.unwrap()).to_base64();
+    assert_eq!(head.checksum_crc64_nvme(), Some(crc.as_str()));
     assert_eq!(
-        head.metadata()
-            .and_then(|m| m.get("sha256"))
-            .map(String::as_str),
-        Some(sha.as_str()),
-        "the file's SHA-256 is recorded on the object"
+        head.checksum_type(),
+        Some(&aws_sdk_s3::types::ChecksumType::FullObject)
     );
-    assert_eq!(status["sha256"], sha);
+    assert_eq!(status["checksum_crc64nvme"], crc);
+    assert_eq!(
+        status["sha256"], sha,
+        "the agent's SHA-256, computed during the upload"
+    );
     assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
 }
 

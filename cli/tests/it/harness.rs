@@ -863,7 +863,7 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// The `file_info` an honest agent sends for `data`.
+/// The `file_info` an honest protocol 2 agent sends for `data`.
 pub fn file_info(
     upload_id: &str,
     file_name: &str,
@@ -892,7 +892,11 @@ pub fn file_info(
     })
 }
 
-/// A hand-driven agent connection, for protocol-level tests.
+/// The protocol [`RawAgent`] speaks: the previous one, as agents in the field still do, so every
+/// test that drives the wire by hand shows the server still serving them.
+pub const RAW_PROTOCOL_VERSION: u32 = shared::protocol::OLDEST_PROTOCOL_VERSION;
+
+/// A hand-driven agent connection of protocol 2, for protocol-level tests.
 pub struct RawAgent {
     pub ws: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
@@ -922,7 +926,7 @@ impl RawAgent {
             .unwrap();
         a.send_json(serde_json::json!({
             "type": "hello",
-            "protocol_version": shared::protocol::PROTOCOL_VERSION,
+            "protocol_version": RAW_PROTOCOL_VERSION,
             "agent_version": "raw"
         }))
         .await;

@@ -77,6 +77,7 @@ async fn s3_over_https_with_a_private_ca() {
             None,
             "test",
         )),
+        encryption: Default::default(),
     })
     .await
     .unwrap();

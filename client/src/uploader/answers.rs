@@ -11,7 +11,7 @@ pub(super) enum Answer {
     /// The presigned URL, or the credentials that signed it, expired: the server presigns the
     /// rest again.
     Expired,
-    /// The body did not match its signed `Content-MD5`: corrupted on the way, or the file
+    /// The body did not match its signed checksum: corrupted on the way, or the file
     /// changed; the caller tells which.
     BadDigest(String),
     /// Worth another attempt: a server error, throttling, a request timeout, or a 200 that

@@ -1,37 +1,33 @@
-//! Describing a shared file for the server: its size, the SHA-256 of the whole and the MD5 of
-//! each part, on `HASH_THREADS` threads.
+//! Describing a shared file for the server: its size and the CRC64NVME of each part, on
+//! `HASH_THREADS` threads. CRC64NVME runs at memory speed, so this pass costs little beside the
+//! transfer; the SHA-256 of the whole is computed while the parts upload ([`super::whole`]).
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use md5::{Digest, Md5};
-use sha2::Sha256;
+use shared::hash::{Crc64Nvme, Crc64NvmeHasher};
 use shared::protocol::plan_parts;
 use shared::{ErrorCode, FileName};
 
 use super::UploadError;
 use super::file::{Snapshot, changed_while_hashing, io_error, stored_name};
 
-/// A shared file, described and hashed for the server.
+/// A shared file, described and checksummed for the server.
 #[derive(Debug, Clone)]
 pub struct Described {
     pub file_name: FileName,
     pub snapshot: Snapshot,
-    /// Lowercase hex SHA-256 of the whole file.
-    pub sha256: String,
     pub part_size: u64,
-    /// Base64 MD5 of each part.
-    pub part_md5: Vec<String>,
+    /// CRC64NVME of each part, in part order.
+    pub part_crc64nvme: Vec<Crc64Nvme>,
 }
 
 /// Read size while hashing.
-const HASH_CHUNK: usize = 1024 * 1024;
+pub(super) const HASH_CHUNK: usize = 1024 * 1024;
 
-/// Looks at a shared file and hashes it: its name as stored, its size, the SHA-256 of the
-/// whole and the MD5 of each part laid out by [`plan_parts`]. Errors carry the agent-side codes.
-/// A symbolic link is refused: swapping a shared file for a link must not widen what is shared.
+/// Looks at a shared file and checksums it: its name as stored, its size and the CRC64NVME of
+/// each part laid out by [`plan_parts`]. Errors carry the agent-side codes. A symbolic link is
+/// refused: swapping a shared file for a link must not widen what is shared.
 pub async fn describe_file(
     path: &Path,
     max_size: u64,
@@ -102,11 +98,7 @@ fn hash_file(
         part_size,
         parts: parts as usize,
     };
-    let (sha256, part_md5) = if threads <= 1 {
-        src.hash_in_one_pass()?
-    } else {
-        src.hash_in_parallel(threads)?
-    };
+    let part_crc64nvme = src.checksum_parts(threads.max(1))?;
     let after = Snapshot::of(&file.metadata().map_err(|e| io_error(path, &e))?);
     if after != before {
         return Err(changed_while_hashing(path));
@@ -114,9 +106,8 @@ fn hash_file(
     Ok(Described {
         file_name,
         snapshot: before,
-        sha256,
         part_size,
-        part_md5,
+        part_crc64nvme,
     })
 }
 
@@ -162,33 +153,13 @@ impl HashSource<'_> {
         (offset, self.size.saturating_sub(offset).min(self.part_size))
     }
 
-    /// One thread, one read of the file: SHA-256 and the part's MD5 from each chunk.
-    fn hash_in_one_pass(&self) -> Result<(String, Vec<String>), UploadError> {
-        let mut whole = Sha256::new();
-        let mut part_md5 = Vec::with_capacity(self.parts);
-        let mut buf = vec![0u8; HASH_CHUNK];
-        for i in 0..self.parts {
-            let (offset, len) = self.part(i);
-            let mut md5 = Md5::new();
-            self.read_range(offset, len, &mut buf, |c| {
-                whole.update(c);
-                md5.update(c);
-            })?;
-            part_md5.push(BASE64.encode(md5.finalize()));
-        }
-        Ok((hex::encode(whole.finalize()), part_md5))
-    }
-
-    /// `threads` threads: this one reads the file for the SHA-256, which must go in order, while
-    /// the others take parts from a shared counter and MD5 them; when the SHA-256 is done, this
-    /// thread takes parts too. The file is read twice (from the page cache, usually), and the
-    /// work balances itself whatever the two hashes cost on this CPU.
-    fn hash_in_parallel(&self, threads: usize) -> Result<(String, Vec<String>), UploadError> {
+    /// `threads` threads take parts from a shared counter and checksum them.
+    fn checksum_parts(&self, threads: usize) -> Result<Vec<Crc64Nvme>, UploadError> {
         use std::sync::OnceLock;
         use std::sync::atomic::AtomicUsize;
         let next = AtomicUsize::new(0);
-        let slots: Vec<OnceLock<String>> = (0..self.parts).map(|_| OnceLock::new()).collect();
-        let md5_parts = || -> Result<(), UploadError> {
+        let slots: Vec<OnceLock<Crc64Nvme>> = (0..self.parts).map(|_| OnceLock::new()).collect();
+        let work = || -> Result<(), UploadError> {
             let mut buf = vec![0u8; HASH_CHUNK];
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -196,24 +167,15 @@ impl HashSource<'_> {
                     return Ok(());
                 }
                 let (offset, len) = self.part(i);
-                let mut md5 = Md5::new();
-                self.read_range(offset, len, &mut buf, |c| md5.update(c))
+                let mut crc = Crc64NvmeHasher::default();
+                self.read_range(offset, len, &mut buf, |c| crc.update(c))
                     .inspect_err(|_| next.store(self.parts, Ordering::Relaxed))?;
-                let _ = slots[i].set(BASE64.encode(md5.finalize()));
+                let _ = slots[i].set(crc.finish());
             }
         };
-        let sha256 = std::thread::scope(|scope| {
-            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(md5_parts)).collect();
-            let mut whole = Sha256::new();
-            let mut buf = vec![0u8; HASH_CHUNK];
-            let own = self
-                .read_range(0, self.size, &mut buf, |c| whole.update(c))
-                .inspect_err(|_| next.store(self.parts, Ordering::Relaxed))
-                .and_then(|()| {
-                    drop(buf);
-                    md5_parts()
-                });
-            let mut result = own.map(|()| hex::encode(whole.finalize()));
+        std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
+            let mut result = work();
             for helper in helpers {
                 let joined = helper.join().unwrap_or_else(|_| {
                     Err(UploadError::new(
@@ -221,18 +183,17 @@ impl HashSource<'_> {
                         "a hashing thread panicked",
                     ))
                 });
-                if let (Ok(_), Err(e)) = (&result, joined) {
+                if let (Ok(()), Err(e)) = (&result, joined) {
                     result = Err(e);
                 }
             }
             result
         })?;
-        let part_md5 = slots
+        slots
             .into_iter()
             .map(OnceLock::into_inner)
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| changed_while_hashing(self.path))?;
-        Ok((sha256, part_md5))
+            .ok_or_else(|| changed_while_hashing(self.path))
     }
 }
 
@@ -243,40 +204,34 @@ mod tests {
     const MIN_PART: u64 = 5 * 1024 * 1024;
 
     #[tokio::test]
-    async fn hashes_cover_the_whole_file_and_each_part() {
+    async fn checksums_cover_each_part() {
         let dir = std::env::temp_dir().join(format!("backhaul-hash-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         // Two full parts and a 3-byte tail; the chunked reader must cut exactly at part edges.
         let data: Vec<u8> = (0..2 * MIN_PART + 3).map(|i| (i % 251) as u8).collect();
         let file = dir.join("data.bin");
         std::fs::write(&file, &data).unwrap();
-        let expected: Vec<String> = data
-            .chunks(MIN_PART as usize)
-            .map(|c| BASE64.encode(Md5::digest(c)))
-            .collect();
+        let expected: Vec<Crc64Nvme> = data.chunks(MIN_PART as usize).map(Crc64Nvme::of).collect();
         assert_eq!(expected.len(), 3);
         let empty = dir.join("empty.bin");
         std::fs::write(&empty, b"").unwrap();
-        // One pass, and the SHA-256 thread beside one or more MD5 threads, agree exactly.
         for threads in [1, 2, 3, 8] {
             let d = describe_file(&file, u64::MAX, MIN_PART, threads)
                 .await
                 .unwrap();
             assert_eq!(d.part_size, MIN_PART);
-            assert_eq!(d.sha256, hex::encode(Sha256::digest(&data)), "{threads}");
-            assert_eq!(d.part_md5, expected, "{threads} threads");
+            assert_eq!(d.part_crc64nvme, expected, "{threads} threads");
 
             let e = describe_file(&empty, u64::MAX, MIN_PART, threads)
                 .await
                 .unwrap();
-            assert_eq!(e.part_md5, vec![BASE64.encode(Md5::digest(b""))]);
-            assert_eq!(e.sha256, hex::encode(Sha256::digest(b"")));
+            assert_eq!(e.part_crc64nvme, vec![Crc64Nvme::of(b"")]);
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// A file shorter than its snapshot said (it shrank mid-hash) is FILE_CHANGED on every
-    /// path, and the parallel one stops all its threads.
+    /// A file shorter than its snapshot said (it shrank mid-hash) is FILE_CHANGED, and every
+    /// thread stops.
     #[test]
     fn a_file_that_ends_early_while_hashing_is_changed() {
         let dir = std::env::temp_dir().join(format!("backhaul-short-{}", std::process::id()));
@@ -291,13 +246,9 @@ mod tests {
             part_size: MIN_PART,
             parts: 3,
         };
-        assert_eq!(
-            src.hash_in_one_pass().unwrap_err().code,
-            ErrorCode::FileChanged
-        );
-        for threads in [2, 4] {
+        for threads in [1, 2, 4] {
             assert_eq!(
-                src.hash_in_parallel(threads).unwrap_err().code,
+                src.checksum_parts(threads).unwrap_err().code,
                 ErrorCode::FileChanged
             );
         }

@@ -1,6 +1,7 @@
-//! Everything the agent does with a shared file, in five rooms:
+//! Everything the agent does with a shared file, in six rooms:
 //! - [`policy`]: the hosts the agent may send bytes to;
-//! - [`hashing`] (with [`file`]): describing the file, SHA-256 of the whole and MD5 of each part;
+//! - [`hashing`] (with [`file`]): describing the file, the CRC64NVME of each part;
+//! - [`whole`]: the SHA-256 of the whole file, computed while the parts upload;
 //! - [`pacing`]: one byte rate for all uploads together;
 //! - [`transfer`]: the parts of a plan in parallel, each streamed from disk and retried a bounded
 //!   number of times, then the presigned completion;
@@ -15,6 +16,7 @@ mod hashing;
 mod pacing;
 mod policy;
 mod transfer;
+mod whole;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64};
@@ -27,6 +29,7 @@ pub use hashing::{Described, describe_file};
 pub use pacing::RateLimiter;
 pub use policy::{UploadPolicy, check_entry};
 pub use transfer::{Outcome, READ_CHUNK, upload};
+pub use whole::{KnownHashes, Layout};
 
 /// Why an upload stopped, in the terms the server reports to operators.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use shared::ErrorCode;
+use shared::hash::Crc64Nvme;
 use shared::protocol::{CompletedPart, PresignedPart, UploadPlan};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::answers::{Answer, judge, xml_escape};
 use super::file::{Snapshot, check_unchanged, io_error, open_no_follow};
+use super::whole::{Layout, WholeFile};
 use super::{Progress, UploadError, UploadSettings};
 use crate::backoff::Backoff;
 
@@ -30,18 +32,24 @@ pub enum Outcome {
         parts: Vec<CompletedPart>,
         /// How long the completion request took.
         complete_time: Duration,
+        /// Lowercase hex SHA-256 of the file, computed during the transfer.
+        sha256: String,
     },
     /// The URLs ran out first. Parts that were sent are stored; the server presigns the rest.
     NeedUrls,
+    /// Every part is stored but the completion failed, or its answer was lost: the server
+    /// looks for the object, and keeps the SHA-256 for it.
+    CompleteFailed { error: UploadError, sha256: String },
 }
 
 /// Uploads the parts of `plan`, then completes the multipart upload with them and the parts
-/// already stored. `snapshot` is the file as it was hashed.
+/// already stored. `layout` is the file as it was described; its SHA-256 is computed on the
+/// side meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub async fn upload(
     http: &reqwest::Client,
     path: PathBuf,
-    snapshot: Snapshot,
+    layout: &Layout,
     plan: &UploadPlan,
     settings: &UploadSettings,
     progress: Arc<Progress>,
@@ -51,7 +59,9 @@ pub async fn upload(
     // before that, so none reaches storage expired.
     let ttl = Duration::from_secs(plan.expires_in_secs);
     let deadline = std::time::Instant::now() + ttl - (ttl / 5).min(Duration::from_secs(60));
-    check_plan(&path, snapshot, plan, settings).await?;
+    let snapshot = layout.snapshot;
+    check_plan(&path, layout, plan, settings).await?;
+    let whole = WholeFile::start(path.clone(), layout.clone());
     let done_bytes: u64 = plan
         .done
         .iter()
@@ -89,13 +99,23 @@ pub async fn upload(
             format!("the plan covers {} of {expected} parts", parts.len()),
         ));
     }
+    let sha256 = tokio::select! {
+        r = whole.finish() => r?,
+        () = cancel.cancelled() => {
+            return Err(UploadError::new(ErrorCode::Cancelled, "upload cancelled"));
+        }
+    };
     check_unchanged(&path, snapshot).await?;
     if std::time::Instant::now() >= deadline {
         return Ok(Outcome::NeedUrls);
     }
     let complete_started = std::time::Instant::now();
+    let completion = Completion::new(plan, &parts, &layout.part_crc64nvme)?;
     let completed = tokio::select! {
-        r = complete(http, &plan.complete_url, &parts, settings) => r?,
+        r = complete(http, &completion, settings) => match r {
+            Ok(completed) => completed,
+            Err(error) => return Ok(Outcome::CompleteFailed { error, sha256 }),
+        },
         () = cancel.cancelled() => {
             return Err(UploadError::new(ErrorCode::Cancelled, "upload cancelled"));
         }
@@ -104,22 +124,40 @@ pub async fn upload(
         Outcome::Completed {
             parts,
             complete_time: complete_started.elapsed(),
+            sha256,
         }
     } else {
         Outcome::NeedUrls
     })
 }
 
-/// Before the first byte leaves: every URL goes to an allowed host, and the file is still the
-/// one that was hashed and planned.
+/// Before the first byte leaves: every URL goes to an allowed host with the checksum this
+/// agent declared signed in, and the file is still the one that was described and planned.
 async fn check_plan(
     path: &Path,
-    snapshot: Snapshot,
+    layout: &Layout,
     plan: &UploadPlan,
     settings: &UploadSettings,
 ) -> Result<(), UploadError> {
+    let snapshot = layout.snapshot;
     for part in &plan.parts {
         settings.policy.check(&part.url)?;
+        let declared = (part.part_number.get() as usize)
+            .checked_sub(1)
+            .and_then(|i| layout.part_crc64nvme.get(i));
+        let signed = part
+            .checksum_crc64nvme
+            .as_deref()
+            .and_then(|c| Crc64Nvme::parse(c).ok());
+        if declared.is_none() || signed.as_ref() != declared {
+            return Err(UploadError::new(
+                ErrorCode::UnexpectedMessage,
+                format!(
+                    "the plan's part {} does not carry the CRC64NVME this agent declared",
+                    part.part_number
+                ),
+            ));
+        }
     }
     settings.policy.check(&plan.complete_url)?;
     if snapshot.size != plan.size {
@@ -290,10 +328,11 @@ async fn put_part_once(
                     .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             })
     };
+    let checksum = job.part.checksum_crc64nvme.as_deref().unwrap_or_default();
     let resp = http
         .put(&job.part.url)
         .header(reqwest::header::CONTENT_LENGTH, job.len)
-        .header("content-md5", &job.part.content_md5)
+        .header("x-amz-checksum-crc64nvme", checksum)
         .timeout(settings.request_timeout)
         .body(reqwest::Body::wrap_stream(counted))
         .send()
@@ -332,41 +371,73 @@ async fn put_part_once(
             )));
         }
     };
-    // A change during the send would have been caught by Content-MD5, unless the new bytes
-    // happen to be the hashed ones; the snapshot settles it.
+    // A change during the send would have been caught by the signed checksum, unless the new
+    // bytes happen to have the declared CRC; the snapshot and the whole-file pass settle it.
     check_unchanged(path, job.snapshot)
         .await
         .map_err(PartError::Fatal)?;
     Ok(etag)
 }
 
+/// The completion request: the part list as XML, each part with its ETag and CRC64NVME, and
+/// the whole-object checksum signed into the URL.
+struct Completion<'a> {
+    url: &'a str,
+    checksum: &'a str,
+    body: String,
+}
+
+impl<'a> Completion<'a> {
+    fn new(
+        plan: &'a UploadPlan,
+        parts: &[CompletedPart],
+        crcs: &[Crc64Nvme],
+    ) -> Result<Self, UploadError> {
+        let checksum = plan.checksum_crc64nvme.as_deref().ok_or_else(|| {
+            UploadError::new(
+                ErrorCode::UnexpectedMessage,
+                "the plan carries no whole-object CRC64NVME",
+            )
+        })?;
+        let mut body = String::from("<CompleteMultipartUpload>");
+        for p in parts {
+            let crc = crcs
+                .get(p.part_number.get() as usize - 1)
+                .map(|c| c.to_base64())
+                .unwrap_or_default();
+            body.push_str(&format!(
+                "<Part><PartNumber>{}</PartNumber><ETag>{}</ETag><ChecksumCRC64NVME>{crc}</ChecksumCRC64NVME></Part>",
+                p.part_number,
+                xml_escape(&p.etag)
+            ));
+        }
+        body.push_str("</CompleteMultipartUpload>");
+        Ok(Self {
+            url: &plan.complete_url,
+            checksum,
+            body,
+        })
+    }
+}
+
 /// POSTs the part list to the presigned CompleteMultipartUpload URL, with bounded retries.
 /// `Ok(false)` if the URL expired.
 async fn complete(
     http: &reqwest::Client,
-    url: &str,
-    parts: &[CompletedPart],
+    completion: &Completion<'_>,
     settings: &UploadSettings,
 ) -> Result<bool, UploadError> {
-    let mut body = String::from("<CompleteMultipartUpload>");
-    for p in parts {
-        body.push_str(&format!(
-            "<Part><PartNumber>{}</PartNumber><ETag>{}</ETag></Part>",
-            p.part_number,
-            xml_escape(&p.etag)
-        ));
-    }
-    body.push_str("</CompleteMultipartUpload>");
-
     let mut backoff = Backoff::new(settings.retry_min, Duration::from_secs(10));
     let mut attempt = 0;
     loop {
         attempt += 1;
         let outcome = match http
-            .post(url)
+            .post(completion.url)
             .header(reqwest::header::CONTENT_TYPE, "application/xml")
+            .header("x-amz-checksum-crc64nvme", completion.checksum)
+            .header("x-amz-checksum-type", "FULL_OBJECT")
             .timeout(settings.request_timeout)
-            .body(body.clone())
+            .body(completion.body.clone())
             .send()
             .await
         {

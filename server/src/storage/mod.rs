@@ -25,7 +25,16 @@ use md5::{Digest, Md5};
 use url::Url;
 
 use shared::PartNumber;
+use shared::hash::Crc64Nvme;
 use shared::protocol::CompletedPart;
+
+/// The checksum signed into one part's URL.
+#[derive(Debug, Clone, Copy)]
+pub enum PartChecksum<'a> {
+    Crc64Nvme(Crc64Nvme),
+    /// Base64 `Content-MD5`.
+    Md5(&'a str),
+}
 
 /// How the server reaches the S3 API, resolved from [`crate::config::Config`].
 #[derive(Debug, Clone)]
@@ -38,6 +47,35 @@ pub struct StorageSettings {
     pub force_path_style: bool,
     /// `None` means aws-config's default credential chain.
     pub credentials: Option<Credentials>,
+    pub encryption: Encryption,
+}
+
+/// `S3_SSE`: the server-side encryption requested for each object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sse {
+    /// SSE-S3.
+    #[value(name = "AES256")]
+    Aes256,
+    /// SSE-KMS.
+    #[value(name = "aws:kms")]
+    Kms,
+}
+
+/// The encryption settings applied at CreateMultipartUpload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Encryption {
+    pub sse: Option<Sse>,
+    /// With [`Sse::Kms`]: the key; `None` means the AWS-managed key.
+    pub kms_key_id: Option<String>,
+}
+
+/// How a multipart upload's object is checksummed, which follows the agent's protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectChecksum<'a> {
+    /// Protocol 3: a FULL_OBJECT CRC64NVME, checked per part and at completion by storage.
+    Crc64NvmeFullObject,
+    /// Protocol 2: `Content-MD5` per part, and the file's SHA-256 recorded as metadata.
+    Md5 { sha256: &'a str },
 }
 
 #[derive(Clone)]
@@ -49,15 +87,19 @@ pub struct Storage {
     region: String,
     /// Base URL of presigned requests, bucket included for virtual-hosted style.
     public_bucket_url: Url,
+    encryption: Encryption,
 }
 
-/// What HeadObject says about a stored object.
+/// What HeadObject (with checksum mode on) says about a stored object.
 #[derive(Debug, Clone)]
 pub struct ObjectInfo {
     pub size: u64,
     pub etag: String,
-    /// The `sha256` user metadata set at CreateMultipartUpload.
+    /// The `sha256` user metadata set at CreateMultipartUpload (protocol 2 uploads).
     pub sha256: Option<String>,
+    /// The object's CRC64NVME, as storage computed it, and the checksum type (`FULL_OBJECT`).
+    pub checksum_crc64nvme: Option<String>,
+    pub checksum_type: Option<String>,
 }
 
 /// A part already stored in an unfinished multipart upload.
@@ -65,9 +107,10 @@ pub struct ObjectInfo {
 pub struct StoredPart {
     pub part_number: u32,
     pub size: u64,
-    /// Quoted hex MD5. The embedded store does not report it; there, `Content-MD5` was enforced
-    /// when the part was written.
+    /// The ETag storage gave the part: a quoted hex MD5, except on SSE-KMS and SSE-C buckets.
     pub etag: Option<String>,
+    /// The part's CRC64NVME, where storage reports one.
+    pub checksum_crc64nvme: Option<Crc64Nvme>,
 }
 
 /// An unfinished multipart upload found in the bucket.
@@ -173,6 +216,7 @@ impl Storage {
             bucket: settings.bucket,
             region: settings.region,
             public_bucket_url,
+            encryption: settings.encryption,
         })
     }
 
@@ -200,14 +244,33 @@ impl Storage {
         }
     }
 
-    /// Starts a multipart upload whose object will carry the file's SHA-256 as metadata.
-    pub async fn create_multipart(&self, key: &str, sha256: &str) -> anyhow::Result<String> {
-        let out = self
+    /// Starts a multipart upload checksummed as `checksum` says, with the configured
+    /// encryption.
+    pub async fn create_multipart(
+        &self,
+        key: &str,
+        checksum: ObjectChecksum<'_>,
+    ) -> anyhow::Result<String> {
+        use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumType, ServerSideEncryption};
+        let mut req = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
-            .key(key)
-            .metadata(SHA256_METADATA, sha256)
+            .key(key);
+        req = match checksum {
+            ObjectChecksum::Crc64NvmeFullObject => req
+                .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
+                .checksum_type(ChecksumType::FullObject),
+            ObjectChecksum::Md5 { sha256 } => req.metadata(SHA256_METADATA, sha256),
+        };
+        req = match self.encryption.sse {
+            None => req,
+            Some(Sse::Aes256) => req.server_side_encryption(ServerSideEncryption::Aes256),
+            Some(Sse::Kms) => req
+                .server_side_encryption(ServerSideEncryption::AwsKms)
+                .set_ssekms_key_id(self.encryption.kms_key_id.clone()),
+        };
+        let out = req
             .send()
             .await
             .map_err(|e| anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e)))
@@ -233,12 +296,14 @@ impl Storage {
         ))
     }
 
+    /// Presigns one UploadPart with its checksum signed in, so storage refuses a body that does
+    /// not match it.
     pub async fn presign_part(
         &self,
         key: &str,
         s3_upload_id: &str,
         part: PartNumber,
-        content_md5: &str,
+        digest: PartChecksum<'_>,
         ttl: Duration,
     ) -> anyhow::Result<String> {
         let req = self
@@ -247,19 +312,28 @@ impl Storage {
             .bucket(&self.bucket)
             .key(key)
             .upload_id(s3_upload_id)
-            .part_number(part.get() as i32)
-            .content_md5(content_md5)
+            .part_number(part.get() as i32);
+        let (req, header) = match digest {
+            PartChecksum::Crc64Nvme(crc) => (
+                req.checksum_crc64_nvme(crc.to_base64()),
+                "x-amz-checksum-crc64nvme",
+            ),
+            PartChecksum::Md5(md5) => (req.content_md5(md5), "content-md5"),
+        };
+        let req = req
             .presigned(PresigningConfig::expires_in(ttl)?)
             .await
             .context("presigning UploadPart")?;
-        // The checksum protects the part only if it is signed; an unsigned one is ignored.
-        let signed = req
+        // The checksum protects the part only if it is signed; an unsigned one is ignored. And
+        // the agent sends that one header, so no other may be signed.
+        let signed: Vec<&str> = req
             .uri()
             .split_once("X-Amz-SignedHeaders=")
-            .is_some_and(|(_, rest)| rest.split('&').next().unwrap_or("").contains("content-md5"));
-        if !signed {
+            .map(|(_, rest)| rest.split('&').next().unwrap_or("").split("%3B").collect())
+            .unwrap_or_default();
+        if !signed.contains(&header) || signed.iter().any(|h| *h != header && *h != "host") {
             return Err(anyhow!(
-                "the presigned UploadPart URL does not sign Content-MD5"
+                "the presigned UploadPart URL signs {signed:?}, not host and {header}"
             ));
         }
         Ok(req.uri().to_owned())
@@ -267,10 +341,14 @@ impl Storage {
 
     /// Presigns `POST <key>?uploadId=...` with aws-sigv4, since the SDK cannot presign
     /// CompleteMultipartUpload. The agent sends the part list as the XML body.
+    /// With `whole`, the full-object CRC64NVME is signed in (as `x-amz-checksum-crc64nvme`
+    /// and `x-amz-checksum-type: FULL_OBJECT`), so storage refuses to complete an object with
+    /// other bytes.
     pub async fn presign_complete(
         &self,
         key: &str,
         s3_upload_id: &str,
+        whole: Option<Crc64Nvme>,
         ttl: Duration,
     ) -> anyhow::Result<String> {
         let credentials = self
@@ -297,10 +375,16 @@ impl Storage {
             .settings(settings)
             .build()?
             .into();
+        let whole = whole.map(Crc64Nvme::to_base64);
+        let mut headers = Vec::new();
+        if let Some(whole) = &whole {
+            headers.push(("x-amz-checksum-crc64nvme", whole.as_str()));
+            headers.push(("x-amz-checksum-type", "FULL_OBJECT"));
+        }
         let signable = SignableRequest::new(
             "POST",
             url.as_str(),
-            std::iter::empty(),
+            headers.into_iter(),
             SignableBody::UnsignedPayload,
         )?;
         let (instructions, _signature) = sign(signable, &params)?.into_parts();
@@ -320,6 +404,7 @@ impl Storage {
             .head_object()
             .bucket(&self.bucket)
             .key(key)
+            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
             .send()
             .await
         {
@@ -327,6 +412,8 @@ impl Storage {
                 size: out.content_length.unwrap_or(0).max(0) as u64,
                 etag: out.e_tag.unwrap_or_default(),
                 sha256: out.metadata.and_then(|mut m| m.remove(SHA256_METADATA)),
+                checksum_crc64nvme: out.checksum_crc64_nvme,
+                checksum_type: out.checksum_type.map(|t| t.as_str().to_owned()),
             })),
             Err(err) if err.as_service_error().is_some_and(|e| e.is_not_found()) => Ok(None),
             Err(err) => Err(anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(err)))
@@ -399,6 +486,10 @@ impl Storage {
                     part_number: u32::try_from(n).unwrap_or(0),
                     size: u64::try_from(size).unwrap_or(0),
                     etag: p.e_tag.clone().filter(|e| !e.is_empty()),
+                    checksum_crc64nvme: p
+                        .checksum_crc64_nvme
+                        .as_deref()
+                        .and_then(|c| Crc64Nvme::parse(c).ok()),
                 });
             }
             match (out.is_truncated, out.next_part_number_marker) {

@@ -89,6 +89,7 @@ async fn open_embedded(
             None,
             "backhaul-embedded",
         )),
+        encryption: encryption(config),
     })
     .await?;
     storage.ensure_bucket(true).await?;
@@ -111,10 +112,18 @@ async fn open_s3(config: &Config) -> anyhow::Result<Storage> {
             .s3_force_path_style
             .unwrap_or(config.s3_endpoint_url.is_some()),
         credentials,
+        encryption: encryption(config),
     })
     .await?;
     storage.ensure_bucket(false).await?;
     Ok(storage)
+}
+
+fn encryption(config: &Config) -> super::Encryption {
+    super::Encryption {
+        sse: config.s3_sse,
+        kms_key_id: config.s3_sse_kms_key_id.clone(),
+    }
 }
 
 fn random_secret() -> String {

@@ -4,13 +4,13 @@
 //! server's part layout and its hashes become typed values here, once. Each message is applied in
 //! the order it arrived; only the S3 calls it leads to run in the background.
 
-use shared::hash::{ContentMd5, Sha256Hex};
+use shared::hash::{ContentMd5, Crc64Nvme, Sha256Hex};
 use shared::protocol::{AgentMessage, plan_parts};
 use shared::{ClientId, ErrorCode};
 
 use super::Uploads;
 use super::events::{AgentRef, Event, Rejection};
-use super::record::FileFacts;
+use super::record::{Digests, FileFacts};
 use crate::registry::ConnId;
 
 /// Longest agent-supplied failure message kept; it is shown to operators.
@@ -58,8 +58,9 @@ impl Uploads {
                 file_name,
                 size,
                 modified_ms,
-                sha256,
                 part_size,
+                part_crc64nvme,
+                sha256,
                 part_md5,
             } => {
                 // A resumed upload keeps the layout it was planned with, whatever PART_SIZE
@@ -75,8 +76,9 @@ impl Uploads {
                         file_name,
                         size,
                         modified_ms,
-                        sha256,
                         part_size,
+                        part_crc64nvme,
+                        sha256,
                         part_md5,
                     },
                 );
@@ -104,24 +106,31 @@ impl Uploads {
                 upload_id,
                 parts,
                 complete_ms,
-            } => (
-                upload_id,
-                Event::AgentCompleted {
-                    agent,
-                    parts,
-                    complete_ms,
-                },
-            ),
+                sha256,
+            } => {
+                let sha256 = reported_sha256(client_id, upload_id, sha256);
+                (
+                    upload_id,
+                    Event::AgentCompleted {
+                        agent,
+                        parts,
+                        complete_ms,
+                        sha256,
+                    },
+                )
+            }
             AgentMessage::UploadFailed {
                 upload_id,
                 code,
                 message,
+                sha256,
             } => (
                 upload_id,
                 Event::AgentFailed {
                     client_id: client_id.clone(),
                     code,
                     message: message.chars().take(MAX_AGENT_MESSAGE_CHARS).collect(),
+                    sha256: reported_sha256(client_id, upload_id, sha256),
                 },
             ),
         };
@@ -131,13 +140,28 @@ impl Uploads {
     }
 }
 
+/// The SHA-256 a protocol 3 agent reports at the end. A malformed one counts as none (the
+/// status then shows none); the object's checksum, not this, is what verification reads.
+fn reported_sha256(
+    client_id: &ClientId,
+    upload_id: shared::UploadId,
+    sha256: Option<String>,
+) -> Option<Sha256Hex> {
+    sha256.and_then(|s| {
+        Sha256Hex::parse(&s)
+            .inspect_err(|e| tracing::warn!(%client_id, %upload_id, error = %e, "ignoring the agent's SHA-256"))
+            .ok()
+    })
+}
+
 /// `file_info` as it arrived, its hashes still text.
 pub(super) struct FileInfo {
     pub file_name: shared::FileName,
     pub size: u64,
     pub modified_ms: u64,
-    pub sha256: String,
     pub part_size: u64,
+    pub part_crc64nvme: Vec<String>,
+    pub sha256: Option<String>,
     pub part_md5: Vec<String>,
 }
 
@@ -157,26 +181,53 @@ pub(super) fn check_facts(min_part_size: u64, info: FileInfo) -> Result<FileFact
             ),
         });
     };
-    if info.part_size != part_size || info.part_md5.len() != parts as usize {
-        return Err(malformed(format!(
-            "the agent hashed {} parts of {} bytes; expected {parts} parts of {part_size}",
-            info.part_md5.len(),
-            info.part_size
-        )));
-    }
-    let sha256 = Sha256Hex::parse(&info.sha256).map_err(|e| malformed(e.to_string()))?;
-    let part_md5 = info
-        .part_md5
-        .iter()
-        .map(|m| ContentMd5::parse(m))
-        .collect::<Result<_, _>>()
-        .map_err(|e| malformed(e.to_string()))?;
-    Ok(FileFacts {
+    let digests = match (info.part_crc64nvme.is_empty(), &info.sha256) {
+        // Protocol 3, with the SHA-256 when the agent already knows it (a file described again
+        // after its upload's end went unheard).
+        (false, sha256) if info.part_md5.is_empty() => Digests::Crc64Nvme {
+            parts: info
+                .part_crc64nvme
+                .iter()
+                .map(|c| Crc64Nvme::parse(c))
+                .collect::<Result<_, _>>()
+                .map_err(|e| malformed(e.to_string()))?,
+            sha256: sha256
+                .as_deref()
+                .map(Sha256Hex::parse)
+                .transpose()
+                .map_err(|e| malformed(e.to_string()))?,
+        },
+        // Protocol 2.
+        (true, Some(sha256)) => Digests::Md5 {
+            parts: info
+                .part_md5
+                .iter()
+                .map(|m| ContentMd5::parse(m))
+                .collect::<Result<_, _>>()
+                .map_err(|e| malformed(e.to_string()))?,
+            sha256: Sha256Hex::parse(sha256).map_err(|e| malformed(e.to_string()))?,
+        },
+        _ => {
+            return Err(malformed(
+                "file_info must carry either part_crc64nvme (protocol 3) or sha256 and part_md5 \
+                 (protocol 2), not both"
+                    .to_owned(),
+            ));
+        }
+    };
+    let facts = FileFacts {
         file_name: info.file_name,
         size: info.size,
         modified_ms: info.modified_ms,
-        sha256,
         part_size: info.part_size,
-        part_md5,
-    })
+        digests,
+    };
+    if facts.part_size != part_size || facts.parts_total() != parts {
+        return Err(malformed(format!(
+            "the agent hashed {} parts of {} bytes; expected {parts} parts of {part_size}",
+            facts.parts_total(),
+            facts.part_size
+        )));
+    }
+    Ok(facts)
 }

@@ -4,6 +4,7 @@
 
 use shared::ErrorCode;
 use shared::api::ErrorDetail;
+use shared::hash::Sha256Hex;
 use shared::protocol::{CompletedPart, UploadPlan};
 use shared::{ClientId, FileName, PartNumber};
 
@@ -79,12 +80,16 @@ pub enum Event {
         agent: AgentRef,
         parts: Vec<CompletedPart>,
         complete_ms: u64,
+        /// Protocol 3: the file's SHA-256, computed while the parts uploaded.
+        sha256: Option<Sha256Hex>,
     },
     /// The agent gave up; it needs no word back.
     AgentFailed {
         client_id: ClientId,
         code: ErrorCode,
         message: String,
+        /// Protocol 3, with `COMPLETE_FAILED`: the file's SHA-256.
+        sha256: Option<Sha256Hex>,
     },
     /// HeadObject agreed with the hashes.
     Verified {

@@ -9,12 +9,14 @@
 use std::time::{Duration, Instant};
 
 use shared::api::{ErrorDetail, PhaseTimes};
+use shared::hash::Sha256Hex;
 use shared::protocol::{CompletedPart, UploadPlan};
 use shared::{ClientId, ErrorCode, PartNumber};
 
 use super::events::{AgentRef, Counter, Effect, Event, Refused, Rejection, Resume};
 use super::record::{
-    Ending, FileFacts, Live, Multipart, NewUpload, Now, Open, Outcome, Stage, Transfer, Upload,
+    Digests, Ending, FileFacts, Live, Multipart, NewUpload, Now, Open, Outcome, PartDigest, Stage,
+    Transfer, Upload,
 };
 use crate::registry::ConnId;
 use crate::storage::StoredPart;
@@ -149,12 +151,14 @@ impl Upload {
                 agent,
                 parts,
                 complete_ms,
-            } => self.agent_completed(&agent, parts, complete_ms, now.at)?,
+                sha256,
+            } => self.agent_completed(&agent, parts, complete_ms, sha256, now.at)?,
             Event::AgentFailed {
                 client_id,
                 code,
                 message,
-            } => self.agent_failed(&client_id, code, message)?,
+                sha256,
+            } => self.agent_failed(&client_id, code, message, sha256)?,
             Event::Verified { etag } => self.verified(etag, now)?,
             Event::VerifyDeferred { if_missing } => self.verify_deferred(if_missing, now.at)?,
             Event::VerifyAgain => self.verify_again(now.at)?,
@@ -255,6 +259,12 @@ impl Upload {
             }
             Stage::Open(Open::Uploading(t)) => {
                 let multipart = t.multipart.clone();
+                if let Stage::Open(Open::Uploading(t)) = &mut self.stage
+                    && let Digests::Crc64Nvme { sha256, .. } = &mut t.file.digests
+                    && sha256.is_none()
+                {
+                    *sha256 = facts.sha256().cloned();
+                }
                 self.resumes += 1;
                 vec![Effect::ListParts {
                     multipart,
@@ -397,12 +407,16 @@ impl Upload {
         agent: &AgentRef,
         parts: Vec<CompletedPart>,
         complete_ms: u64,
+        reported_sha256: Option<Sha256Hex>,
         now: Instant,
     ) -> Result<Vec<Effect>, Refused> {
-        let transfer = self.uploading_for(
+        let mut transfer = self.uploading_for(
             Some(agent),
             "completion for an upload that is not uploading",
         )?;
+        if let Digests::Crc64Nvme { sha256, .. } = &mut transfer.file.digests {
+            *sha256 = reported_sha256;
+        }
         self.stage = Stage::Open(Open::Verifying(transfer.clone()));
         self.live.last_progress = now;
         self.live.completed = Some(now);
@@ -420,6 +434,7 @@ impl Upload {
         client_id: &ClientId,
         code: ErrorCode,
         message: String,
+        reported_sha256: Option<Sha256Hex>,
     ) -> Result<Vec<Effect>, Refused> {
         if *client_id != self.client_id {
             return Err(Refused(
@@ -434,7 +449,10 @@ impl Upload {
         {
             // The completion may have reached storage with only its answer lost: look for the
             // object before believing the agent.
-            let transfer = transfer.clone();
+            let mut transfer = transfer.clone();
+            if let Digests::Crc64Nvme { sha256, .. } = &mut transfer.file.digests {
+                *sha256 = reported_sha256;
+            }
             self.stage = Stage::Open(Open::Verifying(transfer.clone()));
             return Ok(vec![Effect::Verify {
                 transfer,
@@ -567,23 +585,31 @@ impl Upload {
     }
 }
 
-/// Splits a file's parts into those storage holds intact (right size and, where storage says,
-/// right ETag) and those still to send.
+/// Splits a file's parts into those storage holds intact and those still to send. A stored part
+/// is intact if it has the right size and the right checksum: its CRC64NVME as ListParts reports
+/// it (protocol 3; ETags prove nothing on SSE-KMS buckets), or its ETag where it is an MD5
+/// (protocol 2).
 fn sort_parts(file: &FileFacts, stored: &[StoredPart]) -> (Vec<CompletedPart>, Vec<PartNumber>) {
     let mut done = Vec::new();
     let mut missing = Vec::new();
-    for (part_number, md5) in file.parts() {
-        let etag = md5.part_etag();
+    for (part_number, digest) in file.parts() {
         let len = file.part_len(part_number);
-        let good = stored.iter().any(|p| {
-            p.part_number == part_number.get()
-                && p.size == len
-                && p.etag.as_ref().is_none_or(|e| *e == etag)
+        let found = stored
+            .iter()
+            .find(|p| p.part_number == part_number.get() && p.size == len);
+        let etag = found.and_then(|p| match &digest {
+            PartDigest::Crc64Nvme(crc) => p
+                .etag
+                .clone()
+                .filter(|_| p.checksum_crc64nvme == Some(*crc)),
+            PartDigest::Md5(md5) => {
+                let etag = md5.part_etag();
+                p.etag.as_ref().is_none_or(|e| *e == etag).then_some(etag)
+            }
         });
-        if good {
-            done.push(CompletedPart { part_number, etag });
-        } else {
-            missing.push(part_number);
+        match etag {
+            Some(etag) => done.push(CompletedPart { part_number, etag }),
+            None => missing.push(part_number),
         }
     }
     (done, missing)

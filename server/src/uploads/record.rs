@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use shared::api::{ErrorDetail, PhaseTimes, UploadState};
-use shared::hash::{ContentMd5, Sha256Hex};
+use shared::hash::{ContentMd5, Crc64Nvme, Sha256Hex};
 use shared::protocol::{CompletedPart, part_range};
 use shared::{ClientId, FileName, PartNumber, UploadId};
 use time::OffsetDateTime;
@@ -56,10 +56,51 @@ pub struct FileFacts {
     pub file_name: FileName,
     pub size: u64,
     pub modified_ms: u64,
-    pub sha256: Sha256Hex,
     pub part_size: u64,
-    /// One per part, in part order.
-    pub part_md5: Vec<ContentMd5>,
+    pub digests: Digests,
+}
+
+/// The checksums of a file's parts, as the agent's protocol version computes them. They decide
+/// what is signed into each URL and how the stored object is verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Digests {
+    /// Protocol 3: CRC64NVME per part, whose combination is the object's full-object checksum.
+    /// The file's SHA-256 arrives with the agent's completion.
+    Crc64Nvme {
+        parts: Vec<Crc64Nvme>,
+        sha256: Option<Sha256Hex>,
+    },
+    /// Protocol 2: MD5 per part, verified through the multipart ETag, and the SHA-256 known
+    /// from the start (and recorded on the object).
+    Md5 {
+        parts: Vec<ContentMd5>,
+        sha256: Sha256Hex,
+    },
+}
+
+impl Digests {
+    fn count(&self) -> usize {
+        match self {
+            Digests::Crc64Nvme { parts, .. } => parts.len(),
+            Digests::Md5 { parts, .. } => parts.len(),
+        }
+    }
+
+    /// The same part checksums (and, for protocol 2, the same SHA-256).
+    fn same_parts(&self, other: &Digests) -> bool {
+        match (self, other) {
+            (Digests::Crc64Nvme { parts: a, .. }, Digests::Crc64Nvme { parts: b, .. }) => a == b,
+            (a @ Digests::Md5 { .. }, b @ Digests::Md5 { .. }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// The checksum a part URL signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartDigest<'a> {
+    Crc64Nvme(Crc64Nvme),
+    Md5(&'a ContentMd5),
 }
 
 impl FileFacts {
@@ -67,35 +108,71 @@ impl FileFacts {
     /// may move (a copy, a `touch`) without the content changing.
     pub fn same_content(&self, other: &FileFacts) -> bool {
         self.size == other.size
-            && self.sha256 == other.sha256
             && self.part_size == other.part_size
-            && self.part_md5 == other.part_md5
+            && self.digests.same_parts(&other.digests)
     }
 
     pub fn parts_total(&self) -> u32 {
-        self.part_md5.len() as u32
+        self.digests.count() as u32
     }
 
-    /// Every part with its number and the `Content-MD5` signed into its URL.
-    pub fn parts(&self) -> impl Iterator<Item = (PartNumber, &ContentMd5)> {
-        self.part_md5
-            .iter()
+    /// The SHA-256 of the whole file, once the agent has said it.
+    pub fn sha256(&self) -> Option<&Sha256Hex> {
+        match &self.digests {
+            Digests::Crc64Nvme { sha256, .. } => sha256.as_ref(),
+            Digests::Md5 { sha256, .. } => Some(sha256),
+        }
+    }
+
+    /// Every part with its number and the checksum signed into its URL.
+    pub fn parts(&self) -> impl Iterator<Item = (PartNumber, PartDigest<'_>)> {
+        let digests: Box<dyn Iterator<Item = PartDigest<'_>> + Send + '_> = match &self.digests {
+            Digests::Crc64Nvme { parts, .. } => {
+                Box::new(parts.iter().map(|c| PartDigest::Crc64Nvme(*c)))
+            }
+            Digests::Md5 { parts, .. } => Box::new(parts.iter().map(PartDigest::Md5)),
+        };
+        digests
             .enumerate()
-            .filter_map(|(i, md5)| Some((PartNumber::new(i as u32 + 1).ok()?, md5)))
+            .filter_map(|(i, d)| Some((PartNumber::new(i as u32 + 1).ok()?, d)))
     }
 
     pub fn part_len(&self, part_number: PartNumber) -> u64 {
         part_range(self.size, self.part_size, part_number).1
     }
 
-    /// The part list of the completion: every part with the ETag its MD5 gives.
-    pub fn completed_parts(&self) -> Vec<CompletedPart> {
-        self.parts()
-            .map(|(part_number, md5)| CompletedPart {
-                part_number,
-                etag: md5.part_etag(),
-            })
-            .collect()
+    /// Protocol 3: the object's full-object CRC64NVME, combined from the parts'.
+    pub fn whole_crc64nvme(&self) -> Option<Crc64Nvme> {
+        match &self.digests {
+            Digests::Crc64Nvme { parts, .. } => Some(Crc64Nvme::of_pieces(
+                parts.iter().enumerate().map(|(i, crc)| {
+                    let len = PartNumber::new(i as u32 + 1)
+                        .map(|n| self.part_len(n))
+                        .unwrap_or(0);
+                    (*crc, len)
+                }),
+            )),
+            Digests::Md5 { .. } => None,
+        }
+    }
+
+    /// Protocol 2: the part list of the completion, every part with the ETag its MD5 gives.
+    pub fn md5_completed_parts(&self) -> Option<Vec<CompletedPart>> {
+        let Digests::Md5 { parts, .. } = &self.digests else {
+            return None;
+        };
+        Some(
+            parts
+                .iter()
+                .enumerate()
+                .filter_map(|(i, md5)| {
+                    Some(CompletedPart {
+                        part_number: PartNumber::new(i as u32 + 1).ok()?,
+                        etag: md5.part_etag(),
+                    })
+                })
+                .collect(),
+        )
     }
 }
 

@@ -63,7 +63,10 @@ pub fn of(u: &Upload, bucket: &str, stalled_after: Duration) -> UploadStatus {
         stalled: idle.is_some_and(|d| d >= stalled_after),
         agent_connected: open && u.live.conn.is_some(),
         resumes: u.resumes,
-        sha256: file.map(|f| f.sha256.as_str().to_owned()),
+        sha256: file.and_then(|f| f.sha256()).map(|s| s.as_str().to_owned()),
+        checksum_crc64nvme: file
+            .and_then(|f| f.whole_crc64nvme())
+            .map(|c| c.to_base64()),
         etag: match &u.stage {
             Stage::Completed { etag, .. } => Some(etag.clone()),
             _ => None,

@@ -11,15 +11,16 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use shared::api::ErrorDetail;
+use shared::hash::Crc64Nvme;
 use shared::protocol::{CompletedPart, PresignedPart, ServerMessage, UploadPlan};
 use shared::{ClientId, ErrorCode, FileName, UploadId};
 use time::OffsetDateTime;
 
 use super::Uploads;
 use super::events::{Counter, Effect, Event, Refused};
-use super::record::{Outcome, Transfer};
+use super::record::{Digests, Outcome, PartDigest, Transfer};
 use crate::registry::{ConnId, SendError};
-use crate::storage::multipart_etag;
+use crate::storage::{ObjectChecksum, ObjectInfo, PartChecksum, multipart_etag};
 
 impl Uploads {
     /// Applies `event` and carries out its effects: messages and counters now, S3 calls in the
@@ -234,7 +235,7 @@ impl Uploads {
         }
     }
 
-    /// CreateMultipartUpload with the SHA-256 metadata.
+    /// CreateMultipartUpload, checksummed as the agent's digests say.
     async fn create(&self, id: UploadId, facts: super::record::FileFacts) -> Option<Event> {
         let client_id = self.client_of(id)?;
         let key = object_key(
@@ -243,11 +244,13 @@ impl Uploads {
             id,
             &facts.file_name,
         );
-        let s3_upload_id = match self
-            .storage()
-            .create_multipart(&key, facts.sha256.as_str())
-            .await
-        {
+        let checksum = match &facts.digests {
+            Digests::Crc64Nvme { .. } => ObjectChecksum::Crc64NvmeFullObject,
+            Digests::Md5 { sha256, .. } => ObjectChecksum::Md5 {
+                sha256: sha256.as_str(),
+            },
+        };
+        let s3_upload_id = match self.storage().create_multipart(&key, checksum).await {
             Ok(s3_upload_id) => s3_upload_id,
             Err(err) => {
                 tracing::error!(upload_id = %id, error = format!("{err:#}"), "CreateMultipartUpload failed");
@@ -268,7 +271,7 @@ impl Uploads {
         })
     }
 
-    /// Presigns `missing` (with their `Content-MD5`) and the completion.
+    /// Presigns `missing` (each with its checksum) and the completion (with the object's).
     async fn presign(
         &self,
         id: UploadId,
@@ -295,26 +298,38 @@ impl Uploads {
             }
         };
         let mut parts = Vec::with_capacity(missing.len());
-        for &part_number in missing {
-            let content_md5 = transfer.file.part_md5[part_number.get() as usize - 1]
-                .as_base64()
-                .to_owned();
+        for (part_number, digest) in transfer.file.parts() {
+            if !missing.contains(&part_number) {
+                continue;
+            }
+            let (checksum, crc, md5) = match &digest {
+                PartDigest::Crc64Nvme(crc) => {
+                    (PartChecksum::Crc64Nvme(*crc), Some(crc.to_base64()), None)
+                }
+                PartDigest::Md5(md5) => (
+                    PartChecksum::Md5(md5.as_base64()),
+                    None,
+                    Some(md5.as_base64().to_owned()),
+                ),
+            };
             match self
                 .storage()
-                .presign_part(key, s3_upload_id, part_number, &content_md5, ttl)
+                .presign_part(key, s3_upload_id, part_number, checksum, ttl)
                 .await
             {
                 Ok(url) => parts.push(PresignedPart {
                     part_number,
                     url,
-                    content_md5,
+                    checksum_crc64nvme: crc,
+                    content_md5: md5,
                 }),
                 Err(err) => return failed("a part", err),
             }
         }
+        let whole = transfer.file.whole_crc64nvme();
         let complete_url = match self
             .storage()
-            .presign_complete(key, s3_upload_id, ttl)
+            .presign_complete(key, s3_upload_id, whole, ttl)
             .await
         {
             Ok(url) => url,
@@ -328,6 +343,7 @@ impl Uploads {
                 parts,
                 done,
                 complete_url,
+                checksum_crc64nvme: whole.map(Crc64Nvme::to_base64),
                 expires_at: shared::auth::unix_now() + ttl.as_secs(),
                 expires_in_secs: ttl.as_secs(),
             },
@@ -353,11 +369,11 @@ impl Uploads {
         }
     }
 
-    /// Checks the stored object before believing the upload: its size, its multipart ETag (from
-    /// the part MD5s the agent hashed before uploading) and the SHA-256 recorded on it.
-    /// `reported` is the agent's part list, when it says it completed; it must agree too. Only a
-    /// proven mismatch or a missing object fails the upload (whose ending deletes the object);
-    /// storage that cannot be read defers the verification.
+    /// Checks the stored object before believing the upload: its size, and its full-object
+    /// CRC64NVME as storage computed it (protocol 3) or its multipart ETag and recorded SHA-256
+    /// (protocol 2). `reported` is the agent's part list, when it says it completed; it must
+    /// agree too. Only a proven mismatch or a missing object fails the upload (whose ending
+    /// deletes the object); storage that cannot be read defers the verification.
     async fn verify(
         &self,
         id: UploadId,
@@ -367,32 +383,15 @@ impl Uploads {
     ) -> Event {
         let file = &transfer.file;
         let key = &transfer.multipart.key;
-        let expected_parts = file.completed_parts();
-        let agrees = |parts: &[CompletedPart]| {
-            parts.len() == expected_parts.len()
-                && parts.iter().zip(&expected_parts).all(|(a, b)| {
-                    a.part_number == b.part_number
-                        && a.etag
-                            .trim_matches('"')
-                            .eq_ignore_ascii_case(b.etag.trim_matches('"'))
-                })
-        };
         let mismatch = |message: String| Event::Fail {
             code: ErrorCode::VerificationFailed,
             message,
         };
         if let Some(parts) = reported
-            && !agrees(parts)
+            && let Err(message) = agrees_with_hashes(file, parts)
         {
-            return mismatch(format!(
-                "the agent reported {} part ETags that do not match the {} parts it hashed",
-                parts.len(),
-                expected_parts.len()
-            ));
+            return mismatch(message);
         }
-        let Some(expected) = multipart_etag(&expected_parts) else {
-            return mismatch("a part MD5 is malformed".to_owned());
-        };
         let obj = match self.head_with_retries(id, key).await {
             Ok(Some(obj)) => obj,
             Ok(None) => {
@@ -409,28 +408,10 @@ impl Uploads {
                 return Event::VerifyDeferred { if_missing };
             }
         };
-        let wrong = if obj.size != file.size {
-            Some(format!(
-                "stored object has {} bytes, expected {}",
-                obj.size, file.size
-            ))
-        } else if obj.etag != expected {
-            Some(format!(
-                "stored object ETag {} does not match the hashed parts' ETag {expected}",
-                obj.etag
-            ))
-        } else if obj.sha256.as_deref() != Some(file.sha256.as_str()) {
-            Some(format!(
-                "stored object records SHA-256 {:?}, expected {}",
-                obj.sha256, file.sha256
-            ))
-        } else {
-            None
-        };
-        if let Some(message) = wrong {
+        if let Err(message) = object_matches(file, &obj) {
             return mismatch(message);
         }
-        tracing::info!(upload_id = %id, %key, size = file.size, etag = obj.etag, sha256 = %file.sha256, "upload verified");
+        tracing::info!(upload_id = %id, %key, size = file.size, etag = obj.etag, crc64nvme = ?obj.checksum_crc64nvme, sha256 = ?file.sha256(), "upload verified");
         Event::Verified { etag: obj.etag }
     }
 
@@ -451,6 +432,91 @@ impl Uploads {
                 }
                 other => return other,
             }
+        }
+    }
+}
+
+/// Whether the part list an agent completed with fits what it hashed: every part, in order,
+/// and for protocol 2 the ETags its MD5s give. (Protocol 3 ETags are whatever storage gave,
+/// MD5s or not; the object's checksum decides.)
+pub(super) fn agrees_with_hashes(
+    file: &super::record::FileFacts,
+    parts: &[CompletedPart],
+) -> Result<(), String> {
+    let numbered = parts.len() == file.parts_total() as usize
+        && parts
+            .iter()
+            .enumerate()
+            .all(|(i, p)| p.part_number.get() as usize == i + 1);
+    let etags_agree = match file.md5_completed_parts() {
+        Some(expected) => parts.iter().zip(&expected).all(|(a, b)| {
+            a.etag
+                .trim_matches('"')
+                .eq_ignore_ascii_case(b.etag.trim_matches('"'))
+        }),
+        None => true,
+    };
+    if numbered && etags_agree {
+        Ok(())
+    } else {
+        Err(format!(
+            "the agent reported {} parts that do not match the {} parts it hashed",
+            parts.len(),
+            file.parts_total()
+        ))
+    }
+}
+
+/// Whether a stored object is the file: its size, and its checksums.
+pub(super) fn object_matches(
+    file: &super::record::FileFacts,
+    obj: &ObjectInfo,
+) -> Result<(), String> {
+    if obj.size != file.size {
+        return Err(format!(
+            "stored object has {} bytes, expected {}",
+            obj.size, file.size
+        ));
+    }
+    match &file.digests {
+        Digests::Crc64Nvme { .. } => {
+            let expected = file.whole_crc64nvme().map(Crc64Nvme::to_base64);
+            if obj.checksum_crc64nvme != expected {
+                return Err(format!(
+                    "stored object has CRC64NVME {:?}, the file's parts combine to {:?}",
+                    obj.checksum_crc64nvme, expected
+                ));
+            }
+            if obj
+                .checksum_type
+                .as_deref()
+                .is_some_and(|t| t != "FULL_OBJECT")
+            {
+                return Err(format!(
+                    "stored object's checksum is {:?}, not FULL_OBJECT",
+                    obj.checksum_type
+                ));
+            }
+            Ok(())
+        }
+        Digests::Md5 { sha256, .. } => {
+            let expected = file
+                .md5_completed_parts()
+                .and_then(|parts| multipart_etag(&parts))
+                .ok_or_else(|| "a part MD5 is malformed".to_owned())?;
+            if obj.etag != expected {
+                return Err(format!(
+                    "stored object ETag {} does not match the hashed parts' ETag {expected}",
+                    obj.etag
+                ));
+            }
+            if obj.sha256.as_deref() != Some(sha256.as_str()) {
+                return Err(format!(
+                    "stored object records SHA-256 {:?}, expected {sha256}",
+                    obj.sha256
+                ));
+            }
+            Ok(())
         }
     }
 }

@@ -11,11 +11,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use shared::api::{ErrorDetail, PhaseTimes};
-use shared::hash::{ContentMd5, Sha256Hex};
+use shared::hash::{ContentMd5, Crc64Nvme, Sha256Hex};
 use shared::{ClientId, ErrorCode, FileName, UploadId};
 
 use super::record::{
-    Ending, FileFacts, Live, Multipart, Open, Outcome, Stage, Transfer, UnixMs, Upload,
+    Digests, Ending, FileFacts, Live, Multipart, Open, Outcome, Stage, Transfer, UnixMs, Upload,
 };
 use crate::db::{LoadedRow, StoredRow};
 
@@ -113,15 +113,21 @@ struct TransferV2 {
     file: FileV1,
 }
 
-/// The file facts, in the same form in formats 1 and 2.
+/// The file facts, in the same form in formats 1 and 2. Uploads of protocol 3 agents fill
+/// `part_crc64nvme` and leave `part_md5` empty (and `sha256` absent until the agent completes);
+/// the fields are optional so that records of either kind read alike.
 #[derive(Debug, Serialize, Deserialize)]
 struct FileV1 {
     file_name: FileName,
     size: u64,
     modified_ms: u64,
-    sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
     part_size: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     part_md5: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    part_crc64nvme: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -175,19 +181,7 @@ impl From<&Transfer> for TransferV2 {
         Self {
             key: t.multipart.key.clone(),
             s3_upload_id: t.multipart.upload_id.clone(),
-            file: FileV1 {
-                file_name: t.file.file_name.clone(),
-                size: t.file.size,
-                modified_ms: t.file.modified_ms,
-                sha256: t.file.sha256.as_str().to_owned(),
-                part_size: t.file.part_size,
-                part_md5: t
-                    .file
-                    .part_md5
-                    .iter()
-                    .map(|m| m.as_base64().to_owned())
-                    .collect(),
-            },
+            file: (&t.file).into(),
         }
     }
 }
@@ -290,23 +284,75 @@ impl UploadV2 {
     }
 }
 
+impl From<&FileFacts> for FileV1 {
+    fn from(f: &FileFacts) -> Self {
+        let (sha256, part_md5, part_crc64nvme) = match &f.digests {
+            Digests::Crc64Nvme { parts, sha256 } => (
+                sha256.as_ref().map(|s| s.as_str().to_owned()),
+                Vec::new(),
+                parts.iter().map(|c| c.to_base64()).collect(),
+            ),
+            Digests::Md5 { parts, sha256 } => (
+                Some(sha256.as_str().to_owned()),
+                parts.iter().map(|m| m.as_base64().to_owned()).collect(),
+                Vec::new(),
+            ),
+        };
+        Self {
+            file_name: f.file_name.clone(),
+            size: f.size,
+            modified_ms: f.modified_ms,
+            sha256,
+            part_size: f.part_size,
+            part_md5,
+            part_crc64nvme,
+        }
+    }
+}
+
 impl TryFrom<FileV1> for FileFacts {
     type Error = ReadError;
     /// The hashes are checked here, as where they first entered.
     fn try_from(f: FileV1) -> Result<Self, ReadError> {
         let invalid = |e: shared::hash::HashError| ReadError::Invalid(e.to_string());
+        let sha256 = f
+            .sha256
+            .as_deref()
+            .map(Sha256Hex::parse)
+            .transpose()
+            .map_err(invalid)?;
+        let digests = match (f.part_crc64nvme.is_empty(), f.part_md5.is_empty()) {
+            (false, true) => Digests::Crc64Nvme {
+                parts: f
+                    .part_crc64nvme
+                    .iter()
+                    .map(|c| Crc64Nvme::parse(c))
+                    .collect::<Result<_, _>>()
+                    .map_err(invalid)?,
+                sha256,
+            },
+            (true, false) => Digests::Md5 {
+                parts: f
+                    .part_md5
+                    .iter()
+                    .map(|m| ContentMd5::parse(m))
+                    .collect::<Result<_, _>>()
+                    .map_err(invalid)?,
+                sha256: sha256
+                    .ok_or_else(|| ReadError::Invalid("an MD5 record has no SHA-256".to_owned()))?,
+            },
+            _ => {
+                return Err(ReadError::Invalid(
+                    "a record must have either part MD5s or part CRC64NVMEs".to_owned(),
+                ));
+            }
+        };
         Ok(FileFacts {
             file_name: f.file_name,
             size: f.size,
             modified_ms: f.modified_ms,
-            sha256: Sha256Hex::parse(&f.sha256).map_err(invalid)?,
             part_size: f.part_size,
-            part_md5: f
-                .part_md5
-                .iter()
-                .map(|m| ContentMd5::parse(m))
-                .collect::<Result<_, _>>()
-                .map_err(invalid)?,
+            digests,
         })
     }
 }

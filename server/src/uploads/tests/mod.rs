@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use shared::api::UploadState;
-use shared::hash::{ContentMd5, Sha256Hex};
+use shared::hash::{ContentMd5, Crc64Nvme, Sha256Hex};
 use shared::protocol::{CompletedPart, UploadPlan};
 use shared::{ClientId, ErrorCode, FileName, PartNumber, UploadId};
 
@@ -13,7 +13,7 @@ use super::dispatch::{FileInfo, check_facts};
 use super::events::*;
 use super::machine::*;
 use super::record::*;
-use super::steps::{object_key, upload_id_of_key};
+use super::steps::{object_key, object_matches, upload_id_of_key};
 use super::stored;
 use super::table::Table;
 use crate::db::{SqliteStore, UploadStore};
@@ -51,10 +51,31 @@ fn facts() -> FileFacts {
         file_name: FileName::parse("export.csv").unwrap(),
         size: 12 * MIB,
         modified_ms: 1,
-        sha256: Sha256Hex::parse(&"a".repeat(64)).unwrap(),
         part_size: 5 * MIB,
-        part_md5: vec![ContentMd5::parse(EMPTY_MD5).unwrap(); 3],
+        digests: Digests::Md5 {
+            parts: vec![ContentMd5::parse(EMPTY_MD5).unwrap(); 3],
+            sha256: Sha256Hex::parse(&"a".repeat(64)).unwrap(),
+        },
     }
+}
+
+/// The same file as a protocol 3 agent describes it: a CRC64NVME per part.
+fn crc_facts() -> FileFacts {
+    FileFacts {
+        digests: Digests::Crc64Nvme {
+            parts: part_crcs().to_vec(),
+            sha256: None,
+        },
+        ..facts()
+    }
+}
+
+fn part_crcs() -> [Crc64Nvme; 3] {
+    [
+        Crc64Nvme::of(b"one"),
+        Crc64Nvme::of(b"two"),
+        Crc64Nvme::of(b"three"),
+    ]
 }
 
 fn transfer() -> Transfer {
@@ -147,6 +168,7 @@ fn all_parts_stored() -> Vec<StoredPart> {
             part_number: i as u32 + 1,
             size,
             etag: Some("\"d41d8cd98f00b204e9800998ecf8427e\"".into()),
+            checksum_crc64nvme: None,
         })
         .collect()
 }
@@ -157,8 +179,9 @@ fn plan(done: usize) -> UploadPlan {
         size: 12 * MIB,
         part_size: 5 * MIB,
         parts: Vec::new(),
-        done: transfer().file.completed_parts()[..done].to_vec(),
+        done: transfer().file.md5_completed_parts().unwrap()[..done].to_vec(),
         complete_url: "http://s3/complete".into(),
+        checksum_crc64nvme: None,
         expires_at: 0,
         expires_in_secs: 60,
     }
@@ -204,6 +227,7 @@ fn agent_failed() -> Event {
         client_id: client(),
         code: ErrorCode::FileNotFound,
         message: "gone".into(),
+        sha256: None,
     }
 }
 fn progress(agent: AgentRef) -> Event {
@@ -217,8 +241,9 @@ fn progress(agent: AgentRef) -> Event {
 fn completed_by(agent: AgentRef) -> Event {
     Event::AgentCompleted {
         agent,
-        parts: transfer().file.completed_parts(),
+        parts: transfer().file.md5_completed_parts().unwrap(),
         complete_ms: 5,
+        sha256: None,
     }
 }
 

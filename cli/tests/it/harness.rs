@@ -196,8 +196,9 @@ impl ServerBuilder {
         self
     }
 
-    /// Uses S3 at `endpoint` (`STORAGE=s3` with the embedded store's keys), for a server whose
-    /// storage is another test server's embedded store, or a fault proxy in front of it.
+    /// Uses S3 at `endpoint`: with [`Mode::Embedded`], another test server's embedded store (or
+    /// a fault proxy in front of it), with that store's keys; with [`Mode::LocalStack`], a fault
+    /// proxy in front of LocalStack.
     pub fn s3_endpoint(mut self, endpoint: &str) -> Self {
         self.s3_endpoint = Some(endpoint.to_owned());
         self
@@ -210,10 +211,6 @@ impl ServerBuilder {
     }
 
     pub async fn start(self) -> TestServer {
-        assert!(
-            self.s3_endpoint.is_none() || self.mode == Mode::Embedded,
-            "s3_endpoint names another test server's embedded store"
-        );
         let dir = tempfile::tempdir().unwrap();
         let mut args = self.args;
         if self.tls {
@@ -293,7 +290,11 @@ impl TestServer {
             args.extend(extra.iter().map(|a| (*a).to_owned()));
             args
         } else {
-            server_args(mode, data_dir, extra)
+            let mut args = server_args(mode, data_dir, extra);
+            if let Some(flag) = args.iter().position(|a| a == "--s3-endpoint-url") {
+                args[flag + 1] = s3_endpoint.clone();
+            }
+            args
         };
         let config = server::config::Config::try_parse_from(&args).unwrap();
         let shutdown = CancellationToken::new();
@@ -896,6 +897,32 @@ pub fn file_info(
 /// test that drives the wire by hand shows the server still serving them.
 pub const RAW_PROTOCOL_VERSION: u32 = shared::protocol::OLDEST_PROTOCOL_VERSION;
 
+/// The `file_info` an honest protocol 3 agent sends for `data`: a CRC64NVME per part.
+pub fn file_info_v3(
+    upload_id: &str,
+    file_name: &str,
+    data: &[u8],
+    min_part_size: u64,
+) -> serde_json::Value {
+    let (part_size, _) = shared::protocol::plan_parts(data.len() as u64, min_part_size).unwrap();
+    let mut crcs: Vec<String> = data
+        .chunks(part_size as usize)
+        .map(|c| shared::hash::Crc64Nvme::of(c).to_base64())
+        .collect();
+    if crcs.is_empty() {
+        crcs.push(shared::hash::Crc64Nvme::of(b"").to_base64());
+    }
+    serde_json::json!({
+        "type": "file_info",
+        "upload_id": upload_id,
+        "file_name": file_name,
+        "size": data.len(),
+        "modified_ms": 1,
+        "part_size": part_size,
+        "part_crc64nvme": crcs,
+    })
+}
+
 /// A hand-driven agent connection of protocol 2, for protocol-level tests.
 pub struct RawAgent {
     pub ws: tokio_tungstenite::WebSocketStream<
@@ -919,19 +946,25 @@ pub async fn ws_connect(server: &TestServer, token: Option<&str>) -> Result<RawA
 }
 
 impl RawAgent {
-    /// Connects and completes the hello/welcome handshake.
+    /// Connects and completes the hello/welcome handshake, speaking protocol 2.
     pub async fn connect(server: &TestServer, client_id: &str) -> Self {
+        Self::connect_speaking(server, client_id, RAW_PROTOCOL_VERSION).await
+    }
+
+    /// Connects speaking protocol `version`; the welcome must name it.
+    pub async fn connect_speaking(server: &TestServer, client_id: &str, version: u32) -> Self {
         let mut a = ws_connect(server, Some(&agent_token(client_id)))
             .await
             .unwrap();
         a.send_json(serde_json::json!({
             "type": "hello",
-            "protocol_version": RAW_PROTOCOL_VERSION,
+            "protocol_version": version,
             "agent_version": "raw"
         }))
         .await;
         let welcome = a.recv_json().await.expect("welcome");
         assert_eq!(welcome["type"], "welcome", "{welcome}");
+        assert_eq!(welcome["protocol_version"], version, "{welcome}");
         a
     }
 
@@ -1069,9 +1102,22 @@ pub mod raw_s3 {
         content_md5: Option<&str>,
         body: Vec<u8>,
     ) -> reqwest::Result<reqwest::Response> {
+        let headers: Vec<(&str, &str)> = content_md5
+            .map(|m| ("content-md5", m))
+            .into_iter()
+            .collect();
+        try_put_part_with(url, &headers, body).await
+    }
+
+    /// PUTs one part with these headers (a protocol 3 part: `x-amz-checksum-crc64nvme`).
+    pub async fn try_put_part_with(
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> reqwest::Result<reqwest::Response> {
         let mut req = reqwest::Client::new().put(url).body(body);
-        if let Some(md5) = content_md5 {
-            req = req.header("content-md5", md5);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         req.send().await
     }

@@ -9,6 +9,7 @@ mod credentials;
 mod download;
 mod failures;
 mod harness;
+mod kms;
 mod protocol;
 mod proxy;
 mod reconnect;

@@ -194,3 +194,80 @@ async fn connections_beyond_the_limit_are_refused() {
     let (_, clients) = server.get_json("/clients").await;
     assert_eq!(clients.as_array().unwrap().len(), 1);
 }
+
+/// Agents in the field speak protocol 2 until they are upgraded: the server still serves them
+/// on their own path (MD5s signed into the part URLs, the SHA-256 up front and recorded on the
+/// object, verification by the multipart ETag), in plans shaped exactly as they parse them.
+async fn a_protocol_2_agent_completes_a_download(mode: Mode) {
+    let server = TestServer::start(mode).await;
+    let client_id = unique_client("proto2");
+    let size = 12 * MIB;
+    let (mut agent, upload_id, plan) =
+        RawAgent::with_plan(&server, &client_id, "export.csv", size).await;
+    // Released protocol 2 agents refuse unknown fields: the plan carries none.
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(
+        keys(&plan),
+        [
+            "complete_url",
+            "done",
+            "expires_at",
+            "expires_in_secs",
+            "part_size",
+            "parts",
+            "size",
+            "type",
+            "upload_id"
+        ]
+    );
+    let parts = plan["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 2);
+    for part in parts {
+        assert_eq!(keys(part), ["content_md5", "part_number", "url"]);
+    }
+    let data = vec![7u8; size as usize];
+    let part_size = plan["part_size"].as_u64().unwrap() as usize;
+    let mut etags = Vec::new();
+    for (i, chunk) in data.chunks(part_size).enumerate() {
+        etags.push(raw_s3::put_planned_part(&plan, i, chunk.to_vec()).await);
+    }
+    let resp = raw_s3::complete(&plan, &etags).await;
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let parts: Vec<serde_json::Value> = etags
+        .iter()
+        .enumerate()
+        .map(|(i, etag)| serde_json::json!({"part_number": i + 1, "etag": etag}))
+        .collect();
+    agent
+        .send_json(serde_json::json!({
+            "type": "upload_completed", "upload_id": upload_id, "parts": parts
+        }))
+        .await;
+    let status = server.wait_finished(&upload_id).await;
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+    assert_identical(&server, &status, &sha).await;
+    assert_eq!(
+        status.checksum_crc64nvme, None,
+        "protocol 2 is verified by ETag"
+    );
+    let head = server
+        .s3()
+        .await
+        .head_object()
+        .bucket(BUCKET)
+        .key(status.key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        head.metadata().and_then(|m| m.get("sha256")),
+        Some(&sha),
+        "the SHA-256 is recorded on the object, as protocol 2 agents were promised"
+    );
+}
+
+storage_modes!(protocol_2_agent, a_protocol_2_agent_completes_a_download);

@@ -30,6 +30,10 @@ pub struct Faults {
     /// The first completion (POST with an `uploadId`) reaches storage, but its answer is lost:
     /// the connection is cut instead.
     pub lose_completion_reply: bool,
+    /// Storage's ETags are not MD5s, as on an SSE-KMS or SSE-C bucket: every ETag it gives
+    /// (UploadPart and HeadObject headers, ListParts and CompleteMultipartUpload bodies) is
+    /// rewritten, and completions have theirs restored on the way in.
+    pub kms_etags: bool,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +49,8 @@ pub struct ProxyStats {
     pub completions_seen: AtomicU32,
     /// Storage refused a corrupted part (BadDigest).
     pub rejected_by_storage: AtomicU32,
+    /// ETags rewritten in answers (`kms_etags`).
+    pub etags_rewritten: AtomicU32,
     /// Body bytes of part PUTs that reached the proxy, faults included.
     pub part_bytes: AtomicU64,
     /// Successful part PUTs by (uploadId, partNumber).
@@ -261,7 +267,7 @@ async fn forward(
     // chunked one, which storage refuses for lack of a Content-Length.
     let sized = parts.headers.contains_key(http::header::CONTENT_LENGTH)
         || parts.headers.contains_key(http::header::TRANSFER_ENCODING);
-    let body = if sized {
+    let body = if sized && !(completion && faults.kms_etags) {
         reqwest::Body::wrap_stream(stream)
     } else {
         let mut all = Vec::new();
@@ -269,12 +275,31 @@ async fn forward(
         while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
             all.extend_from_slice(&chunk.map_err(|_| Cut)?);
         }
+        if completion && faults.kms_etags {
+            all = kms::xml_etags(&String::from_utf8_lossy(&all), kms::restore).into_bytes();
+        }
         reqwest::Body::from(all)
     };
     let resp = out.body(body).send().await.map_err(|_| Cut)?;
     let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = resp.bytes().await.map_err(|_| Cut)?;
+    let mut headers = resp.headers().clone();
+    let mut bytes = resp.bytes().await.map_err(|_| Cut)?;
+    if faults.kms_etags {
+        if let Some(etag) = headers
+            .get(http::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+        {
+            let rewritten = kms::rewrite(etag);
+            headers.insert(http::header::ETAG, rewritten.parse().unwrap());
+            stats.etags_rewritten.fetch_add(1, Ordering::Relaxed);
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        if text.contains("<ETag>") {
+            let n = text.matches("<ETag>").count() as u32;
+            bytes = Bytes::from(kms::xml_etags(&text, kms::rewrite));
+            stats.etags_rewritten.fetch_add(n, Ordering::Relaxed);
+        }
+    }
     if completion
         && faults.lose_completion_reply
         && stats
@@ -298,4 +323,75 @@ async fn forward(
         }
     }
     Ok(builder.body(Full::new(bytes)).unwrap())
+}
+
+/// ETags as an SSE-KMS bucket gives them: 32 hex digits (and a part count) that are no MD5 of the
+/// bytes. Each hex digit of storage's ETag is rotated by one, so the proxy can give storage its
+/// own ETags back in a completion.
+mod kms {
+    fn rotate(etag: &str, by: u32) -> String {
+        // Quotes (plain or as XML entities) and the `-<parts>` suffix are kept.
+        let (open, rest) = ["&quot;", "\""]
+            .iter()
+            .find_map(|q| etag.strip_prefix(q).map(|r| (*q, r)))
+            .unwrap_or(("", etag));
+        let (core, close) = ["&quot;", "\""]
+            .iter()
+            .find_map(|q| rest.strip_suffix(q).map(|r| (r, *q)))
+            .unwrap_or((rest, ""));
+        let (hash, count) = core
+            .split_once('-')
+            .map_or((core, None), |(h, c)| (h, Some(c)));
+        let rotated: String = hash
+            .chars()
+            .map(|c| {
+                c.to_digit(16)
+                    .and_then(|d| char::from_digit((d + by) % 16, 16))
+                    .unwrap_or(c)
+            })
+            .collect();
+        match count {
+            Some(count) => format!("{open}{rotated}-{count}{close}"),
+            None => format!("{open}{rotated}{close}"),
+        }
+    }
+
+    pub fn rewrite(etag: &str) -> String {
+        rotate(etag, 1)
+    }
+
+    pub fn restore(etag: &str) -> String {
+        rotate(etag, 15)
+    }
+
+    /// `xml` with `f` applied to every `<ETag>` value.
+    pub fn xml_etags(xml: &str, f: fn(&str) -> String) -> String {
+        let mut out = String::with_capacity(xml.len());
+        let mut rest = xml;
+        while let Some(start) = rest.find("<ETag>") {
+            let (before, after) = rest.split_at(start + "<ETag>".len());
+            out.push_str(before);
+            let Some(end) = after.find("</ETag>") else {
+                rest = after;
+                break;
+            };
+            out.push_str(&f(&after[..end]));
+            rest = &after[end..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    #[test]
+    fn etags_are_rewritten_and_restored() {
+        let etag = "\"0cc175b9c0f1b6a831c399e269772661-3\"";
+        let rewritten = rewrite(etag);
+        assert_eq!(rewritten, "\"1dd286cad102c7b942d4aaf37a883772-3\"");
+        assert_eq!(restore(&rewritten), etag);
+        let xml = "<Part><ETag>&quot;0f&quot;</ETag></Part><ETag>\"a\"</ETag>";
+        assert_eq!(
+            xml_etags(xml, rewrite),
+            "<Part><ETag>&quot;10&quot;</ETag></Part><ETag>\"b\"</ETag>"
+        );
+    }
 }

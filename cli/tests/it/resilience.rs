@@ -700,3 +700,89 @@ async fn embedded_completion_is_atomic() {
         .unwrap();
     assert_eq!(head.content_length(), size);
 }
+
+/// Protocol 3: storage refuses a part whose bytes differ from the CRC64NVME signed into its URL,
+/// and a completion whose whole-object checksum is not the signed one; dropping or changing a
+/// signed checksum breaks the signature.
+async fn storage_rejects_tampered_parts_by_checksum(mode: Mode) {
+    let server = TestServer::start(mode).await;
+    let client_id = unique_client("tamper3");
+    let mut agent = RawAgent::connect_speaking(&server, &client_id, 3).await;
+    let upload_id = trigger_id(&server, &client_id).await;
+    let describe = agent.recv_json().await.unwrap();
+    let min_part_size = describe["min_part_size"].as_u64().unwrap();
+    let data = vec![7u8; 1000];
+    agent
+        .send_json(file_info_v3(&upload_id, "a.bin", &data, min_part_size))
+        .await;
+    let plan = agent.recv_json().await.unwrap();
+    assert_eq!(plan["type"], "start_upload", "{plan}");
+    let part = &plan["parts"][0];
+    assert!(part.get("content_md5").is_none(), "{part}");
+    let (url, crc) = (
+        part["url"].as_str().unwrap(),
+        part["checksum_crc64nvme"].as_str().unwrap(),
+    );
+    assert_eq!(crc, shared::hash::Crc64Nvme::of(&data).to_base64());
+    let mut flipped = data.clone();
+    flipped[10] ^= 1;
+    let header = "x-amz-checksum-crc64nvme";
+    let resp = raw_s3::try_put_part_with(url, &[(header, crc)], flipped.clone())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("BadDigest"));
+    let own = shared::hash::Crc64Nvme::of(&flipped).to_base64();
+    for headers in [vec![], vec![(header, own.as_str())]] {
+        let status = raw_s3::try_put_part_with(url, &headers, flipped.clone())
+            .await
+            .map(|r| r.status().as_u16());
+        assert!(
+            matches!(status, Ok(403) | Err(_)),
+            "an unsigned checksum must not pass: {status:?}"
+        );
+    }
+    let resp = raw_s3::try_put_part_with(url, &[(header, crc)], data.clone())
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
+    // The completion signs the whole-object checksum: another one is refused.
+    let whole = plan["checksum_crc64nvme"].as_str().unwrap();
+    let body = format!(
+        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag>\
+         <ChecksumCRC64NVME>{crc}</ChecksumCRC64NVME></Part></CompleteMultipartUpload>"
+    );
+    let complete = |checksum: String| {
+        reqwest::Client::new()
+            .post(plan["complete_url"].as_str().unwrap())
+            .header(header, checksum)
+            .header("x-amz-checksum-type", "FULL_OBJECT")
+            .body(body.clone())
+            .send()
+    };
+    let refused = complete(own.clone()).await.unwrap();
+    assert_eq!(
+        refused.status(),
+        403,
+        "a checksum other than the signed one"
+    );
+    let resp = complete(whole.to_owned()).await.unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+    agent
+        .send_json(serde_json::json!({
+            "type": "upload_completed", "upload_id": upload_id,
+            "parts": [{"part_number": 1, "etag": etag}], "sha256": sha
+        }))
+        .await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_identical(&server, &status, &sha).await;
+    assert_eq!(status.checksum_crc64nvme.as_deref(), Some(whole));
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+}
+
+storage_modes!(
+    tampered_parts_v3,
+    storage_rejects_tampered_parts_by_checksum
+);

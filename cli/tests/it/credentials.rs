@@ -125,3 +125,36 @@ async fn presigned_urls_end_before_their_credentials() {
         "URLs live {ttl} s past credentials of 120 s"
     );
 }
+
+/// Temporary credentials that expire 40 s after each fetch: every plan's URLs live 10 s, so a
+/// transfer paced over 16 s runs out of them midway. The agent asks for fresh URLs, the server
+/// signs them with fresh credentials, and the download completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_outlives_its_credentials() {
+    let (store, server, served, _server_proc, dir) =
+        server_on_container_credentials(Some(Duration::from_secs(40))).await;
+    let file = dir.path().join("slow.bin");
+    let sha = write_file(&file, 24 * MIB).await;
+    let client_id = unique_client("renewcreds");
+    let _agent = TestAgent::start_with(
+        &server,
+        &client_id,
+        &file,
+        &[
+            "--upload-concurrency",
+            "1",
+            "--max-upload-bytes-per-sec",
+            "1572864",
+        ],
+    );
+    server.wait_connected(&client_id).await;
+    let before = served.load(Ordering::Relaxed);
+    let upload_id = trigger_id(&server, &client_id).await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_identical(&store, &status, &sha).await;
+    assert!(status.resumes >= 1, "the URLs never ran out: {status:?}");
+    assert!(
+        served.load(Ordering::Relaxed) > before + 1,
+        "every plan is signed with freshly loaded credentials"
+    );
+}

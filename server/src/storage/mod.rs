@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, anyhow};
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
-use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sigv4::http_request::{
     PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SignatureLocation,
     SigningSettings, UriPathNormalizationMode, sign,
@@ -81,7 +80,6 @@ pub enum ObjectChecksum<'a> {
 #[derive(Clone)]
 pub struct Storage {
     client: aws_sdk_s3::Client,
-    presign_client: aws_sdk_s3::Client,
     credentials: SharedCredentialsProvider,
     bucket: String,
     region: String,
@@ -181,7 +179,6 @@ impl Storage {
             .public_endpoint
             .as_ref()
             .or(settings.endpoint.as_ref());
-        let presign_client = build(public_endpoint);
 
         let public_bucket_url = match public_endpoint {
             Some(e) if settings.force_path_style => Url::parse(&format!(
@@ -211,7 +208,6 @@ impl Storage {
 
         Ok(Self {
             client,
-            presign_client,
             credentials,
             bucket: settings.bucket,
             region: settings.region,
@@ -279,122 +275,24 @@ impl Storage {
             .ok_or_else(|| anyhow!("CreateMultipartUpload returned no upload id"))
     }
 
-    /// How long presigned URLs may live: `wanted`, but never past the expiry of the
-    /// credentials that sign them (an instance role, a task role or a web-identity session
-    /// expires long before a URL's own `X-Amz-Expires`, and S3 then answers `ExpiredToken`),
-    /// less a margin. At least one second.
-    pub async fn usable_ttl(&self, wanted: Duration) -> anyhow::Result<Duration> {
+    /// A presigner for one plan: one snapshot of the credentials, and a TTL that ends before
+    /// they do. `wanted` is the configured TTL; an instance role, a task role or a web-identity
+    /// session expires long before a URL's own `X-Amz-Expires` (and S3 then answers
+    /// `ExpiredToken`), so the TTL is capped at the credentials' expiry less a margin, at least
+    /// one second. Every URL of the plan is signed with that same snapshot, so none can outlive
+    /// the credentials its TTL was computed from.
+    pub async fn presigner(&self, wanted: Duration) -> anyhow::Result<Presigner<'_>> {
         let credentials = self
             .credentials
             .provide_credentials()
             .await
             .context("loading credentials to presign")?;
-        Ok(cap_at_expiry(
-            wanted,
-            credentials.expiry(),
-            SystemTime::now(),
-        ))
-    }
-
-    /// Presigns one UploadPart with its checksum signed in, so storage refuses a body that does
-    /// not match it.
-    pub async fn presign_part(
-        &self,
-        key: &str,
-        s3_upload_id: &str,
-        part: PartNumber,
-        digest: PartChecksum<'_>,
-        ttl: Duration,
-    ) -> anyhow::Result<String> {
-        let req = self
-            .presign_client
-            .upload_part()
-            .bucket(&self.bucket)
-            .key(key)
-            .upload_id(s3_upload_id)
-            .part_number(part.get() as i32);
-        let (req, header) = match digest {
-            PartChecksum::Crc64Nvme(crc) => (
-                req.checksum_crc64_nvme(crc.to_base64()),
-                "x-amz-checksum-crc64nvme",
-            ),
-            PartChecksum::Md5(md5) => (req.content_md5(md5), "content-md5"),
-        };
-        let req = req
-            .presigned(PresigningConfig::expires_in(ttl)?)
-            .await
-            .context("presigning UploadPart")?;
-        // The checksum protects the part only if it is signed; an unsigned one is ignored. And
-        // the agent sends that one header, so no other may be signed.
-        let signed: Vec<&str> = req
-            .uri()
-            .split_once("X-Amz-SignedHeaders=")
-            .map(|(_, rest)| rest.split('&').next().unwrap_or("").split("%3B").collect())
-            .unwrap_or_default();
-        if !signed.contains(&header) || signed.iter().any(|h| *h != header && *h != "host") {
-            return Err(anyhow!(
-                "the presigned UploadPart URL signs {signed:?}, not host and {header}"
-            ));
-        }
-        Ok(req.uri().to_owned())
-    }
-
-    /// Presigns `POST <key>?uploadId=...` with aws-sigv4, since the SDK cannot presign
-    /// CompleteMultipartUpload. The agent sends the part list as the XML body.
-    /// With `whole`, the full-object CRC64NVME is signed in (as `x-amz-checksum-crc64nvme`
-    /// and `x-amz-checksum-type: FULL_OBJECT`), so storage refuses to complete an object with
-    /// other bytes.
-    pub async fn presign_complete(
-        &self,
-        key: &str,
-        s3_upload_id: &str,
-        whole: Option<Crc64Nvme>,
-        ttl: Duration,
-    ) -> anyhow::Result<String> {
-        let credentials = self
-            .credentials
-            .provide_credentials()
-            .await
-            .context("loading credentials to presign CompleteMultipartUpload")?;
-        let identity = credentials.into();
-        let mut url = self.public_bucket_url.join(key)?;
-        url.query_pairs_mut().append_pair("uploadId", s3_upload_id);
-
-        let mut settings = SigningSettings::default();
-        settings.signature_location = SignatureLocation::QueryParams;
-        settings.expires_in = Some(ttl);
-        settings.payload_checksum_kind = PayloadChecksumKind::NoHeader;
-        // S3 signs the path as sent: no normalisation, no double encoding.
-        settings.percent_encoding_mode = PercentEncodingMode::Single;
-        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
-        let params = v4::SigningParams::builder()
-            .identity(&identity)
-            .region(&self.region)
-            .name("s3")
-            .time(SystemTime::now())
-            .settings(settings)
-            .build()?
-            .into();
-        let whole = whole.map(Crc64Nvme::to_base64);
-        let mut headers = Vec::new();
-        if let Some(whole) = &whole {
-            headers.push(("x-amz-checksum-crc64nvme", whole.as_str()));
-            headers.push(("x-amz-checksum-type", "FULL_OBJECT"));
-        }
-        let signable = SignableRequest::new(
-            "POST",
-            url.as_str(),
-            headers.into_iter(),
-            SignableBody::UnsignedPayload,
-        )?;
-        let (instructions, _signature) = sign(signable, &params)?.into_parts();
-        {
-            let mut pairs = url.query_pairs_mut();
-            for (name, value) in instructions.params() {
-                pairs.append_pair(name, value);
-            }
-        }
-        Ok(url.into())
+        let ttl = cap_at_expiry(wanted, credentials.expiry(), SystemTime::now());
+        Ok(Presigner {
+            storage: self,
+            credentials,
+            ttl,
+        })
     }
 
     /// `Ok(None)` when there is no such object.
@@ -548,6 +446,103 @@ impl Storage {
             .map(|_| ())
             .map_err(|e| anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e)))
             .context("DeleteObject")
+    }
+}
+
+/// Presigned URLs of one plan, all signed with one snapshot of the credentials (see
+/// [`Storage::presigner`]). Signed with aws-sigv4 directly: the SDK's presigning would sign with
+/// its own cached credentials, whose expiry may come before the snapshot's.
+pub struct Presigner<'a> {
+    storage: &'a Storage,
+    credentials: Credentials,
+    ttl: Duration,
+}
+
+impl Presigner<'_> {
+    /// How long the URLs live.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// `PUT <key>?partNumber=&uploadId=` with the part's checksum signed in, so storage refuses
+    /// a body that does not match it (an unsigned checksum header is ignored).
+    pub fn part(
+        &self,
+        key: &str,
+        s3_upload_id: &str,
+        part: PartNumber,
+        checksum: PartChecksum<'_>,
+    ) -> anyhow::Result<String> {
+        let mut url = self.storage.public_bucket_url.join(key)?;
+        url.query_pairs_mut()
+            .append_pair("partNumber", &part.get().to_string())
+            .append_pair("uploadId", s3_upload_id);
+        let crc;
+        let header = match checksum {
+            PartChecksum::Crc64Nvme(c) => {
+                crc = c.to_base64();
+                ("x-amz-checksum-crc64nvme", crc.as_str())
+            }
+            PartChecksum::Md5(md5) => ("content-md5", md5),
+        };
+        self.sign("PUT", url, &[header])
+    }
+
+    /// `POST <key>?uploadId=`, which the agent sends with the part list as its body. With
+    /// `whole`, the full-object CRC64NVME is signed in (as `x-amz-checksum-crc64nvme` and
+    /// `x-amz-checksum-type: FULL_OBJECT`), so storage refuses to complete an object with other
+    /// bytes.
+    pub fn complete(
+        &self,
+        key: &str,
+        s3_upload_id: &str,
+        whole: Option<Crc64Nvme>,
+    ) -> anyhow::Result<String> {
+        let mut url = self.storage.public_bucket_url.join(key)?;
+        url.query_pairs_mut().append_pair("uploadId", s3_upload_id);
+        let whole = whole.map(Crc64Nvme::to_base64);
+        let headers: Vec<(&str, &str)> = match &whole {
+            Some(whole) => vec![
+                ("x-amz-checksum-crc64nvme", whole.as_str()),
+                ("x-amz-checksum-type", "FULL_OBJECT"),
+            ],
+            None => Vec::new(),
+        };
+        self.sign("POST", url, &headers)
+    }
+
+    /// Signs `method url` with `headers` (and the host) into its query string.
+    fn sign(&self, method: &str, mut url: Url, headers: &[(&str, &str)]) -> anyhow::Result<String> {
+        let identity = self.credentials.clone().into();
+        let mut settings = SigningSettings::default();
+        settings.signature_location = SignatureLocation::QueryParams;
+        settings.expires_in = Some(self.ttl);
+        settings.payload_checksum_kind = PayloadChecksumKind::NoHeader;
+        // S3 signs the path as sent: no normalisation, no double encoding.
+        settings.percent_encoding_mode = PercentEncodingMode::Single;
+        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.storage.region)
+            .name("s3")
+            .time(SystemTime::now())
+            .settings(settings)
+            .build()?
+            .into();
+        let signable = SignableRequest::new(
+            method,
+            url.as_str(),
+            headers.iter().copied(),
+            SignableBody::UnsignedPayload,
+        )?;
+        let (instructions, _signature) = sign(signable, &params)?.into_parts();
+        {
+            let mut pairs = url.query_pairs_mut();
+            for (name, value) in instructions.params() {
+                pairs.append_pair(name, value);
+            }
+        }
+        Ok(url.into())
     }
 }
 

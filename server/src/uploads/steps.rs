@@ -279,8 +279,8 @@ impl Uploads {
         missing: &[shared::PartNumber],
         done: Vec<CompletedPart>,
     ) -> Event {
-        let ttl = match self.storage().usable_ttl(self.settings().presign_ttl).await {
-            Ok(ttl) => ttl,
+        let presigner = match self.storage().presigner(self.settings().presign_ttl).await {
+            Ok(presigner) => presigner,
             Err(err) => {
                 tracing::error!(upload_id = %id, error = format!("{err:#}"), "loading credentials failed");
                 return Event::Fail {
@@ -312,11 +312,7 @@ impl Uploads {
                     Some(md5.as_base64().to_owned()),
                 ),
             };
-            match self
-                .storage()
-                .presign_part(key, s3_upload_id, part_number, checksum, ttl)
-                .await
-            {
+            match presigner.part(key, s3_upload_id, part_number, checksum) {
                 Ok(url) => parts.push(PresignedPart {
                     part_number,
                     url,
@@ -327,11 +323,7 @@ impl Uploads {
             }
         }
         let whole = transfer.file.whole_crc64nvme();
-        let complete_url = match self
-            .storage()
-            .presign_complete(key, s3_upload_id, whole, ttl)
-            .await
-        {
+        let complete_url = match presigner.complete(key, s3_upload_id, whole) {
             Ok(url) => url,
             Err(err) => return failed("the completion", err),
         };
@@ -344,8 +336,8 @@ impl Uploads {
                 done,
                 complete_url,
                 checksum_crc64nvme: whole.map(Crc64Nvme::to_base64),
-                expires_at: shared::auth::unix_now() + ttl.as_secs(),
-                expires_in_secs: ttl.as_secs(),
+                expires_at: shared::auth::unix_now() + presigner.ttl().as_secs(),
+                expires_in_secs: presigner.ttl().as_secs(),
             },
         }
     }

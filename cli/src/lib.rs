@@ -249,8 +249,8 @@ async fn clients(cli: &Cli) -> anyhow::Result<bool> {
         println!("no agents connected");
     } else {
         println!(
-            "{:<24} {:<26} {:<26} ACTIVE UPLOAD",
-            "CLIENT", "CONNECTED SINCE", "LAST SEEN"
+            "{:<24} {:<26} {:<26} {:<6} ACTIVE UPLOAD",
+            "CLIENT", "CONNECTED SINCE", "LAST SEEN", "PROTO"
         );
         for c in clients {
             let active = c
@@ -258,8 +258,8 @@ async fn clients(cli: &Cli) -> anyhow::Result<bool> {
                 .map(|u| u.to_string())
                 .unwrap_or_else(|| "-".into());
             println!(
-                "{:<24} {:<26} {:<26} {active}",
-                c.client_id, c.connected_since, c.last_seen
+                "{:<24} {:<26} {:<26} {:<6} {active}",
+                c.client_id, c.connected_since, c.last_seen, c.protocol_version
             );
         }
     }
@@ -438,6 +438,7 @@ fn print_upload(s: &UploadStatus, json: bool) -> anyhow::Result<()> {
     );
     println!("  etag:     {}", opt(&s.etag));
     println!("  sha256:   {}", opt(&s.sha256));
+    println!("  crc64:    {}", opt(&s.checksum_crc64nvme));
     if let Some(rate) = s.rate_bytes_per_sec {
         println!("  rate:     {:.1} MiB/s", rate as f64 / (1024.0 * 1024.0));
     }

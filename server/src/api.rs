@@ -64,6 +64,8 @@ pub async fn list_clients(State(state): State<AppState>, _: Operator) -> Json<Ve
             client_id,
             connected_since: rfc3339(h.connected_since),
             last_seen: rfc3339(h.last_seen()),
+            protocol_version: h.protocol_version,
+            agent_version: h.agent_version.clone(),
         })
         .collect();
     Json(clients)

@@ -75,6 +75,9 @@ pub struct AgentHandle {
     pub conn_id: ConnId,
     pub outbox: mpsc::Sender<ServerMessage>,
     pub connected_since: OffsetDateTime,
+    /// What the agent said in its `hello`.
+    pub protocol_version: u32,
+    pub agent_version: String,
     /// Unix milliseconds of the last frame received, updated by the connection's reader.
     pub last_seen_ms: Arc<AtomicI64>,
     /// Cancelled to close the connection (replaced by a newer one, server shutting down).

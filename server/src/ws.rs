@@ -62,10 +62,10 @@ pub async fn connect(
 /// One agent connection: the handshake, then registration, the writer task and the read loop.
 async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
     let (mut reader, mut writer) = connection::split(socket);
-    let Some(protocol_version) = handshake(&client_id, &mut reader, &mut writer).await else {
+    let Some(hello) = handshake(&client_id, &mut reader, &mut writer).await else {
         return;
     };
-    let (session, outbox_rx) = Registration::new(&state, &client_id, protocol_version).await;
+    let (session, outbox_rx) = Registration::new(&state, &client_id, hello).await;
     let writer_task = spawn_writer(&state, writer, outbox_rx, session.close.clone());
     read_loop(&state, &session, &mut reader).await;
     session.close.cancel();
@@ -73,14 +73,23 @@ async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
     // `session` drops here, and with it the registry entry.
 }
 
+/// What an accepted `hello` said.
+struct Hello {
+    protocol_version: u32,
+    agent_version: String,
+}
+
+/// Longest agent version kept; it is shown to operators.
+const MAX_AGENT_VERSION_CHARS: usize = 64;
+
 /// The first message must be a hello with a protocol version the server serves (this release's
 /// or the previous one); anything else is answered with an error and a close. Returns the
-/// agent's version if the session may go on.
+/// agent's versions if the session may go on.
 async fn handshake(
     client_id: &ClientId,
     reader: &mut connection::AgentReader,
     writer: &mut AgentWriter,
-) -> Option<u32> {
+) -> Option<Hello> {
     let hello = tokio::time::timeout(HELLO_TIMEOUT, reader.recv()).await;
     match hello {
         Ok(Ok(Some(Incoming::Message(AgentMessage::Hello {
@@ -101,7 +110,13 @@ async fn handshake(
                 return None;
             }
             tracing::info!(%client_id, agent_version, protocol_version, "agent connected");
-            Some(protocol_version)
+            Some(Hello {
+                protocol_version,
+                agent_version: agent_version
+                    .chars()
+                    .take(MAX_AGENT_VERSION_CHARS)
+                    .collect(),
+            })
         }
         Ok(Ok(Some(_))) => {
             reject(
@@ -143,8 +158,9 @@ impl Registration {
     async fn new(
         state: &AppState,
         client_id: &ClientId,
-        protocol_version: u32,
+        hello: Hello,
     ) -> (Self, mpsc::Receiver<ServerMessage>) {
+        let protocol_version = hello.protocol_version;
         let conn_id = state.registry.next_conn_id();
         let close = state.shutdown.child_token();
         let (outbox, outbox_rx) = mpsc::channel::<ServerMessage>(OUTBOX_CAPACITY);
@@ -154,6 +170,8 @@ impl Registration {
             conn_id,
             outbox: outbox.clone(),
             connected_since: now,
+            protocol_version,
+            agent_version: hello.agent_version,
             last_seen_ms: last_seen_ms.clone(),
             close: close.clone(),
         };

@@ -164,6 +164,12 @@ pub struct ClientInfo {
     pub connected_since: String,
     pub last_seen: String,
     pub active_upload: Option<UploadId>,
+    /// The protocol the agent speaks, and the version it says it is: which agents are left to
+    /// upgrade before the server drops a protocol version.
+    #[serde(default)]
+    pub protocol_version: u32,
+    #[serde(default)]
+    pub agent_version: String,
 }
 
 /// `GET /status/{client_id}`.

@@ -224,6 +224,16 @@ async fn a_protocol_2_agent_completes_a_download(mode: Mode) {
             "upload_id"
         ]
     );
+    // Operators see who is left to upgrade.
+    let (_, clients) = server.get_json("/clients").await;
+    let me = clients
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["client_id"] == client_id.as_str())
+        .unwrap();
+    assert_eq!(me["protocol_version"], 2, "{me}");
+    assert_eq!(me["agent_version"], "raw", "{me}");
     let parts = plan["parts"].as_array().unwrap();
     assert_eq!(parts.len(), 2);
     for part in parts {

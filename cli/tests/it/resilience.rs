@@ -786,3 +786,100 @@ storage_modes!(
     tampered_parts_v3,
     storage_rejects_tampered_parts_by_checksum
 );
+
+/// The embedded store checks the checksums other S3 clients send, as S3 does: the AWS SDKs and
+/// CLI create uploads with CRC32 and send it with each part. A wrong one is `BadDigest`, and
+/// every object still gets its FULL_OBJECT CRC64NVME.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_checks_other_clients_checksums() {
+    use aws_sdk_s3::types::{
+        ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart,
+    };
+    let server = TestServer::start(Mode::Embedded).await;
+    let s3 = server.s3().await;
+    let key = "tests/crc32/f.bin";
+    let part = vec![9u8; 5 * MIB as usize];
+    let upload_id = s3
+        .create_multipart_upload()
+        .bucket(BUCKET)
+        .key(key)
+        .checksum_algorithm(ChecksumAlgorithm::Crc32)
+        .send()
+        .await
+        .unwrap()
+        .upload_id
+        .unwrap();
+    let wrong = s3
+        .upload_part()
+        .bucket(BUCKET)
+        .key(key)
+        .upload_id(&upload_id)
+        .part_number(1)
+        .checksum_crc32("AAAAAA==")
+        .body(part.clone().into())
+        .send()
+        .await;
+    let err = format!("{:?}", wrong.unwrap_err());
+    assert!(err.contains("BadDigest"), "{err}");
+    let sha1 = s3
+        .upload_part()
+        .bucket(BUCKET)
+        .key(key)
+        .upload_id(&upload_id)
+        .part_number(1)
+        .checksum_algorithm(ChecksumAlgorithm::Sha1)
+        .body(part.clone().into())
+        .send()
+        .await;
+    assert!(sha1.is_err(), "SHA-1 is not checked, so it is refused");
+    // The SDK's own CRC32 (a trailer) passes.
+    let out = s3
+        .upload_part()
+        .bucket(BUCKET)
+        .key(key)
+        .upload_id(&upload_id)
+        .part_number(1)
+        .checksum_algorithm(ChecksumAlgorithm::Crc32)
+        .body(part.clone().into())
+        .send()
+        .await
+        .unwrap();
+    s3.complete_multipart_upload()
+        .bucket(BUCKET)
+        .key(key)
+        .upload_id(&upload_id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .parts(
+                    CompletedPart::builder()
+                        .part_number(1)
+                        .e_tag(out.e_tag.unwrap())
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let head = s3
+        .head_object()
+        .bucket(BUCKET)
+        .key(key)
+        .checksum_mode(ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        head.checksum_crc64_nvme(),
+        Some(shared::hash::Crc64Nvme::of(&part).to_base64().as_str())
+    );
+    // Without checksum mode, no checksum is answered, as on S3.
+    let plain = s3
+        .head_object()
+        .bucket(BUCKET)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.checksum_crc64_nvme(), None);
+}

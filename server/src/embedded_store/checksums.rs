@@ -7,8 +7,9 @@
 //! needed. A completion combines the parts' CRCs into the object's FULL_OBJECT checksum and
 //! records it where s3s-fs keeps the object's ETag, whence HeadObject answers it.
 //!
-//! CRC64NVME is the only algorithm, as it is S3's default; a request for another is refused
-//! with `NotImplemented` rather than silently unchecked.
+//! CRC64NVME is the object's algorithm, as it is S3's default. A part may also carry a CRC32,
+//! CRC32C or SHA-256 (the AWS SDKs send a CRC32 by default), which is checked as it arrives;
+//! SHA-1 is refused with `NotImplemented` rather than left unchecked.
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -111,37 +111,52 @@ s3_impl! {
         list_objects_v2(ListObjectsV2Input) -> ListObjectsV2Output;
     }
 
-    /// Accepts CRC64NVME (S3's default) only, as FULL_OBJECT, which the store computes for
-    /// every upload whatever was asked.
+    /// Every upload gets a FULL_OBJECT CRC64NVME, as on S3, whatever was asked. Another algorithm
+    /// the store can check per part (CRC32, CRC32C, SHA-256: the AWS CLI asks for CRC32) is
+    /// accepted and checked on each part; its whole-object value is not computed (HeadObject
+    /// answers the CRC64NVME). SHA-1 is refused, and CRC64NVME as COMPOSITE, as S3 refuses it.
     async fn create_multipart_upload(
         &self,
         req: S3Request<CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
         let input = &req.input;
-        if input
+        let algorithm = input
             .checksum_algorithm
             .as_ref()
-            .is_some_and(|a| a.as_str() != ChecksumAlgorithm::CRC64NVME)
+            .map(|a| a.as_str().to_owned());
+        if let Some(a) = &algorithm
+            && checksums::Other::named(a).is_err()
         {
             return Err(S3Error::with_message(
                 S3ErrorCode::NotImplemented,
-                "the embedded store checksums with CRC64NVME only",
+                "the embedded store checks CRC64NVME, CRC32, CRC32C and SHA-256 checksums only",
             ));
         }
-        if input
-            .checksum_type
-            .as_ref()
-            .is_some_and(|t| t.as_str() != ChecksumType::FULL_OBJECT)
+        let crc64 = algorithm
+            .as_deref()
+            .is_none_or(|a| a == ChecksumAlgorithm::CRC64NVME);
+        if crc64
+            && input
+                .checksum_type
+                .as_ref()
+                .is_some_and(|t| t.as_str() != ChecksumType::FULL_OBJECT)
         {
             return Err(S3Error::with_message(
                 S3ErrorCode::InvalidRequest,
                 "CRC64NVME is a FULL_OBJECT checksum",
             ));
         }
+        let checksum_type = input.checksum_type.clone();
         let mut resp = self.fs.create_multipart_upload(req).await?;
-        resp.output.checksum_algorithm =
-            Some(ChecksumAlgorithm::from_static(ChecksumAlgorithm::CRC64NVME));
-        resp.output.checksum_type = Some(ChecksumType::from_static(ChecksumType::FULL_OBJECT));
+        let out = &mut resp.output;
+        if crc64 {
+            out.checksum_algorithm =
+                Some(ChecksumAlgorithm::from_static(ChecksumAlgorithm::CRC64NVME));
+            out.checksum_type = Some(ChecksumType::from_static(ChecksumType::FULL_OBJECT));
+        } else {
+            out.checksum_algorithm = algorithm.map(ChecksumAlgorithm::from);
+            out.checksum_type = checksum_type;
+        }
         Ok(resp)
     }
 
@@ -473,20 +488,13 @@ fn object_checksum(
     root: &Path,
     input: &CompleteMultipartUploadInput,
 ) -> S3Result<Option<Crc64Nvme>> {
-    if input.checksum_crc32.is_some()
-        || input.checksum_crc32c.is_some()
-        || input.checksum_sha1.is_some()
-        || input.checksum_sha256.is_some()
-    {
-        return Err(S3Error::with_message(
-            S3ErrorCode::InvalidRequest,
-            "the embedded store checksums with CRC64NVME only",
-        ));
-    }
-    if input
-        .checksum_type
-        .as_ref()
-        .is_some_and(|t| t.as_str() != ChecksumType::FULL_OBJECT)
+    // A whole-object checksum of another algorithm (the AWS CLI's CRC32) was checked part by
+    // part as the parts arrived; only CRC64NVME is checked whole.
+    if input.checksum_crc64nvme.is_some()
+        && input
+            .checksum_type
+            .as_ref()
+            .is_some_and(|t| t.as_str() != ChecksumType::FULL_OBJECT)
     {
         return Err(S3Error::with_message(
             S3ErrorCode::InvalidRequest,

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# A store's uplink, emulated: the agent (and the two anchors) run in a network namespace whose
+# egress is capped by a `tbf` qdisc, and send the same file to the server's embedded store on the
+# host side of a veth pair. Backhaul, `aws s3 cp` and the bare-PUT floor move it in turn, and
+# each is set against the physical limit, size ÷ rate.
+#
+#   scripts/bench-uplink.sh [size_mib=100] [rate_mbit=20] [runs=1]
+#
+# Needs root (ip netns, tc). Nothing leaves the machine: the namespace and the veth pair are
+# created here and removed on exit. `netem` is not available on this kernel, so no delay is
+# added: the round trip is the veth's, and the limit is the rate.
+#
+# tbf counts whole Ethernet frames, so with a 1500-byte MTU about 4.5 % of the rate goes to
+# headers (1514-byte frames carry 1448 bytes of TCP payload with timestamps); the script prints
+# that framing limit too.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+SIZE_MIB="${1:-100}"
+RATE_MBIT="${2:-20}"
+RUNS="${3:-1}"
+NS=bh-uplink
+HOST_IF=bh-up0
+NS_IF=bh-up1
+HOST_IP=10.213.77.1
+NS_IP=10.213.77.2
+API_PORT="${BENCH_API_PORT:-18490}"
+S3_PORT="${BENCH_S3_PORT:-19490}"
+
+if [[ $(id -u) != 0 ]]; then
+  echo "bench-uplink: needs root for ip netns and tc" >&2
+  exit 2
+fi
+
+cargo build --release --locked --workspace --bins --quiet
+bin="$PWD/target/release"
+aws="$(scripts/install-awscli.sh)"
+
+work="$(mktemp -d -t backhaul-uplink.XXXXXX)"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  ip netns del "$NS" 2>/dev/null || true
+  ip link del "$HOST_IF" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+ip netns del "$NS" 2>/dev/null || true
+ip link del "$HOST_IF" 2>/dev/null || true
+ip netns add "$NS"
+ip link add "$HOST_IF" type veth peer name "$NS_IF"
+ip link set "$NS_IF" netns "$NS"
+ip addr add "$HOST_IP/24" dev "$HOST_IF"
+ip link set "$HOST_IF" up
+ip netns exec "$NS" ip addr add "$NS_IP/24" dev "$NS_IF"
+ip netns exec "$NS" ip link set "$NS_IF" up
+ip netns exec "$NS" ip link set lo up
+# The store's uplink: its egress, capped.
+ip netns exec "$NS" tc qdisc add dev "$NS_IF" root tbf rate "${RATE_MBIT}mbit" burst 32kb latency 100ms
+in_ns() { ip netns exec "$NS" "$@"; }
+
+export JWT_SECRET="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+secret="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+file="$work/export.bin"
+head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$file"
+export SERVER_URL="http://$HOST_IP:$API_PORT"
+export API_TOKEN="$("$bin/cli" token issue --operator --name bench)"
+endpoint="http://$HOST_IP:$S3_PORT"
+bucket=pos-uploads
+
+STORAGE=embedded DATA_DIR="$work/data" LISTEN_ADDR="$HOST_IP:$API_PORT" \
+  EMBEDDED_S3_LISTEN_ADDR="$HOST_IP:$S3_PORT" EMBEDDED_S3_SECRET_KEY="$secret" \
+  RUST_LOG=warn "$bin/server" > "$work/server.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do curl -fsS "$SERVER_URL/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+
+in_ns env AGENT_TOKEN="$("$bin/cli" token issue --client-id uplink-store)" \
+  AGENT_SERVER_URL="ws://$HOST_IP:$API_PORT/ws/connect" FILE_PATH="$file" RUST_LOG=warn \
+  "$bin/client" > "$work/agent.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do
+  "$bin/cli" status --client-id uplink-store --json 2>/dev/null | grep -q '"connected": true' && break
+  sleep 0.1
+done
+
+s3_env=(AWS_ACCESS_KEY_ID=backhaul AWS_SECRET_ACCESS_KEY="$secret" AWS_DEFAULT_REGION=us-east-1)
+results="$work/results.jsonl"
+: > "$results"
+for run in $(seq 1 "$RUNS"); do
+  "$bin/cli" download --client-id=uplink-store --json > "$work/last.json"
+  python3 - "$work/last.json" "$run" >> "$results" <<'PY'
+import json, sys
+from datetime import datetime
+s = json.load(open(sys.argv[1]))
+assert s["state"] == "completed", s
+t = lambda v: datetime.fromisoformat(v.replace("Z", "+00:00"))
+print(json.dumps({"tool": "backhaul", "run": int(sys.argv[2]),
+    "ms": int((t(s["finished_at"]) - t(s["created_at"])).total_seconds() * 1000)}))
+PY
+
+  t0=$(date +%s%N)
+  in_ns env "${s3_env[@]}" "$aws" --endpoint-url "$endpoint" s3 cp --only-show-errors "$file" "s3://$bucket/bench/awscli-$run"
+  t1=$(date +%s%N)
+  echo "{\"tool\": \"awscli\", \"run\": $run, \"ms\": $(((t1 - t0) / 1000000))}" >> "$results"
+
+  out="$(in_ns env "${s3_env[@]}" "$bin/bareput" --endpoint "$endpoint" --bucket "$bucket" --file "$file" --key "bench/bareput-$run")"
+  echo "{\"tool\": \"bareput\", \"run\": $run, \"ms\": $(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["total_ms"])' "$out")}" >> "$results"
+done
+
+python3 - "$results" "$SIZE_MIB" "$RATE_MBIT" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+size = int(sys.argv[2]) * 1024 * 1024
+rate = int(sys.argv[3]) * 1e6
+limit = size * 8 / rate
+framing = limit * 1514 / 1448
+med = lambda tool: statistics.median(r["ms"] for r in rows if r["tool"] == tool) / 1000
+runs = sum(1 for r in rows if r["tool"] == "backhaul")
+print(f"{sys.argv[2]} MiB over a {sys.argv[3]} Mbit/s uplink (tbf), medians of {runs} run(s):\n")
+print(f"Physical limit size ÷ rate: {limit:.1f} s; with Ethernet, IP and TCP headers at MTU 1500: {framing:.1f} s.\n")
+print("| tool | seconds | ÷ limit | ÷ framing limit | Mbit/s of file |")
+print("| --- | --- | --- | --- | --- |")
+for tool, name in [("backhaul", "Backhaul, trigger to verified"), ("awscli", "`aws s3 cp`"), ("bareput", "bare-PUT floor")]:
+    s = med(tool)
+    print(f"| {name} | {s:.1f} | {s / limit:.3f} | {s / framing:.3f} | {size * 8 / s / 1e6:.2f} |")
+PY

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every benchmark behind BENCHMARKS.md, with the sizes used there, one after the other:
 # transfer at 100 MiB (5 rounds) and 1 GiB (3 rounds), both storage modes beside the AWS CLI and
-# the bare-PUT floor, then the fleet at 10,000 agents. Each script installs what it needs
-# (LocalStack, the AWS CLI) and prints Markdown tables. Took 4 min 13 s on 2 cores.
+# the bare-PUT floor, then the fleet at 10,000 agents, then (as root) a store's 20 Mbit/s uplink
+# emulated in a network namespace. Each script installs what it needs (LocalStack, the AWS CLI)
+# and prints Markdown tables. Took 4 min 13 s on 2 cores before the uplink, which adds about
+# 2.5 min.
 #
 #   scripts/bench.sh
 set -euo pipefail
@@ -12,3 +14,9 @@ echo
 ./bench-transfer.sh 1024 3
 echo
 ./bench-fleet.sh 10000 10000
+echo
+if [[ $(id -u) == 0 ]]; then
+  ./bench-uplink.sh 100 20 1
+else
+  echo "bench-uplink.sh skipped: it needs root for ip netns and tc"
+fi

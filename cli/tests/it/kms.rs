@@ -145,3 +145,53 @@ async fn corrupted_parts_are_refused(mode: Mode) {
 }
 
 storage_modes!(kms_corruption, corrupted_parts_are_refused);
+
+/// `S3_SSE=aws:kms` with a key asks for SSE-KMS at every CreateMultipartUpload, and the upload
+/// verifies as any other. (The embedded store keeps no encryption at rest, and LocalStack
+/// encrypts with AES256 whatever is asked, so what is checked is the request storage gets.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requested_encryption_reaches_storage() {
+    let store = TestServer::start(Mode::Embedded).await;
+    let proxy = FaultProxy::start(&store.s3_endpoint, Faults::default()).await;
+    let server = TestServer::builder(Mode::Embedded)
+        .s3_endpoint(&proxy.url())
+        .args(&[
+            "--s3-sse",
+            "aws:kms",
+            "--s3-sse-kms-key-id",
+            "alias/pos-exports",
+        ])
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cardholder.csv");
+    let sha = write_file(&file, 6 * MIB).await;
+    let client_id = unique_client("sse");
+    let _agent = TestAgent::start(&server, &client_id, &file);
+    server.wait_connected(&client_id).await;
+    let upload_id = trigger_id(&server, &client_id).await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_identical(&store, &status, &sha).await;
+    assert_eq!(
+        *proxy.stats.encryption_asked.lock().unwrap(),
+        vec![(
+            Some("aws:kms".to_owned()),
+            Some("alias/pos-exports".to_owned())
+        )]
+    );
+}
+
+/// A KMS key without `S3_SSE=aws:kms` is a mistake, refused at start.
+#[test]
+fn a_kms_key_needs_kms_encryption() {
+    use clap::Parser;
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = server_args(Mode::Embedded, dir.path(), &[]);
+    args.extend(["--s3-sse-kms-key-id".into(), "alias/pos".into()]);
+    let config = server::config::Config::try_parse_from(&args).unwrap();
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("S3_SSE=aws:kms"), "{err}");
+    args.extend(["--s3-sse".into(), "aws:kms".into()]);
+    let config = server::config::Config::try_parse_from(&args).unwrap();
+    assert!(config.validate().is_ok());
+}

@@ -49,6 +49,9 @@ pub struct ProxyStats {
     pub completions_seen: AtomicU32,
     /// Storage refused a corrupted part (BadDigest).
     pub rejected_by_storage: AtomicU32,
+    /// The encryption each CreateMultipartUpload asked for: its `x-amz-server-side-encryption`
+    /// and `x-amz-server-side-encryption-aws-kms-key-id` headers.
+    pub encryption_asked: Mutex<Vec<(Option<String>, Option<String>)>>,
     /// ETags rewritten in answers (`kms_etags`).
     pub etags_rewritten: AtomicU32,
     /// Body bytes of part PUTs that reached the proxy, faults included.
@@ -185,6 +188,23 @@ async fn forward(
     }
     let completion =
         parts.method == http::Method::POST && query_param(&query, "uploadId").is_some();
+    if parts.method == http::Method::POST
+        && query
+            .split('&')
+            .any(|kv| kv == "uploads" || kv == "uploads=")
+    {
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        stats.encryption_asked.lock().unwrap().push((
+            header("x-amz-server-side-encryption"),
+            header("x-amz-server-side-encryption-aws-kms-key-id"),
+        ));
+    }
     if completion {
         stats.completions_seen.fetch_add(1, Ordering::Relaxed);
     }

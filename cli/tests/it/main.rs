@@ -7,6 +7,7 @@ mod config_docs;
 mod crash_completion;
 mod credentials;
 mod download;
+mod embedded_store;
 mod failures;
 mod harness;
 mod kms;

@@ -1,17 +1,19 @@
 //! The embedded store: s3s-fs, with the S3 behaviours Backhaul depends on that s3s-fs 0.14
 //! lacks.
 //!
-//! - UploadPart checks `Content-MD5` against the body, as S3 does, and answers `BadDigest`.
-//!   s3s-fs checks it only on PutObject. The check compares the MD5 that s3s-fs computes for
-//!   the part's ETag anyway, so the store hashes each byte once rather than twice. A part that
-//!   fails the check is removed before the answer goes out. For that short moment a ListParts could
-//!   see it, and if a resume then trusted it, verification would still refuse the object,
-//!   because the store's multipart ETag is computed from the bytes it holds.
-//! - S3's additional checksums ([`checksums`]): every part gets a CRC64NVME, checked against
-//!   the `x-amz-checksum-crc64nvme` the request signed (`BadDigest`); ListParts reports it,
-//!   the completion combines them into the object's FULL_OBJECT checksum (checked against the
-//!   one the completion signed) and HeadObject answers it when asked with checksum mode on.
-//! - ListMultipartUploads lists the unfinished uploads, so the orphan sweep works here too.
+//! - UploadPart checks `Content-MD5` and `x-amz-checksum-*` against the body, as S3 does, and
+//!   answers `BadDigest` ([`checks`]). s3s-fs checks neither. The MD5 check compares the MD5
+//!   that s3s-fs computes for the part's ETag anyway, so the store hashes each byte with MD5 once.
+//!   A part that fails a check is removed before the answer goes out. For that short moment a
+//!   ListParts could see it; a resume that then trusted it would still be caught, because the
+//!   object's checksum is computed from the bytes the store holds.
+//! - S3's additional checksums ([`checksums`]): every part gets a CRC64NVME, recorded with its
+//!   ETag; ListParts reports it, the completion combines them into the object's FULL_OBJECT
+//!   checksum (checked against the one the completion signed, [`checks`]) and HeadObject answers
+//!   it when asked with checksum mode on.
+//! - ListMultipartUploads lists the unfinished uploads, so the orphan sweep works here too, and
+//!   first removes part files of uploads that no longer exist (the orphan sweep's list is the
+//!   moment; start-up is another).
 //! - ListParts answers `NoSuchUpload` for an upload that was completed or aborted.
 //! - CompleteMultipartUpload runs to its end even if the client goes away, and ListParts waits
 //!   for running completions. s3s-fs forgets the upload first and then copies the parts into the
@@ -26,15 +28,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod checks;
 mod checksums;
 mod journal;
 
 use base64::Engine;
-use futures::StreamExt;
 use s3s::dto::*;
 use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result};
 use s3s_fs::FileSystem;
-use shared::hash::Crc64Nvme;
 
 pub struct EmbeddedStore {
     fs: Arc<FileSystem>,
@@ -78,6 +79,30 @@ impl EmbeddedStore {
             completions: Arc::default(),
             completing: Arc::default(),
         })
+    }
+}
+
+impl EmbeddedStore {
+    /// Removes part files and part records of uploads that no longer exist: left by a crash, or
+    /// by a part that was still being written when its upload was aborted. The orphan sweep
+    /// lists unfinished uploads every `ORPHAN_SWEEP_INTERVAL_SECS`, and that is when this runs,
+    /// with no completion running (a running completion has forgotten its upload but not yet
+    /// consumed its parts).
+    async fn remove_strays(&self) -> S3Result<()> {
+        let _quiet = self.completions.write().await;
+        let root = self.root.clone();
+        let strays = tokio::task::spawn_blocking(move || {
+            Ok::<_, std::io::Error>(
+                journal::remove_stray_parts(&root)? + checksums::remove_stray(&root)?,
+            )
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        if strays > 0 {
+            tracing::info!(strays, "removed part files of uploads that no longer exist");
+        }
+        Ok(())
     }
 }
 
@@ -202,114 +227,9 @@ s3_impl! {
     /// bytes that arrived, as S3 does, and records the part's checksums.
     async fn upload_part(
         &self,
-        mut req: S3Request<UploadPartInput>,
+        req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
-        let input = &mut req.input;
-        // An id that is no UUID is refused by s3s-fs itself.
-        let Ok(id) = uuid::Uuid::parse_str(&input.upload_id) else {
-            return self.fs.upload_part(req).await;
-        };
-        let part_number = input.part_number;
-        let expected_md5: Option<[u8; 16]> = match input.content_md5.take() {
-            None => None,
-            Some(md5) => Some(
-                base64::engine::general_purpose::STANDARD
-                    .decode(md5.as_bytes())
-                    .ok()
-                    .and_then(|raw| raw.try_into().ok())
-                    .ok_or_else(|| {
-                        S3Error::with_message(S3ErrorCode::InvalidDigest, "bad Content-MD5")
-                    })?,
-            ),
-        };
-        let expected_crc = match input.checksum_crc64nvme.take() {
-            None => None,
-            Some(crc) => Some(Crc64Nvme::parse(&crc).map_err(|_| {
-                S3Error::with_message(
-                    S3ErrorCode::InvalidRequest,
-                    "Value for x-amz-checksum-crc64nvme header is invalid.",
-                )
-            })?),
-        };
-        let (other, other_expected) = other_checksum(&req.headers, input)?;
-        let trailers = req.trailing_headers.clone();
-        // The part's bytes go through the checksums on their way to disk.
-        let sums = Arc::new(std::sync::Mutex::new(checksums::BodyChecksums::new(other)));
-        let input = &mut req.input;
-        if let Some(body) = input.body.take() {
-            let sums = sums.clone();
-            input.body = Some(StreamingBlob::wrap(body.map(move |chunk| {
-                let chunk = chunk.map_err(std::io::Error::other)?;
-                sums.lock().unwrap_or_else(|e| e.into_inner()).update(&chunk);
-                Ok::<_, std::io::Error>(chunk)
-            })));
-        }
-        // A record of an earlier part of this number no longer holds once the part is written
-        // again; without one, it is computed from the bytes when needed.
-        checksums::forget_part(&self.root, &id, part_number).map_err(internal)?;
-        let mut resp = self.fs.upload_part(req).await?;
-        let (crc64nvme, other_got) = {
-            let sums = sums.lock().unwrap_or_else(|e| e.into_inner());
-            (sums.crc64nvme.finish(), sums.other())
-        };
-        // A trailing checksum is known once the body has been read.
-        let other_expected = other_expected.or_else(|| {
-            let (other, _) = other_got.as_ref()?;
-            trailers?
-                .read(|h| {
-                    h.get(other.header())
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned)
-                })
-                .flatten()
-        });
-        let other_wrong = match (&other_got, &other_expected) {
-            (Some((_, got)), Some(expected)) => got != expected,
-            _ => false,
-        };
-        let md5: Option<[u8; 16]> = match &resp.output.e_tag {
-            Some(ETag::Strong(md5)) => hex::decode(md5).ok().and_then(|m| m.try_into().ok()),
-            _ => None,
-        };
-        let part_file = checksums::part_file(&self.root, &id, part_number);
-        let refusal = match (md5, expected_md5, expected_crc) {
-            (None, _, _) => Some((S3ErrorCode::InternalError, "the part has no MD5")),
-            (Some(md5), Some(expected), _) if md5 != expected => Some((
-                S3ErrorCode::BadDigest,
-                "The Content-MD5 you specified did not match what we received.",
-            )),
-            (_, _, Some(expected)) if crc64nvme != expected => Some((
-                S3ErrorCode::BadDigest,
-                "The CRC64NVME you specified did not match the calculated checksum.",
-            )),
-            _ if other_wrong => Some((
-                S3ErrorCode::BadDigest,
-                "The checksum you specified did not match the calculated checksum.",
-            )),
-            _ => None,
-        };
-        let (Some(md5), None) = (md5, &refusal) else {
-            // The part is not kept, as S3 keeps no part it refused.
-            if let Err(err) = tokio::fs::remove_file(&part_file).await
-                && err.kind() != std::io::ErrorKind::NotFound
-            {
-                return Err(S3Error::with_message(
-                    S3ErrorCode::InternalError,
-                    format!("removing a part that failed its checksum: {err}"),
-                ));
-            }
-            let (code, message) = refusal.unwrap_or((S3ErrorCode::InternalError, "no MD5"));
-            return Err(S3Error::with_message(code, message));
-        };
-        let len = tokio::fs::metadata(&part_file).await.map_err(internal)?.len();
-        let record = checksums::PartRecord {
-            crc64nvme,
-            md5,
-            len,
-        };
-        checksums::record(&self.root, &id, part_number, &record).map_err(internal)?;
-        resp.output.checksum_crc64nvme = Some(crc64nvme.to_base64());
-        Ok(resp)
+        checks::upload_part(&self.fs, &self.root, req).await
     }
 
     async fn complete_multipart_upload(
@@ -337,7 +257,7 @@ s3_impl! {
                 .map(|parts| parts.iter().filter_map(|p| p.part_number).collect())
                 .unwrap_or_default();
             // Checked before anything is touched: a refused completion leaves the upload as it was.
-            let whole = object_checksum(&root, input)?;
+            let whole = checks::object_checksum(&root, input)?;
             let journal = journal::Journal::begin(
                 &root,
                 &input.bucket,
@@ -416,6 +336,7 @@ s3_impl! {
         &self,
         req: S3Request<ListMultipartUploadsInput>,
     ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
+        self.remove_strays().await?;
         let input = req.input;
         let prefix = input.prefix.clone().unwrap_or_default();
         let uploads = pending_uploads(&self.root, &input.bucket)
@@ -438,108 +359,8 @@ s3_impl! {
     }
 }
 
-/// The checksum other than CRC64NVME that an UploadPart names, if any: in a header (with its
-/// value), or announced as a trailer (the value comes after the body). SHA-1 is refused, not
-/// left unchecked.
-fn other_checksum(
-    headers: &http::HeaderMap,
-    input: &UploadPartInput,
-) -> S3Result<(Option<checksums::Other>, Option<String>)> {
-    use checksums::Other;
-    let unsupported = || {
-        S3Error::with_message(
-            S3ErrorCode::NotImplemented,
-            "the embedded store checks CRC64NVME, CRC32, CRC32C and SHA-256 checksums only",
-        )
-    };
-    if input.checksum_sha1.is_some() {
-        return Err(unsupported());
-    }
-    for (other, value) in [
-        (Other::Crc32, &input.checksum_crc32),
-        (Other::Crc32c, &input.checksum_crc32c),
-        (Other::Sha256, &input.checksum_sha256),
-    ] {
-        if let Some(value) = value {
-            return Ok((Some(other), Some(value.clone())));
-        }
-    }
-    let announced = headers
-        .get("x-amz-trailer")
-        .and_then(|v| v.to_str().ok())
-        .map(|names| names.split(',').map(str::trim).filter(|n| !n.is_empty()));
-    for name in announced.into_iter().flatten() {
-        if let Some(other) = Other::named(name).map_err(|()| unsupported())? {
-            return Ok((Some(other), None));
-        }
-    }
-    Ok((None, None))
-}
-
-fn internal(err: impl std::fmt::Display) -> S3Error {
+pub(crate) fn internal(err: impl std::fmt::Display) -> S3Error {
     S3Error::with_message(S3ErrorCode::InternalError, err.to_string())
-}
-
-/// The FULL_OBJECT CRC64NVME of the object a completion would build, from the records of the
-/// parts it lists, checked as S3 checks it: a part's checksum in the request must be the
-/// stored part's (`InvalidPart`), and the object's, if the request gives one, the combination
-/// (`BadDigest`). `None` if the upload or a listed part does not exist; s3s-fs refuses those.
-fn object_checksum(
-    root: &Path,
-    input: &CompleteMultipartUploadInput,
-) -> S3Result<Option<Crc64Nvme>> {
-    // A whole-object checksum of another algorithm (the AWS CLI's CRC32) was checked part by
-    // part as the parts arrived; only CRC64NVME is checked whole.
-    if input.checksum_crc64nvme.is_some()
-        && input
-            .checksum_type
-            .as_ref()
-            .is_some_and(|t| t.as_str() != ChecksumType::FULL_OBJECT)
-    {
-        return Err(S3Error::with_message(
-            S3ErrorCode::InvalidRequest,
-            "The upload was created using the FULL_OBJECT checksum type.",
-        ));
-    }
-    let Ok(id) = uuid::Uuid::parse_str(&input.upload_id) else {
-        return Ok(None);
-    };
-    let listed = input
-        .multipart_upload
-        .as_ref()
-        .and_then(|m| m.parts.as_ref())
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let mut pieces = Vec::with_capacity(listed.len());
-    for part in listed {
-        let Some(n) = part.part_number else {
-            return Ok(None);
-        };
-        let record = match checksums::part(root, &id, n) {
-            Ok(record) => record,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(internal(err)),
-        };
-        if let Some(given) = &part.checksum_crc64nvme
-            && Crc64Nvme::parse(given).ok() != Some(record.crc64nvme)
-        {
-            return Err(S3Error::with_message(
-                S3ErrorCode::InvalidPart,
-                format!("part {n}'s checksum does not match the stored part's"),
-            ));
-        }
-        pieces.push((record.crc64nvme, record.len));
-    }
-    let whole = Crc64Nvme::of_pieces(pieces);
-    if let Some(given) = &input.checksum_crc64nvme
-        && Crc64Nvme::parse(given).ok() != Some(whole)
-    {
-        return Err(S3Error::with_message(
-            S3ErrorCode::BadDigest,
-            "The CRC64NVME you specified did not match the calculated checksum.",
-        ));
-    }
-    Ok(Some(whole))
 }
 
 /// The one running completion of an upload, released on drop.

@@ -18,15 +18,20 @@ fn leftovers(data_dir: &std::path::Path) -> Vec<String> {
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.starts_with(".upload_id-"))
         .collect();
-    if let Ok(journals) = std::fs::read_dir(data_dir.join(".backhaul-completions")) {
-        found.extend(journals.filter_map(|e| e.ok()?.file_name().into_string().ok()));
+    for dir in [".backhaul-completions", ".backhaul-parts"] {
+        if let Ok(entries) = std::fs::read_dir(data_dir.join(dir)) {
+            found.extend(entries.filter_map(|e| {
+                Some(format!("{dir}/{}", e.ok()?.file_name().into_string().ok()?))
+            }));
+        }
     }
     found
 }
 
 /// The server dies at a random moment from just before to just after the store completes an
 /// upload (its completion copies 30 MiB of parts into the object). After each restart the upload
-/// ends `completed` with the agent's bytes, and no part file or journal is left behind.
+/// ends `completed` with the agent's bytes, and no part file, part record or journal is left
+/// behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_during_completions() {
     let mut rng = seeded_rng("server_killed_during_completions");

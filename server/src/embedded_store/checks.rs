@@ -183,12 +183,7 @@ pub fn object_checksum(
 ) -> S3Result<Option<Crc64Nvme>> {
     // A whole-object checksum of another algorithm (the AWS CLI's CRC32) was checked part by
     // part as the parts arrived; only CRC64NVME is checked whole.
-    if input.checksum_crc64nvme.is_some()
-        && input
-            .checksum_type
-            .as_ref()
-            .is_some_and(|t| t.as_str() != ChecksumType::FULL_OBJECT)
-    {
+    if input.checksum_crc64nvme.is_some() && !full_object_or_unset(input.checksum_type.as_ref()) {
         return Err(S3Error::with_message(
             S3ErrorCode::InvalidRequest,
             "The upload was created using the FULL_OBJECT checksum type.",
@@ -233,4 +228,9 @@ pub fn object_checksum(
         ));
     }
     Ok(Some(whole))
+}
+
+/// Whether a request's checksum type is FULL_OBJECT or left unset: the only type CRC64NVME has.
+pub fn full_object_or_unset(checksum_type: Option<&ChecksumType>) -> bool {
+    checksum_type.is_none_or(|t| t.as_str() == ChecksumType::FULL_OBJECT)
 }

@@ -160,12 +160,7 @@ s3_impl! {
         let crc64 = algorithm
             .as_deref()
             .is_none_or(|a| a == ChecksumAlgorithm::CRC64NVME);
-        if crc64
-            && input
-                .checksum_type
-                .as_ref()
-                .is_some_and(|t| t.as_str() != ChecksumType::FULL_OBJECT)
-        {
+        if crc64 && !checks::full_object_or_unset(input.checksum_type.as_ref()) {
             return Err(S3Error::with_message(
                 S3ErrorCode::InvalidRequest,
                 "CRC64NVME is a FULL_OBJECT checksum",

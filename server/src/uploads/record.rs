@@ -124,6 +124,15 @@ impl FileFacts {
         }
     }
 
+    /// The checksum signed into part `n`'s URL; `None` past the last part.
+    pub fn part_digest(&self, n: PartNumber) -> Option<PartDigest<'_>> {
+        let i = n.get() as usize - 1;
+        match &self.digests {
+            Digests::Crc64Nvme { parts, .. } => parts.get(i).map(|c| PartDigest::Crc64Nvme(*c)),
+            Digests::Md5 { parts, .. } => parts.get(i).map(PartDigest::Md5),
+        }
+    }
+
     /// Every part with its number and the checksum signed into its URL.
     pub fn parts(&self) -> impl Iterator<Item = (PartNumber, PartDigest<'_>)> {
         let digests: Box<dyn Iterator<Item = PartDigest<'_>> + Send + '_> = match &self.digests {

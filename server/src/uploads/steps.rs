@@ -298,10 +298,13 @@ impl Uploads {
             }
         };
         let mut parts = Vec::with_capacity(missing.len());
-        for (part_number, digest) in transfer.file.parts() {
-            if !missing.contains(&part_number) {
-                continue;
-            }
+        for &part_number in missing {
+            let Some(digest) = transfer.file.part_digest(part_number) else {
+                return failed(
+                    "a part",
+                    anyhow::anyhow!("part {part_number} is past the file's last part"),
+                );
+            };
             let (checksum, crc, md5) = match &digest {
                 PartDigest::Crc64Nvme(crc) => {
                     (PartChecksum::Crc64Nvme(*crc), Some(crc.to_base64()), None)

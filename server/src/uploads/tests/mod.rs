@@ -247,5 +247,6 @@ fn completed_by(agent: AgentRef) -> Event {
     }
 }
 
+mod digests;
 mod stored_forms;
 mod transitions;

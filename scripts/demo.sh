@@ -77,3 +77,13 @@ if [[ "$local_sha" != "$remote_sha" ]]; then
   exit 1
 fi
 echo "==> verified: the object in S3 is byte-identical to the agent's file"
+
+upload_id="$(awk '/upload:/ {print $2; exit}' "$work/download.txt")"
+echo "==> cli fetch $upload_id -o $work/fetched.csv (through a presigned GET, checked by SHA-256)"
+"$bin/cli" fetch "$upload_id" -o "$work/fetched.csv"
+fetched_sha="$(sha256sum "$work/fetched.csv" | cut -d' ' -f1)"
+if [[ "$local_sha" != "$fetched_sha" ]]; then
+  echo "MISMATCH in the fetched file" >&2
+  exit 1
+fi
+echo "==> the operator's copy is byte-identical too"

@@ -1,18 +1,25 @@
 //! `cli`, the operator's command line. It talks to the server only over its public HTTP API
 //! (plus `token issue`, which signs tokens locally with `JWT_SECRET`).
 
-use std::io::IsTerminal;
+pub mod api;
+pub mod fetch;
+pub mod report;
+
+use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use shared::api::{
-    ClientInfo, ClientStatus, ErrorBody, PhaseTimes, RevocationResponse, TriggerResponse,
-    UploadState, UploadStatus,
+    ClientInfo, ClientStatus, RevocationResponse, TriggerResponse, UploadState, UploadStatus,
 };
 use shared::auth::{Role, Secret, TokenKeys};
 use shared::{ClientId, UploadId};
+
+use crate::api::{Api, path_segment};
+use crate::fetch::{Fetched, Output};
+use crate::report::{print_outcome, print_upload};
 
 /// How often `download` polls the upload status.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -51,19 +58,31 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Ask a store's agent for its file and wait until the object is verified in S3.
+    /// Ask a store's agent for its file and wait until the object is verified in S3; with
+    /// `--output`, fetch it too and check its SHA-256.
     Download {
         #[arg(long)]
         client_id: String,
         /// Name of the agent's shared file (its SHARED_FILES entry); `default` is its FILE_PATH.
         #[arg(long, default_value = "default")]
         file: String,
+        /// Once verified, fetch the file here (`-` for stdout) and check its bytes.
+        #[arg(short, long, conflicts_with = "no_wait")]
+        output: Option<Output>,
         /// Print the upload id and return at once.
         #[arg(long)]
         no_wait: bool,
         /// Give up waiting after this many seconds (the upload itself goes on).
         #[arg(long, env = "WAIT_TIMEOUT_SECS", default_value_t = 3600)]
         wait_timeout_secs: u64,
+    },
+    /// Fetch a completed upload's file from storage and check its SHA-256 (and CRC64NVME).
+    /// A file appears under its name only once its bytes check out.
+    Fetch {
+        upload_id: String,
+        /// Where to write it; `-` for stdout.
+        #[arg(short, long)]
+        output: Output,
     },
     /// Cancel an unfinished upload: the agent stops and the multipart upload is aborted.
     Cancel { upload_id: String },
@@ -134,11 +153,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Download {
             client_id,
             file,
+            output,
             no_wait,
             wait_timeout_secs,
         } => {
             let wait = (!*no_wait).then(|| Duration::from_secs(*wait_timeout_secs));
-            download(&cli, client_id, file, wait).await
+            download(&cli, client_id, file, wait, output.as_ref()).await
+        }
+        Command::Fetch { upload_id, output } => {
+            let upload_id = UploadId::parse(upload_id).context("not an upload id")?;
+            let api = Api::new(&cli)?;
+            let fetched = fetch::fetch(&api, upload_id, output, cli.json).await?;
+            report_fetch(&fetched, output, cli.json)?;
+            Ok(true)
         }
         Command::Cancel { upload_id } => cancel(&cli, upload_id).await,
         Command::Clients => clients(&cli).await,
@@ -203,6 +230,7 @@ async fn download(
     client_id: &str,
     file: &str,
     wait: Option<Duration>,
+    output: Option<&Output>,
 ) -> anyhow::Result<bool> {
     let api = Api::new(cli)?;
     let trigger: TriggerResponse = api
@@ -221,8 +249,51 @@ async fn download(
         return Ok(true);
     };
     let status = wait_for(&api, trigger.upload_id, wait, cli.json).await?;
-    print_outcome(&status, cli.json)?;
-    Ok(status.state == UploadState::Completed)
+    let (UploadState::Completed, Some(output)) = (status.state, output) else {
+        // With `-o -`, stdout would have carried the file: the report goes to stderr.
+        print_outcome(&mut report_stream(output), &status, cli.json)?;
+        return Ok(status.state == UploadState::Completed);
+    };
+    let fetched = fetch::fetch(&api, status.upload_id, output, cli.json).await?;
+    let mut out = report_stream(Some(output));
+    if cli.json {
+        let both = serde_json::json!({ "upload": status, "fetch": fetched });
+        writeln!(out, "{}", serde_json::to_string_pretty(&both)?)?;
+    } else {
+        print_outcome(&mut out, &status, false)?;
+        report_fetch(&fetched, output, false)?;
+    }
+    Ok(true)
+}
+
+/// Where a command's report goes: stdout, unless stdout carries the fetched file.
+fn report_stream(output: Option<&Output>) -> Box<dyn Write> {
+    match output {
+        Some(o) if o.is_stdout() => Box::new(std::io::stderr()),
+        _ => Box::new(std::io::stdout()),
+    }
+}
+
+/// What a fetch checked: JSON or a line, on stdout unless the file went there.
+fn report_fetch(fetched: &Fetched, output: &Output, json: bool) -> anyhow::Result<()> {
+    let mut out = report_stream(Some(output));
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(fetched)?)?;
+        return Ok(());
+    }
+    let place = fetched
+        .path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "stdout".into());
+    writeln!(
+        out,
+        "fetched {} bytes to {place}; {} match the upload (sha256 {})",
+        fetched.size,
+        fetched.checked.join(" and "),
+        fetched.sha256
+    )?;
+    Ok(())
 }
 
 /// `cancel`.
@@ -272,7 +343,7 @@ async fn upload_status(cli: &Cli, upload_id: &str) -> anyhow::Result<bool> {
     let status: UploadStatus = api
         .get(&format!("/uploads/{}", path_segment(upload_id)))
         .await?;
-    print_upload(&status, cli.json)?;
+    print_upload(&mut std::io::stdout(), &status, cli.json)?;
     Ok(true)
 }
 
@@ -297,25 +368,11 @@ async fn client_status(cli: &Cli, client_id: &str) -> anyhow::Result<bool> {
     match &status.last_upload {
         Some(u) => {
             println!("last upload:");
-            print_upload(u, false)?;
+            print_upload(&mut std::io::stdout(), u, false)?;
         }
         None => println!("last upload:     none"),
     }
     Ok(true)
-}
-
-/// Percent-encodes a user-supplied id for use as one path segment, so the server (not the URL
-/// parser) decides whether it is valid.
-fn path_segment(raw: &str) -> String {
-    let mut out = String::with_capacity(raw.len());
-    for b in raw.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 async fn wait_for(
@@ -386,178 +443,5 @@ async fn wait_for(
             );
         }
         tokio::time::sleep(POLL_INTERVAL).await;
-    }
-}
-
-fn print_outcome(status: &UploadStatus, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(status)?);
-        return Ok(());
-    }
-    match status.state {
-        UploadState::Completed => {
-            println!("upload {} completed and verified", status.upload_id);
-            print_upload(status, false)
-        }
-        _ => {
-            let (code, message) = status
-                .error
-                .as_ref()
-                .map(|e| (e.code.to_string(), e.message.clone()))
-                .unwrap_or_else(|| ("UNKNOWN".into(), "no error reported".into()));
-            let state = status.state.to_string();
-            eprintln!("upload {} {state}: {code}: {message}", status.upload_id);
-            Ok(())
-        }
-    }
-}
-
-fn print_upload(s: &UploadStatus, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(s)?);
-        return Ok(());
-    }
-    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    println!("  upload:   {}", s.upload_id);
-    println!("  client:   {}", s.client_id);
-    println!("  state:    {}", s.state);
-    println!("  bucket:   {}", s.bucket);
-    println!("  key:      {}", opt(&s.key));
-    println!(
-        "  size:     {}",
-        s.size
-            .map(|v| format!("{v} bytes"))
-            .unwrap_or_else(|| "-".into())
-    );
-    println!(
-        "  parts:    {}/{}",
-        s.parts_done,
-        s.parts_total
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| "?".into())
-    );
-    println!("  etag:     {}", opt(&s.etag));
-    println!("  sha256:   {}", opt(&s.sha256));
-    println!("  crc64:    {}", opt(&s.checksum_crc64nvme));
-    if let Some(rate) = s.rate_bytes_per_sec {
-        println!("  rate:     {:.1} MiB/s", rate as f64 / (1024.0 * 1024.0));
-    }
-    if let Some(eta) = s.eta_secs {
-        println!("  eta:      {eta}s");
-    }
-    if s.stalled {
-        let who = if s.agent_connected {
-            "no progress"
-        } else {
-            "agent away"
-        };
-        println!("  stalled:  {who} for {}s", s.idle_secs.unwrap_or(0));
-    }
-    if s.resumes > 0 {
-        println!("  resumed:  {} times", s.resumes);
-    }
-    let p = s.phases;
-    if p != PhaseTimes::default() {
-        println!(
-            "  phases:   describe {} ms, presign {} ms, transfer {} ms (complete {} ms), verify {} ms",
-            p.describe_ms, p.presign_ms, p.transfer_ms, p.complete_ms, p.verify_ms
-        );
-    }
-    if let Some(e) = &s.error {
-        println!("  error:    {}: {}", e.code, e.message);
-    }
-    println!("  by:       {} from {}", s.requested_by, s.requested_from);
-    Ok(())
-}
-
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl Api {
-    fn new(cli: &Cli) -> anyhow::Result<Self> {
-        let token = cli
-            .api_token
-            .as_ref()
-            .map(|t| t.expose().to_owned())
-            .ok_or_else(|| anyhow!("no operator token: set API_TOKEN or pass --api-token (mint one with `cli token issue --operator`)"))?;
-        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(30));
-        if let Some(path) = &cli.ca_file {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("reading CA_FILE {}", path.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .with_context(|| format!("parsing CA_FILE {}", path.display()))?
-            {
-                http = http.add_root_certificate(cert);
-            }
-        }
-        Ok(Self {
-            http: http.build()?,
-            base: cli.server_url.trim_end_matches('/').to_owned(),
-            token,
-        })
-    }
-
-    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("could not reach the server at {}", self.base))?;
-        decode(resp).await
-    }
-
-    async fn post<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(reqwest::Method::POST, path).await
-    }
-
-    async fn delete<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(reqwest::Method::DELETE, path).await
-    }
-
-    async fn send<T: serde::de::DeserializeOwned>(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-    ) -> anyhow::Result<T> {
-        let resp = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("could not reach the server at {}", self.base))?;
-        decode(resp).await
-    }
-}
-
-/// An API error, printed as `CODE: message`.
-#[derive(Debug, thiserror::Error)]
-#[error("{code}: {message} (HTTP {status})")]
-pub struct ApiFailure {
-    pub status: u16,
-    pub code: String,
-    pub message: String,
-}
-
-async fn decode<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
-    let status = resp.status();
-    let bytes = resp.bytes().await.context("reading the server's answer")?;
-    if status.is_success() {
-        return serde_json::from_slice(&bytes)
-            .context("the server's answer is not what this cli expects");
-    }
-    match serde_json::from_slice::<ErrorBody>(&bytes) {
-        Ok(body) => Err(ApiFailure {
-            status: status.as_u16(),
-            code: body.error.code.to_string(),
-            message: body.error.message,
-        }
-        .into()),
-        Err(_) => Err(anyhow!("server answered HTTP {status}")),
     }
 }

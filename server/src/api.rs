@@ -5,10 +5,11 @@ use axum::extract::rejection::QueryRejection;
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use shared::api::{
-    ClientInfo, ClientStatus, RevocationResponse, TriggerParams, TriggerResponse, UploadState,
-    UploadStatus,
+    ClientInfo, ClientStatus, DownloadLink, RevocationResponse, TriggerParams, TriggerResponse,
+    UploadState, UploadStatus,
 };
 use shared::protocol::{DEFAULT_SHARE, ServerMessage};
 use shared::{ClientId, ErrorCode, FileName, UploadId};
@@ -20,6 +21,10 @@ use crate::uploads::{self, rfc3339};
 
 fn parse_client_id(raw: &str) -> Result<ClientId, ApiError> {
     ClientId::parse(raw).map_err(|e| ApiError::new(ErrorCode::InvalidClientId, e.to_string()))
+}
+
+fn parse_upload_id(raw: &str) -> Result<UploadId, ApiError> {
+    UploadId::parse(raw).map_err(|e| ApiError::new(ErrorCode::InvalidUploadId, e.to_string()))
 }
 
 pub async fn trigger_download(
@@ -93,9 +98,59 @@ pub async fn upload_status(
     _: Operator,
     Path(raw_upload_id): Path<String>,
 ) -> Result<Json<UploadStatus>, ApiError> {
-    let upload_id = UploadId::parse(&raw_upload_id)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidUploadId, e.to_string()))?;
+    let upload_id = parse_upload_id(&raw_upload_id)?;
     state.uploads.status(upload_id).map(Json)
+}
+
+/// `GET /uploads/{upload_id}/download`: a 307 to a presigned GET of the verified object. Only
+/// the object's location passes through the server, never its bytes.
+pub async fn download_link(
+    State(state): State<AppState>,
+    operator: Operator,
+    Path(raw_upload_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let upload_id = parse_upload_id(&raw_upload_id)?;
+    let status = state.uploads.status(upload_id)?;
+    let (UploadState::Completed, Some(key), Some(size)) = (status.state, &status.key, status.size)
+    else {
+        return Err(ApiError::new(
+            ErrorCode::UploadNotCompleted,
+            format!(
+                "upload {upload_id} is {}; only a completed upload can be downloaded",
+                status.state
+            ),
+        )
+        .with_state(status.state));
+    };
+    let presigner = state
+        .storage
+        .presigner(state.config.download_url_ttl())
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let url = presigner.get(key).map_err(|e| ApiError::internal(&e))?;
+    tracing::info!(
+        audit = true,
+        %upload_id,
+        operator = operator.name,
+        ttl_secs = presigner.ttl().as_secs(),
+        "download link issued"
+    );
+    let location =
+        HeaderValue::try_from(url.as_str()).map_err(|e| ApiError::internal(&e.into()))?;
+    let link = DownloadLink {
+        upload_id,
+        url,
+        expires_in_secs: presigner.ttl().as_secs(),
+        size,
+        sha256: status.sha256,
+        checksum_crc64nvme: status.checksum_crc64nvme,
+    };
+    Ok((
+        StatusCode::TEMPORARY_REDIRECT,
+        [(header::LOCATION, location)],
+        Json(link),
+    )
+        .into_response())
 }
 
 /// `POST /revocations/{client_id}`: refuses every token of that client issued until now and
@@ -144,8 +199,7 @@ pub async fn cancel_upload(
     operator: Operator,
     Path(raw_upload_id): Path<String>,
 ) -> Result<Json<UploadStatus>, ApiError> {
-    let upload_id = UploadId::parse(&raw_upload_id)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidUploadId, e.to_string()))?;
+    let upload_id = parse_upload_id(&raw_upload_id)?;
     let requester = uploads::Requester {
         operator: operator.name,
         from: peer,

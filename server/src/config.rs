@@ -119,6 +119,11 @@ pub struct Config {
     #[arg(long, env = "PRESIGN_TTL_SECS", default_value_t = 900)]
     pub presign_ttl_secs: u64,
 
+    /// Lifetime of the presigned GET that `GET /uploads/{id}/download` redirects to, in seconds
+    /// (at most 7 days). Anyone holding the URL can read the object until then.
+    #[arg(long, env = "DOWNLOAD_URL_TTL_SECS", default_value_t = 300)]
+    pub download_url_ttl_secs: u64,
+
     /// How long an agent may take to describe (and hash) its file before the upload fails.
     #[arg(long, env = "AGENT_RESPONSE_TIMEOUT_SECS", default_value_t = 120)]
     pub agent_response_timeout_secs: u64,
@@ -178,6 +183,9 @@ impl Config {
         if self.presign_ttl_secs == 0 || self.presign_ttl_secs > MAX_PRESIGN_TTL_SECS {
             bail!("PRESIGN_TTL_SECS must be between 1 and {MAX_PRESIGN_TTL_SECS}");
         }
+        if self.download_url_ttl_secs == 0 || self.download_url_ttl_secs > MAX_PRESIGN_TTL_SECS {
+            bail!("DOWNLOAD_URL_TTL_SECS must be between 1 and {MAX_PRESIGN_TTL_SECS}");
+        }
         if self.key_prefix.is_empty()
             || self.key_prefix.starts_with('/')
             || self.key_prefix.ends_with('/')
@@ -211,6 +219,10 @@ impl Config {
 
     pub fn presign_ttl(&self) -> Duration {
         Duration::from_secs(self.presign_ttl_secs)
+    }
+
+    pub fn download_url_ttl(&self) -> Duration {
+        Duration::from_secs(self.download_url_ttl_secs)
     }
 }
 
@@ -250,6 +262,7 @@ mod tests {
             vec!["--part-size", "1024"],
             vec!["--presign-ttl-secs", "0"],
             vec!["--presign-ttl-secs", "604801"],
+            vec!["--download-url-ttl-secs", "0"],
             vec!["--key-prefix", "../up"],
             vec!["--tls-cert-file", "/c.pem"],
             vec!["--agent-max-messages-per-sec", "0"],

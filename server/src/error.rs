@@ -4,7 +4,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use shared::ErrorCode;
-use shared::api::{ErrorBody, ErrorDetail};
+use shared::api::{ErrorBody, ErrorDetail, UploadState};
 
 /// An error answered to an HTTP caller. The code decides the status; the message is meant for the
 /// caller and never carries internal details (those are logged once, here).
@@ -12,6 +12,7 @@ use shared::api::{ErrorBody, ErrorDetail};
 pub struct ApiError {
     code: ErrorCode,
     message: String,
+    state: Option<UploadState>,
 }
 
 impl ApiError {
@@ -19,7 +20,14 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            state: None,
         }
+    }
+
+    /// The same error, naming the state of the upload it is about.
+    pub fn with_state(mut self, state: UploadState) -> Self {
+        self.state = Some(state);
+        self
     }
 
     /// A 500 whose cause is logged but not shown.
@@ -49,7 +57,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
             StatusCode::BAD_REQUEST
         }
         ClientNotConnected | UploadNotFound | NotFound => StatusCode::NOT_FOUND,
-        DownloadInProgress | UploadFinished => StatusCode::CONFLICT,
+        DownloadInProgress | UploadFinished | UploadNotCompleted => StatusCode::CONFLICT,
         ShuttingDown | TooManyConnections | Timeout => StatusCode::SERVICE_UNAVAILABLE,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
         ProtocolVersionMismatch
@@ -81,6 +89,7 @@ impl IntoResponse for ApiError {
                 code: self.code,
                 message: self.message,
             },
+            state: self.state,
         };
         let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {

@@ -94,6 +94,7 @@ pub fn router(state: AppState) -> Router {
             "/uploads/{upload_id}",
             get(api::upload_status).delete(api::cancel_upload),
         )
+        .route("/uploads/{upload_id}/download", get(api::download_link))
         .route("/revocations/{client_id}", post(api::revoke_client))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))

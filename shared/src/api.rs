@@ -9,6 +9,9 @@ use crate::ids::{ClientId, UploadId};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
+    /// The upload's state, when the error is about it (409 `UPLOAD_NOT_COMPLETED`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<UploadState>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +158,23 @@ pub struct PhaseTimes {
     pub complete_ms: u64,
     /// `upload_completed` until the object was verified (HeadObject and the checks).
     pub verify_ms: u64,
+}
+
+/// Answer to `GET /uploads/{upload_id}/download` (307, with the URL in `Location` too): where
+/// the verified object can be read, and what its bytes must hash to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DownloadLink {
+    pub upload_id: UploadId,
+    /// A presigned GET of the object. Anyone holding it can read the object until it expires.
+    pub url: String,
+    /// Seconds the URL lives from when it was signed.
+    pub expires_in_secs: u64,
+    pub size: u64,
+    /// SHA-256 (hex) of the file as the agent hashed it, when known.
+    pub sha256: Option<String>,
+    /// Base64 CRC64NVME of the object, as storage verified it (protocol 3 agents).
+    #[serde(default)]
+    pub checksum_crc64nvme: Option<String>,
 }
 
 /// One entry of `GET /clients`.

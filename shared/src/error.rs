@@ -40,6 +40,7 @@ error_codes! {
     DownloadInProgress => "DOWNLOAD_IN_PROGRESS",
     UploadNotFound => "UPLOAD_NOT_FOUND",
     UploadFinished => "UPLOAD_FINISHED",
+    UploadNotCompleted => "UPLOAD_NOT_COMPLETED",
     NotFound => "NOT_FOUND",
     BadRequest => "BAD_REQUEST",
     TooManyConnections => "TOO_MANY_CONNECTIONS",

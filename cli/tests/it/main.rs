@@ -9,6 +9,7 @@ mod credentials;
 mod download;
 mod embedded_store;
 mod failures;
+mod fetch;
 mod harness;
 mod kms;
 mod protocol;

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -34,6 +35,9 @@ pub struct Faults {
     /// (UploadPart and HeadObject headers, ListParts and CompleteMultipartUpload bodies) is
     /// rewritten, and completions have theirs restored on the way in.
     pub kms_etags: bool,
+    /// The first n object GETs have their answer cut halfway through the body: the headers
+    /// promise the whole object, the connection closes after half of it.
+    pub cut_object_gets: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -54,6 +58,10 @@ pub struct ProxyStats {
     pub encryption_asked: Mutex<Vec<(Option<String>, Option<String>)>>,
     /// ETags rewritten in answers (`kms_etags`).
     pub etags_rewritten: AtomicU32,
+    /// Object GETs (a key, no `uploadId`), and those of them that asked for a `Range`.
+    pub object_gets: AtomicU32,
+    pub ranged_gets: AtomicU32,
+    pub injected_get_cuts: AtomicU32,
     /// Body bytes of part PUTs that reached the proxy, faults included.
     pub part_bytes: AtomicU64,
     /// Successful part PUTs by (uploadId, partNumber).
@@ -142,6 +150,12 @@ impl FaultProxy {
     }
 }
 
+type ProxyBody = BoxBody<Bytes, std::io::Error>;
+
+fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("connection cut by the fault proxy")]
 struct Cut;
@@ -159,7 +173,7 @@ async fn forward(
     http: reqwest::Client,
     stats: Arc<ProxyStats>,
     faults: Faults,
-) -> Result<Response<Full<Bytes>>, Cut> {
+) -> Result<Response<ProxyBody>, Cut> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let query = parts.uri.query().unwrap_or("").to_owned();
@@ -183,11 +197,34 @@ async fn forward(
     {
         return Ok(Response::builder()
             .status(503)
-            .body(Full::default())
+            .body(full(Bytes::new()))
             .unwrap());
     }
     let completion =
         parts.method == http::Method::POST && query_param(&query, "uploadId").is_some();
+    let object_get = parts.method == http::Method::GET
+        && query_param(&query, "uploadId").is_none()
+        && parts
+            .uri
+            .path()
+            .trim_start_matches('/')
+            .split_once('/')
+            .is_some_and(|(_, key)| !key.is_empty());
+    let mut cut_get = false;
+    if object_get {
+        stats.object_gets.fetch_add(1, Ordering::Relaxed);
+        if parts.headers.contains_key(http::header::RANGE) {
+            stats.ranged_gets.fetch_add(1, Ordering::Relaxed);
+        }
+        cut_get = faults.cut_object_gets.is_some_and(|n| {
+            stats
+                .injected_get_cuts
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |seen| {
+                    (seen < n).then_some(seen + 1)
+                })
+                .is_ok()
+        });
+    }
     if parts.method == http::Method::POST
         && query
             .split('&')
@@ -229,7 +266,7 @@ async fn forward(
                 .fetch_add(got.len() as u64, Ordering::Relaxed);
             return Ok(Response::builder()
                 .status(503)
-                .body(Full::new(Bytes::from_static(
+                .body(full(Bytes::from_static(
                     b"<Error><Code>SlowDown</Code></Error>",
                 )))
                 .unwrap());
@@ -342,7 +379,17 @@ async fn forward(
             builder = builder.header(name, value);
         }
     }
-    Ok(builder.body(Full::new(bytes)).unwrap())
+    if cut_get && bytes.len() > 1 {
+        // The headers (Content-Length included) promise every byte; the body fails after
+        // half of them, and hyper closes the connection.
+        let half = bytes.slice(..bytes.len() / 2);
+        let frames = futures::stream::iter([
+            Ok(hyper::body::Frame::data(half)),
+            Err(std::io::Error::other("cut by the fault proxy")),
+        ]);
+        return Ok(builder.body(BoxBody::new(StreamBody::new(frames))).unwrap());
+    }
+    Ok(builder.body(full(bytes)).unwrap())
 }
 
 /// ETags as an SSE-KMS bucket gives them: 32 hex digits (and a part count) that are no MD5 of the

@@ -100,6 +100,12 @@ impl Presigner<'_> {
         self.sign("POST", url, &headers)
     }
 
+    /// `GET <key>`: the object, for whoever holds the URL until it expires.
+    pub fn get(&self, key: &str) -> anyhow::Result<String> {
+        let url = self.storage.public_bucket_url.join(key)?;
+        self.sign("GET", url, &[])
+    }
+
     /// Signs `method url` with `headers` (and the host) into its query string.
     fn sign(&self, method: &str, mut url: Url, headers: &[(&str, &str)]) -> anyhow::Result<String> {
         let identity = self.credentials.clone().into();

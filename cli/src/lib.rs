@@ -320,8 +320,8 @@ async fn clients(cli: &Cli) -> anyhow::Result<bool> {
         println!("no agents connected");
     } else {
         println!(
-            "{:<24} {:<26} {:<26} {:<6} ACTIVE UPLOAD",
-            "CLIENT", "CONNECTED SINCE", "LAST SEEN", "PROTO"
+            "{:<24} {:<26} {:<26} {:<6} {:<26} ACTIVE UPLOAD",
+            "CLIENT", "CONNECTED SINCE", "LAST SEEN", "PROTO", "TOKEN EXPIRES"
         );
         for c in clients {
             let active = c
@@ -329,8 +329,12 @@ async fn clients(cli: &Cli) -> anyhow::Result<bool> {
                 .map(|u| u.to_string())
                 .unwrap_or_else(|| "-".into());
             println!(
-                "{:<24} {:<26} {:<26} {:<6} {active}",
-                c.client_id, c.connected_since, c.last_seen, c.protocol_version
+                "{:<24} {:<26} {:<26} {:<6} {:<26} {active}",
+                c.client_id,
+                c.connected_since,
+                c.last_seen,
+                c.protocol_version,
+                c.token_expires_at.as_deref().unwrap_or("-")
             );
         }
     }
@@ -364,6 +368,9 @@ async fn client_status(cli: &Cli, client_id: &str) -> anyhow::Result<bool> {
     }
     if let Some(seen) = &status.last_seen {
         println!("last seen:       {seen}");
+    }
+    if let Some(expires) = &status.token_expires_at {
+        println!("token expires:   {expires}");
     }
     match &status.last_upload {
         Some(u) => {

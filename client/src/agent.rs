@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::connection::{ConnectError, Incoming, ServerConnection};
+use crate::token::AgentToken;
 use crate::uploader::{self, KnownHashes, Layout, Progress, RateLimiter, UploadSettings};
 
 /// How often progress is reported while parts are in flight.
@@ -48,18 +49,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .then(|| Arc::new(RateLimiter::new(config.max_upload_bytes_per_sec)));
     let mut backoff = config.reconnect_policy();
     let known = KnownHashes::default();
+    let mut token = AgentToken::load(&config)?;
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            r = ServerConnection::connect(&config.server_url, config.token.expose(), &tls) => r,
+            r = ServerConnection::connect(&config.server_url, token.current().expose(), &tls) => r,
         };
         match outcome {
             Ok(conn) => {
-                let mut session =
-                    Session::new(&config, &http, conn, limiter.clone(), known.clone());
+                let mut session = Session::new(
+                    &config,
+                    &http,
+                    conn,
+                    limiter.clone(),
+                    known.clone(),
+                    &mut token,
+                );
                 match session.run(&shutdown, &mut backoff).await {
                     SessionEnd::Shutdown => return Ok(()),
                     SessionEnd::Lost(reason) => {
@@ -104,6 +112,8 @@ struct Session<'a> {
     limiter: Option<Arc<RateLimiter>>,
     /// SHA-256s of files uploaded, kept across sessions.
     known: KnownHashes,
+    /// The token to connect with next time; replaced when the server renews it.
+    token: &'a mut AgentToken,
     session_cancel: CancellationToken,
 }
 
@@ -114,6 +124,7 @@ impl<'a> Session<'a> {
         conn: ServerConnection,
         limiter: Option<Arc<RateLimiter>>,
         known: KnownHashes,
+        token: &'a mut AgentToken,
     ) -> Self {
         let (outbox_tx, outbox_rx) = mpsc::channel(OUTBOX_CAPACITY);
         Self {
@@ -126,6 +137,7 @@ impl<'a> Session<'a> {
             described: HashMap::new(),
             limiter,
             known,
+            token,
             session_cancel: CancellationToken::new(),
         }
     }
@@ -276,6 +288,9 @@ impl<'a> Session<'a> {
                     tracing::info!(%upload_id, %code, "server cancelled the upload");
                     token.cancel();
                 }
+            }
+            ServerMessage::TokenRenewed { token, expires_at } => {
+                self.token.replace(token, expires_at);
             }
             ServerMessage::Error { code, message } => {
                 tracing::error!(%code, message, "server reported an error");

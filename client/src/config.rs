@@ -56,8 +56,14 @@ pub struct Config {
     pub server_url: Url,
 
     /// This agent's JWT (`cli token issue --client-id <id>`); its subject is the client id.
+    /// Used when AGENT_TOKEN_FILE does not exist yet (the install token).
     #[arg(long, env = "AGENT_TOKEN", hide_env_values = true)]
-    pub token: Secret,
+    pub token: Option<Secret>,
+
+    /// File holding this agent's token (mode 0600). It wins over AGENT_TOKEN when it exists,
+    /// and the agent writes every token the server renews into it, atomically.
+    #[arg(long, env = "AGENT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 
     /// The file this agent uploads when asked; defaults to `$HOME/file_to_download.txt`.
     #[arg(long, env = "FILE_PATH")]

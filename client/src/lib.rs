@@ -8,6 +8,7 @@ pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod connection;
+pub mod token;
 pub mod uploader;
 
 pub use agent::run;

@@ -71,6 +71,7 @@ pub async fn list_clients(State(state): State<AppState>, _: Operator) -> Json<Ve
             last_seen: rfc3339(h.last_seen()),
             protocol_version: h.protocol_version,
             agent_version: h.agent_version.clone(),
+            token_expires_at: unix_rfc3339(h.token_expires_at()),
         })
         .collect();
     Json(clients)
@@ -87,6 +88,9 @@ pub async fn client_status(
         connected: handle.is_some(),
         connected_since: handle.as_ref().map(|h| rfc3339(h.connected_since)),
         last_seen: handle.as_ref().map(|h| rfc3339(h.last_seen())),
+        token_expires_at: handle
+            .as_ref()
+            .and_then(|h| unix_rfc3339(h.token_expires_at())),
         active_upload: state.uploads.active_for(&client_id),
         last_upload: state.uploads.latest_for(&client_id),
         client_id,
@@ -207,6 +211,12 @@ pub async fn cancel_upload(
     state.uploads.cancel(upload_id, &requester).await.map(Json)
 }
 
+/// Unix seconds as RFC 3339 (`None` if out of range).
+fn unix_rfc3339(secs: u64) -> Option<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp(i64::try_from(secs).ok()?).ok()?;
+    Some(rfc3339(t))
+}
+
 pub async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "status": "ok",
@@ -221,12 +231,19 @@ pub async fn metrics(
     _operator: Operator,
 ) -> impl axum::response::IntoResponse {
     let open = state.uploads.open_counts();
+    let soon = shared::auth::unix_now() + crate::renewal::EXPIRY_WARNING.as_secs();
+    let expiring = state
+        .registry
+        .snapshot()
+        .iter()
+        .filter(|(_, h)| h.token_expires_at() < soon)
+        .count();
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(state.registry.len(), &open),
+        state.metrics.render(state.registry.len(), expiring, &open),
     )
 }
 

@@ -33,12 +33,20 @@ pub fn verify_bearer(keys: &TokenKeys, headers: &HeaderMap) -> Result<Claims, Ap
     })
 }
 
+/// An agent, as its token names it.
+#[derive(Debug, Clone)]
+pub struct AgentCredential {
+    pub client_id: ClientId,
+    /// When the token it connected with expires (unix seconds).
+    pub expires_at: u64,
+}
+
 /// The identity of an agent, from an agent token that has not been revoked.
 pub fn agent_identity(
     keys: &TokenKeys,
     revocations: &Revocations,
     headers: &HeaderMap,
-) -> Result<ClientId, ApiError> {
+) -> Result<AgentCredential, ApiError> {
     let claims = verify_bearer(keys, headers)?;
     if claims.role != Role::Agent {
         return Err(ApiError::new(
@@ -58,7 +66,10 @@ pub fn agent_identity(
             "token has been revoked; issue a new one",
         ));
     }
-    Ok(client_id)
+    Ok(AgentCredential {
+        client_id,
+        expires_at: claims.exp,
+    })
 }
 
 /// An operator, authenticated by an operator token. Extracting it from a request with any other

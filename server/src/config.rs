@@ -14,6 +14,9 @@ pub use shared::protocol::{MAX_PART_SIZE, MIN_PART_SIZE};
 pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 /// A presigned URL can live at most seven days.
 pub const MAX_PRESIGN_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Agent tokens live from a few seconds (tests that make time pass) to a year.
+pub const MIN_AGENT_TOKEN_TTL_SECS: u64 = 2;
+pub const MAX_AGENT_TOKEN_TTL_SECS: u64 = 366 * 24 * 3600;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StorageKind {
@@ -119,6 +122,12 @@ pub struct Config {
     #[arg(long, env = "PRESIGN_TTL_SECS", default_value_t = 900)]
     pub presign_ttl_secs: u64,
 
+    /// Lifetime of the agent tokens the server hands out when it renews one, in seconds (default
+    /// 30 days, at most 1 year). A connected agent of protocol 4 or later is sent a fresh token
+    /// once less than half of this is left on its current one.
+    #[arg(long, env = "AGENT_TOKEN_TTL_SECS", default_value_t = 30 * 24 * 3600)]
+    pub agent_token_ttl_secs: u64,
+
     /// Lifetime of the presigned GET that `GET /uploads/{id}/download` redirects to, in seconds
     /// (at most 7 days). Anyone holding the URL can read the object until then.
     #[arg(long, env = "DOWNLOAD_URL_TTL_SECS", default_value_t = 300)]
@@ -183,6 +192,13 @@ impl Config {
         if self.presign_ttl_secs == 0 || self.presign_ttl_secs > MAX_PRESIGN_TTL_SECS {
             bail!("PRESIGN_TTL_SECS must be between 1 and {MAX_PRESIGN_TTL_SECS}");
         }
+        if !(MIN_AGENT_TOKEN_TTL_SECS..=MAX_AGENT_TOKEN_TTL_SECS)
+            .contains(&self.agent_token_ttl_secs)
+        {
+            bail!(
+                "AGENT_TOKEN_TTL_SECS must be between {MIN_AGENT_TOKEN_TTL_SECS} and {MAX_AGENT_TOKEN_TTL_SECS}"
+            );
+        }
         if self.download_url_ttl_secs == 0 || self.download_url_ttl_secs > MAX_PRESIGN_TTL_SECS {
             bail!("DOWNLOAD_URL_TTL_SECS must be between 1 and {MAX_PRESIGN_TTL_SECS}");
         }
@@ -219,6 +235,10 @@ impl Config {
 
     pub fn presign_ttl(&self) -> Duration {
         Duration::from_secs(self.presign_ttl_secs)
+    }
+
+    pub fn agent_token_ttl(&self) -> Duration {
+        Duration::from_secs(self.agent_token_ttl_secs)
     }
 
     pub fn download_url_ttl(&self) -> Duration {
@@ -263,6 +283,7 @@ mod tests {
             vec!["--presign-ttl-secs", "0"],
             vec!["--presign-ttl-secs", "604801"],
             vec!["--download-url-ttl-secs", "0"],
+            vec!["--agent-token-ttl-secs", "1"],
             vec!["--key-prefix", "../up"],
             vec!["--tls-cert-file", "/c.pem"],
             vec!["--agent-max-messages-per-sec", "0"],

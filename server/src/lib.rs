@@ -15,6 +15,7 @@ pub mod embedded_store;
 pub mod error;
 pub mod metrics;
 pub mod registry;
+pub mod renewal;
 pub mod revocations;
 pub mod storage;
 pub mod tls;

@@ -54,7 +54,8 @@ impl Metrics {
 
     /// Renders every metric; `connected` and `open` (count per state name) are read at scrape
     /// time.
-    pub fn render(&self, connected: usize, open: &[(&str, usize)]) -> String {
+    /// `expiring`: connected agents whose token expires within 7 days.
+    pub fn render(&self, connected: usize, expiring: usize, open: &[(&str, usize)]) -> String {
         let mut out = String::new();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut one = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
@@ -69,6 +70,12 @@ impl Metrics {
             "gauge",
             "Agents with an open WebSocket.",
             &[(String::new(), connected as f64)],
+        );
+        one(
+            "backhaul_agent_tokens_expiring_soon",
+            "gauge",
+            "Connected agents whose token expires within 7 days.",
+            &[(String::new(), expiring as f64)],
         );
         one(
             "backhaul_uploads_open",
@@ -154,8 +161,9 @@ mod tests {
         m.triggers.fetch_add(2, Ordering::Relaxed);
         m.observe_dispatch(Duration::from_micros(300));
         m.observe_dispatch(Duration::from_millis(30));
-        let text = m.render(5, &[("uploading", 1)]);
+        let text = m.render(5, 2, &[("uploading", 1)]);
         assert!(text.contains("backhaul_connected_agents 5\n"), "{text}");
+        assert!(text.contains("backhaul_agent_tokens_expiring_soon 2\n"));
         assert!(text.contains("backhaul_uploads_open{state=\"uploading\"} 1\n"));
         assert!(text.contains("backhaul_uploads_triggered_total 2\n"));
         // Cumulative buckets: 300 µs is under 0.0005 s, 30 ms only under 0.05 s.

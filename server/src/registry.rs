@@ -80,11 +80,18 @@ pub struct AgentHandle {
     pub agent_version: String,
     /// Unix milliseconds of the last frame received, updated by the connection's reader.
     pub last_seen_ms: Arc<AtomicI64>,
+    /// Unix seconds when the agent's token expires: the one it connected with, then each one
+    /// it was sent (`renewal`).
+    pub token_expires_at: Arc<AtomicU64>,
     /// Cancelled to close the connection (replaced by a newer one, server shutting down).
     pub close: CancellationToken,
 }
 
 impl AgentHandle {
+    pub fn token_expires_at(&self) -> u64 {
+        self.token_expires_at.load(Ordering::Relaxed)
+    }
+
     pub fn last_seen(&self) -> OffsetDateTime {
         let ms = self.last_seen_ms.load(Ordering::Relaxed);
         OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)

@@ -2,7 +2,7 @@
 //! writer joined by the connection's bounded outbox.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -20,10 +20,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::auth::agent_identity;
+use crate::auth::{AgentCredential, agent_identity};
 use crate::connection::{self, AgentWriter, Incoming};
 use crate::error::ApiError;
 use crate::registry::{AgentHandle, ConnId, OUTBOX_CAPACITY};
+use crate::renewal::{self, Renewal};
+
+/// How long the writer waits before trying a failed renewal again.
+const RENEWAL_RETRY: Duration = Duration::from_secs(60);
 
 /// How long a new connection has to send its `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,7 +44,8 @@ pub async fn connect(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // Authenticate before looking at the upgrade, so a bad token is always a 401.
-    let client_id = agent_identity(&state.keys, &state.revocations, &headers)?;
+    let credential = agent_identity(&state.keys, &state.revocations, &headers)?;
+    let client_id = credential.client_id.clone();
     let upgrade = upgrade.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     if state.registry.len() >= state.config.max_agent_connections
         && state.registry.get(&client_id).is_none()
@@ -56,17 +61,34 @@ pub async fn connect(
         // Agents send little; small buffers keep an idle connection cheap.
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| run_session(state, client_id, socket)))
+        .on_upgrade(move |socket| run_session(state, credential, socket)))
 }
 
 /// One agent connection: the handshake, then registration, the writer task and the read loop.
-async fn run_session(state: AppState, client_id: ClientId, socket: WebSocket) {
+async fn run_session(state: AppState, credential: AgentCredential, socket: WebSocket) {
+    let client_id = credential.client_id;
     let (mut reader, mut writer) = connection::split(socket);
     let Some(hello) = handshake(&client_id, &mut reader, &mut writer).await else {
         return;
     };
-    let (session, outbox_rx) = Registration::new(&state, &client_id, hello).await;
-    let writer_task = spawn_writer(&state, writer, outbox_rx, session.close.clone());
+    let protocol_version = hello.protocol_version;
+    let token_expires_at = Arc::new(AtomicU64::new(credential.expires_at));
+    let (session, outbox_rx) =
+        Registration::new(&state, &client_id, hello, token_expires_at.clone()).await;
+    let renewal = Renewal::for_agent(
+        state.keys.clone(),
+        client_id.clone(),
+        protocol_version,
+        state.config.agent_token_ttl(),
+        token_expires_at,
+    );
+    renewal::warn_if_expiring(
+        &client_id,
+        protocol_version,
+        credential.expires_at,
+        renewal.as_ref().is_some_and(|r| r.due_in().is_zero()),
+    );
+    let writer_task = spawn_writer(&state, writer, outbox_rx, renewal, session.close.clone());
     read_loop(&state, &session, &mut reader).await;
     session.close.cancel();
     let _ = writer_task.await;
@@ -159,6 +181,7 @@ impl Registration {
         state: &AppState,
         client_id: &ClientId,
         hello: Hello,
+        token_expires_at: Arc<AtomicU64>,
     ) -> (Self, mpsc::Receiver<ServerMessage>) {
         let protocol_version = hello.protocol_version;
         let conn_id = state.registry.next_conn_id();
@@ -173,6 +196,7 @@ impl Registration {
             protocol_version,
             agent_version: hello.agent_version,
             last_seen_ms: last_seen_ms.clone(),
+            token_expires_at,
             close: close.clone(),
         };
         let registration = Self {
@@ -212,20 +236,38 @@ impl Drop for Registration {
     }
 }
 
-/// The writer: drains the outbox and pings. On close it flushes what is queued first, so an
-/// error message reaches the agent before the close frame. Whatever ends it ends the session.
+/// The writer: drains the outbox, pings, and sends the agent a fresh token whenever its current
+/// one is due (`renewal`). On close it flushes what is queued first, so an error message reaches
+/// the agent before the close frame. Whatever ends it ends the session.
 fn spawn_writer(
     state: &AppState,
     mut writer: AgentWriter,
     mut outbox_rx: mpsc::Receiver<ServerMessage>,
+    renewal: Option<Renewal>,
     close: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let ping_interval = Duration::from_secs(state.config.ping_interval_secs.max(1));
     state.tracker.spawn(async move {
         let mut ping = tokio::time::interval(ping_interval);
         ping.tick().await;
+        // A failed renewal is tried again after a pause rather than in a spin.
+        let mut renewal_paused_until = Instant::now();
         loop {
+            let pause = renewal_paused_until.saturating_duration_since(Instant::now());
+            let renew_in = renewal.as_ref().map(|r| r.due_in().max(pause));
             tokio::select! {
+                () = tokio::time::sleep(renew_in.unwrap_or(Duration::MAX)), if renew_in.is_some() => {
+                    let Some(renewal) = &renewal else { continue };
+                    match renewal.renew() {
+                        Ok(msg) => {
+                            if writer.send(&msg).await.is_err() { break; }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not mint a renewed agent token");
+                            renewal_paused_until = Instant::now() + RENEWAL_RETRY;
+                        }
+                    }
+                }
                 msg = outbox_rx.recv() => match msg {
                     Some(msg) => {
                         if writer.send(&msg).await.is_err() { break; }

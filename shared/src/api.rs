@@ -190,6 +190,9 @@ pub struct ClientInfo {
     pub protocol_version: u32,
     #[serde(default)]
     pub agent_version: String,
+    /// When the token it connected with (or the last one it was sent) expires, RFC 3339.
+    #[serde(default)]
+    pub token_expires_at: Option<String>,
 }
 
 /// `GET /status/{client_id}`.
@@ -199,6 +202,9 @@ pub struct ClientStatus {
     pub connected: bool,
     pub connected_since: Option<String>,
     pub last_seen: Option<String>,
+    /// While connected: when its token expires, RFC 3339.
+    #[serde(default)]
+    pub token_expires_at: Option<String>,
     pub active_upload: Option<UploadId>,
     pub last_upload: Option<UploadStatus>,
 }

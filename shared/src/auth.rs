@@ -66,6 +66,9 @@ pub struct Claims {
     /// Optional "not before"; checked with the same leeway as `exp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
+    /// Token id, unique per token. Tokens minted before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +123,16 @@ impl TokenKeys {
 
     /// Mints a token valid for `ttl` from now.
     pub fn issue(&self, sub: &str, role: Role, ttl: Duration) -> Result<String, AuthError> {
+        self.mint(sub, role, ttl).map(|(token, _)| token)
+    }
+
+    /// Mints a token valid for `ttl` from now, with a fresh token id, and returns its claims.
+    pub fn mint(
+        &self,
+        sub: &str,
+        role: Role,
+        ttl: Duration,
+    ) -> Result<(String, Claims), AuthError> {
         if role == Role::Agent {
             ClientId::parse(sub).map_err(|_| AuthError::InvalidSubject)?;
         }
@@ -132,8 +145,9 @@ impl TokenKeys {
             iat: now,
             exp: now.saturating_add(ttl.as_secs()),
             nbf: None,
+            jti: Some(uuid::Uuid::new_v4().to_string()),
         };
-        self.encode(&claims)
+        Ok((self.encode(&claims)?, claims))
     }
 
     /// Signs arbitrary claims. Tests use it to build expired or odd tokens.
@@ -242,6 +256,7 @@ mod tests {
             iat: now,
             exp: now + 3600,
             nbf: None,
+            jti: None,
         };
         let future_iat = keys
             .encode(&Claims {
@@ -285,6 +300,7 @@ mod tests {
                 iat: 0,
                 exp: unix_now() - 3600,
                 nbf: None,
+                jti: None,
             })
             .unwrap();
         let wrong_secret = other

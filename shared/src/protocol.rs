@@ -16,10 +16,12 @@ use crate::ids::{ClientId, FileName, PartNumber, UploadId};
 /// The protocol this release speaks, bumped on any incompatible change. The agent sends it in
 /// [`AgentMessage::Hello`].
 ///
+/// - 4: the server may send `token_renewed`, a fresh token for the agent to keep; nothing else
+///   changed, so protocol 3 agents are served exactly as before and are never sent one.
 /// - 3: parts carry CRC64NVME checksums, the object a full-object CRC64NVME, and the SHA-256
 ///   of the file comes with `upload_completed`.
 /// - 2: parts carry `Content-MD5`, and the SHA-256 comes with `file_info`.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The oldest protocol the server still serves: agents in the field cannot all be upgraded at
 /// once. Older ones are refused with [`ErrorCode::ProtocolVersionMismatch`].
@@ -129,7 +131,18 @@ pub enum ServerMessage {
     },
     /// A fatal problem with the connection itself; the server closes it after sending this.
     Error { code: ErrorCode, message: String },
+    /// Protocol 4: a fresh token for this agent, sent when its token is past half the server's
+    /// agent token lifetime (at connect, and again while it stays connected). The agent keeps
+    /// it (in `AGENT_TOKEN_FILE`) and uses it from its next connection on.
+    TokenRenewed {
+        token: String,
+        /// Unix seconds when the new token expires.
+        expires_at: u64,
+    },
 }
+
+/// The first protocol whose agents accept [`ServerMessage::TokenRenewed`].
+pub const TOKEN_RENEWAL_SINCE: u32 = 4;
 
 /// The presigned plan for one multipart upload. Agents of protocol 2 refuse unknown fields, so
 /// what only protocol 3 carries is left out when empty.

@@ -15,6 +15,7 @@ fn claims(sub: &str, role: Role, exp: u64) -> Claims {
         iat: unix_now(),
         exp,
         nbf: None,
+        jti: None,
     }
 }
 

@@ -953,9 +953,12 @@ impl RawAgent {
 
     /// Connects speaking protocol `version`; the welcome must name it.
     pub async fn connect_speaking(server: &TestServer, client_id: &str, version: u32) -> Self {
-        let mut a = ws_connect(server, Some(&agent_token(client_id)))
-            .await
-            .unwrap();
+        Self::connect_with_token(server, &agent_token(client_id), version).await
+    }
+
+    /// Connects with `token`, speaking protocol `version`.
+    pub async fn connect_with_token(server: &TestServer, token: &str, version: u32) -> Self {
+        let mut a = ws_connect(server, Some(token)).await.unwrap();
         a.send_json(serde_json::json!({
             "type": "hello",
             "protocol_version": version,

@@ -16,6 +16,7 @@ mod protocol;
 mod proxy;
 mod reconnect;
 mod records;
+mod renewal;
 mod resilience;
 mod sharing;
 mod tls;

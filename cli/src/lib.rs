@@ -304,8 +304,13 @@ async fn cancel(cli: &Cli, upload_id: &str) -> anyhow::Result<bool> {
         .await?;
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
+    } else if status.state == UploadState::Cancelled {
         println!("upload {} cancelled", status.upload_id);
+    } else {
+        println!(
+            "upload {} is being cancelled: storage is still being cleaned up (follow it with `cli status --upload-id {}`)",
+            status.upload_id, status.upload_id
+        );
     }
     Ok(true)
 }

@@ -19,7 +19,7 @@ pub fn print_outcome(out: &mut dyn Write, status: &UploadStatus, json: bool) -> 
             let (code, message) = status
                 .error
                 .as_ref()
-                .map(|e| (e.code.to_string(), e.message.clone()))
+                .map(|e| (e.code.to_string(), printable(&e.message)))
                 .unwrap_or_else(|| ("UNKNOWN".into(), "no error reported".into()));
             let state = status.state.to_string();
             eprintln!("upload {} {state}: {code}: {message}", status.upload_id);
@@ -34,7 +34,7 @@ pub fn print_upload(out: &mut dyn Write, s: &UploadStatus, json: bool) -> anyhow
         writeln!(out, "{}", serde_json::to_string_pretty(s)?)?;
         return Ok(());
     }
-    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let opt = |v: &Option<String>| v.as_deref().map_or_else(|| "-".into(), printable);
     writeln!(out, "  upload:   {}", s.upload_id)?;
     writeln!(out, "  client:   {}", s.client_id)?;
     writeln!(out, "  state:    {}", s.state)?;
@@ -88,7 +88,7 @@ pub fn print_upload(out: &mut dyn Write, s: &UploadStatus, json: bool) -> anyhow
         )?;
     }
     if let Some(e) = &s.error {
-        writeln!(out, "  error:    {}: {}", e.code, e.message)?;
+        writeln!(out, "  error:    {}: {}", e.code, printable(&e.message))?;
     }
     writeln!(
         out,
@@ -96,4 +96,30 @@ pub fn print_upload(out: &mut dyn Write, s: &UploadStatus, json: bool) -> anyhow
         s.requested_by, s.requested_from
     )?;
     Ok(())
+}
+
+/// `text` with control characters escaped (`\n`, `\u{1b}`): messages and names can come
+/// from a store's agent, and must not forge lines or drive the operator's terminal.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(printable("disk\nerror"), "disk\\nerror");
+        assert_eq!(printable("a\nb\u{1b}[2J\tc"), "a\\nb\\u{1b}[2J\\tc");
+        assert_eq!(printable("Café 東京"), "Café 東京");
+    }
 }

@@ -8,18 +8,23 @@ use std::time::Duration;
 
 use anyhow::Context;
 use shared::protocol::{AgentMessage, PROTOCOL_VERSION, ServerMessage, UploadPlan};
-use shared::{ErrorCode, UploadId};
+use shared::{ErrorCode, FileName, UploadId};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::connection::{ConnectError, Incoming, ServerConnection};
 use crate::token::AgentToken;
-use crate::uploader::{self, KnownHashes, Layout, Progress, RateLimiter, UploadSettings};
+use crate::uploader::{
+    self, DiskPacer, KnownHashes, Layout, Progress, RateLimiter, UploadSettings,
+};
 
 /// How often progress is reported while parts are in flight.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+/// How long opening the WebSocket (TCP, TLS and the upgrade) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Queue of messages from upload tasks to the session writer.
 const OUTBOX_CAPACITY: usize = 64;
 
@@ -50,14 +55,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut backoff = config.reconnect_policy();
     let known = KnownHashes::default();
     let mut token = AgentToken::load(&config)?;
+    let hash_pacer = (config.hash_read_bytes_per_sec > 0)
+        .then(|| Arc::new(DiskPacer::new(config.hash_read_bytes_per_sec)));
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            r = ServerConnection::connect(&config.server_url, token.current().expose(), &tls) => r,
+            r = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                ServerConnection::connect(&config.server_url, token.current().expose(), &tls),
+            ) => r.unwrap_or_else(|_| Err(ConnectError::Transport(format!(
+                "no answer within {}s", CONNECT_TIMEOUT.as_secs()
+            )))),
         };
+        let mut delay = None;
         match outcome {
             Ok(conn) => {
                 let mut session = Session::new(
@@ -67,11 +80,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     limiter.clone(),
                     known.clone(),
                     &mut token,
+                    hash_pacer.clone(),
                 );
                 match session.run(&shutdown, &mut backoff).await {
                     SessionEnd::Shutdown => return Ok(()),
                     SessionEnd::Lost(reason) => {
                         tracing::warn!(reason, "connection to server lost");
+                    }
+                    SessionEnd::Replaced => {
+                        let wait = Duration::from_secs(config.replaced_backoff_secs);
+                        tracing::error!(
+                            backoff_secs = wait.as_secs(),
+                            "another agent connected with this store's identity and replaced this one: two machines may share one token; backing off before trying again"
+                        );
+                        delay = Some(wait);
                     }
                 }
             }
@@ -84,7 +106,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 tracing::warn!(error = %err, "could not reach server");
             }
         }
-        let delay = backoff.next_delay();
+        let delay = delay.unwrap_or_else(|| backoff.next_delay());
         tracing::info!(?delay, "reconnecting after delay");
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -96,6 +118,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 enum SessionEnd {
     Shutdown,
     Lost(String),
+    /// The server closed this connection for a newer one with the same identity.
+    Replaced,
+}
+
+/// A describe that ran on its own task, back to the session.
+struct DescribeDone {
+    upload_id: UploadId,
+    /// Which describe of the upload this was: a later one supersedes it.
+    serial: u64,
+    path: PathBuf,
+    result: Result<uploader::Described, uploader::UploadError>,
+    elapsed: Duration,
 }
 
 struct Session<'a> {
@@ -114,6 +148,12 @@ struct Session<'a> {
     known: KnownHashes,
     /// The token to connect with next time; replaced when the server renews it.
     token: &'a mut AgentToken,
+    /// Describes running on their own tasks, by upload: their serial and how to stop them.
+    describing: HashMap<UploadId, (u64, CancellationToken)>,
+    next_serial: u64,
+    describe_tx: mpsc::Sender<DescribeDone>,
+    describe_rx: mpsc::Receiver<DescribeDone>,
+    hash_pacer: Option<Arc<DiskPacer>>,
     session_cancel: CancellationToken,
 }
 
@@ -125,8 +165,10 @@ impl<'a> Session<'a> {
         limiter: Option<Arc<RateLimiter>>,
         known: KnownHashes,
         token: &'a mut AgentToken,
+        hash_pacer: Option<Arc<DiskPacer>>,
     ) -> Self {
         let (outbox_tx, outbox_rx) = mpsc::channel(OUTBOX_CAPACITY);
+        let (describe_tx, describe_rx) = mpsc::channel(OUTBOX_CAPACITY);
         Self {
             config,
             http,
@@ -138,6 +180,11 @@ impl<'a> Session<'a> {
             limiter,
             known,
             token,
+            describing: HashMap::new(),
+            next_serial: 0,
+            describe_tx,
+            describe_rx,
+            hash_pacer,
             session_cancel: CancellationToken::new(),
         }
     }
@@ -187,6 +234,11 @@ impl<'a> Session<'a> {
                         return SessionEnd::Lost(e.to_string());
                     }
                 }
+                Some(done) = self.describe_rx.recv() => {
+                    if let Err(e) = self.finish_describe(done).await {
+                        return SessionEnd::Lost(e.to_string());
+                    }
+                }
                 _ = ping.tick() => {
                     if let Err(e) = self.conn.ping().await {
                         return SessionEnd::Lost(e.to_string());
@@ -226,64 +278,15 @@ impl<'a> Session<'a> {
                 upload_id,
                 share,
                 min_part_size,
-            } => {
-                let described = match self.config.share_path(&share) {
-                    Some(path) => {
-                        let started = std::time::Instant::now();
-                        let described = uploader::describe_file(
-                            &path,
-                            self.config.max_file_size,
-                            min_part_size,
-                            self.config.hash_threads,
-                        )
-                        .await;
-                        // Remember the path only for a file the server may now plan an upload of.
-                        described.map(|d| {
-                            tracing::info!(%upload_id, size = d.snapshot.size, elapsed = ?started.elapsed(), "file described");
-                            let layout = Layout {
-                                snapshot: d.snapshot,
-                                part_size: d.part_size,
-                                part_crc64nvme: d.part_crc64nvme.clone().into(),
-                            };
-                            let sha256 = self.known.lookup(&path, &layout);
-                            self.described.insert(upload_id, (path, layout));
-                            (d, sha256)
-                        })
-                    }
-                    None => Err(uploader::UploadError {
-                        code: ErrorCode::FileNotShared,
-                        message: format!("this agent does not share '{share}'"),
-                    }),
-                };
-                let reply = match described {
-                    Ok((d, sha256)) => AgentMessage::FileInfo {
-                        upload_id,
-                        file_name: d.file_name,
-                        size: d.snapshot.size,
-                        modified_ms: d.snapshot.modified_ms,
-                        part_size: d.part_size,
-                        part_crc64nvme: d.part_crc64nvme.iter().map(|c| c.to_base64()).collect(),
-                        sha256,
-                        part_md5: Vec::new(),
-                    },
-                    Err(e) => {
-                        tracing::warn!(%upload_id, code = %e.code, message = e.message, "cannot share the file");
-                        AgentMessage::UploadFailed {
-                            upload_id,
-                            code: e.code,
-                            message: e.message,
-                            sha256: None,
-                        }
-                    }
-                };
-                if let Err(e) = self.conn.send(&reply).await {
-                    return Some(SessionEnd::Lost(e.to_string()));
-                }
-            }
+            } => self.start_describe(upload_id, &share, min_part_size),
             ServerMessage::StartUpload(plan) => self.start_upload(plan),
             ServerMessage::CancelUpload { upload_id, code } => {
-                // A cancel can come between describe and plan, before any task exists.
+                // A cancel can come while the file is hashed, or between describe and plan.
                 self.described.remove(&upload_id);
+                if let Some((_, token)) = self.describing.remove(&upload_id) {
+                    tracing::info!(%upload_id, %code, "server cancelled the upload while the file was described");
+                    token.cancel();
+                }
                 if let Some(token) = self.uploads.remove(&upload_id) {
                     tracing::info!(%upload_id, %code, "server cancelled the upload");
                     token.cancel();
@@ -295,11 +298,101 @@ impl<'a> Session<'a> {
             ServerMessage::Error { code, message } => {
                 tracing::error!(%code, message, "server reported an error");
                 if code == ErrorCode::ConnectionReplaced {
-                    return Some(SessionEnd::Lost("replaced by a newer connection".into()));
+                    return Some(SessionEnd::Replaced);
                 }
             }
         }
         None
+    }
+
+    /// Describes a share on a task of its own, so that pings and cancels are answered while a
+    /// large file is hashed; the answer goes out when it is done ([`Self::finish_describe`]).
+    fn start_describe(&mut self, upload_id: UploadId, share: &FileName, min_part_size: u64) {
+        let Some(path) = self.config.share_path(share) else {
+            let _ = self.outbox_tx.try_send(AgentMessage::UploadFailed {
+                upload_id,
+                code: ErrorCode::FileNotShared,
+                message: format!("this agent does not share '{share}'"),
+                sha256: None,
+            });
+            return;
+        };
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        let cancel = self.session_cancel.child_token();
+        if let Some((_, older)) = self.describing.insert(upload_id, (serial, cancel.clone())) {
+            older.cancel();
+        }
+        let tx = self.describe_tx.clone();
+        let max_size = self.config.max_file_size;
+        let threads = self.config.hash_threads;
+        let pacer = self.hash_pacer.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let result = tokio::select! {
+                r = uploader::describe_file(&path, max_size, min_part_size, threads, pacer) => r,
+                () = cancel.cancelled() => return,
+            };
+            let _ = tx
+                .send(DescribeDone {
+                    upload_id,
+                    serial,
+                    path,
+                    result,
+                    elapsed: started.elapsed(),
+                })
+                .await;
+        });
+    }
+
+    /// Answers a describe that finished, unless it was cancelled or superseded meanwhile.
+    async fn finish_describe(&mut self, done: DescribeDone) -> Result<(), tungstenite::Error> {
+        let DescribeDone {
+            upload_id,
+            serial,
+            path,
+            result,
+            elapsed,
+        } = done;
+        match self.describing.get(&upload_id) {
+            Some((current, token)) if *current == serial && !token.is_cancelled() => {
+                self.describing.remove(&upload_id);
+            }
+            _ => return Ok(()),
+        }
+        let reply = match result {
+            Ok(d) => {
+                tracing::info!(%upload_id, size = d.snapshot.size, ?elapsed, "file described");
+                let layout = Layout {
+                    snapshot: d.snapshot,
+                    part_size: d.part_size,
+                    part_crc64nvme: d.part_crc64nvme.clone().into(),
+                };
+                // Remember the path only for a file the server may now plan an upload of.
+                let sha256 = self.known.lookup(&path, &layout);
+                self.described.insert(upload_id, (path, layout));
+                AgentMessage::FileInfo {
+                    upload_id,
+                    file_name: d.file_name,
+                    size: d.snapshot.size,
+                    modified_ms: d.snapshot.modified_ms,
+                    part_size: d.part_size,
+                    part_crc64nvme: d.part_crc64nvme.iter().map(|c| c.to_base64()).collect(),
+                    sha256,
+                    part_md5: Vec::new(),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%upload_id, code = %e.code, message = e.message, "cannot share the file");
+                AgentMessage::UploadFailed {
+                    upload_id,
+                    code: e.code,
+                    message: e.message,
+                    sha256: None,
+                }
+            }
+        };
+        self.conn.send(&reply).await
     }
 
     fn start_upload(&mut self, plan: UploadPlan) {
@@ -330,6 +423,7 @@ impl<'a> Session<'a> {
             attempts: self.config.part_attempts,
             retry_min: Duration::from_millis(self.config.part_retry_min_ms),
             limiter: self.limiter.clone(),
+            hash_pacer: self.hash_pacer.clone(),
             request_timeout: Duration::from_secs(self.config.request_timeout_secs),
             policy: self.config.upload_policy(),
         };

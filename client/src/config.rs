@@ -106,6 +106,12 @@ pub struct Config {
     #[arg(long, env = "PART_RETRY_MIN_MS", default_value_t = 200)]
     pub part_retry_min_ms: u64,
 
+    /// Cap on the disk reads of hashing (the describe pass and the SHA-256 pass together), in
+    /// bytes per second, so hashing a large file leaves the disk to the point-of-sale software;
+    /// 0 means no cap.
+    #[arg(long, env = "HASH_READ_BYTES_PER_SEC", default_value_t = 0)]
+    pub hash_read_bytes_per_sec: u64,
+
     /// Cap on upload bandwidth in bytes per second, all parts together; 0 means no cap.
     #[arg(long, env = "MAX_UPLOAD_BYTES_PER_SEC", default_value_t = 0)]
     pub max_upload_bytes_per_sec: u64,
@@ -113,6 +119,11 @@ pub struct Config {
     /// First reconnect delay, in milliseconds; doubles per failed attempt, with jitter.
     #[arg(long, env = "RECONNECT_MIN_MS", default_value_t = 500)]
     pub reconnect_min_ms: u64,
+
+    /// How long to wait before reconnecting after the server replaced this connection with a
+    /// newer one of the same identity (two machines sharing one token), in seconds.
+    #[arg(long, env = "REPLACED_BACKOFF_SECS", default_value_t = 300)]
+    pub replaced_backoff_secs: u64,
 
     /// Longest reconnect delay, in milliseconds.
     #[arg(long, env = "RECONNECT_MAX_MS", default_value_t = 30_000)]

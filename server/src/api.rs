@@ -166,10 +166,13 @@ pub async fn revoke_client(
     Path(raw_client_id): Path<String>,
 ) -> Result<Json<RevocationResponse>, ApiError> {
     let client_id = parse_client_id(&raw_client_id)?;
-    let not_before = state
-        .revocations
-        .revoke(&client_id)
-        .map_err(|e| ApiError::internal(&e))?;
+    let not_before = state.revocations.revoke(&client_id).map_err(|e| {
+        tracing::error!(%client_id, error = format!("{e:#}"), "revocation not saved");
+        ApiError::new(
+            ErrorCode::Internal,
+            "the revocation could not be saved (see the server log), so nothing was revoked",
+        )
+    })?;
     let disconnected = match state.registry.get(&client_id) {
         Some(handle) => {
             let _ = handle.outbox.try_send(ServerMessage::Error {

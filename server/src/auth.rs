@@ -37,7 +37,8 @@ pub fn verify_bearer(keys: &TokenKeys, headers: &HeaderMap) -> Result<Claims, Ap
 #[derive(Debug, Clone)]
 pub struct AgentCredential {
     pub client_id: ClientId,
-    /// When the token it connected with expires (unix seconds).
+    /// When the token it connected with was issued and expires (unix seconds).
+    pub issued_at: u64,
     pub expires_at: u64,
 }
 
@@ -68,6 +69,7 @@ pub fn agent_identity(
     }
     Ok(AgentCredential {
         client_id,
+        issued_at: claims.iat,
         expires_at: claims.exp,
     })
 }

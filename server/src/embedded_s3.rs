@@ -7,8 +7,7 @@ use std::path::Path;
 use anyhow::Context;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use hyper_util::rt::TokioIo;
 use s3s::auth::SimpleAuth;
 use s3s::service::{S3Service, S3ServiceBuilder};
 use tokio::net::TcpListener;
@@ -75,7 +74,7 @@ async fn serve_connection<IO>(io: IO, service: S3Service, shutdown: Cancellation
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let http = ConnBuilder::new(TokioExecutor::new());
+    let http = crate::listen::http();
     let conn = http
         .serve_connection(
             TokioIo::new(io),

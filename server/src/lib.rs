@@ -13,6 +13,7 @@ pub mod db;
 pub mod embedded_s3;
 pub mod embedded_store;
 pub mod error;
+pub mod listen;
 pub mod metrics;
 pub mod registry;
 pub mod renewal;
@@ -237,19 +238,8 @@ async fn serve(
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<()> {
-    match tls {
-        Some(acceptor) => {
-            tls::serve_api(listener, acceptor, app, shutdown.clone(), tracker.clone()).await;
-            Ok(())
-        }
-        None => axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .context("serving the API"),
-    }
+    listen::serve_api(listener, tls, app, shutdown.clone(), tracker.clone()).await;
+    Ok(())
 }
 
 async fn rest_timeout(

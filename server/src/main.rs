@@ -9,6 +9,7 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     init_tracing(config.log_format);
     config.validate()?;
+    raise_open_file_limit();
 
     let api = TcpListener::bind(config.listen_addr)
         .await
@@ -30,6 +31,20 @@ async fn main() -> anyhow::Result<()> {
             tracing::error!(error = format!("{e:#}"), "server failed");
             e
         })
+}
+
+/// Each agent holds a socket open, and a service manager's default soft limit (1,024 under
+/// systemd) would cap the fleet near a thousand agents: the soft limit is raised to the hard one.
+fn raise_open_file_limit() {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft);
+    match (before, rlimit::increase_nofile_limit(u64::MAX)) {
+        (Ok(before), Ok(now)) => {
+            tracing::info!(before, now, "open-file limit");
+        }
+        (_, Err(e)) | (Err(e), _) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+        }
+    }
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

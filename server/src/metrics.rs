@@ -25,6 +25,8 @@ pub struct Metrics {
     pub part_retries: AtomicU64,
     pub resumes: AtomicU64,
     pub orphans_aborted: AtomicU64,
+    /// Agent connections that completed the handshake.
+    pub agent_connections: AtomicU64,
     latency: Histogram,
 }
 
@@ -119,6 +121,12 @@ impl Metrics {
             "counter",
             "Part attempts that failed and were retried, as reported by agents.",
             &[(String::new(), load(&self.part_retries) as f64)],
+        );
+        one(
+            "backhaul_agent_connections_total",
+            "counter",
+            "Agent connections accepted (handshake done); a fast rise means agents flapping.",
+            &[(String::new(), load(&self.agent_connections) as f64)],
         );
         one(
             "backhaul_upload_resumes_total",

@@ -104,6 +104,18 @@ pub struct Registry {
     // A std Mutex: it is never held across an await, and every critical section is a map lookup.
     agents: Mutex<HashMap<ClientId, AgentHandle>>,
     next_conn_id: AtomicU64,
+    /// Upgraded connections that have not been registered yet (no `hello` so far).
+    handshaking: Arc<AtomicU64>,
+}
+
+/// A connection counted as handshaking until this is dropped (registered, or gone).
+#[derive(Debug)]
+pub struct Handshaking(Arc<AtomicU64>);
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Registry {
@@ -132,6 +144,18 @@ impl Registry {
 
     pub fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Counts a connection that has not said `hello` yet, until the guard is dropped.
+    pub fn handshaking(&self) -> Handshaking {
+        self.handshaking.fetch_add(1, Ordering::Relaxed);
+        Handshaking(self.handshaking.clone())
+    }
+
+    /// Registered connections plus those still in their handshake: what
+    /// `MAX_AGENT_CONNECTIONS` limits.
+    pub fn connections(&self) -> usize {
+        self.len() + self.handshaking.load(Ordering::Relaxed) as usize
     }
 
     pub fn is_empty(&self) -> bool {

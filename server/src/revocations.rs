@@ -43,21 +43,43 @@ impl Revocations {
     /// Refuses every token of `client_id` issued up to now, and persists that. Returns the first
     /// `iat` accepted again: the next whole second, so a token minted in the same second as the
     /// revocation is refused too.
+    ///
+    /// One revocation at a time: the lock is held while the file is written, so two at once
+    /// cannot interleave their writes. Nothing changes in memory unless the file was written
+    /// (a full disk is an error, not a revocation that a restart forgets).
     pub fn revoke(&self, client_id: &ClientId) -> anyhow::Result<u64> {
         let not_before = shared::auth::unix_now() + 1;
-        let snapshot = {
-            let mut map = self.lock();
-            map.insert(client_id.clone(), not_before);
-            serde_json::to_vec_pretty(&*map)?
-        };
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, &snapshot).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("replacing {}", self.path.display()))?;
+        let mut map = self.lock();
+        let mut next = map.clone();
+        next.insert(client_id.clone(), not_before);
+        self.persist(&next)?;
+        *map = next;
         Ok(not_before)
+    }
+
+    /// Writes `map` atomically: a temporary file beside the list, fsync, rename, fsync of the
+    /// directory.
+    fn persist(&self, map: &HashMap<ClientId, u64>) -> anyhow::Result<()> {
+        use std::io::Write;
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".revocations.")
+            .tempfile_in(dir)
+            .with_context(|| format!("creating a file in {}", dir.display()))?;
+        tmp.write_all(&serde_json::to_vec_pretty(map)?)
+            .and_then(|()| tmp.as_file().sync_all())
+            .with_context(|| format!("writing {}", tmp.path().display()))?;
+        tmp.persist(&self.path)
+            .with_context(|| format!("replacing {}", self.path.display()))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))?;
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, u64>> {
@@ -90,5 +112,39 @@ mod tests {
         std::fs::write(&path, b"{not json").unwrap();
         assert!(Revocations::load(path.clone()).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn concurrent_revocations_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("revocations.json");
+        let revs = std::sync::Arc::new(Revocations::load(path.clone()).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let revs = revs.clone();
+                std::thread::spawn(move || {
+                    for j in 0..10 {
+                        let id = ClientId::parse(&format!("store-{i}-{j}")).unwrap();
+                        revs.revoke(&id).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let reloaded = Revocations::load(path).unwrap();
+        assert_eq!(reloaded.lock().len(), 80);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left");
+    }
+
+    #[test]
+    fn a_revocation_that_cannot_be_saved_changes_nothing() {
+        // Nothing can be created in /proc, as on a full disk nothing can be written.
+        let revs = Revocations::load("/proc/backhaul-test/revocations.json".into()).unwrap();
+        let id = ClientId::parse("store-1").unwrap();
+        assert!(revs.revoke(&id).is_err());
+        assert!(!revs.is_revoked(&id, shared::auth::unix_now()));
     }
 }

@@ -23,7 +23,7 @@ use crate::AppState;
 use crate::auth::{AgentCredential, agent_identity};
 use crate::connection::{self, AgentWriter, Incoming};
 use crate::error::ApiError;
-use crate::registry::{AgentHandle, ConnId, OUTBOX_CAPACITY};
+use crate::registry::{AgentHandle, ConnId, Handshaking, OUTBOX_CAPACITY};
 use crate::renewal::{self, Renewal};
 
 /// How long the writer waits before trying a failed renewal again.
@@ -47,7 +47,9 @@ pub async fn connect(
     let credential = agent_identity(&state.keys, &state.revocations, &headers)?;
     let client_id = credential.client_id.clone();
     let upgrade = upgrade.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
-    if state.registry.len() >= state.config.max_agent_connections
+    // Connections still in their handshake count too, so that sockets which never say hello
+    // cannot crowd out agents that do (they are cut after HELLO_TIMEOUT).
+    if state.registry.connections() >= state.config.max_agent_connections
         && state.registry.get(&client_id).is_none()
     {
         return Err(ApiError::new(
@@ -55,17 +57,23 @@ pub async fn connect(
             "the server is at its agent connection limit",
         ));
     }
+    let handshaking = state.registry.handshaking();
     Ok(upgrade
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
         // Agents send little; small buffers keep an idle connection cheap.
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| run_session(state, credential, socket)))
+        .on_upgrade(move |socket| run_session(state, credential, handshaking, socket)))
 }
 
 /// One agent connection: the handshake, then registration, the writer task and the read loop.
-async fn run_session(state: AppState, credential: AgentCredential, socket: WebSocket) {
+async fn run_session(
+    state: AppState,
+    credential: AgentCredential,
+    handshaking: Handshaking,
+    socket: WebSocket,
+) {
     let client_id = credential.client_id;
     let (mut reader, mut writer) = connection::split(socket);
     let Some(hello) = handshake(&client_id, &mut reader, &mut writer).await else {
@@ -75,6 +83,20 @@ async fn run_session(state: AppState, credential: AgentCredential, socket: WebSo
     let token_expires_at = Arc::new(AtomicU64::new(credential.expires_at));
     let (session, outbox_rx) =
         Registration::new(&state, &client_id, hello, token_expires_at.clone()).await;
+    drop(handshaking);
+    // A revocation between the token check and the registration found no connection to close:
+    // look again now that this one is registered (a revocation after this finds it).
+    if state
+        .revocations
+        .is_revoked(&client_id, credential.issued_at)
+    {
+        tracing::warn!(%client_id, "token revoked during the handshake; closing");
+        let _ = session.outbox.try_send(ServerMessage::Error {
+            code: ErrorCode::Unauthorized,
+            message: "this agent's token was revoked".into(),
+        });
+        session.close.cancel();
+    }
     let renewal = Renewal::for_agent(
         state.keys.clone(),
         client_id.clone(),
@@ -127,11 +149,11 @@ async fn handshake(
                         "server"
                     }
                 );
-                tracing::warn!(%client_id, agent_version, "{message}");
+                tracing::warn!(%client_id, ?agent_version, "{message}");
                 reject(writer, ErrorCode::ProtocolVersionMismatch, &message).await;
                 return None;
             }
-            tracing::info!(%client_id, agent_version, protocol_version, "agent connected");
+            tracing::info!(%client_id, ?agent_version, protocol_version, "agent connected");
             Some(Hello {
                 protocol_version,
                 agent_version: agent_version
@@ -184,6 +206,10 @@ impl Registration {
         token_expires_at: Arc<AtomicU64>,
     ) -> (Self, mpsc::Receiver<ServerMessage>) {
         let protocol_version = hello.protocol_version;
+        state
+            .metrics
+            .agent_connections
+            .fetch_add(1, Ordering::Relaxed);
         let conn_id = state.registry.next_conn_id();
         let close = state.shutdown.child_token();
         let (outbox, outbox_rx) = mpsc::channel::<ServerMessage>(OUTBOX_CAPACITY);

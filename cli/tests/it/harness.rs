@@ -716,9 +716,25 @@ impl ChildProcess {
     /// Like [`ChildProcess::spawn`], with extra environment variables for the child alone (such
     /// as `SSL_CERT_FILE`, which a test must not set in its own process).
     pub fn spawn_with_env(kind: &str, args: &[String], env: &[(&str, &OsStr)]) -> Self {
+        Self::spawn_inner(kind, args, env, None)
+    }
+
+    /// Like [`ChildProcess::spawn`], with the child's log (its stderr) written to `log`.
+    pub fn spawn_logging(kind: &str, args: &[String], log: std::fs::File) -> Self {
+        Self::spawn_inner(kind, args, &[], Some(log))
+    }
+
+    fn spawn_inner(
+        kind: &str,
+        args: &[String],
+        env: &[(&str, &OsStr)],
+        log: Option<std::fs::File>,
+    ) -> Self {
         let exe = std::env::current_exe().unwrap();
+        let stderr = log.map_or_else(std::process::Stdio::inherit, std::process::Stdio::from);
         let child = tokio::process::Command::new(exe)
             .envs(env.iter().copied())
+            .stderr(stderr)
             .args([
                 "--exact",
                 "child::entry",

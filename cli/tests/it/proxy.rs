@@ -38,6 +38,8 @@ pub struct Faults {
     /// The first n object GETs have their answer cut halfway through the body: the headers
     /// promise the whole object, the connection closes after half of it.
     pub cut_object_gets: Option<u32>,
+    /// The first AbortMultipartUpload is held this long before it is passed on.
+    pub slow_first_abort: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +64,8 @@ pub struct ProxyStats {
     pub object_gets: AtomicU32,
     pub ranged_gets: AtomicU32,
     pub injected_get_cuts: AtomicU32,
+    /// AbortMultipartUpload requests that arrived.
+    pub aborts_seen: AtomicU32,
     /// Body bytes of part PUTs that reached the proxy, faults included.
     pub part_bytes: AtomicU64,
     /// Successful part PUTs by (uploadId, partNumber).
@@ -210,6 +214,12 @@ async fn forward(
             .trim_start_matches('/')
             .split_once('/')
             .is_some_and(|(_, key)| !key.is_empty());
+    if parts.method == http::Method::DELETE && query_param(&query, "uploadId").is_some() {
+        let nth = stats.aborts_seen.fetch_add(1, Ordering::Relaxed) + 1;
+        if let (1, Some(hold)) = (nth, faults.slow_first_abort) {
+            tokio::time::sleep(hold).await;
+        }
+    }
     let mut cut_get = false;
     if object_get {
         stats.object_gets.fetch_add(1, Ordering::Relaxed);

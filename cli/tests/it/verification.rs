@@ -118,3 +118,48 @@ async fn a_lost_completion_answer_still_completes() {
     );
     assert_identical(&store, &status, &d.sha).await;
 }
+
+/// The first AbortMultipartUpload hangs for 35 s, past the REST timeout (30 s) and the server's
+/// own S3 operation timeout: the cancel is answered at once, the upload still ends `cancelled`
+/// with its multipart upload aborted (on the retry), and the store takes a new trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_outlives_a_hung_storage() {
+    let (store, server, proxy) = behind_proxy(Faults {
+        slow_first_abort: Some(Duration::from_secs(35)),
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("slow.bin");
+    write_file(&file, 12 * MIB).await;
+    let client_id = unique_client("hung-abort");
+    let _agent = TestAgent::start_with(
+        &server,
+        &client_id,
+        &file,
+        &["--max-upload-bytes-per-sec", "1048576"],
+    );
+    server.wait_connected(&client_id).await;
+    let upload_id = trigger_id(&server, &client_id).await;
+    wait_until(
+        Duration::from_secs(20),
+        "the upload to be uploading",
+        || async { server.upload(&upload_id).await.state == UploadState::Uploading },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let out = run_cli(&server, &["cancel", &upload_id]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the cancel was answered after {:?}",
+        started.elapsed()
+    );
+    assert!(stdout(&out).contains("being cancelled"), "{}", stdout(&out));
+    let status = server.wait_finished(&upload_id).await;
+    assert_eq!(status.state, UploadState::Cancelled);
+    assert!(proxy.stats.aborts_seen.load(Ordering::Relaxed) >= 2);
+    assert_eq!(store.in_progress_multiparts(&client_id).await, 0);
+    let (code, body) = server.trigger(&client_id).await;
+    assert_eq!(code, 202, "{body}");
+}

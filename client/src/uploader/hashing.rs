@@ -3,7 +3,8 @@
 //! transfer; the SHA-256 of the whole is computed while the parts upload ([`super::whole`]).
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use shared::hash::{Crc64Nvme, Crc64NvmeHasher};
 use shared::protocol::plan_parts;
@@ -11,6 +12,7 @@ use shared::{ErrorCode, FileName};
 
 use super::UploadError;
 use super::file::{Snapshot, changed_while_hashing, io_error, stored_name};
+use super::pacing::DiskPacer;
 
 /// A shared file, described and checksummed for the server.
 #[derive(Debug, Clone)]
@@ -28,11 +30,15 @@ pub(super) const HASH_CHUNK: usize = 1024 * 1024;
 /// Looks at a shared file and checksums it: its name as stored, its size and the CRC64NVME of
 /// each part laid out by [`plan_parts`]. Errors carry the agent-side codes. A symbolic link is
 /// refused: swapping a shared file for a link must not widen what is shared.
+///
+/// It runs on blocking threads, off the caller's task; dropping the future stops them at their
+/// next read. `pacer` caps their reads together.
 pub async fn describe_file(
     path: &Path,
     max_size: u64,
     min_part_size: u64,
     hash_threads: usize,
+    pacer: Option<Arc<DiskPacer>>,
 ) -> Result<Described, UploadError> {
     let link = tokio::fs::symlink_metadata(path)
         .await
@@ -67,17 +73,41 @@ pub async fn describe_file(
         .map(|n| stored_name(&n.to_string_lossy()))
         .ok_or_else(|| UploadError::new(ErrorCode::InvalidFileName, "the path has no file name"))?;
     let owned = path.to_owned();
-    tokio::task::spawn_blocking(move || hash_file(&owned, name, min_part_size, hash_threads))
+    let stop = StopOnDrop::default();
+    let flag = stop.0.clone();
+    let job = HashJob {
+        min_part_size,
+        threads: hash_threads,
+        pacer,
+        stop: flag,
+    };
+    let hashed = tokio::task::spawn_blocking(move || hash_file(&owned, name, &job))
         .await
-        .map_err(|e| UploadError::new(ErrorCode::FileReadError, format!("hashing failed: {e}")))?
+        .map_err(|e| UploadError::new(ErrorCode::FileReadError, format!("hashing failed: {e}")))?;
+    drop(stop);
+    hashed
 }
 
-fn hash_file(
-    path: &Path,
-    file_name: FileName,
+/// Sets its flag when dropped: a describe whose future is dropped stops its threads.
+#[derive(Default)]
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How to hash: the layout's minimum part size, the threads, their read pace and their stop
+/// flag.
+struct HashJob {
     min_part_size: u64,
     threads: usize,
-) -> Result<Described, UploadError> {
+    pacer: Option<Arc<DiskPacer>>,
+    stop: Arc<AtomicBool>,
+}
+
+fn hash_file(path: &Path, file_name: FileName, job: &HashJob) -> Result<Described, UploadError> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -85,7 +115,7 @@ fn hash_file(
         .open(path)
         .map_err(|e| io_error(path, &e))?;
     let before = Snapshot::of(&file.metadata().map_err(|e| io_error(path, &e))?);
-    let (part_size, parts) = plan_parts(before.size, min_part_size).ok_or_else(|| {
+    let (part_size, parts) = plan_parts(before.size, job.min_part_size).ok_or_else(|| {
         UploadError::new(
             ErrorCode::FileTooLarge,
             format!("{} is larger than one S3 object may be", path.display()),
@@ -97,8 +127,10 @@ fn hash_file(
         size: before.size,
         part_size,
         parts: parts as usize,
+        pacer: job.pacer.as_deref(),
+        stop: &job.stop,
     };
-    let part_crc64nvme = src.checksum_parts(threads.max(1))?;
+    let part_crc64nvme = src.checksum_parts(job.threads.max(1))?;
     let after = Snapshot::of(&file.metadata().map_err(|e| io_error(path, &e))?);
     if after != before {
         return Err(changed_while_hashing(path));
@@ -119,6 +151,9 @@ struct HashSource<'a> {
     size: u64,
     part_size: u64,
     parts: usize,
+    pacer: Option<&'a DiskPacer>,
+    /// Set when the describe was abandoned.
+    stop: &'a AtomicBool,
 }
 
 impl HashSource<'_> {
@@ -134,7 +169,13 @@ impl HashSource<'_> {
         use std::os::unix::fs::FileExt;
         let mut done = 0u64;
         while done < len {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(UploadError::new(ErrorCode::Cancelled, "hashing stopped"));
+            }
             let want = (len - done).min(buf.len() as u64) as usize;
+            if let Some(pacer) = self.pacer {
+                pacer.acquire(want);
+            }
             let n = self
                 .file
                 .read_at(&mut buf[..want], offset + done)
@@ -216,13 +257,13 @@ mod tests {
         let empty = dir.join("empty.bin");
         std::fs::write(&empty, b"").unwrap();
         for threads in [1, 2, 3, 8] {
-            let d = describe_file(&file, u64::MAX, MIN_PART, threads)
+            let d = describe_file(&file, u64::MAX, MIN_PART, threads, None)
                 .await
                 .unwrap();
             assert_eq!(d.part_size, MIN_PART);
             assert_eq!(d.part_crc64nvme, expected, "{threads} threads");
 
-            let e = describe_file(&empty, u64::MAX, MIN_PART, threads)
+            let e = describe_file(&empty, u64::MAX, MIN_PART, threads, None)
                 .await
                 .unwrap();
             assert_eq!(e.part_crc64nvme, vec![Crc64Nvme::of(b"")]);
@@ -239,12 +280,15 @@ mod tests {
         let path = dir.join("short.bin");
         std::fs::write(&path, vec![7u8; (MIN_PART + 10) as usize]).unwrap();
         let file = std::fs::File::open(&path).unwrap();
+        let stop = AtomicBool::new(false);
         let src = HashSource {
             file: &file,
             path: &path,
             size: 3 * MIN_PART,
             part_size: MIN_PART,
             parts: 3,
+            pacer: None,
+            stop: &stop,
         };
         for threads in [1, 2, 4] {
             assert_eq!(

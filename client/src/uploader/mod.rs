@@ -2,7 +2,7 @@
 //! - [`policy`]: the hosts the agent may send bytes to;
 //! - [`hashing`] (with [`file`]): describing the file, the CRC64NVME of each part;
 //! - [`whole`]: the SHA-256 of the whole file, computed while the parts upload;
-//! - [`pacing`]: one byte rate for all uploads together;
+//! - [`pacing`]: one byte rate for all uploads together, and one for hashing's disk reads;
 //! - [`transfer`]: the parts of a plan in parallel, each streamed from disk and retried a bounded
 //!   number of times, then the presigned completion;
 //! - [`answers`]: what storage's answers mean, for the parts and the completion alike.
@@ -26,7 +26,7 @@ use shared::ErrorCode;
 
 pub use file::{Snapshot, stored_name};
 pub use hashing::{Described, describe_file};
-pub use pacing::RateLimiter;
+pub use pacing::{DiskPacer, RateLimiter};
 pub use policy::{UploadPolicy, check_entry};
 pub use transfer::{Outcome, READ_CHUNK, upload};
 pub use whole::{KnownHashes, Layout};
@@ -63,6 +63,8 @@ pub struct UploadSettings {
     pub retry_min: Duration,
     /// Shared by every upload of the agent, so the cap holds for all of them together.
     pub limiter: Option<Arc<RateLimiter>>,
+    /// Caps the whole-file pass's reads, with the describe pass's (`HASH_READ_BYTES_PER_SEC`).
+    pub hash_pacer: Option<Arc<DiskPacer>>,
     pub request_timeout: Duration,
     pub policy: UploadPolicy,
 }

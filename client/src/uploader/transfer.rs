@@ -63,7 +63,7 @@ pub async fn upload(
     let deadline = std::time::Instant::now() + ttl - (ttl / 5).min(Duration::from_secs(60));
     let snapshot = layout.snapshot;
     check_plan(&path, layout, plan, settings).await?;
-    let whole = WholeFile::start(path.clone(), layout.clone());
+    let whole = WholeFile::start(path.clone(), layout.clone(), settings.hash_pacer.clone());
     let done_bytes: u64 = plan
         .done
         .iter()
@@ -142,6 +142,7 @@ async fn check_plan(
     settings: &UploadSettings,
 ) -> Result<(), UploadError> {
     let snapshot = layout.snapshot;
+    check_layout(layout, plan)?;
     for part in &plan.parts {
         settings.policy.check(&part.url)?;
         let declared = (part.part_number.get() as usize)
@@ -172,6 +173,31 @@ async fn check_plan(
         ));
     }
     check_unchanged(path, snapshot).await
+}
+
+/// The plan lays the file out as this agent described it: the same part size, and each part
+/// once, either to send or already stored. Anything else (a part size of 0, a part outside the
+/// file, overlapping ranges) is `MALFORMED_MESSAGE`.
+fn check_layout(layout: &Layout, plan: &UploadPlan) -> Result<(), UploadError> {
+    let malformed = |why: String| UploadError::new(ErrorCode::MalformedMessage, why);
+    if plan.part_size != layout.part_size {
+        return Err(malformed(format!(
+            "the plan's part size {} is not the {} this agent described",
+            plan.part_size, layout.part_size
+        )));
+    }
+    let mut planned = vec![false; layout.part_crc64nvme.len()];
+    let numbers = plan.parts.iter().map(|p| p.part_number);
+    for n in numbers.chain(plan.done.iter().map(|p| p.part_number)) {
+        let slot = (n.get() as usize)
+            .checked_sub(1)
+            .and_then(|i| planned.get_mut(i))
+            .ok_or_else(|| malformed(format!("the plan's part {n} is outside the file")))?;
+        if std::mem::replace(slot, true) {
+            return Err(malformed(format!("the plan names part {n} twice")));
+        }
+    }
+    Ok(())
 }
 
 /// One run of a plan's parts.
@@ -469,6 +495,72 @@ async fn complete(
                     format!("completing the upload failed: {message}"),
                 ));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::PartNumber;
+    use shared::protocol::PresignedPart;
+
+    const PART: u64 = 5 * 1024 * 1024;
+
+    fn layout(parts: usize) -> Layout {
+        Layout {
+            snapshot: Snapshot {
+                size: PART * parts as u64,
+                modified_ms: 1,
+            },
+            part_size: PART,
+            part_crc64nvme: (0..parts).map(|i| Crc64Nvme::of(&[i as u8])).collect(),
+        }
+    }
+
+    fn plan(part_size: u64, send: &[u32], done: &[u32]) -> UploadPlan {
+        let n = |i: u32| PartNumber::new(i).unwrap();
+        UploadPlan {
+            upload_id: shared::UploadId::new_random(),
+            size: PART * 3,
+            part_size,
+            parts: send
+                .iter()
+                .map(|&i| PresignedPart {
+                    part_number: n(i),
+                    url: "http://127.0.0.1/b/k".into(),
+                    checksum_crc64nvme: None,
+                    content_md5: None,
+                })
+                .collect(),
+            done: done
+                .iter()
+                .map(|&i| CompletedPart {
+                    part_number: n(i),
+                    etag: "\"e\"".into(),
+                })
+                .collect(),
+            complete_url: "http://127.0.0.1/b/k".into(),
+            checksum_crc64nvme: None,
+            expires_at: 0,
+            expires_in_secs: 60,
+        }
+    }
+
+    #[test]
+    fn malformed_plans_are_refused_before_any_byte() {
+        let layout = layout(3);
+        assert!(check_layout(&layout, &plan(PART, &[1, 3], &[2])).is_ok());
+        for (bad, why) in [
+            (plan(0, &[1, 2, 3], &[]), "part size"),
+            (plan(PART * 2, &[1, 2], &[]), "part size"),
+            (plan(PART, &[1, 2, 4], &[]), "outside"),
+            (plan(PART, &[1, 2], &[2]), "twice"),
+            (plan(PART, &[1, 1, 2, 3], &[]), "twice"),
+        ] {
+            let err = check_layout(&layout, &bad).unwrap_err();
+            assert_eq!(err.code, ErrorCode::MalformedMessage);
+            assert!(err.message.contains(why), "{why}: {}", err.message);
         }
     }
 }

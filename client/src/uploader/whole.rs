@@ -18,6 +18,7 @@ use shared::hash::{Crc64Nvme, Crc64NvmeHasher};
 use super::UploadError;
 use super::file::{Snapshot, changed_while_hashing, io_error};
 use super::hashing::HASH_CHUNK;
+use super::pacing::DiskPacer;
 
 /// The file as described: what the whole-file pass checks its bytes against.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,11 +59,14 @@ pub struct WholeFile {
 }
 
 impl WholeFile {
-    pub fn start(path: PathBuf, layout: Layout) -> Self {
+    /// Starts the pass on a thread of its own; `pacer` caps its reads.
+    pub fn start(path: PathBuf, layout: Layout, pacer: Option<Arc<DiskPacer>>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let task = {
             let stop = stop.clone();
-            tokio::task::spawn_blocking(move || sha256_checked(&path, &layout, &stop))
+            tokio::task::spawn_blocking(move || {
+                sha256_checked(&path, &layout, pacer.as_deref(), &stop)
+            })
         };
         Self { task, stop }
     }
@@ -84,7 +88,12 @@ impl Drop for WholeFile {
     }
 }
 
-fn sha256_checked(path: &Path, layout: &Layout, stop: &AtomicBool) -> Result<String, UploadError> {
+fn sha256_checked(
+    path: &Path,
+    layout: &Layout,
+    pacer: Option<&DiskPacer>,
+    stop: &AtomicBool,
+) -> Result<String, UploadError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
@@ -104,6 +113,9 @@ fn sha256_checked(path: &Path, layout: &Layout, stop: &AtomicBool) -> Result<Str
                 return Err(UploadError::new(ErrorCode::Cancelled, "hashing stopped"));
             }
             let want = left.min(buf.len() as u64) as usize;
+            if let Some(pacer) = pacer {
+                pacer.acquire(want);
+            }
             let n = file
                 .read(&mut buf[..want])
                 .map_err(|e| io_error(path, &e))?;
@@ -154,7 +166,7 @@ mod tests {
         let data: Vec<u8> = (0..2 * PART + 7).map(|i| (i % 253) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         let layout = layout_of(&path, &data);
-        let sha = WholeFile::start(path.clone(), layout.clone())
+        let sha = WholeFile::start(path.clone(), layout.clone(), None)
             .finish()
             .await
             .unwrap();
@@ -164,7 +176,7 @@ mod tests {
         let mut changed = data.clone();
         changed[PART as usize + 3] ^= 1;
         std::fs::write(&path, &changed).unwrap();
-        let err = WholeFile::start(path.clone(), layout.clone())
+        let err = WholeFile::start(path.clone(), layout.clone(), None)
             .finish()
             .await
             .unwrap_err();
@@ -175,7 +187,10 @@ mod tests {
         let mut longer = data.clone();
         longer.push(0);
         std::fs::write(&path, &longer).unwrap();
-        let err = WholeFile::start(path, layout).finish().await.unwrap_err();
+        let err = WholeFile::start(path, layout, None)
+            .finish()
+            .await
+            .unwrap_err();
         assert_eq!(err.code, ErrorCode::FileChanged);
     }
 }

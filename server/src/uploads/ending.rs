@@ -14,6 +14,9 @@ use crate::error::ApiError;
 
 /// Attempts at AbortMultipartUpload before the orphan sweep is left to retry.
 const ABORT_ATTEMPTS: u32 = 3;
+/// How long a cancel's answer waits for the clean-up before it reports the upload as it is
+/// (still ending; it reaches `cancelled` once the clean-up is done).
+const CANCEL_ANSWER_WAIT: Duration = Duration::from_secs(5);
 
 impl Uploads {
     /// `DELETE /uploads/{upload_id}`: stops the agent, aborts the multipart upload and ends the
@@ -44,7 +47,17 @@ impl Uploads {
             from = %requester.from,
             "upload cancelled"
         );
-        self.carry_out(id, effects).await;
+        // The clean-up (telling the agent, aborting the multipart upload, deleting an object)
+        // runs on its own task, so that a slow storage cannot hold the REST call past its
+        // timeout, nor leave the upload half-ended when the call gives up. The answer waits a
+        // little for it, so that it usually says `cancelled`.
+        let this = self.clone();
+        let job = self
+            .0
+            .services
+            .tracker
+            .spawn(async move { this.carry_out(id, effects).await });
+        let _ = tokio::time::timeout(CANCEL_ANSWER_WAIT, job).await;
         self.status(id)
     }
 
@@ -80,7 +93,8 @@ impl Uploads {
                 %client_id,
                 state = %e.outcome.state(),
                 code = %e.error.code,
-                message = e.error.message,
+                // Debug-quoted: the message may be an agent's, and must not forge log lines.
+                message = ?e.error.message,
                 "upload ended"
             );
         }

@@ -325,8 +325,8 @@ async fn clients(cli: &Cli) -> anyhow::Result<bool> {
         println!("no agents connected");
     } else {
         println!(
-            "{:<24} {:<26} {:<26} {:<6} {:<26} ACTIVE UPLOAD",
-            "CLIENT", "CONNECTED SINCE", "LAST SEEN", "PROTO", "TOKEN EXPIRES"
+            "{:<24} {:<26} {:<26} {:<6} {:<26} {:<37} LABELS",
+            "CLIENT", "CONNECTED SINCE", "LAST SEEN", "PROTO", "TOKEN EXPIRES", "ACTIVE UPLOAD"
         );
         for c in clients {
             let active = c
@@ -334,12 +334,13 @@ async fn clients(cli: &Cli) -> anyhow::Result<bool> {
                 .map(|u| u.to_string())
                 .unwrap_or_else(|| "-".into());
             println!(
-                "{:<24} {:<26} {:<26} {:<6} {:<26} {active}",
+                "{:<24} {:<26} {:<26} {:<6} {:<26} {active:<37} {}",
                 c.client_id,
                 c.connected_since,
                 c.last_seen,
                 c.protocol_version,
-                c.token_expires_at.as_deref().unwrap_or("-")
+                c.token_expires_at.as_deref().unwrap_or("-"),
+                c.labels
             );
         }
     }

@@ -208,6 +208,8 @@ impl<'a> Session<'a> {
         let hello = AgentMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            // Checked when the agent started.
+            labels: self.config.labels().unwrap_or_default(),
         };
         if let Err(e) = self.conn.send(&hello).await {
             return SessionEnd::Lost(e.to_string());

@@ -7,6 +7,7 @@ use anyhow::bail;
 use clap::{Parser, ValueEnum};
 use shared::FileName;
 pub use shared::auth::Secret;
+use shared::labels::{Label, Labels};
 use shared::protocol::DEFAULT_SHARE;
 use url::Url;
 
@@ -149,6 +150,20 @@ pub struct Config {
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Labels sent with `hello`, comma-separated `key=value` (`region=north,brand=burger-co`),
+    /// so the fleet can be targeted by them.
+    #[arg(long = "label", env = "AGENT_LABELS", value_delimiter = ',')]
+    pub labels: Vec<Label>,
+
+    /// TOML configuration file (see `config_file`); defaults to /etc/backhaul/agent.toml when
+    /// that exists. Flags and the environment override it.
+    #[arg(long, env = "AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Check the configuration and the token, print what the agent would use, and exit.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl Config {
@@ -184,7 +199,13 @@ impl Config {
         if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {
             bail!("RECONNECT_MIN_MS must be positive and at most RECONNECT_MAX_MS");
         }
+        self.labels()?;
         Ok(())
+    }
+
+    /// The labels, each key once.
+    pub fn labels(&self) -> anyhow::Result<Labels> {
+        Ok(Labels::from_list(self.labels.iter().cloned())?)
     }
 
     /// The shared file, with the `$HOME` default applied.

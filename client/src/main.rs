@@ -1,10 +1,14 @@
-use clap::Parser;
 use client::config::{Config, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let config = Config::load()?;
+    if config.check_config {
+        // Everything is checked before anything is printed; a problem is an exit code of 1.
+        print!("{}", client::config_file::check(&config)?);
+        return Ok(());
+    }
     init_tracing(config.log_format);
     config.validate()?;
     let shutdown = CancellationToken::new();

@@ -72,6 +72,7 @@ pub async fn list_clients(State(state): State<AppState>, _: Operator) -> Json<Ve
             protocol_version: h.protocol_version,
             agent_version: h.agent_version.clone(),
             token_expires_at: unix_rfc3339(h.token_expires_at()),
+            labels: h.labels.clone(),
         })
         .collect();
     Json(clients)

@@ -146,6 +146,11 @@ pub struct Config {
     #[arg(long, env = "ORPHAN_SWEEP_INTERVAL_SECS", default_value_t = 600)]
     pub orphan_sweep_interval_secs: u64,
 
+    /// Records of finished uploads are deleted this many days after the upload was created
+    /// (checked hourly, and at start); unfinished ones are kept whatever their age.
+    #[arg(long, env = "UPLOAD_RETENTION_DAYS", default_value_t = 90)]
+    pub upload_retention_days: u64,
+
     /// An upload with no progress for this long (agent away included) fails with STALLED.
     #[arg(long, env = "UPLOAD_STALL_TIMEOUT_SECS", default_value_t = 300)]
     pub upload_stall_timeout_secs: u64,
@@ -214,6 +219,9 @@ impl Config {
         }
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             bail!("TLS_CERT_FILE and TLS_KEY_FILE must be set together");
+        }
+        if !(1..=36_500).contains(&self.upload_retention_days) {
+            bail!("UPLOAD_RETENTION_DAYS must be between 1 and 36500");
         }
         if self.agent_max_messages_per_sec == 0 {
             bail!("AGENT_MAX_MESSAGES_PER_SEC must be at least 1");

@@ -55,6 +55,9 @@ pub trait UploadStore: Send + Sync {
     fn load_working_set(&self, recent: usize) -> anyhow::Result<Vec<LoadedRow>>;
     fn get(&self, id: UploadId) -> anyhow::Result<Option<LoadedRow>>;
     fn latest_for(&self, client_id: &ClientId) -> anyhow::Result<Option<LoadedRow>>;
+    /// Deletes the finished records created before `created_before_ms`; unfinished ones stay
+    /// whatever their age. Returns how many went.
+    fn delete_finished_before(&self, created_before_ms: i64) -> anyhow::Result<usize>;
 }
 
 pub struct SqliteStore {
@@ -144,6 +147,13 @@ impl UploadStore for SqliteStore {
         )?;
         let rows = stmt.query_map(params![recent as i64], loaded)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn delete_finished_before(&self, created_before_ms: i64) -> anyhow::Result<usize> {
+        Ok(self
+            .conn()
+            .prepare_cached("DELETE FROM uploads WHERE terminal = 1 AND created_ms < ?1")?
+            .execute(params![created_before_ms])?)
     }
 
     fn get(&self, id: UploadId) -> anyhow::Result<Option<LoadedRow>> {

@@ -139,6 +139,10 @@ pub async fn run(
     spawn_every(&state, Duration::from_secs(1), |s| async move {
         s.uploads.sweep().await;
     });
+    let retention = Duration::from_secs(state.config.upload_retention_days * 24 * 3600);
+    spawn_every(&state, Duration::from_secs(3600), move |s| async move {
+        s.uploads.forget_old(retention);
+    });
     if !orphan_sweep.is_zero() {
         // The first tick is immediate: orphans are swept at start-up, then periodically.
         spawn_every(&state, orphan_sweep, |s| async move {

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use shared::ClientId;
+use shared::labels::Labels;
 use shared::protocol::ServerMessage;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -78,6 +79,7 @@ pub struct AgentHandle {
     /// What the agent said in its `hello`.
     pub protocol_version: u32,
     pub agent_version: String,
+    pub labels: Labels,
     /// Unix milliseconds of the last frame received, updated by the connection's reader.
     pub last_seen_ms: Arc<AtomicI64>,
     /// Unix seconds when the agent's token expires: the one it connected with, then each one

@@ -10,6 +10,7 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use shared::labels::Labels;
 use shared::protocol::{
     AgentMessage, MAX_MESSAGE_BYTES, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION, ServerMessage,
 };
@@ -121,6 +122,7 @@ async fn run_session(
 struct Hello {
     protocol_version: u32,
     agent_version: String,
+    labels: Labels,
 }
 
 /// Longest agent version kept; it is shown to operators.
@@ -139,6 +141,7 @@ async fn handshake(
         Ok(Ok(Some(Incoming::Message(AgentMessage::Hello {
             protocol_version,
             agent_version,
+            labels,
         })))) => {
             if !(OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&protocol_version) {
                 let message = format!(
@@ -153,9 +156,10 @@ async fn handshake(
                 reject(writer, ErrorCode::ProtocolVersionMismatch, &message).await;
                 return None;
             }
-            tracing::info!(%client_id, ?agent_version, protocol_version, "agent connected");
+            tracing::info!(%client_id, ?agent_version, protocol_version, %labels, "agent connected");
             Some(Hello {
                 protocol_version,
+                labels,
                 agent_version: agent_version
                     .chars()
                     .take(MAX_AGENT_VERSION_CHARS)
@@ -221,6 +225,7 @@ impl Registration {
             connected_since: now,
             protocol_version,
             agent_version: hello.agent_version,
+            labels: hello.labels,
             last_seen_ms: last_seen_ms.clone(),
             token_expires_at,
             close: close.clone(),

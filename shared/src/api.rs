@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
 use crate::ids::{ClientId, UploadId};
+use crate::labels::Labels;
 
 /// `{"error":{"code":"...","message":"..."}}`, the body of every non-2xx answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -193,6 +194,9 @@ pub struct ClientInfo {
     /// When the token it connected with (or the last one it was sent) expires, RFC 3339.
     #[serde(default)]
     pub token_expires_at: Option<String>,
+    /// The labels the agent declared in its `hello`.
+    #[serde(default)]
+    pub labels: Labels,
 }
 
 /// `GET /status/{client_id}`.

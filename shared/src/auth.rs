@@ -172,6 +172,24 @@ impl TokenKeys {
     }
 }
 
+/// The claims of `token` *without* checking its signature or expiry: for an agent to show what
+/// it holds (`client --check-config`), never to decide anything.
+pub fn peek_claims(token: &str) -> Result<Claims, AuthError> {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.insecure_disable_signature_validation();
+    validation.validate_exp = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    validation.algorithms = vec![
+        Algorithm::HS256,
+        Algorithm::HS384,
+        Algorithm::HS512,
+        Algorithm::ES256,
+        Algorithm::EdDSA,
+    ];
+    Ok(jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(&[]), &validation)?.claims)
+}
+
 /// Secrets that were obviously copied from an example or typed by hand.
 fn is_placeholder(secret: &[u8]) -> bool {
     let lower = String::from_utf8_lossy(secret).to_ascii_lowercase();

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod error;
 pub mod hash;
 pub mod ids;
+pub mod labels;
 pub mod protocol;
 
 pub use error::ErrorCode;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
 use crate::ids::{ClientId, FileName, PartNumber, UploadId};
+use crate::labels::Labels;
 
 /// The protocol this release speaks, bumped on any incompatible change. The agent sends it in
 /// [`AgentMessage::Hello`].
@@ -42,6 +43,10 @@ pub enum AgentMessage {
     Hello {
         protocol_version: u32,
         agent_version: String,
+        /// The agent's labels (`region=north`), for targeting. Optional in every version: a
+        /// server that does not know them ignores them. Invalid labels are `MALFORMED_MESSAGE`.
+        #[serde(default, skip_serializing_if = "Labels::is_empty")]
+        labels: Labels,
     },
     /// Answer to [`ServerMessage::DescribeFile`]: what the agent would upload, hashed. The part
     /// layout is [`plan_parts`] of `size` and the server's minimum part size. A protocol 3

@@ -77,3 +77,27 @@ fn docker_compose_only_sets_known_settings() {
         }
     }
 }
+
+/// The packaged systemd unit passes `systemd-analyze verify` (with its binary swapped for one
+/// that exists here).
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = repo_file("packaging/backhaul-agent.service");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("backhaul-agent.service");
+    std::fs::write(
+        &path,
+        unit.replace(
+            "/usr/local/bin/backhaul-agent --config /etc/backhaul/agent.toml",
+            "/bin/true",
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package) runs the unit check");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}

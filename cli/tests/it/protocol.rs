@@ -281,3 +281,52 @@ async fn a_protocol_2_agent_completes_a_download(mode: Mode) {
 }
 
 storage_modes!(protocol_2_agent, a_protocol_2_agent_completes_a_download);
+
+/// An agent's labels (from its configuration) reach `/clients`; labels that are not plain
+/// `key=value` close that connection with `MALFORMED_MESSAGE`, and an older agent without labels
+/// is served as before.
+#[tokio::test]
+async fn labels_come_with_hello() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.csv");
+    write_file(&file, 1000).await;
+    let client_id = unique_client("labelled");
+    let _agent = TestAgent::start_with(
+        &server,
+        &client_id,
+        &file,
+        &["--label", "region=north", "--label", "brand=burger-co"],
+    );
+    server.wait_connected(&client_id).await;
+    let out = run_cli(&server, &["clients", "--json"]).await;
+    let clients: Vec<shared::api::ClientInfo> = serde_json::from_str(&stdout(&out)).unwrap();
+    let me = clients
+        .iter()
+        .find(|c| c.client_id.as_str() == client_id)
+        .unwrap();
+    assert_eq!(me.labels.to_string(), "brand=burger-co,region=north");
+    let text = run_cli(&server, &["clients"]).await;
+    assert!(
+        stdout(&text).contains("brand=burger-co,region=north"),
+        "{}",
+        stdout(&text)
+    );
+
+    let bad_id = unique_client("bad-labels");
+    let mut bad = ws_connect(&server, Some(&agent_token(&bad_id)))
+        .await
+        .unwrap();
+    bad.send_json(serde_json::json!({
+        "type": "hello", "protocol_version": 4, "agent_version": "x",
+        "labels": {"region": "north\n2026-12-02 forged"}
+    }))
+    .await;
+    let msgs = bad.drain_until_closed().await;
+    assert_eq!(msgs[0]["code"], "MALFORMED_MESSAGE", "{msgs:?}");
+    assert!(!server.client(&bad_id).await.connected);
+
+    let plain = unique_client("no-labels");
+    let _old = RawAgent::connect(&server, &plain).await;
+    server.wait_connected(&plain).await;
+}

@@ -1,6 +1,6 @@
 //! The jobs no request starts: the sweep of overdue uploads (every second), the recovery of what
-//! a stopped server left half-done (at start), and the orphan sweep of multipart uploads nobody
-//! owns (every `ORPHAN_SWEEP_INTERVAL_SECS`).
+//! a stopped server left half-done (at start), the orphan sweep of multipart uploads nobody
+//! owns (every `ORPHAN_SWEEP_INTERVAL_SECS`), and the deletion of old finished records (hourly).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -9,12 +9,27 @@ use futures::StreamExt;
 
 use super::Uploads;
 use super::events::Event;
+use super::record::UnixMs;
 use super::steps::upload_id_of_key;
 
 /// Uploads the sweep and the start-up recovery work on at once.
 const SWEEP_CONCURRENCY: usize = 16;
 
 impl Uploads {
+    /// Deletes the records of uploads that finished and were created more than `retention` ago
+    /// (`UPLOAD_RETENTION_DAYS`); unfinished ones are kept whatever their age.
+    pub fn forget_old(&self, retention: std::time::Duration) {
+        let cutoff = UnixMs(UnixMs::now().0 - retention.as_millis() as i64);
+        match self.table().forget_finished_before(cutoff) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "old upload records deleted"),
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "deleting old upload records failed"
+            ),
+        }
+    }
+
     /// Fails uploads whose agent never answered or that stopped making progress, and tries
     /// deferred verifications again. Each upload's work runs concurrently, so one slow storage
     /// call does not hold up the rest.

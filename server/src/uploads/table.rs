@@ -13,7 +13,7 @@ use std::time::Instant;
 use shared::{ClientId, UploadId};
 
 use super::events::{Effect, Event, Refused};
-use super::record::{Now, Upload};
+use super::record::{Now, UnixMs, Upload};
 use super::stored;
 use crate::db::{LoadedRow, UploadStore};
 use crate::registry::ConnId;
@@ -115,6 +115,31 @@ impl Table {
     fn lock(&self) -> MutexGuard<'_, Index> {
         // Each critical section leaves the index consistent before anything can panic.
         self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets the finished uploads created before `cutoff`, in memory and in the store.
+    /// Unfinished uploads stay, however old. Returns how many records the store deleted.
+    pub fn forget_finished_before(&self, cutoff: UnixMs) -> anyhow::Result<usize> {
+        {
+            let mut index = self.lock();
+            let Index {
+                by_id,
+                finished,
+                latest_by_client,
+                ..
+            } = &mut *index;
+            finished.retain(|id| {
+                let old = by_id.get(id).is_some_and(|u| u.created < cutoff);
+                if old
+                    && let Some(u) = by_id.remove(id)
+                    && latest_by_client.get(&u.client_id) == Some(id)
+                {
+                    latest_by_client.remove(&u.client_id);
+                }
+                !old
+            });
+        }
+        self.store.delete_finished_before(cutoff.0)
     }
 
     /// Writes a record through to the store. A failed write is logged: the upload goes on, and

@@ -149,3 +149,29 @@ fn the_table_saves_by_its_rule() {
     assert!(table.create(uploading(), |_| Ok::<(), ()>(())).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn retention_forgets_old_finished_records_and_keeps_open_ones() {
+    let dir = temp_dir();
+    let path = dir.join("backhaul.db");
+    let table = Table::open(Box::new(SqliteStore::open(&path).unwrap())).unwrap();
+    let with = |mut u: Upload, client: &str, created: i64| {
+        u.client_id = ClientId::parse(client).unwrap();
+        u.created = UnixMs(created);
+        u
+    };
+    let old_done = with(completed(), "store-a", 1_000);
+    let old_open = with(uploading(), "store-b", 1_000);
+    let new_done = with(completed(), "store-c", 5_000_000);
+    let ids = [old_done.id, old_open.id, new_done.id];
+    for u in [old_done, old_open, new_done] {
+        table.create(u, |_| Ok::<(), ()>(())).unwrap();
+    }
+    assert_eq!(table.forget_finished_before(UnixMs(1_000_000)).unwrap(), 1);
+    let present = |t: &Table| ids.map(|id| t.read_or_load(id, |_| ()).unwrap().is_some());
+    assert_eq!(present(&table), [false, true, true]);
+    // Gone from the store too: a restarted server does not bring it back.
+    let reopened = Table::open(Box::new(SqliteStore::open(&path).unwrap())).unwrap();
+    assert_eq!(present(&reopened), [false, true, true]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod config;
 pub mod config_file;
 pub mod connection;
+mod session;
 pub mod token;
 pub mod uploader;
 

@@ -154,6 +154,24 @@ impl FaultProxy {
     }
 }
 
+/// A path-style request for an object: a key after the bucket.
+fn names_an_object(uri: &http::Uri) -> bool {
+    uri.path()
+        .trim_start_matches('/')
+        .split_once('/')
+        .is_some_and(|(_, key)| !key.is_empty())
+}
+
+/// Counts one more hit in `seen` while fewer than `limit` were counted; whether it counted.
+fn one_of_the_first(seen: &AtomicU32, limit: Option<u32>) -> bool {
+    limit.is_some_and(|n| {
+        seen.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+            (s < n).then_some(s + 1)
+        })
+        .is_ok()
+    })
+}
+
 type ProxyBody = BoxBody<Bytes, std::io::Error>;
 
 fn full(bytes: Bytes) -> ProxyBody {
@@ -182,23 +200,8 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let query = parts.uri.query().unwrap_or("").to_owned();
     // HeadObject has a key after the bucket (path style); HeadBucket, at start-up, does not.
-    let head_object = parts.method == http::Method::HEAD
-        && parts
-            .uri
-            .path()
-            .trim_start_matches('/')
-            .split_once('/')
-            .is_some_and(|(_, key)| !key.is_empty());
-    if head_object
-        && faults.fail_heads.is_some_and(|n| {
-            stats
-                .injected_head_503
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |seen| {
-                    (seen < n).then_some(seen + 1)
-                })
-                .is_ok()
-        })
-    {
+    let head_object = parts.method == http::Method::HEAD && names_an_object(&parts.uri);
+    if head_object && one_of_the_first(&stats.injected_head_503, faults.fail_heads) {
         return Ok(Response::builder()
             .status(503)
             .body(full(Bytes::new()))
@@ -208,12 +211,7 @@ async fn forward(
         parts.method == http::Method::POST && query_param(&query, "uploadId").is_some();
     let object_get = parts.method == http::Method::GET
         && query_param(&query, "uploadId").is_none()
-        && parts
-            .uri
-            .path()
-            .trim_start_matches('/')
-            .split_once('/')
-            .is_some_and(|(_, key)| !key.is_empty());
+        && names_an_object(&parts.uri);
     if parts.method == http::Method::DELETE && query_param(&query, "uploadId").is_some() {
         let nth = stats.aborts_seen.fetch_add(1, Ordering::Relaxed) + 1;
         if let (1, Some(hold)) = (nth, faults.slow_first_abort) {
@@ -226,14 +224,7 @@ async fn forward(
         if parts.headers.contains_key(http::header::RANGE) {
             stats.ranged_gets.fetch_add(1, Ordering::Relaxed);
         }
-        cut_get = faults.cut_object_gets.is_some_and(|n| {
-            stats
-                .injected_get_cuts
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |seen| {
-                    (seen < n).then_some(seen + 1)
-                })
-                .is_ok()
-        });
+        cut_get = one_of_the_first(&stats.injected_get_cuts, faults.cut_object_gets);
     }
     if parts.method == http::Method::POST
         && query

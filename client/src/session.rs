@@ -351,24 +351,30 @@ impl<'a> Session<'a> {
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
                     let mut last = (u32::MAX, u64::MAX, u32::MAX);
+                    let mut sha_sent = false;
                     loop {
                         tokio::select! {
                             () = cancel.cancelled() => break,
                             _ = tick.tick() => {}
+                            () = progress.sha256_known.notified(), if !sha_sent => {}
                         }
                         let now = (
                             progress.parts_done.load(Ordering::Relaxed),
                             progress.bytes_done.load(Ordering::Relaxed),
                             progress.retries.load(Ordering::Relaxed),
                         );
-                        if now != last {
+                        // The SHA-256 goes out at once, before the completion request.
+                        let sha256 = progress.sha256.get().filter(|_| !sha_sent).cloned();
+                        if now != last || sha256.is_some() {
                             last = now;
+                            sha_sent |= sha256.is_some();
                             // Progress is advisory: drop it rather than wait if the queue is full.
                             let _ = outbox.try_send(AgentMessage::Progress {
                                 upload_id,
                                 parts_done: now.0,
                                 bytes_done: now.1,
                                 part_retries: now.2,
+                                sha256,
                             });
                         }
                     }
@@ -395,6 +401,7 @@ impl<'a> Session<'a> {
                     parts_done: progress.parts_done.load(Ordering::Relaxed),
                     bytes_done: progress.bytes_done.load(Ordering::Relaxed),
                     part_retries: retries,
+                    sha256: None,
                 })
                 .await;
             if let Ok(

@@ -80,6 +80,11 @@ pub enum AgentMessage {
         /// Part attempts that failed and were retried since the current plan arrived.
         #[serde(default)]
         part_retries: u32,
+        /// Protocol 3 and later: the file's SHA-256, sent once it is known and before the
+        /// completion request, so that an agent killed while storage completes the object does
+        /// not take it along. Servers that do not know the field ignore it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
     },
     /// Every part is uploaded and the multipart upload was completed with these ETags.
     UploadCompleted {
@@ -524,7 +529,7 @@ mod decoder_properties {
                     part_md5: (0..parts).map(|n| format!("{n:022}==")).collect(),
                 },
                 AgentMessage::NeedUrls { upload_id },
-                AgentMessage::Progress { upload_id, parts_done: parts, bytes_done: size, part_retries: parts },
+                AgentMessage::Progress { upload_id, parts_done: parts, bytes_done: size, part_retries: parts, sha256: None },
                 AgentMessage::UploadCompleted {
                     upload_id,
                     parts: (1..=parts).map(|n| CompletedPart {

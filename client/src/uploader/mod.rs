@@ -55,6 +55,9 @@ pub struct Progress {
     pub parts_done: AtomicU32,
     /// Part attempts that failed and were retried.
     pub retries: AtomicU32,
+    /// The file's SHA-256 once the whole-file pass is done, and a wake-up for whoever reports it.
+    pub sha256: std::sync::OnceLock<String>,
+    pub sha256_known: tokio::sync::Notify,
 }
 
 pub struct UploadSettings {

@@ -107,6 +107,10 @@ pub async fn upload(
             return Err(UploadError::new(ErrorCode::Cancelled, "upload cancelled"));
         }
     };
+    // Reported before the completion, which storage may finish after this agent died.
+    let _ = progress.sha256.set(sha256.clone());
+    progress.sha256_known.notify_one();
+    tokio::task::yield_now().await;
     check_unchanged(&path, snapshot).await?;
     if std::time::Instant::now() >= deadline {
         return Ok(Outcome::NeedUrls);

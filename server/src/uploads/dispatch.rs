@@ -89,6 +89,7 @@ impl Uploads {
                 parts_done,
                 bytes_done,
                 part_retries,
+                sha256,
             } => (
                 upload_id,
                 Event::Progress {
@@ -96,6 +97,7 @@ impl Uploads {
                     parts_done,
                     bytes_done,
                     part_retries,
+                    sha256: reported_sha256(client_id, upload_id, sha256),
                 },
             ),
             AgentMessage::NeedUrls { upload_id } => {

@@ -72,6 +72,8 @@ pub enum Event {
         parts_done: u32,
         bytes_done: u64,
         part_retries: u32,
+        /// The file's SHA-256, once the agent knows it (protocol 3).
+        sha256: Option<Sha256Hex>,
     },
     NeedUrls {
         agent: AgentRef,

@@ -145,7 +145,14 @@ impl Upload {
                 parts_done,
                 bytes_done,
                 part_retries,
-            } => self.progress(&agent, (parts_done, bytes_done), part_retries, now.at)?,
+                sha256,
+            } => self.progress(
+                &agent,
+                (parts_done, bytes_done),
+                part_retries,
+                sha256,
+                now.at,
+            )?,
             Event::NeedUrls { agent } => self.need_urls(&agent, now.at)?,
             Event::AgentCompleted {
                 agent,
@@ -370,10 +377,19 @@ impl Upload {
         agent: &AgentRef,
         (parts_done, bytes_done): (u32, u64),
         part_retries: u32,
+        sha256: Option<Sha256Hex>,
         now: Instant,
     ) -> Result<Vec<Effect>, Refused> {
         let transfer =
             self.uploading_for(Some(agent), "progress for an upload that is not uploading")?;
+        // Kept from before the completion: an agent that dies while storage completes the
+        // object cannot report it afterwards.
+        if let Some(sha) = sha256
+            && let Stage::Open(Open::Uploading(t)) = &mut self.stage
+            && let Digests::Crc64Nvme { sha256: known, .. } = &mut t.file.digests
+        {
+            *known = Some(sha);
+        }
         self.parts_done = parts_done.min(transfer.file.parts_total());
         self.bytes_done = bytes_done.min(transfer.file.size);
         self.live.last_progress = now;
@@ -414,7 +430,9 @@ impl Upload {
             Some(agent),
             "completion for an upload that is not uploading",
         )?;
-        if let Digests::Crc64Nvme { sha256, .. } = &mut transfer.file.digests {
+        if let Digests::Crc64Nvme { sha256, .. } = &mut transfer.file.digests
+            && reported_sha256.is_some()
+        {
             *sha256 = reported_sha256;
         }
         self.stage = Stage::Open(Open::Verifying(transfer.clone()));

@@ -236,6 +236,7 @@ fn progress(agent: AgentRef) -> Event {
         parts_done: 99,
         bytes_done: u64::MAX,
         part_retries: 2,
+        sha256: None,
     }
 }
 fn completed_by(agent: AgentRef) -> Event {

@@ -53,12 +53,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-export JWT_SECRET="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 embedded_secret="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 file="$work/export.bin"
 head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$file"
 export SERVER_URL="http://127.0.0.1:$API_PORT"
-export API_TOKEN="$("$bin/cli" token issue --operator --name bench)"
 bucket="$LOCALSTACK_BUCKET"
 
 status_kib() { awk "/^$2:/ {print \$2}" "/proc/$1/status"; }
@@ -77,7 +75,7 @@ for mode in embedded s3; do
     s3_env=(AWS_ACCESS_KEY_ID=backhaul AWS_SECRET_ACCESS_KEY="$embedded_secret")
     endpoint="http://127.0.0.1:$S3_PORT"
   else
-    STORAGE=s3 AWS_ENDPOINT_URL="$LOCALSTACK_ENDPOINT" AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
+    STORAGE=s3 DATA_DIR="$work/data-s3" AWS_ENDPOINT_URL="$LOCALSTACK_ENDPOINT" AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
       S3_BUCKET_NAME="$bucket" LISTEN_ADDR="127.0.0.1:$API_PORT" ORPHAN_SWEEP_INTERVAL_SECS=0 \
       RUST_LOG=warn "$bin/server" > "$work/server-$mode.log" 2>&1 &
     s3_env=(AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test)
@@ -87,6 +85,9 @@ for mode in embedded s3; do
   s3_env+=(AWS_DEFAULT_REGION=us-east-1)
   for _ in $(seq 1 100); do curl -fsS "$SERVER_URL/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 
+  data_dir="$work/data"; [[ $mode == s3 ]] && data_dir="$work/data-s3"
+  API_TOKEN="$(RUST_LOG=warn "$bin/server" token issue --operator --admin --name bench --data-dir "$data_dir")"
+  export API_TOKEN
   AGENT_TOKEN="$("$bin/cli" token issue --client-id bench-store)" \
     AGENT_SERVER_URL="ws://127.0.0.1:$API_PORT/ws/connect" FILE_PATH="$file" RUST_LOG=warn \
     "$bin/client" > "$work/agent-$mode.log" 2>&1 &

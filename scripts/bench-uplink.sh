@@ -61,12 +61,10 @@ ip netns exec "$NS" ip link set lo up
 ip netns exec "$NS" tc qdisc add dev "$NS_IF" root tbf rate "${RATE_MBIT}mbit" burst 32kb latency 100ms
 in_ns() { ip netns exec "$NS" "$@"; }
 
-export JWT_SECRET="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 secret="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 file="$work/export.bin"
 head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$file"
 export SERVER_URL="http://$HOST_IP:$API_PORT"
-export API_TOKEN="$("$bin/cli" token issue --operator --name bench)"
 endpoint="http://$HOST_IP:$S3_PORT"
 bucket=pos-uploads
 
@@ -75,6 +73,8 @@ STORAGE=embedded DATA_DIR="$work/data" LISTEN_ADDR="$HOST_IP:$API_PORT" \
   RUST_LOG=warn "$bin/server" > "$work/server.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do curl -fsS "$SERVER_URL/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+API_TOKEN="$(RUST_LOG=warn "$bin/server" token issue --operator --admin --name bench --data-dir "$work/data")"
+export API_TOKEN
 
 in_ns env AGENT_TOKEN="$("$bin/cli" token issue --client-id uplink-store)" \
   AGENT_SERVER_URL="ws://$HOST_IP:$API_PORT/ws/connect" FILE_PATH="$file" RUST_LOG=warn \

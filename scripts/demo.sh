@@ -24,7 +24,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-export JWT_SECRET="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export EMBEDDED_S3_SECRET_KEY="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export EMBEDDED_S3_ACCESS_KEY="backhaul-demo"
 
@@ -45,6 +44,11 @@ for _ in $(seq 1 100); do
 done
 curl -fsS "$SERVER_URL/healthz" >/dev/null || { cat "$work/server.log"; exit 1; }
 
+# The first admin token comes from the server host (the server's own key, made on its first
+# start); the cli then mints the store's token through the API.
+API_TOKEN="$(RUST_LOG=warn "$bin/server" token issue --operator --admin --name demo --data-dir "$work/data")"
+export API_TOKEN
+
 echo "==> starting the agent $CLIENT_ID"
 AGENT_TOKEN="$("$bin/cli" token issue --client-id "$CLIENT_ID")" \
   AGENT_SERVER_URL="ws://127.0.0.1:$API_PORT/ws/connect" \
@@ -52,7 +56,6 @@ AGENT_TOKEN="$("$bin/cli" token issue --client-id "$CLIENT_ID")" \
   "$bin/client" > "$work/agent.log" 2>&1 &
 pids+=($!)
 
-export API_TOKEN="$("$bin/cli" token issue --operator --name demo)"
 for _ in $(seq 1 100); do
   "$bin/cli" status --client-id "$CLIENT_ID" --json 2>/dev/null | grep -q '"connected": true' && break
   sleep 0.1

@@ -75,22 +75,36 @@ impl Api {
     }
 
     pub async fn post<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(reqwest::Method::POST, path).await
+        self.send(reqwest::Method::POST, path, None::<&()>).await
+    }
+
+    /// A POST with a JSON body.
+    pub async fn post_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.send(reqwest::Method::POST, path, Some(body)).await
     }
 
     pub async fn delete<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(reqwest::Method::DELETE, path).await
+        self.send(reqwest::Method::DELETE, path, None::<&()>).await
     }
 
-    async fn send<T: serde::de::DeserializeOwned>(
+    async fn send<B: serde::Serialize, T: serde::de::DeserializeOwned>(
         &self,
         method: reqwest::Method,
         path: &str,
+        body: Option<&B>,
     ) -> anyhow::Result<T> {
-        let resp = self
+        let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req
             .send()
             .await
             .with_context(|| format!("could not reach the server at {}", self.base))?;

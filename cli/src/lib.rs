@@ -1,6 +1,7 @@
-//! `cli`, the operator's command line. It talks to the server only over its public HTTP API
-//! (plus `token issue`, which signs tokens locally with `JWT_SECRET`).
+//! `cli`, the operator's command line. It talks to the server only over its public HTTP API and
+//! holds no secret but the caller's token.
 
+pub mod admin;
 pub mod api;
 pub mod fetch;
 pub mod report;
@@ -11,11 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use shared::api::{
-    ClientInfo, ClientStatus, RevocationResponse, TriggerResponse, UploadState, UploadStatus,
-};
-use shared::auth::{Role, Secret, TokenKeys};
-use shared::{ClientId, UploadId};
+use shared::UploadId;
+use shared::api::{ClientInfo, ClientStatus, TriggerResponse, UploadState, UploadStatus};
+use shared::auth::Secret;
 
 use crate::api::{Api, path_segment};
 use crate::fetch::{Fetched, Output};
@@ -40,7 +39,7 @@ pub struct Cli {
     )]
     pub server_url: String,
 
-    /// Operator token (`cli token issue --operator`).
+    /// Operator token (admin for `token` and `keys`).
     #[arg(long, global = true, env = "API_TOKEN", hide_env_values = true)]
     pub api_token: Option<Secret>,
 
@@ -90,10 +89,15 @@ pub enum Command {
     Clients,
     /// Show one agent's connection and latest upload, or one upload.
     Status(StatusArgs),
-    /// Mint tokens signed with JWT_SECRET.
+    /// Mint, list and revoke tokens (admin).
     Token {
         #[command(subcommand)]
-        command: TokenCommand,
+        command: admin::TokenCommand,
+    },
+    /// The keys the server signs tokens with (admin).
+    Keys {
+        #[command(subcommand)]
+        command: admin::KeysCommand,
     },
 }
 
@@ -106,50 +110,12 @@ pub struct StatusArgs {
     upload_id: Option<String>,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum TokenCommand {
-    /// Print a new token on stdout.
-    Issue(IssueArgs),
-    /// Refuse every agent token of a client issued until now, and disconnect it (needs the server).
-    Revoke {
-        #[arg(long)]
-        client_id: String,
-    },
-}
-
-#[derive(Debug, Args)]
-pub struct IssueArgs {
-    /// Issue an agent token for this client id.
-    #[arg(
-        long,
-        conflicts_with = "operator",
-        required_unless_present = "operator"
-    )]
-    client_id: Option<String>,
-    /// Issue an operator token.
-    #[arg(long)]
-    operator: bool,
-    /// Subject of an operator token, recorded as who triggered what.
-    #[arg(long, default_value = "operator")]
-    name: String,
-    /// Lifetime in seconds (default 30 days for agents, 12 hours for operators).
-    #[arg(long)]
-    ttl_secs: Option<u64>,
-    /// Secret shared with the server.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    jwt_secret: Secret,
-}
-
 /// Runs a parsed command. `Ok(false)` means the command ran but what it reports failed (an upload
 /// that ended `failed`), which the binary turns into a non-zero exit.
 pub async fn run(cli: Cli) -> anyhow::Result<bool> {
     match &cli.command {
-        Command::Token {
-            command: TokenCommand::Issue(args),
-        } => token_issue(args),
-        Command::Token {
-            command: TokenCommand::Revoke { client_id },
-        } => token_revoke(&cli, client_id).await,
+        Command::Token { command } => admin::token(&cli, command).await,
+        Command::Keys { command } => admin::keys(&cli, command).await,
         Command::Download {
             client_id,
             file,
@@ -179,48 +145,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             (None, None) => bail!("give --client-id or --upload-id"),
         },
     }
-}
-
-/// `token issue`: signs a token locally; needs no server.
-fn token_issue(args: &IssueArgs) -> anyhow::Result<bool> {
-    let keys = TokenKeys::new(args.jwt_secret.expose().as_bytes())
-        .context("JWT_SECRET must be at least 32 bytes")?;
-    let token = match &args.client_id {
-        Some(id) => {
-            let id = ClientId::parse(id)?;
-            let ttl = args.ttl_secs.unwrap_or(30 * 24 * 3600);
-            keys.issue(id.as_str(), Role::Agent, Duration::from_secs(ttl))?
-        }
-        None => {
-            let ttl = args.ttl_secs.unwrap_or(12 * 3600);
-            keys.issue(&args.name, Role::Operator, Duration::from_secs(ttl))?
-        }
-    };
-    println!("{token}");
-    Ok(true)
-}
-
-/// `token revoke`.
-async fn token_revoke(cli: &Cli, client_id: &str) -> anyhow::Result<bool> {
-    let api = Api::new(cli)?;
-    let resp: RevocationResponse = api
-        .post(&format!("/revocations/{}", path_segment(client_id)))
-        .await?;
-    if cli.json {
-        println!("{}", serde_json::to_string_pretty(&resp)?);
-    } else {
-        println!(
-            "revoked every token of {} issued before unix time {}{}",
-            resp.client_id,
-            resp.tokens_issued_before,
-            if resp.disconnected {
-                "; its connection was closed"
-            } else {
-                ""
-            }
-        );
-    }
-    Ok(true)
 }
 
 /// `download`: triggers, then (unless `wait` is `None`) follows the upload until it ends or

@@ -216,7 +216,8 @@ pub async fn cancel_upload(
 }
 
 /// Unix seconds as RFC 3339 (`None` if out of range).
-fn unix_rfc3339(secs: u64) -> Option<String> {
+/// Unix seconds as RFC 3339; `None` if out of range.
+pub fn unix_rfc3339(secs: u64) -> Option<String> {
     let t = time::OffsetDateTime::from_unix_timestamp(i64::try_from(secs).ok()?).ok()?;
     Some(rfc3339(t))
 }

@@ -1,16 +1,19 @@
-//! Bearer-token checks for both kinds of caller.
+//! Bearer-token checks for every kind of caller.
 
-use axum::extract::{FromRef, FromRequestParts};
+use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
-use shared::auth::{Claims, Role, TokenKeys};
+use shared::auth::Role;
 use shared::{ClientId, ErrorCode};
 
+use crate::AppState;
 use crate::error::ApiError;
+use crate::registry::TokenIds;
 use crate::revocations::Revocations;
+use crate::tokens::{Tokens, Verified};
 
 /// Pulls the token out of `Authorization: Bearer <token>` and verifies it.
-pub fn verify_bearer(keys: &TokenKeys, headers: &HeaderMap) -> Result<Claims, ApiError> {
+pub fn verify_bearer(tokens: &Tokens, headers: &HeaderMap) -> Result<Verified, ApiError> {
     let value = headers
         .get(axum::http::header::AUTHORIZATION)
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
@@ -26,9 +29,9 @@ pub fn verify_bearer(keys: &TokenKeys, headers: &HeaderMap) -> Result<Claims, Ap
                 "authorization header must be 'Bearer <token>'",
             )
         })?;
-    keys.verify(token).map_err(|err| {
-        // The reason (expired, bad signature, ...) helps the caller fix their setup and reveals
-        // nothing about the secret.
+    tokens.verify(token).map_err(|err| {
+        // The reason (expired, bad signature, revoked, ...) helps the caller fix their setup and
+        // reveals nothing about the key.
         ApiError::new(ErrorCode::Unauthorized, format!("{err}"))
     })
 }
@@ -37,18 +40,20 @@ pub fn verify_bearer(keys: &TokenKeys, headers: &HeaderMap) -> Result<Claims, Ap
 #[derive(Debug, Clone)]
 pub struct AgentCredential {
     pub client_id: ClientId,
-    /// When the token it connected with was issued and expires (unix seconds).
+    /// When the token it connected with was issued (unix seconds).
     pub issued_at: u64,
-    pub expires_at: u64,
+    /// Which token it is.
+    pub token: TokenIds,
 }
 
-/// The identity of an agent, from an agent token that has not been revoked.
+/// The identity of an agent, from an agent token that has not been revoked (by its id, or with
+/// every token of its client).
 pub fn agent_identity(
-    keys: &TokenKeys,
+    tokens: &Tokens,
     revocations: &Revocations,
     headers: &HeaderMap,
 ) -> Result<AgentCredential, ApiError> {
-    let claims = verify_bearer(keys, headers)?;
+    let Verified { claims, kid } = verify_bearer(tokens, headers)?;
     if claims.role != Role::Agent {
         return Err(ApiError::new(
             ErrorCode::Forbidden,
@@ -70,33 +75,55 @@ pub fn agent_identity(
     Ok(AgentCredential {
         client_id,
         issued_at: claims.iat,
-        expires_at: claims.exp,
+        token: TokenIds {
+            jti: claims.jti,
+            kid,
+            expires_at: claims.exp,
+        },
     })
 }
 
-/// An operator, authenticated by an operator token. Extracting it from a request with any other
-/// token fails with 401 (bad credentials) or 403 (an agent token).
+/// An operator (or admin), authenticated by an operator or admin token. Extracting it from a
+/// request with any other token fails with 401 (bad credentials) or 403 (an agent token).
 #[derive(Debug, Clone)]
 pub struct Operator {
     pub name: String,
 }
 
-impl<S> FromRequestParts<S> for Operator
-where
-    TokenKeys: FromRef<S>,
-    S: Send + Sync,
-{
+impl FromRequestParts<AppState> for Operator {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let keys = TokenKeys::from_ref(state);
-        let claims = verify_bearer(&keys, &parts.headers)?;
-        match claims.role {
-            Role::Operator => Ok(Operator { name: claims.sub }),
-            Role::Agent => Err(ApiError::new(
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let claims = verify_bearer(&state.tokens, &parts.headers)?.claims;
+        if claims.role.operates() {
+            Ok(Operator { name: claims.sub })
+        } else {
+            Err(ApiError::new(
                 ErrorCode::Forbidden,
                 "agent tokens cannot use the operator API",
-            )),
+            ))
+        }
+    }
+}
+
+/// An admin: mints and revokes tokens, rotates keys. Any other token gets 401 or 403.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub name: String,
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let claims = verify_bearer(&state.tokens, &parts.headers)?.claims;
+        if claims.role == Role::Admin {
+            Ok(Admin { name: claims.sub })
+        } else {
+            Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "only admin tokens may manage tokens and keys",
+            ))
         }
     }
 }

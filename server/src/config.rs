@@ -40,9 +40,20 @@ pub struct Config {
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     pub listen_addr: SocketAddr,
 
-    /// HS256 secret for agent and operator tokens (at least 32 bytes).
+    /// Legacy HS256 secret (at least 32 bytes). When set, tokens minted with it (by releases
+    /// before the server kept its own key) are still accepted; the server never signs with it.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Secret,
+    pub jwt_secret: Option<Secret>,
+
+    /// The token signing keys (Ed25519, mode 0600), created on first start; defaults to
+    /// `token-keys.json` in DATA_DIR. It never leaves the server host.
+    #[arg(long, env = "TOKEN_KEY_FILE")]
+    pub token_key_file: Option<PathBuf>,
+
+    /// After a key rotation, each connected agent is sent a token signed by the new key at a
+    /// random moment within this many seconds, so that a fleet is not re-signed all at once.
+    #[arg(long, env = "TOKEN_ROTATION_SPREAD_SECS", default_value_t = 300)]
+    pub token_rotation_spread_secs: u64,
 
     /// Where uploaded files go: `embedded` or `s3`.
     #[arg(long, env = "STORAGE", value_enum, default_value = "embedded")]
@@ -189,8 +200,7 @@ pub struct Config {
 impl Config {
     /// Checks the settings that clap cannot, before anything is bound.
     pub fn validate(&self) -> anyhow::Result<()> {
-        shared::auth::TokenKeys::new(self.jwt_secret.expose().as_bytes())
-            .context("JWT_SECRET is unusable: use at least 32 random bytes")?;
+        self.legacy_keys()?;
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size) {
             bail!("PART_SIZE must be between {MIN_PART_SIZE} and {MAX_PART_SIZE} bytes");
         }
@@ -233,6 +243,27 @@ impl Config {
             bail!("S3_SSE_KMS_KEY_ID needs S3_SSE=aws:kms");
         }
         Ok(())
+    }
+
+    /// The verifier of legacy HS256 tokens, when `JWT_SECRET` is set.
+    pub fn legacy_keys(&self) -> anyhow::Result<Option<shared::auth::TokenKeys>> {
+        self.jwt_secret
+            .as_ref()
+            .map(|secret| {
+                shared::auth::TokenKeys::new(secret.expose().as_bytes())
+                    .context("JWT_SECRET is unusable: use at least 32 random bytes")
+            })
+            .transpose()
+    }
+
+    pub fn token_key_path(&self) -> PathBuf {
+        self.token_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("token-keys.json"))
+    }
+
+    pub fn token_rotation_spread(&self) -> Duration {
+        Duration::from_secs(self.token_rotation_spread_secs)
     }
 
     pub fn database_path(&self) -> PathBuf {
@@ -281,6 +312,8 @@ mod tests {
         parse(&["--jwt-secret", "0123456789abcdef0123456789abcdef"])
             .validate()
             .unwrap();
+        // The server signs with its own key: the legacy secret is optional.
+        parse(&[]).validate().unwrap();
     }
 
     #[test]

@@ -25,6 +25,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0002_uploads_millis",
         include_str!("../migrations/0002_uploads_millis.sql"),
     ),
+    ("0003_tokens", include_str!("../migrations/0003_tokens.sql")),
 ];
 
 /// One upload as the store holds it: the columns it is indexed by, and the record itself.
@@ -64,22 +65,27 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
+/// A connection to the server's database at `path`, created and migrated as needed. The upload
+/// store and the token ledger each hold one.
+pub fn open(path: &Path) -> anyhow::Result<Connection> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // WAL: readers never block the writer, and a commit survives a killed process. NORMAL
+    // syncs at checkpoints, not every commit: a power cut may lose the last moments, which
+    // resume (ListParts) recovers from.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    migrate(&mut conn).with_context(|| format!("migrating {}", path.display()))?;
+    Ok(conn)
+}
+
 impl SqliteStore {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let mut conn =
-            Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
-        // WAL: readers never block the writer, and a commit survives a killed process. NORMAL
-        // syncs at checkpoints, not every commit: a power cut may lose the last moments, which
-        // resume (ListParts) recovers from.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        migrate(&mut conn).with_context(|| format!("migrating {}", path.display()))?;
         Ok(Self {
-            conn: Mutex::new(conn),
+            conn: Mutex::new(open(path)?),
         })
     }
 

@@ -53,11 +53,12 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
         Unauthorized => StatusCode::UNAUTHORIZED,
         Forbidden => StatusCode::FORBIDDEN,
-        InvalidClientId | InvalidUploadId | InvalidFileName | BadRequest | MalformedMessage => {
-            StatusCode::BAD_REQUEST
+        InvalidClientId | InvalidUploadId | InvalidTokenId | InvalidFileName | BadRequest
+        | MalformedMessage => StatusCode::BAD_REQUEST,
+        ClientNotConnected | UploadNotFound | TokenNotFound | KeyNotFound | NotFound => {
+            StatusCode::NOT_FOUND
         }
-        ClientNotConnected | UploadNotFound | NotFound => StatusCode::NOT_FOUND,
-        DownloadInProgress | UploadFinished | UploadNotCompleted => StatusCode::CONFLICT,
+        DownloadInProgress | UploadFinished | UploadNotCompleted | KeyInUse => StatusCode::CONFLICT,
         ShuttingDown | TooManyConnections | Timeout => StatusCode::SERVICE_UNAVAILABLE,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
         ProtocolVersionMismatch

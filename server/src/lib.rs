@@ -5,6 +5,7 @@
 //!
 //! [`run`] is the entry point; it takes already-bound listeners so tests can use ephemeral ports.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod db;
 pub mod embedded_s3;
 pub mod embedded_store;
 pub mod error;
+pub mod host;
 pub mod listen;
 pub mod metrics;
 pub mod registry;
@@ -20,6 +22,7 @@ pub mod renewal;
 pub mod revocations;
 pub mod storage;
 pub mod tls;
+pub mod tokens;
 pub mod uploads;
 pub mod ws;
 
@@ -29,9 +32,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRef};
-use axum::routing::{any, get, post};
-use shared::auth::TokenKeys;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{any, delete, get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,6 +42,7 @@ use crate::config::Config;
 use crate::registry::Registry;
 use crate::revocations::Revocations;
 use crate::storage::Storage;
+use crate::tokens::Tokens;
 
 use crate::uploads::Uploads;
 
@@ -54,7 +57,7 @@ pub struct AppState(Arc<StateInner>);
 
 pub struct StateInner {
     pub config: Config,
-    pub keys: TokenKeys,
+    pub tokens: Arc<Tokens>,
     pub registry: Arc<Registry>,
     pub revocations: Revocations,
     pub uploads: Uploads,
@@ -68,12 +71,6 @@ impl Deref for AppState {
     type Target = StateInner;
     fn deref(&self) -> &StateInner {
         &self.0
-    }
-}
-
-impl FromRef<AppState> for TokenKeys {
-    fn from_ref(state: &AppState) -> TokenKeys {
-        state.keys.clone()
     }
 }
 
@@ -98,6 +95,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/uploads/{upload_id}/download", get(api::download_link))
         .route("/revocations/{client_id}", post(api::revoke_client))
+        .route("/tokens", get(admin::list_tokens).post(admin::issue_token))
+        .route("/tokens/{jti}", delete(admin::revoke_token))
+        .route("/keys", get(admin::list_keys))
+        .route("/keys/rotate", post(admin::rotate_key))
+        .route("/keys/{kid}", delete(admin::retire_key))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
         // The timeout wraps the REST routes only: an upgraded WebSocket lives on after its
@@ -116,8 +118,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let keys =
-        TokenKeys::new(config.jwt_secret.expose().as_bytes()).context("JWT_SECRET is unusable")?;
+    let tokens = Arc::new(Tokens::open(
+        &config.token_key_path(),
+        &config.database_path(),
+        config.legacy_keys()?,
+    )?);
     let tracker = TaskTracker::new();
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
@@ -131,7 +136,7 @@ pub async fn run(
         &tracker,
     )
     .await?;
-    let state = AppState::open(config, keys, storage, &shutdown, &tracker)?;
+    let state = AppState::open(config, tokens, storage, &shutdown, &tracker)?;
     let orphan_sweep = Duration::from_secs(state.config.orphan_sweep_interval_secs);
 
     // What a previous run left half-done is finished before agents can reconnect.
@@ -142,6 +147,7 @@ pub async fn run(
     let retention = Duration::from_secs(state.config.upload_retention_days * 24 * 3600);
     spawn_every(&state, Duration::from_secs(3600), move |s| async move {
         s.uploads.forget_old(retention);
+        s.tokens.forget_expired();
     });
     if !orphan_sweep.is_zero() {
         // The first tick is immediate: orphans are swept at start-up, then periodically.
@@ -180,7 +186,7 @@ impl AppState {
     /// directory, the upload service wired to the registry and the metrics.
     fn open(
         config: Config,
-        keys: TokenKeys,
+        tokens: Arc<Tokens>,
         storage: Storage,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
@@ -203,7 +209,7 @@ impl AppState {
         .with_context(|| format!("loading uploads from {}", database.display()))?;
         Ok(Self(Arc::new(StateInner {
             config,
-            keys,
+            tokens,
             registry,
             revocations,
             uploads,

@@ -1,12 +1,22 @@
 use anyhow::Context;
 use clap::Parser;
-use server::config::{Config, LogFormat, StorageKind};
+use server::config::{LogFormat, StorageKind};
+use server::host::ServerCli;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let ServerCli { command, config } = ServerCli::parse();
+    if let Some(command) = command {
+        // Stdout carries the command's answer (a token), so the log goes to stderr.
+        tracing_subscriber::fmt()
+            .with_env_filter(log_filter())
+            .with_writer(std::io::stderr)
+            .init();
+        println!("{}", server::host::run(&command)?);
+        return Ok(());
+    }
     init_tracing(config.log_format);
     config.validate()?;
     raise_open_file_limit();
@@ -63,10 +73,13 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,aws_config=warn,aws_smithy_runtime=warn,s3s=warn".into())
+}
+
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,aws_config=warn,aws_smithy_runtime=warn,s3s=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt().with_env_filter(log_filter());
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -82,16 +82,49 @@ pub struct AgentHandle {
     pub labels: Labels,
     /// Unix milliseconds of the last frame received, updated by the connection's reader.
     pub last_seen_ms: Arc<AtomicI64>,
-    /// Unix seconds when the agent's token expires: the one it connected with, then each one
-    /// it was sent (`renewal`).
-    pub token_expires_at: Arc<AtomicU64>,
+    /// The agent's token: the one it connected with, then each one it was sent (`renewal`).
+    pub token: Arc<HeldToken>,
     /// Cancelled to close the connection (replaced by a newer one, server shutting down).
     pub close: CancellationToken,
 }
 
+/// The token an agent connection holds, shared by its renewal (which replaces it) and everyone
+/// who reports on it or revokes it.
+#[derive(Debug)]
+pub struct HeldToken(Mutex<TokenIds>);
+
+/// Which token, by what key, until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenIds {
+    /// `None` for a token minted before tokens had ids.
+    pub jti: Option<String>,
+    /// `None` for a legacy HS256 token.
+    pub kid: Option<String>,
+    /// Unix seconds.
+    pub expires_at: u64,
+}
+
+impl HeldToken {
+    pub fn new(ids: TokenIds) -> Self {
+        Self(Mutex::new(ids))
+    }
+
+    pub fn get(&self) -> TokenIds {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, ids: TokenIds) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+    }
+
+    pub fn expires_at(&self) -> u64 {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).expires_at
+    }
+}
+
 impl AgentHandle {
     pub fn token_expires_at(&self) -> u64 {
-        self.token_expires_at.load(Ordering::Relaxed)
+        self.token.expires_at()
     }
 
     pub fn last_seen(&self) -> OffsetDateTime {

@@ -7,66 +7,95 @@
 //! theirs, and the server warns when one of them is close to expiry.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use rand::Rng;
 use shared::ClientId;
-use shared::auth::{AuthError, Role, TokenKeys, unix_now};
+use shared::auth::{Role, unix_now};
 use shared::protocol::{ServerMessage, TOKEN_RENEWAL_SINCE};
+use tokio::time::Instant;
+
+use crate::registry::{HeldToken, TokenIds};
+use crate::tokens::Tokens;
 
 /// A token closer than this to its expiry is reported (`/metrics`, the log).
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The ledger's `issued_by` of a renewed token.
+pub const RENEWAL_ISSUER: &str = "renewal";
 
-/// The token of one agent connection: when it expires, shared with the registry so operators
-/// see it, and how to replace it.
+/// The token of one agent connection, and how to replace it. Owned by the connection's writer.
 pub struct Renewal {
-    keys: TokenKeys,
+    tokens: Arc<Tokens>,
     client_id: ClientId,
     ttl: Duration,
-    expires_at: Arc<AtomicU64>,
+    /// After a key rotation, the token is replaced at a random moment within this.
+    spread: Duration,
+    held: Arc<HeldToken>,
+    /// When a token signed by a key other than the active one is replaced.
+    rekey_at: Option<Instant>,
 }
 
 impl Renewal {
     /// `None` for an agent too old to accept a token: it keeps the one it has.
     pub fn for_agent(
-        keys: TokenKeys,
+        tokens: Arc<Tokens>,
         client_id: ClientId,
         protocol_version: u32,
-        ttl: Duration,
-        expires_at: Arc<AtomicU64>,
+        (ttl, spread): (Duration, Duration),
+        held: Arc<HeldToken>,
     ) -> Option<Self> {
         (protocol_version >= TOKEN_RENEWAL_SINCE).then_some(Self {
-            keys,
+            tokens,
             client_id,
             ttl,
-            expires_at,
+            spread,
+            held,
+            rekey_at: None,
         })
     }
 
-    /// How long until the current token is due: once less than half the lifetime is left.
-    pub fn due_in(&self) -> Duration {
-        due_in(
-            self.expires_at.load(Ordering::Relaxed),
-            unix_now(),
-            self.ttl,
-        )
+    /// How long until the current token is due: once less than half the lifetime is left, or
+    /// (within the spread) once it is signed by a key that is no longer the active one.
+    pub fn due_in(&mut self) -> Duration {
+        let held = self.held.get();
+        let by_age = due_in(held.expires_at, unix_now(), self.ttl);
+        if held.kid.as_deref() == Some(self.tokens.active_kid().as_str()) {
+            self.rekey_at = None;
+            return by_age;
+        }
+        let spread = self.spread;
+        let at = *self.rekey_at.get_or_insert_with(|| {
+            Instant::now() + rand::thread_rng().gen_range(Duration::ZERO..=spread)
+        });
+        by_age.min(at.saturating_duration_since(Instant::now()))
     }
 
-    /// A fresh token for the agent; from now on, the one the registry reports.
-    pub fn renew(&self) -> Result<ServerMessage, AuthError> {
-        let (token, claims) = self
-            .keys
-            .mint(self.client_id.as_str(), Role::Agent, self.ttl)?;
-        self.expires_at.store(claims.exp, Ordering::Relaxed);
+    /// A fresh token for the agent, signed by the active key; from now on, the one the registry
+    /// reports.
+    pub fn renew(&mut self) -> anyhow::Result<ServerMessage> {
+        let minted = self.tokens.mint(
+            self.client_id.as_str(),
+            Role::Agent,
+            self.ttl,
+            RENEWAL_ISSUER,
+        )?;
+        let entry = minted.entry;
+        self.held.replace(TokenIds {
+            jti: Some(entry.jti.clone()),
+            kid: Some(entry.kid.clone()),
+            expires_at: entry.expires_at,
+        });
+        self.rekey_at = None;
         tracing::info!(
             client_id = %self.client_id,
-            expires_at = claims.exp,
-            jti = claims.jti.as_deref().unwrap_or_default(),
+            expires_at = entry.expires_at,
+            jti = entry.jti,
+            kid = entry.kid,
             "agent token renewed"
         );
         Ok(ServerMessage::TokenRenewed {
-            token,
-            expires_at: claims.exp,
+            token: minted.token,
+            expires_at: entry.expires_at,
         })
     }
 }
@@ -118,27 +147,44 @@ mod tests {
         assert_eq!(due_in(now - 5, now, ttl), Duration::ZERO);
     }
 
+    fn tokens(dir: &std::path::Path) -> Arc<Tokens> {
+        Arc::new(Tokens::open(&dir.join("keys.json"), &dir.join("b.db"), None).unwrap())
+    }
+
     #[test]
     fn only_agents_that_accept_a_token_are_sent_one() {
-        let keys = TokenKeys::new(b"0123456789abcdef0123456789abcdef").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = tokens(dir.path());
         let id = ClientId::parse("store-1").unwrap();
-        let exp = Arc::new(AtomicU64::new(unix_now() + 1));
-        let ttl = Duration::from_secs(3600);
+        let held = Arc::new(HeldToken::new(TokenIds {
+            jti: None,
+            kid: Some(tokens.active_kid()),
+            expires_at: unix_now() + 1,
+        }));
+        let times = (Duration::from_secs(3600), Duration::ZERO);
         assert!(
-            Renewal::for_agent(keys.clone(), id.clone(), 3, ttl, exp.clone()).is_none(),
+            Renewal::for_agent(tokens.clone(), id.clone(), 3, times, held.clone()).is_none(),
             "protocol 3 agents do not know the message"
         );
-        let renewal = Renewal::for_agent(keys.clone(), id, TOKEN_RENEWAL_SINCE, ttl, exp.clone())
-            .expect("protocol 4 agents are renewed");
+        let mut renewal =
+            Renewal::for_agent(tokens.clone(), id, TOKEN_RENEWAL_SINCE, times, held.clone())
+                .expect("protocol 4 agents are renewed");
         assert_eq!(renewal.due_in(), Duration::ZERO);
         let ServerMessage::TokenRenewed { token, expires_at } = renewal.renew().unwrap() else {
             panic!("a renewal is a token_renewed");
         };
-        let claims = keys.verify(&token).unwrap();
+        let claims = tokens.verify(&token).unwrap().claims;
         assert_eq!(claims.sub, "store-1");
         assert_eq!(claims.role, Role::Agent);
         assert_eq!(claims.exp, expires_at);
-        assert_eq!(exp.load(Ordering::Relaxed), expires_at);
+        assert_eq!(held.expires_at(), expires_at);
+        assert!(renewal.due_in() >= Duration::from_secs(1799));
+
+        // A rotation makes the token due (at once, with no spread), whatever its age.
+        let new_kid = tokens.rotate().unwrap();
+        assert_eq!(renewal.due_in(), Duration::ZERO);
+        renewal.renew().unwrap();
+        assert_eq!(held.get().kid.as_deref(), Some(new_kid.as_str()));
         assert!(renewal.due_in() >= Duration::from_secs(1799));
     }
 }

@@ -2,7 +2,7 @@
 //! writer joined by the connection's bounded outbox.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -24,7 +24,7 @@ use crate::AppState;
 use crate::auth::{AgentCredential, agent_identity};
 use crate::connection::{self, AgentWriter, Incoming};
 use crate::error::ApiError;
-use crate::registry::{AgentHandle, ConnId, Handshaking, OUTBOX_CAPACITY};
+use crate::registry::{AgentHandle, ConnId, Handshaking, HeldToken, OUTBOX_CAPACITY};
 use crate::renewal::{self, Renewal};
 
 /// How long the writer waits before trying a failed renewal again.
@@ -45,7 +45,7 @@ pub async fn connect(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // Authenticate before looking at the upgrade, so a bad token is always a 401.
-    let credential = agent_identity(&state.keys, &state.revocations, &headers)?;
+    let credential = agent_identity(&state.tokens, &state.revocations, &headers)?;
     let client_id = credential.client_id.clone();
     let upgrade = upgrade.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     // Connections still in their handshake count too, so that sockets which never say hello
@@ -81,15 +81,20 @@ async fn run_session(
         return;
     };
     let protocol_version = hello.protocol_version;
-    let token_expires_at = Arc::new(AtomicU64::new(credential.expires_at));
-    let (session, outbox_rx) =
-        Registration::new(&state, &client_id, hello, token_expires_at.clone()).await;
+    let expires_at = credential.token.expires_at;
+    let held = Arc::new(HeldToken::new(credential.token.clone()));
+    let (session, outbox_rx) = Registration::new(&state, &client_id, hello, held.clone()).await;
     drop(handshaking);
     // A revocation between the token check and the registration found no connection to close:
     // look again now that this one is registered (a revocation after this finds it).
     if state
         .revocations
         .is_revoked(&client_id, credential.issued_at)
+        || credential
+            .token
+            .jti
+            .as_deref()
+            .is_some_and(|jti| state.tokens.is_revoked(jti))
     {
         tracing::warn!(%client_id, "token revoked during the handshake; closing");
         let _ = session.outbox.try_send(ServerMessage::Error {
@@ -98,18 +103,21 @@ async fn run_session(
         });
         session.close.cancel();
     }
-    let renewal = Renewal::for_agent(
-        state.keys.clone(),
+    let mut renewal = Renewal::for_agent(
+        state.tokens.clone(),
         client_id.clone(),
         protocol_version,
-        state.config.agent_token_ttl(),
-        token_expires_at,
+        (
+            state.config.agent_token_ttl(),
+            state.config.token_rotation_spread(),
+        ),
+        held,
     );
     renewal::warn_if_expiring(
         &client_id,
         protocol_version,
-        credential.expires_at,
-        renewal.as_ref().is_some_and(|r| r.due_in().is_zero()),
+        expires_at,
+        renewal.as_mut().is_some_and(|r| r.due_in().is_zero()),
     );
     let writer_task = spawn_writer(&state, writer, outbox_rx, renewal, session.close.clone());
     read_loop(&state, &session, &mut reader).await;
@@ -207,7 +215,7 @@ impl Registration {
         state: &AppState,
         client_id: &ClientId,
         hello: Hello,
-        token_expires_at: Arc<AtomicU64>,
+        token: Arc<HeldToken>,
     ) -> (Self, mpsc::Receiver<ServerMessage>) {
         let protocol_version = hello.protocol_version;
         state
@@ -227,7 +235,7 @@ impl Registration {
             agent_version: hello.agent_version,
             labels: hello.labels,
             last_seen_ms: last_seen_ms.clone(),
-            token_expires_at,
+            token,
             close: close.clone(),
         };
         let registration = Self {
@@ -268,16 +276,17 @@ impl Drop for Registration {
 }
 
 /// The writer: drains the outbox, pings, and sends the agent a fresh token whenever its current
-/// one is due (`renewal`). On close it flushes what is queued first, so an error message reaches
+/// one is due (`renewal`), which a key rotation can bring forward. On close it flushes what is queued first, so an error message reaches
 /// the agent before the close frame. Whatever ends it ends the session.
 fn spawn_writer(
     state: &AppState,
     mut writer: AgentWriter,
     mut outbox_rx: mpsc::Receiver<ServerMessage>,
-    renewal: Option<Renewal>,
+    mut renewal: Option<Renewal>,
     close: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let ping_interval = Duration::from_secs(state.config.ping_interval_secs.max(1));
+    let mut active_key = renewal.as_ref().map(|_| state.tokens.watch_active());
     state.tracker.spawn(async move {
         let mut ping = tokio::time::interval(ping_interval);
         ping.tick().await;
@@ -285,20 +294,22 @@ fn spawn_writer(
         let mut renewal_paused_until = Instant::now();
         loop {
             let pause = renewal_paused_until.saturating_duration_since(Instant::now());
-            let renew_in = renewal.as_ref().map(|r| r.due_in().max(pause));
+            let renew_in = renewal.as_mut().map(|r| r.due_in().max(pause));
             tokio::select! {
                 () = tokio::time::sleep(renew_in.unwrap_or(Duration::MAX)), if renew_in.is_some() => {
-                    let Some(renewal) = &renewal else { continue };
+                    let Some(renewal) = &mut renewal else { continue };
                     match renewal.renew() {
                         Ok(msg) => {
                             if writer.send(&msg).await.is_err() { break; }
                         }
                         Err(e) => {
-                            tracing::error!(error = %e, "could not mint a renewed agent token");
+                            tracing::error!(error = format!("{e:#}"), "could not mint a renewed agent token");
                             renewal_paused_until = Instant::now() + RENEWAL_RETRY;
                         }
                     }
                 }
+                // A rotation: look again at when the token is due.
+                () = key_changed(&mut active_key) => {}
                 msg = outbox_rx.recv() => match msg {
                     Some(msg) => {
                         if writer.send(&msg).await.is_err() { break; }
@@ -319,6 +330,17 @@ fn spawn_writer(
         }
         close.cancel();
     })
+}
+
+/// Resolves when the active signing key changes; never without a receiver.
+async fn key_changed(active_key: &mut Option<tokio::sync::watch::Receiver<String>>) {
+    let changed = match active_key {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => false,
+    };
+    if !changed {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// The reader: dispatches messages until the agent leaves, goes quiet, misbehaves or is closed.

@@ -1,8 +1,10 @@
-//! JWT claims and the one place tokens are minted and checked.
+//! JWT claims and the one place tokens are signed and checked.
 //!
-//! Tokens are HS256, signed with the shared `JWT_SECRET`. Agents and operators get tokens of the
-//! same shape; the [`Role`] claim tells them apart, and `sub` is the agent's client id (or the
-//! operator's name, for audit).
+//! The server signs with an Ed25519 key that never leaves its host ([`TokenKeys::ed25519`]); each
+//! token names its key in the header's `kid` and carries its own id (`jti`). Tokens signed with
+//! the legacy HS256 `JWT_SECRET` ([`TokenKeys::new`]) carry no `kid`. Agents, operators and admins
+//! get tokens of the same shape; the [`Role`] claim tells them apart, and `sub` is the agent's
+//! client id (or the operator's name, for audit).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +19,8 @@ pub const ISSUER: &str = "backhaul";
 pub const AUDIENCE: &str = "backhaul";
 /// Clock skew tolerated when checking `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 30;
+/// Longest operator name (the subject of an operator or admin token).
+pub const MAX_NAME_CHARS: usize = 64;
 /// A secret shorter than this is refused: HS256 is only as strong as its key.
 pub const MIN_SECRET_LEN: usize = 32;
 
@@ -48,11 +52,47 @@ impl std::str::FromStr for Secret {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Agent,
+    /// Uses the operator API: triggers, status, downloads, per-store revocation.
     Operator,
+    /// An operator who also mints and revokes tokens and rotates the signing key.
+    Admin,
+}
+
+impl Role {
+    /// Whether this role may use the operator API.
+    pub fn operates(self) -> bool {
+        matches!(self, Role::Operator | Role::Admin)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "agent" => Ok(Role::Agent),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("unknown role {other:?}: agent, operator or admin")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,13 +121,23 @@ pub enum AuthError {
     IssuedInFuture,
     #[error("agent tokens need a valid client id as subject")]
     InvalidSubject,
+    #[error(
+        "operator names are 1 to {MAX_NAME_CHARS} characters: letters, digits, '.', '_', '@', '-'"
+    )]
+    InvalidName,
+    #[error("not an Ed25519 private key in PKCS#8 form")]
+    InvalidKey,
     #[error("invalid token: {0}")]
     Invalid(#[from] jsonwebtoken::errors::Error),
 }
 
-/// Signs and verifies tokens with one secret. Cheap to clone.
+/// Signs and verifies tokens with one key: an Ed25519 key pair named by its key id, or the
+/// legacy HS256 secret. Cheap to clone.
 #[derive(Clone)]
 pub struct TokenKeys {
+    /// `None` for the HS256 secret, whose tokens carry no `kid`.
+    kid: Option<String>,
+    algorithm: Algorithm,
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -107,18 +157,42 @@ impl TokenKeys {
         if is_placeholder(secret) {
             return Err(AuthError::PlaceholderSecret);
         }
-        // Pin the algorithm: a token that names any other one, `none` included, is refused.
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = LEEWAY_SECS;
-        validation.validate_nbf = true;
-        validation.set_issuer(&[ISSUER]);
-        validation.set_audience(&[AUDIENCE]);
-        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
         Ok(Self {
+            kid: None,
+            algorithm: Algorithm::HS256,
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
-            validation,
+            validation: validation(Algorithm::HS256),
         })
+    }
+
+    /// The key pair of an Ed25519 private key in PKCS#8 form. Its key id is derived from the
+    /// public key ([`key_id`]), so the same key always has the same id.
+    pub fn ed25519(pkcs8: &[u8]) -> Result<Self, AuthError> {
+        use ring::signature::KeyPair;
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8)
+            .map_err(|_| AuthError::InvalidKey)?;
+        let public = pair.public_key().as_ref();
+        Ok(Self {
+            kid: Some(key_id(public)),
+            algorithm: Algorithm::EdDSA,
+            encoding: EncodingKey::from_ed_der(pkcs8),
+            decoding: DecodingKey::from_ed_der(public),
+            validation: validation(Algorithm::EdDSA),
+        })
+    }
+
+    /// A new random Ed25519 private key, in PKCS#8 form.
+    pub fn generate_ed25519() -> Result<Vec<u8>, AuthError> {
+        let rng = ring::rand::SystemRandom::new();
+        ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+            .map(|doc| doc.as_ref().to_vec())
+            .map_err(|_| AuthError::InvalidKey)
+    }
+
+    /// The key id its tokens carry in their header; `None` for the HS256 secret.
+    pub fn kid(&self) -> Option<&str> {
+        self.kid.as_deref()
     }
 
     /// Mints a token valid for `ttl` from now.
@@ -133,9 +207,7 @@ impl TokenKeys {
         role: Role,
         ttl: Duration,
     ) -> Result<(String, Claims), AuthError> {
-        if role == Role::Agent {
-            ClientId::parse(sub).map_err(|_| AuthError::InvalidSubject)?;
-        }
+        check_subject(sub, role)?;
         let now = unix_now();
         let claims = Claims {
             sub: sub.to_owned(),
@@ -152,11 +224,9 @@ impl TokenKeys {
 
     /// Signs arbitrary claims. Tests use it to build expired or odd tokens.
     pub fn encode(&self, claims: &Claims) -> Result<String, AuthError> {
-        Ok(jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            claims,
-            &self.encoding,
-        )?)
+        let mut header = Header::new(self.algorithm);
+        header.kid = self.kid.clone();
+        Ok(jsonwebtoken::encode(&header, claims, &self.encoding)?)
     }
 
     /// Checks signature, algorithm, issuer, audience and expiry.
@@ -170,6 +240,45 @@ impl TokenKeys {
         }
         Ok(claims)
     }
+}
+
+/// An agent token names a valid client id; an operator's, a plain name (it shows in audit lines).
+pub fn check_subject(sub: &str, role: Role) -> Result<(), AuthError> {
+    match role {
+        Role::Agent => ClientId::parse(sub)
+            .map(drop)
+            .map_err(|_| AuthError::InvalidSubject),
+        Role::Operator | Role::Admin => {
+            let plain = |c: char| c.is_ascii_alphanumeric() || "._@-".contains(c);
+            if (1..=MAX_NAME_CHARS).contains(&sub.len()) && sub.chars().all(plain) {
+                Ok(())
+            } else {
+                Err(AuthError::InvalidName)
+            }
+        }
+    }
+}
+
+/// Checks pinned to one algorithm: a token that names any other one, `none` included, is refused.
+fn validation(algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = LEEWAY_SECS;
+    validation.validate_nbf = true;
+    validation.set_issuer(&[ISSUER]);
+    validation.set_audience(&[AUDIENCE]);
+    validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+    validation
+}
+
+/// The id of an Ed25519 public key: the first 8 bytes of its SHA-256, in hex.
+pub fn key_id(public_key: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, public_key);
+    hex::encode(&digest.as_ref()[..8])
+}
+
+/// The key id a token names in its header, without checking anything else.
+pub fn token_kid(token: &str) -> Result<Option<String>, AuthError> {
+    Ok(jsonwebtoken::decode_header(token)?.kid)
 }
 
 /// The claims of `token` *without* checking its signature or expiry: for an agent to show what
@@ -338,11 +447,62 @@ mod tests {
     }
 
     #[test]
+    fn ed25519_tokens_name_their_key_and_verify_only_with_it() {
+        let pkcs8 = TokenKeys::generate_ed25519().unwrap();
+        let keys = TokenKeys::ed25519(&pkcs8).unwrap();
+        let again = TokenKeys::ed25519(&pkcs8).unwrap();
+        assert_eq!(keys.kid(), again.kid(), "the key id is the key's");
+        let kid = keys.kid().unwrap().to_owned();
+        assert_eq!(kid.len(), 16);
+        let (token, claims) = keys
+            .mint("alice", Role::Admin, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(token_kid(&token).unwrap().as_deref(), Some(kid.as_str()));
+        assert_eq!(keys.verify(&token).unwrap(), claims);
+        assert_eq!(peek_claims(&token).unwrap().role, Role::Admin);
+
+        // Another key, and the HS256 secret, refuse it; the HS256 key refuses Ed25519 tokens.
+        let other = TokenKeys::ed25519(&TokenKeys::generate_ed25519().unwrap()).unwrap();
+        assert_ne!(other.kid(), keys.kid());
+        assert!(other.verify(&token).is_err());
+        let legacy = TokenKeys::new(SECRET).unwrap();
+        assert!(legacy.verify(&token).is_err());
+        let hs = legacy
+            .issue("a", Role::Agent, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(token_kid(&hs).unwrap(), None);
+        assert!(keys.verify(&hs).is_err());
+        assert!(matches!(
+            TokenKeys::ed25519(b"not a key"),
+            Err(AuthError::InvalidKey)
+        ));
+    }
+
+    #[test]
+    fn roles_parse_and_print() {
+        for role in [Role::Agent, Role::Operator, Role::Admin] {
+            assert_eq!(role.as_str().parse::<Role>().unwrap(), role);
+        }
+        assert!("root".parse::<Role>().is_err());
+        assert!(Role::Admin.operates() && Role::Operator.operates() && !Role::Agent.operates());
+    }
+
+    #[test]
     fn agent_tokens_need_a_valid_subject() {
         let keys = TokenKeys::new(SECRET).unwrap();
         assert!(matches!(
             keys.issue("../x", Role::Agent, Duration::from_secs(60)),
             Err(AuthError::InvalidSubject)
         ));
+        for name in ["", "a b", "x\n[audit=true]", &"n".repeat(65)] {
+            assert!(matches!(
+                keys.issue(name, Role::Operator, Duration::from_secs(60)),
+                Err(AuthError::InvalidName)
+            ));
+        }
+        assert!(
+            keys.issue("alice@hq", Role::Admin, Duration::from_secs(60))
+                .is_ok()
+        );
     }
 }

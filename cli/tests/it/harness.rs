@@ -59,6 +59,17 @@ pub fn keys() -> TokenKeys {
     TokenKeys::new(SECRET.as_bytes()).unwrap()
 }
 
+/// Checks a token as the server keeping its keys in `data_dir` does.
+pub fn verify_with_keys_in(data_dir: &Path, token: &str) -> Result<shared::auth::Claims, String> {
+    let Some(kid) = shared::auth::token_kid(token).map_err(|e| e.to_string())? else {
+        return keys().verify(token).map_err(|e| e.to_string());
+    };
+    let file = server::tokens::keyfile::KeyFile::new(data_dir.join("token-keys.json"));
+    let set = file.load_or_create().map_err(|e| format!("{e:#}"))?;
+    let key = set.keys.get(&kid).ok_or_else(|| format!("no key {kid}"))?;
+    key.keys.verify(token).map_err(|e| e.to_string())
+}
+
 pub fn agent_token(client_id: &str) -> String {
     keys()
         .issue(client_id, Role::Agent, Duration::from_secs(3600))
@@ -180,9 +191,17 @@ pub struct ServerBuilder {
     at: Option<(SocketAddr, PathBuf)>,
     tls: bool,
     s3_endpoint: Option<String>,
+    /// Whether the server also accepts the test secret's HS256 tokens (`JWT_SECRET`).
+    legacy_secret: bool,
 }
 
 impl ServerBuilder {
+    /// A server without `JWT_SECRET`: only tokens signed with its own key get in.
+    pub fn without_legacy_secret(mut self) -> Self {
+        self.legacy_secret = false;
+        self
+    }
+
     /// Extra server arguments, after the harness's own.
     pub fn args(mut self, args: &[&str]) -> Self {
         self.args.extend(args.iter().map(|a| (*a).to_owned()));
@@ -239,6 +258,7 @@ impl ServerBuilder {
             &data_dir,
             &extra,
             self.s3_endpoint.as_deref(),
+            self.legacy_secret,
         )
         .await;
         server._dir = Some(dir);
@@ -259,6 +279,7 @@ impl TestServer {
             at: None,
             tls: false,
             s3_endpoint: None,
+            legacy_secret: true,
         }
     }
 
@@ -268,6 +289,7 @@ impl TestServer {
         data_dir: &Path,
         extra: &[&str],
         s3_endpoint: Option<&str>,
+        legacy_secret: bool,
     ) -> Self {
         let api = bind_retrying(api_addr).await;
         let api_addr = api.local_addr().unwrap();
@@ -296,6 +318,10 @@ impl TestServer {
             }
             args
         };
+        let mut args = args;
+        if !legacy_secret && let Some(flag) = args.iter().position(|a| a == "--jwt-secret") {
+            args.drain(flag..flag + 2);
+        }
         let config = server::config::Config::try_parse_from(&args).unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::run(
@@ -484,6 +510,12 @@ impl TestServer {
             || async { !self.client(client_id).await.connected },
         )
         .await;
+    }
+
+    /// Checks a token as this server does: with the key its header names, from the server's key
+    /// file (`token-keys.json` in its data directory), or with the test secret if it names none.
+    pub fn verify(&self, token: &str) -> Result<shared::auth::Claims, String> {
+        verify_with_keys_in(&self.data_dir, token)
     }
 
     /// Waits until the upload is in a terminal state and returns its status.
@@ -854,8 +886,14 @@ pub async fn write_file(path: &Path, len: u64) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// Runs the real `cli` binary against `server`.
+/// Runs the real `cli` binary against `server`, as the test operator.
 pub async fn run_cli(server: &TestServer, args: &[&str]) -> Output {
+    run_cli_as(server, &operator_token(), args).await
+}
+
+/// Runs the real `cli` binary against `server` with `token` as its API token, and no
+/// `JWT_SECRET` in its environment.
+pub async fn run_cli_as(server: &TestServer, token: &str, args: &[&str]) -> Output {
     let bin = env!("CARGO_BIN_EXE_cli");
     let mut cmd = tokio::process::Command::new(bin);
     if let Some(ca) = &server.ca_file {
@@ -865,7 +903,7 @@ pub async fn run_cli(server: &TestServer, args: &[&str]) -> Output {
     }
     cmd.args(args)
         .env("SERVER_URL", server.http_url())
-        .env("API_TOKEN", operator_token())
+        .env("API_TOKEN", token)
         .env_remove("JWT_SECRET")
         .output()
         .await

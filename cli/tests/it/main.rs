@@ -22,4 +22,5 @@ mod resilience;
 mod responsive;
 mod sharing;
 mod tls;
+mod tokens;
 mod verification;

@@ -6,8 +6,8 @@ use shared::auth::{Claims, Role, unix_now};
 
 use crate::harness::*;
 
-fn claims_of(token: &str) -> Claims {
-    keys()
+fn claims_of(server: &TestServer, token: &str) -> Claims {
+    server
         .verify(token)
         .expect("a token the server minted verifies")
 }
@@ -58,7 +58,7 @@ async fn tokens_renew_across_generations_and_a_restart() {
         let now = std::fs::read_to_string(&token_file).unwrap();
         let now = now.trim();
         if now != last {
-            let claims = claims_of(now);
+            let claims = claims_of(&server, now);
             assert_eq!(claims.sub, client_id);
             assert_eq!(claims.role, Role::Agent);
             assert_eq!(claims.exp - claims.iat, 10, "the server's lifetime");
@@ -73,7 +73,7 @@ async fn tokens_renew_across_generations_and_a_restart() {
     }
     let first = &seen[0];
     assert!(
-        first.iat <= claims_of(&install).iat + 2,
+        first.iat <= claims_of(&server, &install).iat + 2,
         "the 3-second install token is renewed at once: {first:?}"
     );
     let status = server.client(&client_id).await;
@@ -104,7 +104,7 @@ async fn tokens_renew_across_generations_and_a_restart() {
     loop {
         let now = std::fs::read_to_string(&token_file).unwrap();
         if now.trim() != newest {
-            assert!(claims_of(now.trim()).iat > seen[2].iat);
+            assert!(claims_of(&server, now.trim()).iat > seen[2].iat);
             break;
         }
         assert!(
@@ -133,7 +133,7 @@ async fn only_protocol_4_agents_are_sent_a_token() {
         match (renewed, next) {
             (true, Ok(Some(msg))) => {
                 assert_eq!(msg["type"], "token_renewed", "{msg}");
-                let claims = claims_of(msg["token"].as_str().unwrap());
+                let claims = claims_of(&server, msg["token"].as_str().unwrap());
                 assert_eq!(claims.sub, client_id);
                 assert_eq!(msg["expires_at"], claims.exp);
                 assert!(claims.exp >= unix_now() + 95, "{claims:?}");

@@ -6,6 +6,8 @@ use crate::error::ErrorCode;
 use crate::ids::{ClientId, UploadId};
 use crate::labels::Labels;
 
+pub mod tokens;
+
 /// `{"error":{"code":"...","message":"..."}}`, the body of every non-2xx answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -13,7 +13,6 @@ use shared::api::tokens::{
     IssueTokenRequest, IssuedToken, RetireKeyParams, SigningKeyInfo, TokenInfo, TokenListParams,
 };
 use shared::auth::{Role, check_subject};
-use shared::protocol::ServerMessage;
 
 use crate::AppState;
 use crate::api::unix_rfc3339;
@@ -151,11 +150,7 @@ pub async fn revoke_token(
             .and_then(|id| state.registry.get(&id))
         && handle.token.get().jti.as_deref() == Some(jti.as_str())
     {
-        let _ = handle.outbox.try_send(ServerMessage::Error {
-            code: ErrorCode::Unauthorized,
-            message: "this agent's token was revoked".into(),
-        });
-        handle.close.cancel();
+        handle.close_revoked();
         disconnected = true;
     }
     tracing::info!(
@@ -174,10 +169,8 @@ pub async fn revoke_token(
 fn key_info(state: &AppState, k: KeyStatus) -> SigningKeyInfo {
     let agents_connected = state
         .registry
-        .snapshot()
-        .iter()
-        .filter(|(_, h)| h.token.get().kid.as_deref() == Some(k.kid.as_str()))
-        .count() as u64;
+        .count(|h| h.token.get().kid.as_deref() == Some(k.kid.as_str()))
+        as u64;
     SigningKeyInfo {
         created_at: unix_rfc3339(k.created_at).unwrap_or_default(),
         last_expiry: k.last_expiry.and_then(unix_rfc3339),

@@ -11,7 +11,7 @@ use shared::api::{
     ClientInfo, ClientStatus, DownloadLink, RevocationResponse, TriggerParams, TriggerResponse,
     UploadState, UploadStatus,
 };
-use shared::protocol::{DEFAULT_SHARE, ServerMessage};
+use shared::protocol::DEFAULT_SHARE;
 use shared::{ClientId, ErrorCode, FileName, UploadId};
 
 use crate::AppState;
@@ -176,11 +176,7 @@ pub async fn revoke_client(
     })?;
     let disconnected = match state.registry.get(&client_id) {
         Some(handle) => {
-            let _ = handle.outbox.try_send(ServerMessage::Error {
-                code: ErrorCode::Unauthorized,
-                message: "this agent's token was revoked".into(),
-            });
-            handle.close.cancel();
+            handle.close_revoked();
             true
         }
         None => false,
@@ -237,12 +233,7 @@ pub async fn metrics(
 ) -> impl axum::response::IntoResponse {
     let open = state.uploads.open_counts();
     let soon = shared::auth::unix_now() + crate::renewal::EXPIRY_WARNING.as_secs();
-    let expiring = state
-        .registry
-        .snapshot()
-        .iter()
-        .filter(|(_, h)| h.token_expires_at() < soon)
-        .count();
+    let expiring = state.registry.count(|h| h.token_expires_at() < soon);
     (
         [(
             axum::http::header::CONTENT_TYPE,

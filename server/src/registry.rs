@@ -123,6 +123,15 @@ impl HeldToken {
 }
 
 impl AgentHandle {
+    /// Tells the agent its token was revoked, then closes the connection.
+    pub fn close_revoked(&self) {
+        let _ = self.outbox.try_send(ServerMessage::Error {
+            code: shared::ErrorCode::Unauthorized,
+            message: "this agent's token was revoked".into(),
+        });
+        self.close.cancel();
+    }
+
     pub fn token_expires_at(&self) -> u64 {
         self.token.expires_at()
     }
@@ -205,6 +214,12 @@ impl Registry {
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
+    }
+
+    /// How many connected agents match `pred`, without copying the registry (`pred` runs under
+    /// the lock and must be quick).
+    pub fn count(&self, pred: impl Fn(&AgentHandle) -> bool) -> usize {
+        self.lock().values().filter(|h| pred(h)).count()
     }
 
     /// The outbox of `conn`, if it is still `client_id`'s connection.

@@ -125,8 +125,9 @@ impl Tokens {
         let kid = shared::auth::token_kid(token)?;
         let claims = match &kid {
             Some(kid) => {
-                let keys = self.read_keys().keys.get(kid).map(|k| k.keys.clone());
-                keys.ok_or(VerifyError::UnknownKey)?.verify(token)?
+                let keys = self.read_keys();
+                let key = keys.keys.get(kid).ok_or(VerifyError::UnknownKey)?;
+                key.keys.verify(token)?
             }
             None => self
                 .legacy

@@ -120,7 +120,6 @@ struct Core {
     table: Table,
     settings: Settings,
     services: Services,
-    stalled_after: Duration,
 }
 
 /// Who asked for an upload, for the audit trail.
@@ -140,11 +139,12 @@ impl Uploads {
         services: Services,
     ) -> anyhow::Result<Self> {
         let stalled_after = STALLED_AFTER.min(settings.stall_timeout / 2);
+        let bucket = services.storage.bucket().to_owned();
+        let render: table::Render = Box::new(move |u| status::of(u, &bucket, stalled_after));
         Ok(Self(Arc::new(Core {
-            table: Table::open(store)?,
+            table: Table::open(store, render)?,
             settings,
             services,
-            stalled_after,
         })))
     }
 
@@ -241,10 +241,7 @@ impl Uploads {
     /// `GET /uploads/{id}`: `UPLOAD_NOT_FOUND` for an upload there never was, `INTERNAL` for one
     /// whose record this release cannot read.
     pub fn status(&self, id: UploadId) -> Result<UploadStatus, ApiError> {
-        let found = self.table().read_or_load(id, |u| {
-            status::of(u, self.storage().bucket(), self.0.stalled_after)
-        });
-        match found {
+        match self.table().status(id) {
             Ok(Some(status)) => Ok(status),
             Ok(None) => Err(ApiError::new(
                 ErrorCode::UploadNotFound,
@@ -258,9 +255,7 @@ impl Uploads {
     }
 
     pub fn latest_for(&self, client_id: &ClientId) -> Option<UploadStatus> {
-        self.table().read_latest(client_id, |u| {
-            status::of(u, self.storage().bucket(), self.0.stalled_after)
-        })
+        self.table().latest_status(client_id)
     }
 
     pub fn active_for(&self, client_id: &ClientId) -> Option<UploadId> {

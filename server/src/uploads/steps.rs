@@ -150,7 +150,7 @@ impl Uploads {
     }
 
     fn client_of(&self, id: UploadId) -> Option<ClientId> {
-        self.table().read(id, |u| u.client_id.clone())
+        self.table().client_of(id)
     }
 
     fn count(&self, counter: Counter) {

@@ -5,11 +5,17 @@
 //! [`Event::is_saved`] says so. Nothing outside this module sees the lock or the indexes. The lock
 //! is a std `Mutex`, held for bookkeeping and the write-through only, never across an `.await`;
 //! S3 calls and messages happen outside it, as effects.
+//!
+//! Unfinished uploads are held whole. A finished one is kept only as the status the API shows
+//! (rendered once, when it finished, by the table's [`Render`]), without its part list, and at
+//! most [`MAX_FINISHED_UPLOADS`] of them: memory for finished records is bounded whatever the
+//! files' sizes. Older ones are read from the store.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
+use shared::api::UploadStatus;
 use shared::{ClientId, UploadId};
 
 use super::events::{Effect, Event, Refused};
@@ -21,46 +27,79 @@ use crate::registry::ConnId;
 /// Finished uploads kept in memory for the status API; older ones are read from the store.
 pub const MAX_FINISHED_UPLOADS: usize = 10_000;
 
+/// How an upload is shown to operators (`status::of`, with the server's bucket).
+pub type Render = Box<dyn Fn(&Upload) -> UploadStatus + Send + Sync>;
+
+/// A finished upload as the table keeps it.
+#[derive(Debug)]
+struct Finished {
+    client_id: ClientId,
+    created: UnixMs,
+    status: UploadStatus,
+}
+
 #[derive(Debug, Default)]
 struct Index {
+    /// Unfinished uploads.
     by_id: HashMap<UploadId, Upload>,
     /// At most one unfinished upload per client.
     active_by_client: HashMap<ClientId, UploadId>,
     latest_by_client: HashMap<ClientId, UploadId>,
-    /// Terminal uploads in memory, oldest first.
-    finished: VecDeque<UploadId>,
+    /// Finished uploads in memory, and the order they finished in, oldest first.
+    finished: HashMap<UploadId, Finished>,
+    finished_order: VecDeque<UploadId>,
     /// Stored records this release could not read. They are reported at start and kept out of
     /// every decision: above all, the orphan sweep never aborts their multipart uploads.
     unreadable: HashSet<UploadId>,
 }
 
 impl Index {
-    fn insert(&mut self, upload: Upload) {
+    fn insert(&mut self, upload: Upload, render: &Render) {
         let (id, client) = (upload.id, upload.client_id.clone());
+        self.latest_by_client.insert(client.clone(), id);
         if upload.stage.is_terminal() {
-            self.finished.push_back(id);
+            self.keep_finished(&upload, render);
         } else {
-            self.active_by_client.insert(client.clone(), id);
+            self.active_by_client.insert(client, id);
+            self.by_id.insert(id, upload);
         }
-        self.latest_by_client.insert(client, id);
-        self.by_id.insert(id, upload);
     }
 
-    /// Bookkeeping for an upload that just reached a terminal stage.
-    fn retire(&mut self, id: UploadId, client_id: &ClientId) {
-        if self.active_by_client.get(client_id) == Some(&id) {
-            self.active_by_client.remove(client_id);
+    /// An upload that just reached a terminal stage leaves the unfinished ones, for good.
+    fn retire(&mut self, id: UploadId, render: &Render) {
+        let Some(upload) = self.by_id.remove(&id) else {
+            return;
+        };
+        if self.active_by_client.get(&upload.client_id) == Some(&id) {
+            self.active_by_client.remove(&upload.client_id);
         }
-        self.finished.push_back(id);
-        while self.finished.len() > MAX_FINISHED_UPLOADS {
-            let Some(old) = self.finished.pop_front() else {
+        self.keep_finished(&upload, render);
+    }
+
+    /// Keeps a finished upload's status, forgetting the oldest beyond the bound.
+    fn keep_finished(&mut self, upload: &Upload, render: &Render) {
+        self.finished.insert(
+            upload.id,
+            Finished {
+                client_id: upload.client_id.clone(),
+                created: upload.created,
+                status: render(upload),
+            },
+        );
+        self.finished_order.push_back(upload.id);
+        while self.finished_order.len() > MAX_FINISHED_UPLOADS {
+            let Some(old) = self.finished_order.pop_front() else {
                 break;
             };
-            if let Some(r) = self.by_id.remove(&old)
-                && self.latest_by_client.get(&r.client_id) == Some(&old)
-            {
-                self.latest_by_client.remove(&r.client_id);
-            }
+            self.forget_finished(old);
+        }
+    }
+
+    fn forget_finished(&mut self, id: UploadId) {
+        if let Some(f) = self.finished.remove(&id)
+            && self.latest_by_client.get(&f.client_id) == Some(&id)
+        {
+            self.latest_by_client.remove(&f.client_id);
         }
     }
 }
@@ -82,17 +121,18 @@ pub enum CreateError<E> {
 pub struct Table {
     index: Mutex<Index>,
     store: Box<dyn UploadStore>,
+    render: Render,
 }
 
 impl Table {
     /// Loads every unfinished upload and the most recent finished ones from `store`. A record
     /// that cannot be read is reported and set aside, never taken as absent.
-    pub fn open(store: Box<dyn UploadStore>) -> anyhow::Result<Self> {
+    pub fn open(store: Box<dyn UploadStore>, render: Render) -> anyhow::Result<Self> {
         let mut index = Index::default();
         let now = Instant::now();
         for row in store.load_working_set(MAX_FINISHED_UPLOADS)? {
             match stored::from_row(&row, now) {
-                Ok(upload) => index.insert(upload),
+                Ok(upload) => index.insert(upload, &render),
                 Err(err) => {
                     tracing::error!(
                         upload_id = row.id,
@@ -109,6 +149,7 @@ impl Table {
         Ok(Self {
             index: Mutex::new(index),
             store,
+            render,
         })
     }
 
@@ -122,22 +163,16 @@ impl Table {
     pub fn forget_finished_before(&self, cutoff: UnixMs) -> anyhow::Result<usize> {
         {
             let mut index = self.lock();
-            let Index {
-                by_id,
-                finished,
-                latest_by_client,
-                ..
-            } = &mut *index;
-            finished.retain(|id| {
-                let old = by_id.get(id).is_some_and(|u| u.created < cutoff);
-                if old
-                    && let Some(u) = by_id.remove(id)
-                    && latest_by_client.get(&u.client_id) == Some(id)
-                {
-                    latest_by_client.remove(&u.client_id);
-                }
-                !old
-            });
+            let old: HashSet<UploadId> = index
+                .finished
+                .iter()
+                .filter(|(_, f)| f.created < cutoff)
+                .map(|(id, _)| *id)
+                .collect();
+            index.finished_order.retain(|id| !old.contains(id));
+            for id in old {
+                index.forget_finished(id);
+            }
         }
         self.store.delete_finished_before(cutoff.0)
     }
@@ -171,7 +206,7 @@ impl Table {
         }
         admit(&upload).map_err(CreateError::Refused)?;
         self.save(&upload);
-        index.insert(upload);
+        index.insert(upload, &self.render);
         Ok(())
     }
 
@@ -184,14 +219,13 @@ impl Table {
         let upload = index
             .by_id
             .get_mut(&id)
-            .ok_or(Refused("no such upload in memory"))?;
+            .ok_or(Refused("no such unfinished upload"))?;
         let effects = upload.on(event, Now::read())?;
         if saved {
             self.save(upload);
         }
         if upload.stage.is_terminal() {
-            let client_id = upload.client_id.clone();
-            index.retire(id, &client_id);
+            index.retire(id, &self.render);
         }
         Ok(effects)
     }
@@ -216,22 +250,31 @@ impl Table {
             .collect()
     }
 
-    /// Reads an upload held in memory.
+    /// Reads an unfinished upload.
     pub fn read<T>(&self, id: UploadId, f: impl FnOnce(&Upload) -> T) -> Option<T> {
         self.lock().by_id.get(&id).map(f)
     }
 
-    /// Reads an upload from memory, or else from the store. `Ok(None)` if there is no such
+    /// The client of an upload in memory, finished or not.
+    pub fn client_of(&self, id: UploadId) -> Option<ClientId> {
+        let index = self.lock();
+        index
+            .by_id
+            .get(&id)
+            .map(|u| u.client_id.clone())
+            .or_else(|| index.finished.get(&id).map(|f| f.client_id.clone()))
+    }
+
+    /// An upload's status, from memory or else from the store. `Ok(None)` if there is no such
     /// upload; `Err` if its record exists but cannot be read (or the store failed).
-    pub fn read_or_load<T>(
-        &self,
-        id: UploadId,
-        f: impl FnOnce(&Upload) -> T,
-    ) -> Result<Option<T>, Unreadable> {
+    pub fn status(&self, id: UploadId) -> Result<Option<UploadStatus>, Unreadable> {
         {
             let index = self.lock();
             if let Some(upload) = index.by_id.get(&id) {
-                return Ok(Some(f(upload)));
+                return Ok(Some((self.render)(upload)));
+            }
+            if let Some(f) = index.finished.get(&id) {
+                return Ok(Some(f.status.clone()));
             }
             if index.unreadable.contains(&id) {
                 return Err(Unreadable);
@@ -245,7 +288,7 @@ impl Table {
             return Ok(None);
         };
         match stored::from_row(&row, Instant::now()) {
-            Ok(upload) => Ok(Some(f(&upload))),
+            Ok(upload) => Ok(Some((self.render)(&upload))),
             Err(err) => {
                 tracing::error!(upload_id = %id, error = %err, "an upload record cannot be read");
                 Err(Unreadable)
@@ -253,19 +296,21 @@ impl Table {
         }
     }
 
-    /// Reads the newest upload of `client_id`, from memory or else from the store.
-    pub fn read_latest<T>(&self, client_id: &ClientId, f: impl FnOnce(&Upload) -> T) -> Option<T> {
+    /// The status of the newest upload of `client_id`, from memory or else from the store.
+    pub fn latest_status(&self, client_id: &ClientId) -> Option<UploadStatus> {
         {
             let index = self.lock();
-            if let Some(upload) = index
-                .latest_by_client
-                .get(client_id)
-                .and_then(|id| index.by_id.get(id))
-            {
-                return Some(f(upload));
+            if let Some(id) = index.latest_by_client.get(client_id) {
+                if let Some(upload) = index.by_id.get(id) {
+                    return Some((self.render)(upload));
+                }
+                if let Some(f) = index.finished.get(id) {
+                    return Some(f.status.clone());
+                }
             }
         }
-        self.load(self.store.latest_for(client_id)).map(|u| f(&u))
+        self.load(self.store.latest_for(client_id))
+            .map(|u| (self.render)(&u))
     }
 
     /// Calls `f` on every unfinished upload, under the lock; `f` must not block.

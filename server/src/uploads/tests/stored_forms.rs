@@ -21,6 +21,13 @@ fn temp_dir() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("backhaul-uploads-{}", UploadId::new_random()))
 }
 
+/// The table of the database at `path`, showing uploads as the server does.
+fn open_table(path: &std::path::Path) -> Table {
+    let render: crate::uploads::table::Render =
+        Box::new(|u| crate::uploads::status::of(u, "pos-uploads", Duration::from_secs(60)));
+    Table::open(Box::new(SqliteStore::open(path).unwrap()), render).unwrap()
+}
+
 /// The database the first release's code wrote (`tests/fixtures/uploads-v1.sql`, dumped from
 /// it): every record is read, in the stage it was in, and time sorts as time.
 #[test]
@@ -32,13 +39,23 @@ fn a_database_written_by_the_first_release_is_read_whole() {
     conn.execute_batch(include_str!("../../../tests/fixtures/uploads-v1.sql"))
         .unwrap();
     drop(conn);
-    let table = Table::open(Box::new(SqliteStore::open(&path).unwrap())).unwrap();
+    let table = open_table(&path);
+    let store = SqliteStore::open(&path).unwrap();
     let id = |n: u32| UploadId::parse(&format!("00000000-0000-4000-8000-00000000000{n}")).unwrap();
+    // Each record whole from the store, and as the table shows it.
     let read = |n| {
-        table
-            .read_or_load(id(n), |u| (stage_name(u), u.clone()))
-            .unwrap()
-            .unwrap()
+        let row = store.get(id(n)).unwrap().unwrap();
+        let u = stored::from_row(&row, Instant::now()).unwrap();
+        let shown = table.status(id(n)).unwrap().unwrap();
+        assert_eq!(shown.state, u.state(), "upload {n}");
+        assert_eq!(
+            shown.sha256.as_deref(),
+            u.stage
+                .transfer()
+                .and_then(|t| t.file.sha256())
+                .map(|s| s.as_str())
+        );
+        (stage_name(&u), u)
     };
 
     let (stage, u) = read(1);
@@ -85,11 +102,10 @@ fn a_database_written_by_the_first_release_is_read_whole() {
 
     // Of store-done's two uploads, the one created half a second later is the latest.
     let latest = table
-        .read_latest(&ClientId::parse("store-done").unwrap(), |u| u.id)
+        .latest_status(&ClientId::parse("store-done").unwrap())
         .unwrap();
-    assert_eq!(latest, id(6));
+    assert_eq!(latest.upload_id, id(6));
     // The store answers the same, by integer milliseconds.
-    let store = SqliteStore::open(&path).unwrap();
     let row = store
         .latest_for(&ClientId::parse("store-done").unwrap())
         .unwrap()
@@ -112,7 +128,7 @@ fn an_unreadable_record_is_set_aside_not_dropped() {
         row.record = row.record.replace("\"stage\"", "\"renamed_stage\"");
         store.save(&row).unwrap();
     }
-    let table = Table::open(Box::new(SqliteStore::open(&path).unwrap())).unwrap();
+    let table = open_table(&path);
     assert!(table.read(good.id, |_| ()).is_some());
     assert!(table.read(bad, |_| ()).is_none());
     assert!(
@@ -121,8 +137,8 @@ fn an_unreadable_record_is_set_aside_not_dropped() {
     );
     assert!(!table.is_unreadable(good.id));
     // Reported as unreadable, not as absent.
-    assert!(table.read_or_load(bad, |_| ()).is_err());
-    assert_eq!(table.read_or_load(UploadId::new_random(), |_| ()), Ok(None));
+    assert!(table.status(bad).is_err());
+    assert!(table.status(UploadId::new_random()).unwrap().is_none());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -130,7 +146,7 @@ fn an_unreadable_record_is_set_aside_not_dropped() {
 fn the_table_saves_by_its_rule() {
     let dir = temp_dir();
     let path = dir.join("backhaul.db");
-    let table = Table::open(Box::new(SqliteStore::open(&path).unwrap())).unwrap();
+    let table = open_table(&path);
     let u = uploading();
     let id = u.id;
     table.create(u, |_| Ok::<(), ()>(())).unwrap();
@@ -154,7 +170,7 @@ fn the_table_saves_by_its_rule() {
 fn retention_forgets_old_finished_records_and_keeps_open_ones() {
     let dir = temp_dir();
     let path = dir.join("backhaul.db");
-    let table = Table::open(Box::new(SqliteStore::open(&path).unwrap())).unwrap();
+    let table = open_table(&path);
     let with = |mut u: Upload, client: &str, created: i64| {
         u.client_id = ClientId::parse(client).unwrap();
         u.created = UnixMs(created);
@@ -168,10 +184,64 @@ fn retention_forgets_old_finished_records_and_keeps_open_ones() {
         table.create(u, |_| Ok::<(), ()>(())).unwrap();
     }
     assert_eq!(table.forget_finished_before(UnixMs(1_000_000)).unwrap(), 1);
-    let present = |t: &Table| ids.map(|id| t.read_or_load(id, |_| ()).unwrap().is_some());
+    let present = |t: &Table| ids.map(|id| t.status(id).unwrap().is_some());
     assert_eq!(present(&table), [false, true, true]);
     // Gone from the store too: a restarted server does not bring it back.
-    let reopened = Table::open(Box::new(SqliteStore::open(&path).unwrap())).unwrap();
+    let reopened = open_table(&path);
     assert_eq!(present(&reopened), [false, true, true]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A finished upload leaves the unfinished ones and is kept as its status alone (no part list),
+/// the same status it had when it finished, and its events are refused from then on. Of the
+/// finished ones, at most `MAX_FINISHED_UPLOADS` stay in memory; older ones come from the store.
+#[test]
+fn finished_uploads_are_kept_as_their_status_only() {
+    use crate::uploads::table::MAX_FINISHED_UPLOADS;
+    let dir = temp_dir();
+    let path = dir.join("backhaul.db");
+    let table = open_table(&path);
+    let u = verifying();
+    let id = u.id;
+    table.create(u, |_| Ok::<(), ()>(())).unwrap();
+    let verified = || Event::Verified {
+        etag: "\"e-3\"".into(),
+    };
+    table.apply(id, verified()).unwrap();
+    assert!(table.read(id, |_| ()).is_none(), "no longer held whole");
+    assert_eq!(
+        table.client_of(id),
+        Some(client()),
+        "still known to the steps"
+    );
+    let shown = table.status(id).unwrap().unwrap();
+    assert_eq!(shown.state, UploadState::Completed);
+    assert_eq!(shown.etag.as_deref(), Some("\"e-3\""));
+    assert_eq!(shown.parts_total, Some(3));
+    assert!(
+        table.apply(id, verified()).is_err(),
+        "a finished upload takes no event"
+    );
+    assert_eq!(table.latest_status(&client()).unwrap().upload_id, id);
+
+    // The bound: the first finished upload goes from memory first, and is read from the store.
+    for _ in 0..MAX_FINISHED_UPLOADS {
+        let mut other = completed();
+        other.client_id = ClientId::parse("store-other").unwrap();
+        table.create(other, |_| Ok::<(), ()>(())).unwrap();
+    }
+    assert_eq!(table.client_of(id), None, "forgotten in memory");
+    let again = table.status(id).unwrap().unwrap();
+    let facts = |s: &shared::api::UploadStatus| {
+        (
+            s.state,
+            s.etag.clone(),
+            s.key.clone(),
+            s.size,
+            s.parts_total,
+            s.sha256.clone(),
+        )
+    };
+    assert_eq!(facts(&again), facts(&shown), "the same from the store");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -85,8 +85,15 @@ pub enum Command {
     },
     /// Cancel an unfinished upload: the agent stops and the multipart upload is aborted.
     Cancel { upload_id: String },
-    /// List connected agents.
-    Clients,
+    /// List connected agents; with `--all`, every store the server has seen.
+    Clients {
+        /// Stores that are offline now too.
+        #[arg(long)]
+        all: bool,
+        /// Only stores with this label (`key=value`); repeat for several, all of which must hold.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<shared::labels::Label>,
+    },
     /// Show one agent's connection and latest upload, or one upload.
     Status(StatusArgs),
     /// Mint, list and revoke tokens (admin).
@@ -134,7 +141,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Cancel { upload_id } => cancel(&cli, upload_id).await,
-        Command::Clients => clients(&cli).await,
+        Command::Clients { all, labels } => clients(&cli, *all, labels).await,
         Command::Status(StatusArgs {
             client_id,
             upload_id,
@@ -239,14 +246,31 @@ async fn cancel(cli: &Cli, upload_id: &str) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// `clients`: the connected agents, as a table.
-async fn clients(cli: &Cli) -> anyhow::Result<bool> {
+/// `clients`: the connected agents (or every store seen), as a table.
+async fn clients(cli: &Cli, all: bool, labels: &[shared::labels::Label]) -> anyhow::Result<bool> {
     let api = Api::new(cli)?;
-    let clients: Vec<ClientInfo> = api.get("/clients").await?;
+    let label = labels
+        .iter()
+        .map(|l| format!("{}={}", l.key, l.value))
+        .collect::<Vec<_>>()
+        .join(",");
+    let clients: Vec<ClientInfo> = api
+        .get(&format!(
+            "/clients?all={all}&label={}",
+            path_segment(&label)
+        ))
+        .await?;
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&clients)?);
     } else if clients.is_empty() {
-        println!("no agents connected");
+        println!(
+            "{}",
+            if all {
+                "no stores"
+            } else {
+                "no agents connected"
+            }
+        );
     } else {
         println!(
             "{:<24} {:<26} {:<26} {:<6} {:<26} {:<37} LABELS",
@@ -260,7 +284,7 @@ async fn clients(cli: &Cli) -> anyhow::Result<bool> {
             println!(
                 "{:<24} {:<26} {:<26} {:<6} {:<26} {active:<37} {}",
                 c.client_id,
-                c.connected_since,
+                c.connected_since.as_deref().unwrap_or("offline"),
                 c.last_seen,
                 c.protocol_version,
                 c.token_expires_at.as_deref().unwrap_or("-"),

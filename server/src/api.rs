@@ -8,15 +8,20 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use shared::api::{
-    ClientInfo, ClientStatus, DownloadLink, RevocationResponse, TriggerParams, TriggerResponse,
-    UploadState, UploadStatus,
+    ClientInfo, ClientListParams, ClientStatus, DownloadLink, RevocationResponse, TriggerParams,
+    TriggerResponse, UploadState, UploadStatus,
 };
 use shared::protocol::DEFAULT_SHARE;
 use shared::{ClientId, ErrorCode, FileName, UploadId};
 
+use std::collections::BTreeMap;
+
+use shared::labels::Label;
+
 use crate::AppState;
 use crate::auth::Operator;
 use crate::error::ApiError;
+use crate::registry::AgentHandle;
 use crate::uploads::{self, rfc3339};
 
 fn parse_client_id(raw: &str) -> Result<ClientId, ApiError> {
@@ -59,23 +64,99 @@ pub async fn trigger_download(
     ))
 }
 
-pub async fn list_clients(State(state): State<AppState>, _: Operator) -> Json<Vec<ClientInfo>> {
-    let clients = state
+/// `GET /clients`: the connected agents, or with `all=true` every store ever seen; `label`
+/// keeps those with all of the given labels.
+pub async fn list_clients(
+    State(state): State<AppState>,
+    _: Operator,
+    params: Result<Query<ClientListParams>, QueryRejection>,
+) -> Result<Json<Vec<ClientInfo>>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let wanted = params
+        .label
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.parse::<Label>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("label: {e}")))?;
+    let mut live: BTreeMap<ClientId, AgentHandle> = state
         .registry
         .snapshot()
         .into_iter()
-        .map(|(client_id, h)| ClientInfo {
-            active_upload: state.uploads.active_for(&client_id),
-            client_id,
-            connected_since: rfc3339(h.connected_since),
-            last_seen: rfc3339(h.last_seen()),
-            protocol_version: h.protocol_version,
-            agent_version: h.agent_version.clone(),
-            token_expires_at: unix_rfc3339(h.token_expires_at()),
-            labels: h.labels.clone(),
+        .filter(|(_, h)| h.labels.matches_all(&wanted))
+        .collect();
+    if !params.all {
+        let clients = live
+            .into_iter()
+            .map(|(id, h)| connected_info(&state, id, &h, None))
+            .collect();
+        return Ok(Json(clients));
+    }
+    let stores = state.inventory.list(&wanted).map_err(|e| {
+        tracing::error!(
+            error = format!("{e:#}"),
+            "reading the store inventory failed"
+        );
+        ApiError::new(ErrorCode::Internal, "the store inventory could not be read")
+    })?;
+    let mut clients: Vec<ClientInfo> = stores
+        .into_iter()
+        .map(|store| {
+            let first_seen = Some(ms_rfc3339(store.first_seen_ms));
+            match live.remove(&store.client_id) {
+                Some(h) => connected_info(&state, store.client_id, &h, first_seen),
+                None => ClientInfo {
+                    active_upload: state.uploads.active_for(&store.client_id),
+                    client_id: store.client_id,
+                    connected: false,
+                    connected_since: None,
+                    last_seen: ms_rfc3339(store.last_seen_ms),
+                    first_seen,
+                    protocol_version: store.protocol_version,
+                    agent_version: store.agent_version,
+                    token_expires_at: None,
+                    labels: store.labels,
+                },
+            }
         })
         .collect();
-    Json(clients)
+    // Connected agents the inventory failed to record are still shown.
+    clients.extend(
+        live.into_iter()
+            .map(|(id, h)| connected_info(&state, id, &h, None)),
+    );
+    clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+    Ok(Json(clients))
+}
+
+/// Unix milliseconds as RFC 3339.
+fn ms_rfc3339(ms: i64) -> String {
+    rfc3339(
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+    )
+}
+
+fn connected_info(
+    state: &AppState,
+    client_id: ClientId,
+    h: &AgentHandle,
+    first_seen: Option<String>,
+) -> ClientInfo {
+    ClientInfo {
+        active_upload: state.uploads.active_for(&client_id),
+        client_id,
+        connected: true,
+        connected_since: Some(rfc3339(h.connected_since)),
+        last_seen: rfc3339(h.last_seen()),
+        first_seen,
+        protocol_version: h.protocol_version,
+        agent_version: h.agent_version.clone(),
+        token_expires_at: unix_rfc3339(h.token_expires_at()),
+        labels: h.labels.clone(),
+    }
 }
 
 pub async fn client_status(

@@ -26,6 +26,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/0002_uploads_millis.sql"),
     ),
     ("0003_tokens", include_str!("../migrations/0003_tokens.sql")),
+    ("0004_stores", include_str!("../migrations/0004_stores.sql")),
 ];
 
 /// One upload as the store holds it: the columns it is indexed by, and the record itself.

@@ -15,6 +15,7 @@ pub mod embedded_s3;
 pub mod embedded_store;
 pub mod error;
 pub mod host;
+pub mod inventory;
 pub mod listen;
 pub mod metrics;
 pub mod registry;
@@ -39,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::inventory::Inventory;
 use crate::registry::Registry;
 use crate::revocations::Revocations;
 use crate::storage::Storage;
@@ -59,6 +61,7 @@ pub struct StateInner {
     pub config: Config,
     pub tokens: Arc<Tokens>,
     pub registry: Arc<Registry>,
+    pub inventory: Inventory,
     pub revocations: Revocations,
     pub uploads: Uploads,
     pub metrics: Arc<metrics::Metrics>,
@@ -194,6 +197,7 @@ impl AppState {
         let revocations = Revocations::load(config.data_dir.join("revocations.json"))?;
         let database = config.database_path();
         let registry = Arc::new(Registry::default());
+        let inventory = Inventory::new(db::open(&database)?);
         let metrics = Arc::new(metrics::Metrics::default());
         let uploads = Uploads::open(
             Box::new(db::SqliteStore::open(&database)?),
@@ -211,6 +215,7 @@ impl AppState {
             config,
             tokens,
             registry,
+            inventory,
             revocations,
             uploads,
             metrics,

@@ -227,6 +227,17 @@ impl Registration {
         let (outbox, outbox_rx) = mpsc::channel::<ServerMessage>(OUTBOX_CAPACITY);
         let now = OffsetDateTime::now_utc();
         let last_seen_ms = Arc::new(AtomicI64::new(unix_ms(now)));
+        let seen = crate::inventory::Store {
+            client_id: client_id.clone(),
+            labels: hello.labels.clone(),
+            agent_version: hello.agent_version.clone(),
+            protocol_version,
+            first_seen_ms: unix_ms(now),
+            last_seen_ms: unix_ms(now),
+        };
+        if let Err(e) = state.inventory.connected(&seen) {
+            tracing::warn!(%client_id, error = format!("{e:#}"), "could not record the store in the inventory");
+        }
         let handle = AgentHandle {
             conn_id,
             outbox: outbox.clone(),
@@ -270,6 +281,10 @@ impl Drop for Registration {
     fn drop(&mut self) {
         self.close.cancel();
         self.state.registry.remove(&self.client_id, self.conn_id);
+        let last_seen = self.last_seen_ms.load(Ordering::Relaxed);
+        if let Err(e) = self.state.inventory.left(&self.client_id, last_seen) {
+            tracing::warn!(client_id = %self.client_id, error = format!("{e:#}"), "could not stamp the store's last contact");
+        }
         self.state.uploads.on_agent_disconnected(self.conn_id);
         tracing::info!(client_id = %self.client_id, conn_id = %self.conn_id, "agent disconnected");
     }

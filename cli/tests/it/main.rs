@@ -12,6 +12,7 @@ mod failures;
 mod fetch;
 mod harness;
 mod holdout;
+mod inventory;
 mod kms;
 mod protocol;
 mod proxy;

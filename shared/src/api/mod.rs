@@ -180,12 +180,20 @@ pub struct DownloadLink {
     pub checksum_crc64nvme: Option<String>,
 }
 
-/// One entry of `GET /clients`.
+/// One entry of `GET /clients`: a connected agent, or (with `all=true`) a store the server has
+/// seen before and that is offline now.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientInfo {
     pub client_id: ClientId,
-    pub connected_since: String,
+    #[serde(default)]
+    pub connected: bool,
+    /// `None` when offline.
+    pub connected_since: Option<String>,
+    /// The last frame received; for an offline store, when its last connection ended.
     pub last_seen: String,
+    /// When the server first saw this store (`all=true` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<String>,
     pub active_upload: Option<UploadId>,
     /// The protocol the agent speaks, and the version it says it is: which agents are left to
     /// upgrade before the server drops a protocol version.
@@ -199,6 +207,17 @@ pub struct ClientInfo {
     /// The labels the agent declared in its `hello`.
     #[serde(default)]
     pub labels: Labels,
+}
+
+/// Query of `GET /clients`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientListParams {
+    /// Every store ever seen, not only the connected ones.
+    #[serde(default)]
+    pub all: bool,
+    /// Label equalities, all of which must hold: `region=north,brand=burger-co`.
+    pub label: Option<String>,
 }
 
 /// `GET /status/{client_id}`.

@@ -291,8 +291,9 @@ impl Drop for Registration {
 }
 
 /// The writer: drains the outbox, pings, and sends the agent a fresh token whenever its current
-/// one is due (`renewal`), which a key rotation can bring forward. On close it flushes what is queued first, so an error message reaches
-/// the agent before the close frame. Whatever ends it ends the session.
+/// one is due (`renewal`), which a key rotation can bring forward. On close it flushes what is
+/// queued first, so an error message reaches the agent before the close frame. Whatever ends it
+/// ends the session.
 fn spawn_writer(
     state: &AppState,
     mut writer: AgentWriter,

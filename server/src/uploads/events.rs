@@ -127,7 +127,10 @@ impl Event {
             self,
             Event::AgentConnected { .. }
                 | Event::AgentDisconnected { .. }
-                | Event::Progress { .. }
+                // A progress that brings the file's SHA-256 is saved: the agent sends it just
+                // before it completes the upload, and a server killed during the completion
+                // would otherwise come back without it.
+                | Event::Progress { sha256: None, .. }
                 | Event::VerifyDeferred { .. }
                 | Event::VerifyAgain
         )

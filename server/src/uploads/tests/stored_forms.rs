@@ -166,6 +166,40 @@ fn the_table_saves_by_its_rule() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The progress that brings a protocol 3 file's SHA-256 is saved at once: a server killed while
+/// the agent completes the upload comes back knowing it.
+#[test]
+fn the_progress_that_brings_the_sha256_is_saved() {
+    let dir = temp_dir();
+    let path = dir.join("backhaul.db");
+    let table = open_table(&path);
+    let mut u = uploading();
+    u.stage = Stage::Open(Open::Uploading(Transfer {
+        file: crc_facts(),
+        ..transfer()
+    }));
+    let id = u.id;
+    table.create(u, |_| Ok::<(), ()>(())).unwrap();
+    let sha = Sha256Hex::parse(&"b".repeat(64)).unwrap();
+    table
+        .apply(
+            id,
+            Event::Progress {
+                agent: agent(),
+                parts_done: 3,
+                bytes_done: 12,
+                part_retries: 0,
+                sha256: Some(sha.clone()),
+            },
+        )
+        .unwrap();
+    let row = SqliteStore::open(&path).unwrap().get(id).unwrap().unwrap();
+    let stored = stored::from_row(&row, Instant::now()).unwrap();
+    let file = &stored.stage.transfer().unwrap().file;
+    assert_eq!(file.sha256(), Some(&sha));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn retention_forgets_old_finished_records_and_keeps_open_ones() {
     let dir = temp_dir();

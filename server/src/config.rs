@@ -14,6 +14,10 @@ pub use shared::protocol::{MAX_PART_SIZE, MIN_PART_SIZE};
 pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 /// A presigned URL can live at most seven days.
 pub const MAX_PRESIGN_TTL_SECS: u64 = 7 * 24 * 3600;
+/// The token key file and the database, in `DATA_DIR` unless set: the server and
+/// `server token issue` must find the same ones.
+pub const DEFAULT_TOKEN_KEY_FILE: &str = "token-keys.json";
+pub const DEFAULT_DATABASE_FILE: &str = "backhaul.db";
 /// Agent tokens live from a few seconds (tests that make time pass) to a year.
 pub const MIN_AGENT_TOKEN_TTL_SECS: u64 = 2;
 pub const MAX_AGENT_TOKEN_TTL_SECS: u64 = 366 * 24 * 3600;
@@ -259,7 +263,7 @@ impl Config {
     pub fn token_key_path(&self) -> PathBuf {
         self.token_key_file
             .clone()
-            .unwrap_or_else(|| self.data_dir.join("token-keys.json"))
+            .unwrap_or_else(|| self.data_dir.join(DEFAULT_TOKEN_KEY_FILE))
     }
 
     pub fn token_rotation_spread(&self) -> Duration {
@@ -269,7 +273,7 @@ impl Config {
     pub fn database_path(&self) -> PathBuf {
         self.database_path
             .clone()
-            .unwrap_or_else(|| self.data_dir.join("backhaul.db"))
+            .unwrap_or_else(|| self.data_dir.join(DEFAULT_DATABASE_FILE))
     }
 
     pub fn presign_ttl(&self) -> Duration {

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use shared::auth::Role;
 
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_DATABASE_FILE, DEFAULT_TOKEN_KEY_FILE};
 use crate::tokens::Tokens;
 
 /// The ledger's `issued_by` of a token minted on the server host.
@@ -90,11 +90,11 @@ fn issue(args: &HostIssueArgs) -> anyhow::Result<String> {
     let key_file = args
         .token_key_file
         .clone()
-        .unwrap_or_else(|| args.data_dir.join("token-keys.json"));
+        .unwrap_or_else(|| args.data_dir.join(DEFAULT_TOKEN_KEY_FILE));
     let database = args
         .database_path
         .clone()
-        .unwrap_or_else(|| args.data_dir.join("backhaul.db"));
+        .unwrap_or_else(|| args.data_dir.join(DEFAULT_DATABASE_FILE));
     let tokens = Tokens::open(&key_file, &database, None)?;
     let (subject, role, default_ttl) = match &args.client_id {
         Some(id) => (id.as_str(), Role::Agent, 30 * 24 * 3600),

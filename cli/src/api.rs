@@ -64,6 +64,24 @@ impl Api {
         decode(resp).await
     }
 
+    /// A GET whose answer is text of the type `accept` asks for (a CSV manifest).
+    pub async fn get_text(&self, path: &str, accept: &str) -> anyhow::Result<String> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::ACCEPT, accept)
+            .send()
+            .await
+            .with_context(|| format!("could not reach the server at {}", self.base))?;
+        if !resp.status().is_success() {
+            return decode::<serde_json::Value>(resp)
+                .await
+                .map(|_| String::new());
+        }
+        resp.text().await.context("reading the server's answer")
+    }
+
     /// `GET /uploads/{id}/download`: the server answers 307 with the link in its body too.
     pub async fn download_link(&self, upload_id: UploadId) -> anyhow::Result<DownloadLink> {
         self.get(&format!("/uploads/{upload_id}/download")).await

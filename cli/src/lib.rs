@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod collect;
 pub mod fetch;
 pub mod report;
 
@@ -96,6 +97,13 @@ pub enum Command {
     },
     /// Show one agent's connection and latest upload, or one upload.
     Status(StatusArgs),
+    /// Ask many stores for a file at once: a collection. Stores offline now are asked when
+    /// they connect, until the expiry.
+    Collect(collect::CollectArgs),
+    /// List collections, the newest first.
+    Collections,
+    /// Show a collection and its stores, cancel it, or print its manifest.
+    Collection(collect::CollectionArgs),
     /// Mint, list and revoke tokens (admin).
     Token {
         #[command(subcommand)]
@@ -141,6 +149,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Cancel { upload_id } => cancel(&cli, upload_id).await,
+        Command::Collect(args) => collect::collect(&cli, args).await,
+        Command::Collections => collect::list(&cli).await,
+        Command::Collection(args) => collect::collection(&cli, args).await,
         Command::Clients { all, labels } => clients(&cli, *all, labels).await,
         Command::Status(StatusArgs {
             client_id,

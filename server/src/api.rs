@@ -315,12 +315,19 @@ pub async fn metrics(
     let open = state.uploads.open_counts();
     let soon = shared::auth::unix_now() + crate::renewal::EXPIRY_WARNING.as_secs();
     let expiring = state.registry.count(|h| h.token_expires_at() < soon);
+    let (collections, stores_pending) = state.collections.gauges();
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(state.registry.len(), expiring, &open),
+        state.metrics.render(&crate::metrics::Gauges {
+            connected: state.registry.len(),
+            expiring,
+            open: &open,
+            collections: &collections,
+            stores_pending,
+        }),
     )
 }
 

@@ -27,6 +27,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ),
     ("0003_tokens", include_str!("../migrations/0003_tokens.sql")),
     ("0004_stores", include_str!("../migrations/0004_stores.sql")),
+    (
+        "0005_collections",
+        include_str!("../migrations/0005_collections.sql"),
+    ),
 ];
 
 /// One upload as the store holds it: the columns it is indexed by, and the record itself.

@@ -53,12 +53,12 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
         Unauthorized => StatusCode::UNAUTHORIZED,
         Forbidden => StatusCode::FORBIDDEN,
-        InvalidClientId | InvalidUploadId | InvalidTokenId | InvalidFileName | BadRequest
-        | MalformedMessage => StatusCode::BAD_REQUEST,
-        ClientNotConnected | UploadNotFound | TokenNotFound | KeyNotFound | NotFound => {
-            StatusCode::NOT_FOUND
-        }
-        DownloadInProgress | UploadFinished | UploadNotCompleted | KeyInUse => StatusCode::CONFLICT,
+        InvalidClientId | InvalidUploadId | InvalidTokenId | InvalidCollectionId
+        | InvalidFileName | BadRequest | MalformedMessage => StatusCode::BAD_REQUEST,
+        ClientNotConnected | UploadNotFound | TokenNotFound | KeyNotFound | CollectionNotFound
+        | NotFound => StatusCode::NOT_FOUND,
+        DownloadInProgress | UploadFinished | UploadNotCompleted | KeyInUse
+        | CollectionFinished => StatusCode::CONFLICT,
         ShuttingDown | TooManyConnections | Timeout => StatusCode::SERVICE_UNAVAILABLE,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
         ProtocolVersionMismatch

@@ -8,6 +8,8 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod collections;
+pub mod collections_api;
 pub mod config;
 pub mod connection;
 pub mod db;
@@ -39,6 +41,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::collections::Collections;
 use crate::config::Config;
 use crate::inventory::Inventory;
 use crate::registry::Registry;
@@ -64,6 +67,7 @@ pub struct StateInner {
     pub inventory: Inventory,
     pub revocations: Revocations,
     pub uploads: Uploads,
+    pub collections: Collections,
     pub metrics: Arc<metrics::Metrics>,
     pub storage: Storage,
     pub shutdown: CancellationToken,
@@ -97,6 +101,16 @@ pub fn router(state: AppState) -> Router {
             get(api::upload_status).delete(api::cancel_upload),
         )
         .route("/uploads/{upload_id}/download", get(api::download_link))
+        .route(
+            "/collections",
+            get(collections_api::list).post(collections_api::create),
+        )
+        .route(
+            "/collections/{id}",
+            get(collections_api::summary).delete(collections_api::cancel),
+        )
+        .route("/collections/{id}/uploads", get(collections_api::rows))
+        .route("/collections/{id}/manifest", get(collections_api::manifest))
         .route("/revocations/{client_id}", post(api::revoke_client))
         .route("/tokens", get(admin::list_tokens).post(admin::issue_token))
         .route("/tokens/{jti}", delete(admin::revoke_token))
@@ -139,11 +153,15 @@ pub async fn run(
         &tracker,
     )
     .await?;
-    let state = AppState::open(config, tokens, storage, &shutdown, &tracker)?;
+    let (state, ended) = AppState::open(config, tokens, storage, &shutdown, &tracker)?;
     let orphan_sweep = Duration::from_secs(state.config.orphan_sweep_interval_secs);
 
     // What a previous run left half-done is finished before agents can reconnect.
     state.uploads.recover().await;
+    state.collections.recover();
+    state
+        .tracker
+        .spawn(state.collections.clone().run(ended, state.shutdown.clone()));
     spawn_every(&state, Duration::from_secs(1), |s| async move {
         s.uploads.sweep().await;
     });
@@ -193,12 +211,16 @@ impl AppState {
         storage: Storage,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<(
+        Self,
+        tokio::sync::mpsc::UnboundedReceiver<shared::api::UploadStatus>,
+    )> {
         let revocations = Revocations::load(config.data_dir.join("revocations.json"))?;
         let database = config.database_path();
         let registry = Arc::new(Registry::default());
         let inventory = Inventory::new(db::open(&database)?);
         let metrics = Arc::new(metrics::Metrics::default());
+        let (ended, ended_rx) = tokio::sync::mpsc::unbounded_channel();
         let uploads = Uploads::open(
             Box::new(db::SqliteStore::open(&database)?),
             uploads::Settings::from_config(&config),
@@ -208,21 +230,26 @@ impl AppState {
                 metrics: metrics.clone(),
                 tracker: tracker.clone(),
                 shutdown: shutdown.clone(),
+                ended: Some(ended),
             },
         )
         .with_context(|| format!("loading uploads from {}", database.display()))?;
-        Ok(Self(Arc::new(StateInner {
+        let collections = Collections::open(&database, uploads.clone(), registry.clone())
+            .with_context(|| format!("loading collections from {}", database.display()))?;
+        let state = Self(Arc::new(StateInner {
             config,
             tokens,
             registry,
             inventory,
             revocations,
             uploads,
+            collections,
             metrics,
             storage,
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
-        })))
+        }));
+        Ok((state, ended_rx))
     }
 }
 

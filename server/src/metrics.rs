@@ -30,6 +30,21 @@ pub struct Metrics {
     latency: Histogram,
 }
 
+/// What `/metrics` reads at scrape time.
+#[derive(Debug, Clone, Copy)]
+pub struct Gauges<'a> {
+    /// Agents with an open WebSocket.
+    pub connected: usize,
+    /// Connected agents whose token expires within 7 days.
+    pub expiring: usize,
+    /// Unfinished uploads per state name.
+    pub open: &'a [(&'a str, usize)],
+    /// Collections per state name.
+    pub collections: &'a [(String, u64)],
+    /// Stores of open collections not asked yet.
+    pub stores_pending: usize,
+}
+
 #[derive(Debug, Default)]
 struct Histogram {
     /// Cumulative counts per bucket of [`LATENCY_BUCKETS`].
@@ -54,10 +69,15 @@ impl Metrics {
             .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
     }
 
-    /// Renders every metric; `connected` and `open` (count per state name) are read at scrape
-    /// time.
-    /// `expiring`: connected agents whose token expires within 7 days.
-    pub fn render(&self, connected: usize, expiring: usize, open: &[(&str, usize)]) -> String {
+    /// Renders every metric, with the gauges read at scrape time.
+    pub fn render(&self, gauges: &Gauges<'_>) -> String {
+        let Gauges {
+            connected,
+            expiring,
+            open,
+            collections,
+            stores_pending,
+        } = *gauges;
         let mut out = String::new();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut one = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
@@ -87,6 +107,21 @@ impl Metrics {
                 .iter()
                 .map(|(s, n)| (format!("{{state=\"{s}\"}}"), *n as f64))
                 .collect::<Vec<_>>(),
+        );
+        one(
+            "backhaul_collections",
+            "gauge",
+            "Collections by state.",
+            &collections
+                .iter()
+                .map(|(s, n)| (format!("{{state=\"{s}\"}}"), *n as f64))
+                .collect::<Vec<_>>(),
+        );
+        one(
+            "backhaul_collection_stores_pending",
+            "gauge",
+            "Stores of open collections not asked yet (offline, queued or busy).",
+            &[(String::new(), stores_pending as f64)],
         );
         one(
             "backhaul_uploads_triggered_total",
@@ -169,11 +204,19 @@ mod tests {
         m.triggers.fetch_add(2, Ordering::Relaxed);
         m.observe_dispatch(Duration::from_micros(300));
         m.observe_dispatch(Duration::from_millis(30));
-        let text = m.render(5, 2, &[("uploading", 1)]);
+        let text = m.render(&Gauges {
+            connected: 5,
+            expiring: 2,
+            open: &[("uploading", 1)],
+            collections: &[("open".into(), 3)],
+            stores_pending: 7,
+        });
         assert!(text.contains("backhaul_connected_agents 5\n"), "{text}");
         assert!(text.contains("backhaul_agent_tokens_expiring_soon 2\n"));
         assert!(text.contains("backhaul_uploads_open{state=\"uploading\"} 1\n"));
         assert!(text.contains("backhaul_uploads_triggered_total 2\n"));
+        assert!(text.contains("backhaul_collections{state=\"open\"} 3\n"));
+        assert!(text.contains("backhaul_collection_stores_pending 7\n"));
         // Cumulative buckets: 300 µs is under 0.0005 s, 30 ms only under 0.05 s.
         assert!(text.contains("backhaul_trigger_dispatch_seconds_bucket{le=\"0.00025\"} 0\n"));
         assert!(text.contains("backhaul_trigger_dispatch_seconds_bucket{le=\"0.0005\"} 1\n"));

@@ -238,6 +238,7 @@ impl Registration {
         if let Err(e) = state.inventory.connected(&seen) {
             tracing::warn!(%client_id, error = format!("{e:#}"), "could not record the store in the inventory");
         }
+        let labels = hello.labels.clone();
         let handle = AgentHandle {
             conn_id,
             outbox: outbox.clone(),
@@ -272,7 +273,9 @@ impl Registration {
                 protocol_version,
             })
             .await;
+        // An upload the agent left unfinished resumes first; a collection's waits behind it.
         state.uploads.on_agent_connected(client_id, conn_id);
+        state.collections.on_agent_connected(client_id, &labels);
         (registration, outbox_rx)
     }
 }

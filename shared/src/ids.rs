@@ -24,6 +24,8 @@ pub enum IdError {
     InvalidClientId,
     #[error("upload id must be a UUID")]
     InvalidUploadId,
+    #[error("collection id must be a UUID")]
+    InvalidCollectionId,
     #[error(
         "file name must be 1 to {MAX_FILE_NAME_LEN} characters of a-z, A-Z, 0-9, '-', '_' or '.', and not '.' or '..'"
     )]
@@ -71,13 +73,30 @@ impl UploadId {
     }
 
     pub fn parse(s: &str) -> Result<Self, IdError> {
-        // Only the hyphenated lowercase or uppercase form; braces and URNs are not ids.
-        if s.len() != 36 {
-            return Err(IdError::InvalidUploadId);
-        }
-        uuid::Uuid::parse_str(s)
-            .map(Self)
-            .map_err(|_| IdError::InvalidUploadId)
+        parse_uuid(s, IdError::InvalidUploadId).map(Self)
+    }
+}
+
+/// A random UUID id, in its hyphenated form only (braces and URNs are not ids).
+fn parse_uuid(s: &str, err: IdError) -> Result<uuid::Uuid, IdError> {
+    if s.len() != 36 {
+        return Err(err);
+    }
+    uuid::Uuid::parse_str(s).map_err(|_| err)
+}
+
+/// The server's identifier for one collection (one file asked of many stores), a random UUID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct CollectionId(uuid::Uuid);
+
+impl CollectionId {
+    pub fn new_random() -> Self {
+        Self(uuid::Uuid::new_v4())
+    }
+
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        parse_uuid(s, IdError::InvalidCollectionId).map(Self)
     }
 }
 
@@ -145,6 +164,7 @@ macro_rules! string_id_impls {
 string_id_impls!(ClientId, ClientId::parse);
 string_id_impls!(UploadId, UploadId::parse);
 string_id_impls!(FileName, FileName::parse);
+string_id_impls!(CollectionId, CollectionId::parse);
 
 impl<'de> Deserialize<'de> for PartNumber {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -159,6 +179,12 @@ impl fmt::Display for ClientId {
 }
 
 impl fmt::Display for UploadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Display for CollectionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.hyphenated().fmt(f)
     }

@@ -3,6 +3,7 @@
 
 mod auth;
 mod child;
+mod collections;
 mod config_docs;
 mod crash_completion;
 mod credentials;

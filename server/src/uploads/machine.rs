@@ -59,6 +59,7 @@ impl Upload {
             bytes_done: 0,
             resumes: 0,
             phases: PhaseTimes::default(),
+            collection: new.collection,
             live,
         };
         (upload, describe)

@@ -59,7 +59,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::api::UploadStatus;
-use shared::{ClientId, ErrorCode, FileName, UploadId};
+use shared::{ClientId, CollectionId, ErrorCode, FileName, UploadId};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -70,8 +70,9 @@ use crate::metrics::Metrics;
 use crate::registry::AgentLink;
 use crate::storage::Storage;
 
+pub use record::UnixMs;
 pub use status::{STALLED_AFTER, rfc3339};
-pub use table::MAX_FINISHED_UPLOADS;
+pub use table::{Ended, MAX_FINISHED_UPLOADS};
 
 use record::{NewUpload, Upload};
 use table::{CreateError, Table};
@@ -110,6 +111,8 @@ pub struct Services {
     /// Background steps run on it, so that shutdown waits for them.
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
+    /// Told of every upload that finishes.
+    pub ended: Option<table::Ended>,
 }
 
 /// The upload service. Cheap to clone; every clone is the same service.
@@ -120,6 +123,15 @@ struct Core {
     table: Table,
     settings: Settings,
     services: Services,
+}
+
+/// One store asked for one file.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    pub id: UploadId,
+    pub client_id: ClientId,
+    pub share: FileName,
+    pub collection: Option<CollectionId>,
 }
 
 /// Who asked for an upload, for the audit trail.
@@ -142,7 +154,7 @@ impl Uploads {
         let bucket = services.storage.bucket().to_owned();
         let render: table::Render = Box::new(move |u| status::of(u, &bucket, stalled_after));
         Ok(Self(Arc::new(Core {
-            table: Table::open(store, render)?,
+            table: Table::open(store, render, services.ended.clone())?,
             settings,
             services,
         })))
@@ -175,6 +187,27 @@ impl Uploads {
         share: FileName,
         requester: &Requester,
     ) -> Result<UploadId, ApiError> {
+        self.ask(
+            Ask {
+                id: UploadId::new_random(),
+                client_id,
+                share,
+                collection: None,
+            },
+            requester,
+        )
+    }
+
+    /// Records an upload under the id `ask` names and asks the agent for its file. A
+    /// collection chooses the id itself, and records it before asking, so that a restart in
+    /// between cannot ask the store twice.
+    pub fn ask(&self, ask: Ask, requester: &Requester) -> Result<UploadId, ApiError> {
+        let Ask {
+            id,
+            client_id,
+            share,
+            collection,
+        } = ask;
         if self.0.services.shutdown.is_cancelled() {
             return Err(ApiError::new(
                 ErrorCode::ShuttingDown,
@@ -191,7 +224,6 @@ impl Uploads {
             .agents()
             .connection(&client_id)
             .ok_or_else(not_connected)?;
-        let id = UploadId::new_random();
         let (upload, describe) = Upload::requested(
             NewUpload {
                 id,
@@ -199,6 +231,7 @@ impl Uploads {
                 share: share.clone(),
                 requested_by: requester.operator.clone(),
                 requested_from: requester.from.to_string(),
+                collection,
             },
             conn,
             record::Now::read(),
@@ -231,6 +264,7 @@ impl Uploads {
             %client_id,
             upload_id = %id,
             %share,
+            collection_id = collection.map(|c| c.to_string()),
             operator = requester.operator,
             from = %requester.from,
             "download triggered"

@@ -6,7 +6,7 @@ use std::time::Instant;
 use shared::api::{ErrorDetail, PhaseTimes, UploadState};
 use shared::hash::{ContentMd5, Crc64Nvme, Sha256Hex};
 use shared::protocol::{CompletedPart, part_range};
-use shared::{ClientId, FileName, PartNumber, UploadId};
+use shared::{ClientId, CollectionId, FileName, PartNumber, UploadId};
 use time::OffsetDateTime;
 
 use crate::registry::ConnId;
@@ -358,6 +358,8 @@ pub struct Upload {
     pub bytes_done: u64,
     pub resumes: u32,
     pub phases: PhaseTimes,
+    /// The collection that asked for it, if any.
+    pub collection: Option<CollectionId>,
     pub live: Live,
 }
 
@@ -369,6 +371,7 @@ pub struct NewUpload {
     pub share: FileName,
     pub requested_by: String,
     pub requested_from: String,
+    pub collection: Option<CollectionId>,
 }
 
 impl Upload {

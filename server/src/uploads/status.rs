@@ -78,6 +78,7 @@ pub fn of(u: &Upload, bucket: &str, stalled_after: Duration) -> UploadStatus {
         updated_at: time(u.updated),
         finished_at: u.finished.map(time),
         phases: u.phases,
+        collection_id: u.collection,
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use shared::api::{ErrorDetail, PhaseTimes};
 use shared::hash::{ContentMd5, Crc64Nvme, Sha256Hex};
-use shared::{ClientId, ErrorCode, FileName, UploadId};
+use shared::{ClientId, CollectionId, ErrorCode, FileName, UploadId};
 
 use super::record::{
     Digests, Ending, FileFacts, Live, Multipart, Open, Outcome, Stage, Transfer, UnixMs, Upload,
@@ -70,6 +70,10 @@ pub struct UploadV2 {
     bytes_done: u64,
     resumes: u32,
     phases: PhasesV2,
+    /// Added to format 2 as an optional field: a record without it (from a release before
+    /// collections) has none, and a release before collections ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    collection_id: Option<CollectionId>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -172,6 +176,7 @@ impl From<&Upload> for UploadV2 {
                 complete_ms: p.complete_ms,
                 verify_ms: p.verify_ms,
             },
+            collection_id: u.collection,
         }
     }
 }
@@ -279,6 +284,7 @@ impl UploadV2 {
                 complete_ms: p.complete_ms,
                 verify_ms: p.verify_ms,
             },
+            collection: self.collection_id,
             live: Live::new(now),
         })
     }
@@ -450,6 +456,7 @@ pub mod legacy {
                 bytes_done: self.bytes_done,
                 resumes: self.resumes,
                 phases: self.phases,
+                collection: None,
                 live: Live::new(now),
             })
         }

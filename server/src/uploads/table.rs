@@ -30,6 +30,9 @@ pub const MAX_FINISHED_UPLOADS: usize = 10_000;
 /// How an upload is shown to operators (`status::of`, with the server's bucket).
 pub type Render = Box<dyn Fn(&Upload) -> UploadStatus + Send + Sync>;
 
+/// Where the status of each upload that finishes is sent, as it finishes (to the collections).
+pub type Ended = tokio::sync::mpsc::UnboundedSender<UploadStatus>;
+
 /// A finished upload as the table keeps it.
 #[derive(Debug)]
 struct Finished {
@@ -122,12 +125,17 @@ pub struct Table {
     index: Mutex<Index>,
     store: Box<dyn UploadStore>,
     render: Render,
+    ended: Option<Ended>,
 }
 
 impl Table {
     /// Loads every unfinished upload and the most recent finished ones from `store`. A record
     /// that cannot be read is reported and set aside, never taken as absent.
-    pub fn open(store: Box<dyn UploadStore>, render: Render) -> anyhow::Result<Self> {
+    pub fn open(
+        store: Box<dyn UploadStore>,
+        render: Render,
+        ended: Option<Ended>,
+    ) -> anyhow::Result<Self> {
         let mut index = Index::default();
         let now = Instant::now();
         for row in store.load_working_set(MAX_FINISHED_UPLOADS)? {
@@ -150,6 +158,7 @@ impl Table {
             index: Mutex::new(index),
             store,
             render,
+            ended,
         })
     }
 
@@ -226,6 +235,10 @@ impl Table {
         }
         if upload.stage.is_terminal() {
             index.retire(id, &self.render);
+            if let (Some(ended), Some(f)) = (&self.ended, index.finished.get(&id)) {
+                // The receiver is gone only at shutdown.
+                let _ = ended.send(f.status.clone());
+            }
         }
         Ok(effects)
     }

@@ -3,9 +3,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
-use crate::ids::{ClientId, UploadId};
+use crate::ids::{ClientId, CollectionId, UploadId};
 use crate::labels::Labels;
 
+pub mod collections;
 pub mod tokens;
 
 /// `{"error":{"code":"...","message":"..."}}`, the body of every non-2xx answer.
@@ -143,6 +144,9 @@ pub struct UploadStatus {
     /// by a lost connection is not counted.
     #[serde(default)]
     pub phases: PhaseTimes,
+    /// The collection it belongs to, if one asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collection_id: Option<CollectionId>,
 }
 
 /// The phases of an upload, in milliseconds, as the server saw them (see docs/PROTOCOL.md).

@@ -96,6 +96,7 @@ fn new_upload() -> Upload {
             share: FileName::parse("default").unwrap(),
             requested_by: "ops".into(),
             requested_from: "127.0.0.1:1".into(),
+            collection: None,
         },
         conn(),
         Now::read(),

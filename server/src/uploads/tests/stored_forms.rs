@@ -25,7 +25,7 @@ fn temp_dir() -> std::path::PathBuf {
 fn open_table(path: &std::path::Path) -> Table {
     let render: crate::uploads::table::Render =
         Box::new(|u| crate::uploads::status::of(u, "pos-uploads", Duration::from_secs(60)));
-    Table::open(Box::new(SqliteStore::open(path).unwrap()), render).unwrap()
+    Table::open(Box::new(SqliteStore::open(path).unwrap()), render, None).unwrap()
 }
 
 /// The database the first release's code wrote (`tests/fixtures/uploads-v1.sql`, dumped from

@@ -1,0 +1,575 @@
+//! The book of live collections: the only holder of their lock, and the one place where a
+//! change is saved.
+//!
+//! A collection is live while it is open or has a store waiting or running; it is then held
+//! whole in memory. Once it can no longer change it leaves the book, and is read from the store
+//! when asked for. Every change is written through to the [`Store`] under the lock, before it is
+//! acted on: a store is marked `running`, with its upload's id, before it is asked, so a restart
+//! in between cannot ask it twice.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use shared::api::UploadStatus;
+use shared::api::collections::CollectionState;
+use shared::labels::Labels;
+use shared::{ClientId, CollectionId, FileName, UploadId};
+
+use super::record::{Collection, Row, Stage};
+use super::store::Store;
+use crate::uploads::UnixMs;
+
+/// A store the dispatcher is to ask now, already recorded as running.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub collection: CollectionId,
+    pub client_id: ClientId,
+    pub upload: UploadId,
+    pub share: FileName,
+    pub created_by: String,
+    pub created_from: String,
+}
+
+/// Why a collection could not be cancelled.
+#[derive(Debug)]
+pub enum CancelError {
+    NotFound,
+    /// Nothing in it is left to cancel.
+    Finished(CollectionState),
+    Store(anyhow::Error),
+}
+
+pub struct Book {
+    live: Mutex<HashMap<CollectionId, Collection>>,
+    store: Store,
+}
+
+impl Book {
+    /// Loads the live collections from `store`.
+    pub fn open(store: Store) -> anyhow::Result<Self> {
+        let live = store
+            .load_live()?
+            .into_iter()
+            .map(|c| (c.spec.id, c))
+            .collect();
+        Ok(Self {
+            live: Mutex::new(live),
+            store,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<CollectionId, Collection>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a new collection. `connected` lists the agents connected now; it is read under
+    /// the lock, after which every agent that says hello finds the collection in the book, so
+    /// no store that connects meanwhile is missed.
+    pub fn create(
+        &self,
+        mut c: Collection,
+        connected: impl FnOnce() -> Vec<(ClientId, Labels)>,
+    ) -> anyhow::Result<()> {
+        let mut live = self.lock();
+        for (client, labels) in connected() {
+            if c.spec.matcher.matches(&client, &labels) {
+                c.rows.entry(client).or_insert(Row {
+                    stage: Stage::Waiting,
+                    matched: c.spec.created,
+                    finished: None,
+                });
+            }
+        }
+        self.store.insert(&c)?;
+        live.insert(c.spec.id, c);
+        Ok(())
+    }
+
+    /// A store said hello: every open collection it matches and has not met yet gains it.
+    /// Returns whether it is waiting in any collection now.
+    pub fn store_connected(&self, client: &ClientId, labels: &Labels, now: UnixMs) -> bool {
+        let mut live = self.lock();
+        let mut waiting = false;
+        for c in live.values_mut() {
+            if c.state != CollectionState::Open {
+                continue;
+            }
+            if let Some(row) = c.rows.get(client) {
+                waiting |= row.stage == Stage::Waiting;
+                continue;
+            }
+            if !c.spec.matcher.matches(client, labels) {
+                continue;
+            }
+            let row = Row {
+                stage: Stage::Waiting,
+                matched: now,
+                finished: None,
+            };
+            if let Err(e) = self.store.save_rows(c.spec.id, [(client, &row)]) {
+                tracing::error!(collection_id = %c.spec.id, %client, error = format!("{e:#}"), "could not add a store to a collection");
+                continue;
+            }
+            tracing::info!(collection_id = %c.spec.id, %client, "a store that connected joins a collection");
+            c.rows.insert(client.clone(), row);
+            waiting = true;
+        }
+        waiting
+    }
+
+    /// Chooses the stores to ask now: in each open collection, waiting stores that `can_ask`
+    /// allows, up to its free slots. Each is saved as running, with a new upload id, before it
+    /// is returned.
+    pub fn plan(&self, can_ask: impl Fn(&ClientId) -> bool) -> Vec<Planned> {
+        let mut live = self.lock();
+        let mut collections: Vec<&mut Collection> = live
+            .values_mut()
+            .filter(|c| c.state == CollectionState::Open)
+            .collect();
+        collections.sort_by_key(|c| c.spec.created);
+        let mut planned = Vec::new();
+        for c in collections {
+            let slots = (c.spec.max_concurrent as usize).saturating_sub(c.running());
+            if slots == 0 {
+                continue;
+            }
+            let chosen: Vec<ClientId> = c
+                .rows
+                .iter()
+                .filter(|(client, row)| row.stage == Stage::Waiting && can_ask(client))
+                .take(slots)
+                .map(|(client, _)| client.clone())
+                .collect();
+            if chosen.is_empty() {
+                continue;
+            }
+            let rows: Vec<(ClientId, Row)> = chosen
+                .into_iter()
+                .map(|client| {
+                    let mut row = c.rows[&client].clone();
+                    row.stage = Stage::Running {
+                        upload: UploadId::new_random(),
+                    };
+                    (client, row)
+                })
+                .collect();
+            if let Err(e) = self
+                .store
+                .save_rows(c.spec.id, rows.iter().map(|(k, r)| (k, r)))
+            {
+                tracing::error!(collection_id = %c.spec.id, error = format!("{e:#}"), "could not record the stores to ask; asking none");
+                continue;
+            }
+            for (client, row) in rows {
+                let Some(upload) = row.stage.upload() else {
+                    continue;
+                };
+                planned.push(Planned {
+                    collection: c.spec.id,
+                    client_id: client.clone(),
+                    upload,
+                    share: c.spec.share.clone(),
+                    created_by: c.spec.created_by.clone(),
+                    created_from: c.spec.created_from.clone(),
+                });
+                c.rows.insert(client, row);
+            }
+        }
+        planned
+    }
+
+    /// A planned store could not be asked (it left, or is busy): it waits again.
+    pub fn unask(&self, p: &Planned) {
+        self.update(p.collection, &p.client_id, |row| {
+            (row.stage == Stage::Running { upload: p.upload }).then(|| Row {
+                stage: Stage::Waiting,
+                ..row.clone()
+            })
+        });
+    }
+
+    /// An upload ended; if a collection asked for it, its store's row says how.
+    pub fn upload_ended(&self, status: &UploadStatus, now: UnixMs) {
+        let Some(collection) = status.collection_id else {
+            return;
+        };
+        self.update(collection, &status.client_id, |row| {
+            if row.stage
+                != (Stage::Running {
+                    upload: status.upload_id,
+                })
+            {
+                return None;
+            }
+            Some(Row {
+                stage: ended_stage(status)?,
+                finished: Some(now),
+                ..row.clone()
+            })
+        });
+    }
+
+    /// The store a running upload belongs to has no such upload: it was never asked (the
+    /// server stopped between recording and asking), so it waits again.
+    pub fn never_asked(&self, collection: CollectionId, client: &ClientId, upload: UploadId) {
+        self.update(collection, client, |row| {
+            (row.stage == Stage::Running { upload }).then(|| Row {
+                stage: Stage::Waiting,
+                ..row.clone()
+            })
+        });
+    }
+
+    /// Changes one row if `change` says so, saving it, and lets a collection that can no
+    /// longer change leave the book.
+    fn update(
+        &self,
+        collection: CollectionId,
+        client: &ClientId,
+        change: impl FnOnce(&Row) -> Option<Row>,
+    ) {
+        let mut live = self.lock();
+        let Some(c) = live.get_mut(&collection) else {
+            return;
+        };
+        let Some(new) = c.rows.get(client).and_then(change) else {
+            return;
+        };
+        if let Err(e) = self.store.save_rows(collection, [(client, &new)]) {
+            tracing::error!(collection_id = %collection, %client, error = format!("{e:#}"), "saving a collection row failed");
+        }
+        c.rows.insert(client.clone(), new);
+        if !c.is_live() {
+            live.remove(&collection);
+        }
+    }
+
+    /// Open collections past their expiry expire: stores still waiting are `not_reached`.
+    /// Uploads already running go on.
+    pub fn expire(&self, now: UnixMs) {
+        let mut live = self.lock();
+        let due: Vec<CollectionId> = live
+            .values()
+            .filter(|c| c.state == CollectionState::Open && c.spec.expires <= now)
+            .map(|c| c.spec.id)
+            .collect();
+        for id in due {
+            let Some(c) = live.get_mut(&id) else { continue };
+            let reached = end_waiting(c, Stage::NotReached, now);
+            if let Err(e) = self
+                .store
+                .save_rows(id, reached.iter().map(|k| (k, &c.rows[k])))
+                .and_then(|()| self.store.set_state(id, CollectionState::Expired))
+            {
+                tracing::error!(collection_id = %id, error = format!("{e:#}"), "saving an expiry failed");
+            }
+            c.state = CollectionState::Expired;
+            tracing::info!(collection_id = %id, not_reached = reached.len(), "collection expired");
+            if !c.is_live() {
+                live.remove(&id);
+            }
+        }
+    }
+
+    /// Cancels a collection: waiting stores are cancelled at once; the uploads running are
+    /// returned, for the caller to cancel (their rows follow when they end).
+    pub fn cancel(&self, id: CollectionId, now: UnixMs) -> Result<Vec<UploadId>, CancelError> {
+        let mut live = self.lock();
+        let Some(c) = live.get_mut(&id) else {
+            return match self.store.load(id) {
+                Ok(Some(c)) => Err(CancelError::Finished(c.state)),
+                Ok(None) => Err(CancelError::NotFound),
+                Err(e) => Err(CancelError::Store(e)),
+            };
+        };
+        let cancelled = end_waiting(c, Stage::Cancelled { upload: None }, now);
+        self.store
+            .save_rows(id, cancelled.iter().map(|k| (k, &c.rows[k])))
+            .and_then(|()| self.store.set_state(id, CollectionState::Cancelled))
+            .map_err(CancelError::Store)?;
+        c.state = CollectionState::Cancelled;
+        let running = c
+            .rows
+            .values()
+            .filter_map(|r| match r.stage {
+                Stage::Running { upload } => Some(upload),
+                _ => None,
+            })
+            .collect();
+        if !c.is_live() {
+            live.remove(&id);
+        }
+        Ok(running)
+    }
+
+    /// Runs `f` on a collection: a live one under the lock (`f` must not block), any other as
+    /// the store has it. `None` if there is no such collection.
+    pub fn read<T>(
+        &self,
+        id: CollectionId,
+        f: impl FnOnce(&Collection) -> T,
+    ) -> anyhow::Result<Option<T>> {
+        {
+            let live = self.lock();
+            if let Some(c) = live.get(&id) {
+                return Ok(Some(f(c)));
+            }
+        }
+        Ok(self.store.load(id)?.map(|c| f(&c)))
+    }
+
+    /// Every running store of the live collections.
+    pub fn running(&self) -> Vec<(CollectionId, ClientId, UploadId)> {
+        self.lock()
+            .values()
+            .flat_map(|c| {
+                c.rows.iter().filter_map(|(client, r)| match r.stage {
+                    Stage::Running { upload } => Some((c.spec.id, client.clone(), upload)),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
+    /// Stores waiting in open collections, for `/metrics`.
+    pub fn waiting(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|c| c.state == CollectionState::Open)
+            .flat_map(|c| c.rows.values())
+            .filter(|r| r.stage == Stage::Waiting)
+            .count()
+    }
+
+    pub fn newest(&self, limit: usize) -> anyhow::Result<Vec<CollectionId>> {
+        self.store.newest(limit)
+    }
+
+    pub fn count_by_state(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        self.store.count_by_state()
+    }
+}
+
+/// Ends every waiting row of `c` as `stage`; returns their stores.
+fn end_waiting(c: &mut Collection, stage: Stage, now: UnixMs) -> Vec<ClientId> {
+    let mut ended = Vec::new();
+    for (client, row) in c.rows.iter_mut() {
+        if row.stage == Stage::Waiting {
+            row.stage = stage.clone();
+            row.finished = Some(now);
+            ended.push(client.clone());
+        }
+    }
+    ended
+}
+
+/// The final stage of a store whose upload ended with `status`.
+fn ended_stage(status: &UploadStatus) -> Option<Stage> {
+    use shared::api::UploadState;
+    let upload = status.upload_id;
+    Some(match status.state {
+        UploadState::Completed => Stage::Completed {
+            upload,
+            key: status.key.clone()?,
+            size: status.size?,
+            sha256: status.sha256.clone(),
+        },
+        UploadState::Failed => Stage::Failed {
+            upload,
+            error: status.error.clone().unwrap_or(shared::api::ErrorDetail {
+                code: shared::ErrorCode::Internal,
+                message: "the upload failed without a reason".into(),
+            }),
+        },
+        UploadState::Cancelled => Stage::Cancelled {
+            upload: Some(upload),
+        },
+        UploadState::Requested | UploadState::Uploading | UploadState::Verifying => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::api::collections::Target;
+    use shared::api::{ErrorDetail, UploadState};
+    use shared::{ErrorCode, FileName};
+
+    use super::*;
+    use crate::collections::record::Spec;
+    use crate::collections::target::Matcher;
+
+    fn id(s: &str) -> ClientId {
+        ClientId::parse(s).unwrap()
+    }
+
+    fn book(path: &std::path::Path) -> Book {
+        Book::open(Store::new(crate::db::open(path).unwrap())).unwrap()
+    }
+
+    fn collection(target: Target, max: u32, waiting: &[&str]) -> Collection {
+        Collection {
+            spec: Spec {
+                id: CollectionId::new_random(),
+                matcher: Matcher::new(target).unwrap(),
+                share: FileName::parse("z").unwrap(),
+                max_concurrent: max,
+                created_by: "op".into(),
+                created_from: "127.0.0.1:1".into(),
+                created: UnixMs(1_000),
+                expires: UnixMs(10_000),
+            },
+            state: CollectionState::Open,
+            rows: waiting
+                .iter()
+                .map(|c| {
+                    let row = Row {
+                        stage: Stage::Waiting,
+                        matched: UnixMs(1_000),
+                        finished: None,
+                    };
+                    (id(c), row)
+                })
+                .collect(),
+        }
+    }
+
+    fn ended(p: &Planned, state: UploadState) -> UploadStatus {
+        let mut s: UploadStatus = serde_json::from_value(serde_json::json!({
+            "upload_id": p.upload, "client_id": p.client_id, "state": state, "bucket": "b",
+            "key": "k", "share": "z", "file_name": null, "size": 7, "part_size": null,
+            "parts_total": null, "parts_done": 1, "bytes_done": 7, "rate_bytes_per_sec": null,
+            "eta_secs": null, "idle_secs": null, "stalled": false, "agent_connected": true,
+            "resumes": 0, "sha256": "ab", "etag": null, "error": null, "requested_by": "op",
+            "requested_from": "x", "created_at": "", "updated_at": "", "finished_at": null,
+        }))
+        .unwrap();
+        s.collection_id = Some(p.collection);
+        if state == UploadState::Failed {
+            s.error = Some(ErrorDetail {
+                code: ErrorCode::FileNotFound,
+                message: "gone".into(),
+            });
+        }
+        s
+    }
+
+    fn stages(book: &Book, c: CollectionId) -> Vec<(String, Stage)> {
+        book.read(c, |c| {
+            c.rows
+                .iter()
+                .map(|(k, r)| (k.to_string(), r.stage.clone()))
+                .collect()
+        })
+        .unwrap()
+        .unwrap()
+    }
+
+    /// The life of a collection in the book: stores planned up to the limit and only when they
+    /// may be asked, endings recorded, a store that connects later joining, the expiry, and
+    /// every step read back the same from the database.
+    #[test]
+    fn a_collection_runs_its_stores_and_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        let b = book(&path);
+        let c = collection(Target::All, 2, &["a", "b", "c", "off"]);
+        let cid = c.spec.id;
+        b.create(c, || vec![(id("d"), Labels::default())]).unwrap();
+        assert_eq!(b.waiting(), 5, "the connected store d joined at creation");
+
+        // Two slots; `off` may not be asked (offline).
+        let first = b.plan(|c| c.as_str() != "off");
+        assert_eq!(first.len(), 2);
+        assert!(b.plan(|_| true).is_empty(), "no free slot");
+        b.unask(&first[1]);
+        let again = b.plan(|c| c.as_str() != "off");
+        assert_eq!(again.len(), 1, "the slot given back is used");
+        assert_ne!(again[0].client_id, first[0].client_id);
+
+        b.upload_ended(&ended(&first[0], UploadState::Completed), UnixMs(2_000));
+        b.upload_ended(&ended(&again[0], UploadState::Failed), UnixMs(2_000));
+        // An ending of an upload the collection did not ask for changes nothing.
+        let mut stray = ended(&first[0], UploadState::Failed);
+        stray.upload_id = UploadId::new_random();
+        b.upload_ended(&stray, UnixMs(2_000));
+
+        // A store that says hello later joins; the same store twice does not.
+        assert!(b.store_connected(&id("late"), &Labels::default(), UnixMs(3_000)));
+        assert!(b.store_connected(&id("late"), &Labels::default(), UnixMs(3_000)));
+        let before = stages(&b, cid);
+        assert_eq!(before.len(), 6);
+        assert_eq!(
+            stages(&book(&path), cid),
+            before,
+            "the database says the same"
+        );
+
+        b.expire(UnixMs(10_000));
+        let after = stages(&b, cid);
+        let not_reached = after
+            .iter()
+            .filter(|(_, s)| *s == Stage::NotReached)
+            .count();
+        assert_eq!(not_reached, 4, "{after:?}");
+        assert!(
+            matches!(after[0].1, Stage::Completed { size: 7, .. }),
+            "{after:?}"
+        );
+        assert!(
+            matches!(&after[1].1, Stage::Failed { error, .. } if error.code == ErrorCode::FileNotFound),
+            "{after:?}"
+        );
+        // Expired, nothing waiting or running: no longer live, read from the database.
+        assert!(b.lock().is_empty());
+        assert_eq!(stages(&b, cid), after);
+        assert!(!b.store_connected(&id("later"), &Labels::default(), UnixMs(11_000)));
+        assert!(matches!(
+            b.cancel(cid, UnixMs(11_000)),
+            Err(CancelError::Finished(CollectionState::Expired))
+        ));
+    }
+
+    /// A store recorded as asked whose upload was never created waits again; cancelling
+    /// returns the running uploads and ends the waiting stores.
+    #[test]
+    fn a_store_never_asked_waits_again_and_a_cancel_ends_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = book(&dir.path().join("b.db"));
+        let c = collection(
+            Target::Ids {
+                client_ids: vec![id("a"), id("b"), id("c")],
+            },
+            2,
+            &["a", "b", "c"],
+        );
+        let cid = c.spec.id;
+        b.create(c, Vec::new).unwrap();
+        let planned = b.plan(|_| true);
+        assert_eq!(b.running().len(), 2);
+        b.never_asked(cid, &planned[0].client_id, planned[0].upload);
+        assert_eq!(b.running().len(), 1);
+        let running = b.cancel(cid, UnixMs(5_000)).unwrap();
+        assert_eq!(running, vec![planned[1].upload]);
+        let after = stages(&b, cid);
+        let cancelled = after
+            .iter()
+            .filter(|(_, s)| *s == Stage::Cancelled { upload: None })
+            .count();
+        assert_eq!(cancelled, 2, "{after:?}");
+        assert!(
+            b.plan(|_| true).is_empty(),
+            "a cancelled collection asks nobody"
+        );
+        // Live until its running upload ends.
+        b.upload_ended(&ended(&planned[1], UploadState::Cancelled), UnixMs(6_000));
+        assert!(b.lock().is_empty());
+        assert!(matches!(
+            b.cancel(cid, UnixMs(7_000)),
+            Err(CancelError::Finished(_))
+        ));
+        assert!(matches!(
+            b.cancel(CollectionId::new_random(), UnixMs(7_000)),
+            Err(CancelError::NotFound)
+        ));
+    }
+}

@@ -1,0 +1,494 @@
+//! Collections: one file asked of many stores, including those offline now, on the existing
+//! upload machinery.
+//!
+//! A collection has a target (all stores, ids, an id glob, or labels), a share, an expiry and a
+//! limit on how many stores upload at once. When it is created it matches every store in the
+//! inventory (and, for an ids target, every named store, seen or not); a matching store that
+//! says hello later, before the expiry, joins it. Each store's transfer is an ordinary upload
+//! ([`Uploads::ask`]) that carries the collection's id, with every guarantee uploads have.
+//!
+//! ```text
+//!   matched ──► waiting ──(connected, not busy, a free slot)──► running ──► completed
+//!                  │                                              │       failed
+//!                  │ expiry: not_reached                          │       cancelled
+//!                  │ cancel: cancelled                            ▼
+//!                  └──────────────────────────────────────► (the upload's own end)
+//! ```
+//!
+//! One task, the dispatcher ([`Collections::run`]), asks the stores: it wakes when a
+//! collection is created, a store connects, an upload ends (any upload: its store may have
+//! been busy) and once a second for expiries. The rows live in the [`book`], the one owner of
+//! their lock, which writes every change through to the database before it is acted on.
+
+mod book;
+mod record;
+mod store;
+mod target;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared::api::UploadStatus;
+use shared::api::collections::{
+    CollectionCounts, CollectionRow, CollectionRows, CollectionState, CollectionSummary,
+    CreateCollection, MAX_ROWS_PAGE,
+};
+use shared::labels::Labels;
+use shared::protocol::DEFAULT_SHARE;
+use shared::{ClientId, CollectionId, ErrorCode, FileName, UploadId};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+use crate::inventory::Inventory;
+use crate::registry::{AgentLink, Registry};
+use crate::uploads::{Ask, Requester, UnixMs, Uploads, rfc3339};
+
+use book::{Book, CancelError};
+use record::{Collection, Row, Spec, Stage};
+use target::Matcher;
+
+/// A collection's expiry when none is given.
+pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+/// The furthest a collection's expiry may be.
+pub const MAX_EXPIRY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How many stores upload at once when not given.
+pub const DEFAULT_MAX_CONCURRENT: u32 = 50;
+/// The most stores one collection may run at once.
+pub const MAX_CONCURRENT: u32 = 10_000;
+/// How often the dispatcher looks for expiries even when nothing woke it.
+const TICK: Duration = Duration::from_secs(1);
+
+/// A completed store, for the manifest.
+#[derive(Debug, Clone)]
+pub struct Completed {
+    pub client_id: ClientId,
+    pub upload_id: UploadId,
+    pub key: String,
+    pub size: u64,
+    pub sha256: Option<String>,
+}
+
+/// The collection service. Cheap to clone.
+#[derive(Clone)]
+pub struct Collections(Arc<Core>);
+
+struct Core {
+    book: Book,
+    uploads: Uploads,
+    registry: Arc<Registry>,
+    wake: Notify,
+}
+
+impl Collections {
+    /// Loads the live collections from the database at `path`.
+    pub fn open(
+        path: &std::path::Path,
+        uploads: Uploads,
+        registry: Arc<Registry>,
+    ) -> anyhow::Result<Self> {
+        let book = Book::open(store::Store::new(crate::db::open(path)?))?;
+        Ok(Self(Arc::new(Core {
+            book,
+            uploads,
+            registry,
+            wake: Notify::new(),
+        })))
+    }
+
+    /// Settles what a previous run left: a store recorded as running whose upload ended is
+    /// given its outcome; one whose upload does not exist was never asked, and waits again.
+    pub fn recover(&self) {
+        for (collection, client, upload) in self.0.book.running() {
+            match self.0.uploads.status(upload) {
+                Ok(status) if status.state.is_terminal() => {
+                    self.0.book.upload_ended(&status, UnixMs::now());
+                }
+                Ok(_) => {}
+                Err(e) if e.code() == ErrorCode::UploadNotFound => {
+                    tracing::info!(%collection, %client, %upload, "a store recorded as asked never was; it waits again");
+                    self.0.book.never_asked(collection, &client, upload);
+                }
+                Err(_) => {
+                    tracing::error!(%collection, %client, %upload, "the upload of a collection's store cannot be read; the store is left as running");
+                }
+            }
+        }
+    }
+
+    /// The dispatcher: asks waiting stores as slots free up, applies upload endings and
+    /// expiries, until shutdown.
+    pub async fn run(
+        self,
+        mut ended: mpsc::UnboundedReceiver<UploadStatus>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                got = ended.recv() => {
+                    let Some(status) = got else { break };
+                    self.0.book.upload_ended(&status, UnixMs::now());
+                    // Endings arrive in bursts: take them all before one pass.
+                    while let Ok(status) = ended.try_recv() {
+                        self.0.book.upload_ended(&status, UnixMs::now());
+                    }
+                }
+                () = self.0.wake.notified() => {}
+                _ = tick.tick() => self.0.book.expire(UnixMs::now()),
+            }
+            self.dispatch();
+        }
+    }
+
+    /// Asks every store the book plans for; one that cannot be asked now waits again.
+    fn dispatch(&self) {
+        let uploads = &self.0.uploads;
+        let registry = &self.0.registry;
+        let planned = self.0.book.plan(|client| {
+            registry.connection(client).is_some() && uploads.active_for(client).is_none()
+        });
+        for p in planned {
+            let requester = Requester {
+                operator: p.created_by.clone(),
+                from: p
+                    .created_from
+                    .parse()
+                    .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+            };
+            let ask = Ask {
+                id: p.upload,
+                client_id: p.client_id.clone(),
+                share: p.share.clone(),
+                collection: Some(p.collection),
+            };
+            if let Err(e) = uploads.ask(ask, &requester) {
+                tracing::info!(collection_id = %p.collection, client_id = %p.client_id, code = %e.code(), "a store could not be asked now; it waits");
+                self.0.book.unask(&p);
+            }
+        }
+    }
+
+    /// A store said hello: it joins the open collections it matches, and is asked if a slot
+    /// is free.
+    pub fn on_agent_connected(&self, client: &ClientId, labels: &Labels) {
+        if self.0.book.store_connected(client, labels, UnixMs::now()) {
+            self.0.wake.notify_one();
+        }
+    }
+
+    /// `POST /collections`.
+    pub fn create(
+        &self,
+        req: CreateCollection,
+        inventory: &Inventory,
+        requester: &Requester,
+    ) -> Result<CollectionSummary, ApiError> {
+        let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
+        let matcher = Matcher::new(req.target).map_err(|e| bad(format!("target: {e}")))?;
+        let share = FileName::parse(req.file.as_deref().unwrap_or(DEFAULT_SHARE))
+            .map_err(|e| ApiError::new(ErrorCode::InvalidFileName, format!("file: {e}")))?;
+        let max_concurrent = req.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT);
+        if !(1..=MAX_CONCURRENT).contains(&max_concurrent) {
+            return Err(bad(format!("max_concurrent must be 1 to {MAX_CONCURRENT}")));
+        }
+        let now = time::OffsetDateTime::now_utc();
+        let expires = match (req.expires_at.as_deref(), req.expires_in_secs) {
+            (None, None) => now + DEFAULT_EXPIRY,
+            (Some(raw), None) => {
+                time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
+                    .map_err(|e| bad(format!("expires_at {raw:?} is not RFC 3339: {e}")))?
+            }
+            (None, Some(secs)) if secs <= MAX_EXPIRY.as_secs() => now + Duration::from_secs(secs),
+            (None, Some(_)) => {
+                return Err(bad(format!(
+                    "expires_in_secs must be at most {}",
+                    MAX_EXPIRY.as_secs()
+                )));
+            }
+            (Some(_), Some(_)) => {
+                return Err(bad("give expires_at or expires_in_secs, not both".into()));
+            }
+        };
+        if expires <= now {
+            return Err(bad("the expiry is not in the future".into()));
+        }
+        if expires - now > MAX_EXPIRY {
+            return Err(bad(format!(
+                "the expiry is more than {} days away",
+                MAX_EXPIRY.as_secs() / 86_400
+            )));
+        }
+        let created = UnixMs::from(now);
+        let mut rows = std::collections::BTreeMap::new();
+        let waiting = Row {
+            stage: Stage::Waiting,
+            matched: created,
+            finished: None,
+        };
+        for client in matcher.named() {
+            rows.insert(client.clone(), waiting.clone());
+        }
+        let known = inventory.list(&[]).map_err(|e| ApiError::internal(&e))?;
+        for store in known {
+            if matcher.matches(&store.client_id, &store.labels) {
+                rows.insert(store.client_id, waiting.clone());
+            }
+        }
+        let id = CollectionId::new_random();
+        let collection = Collection {
+            spec: Spec {
+                id,
+                matcher,
+                share,
+                max_concurrent,
+                created_by: requester.operator.clone(),
+                created_from: requester.from.to_string(),
+                created,
+                expires: UnixMs::from(expires),
+            },
+            state: CollectionState::Open,
+            rows,
+        };
+        let registry = &self.0.registry;
+        self.0
+            .book
+            .create(collection, || {
+                registry
+                    .snapshot()
+                    .into_iter()
+                    .map(|(client, handle)| (client, handle.labels))
+                    .collect()
+            })
+            .map_err(|e| ApiError::internal(&e))?;
+        let summary = self.summary(id)?;
+        tracing::info!(
+            audit = true,
+            collection_id = %id,
+            target = %summary.target,
+            file = summary.file,
+            matched = summary.counts.matched,
+            operator = requester.operator,
+            from = %requester.from,
+            "collection created"
+        );
+        self.0.wake.notify_one();
+        Ok(summary)
+    }
+
+    /// Runs `f` on a collection, live or from the store.
+    fn read<T>(&self, id: CollectionId, f: impl FnOnce(&Collection) -> T) -> Result<T, ApiError> {
+        match self.0.book.read(id, f) {
+            Ok(Some(t)) => Ok(t),
+            Ok(None) => Err(ApiError::new(
+                ErrorCode::CollectionNotFound,
+                format!("no collection {id}"),
+            )),
+            Err(e) => Err(ApiError::internal(
+                &e.context(format!("reading collection {id}")),
+            )),
+        }
+    }
+
+    /// `GET /collections/{id}`.
+    pub fn summary(&self, id: CollectionId) -> Result<CollectionSummary, ApiError> {
+        self.read(id, |c| self.summarize(c))
+    }
+
+    /// `GET /collections`: the newest first.
+    pub fn list(&self, limit: usize) -> Result<Vec<CollectionSummary>, ApiError> {
+        let ids = self
+            .0
+            .book
+            .newest(limit)
+            .map_err(|e| ApiError::internal(&e))?;
+        // A collection that cannot be read is logged (by `read`) and left out.
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| self.summary(id).ok())
+            .collect())
+    }
+
+    /// `GET /collections/{id}/uploads`: rows by client id, after `after`.
+    pub fn rows(
+        &self,
+        id: CollectionId,
+        after: Option<&ClientId>,
+        limit: usize,
+    ) -> Result<CollectionRows, ApiError> {
+        let limit = limit.clamp(1, MAX_ROWS_PAGE);
+        self.read(id, |c| {
+            let mut page: Vec<CollectionRow> = c
+                .rows
+                .iter()
+                .filter(|(client, _)| after.is_none_or(|a| *client > a))
+                .take(limit + 1)
+                .map(|(client, row)| self.show_row(client, row))
+                .collect();
+            let next_after = (page.len() > limit).then(|| {
+                page.truncate(limit);
+                page[limit - 1].client_id.clone()
+            });
+            CollectionRows {
+                rows: page,
+                next_after,
+            }
+        })
+    }
+
+    /// The completed stores, for the manifest.
+    pub fn completed(&self, id: CollectionId) -> Result<Vec<Completed>, ApiError> {
+        self.read(id, |c| {
+            c.rows
+                .iter()
+                .filter_map(|(client, row)| match &row.stage {
+                    Stage::Completed {
+                        upload,
+                        key,
+                        size,
+                        sha256,
+                    } => Some(Completed {
+                        client_id: client.clone(),
+                        upload_id: *upload,
+                        key: key.clone(),
+                        size: *size,
+                        sha256: sha256.clone(),
+                    }),
+                    _ => None,
+                })
+                .collect()
+        })
+    }
+
+    /// `DELETE /collections/{id}`: stores not asked yet are cancelled, and so are the uploads
+    /// running (each aborting its multipart upload).
+    pub async fn cancel(
+        &self,
+        id: CollectionId,
+        requester: &Requester,
+    ) -> Result<CollectionSummary, ApiError> {
+        let running = match self.0.book.cancel(id, UnixMs::now()) {
+            Ok(running) => running,
+            Err(CancelError::NotFound) => {
+                return Err(ApiError::new(
+                    ErrorCode::CollectionNotFound,
+                    format!("no collection {id}"),
+                ));
+            }
+            Err(CancelError::Finished(state)) => {
+                return Err(ApiError::new(
+                    ErrorCode::CollectionFinished,
+                    format!("collection {id} is {state} and has nothing left to cancel"),
+                ));
+            }
+            Err(CancelError::Store(e)) => return Err(ApiError::internal(&e)),
+        };
+        tracing::info!(
+            audit = true,
+            collection_id = %id,
+            running = running.len(),
+            operator = requester.operator,
+            from = %requester.from,
+            "collection cancelled"
+        );
+        let cancels = running.into_iter().map(|upload| async move {
+            // One that finished meanwhile has its row already.
+            let _ = self.0.uploads.cancel(upload, requester).await;
+        });
+        futures::future::join_all(cancels).await;
+        self.summary(id)
+    }
+
+    /// Collections by state, and stores waiting in open ones, for `/metrics`.
+    pub fn gauges(&self) -> (Vec<(String, u64)>, usize) {
+        let by_state = self.0.book.count_by_state().unwrap_or_else(|e| {
+            tracing::error!(error = format!("{e:#}"), "counting collections failed");
+            Vec::new()
+        });
+        (by_state, self.0.book.waiting())
+    }
+
+    fn connected(&self, client: &ClientId) -> bool {
+        self.0.registry.connection(client).is_some()
+    }
+
+    /// How far a running upload is: bytes done and the file's size, once known.
+    fn progress(&self, upload: UploadId) -> (u64, Option<u64>) {
+        match self.0.uploads.status(upload) {
+            Ok(s) => (s.bytes_done, s.size),
+            Err(_) => (0, None),
+        }
+    }
+
+    fn summarize(&self, c: &Collection) -> CollectionSummary {
+        let mut counts = CollectionCounts::default();
+        let mut failed_by_code = std::collections::BTreeMap::new();
+        let (mut bytes_done, mut bytes_total) = (0u64, 0u64);
+        for (client, row) in &c.rows {
+            let connected = matches!(row.stage, Stage::Waiting) && self.connected(client);
+            counts.add(row.stage.shown(connected));
+            match &row.stage {
+                Stage::Completed { size, .. } => {
+                    bytes_done += size;
+                    bytes_total += size;
+                }
+                Stage::Running { upload } => {
+                    let (done, size) = self.progress(*upload);
+                    bytes_done += done;
+                    bytes_total += size.unwrap_or(0);
+                }
+                Stage::Failed { error, .. } => {
+                    *failed_by_code
+                        .entry(error.code.as_str().to_owned())
+                        .or_insert(0) += 1;
+                }
+                _ => {}
+            }
+        }
+        let s = &c.spec;
+        CollectionSummary {
+            collection_id: s.id,
+            target: s.matcher.target().clone(),
+            file: s.share.to_string(),
+            state: c.state,
+            max_concurrent: s.max_concurrent,
+            created_by: s.created_by.clone(),
+            created_at: rfc3339(s.created.to_datetime()),
+            expires_at: rfc3339(s.expires.to_datetime()),
+            settled: counts.unfinished() == 0,
+            counts,
+            failed_by_code,
+            bytes_done,
+            bytes_total,
+        }
+    }
+
+    fn show_row(&self, client: &ClientId, row: &Row) -> CollectionRow {
+        let connected = matches!(row.stage, Stage::Waiting) && self.connected(client);
+        let (bytes_done, size, sha256, key, error) = match &row.stage {
+            Stage::Running { upload } => {
+                let (done, size) = self.progress(*upload);
+                (done, size, None, None, None)
+            }
+            Stage::Completed {
+                key, size, sha256, ..
+            } => (*size, Some(*size), sha256.clone(), Some(key.clone()), None),
+            Stage::Failed { error, .. } => (0, None, None, None, Some(error.clone())),
+            _ => (0, None, None, None, None),
+        };
+        CollectionRow {
+            client_id: client.clone(),
+            state: row.stage.shown(connected),
+            upload_id: row.stage.upload(),
+            size,
+            bytes_done,
+            sha256,
+            key,
+            error,
+            matched_at: rfc3339(row.matched.to_datetime()),
+            finished_at: row.finished.map(|t| rfc3339(t.to_datetime())),
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The REST routes of collections: `/collections` and below.
+
+use std::net::SocketAddr;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use shared::api::collections::{
+    CollectionList, CollectionListParams, CollectionRows, CollectionSummary, CreateCollection,
+    MAX_ROWS_PAGE, Manifest, ManifestEntry, RowsParams,
+};
+use shared::{ClientId, CollectionId, ErrorCode};
+
+use crate::AppState;
+use crate::auth::Operator;
+use crate::error::ApiError;
+use crate::uploads::Requester;
+
+/// Collections listed by default, and at most.
+const DEFAULT_LIST: usize = 50;
+const MAX_LIST: usize = 1_000;
+
+fn parse_id(raw: &str) -> Result<CollectionId, ApiError> {
+    CollectionId::parse(raw)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidCollectionId, e.to_string()))
+}
+
+fn bad_query(e: QueryRejection) -> ApiError {
+    ApiError::new(ErrorCode::BadRequest, e.body_text())
+}
+
+/// `POST /collections`: 201 with the summary (the stores matched so far).
+pub async fn create(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    operator: Operator,
+    body: Result<Json<CreateCollection>, JsonRejection>,
+) -> Result<(StatusCode, Json<CollectionSummary>), ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let requester = Requester {
+        operator: operator.name,
+        from: peer,
+    };
+    let summary = state
+        .collections
+        .create(req, &state.inventory, &requester)?;
+    Ok((StatusCode::CREATED, Json(summary)))
+}
+
+/// `GET /collections?limit=N`: the newest first.
+pub async fn list(
+    State(state): State<AppState>,
+    _operator: Operator,
+    params: Result<Query<CollectionListParams>, QueryRejection>,
+) -> Result<Json<CollectionList>, ApiError> {
+    let Query(params) = params.map_err(bad_query)?;
+    let limit = params.limit.unwrap_or(DEFAULT_LIST).clamp(1, MAX_LIST);
+    Ok(Json(CollectionList {
+        collections: state.collections.list(limit)?,
+    }))
+}
+
+/// `GET /collections/{id}`.
+pub async fn summary(
+    State(state): State<AppState>,
+    _operator: Operator,
+    Path(raw): Path<String>,
+) -> Result<Json<CollectionSummary>, ApiError> {
+    state.collections.summary(parse_id(&raw)?).map(Json)
+}
+
+/// `GET /collections/{id}/uploads?after=<client id>&limit=N`: the stores, by client id.
+pub async fn rows(
+    State(state): State<AppState>,
+    _operator: Operator,
+    Path(raw): Path<String>,
+    params: Result<Query<RowsParams>, QueryRejection>,
+) -> Result<Json<CollectionRows>, ApiError> {
+    let id = parse_id(&raw)?;
+    let Query(params) = params.map_err(bad_query)?;
+    let after = params
+        .after
+        .as_deref()
+        .map(ClientId::parse)
+        .transpose()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidClientId, format!("after: {e}")))?;
+    let limit = params.limit.unwrap_or(MAX_ROWS_PAGE);
+    state.collections.rows(id, after.as_ref(), limit).map(Json)
+}
+
+/// `DELETE /collections/{id}`: cancels what is unfinished.
+pub async fn cancel(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    operator: Operator,
+    Path(raw): Path<String>,
+) -> Result<Json<CollectionSummary>, ApiError> {
+    let id = parse_id(&raw)?;
+    let requester = Requester {
+        operator: operator.name,
+        from: peer,
+    };
+    state.collections.cancel(id, &requester).await.map(Json)
+}
+
+/// `GET /collections/{id}/manifest`: every completed store with a presigned GET of its file,
+/// as JSON, or as CSV when the `Accept` header asks for `text/csv`.
+pub async fn manifest(
+    State(state): State<AppState>,
+    operator: Operator,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&raw)?;
+    let completed = state.collections.completed(id)?;
+    let presigner = state
+        .storage
+        .presigner(state.config.download_url_ttl())
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let entries = completed
+        .into_iter()
+        .map(|c| {
+            Ok(ManifestEntry {
+                url: presigner.get(&c.key)?,
+                client_id: c.client_id,
+                upload_id: c.upload_id,
+                key: c.key,
+                size: c.size,
+                sha256: c.sha256,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map_err(|e| ApiError::internal(&e))?;
+    tracing::info!(
+        audit = true,
+        collection_id = %id,
+        entries = entries.len(),
+        operator = operator.name,
+        ttl_secs = presigner.ttl().as_secs(),
+        "manifest issued"
+    );
+    let wants_csv = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/csv"));
+    if wants_csv {
+        let csv = to_csv(&entries).map_err(|e| ApiError::internal(&e))?;
+        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response());
+    }
+    Ok(Json(Manifest {
+        collection_id: id,
+        expires_in_secs: presigner.ttl().as_secs(),
+        entries,
+    })
+    .into_response())
+}
+
+/// The manifest as CSV, with a header row.
+fn to_csv(entries: &[ManifestEntry]) -> anyhow::Result<String> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["client_id", "upload_id", "key", "size", "sha256", "url"])?;
+    for e in entries {
+        w.write_record([
+            e.client_id.as_str(),
+            &e.upload_id.to_string(),
+            &e.key,
+            &e.size.to_string(),
+            e.sha256.as_deref().unwrap_or(""),
+            &e.url,
+        ])?;
+    }
+    Ok(String::from_utf8(w.into_inner()?)?)
+}

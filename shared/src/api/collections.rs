@@ -1,0 +1,257 @@
+//! Collections: one file asked of many stores (`POST /collections` and the routes under it).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::ErrorDetail;
+use crate::ids::{ClientId, CollectionId, UploadId};
+
+/// The most stores a collection may name by id.
+pub const MAX_TARGET_IDS: usize = 10_000;
+/// Rows per page of `GET /collections/{id}/uploads` at most (and by default).
+pub const MAX_ROWS_PAGE: usize = 1_000;
+
+/// Which stores a collection asks. Matching is live: a store that connects later, before the
+/// expiry, and matches is asked too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Target {
+    /// Every store.
+    All,
+    /// These stores, whether the server has seen them yet or not.
+    Ids { client_ids: Vec<ClientId> },
+    /// Stores whose id matches a shell glob: `*`, `?` and `[...]`, such as `restaurant-*`.
+    Glob { pattern: String },
+    /// Stores whose labels include every one of these `key=value` pairs.
+    Labels { labels: Vec<String> },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::All => f.write_str("all"),
+            Target::Ids { client_ids } => write!(f, "{} ids", client_ids.len()),
+            Target::Glob { pattern } => write!(f, "id {pattern}"),
+            Target::Labels { labels } => write!(f, "labels {}", labels.join(",")),
+        }
+    }
+}
+
+/// Body of `POST /collections`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCollection {
+    pub target: Target,
+    /// Share name on the agents; `default` when absent.
+    #[serde(default)]
+    pub file: Option<String>,
+    /// RFC 3339; stores not reached by then are `not_reached`. Default: 24 hours from now.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    /// The expiry as seconds from now, instead of `expires_at`.
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+    /// How many stores upload at once; default 50.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectionState {
+    /// Before its expiry: matching stores are asked as they connect.
+    Open,
+    /// Past its expiry: nobody new is asked; uploads already running go on.
+    Expired,
+    /// An operator cancelled it; its unfinished uploads were cancelled.
+    Cancelled,
+}
+
+impl CollectionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CollectionState::Open => "open",
+            CollectionState::Expired => "expired",
+            CollectionState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for CollectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where one store stands in a collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RowState {
+    /// Matched but offline: asked when it connects.
+    PendingOffline,
+    /// Connected, waiting for a slot (or for its current upload to end).
+    Queued,
+    /// Its upload is under way.
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    /// Never asked before the expiry.
+    NotReached,
+}
+
+impl RowState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowState::PendingOffline => "pending_offline",
+            RowState::Queued => "queued",
+            RowState::Running => "running",
+            RowState::Completed => "completed",
+            RowState::Failed => "failed",
+            RowState::Cancelled => "cancelled",
+            RowState::NotReached => "not_reached",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RowState::Completed | RowState::Failed | RowState::Cancelled | RowState::NotReached
+        )
+    }
+}
+
+impl std::fmt::Display for RowState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How many stores are in each state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionCounts {
+    /// Every store matched so far.
+    pub matched: u64,
+    pub pending_offline: u64,
+    pub queued: u64,
+    pub running: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub not_reached: u64,
+}
+
+impl CollectionCounts {
+    /// Stores still to be asked or still uploading.
+    pub fn unfinished(&self) -> u64 {
+        self.pending_offline + self.queued + self.running
+    }
+
+    /// Adds one store in `state`.
+    pub fn add(&mut self, state: RowState) {
+        self.matched += 1;
+        *match state {
+            RowState::PendingOffline => &mut self.pending_offline,
+            RowState::Queued => &mut self.queued,
+            RowState::Running => &mut self.running,
+            RowState::Completed => &mut self.completed,
+            RowState::Failed => &mut self.failed,
+            RowState::Cancelled => &mut self.cancelled,
+            RowState::NotReached => &mut self.not_reached,
+        } += 1;
+    }
+}
+
+/// `GET /collections/{id}` (and the answer to `POST /collections`, 201).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CollectionSummary {
+    pub collection_id: CollectionId,
+    pub target: Target,
+    /// The share asked of every store.
+    pub file: String,
+    pub state: CollectionState,
+    pub max_concurrent: u32,
+    pub created_by: String,
+    /// RFC 3339.
+    pub created_at: String,
+    pub expires_at: String,
+    pub counts: CollectionCounts,
+    /// Failed stores by error code.
+    pub failed_by_code: BTreeMap<String, u64>,
+    /// Bytes stored so far, and the size of every file known so far (a store's size is known
+    /// once it has described its file).
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Nothing is left to run: no store is pending, queued or running. An open collection can
+    /// still gain a store that connects later.
+    pub settled: bool,
+}
+
+/// One store of a collection, in `GET /collections/{id}/uploads`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CollectionRow {
+    pub client_id: ClientId,
+    pub state: RowState,
+    /// Its upload, once asked (`GET /uploads/{upload_id}` has the details).
+    pub upload_id: Option<UploadId>,
+    pub size: Option<u64>,
+    pub bytes_done: u64,
+    pub sha256: Option<String>,
+    pub key: Option<String>,
+    pub error: Option<ErrorDetail>,
+    /// RFC 3339: when the store was matched, and when its upload ended.
+    pub matched_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// Query of `GET /collections/{id}/uploads`: rows by client id, after `after`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RowsParams {
+    pub after: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// `GET /collections/{id}/uploads`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CollectionRows {
+    pub rows: Vec<CollectionRow>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next_after: Option<ClientId>,
+}
+
+/// `GET /collections`: the newest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CollectionList {
+    pub collections: Vec<CollectionSummary>,
+}
+
+/// Query of `GET /collections`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectionListParams {
+    /// At most this many (default 50, at most 1,000).
+    pub limit: Option<usize>,
+}
+
+/// One completed store in `GET /collections/{id}/manifest`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    pub client_id: ClientId,
+    pub upload_id: UploadId,
+    pub key: String,
+    pub size: u64,
+    pub sha256: Option<String>,
+    /// A presigned GET of the object.
+    pub url: String,
+}
+
+/// `GET /collections/{id}/manifest` as JSON (`text/csv` gives the same entries as CSV).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub collection_id: CollectionId,
+    /// Seconds each URL lives from when it was signed.
+    pub expires_in_secs: u64,
+    pub entries: Vec<ManifestEntry>,
+}

@@ -11,7 +11,8 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use shared::api::collections::{
     CollectionList, CollectionRow, CollectionRows, CollectionState, CollectionSummary,
-    CreateCollection, Manifest, RowState, Target,
+    CollectionTemplate, CreateCollection, CreateSchedule, Manifest, RowState, ScheduleInfo,
+    ScheduleList, Target,
 };
 use shared::labels::Label;
 use shared::{ClientId, CollectionId};
@@ -25,8 +26,9 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Files `--output-dir` fetches at once.
 const PARALLEL_FETCHES: usize = 4;
 
+/// What a collection asks of whom: `collect`, and the template of `schedule create`.
 #[derive(Debug, Args)]
-pub struct CollectArgs {
+pub struct TemplateArgs {
     /// Every store.
     #[arg(long, conflicts_with_all = ["client_ids", "labels"])]
     all: bool,
@@ -49,6 +51,12 @@ pub struct CollectArgs {
     /// How many stores upload at once (default 50).
     #[arg(long)]
     max_concurrent: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct CollectArgs {
+    #[command(flatten)]
+    template: TemplateArgs,
     /// Follow it until nothing is left to run, or the expiry; the exit code says whether every
     /// store reached completed.
     #[arg(long)]
@@ -59,7 +67,16 @@ pub struct CollectArgs {
     output_dir: Option<PathBuf>,
 }
 
-impl CollectArgs {
+impl TemplateArgs {
+    fn template(&self) -> anyhow::Result<CollectionTemplate> {
+        Ok(CollectionTemplate {
+            target: self.target()?,
+            file: Some(self.file.clone()),
+            expires_in_secs: self.expires_in_secs,
+            max_concurrent: self.max_concurrent,
+        })
+    }
+
     fn target(&self) -> anyhow::Result<Target> {
         let globby = |s: &str| s.contains(['*', '?', '[']);
         Ok(match (&self.client_ids[..], &self.labels[..]) {
@@ -115,12 +132,13 @@ pub enum CollectionCommand {
 /// `collect`.
 pub async fn collect(cli: &Cli, args: &CollectArgs) -> anyhow::Result<bool> {
     let api = Api::new(cli)?;
+    let t = args.template.template()?;
     let req = CreateCollection {
-        target: args.target()?,
-        file: Some(args.file.clone()),
+        target: t.target,
+        file: t.file,
         expires_at: None,
-        expires_in_secs: args.expires_in_secs,
-        max_concurrent: args.max_concurrent,
+        expires_in_secs: t.expires_in_secs,
+        max_concurrent: t.max_concurrent,
     };
     let created: CollectionSummary = api.post_json("/collections", &req).await?;
     if !args.wait && args.output_dir.is_none() {
@@ -390,4 +408,80 @@ pub async fn collection(cli: &Cli, args: &CollectionArgs) -> anyhow::Result<bool
         }
         (None, None) => bail!("give a collection id, or `cancel <id>` or `manifest <id>`"),
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// A schedule: each time the cron pattern fires, in the time zone, a collection starts.
+    Create {
+        /// Five fields (minute hour day-of-month month weekday), or six with seconds first;
+        /// `@daily` and the other nicknames.
+        #[arg(long)]
+        cron: String,
+        /// The IANA time zone the pattern is read in, such as `Europe/Berlin`.
+        #[arg(long, default_value = "UTC")]
+        time_zone: String,
+        #[command(flatten)]
+        template: TemplateArgs,
+    },
+    /// Every schedule, with its next firing.
+    List,
+    /// No more firings; the collections it created go on.
+    Delete { id: String },
+}
+
+/// `schedule create|list|delete`.
+pub async fn schedule(cli: &Cli, command: &ScheduleCommand) -> anyhow::Result<bool> {
+    let api = Api::new(cli)?;
+    let print = |s: &ScheduleInfo| {
+        println!(
+            "{}  {:<16} {:<16} {:<24} {:<12} next {}",
+            s.schedule_id,
+            s.cron,
+            s.time_zone,
+            s.template.target.to_string(),
+            s.template.file.as_deref().unwrap_or("default"),
+            s.next_fire_at.as_deref().unwrap_or("never"),
+        )
+    };
+    match command {
+        ScheduleCommand::Create {
+            cron,
+            time_zone,
+            template,
+        } => {
+            let req = CreateSchedule {
+                cron: cron.clone(),
+                time_zone: Some(time_zone.clone()),
+                template: template.template()?,
+            };
+            let s: ScheduleInfo = api.post_json("/schedules", &req).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print(&s);
+            }
+        }
+        ScheduleCommand::List => {
+            let list: ScheduleList = api.get("/schedules").await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.schedules.is_empty() {
+                println!("no schedules");
+            } else {
+                list.schedules.iter().for_each(print);
+            }
+        }
+        ScheduleCommand::Delete { id } => {
+            let s: ScheduleInfo = api
+                .delete(&format!("/schedules/{}", path_segment(id)))
+                .await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("schedule {} deleted", s.schedule_id);
+            }
+        }
+    }
+    Ok(true)
 }

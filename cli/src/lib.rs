@@ -104,6 +104,11 @@ pub enum Command {
     Collections,
     /// Show a collection and its stores, cancel it, or print its manifest.
     Collection(collect::CollectionArgs),
+    /// Collections on a schedule: create, list and delete.
+    Schedule {
+        #[command(subcommand)]
+        command: collect::ScheduleCommand,
+    },
     /// Mint, list and revoke tokens (admin).
     Token {
         #[command(subcommand)]
@@ -152,6 +157,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Collect(args) => collect::collect(&cli, args).await,
         Command::Collections => collect::list(&cli).await,
         Command::Collection(args) => collect::collection(&cli, args).await,
+        Command::Schedule { command } => collect::schedule(&cli, command).await,
         Command::Clients { all, labels } => clients(&cli, *all, labels).await,
         Command::Status(StatusArgs {
             client_id,

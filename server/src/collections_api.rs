@@ -1,4 +1,4 @@
-//! The REST routes of collections: `/collections` and below.
+//! The REST routes of collections and schedules: `/collections`, `/schedules` and below.
 
 use std::net::SocketAddr;
 
@@ -9,9 +9,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use shared::api::collections::{
     CollectionList, CollectionListParams, CollectionRows, CollectionSummary, CreateCollection,
-    MAX_ROWS_PAGE, Manifest, ManifestEntry, RowsParams,
+    CreateSchedule, MAX_ROWS_PAGE, Manifest, ManifestEntry, RowsParams, ScheduleInfo, ScheduleList,
 };
-use shared::{ClientId, CollectionId, ErrorCode};
+use shared::{ClientId, CollectionId, ErrorCode, ScheduleId};
 
 use crate::AppState;
 use crate::auth::Operator;
@@ -156,6 +156,60 @@ pub async fn manifest(
         entries,
     })
     .into_response())
+}
+
+fn parse_schedule_id(raw: &str) -> Result<ScheduleId, ApiError> {
+    ScheduleId::parse(raw).map_err(|e| ApiError::new(ErrorCode::InvalidScheduleId, e.to_string()))
+}
+
+/// `POST /schedules`: 201 with the schedule and its next firing.
+pub async fn create_schedule(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    operator: Operator,
+    body: Result<Json<CreateSchedule>, JsonRejection>,
+) -> Result<(StatusCode, Json<ScheduleInfo>), ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let requester = Requester {
+        operator: operator.name,
+        from: peer,
+    };
+    let info = state.schedules.create(req, &requester)?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// `GET /schedules`.
+pub async fn list_schedules(
+    State(state): State<AppState>,
+    _operator: Operator,
+) -> Json<ScheduleList> {
+    Json(ScheduleList {
+        schedules: state.schedules.list(),
+    })
+}
+
+/// `GET /schedules/{id}`.
+pub async fn schedule(
+    State(state): State<AppState>,
+    _operator: Operator,
+    Path(raw): Path<String>,
+) -> Result<Json<ScheduleInfo>, ApiError> {
+    state.schedules.get(parse_schedule_id(&raw)?).map(Json)
+}
+
+/// `DELETE /schedules/{id}`: no more firings; the collections it created go on.
+pub async fn delete_schedule(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    operator: Operator,
+    Path(raw): Path<String>,
+) -> Result<Json<ScheduleInfo>, ApiError> {
+    let id = parse_schedule_id(&raw)?;
+    let requester = Requester {
+        operator: operator.name,
+        from: peer,
+    };
+    state.schedules.delete(id, &requester).map(Json)
 }
 
 /// The manifest as CSV, with a header row.

@@ -31,6 +31,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0005_collections",
         include_str!("../migrations/0005_collections.sql"),
     ),
+    (
+        "0006_schedules",
+        include_str!("../migrations/0006_schedules.sql"),
+    ),
 ];
 
 /// One upload as the store holds it: the columns it is indexed by, and the record itself.

@@ -54,9 +54,11 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         Unauthorized => StatusCode::UNAUTHORIZED,
         Forbidden => StatusCode::FORBIDDEN,
         InvalidClientId | InvalidUploadId | InvalidTokenId | InvalidCollectionId
-        | InvalidFileName | BadRequest | MalformedMessage => StatusCode::BAD_REQUEST,
+        | InvalidScheduleId | InvalidFileName | BadRequest | MalformedMessage => {
+            StatusCode::BAD_REQUEST
+        }
         ClientNotConnected | UploadNotFound | TokenNotFound | KeyNotFound | CollectionNotFound
-        | NotFound => StatusCode::NOT_FOUND,
+        | ScheduleNotFound | NotFound => StatusCode::NOT_FOUND,
         DownloadInProgress | UploadFinished | UploadNotCompleted | KeyInUse
         | CollectionFinished => StatusCode::CONFLICT,
         ShuttingDown | TooManyConnections | Timeout => StatusCode::SERVICE_UNAVAILABLE,

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod registry;
 pub mod renewal;
 pub mod revocations;
+pub mod schedules;
 pub mod storage;
 pub mod tls;
 pub mod tokens;
@@ -46,6 +47,7 @@ use crate::config::Config;
 use crate::inventory::Inventory;
 use crate::registry::Registry;
 use crate::revocations::Revocations;
+use crate::schedules::Schedules;
 use crate::storage::Storage;
 use crate::tokens::Tokens;
 
@@ -64,10 +66,11 @@ pub struct StateInner {
     pub config: Config,
     pub tokens: Arc<Tokens>,
     pub registry: Arc<Registry>,
-    pub inventory: Inventory,
+    pub inventory: Arc<Inventory>,
     pub revocations: Revocations,
     pub uploads: Uploads,
     pub collections: Collections,
+    pub schedules: Schedules,
     pub metrics: Arc<metrics::Metrics>,
     pub storage: Storage,
     pub shutdown: CancellationToken,
@@ -111,6 +114,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/collections/{id}/uploads", get(collections_api::rows))
         .route("/collections/{id}/manifest", get(collections_api::manifest))
+        .route(
+            "/schedules",
+            get(collections_api::list_schedules).post(collections_api::create_schedule),
+        )
+        .route(
+            "/schedules/{id}",
+            get(collections_api::schedule).delete(collections_api::delete_schedule),
+        )
         .route("/revocations/{client_id}", post(api::revoke_client))
         .route("/tokens", get(admin::list_tokens).post(admin::issue_token))
         .route("/tokens/{jti}", delete(admin::revoke_token))
@@ -162,6 +173,11 @@ pub async fn run(
     state
         .tracker
         .spawn(state.collections.clone().run(ended, state.shutdown.clone()));
+    // Schedules: the first look is at once, so a firing missed while the server was down runs
+    // now, once.
+    spawn_every(&state, schedules::TICK, |s| async move {
+        s.schedules.fire_due(uploads::UnixMs::now());
+    });
     spawn_every(&state, Duration::from_secs(1), |s| async move {
         s.uploads.sweep().await;
     });
@@ -218,7 +234,7 @@ impl AppState {
         let revocations = Revocations::load(config.data_dir.join("revocations.json"))?;
         let database = config.database_path();
         let registry = Arc::new(Registry::default());
-        let inventory = Inventory::new(db::open(&database)?);
+        let inventory = Arc::new(Inventory::new(db::open(&database)?));
         let metrics = Arc::new(metrics::Metrics::default());
         let (ended, ended_rx) = tokio::sync::mpsc::unbounded_channel();
         let uploads = Uploads::open(
@@ -236,6 +252,12 @@ impl AppState {
         .with_context(|| format!("loading uploads from {}", database.display()))?;
         let collections = Collections::open(&database, uploads.clone(), registry.clone())
             .with_context(|| format!("loading collections from {}", database.display()))?;
+        let schedules = Schedules::open(
+            schedules::Store::new(db::open(&database)?),
+            collections.clone(),
+            inventory.clone(),
+        )
+        .with_context(|| format!("loading schedules from {}", database.display()))?;
         let state = Self(Arc::new(StateInner {
             config,
             tokens,
@@ -244,6 +266,7 @@ impl AppState {
             revocations,
             uploads,
             collections,
+            schedules,
             metrics,
             storage,
             shutdown: shutdown.clone(),

@@ -49,6 +49,8 @@ error_codes! {
     InvalidCollectionId => "INVALID_COLLECTION_ID",
     CollectionNotFound => "COLLECTION_NOT_FOUND",
     CollectionFinished => "COLLECTION_FINISHED",
+    InvalidScheduleId => "INVALID_SCHEDULE_ID",
+    ScheduleNotFound => "SCHEDULE_NOT_FOUND",
     BadRequest => "BAD_REQUEST",
     TooManyConnections => "TOO_MANY_CONNECTIONS",
     Timeout => "TIMEOUT",

@@ -26,6 +26,8 @@ pub enum IdError {
     InvalidUploadId,
     #[error("collection id must be a UUID")]
     InvalidCollectionId,
+    #[error("schedule id must be a UUID")]
+    InvalidScheduleId,
     #[error(
         "file name must be 1 to {MAX_FILE_NAME_LEN} characters of a-z, A-Z, 0-9, '-', '_' or '.', and not '.' or '..'"
     )]
@@ -100,6 +102,21 @@ impl CollectionId {
     }
 }
 
+/// The server's identifier for one schedule of collections, a random UUID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct ScheduleId(uuid::Uuid);
+
+impl ScheduleId {
+    pub fn new_random() -> Self {
+        Self(uuid::Uuid::new_v4())
+    }
+
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        parse_uuid(s, IdError::InvalidScheduleId).map(Self)
+    }
+}
+
 /// The name under which an agent's file is stored: the last segment of the object key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
@@ -165,6 +182,7 @@ string_id_impls!(ClientId, ClientId::parse);
 string_id_impls!(UploadId, UploadId::parse);
 string_id_impls!(FileName, FileName::parse);
 string_id_impls!(CollectionId, CollectionId::parse);
+string_id_impls!(ScheduleId, ScheduleId::parse);
 
 impl<'de> Deserialize<'de> for PartNumber {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -185,6 +203,12 @@ impl fmt::Display for UploadId {
 }
 
 impl fmt::Display for CollectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Display for ScheduleId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.hyphenated().fmt(f)
     }

@@ -17,4 +17,4 @@ pub mod labels;
 pub mod protocol;
 
 pub use error::ErrorCode;
-pub use ids::{ClientId, CollectionId, FileName, IdError, PartNumber, UploadId};
+pub use ids::{ClientId, CollectionId, FileName, IdError, PartNumber, ScheduleId, UploadId};

@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 use shared::api::UploadStatus;
 use shared::api::collections::CollectionState;
 use shared::labels::Labels;
-use shared::{ClientId, CollectionId, FileName, UploadId};
+use shared::{ClientId, CollectionId, FileName, ScheduleId, UploadId};
 
 use super::record::{Collection, Row, Stage};
 use super::store::Store;
@@ -341,6 +341,10 @@ impl Book {
             .count()
     }
 
+    pub fn fired_since(&self, schedule: ScheduleId, at: UnixMs) -> anyhow::Result<bool> {
+        self.store.fired_since(schedule, at)
+    }
+
     pub fn newest(&self, limit: usize) -> anyhow::Result<Vec<CollectionId>> {
         self.store.newest(limit)
     }
@@ -417,6 +421,7 @@ mod tests {
                 created_from: "127.0.0.1:1".into(),
                 created: UnixMs(1_000),
                 expires: UnixMs(10_000),
+                firing: None,
             },
             state: CollectionState::Open,
             rows: waiting

@@ -22,6 +22,7 @@
 
 mod book;
 mod record;
+mod settings;
 mod store;
 mod target;
 
@@ -31,11 +32,10 @@ use std::time::Duration;
 use shared::api::UploadStatus;
 use shared::api::collections::{
     CollectionCounts, CollectionRow, CollectionRows, CollectionState, CollectionSummary,
-    CreateCollection, MAX_ROWS_PAGE,
+    CollectionTemplate, CreateCollection, MAX_ROWS_PAGE,
 };
 use shared::labels::Labels;
-use shared::protocol::DEFAULT_SHARE;
-use shared::{ClientId, CollectionId, ErrorCode, FileName, UploadId};
+use shared::{ClientId, CollectionId, ErrorCode, ScheduleId, UploadId};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -45,17 +45,12 @@ use crate::registry::{AgentLink, Registry};
 use crate::uploads::{Ask, Requester, UnixMs, Uploads, rfc3339};
 
 use book::{Book, CancelError};
-use record::{Collection, Row, Spec, Stage};
-use target::Matcher;
+pub use record::Firing;
+pub use settings::{DEFAULT_EXPIRY, DEFAULT_MAX_CONCURRENT, MAX_CONCURRENT, MAX_EXPIRY};
 
-/// A collection's expiry when none is given.
-pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(24 * 3600);
-/// The furthest a collection's expiry may be.
-pub const MAX_EXPIRY: Duration = Duration::from_secs(90 * 24 * 3600);
-/// How many stores upload at once when not given.
-pub const DEFAULT_MAX_CONCURRENT: u32 = 50;
-/// The most stores one collection may run at once.
-pub const MAX_CONCURRENT: u32 = 10_000;
+use record::{Collection, Row, Spec, Stage};
+use settings::Checked;
+
 /// How often the dispatcher looks for expiries even when nothing woke it.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -186,41 +181,59 @@ impl Collections {
         inventory: &Inventory,
         requester: &Requester,
     ) -> Result<CollectionSummary, ApiError> {
-        let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
-        let matcher = Matcher::new(req.target).map_err(|e| bad(format!("target: {e}")))?;
-        let share = FileName::parse(req.file.as_deref().unwrap_or(DEFAULT_SHARE))
-            .map_err(|e| ApiError::new(ErrorCode::InvalidFileName, format!("file: {e}")))?;
-        let max_concurrent = req.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT);
-        if !(1..=MAX_CONCURRENT).contains(&max_concurrent) {
-            return Err(bad(format!("max_concurrent must be 1 to {MAX_CONCURRENT}")));
-        }
         let now = time::OffsetDateTime::now_utc();
-        let expires = match (req.expires_at.as_deref(), req.expires_in_secs) {
-            (None, None) => now + DEFAULT_EXPIRY,
-            (Some(raw), None) => {
-                time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
-                    .map_err(|e| bad(format!("expires_at {raw:?} is not RFC 3339: {e}")))?
-            }
-            (None, Some(secs)) if secs <= MAX_EXPIRY.as_secs() => now + Duration::from_secs(secs),
-            (None, Some(_)) => {
-                return Err(bad(format!(
-                    "expires_in_secs must be at most {}",
-                    MAX_EXPIRY.as_secs()
-                )));
-            }
-            (Some(_), Some(_)) => {
-                return Err(bad("give expires_at or expires_in_secs, not both".into()));
-            }
-        };
-        if expires <= now {
-            return Err(bad("the expiry is not in the future".into()));
-        }
-        if expires - now > MAX_EXPIRY {
-            return Err(bad(format!(
-                "the expiry is more than {} days away",
-                MAX_EXPIRY.as_secs() / 86_400
-            )));
-        }
+        let expires = settings::expiry(&req, now)?;
+        let checked = Checked::new(req.target, req.file.as_deref(), req.max_concurrent)?;
+        self.start(checked, now, expires, None, inventory, requester)
+    }
+
+    /// A schedule fired at `fired`: the collection of its template, expiring `expires_in`
+    /// after the firing.
+    pub fn fire(
+        &self,
+        firing: Firing,
+        template: &CollectionTemplate,
+        inventory: &Inventory,
+        requester: &Requester,
+    ) -> Result<CollectionSummary, ApiError> {
+        let (checked, expires_in) = settings::template(template)?;
+        let expires = firing.at.to_datetime() + expires_in;
+        self.start(
+            checked,
+            time::OffsetDateTime::now_utc(),
+            expires,
+            Some(firing),
+            inventory,
+            requester,
+        )
+    }
+
+    /// Checks a schedule's template as a collection's settings would be checked.
+    pub fn check_template(template: &CollectionTemplate) -> Result<(), ApiError> {
+        settings::template(template).map(|_| ())
+    }
+
+    /// Whether a collection of `schedule` exists for its firing at `at` or a later one.
+    pub fn fired_since(&self, schedule: ScheduleId, at: UnixMs) -> anyhow::Result<bool> {
+        self.0.book.fired_since(schedule, at)
+    }
+
+    /// Records a new collection matching the inventory (and the connected agents), and wakes
+    /// the dispatcher.
+    fn start(
+        &self,
+        checked: Checked,
+        now: time::OffsetDateTime,
+        expires: time::OffsetDateTime,
+        firing: Option<Firing>,
+        inventory: &Inventory,
+        requester: &Requester,
+    ) -> Result<CollectionSummary, ApiError> {
+        let Checked {
+            matcher,
+            share,
+            max_concurrent,
+        } = checked;
         let created = UnixMs::from(now);
         let mut rows = std::collections::BTreeMap::new();
         let waiting = Row {
@@ -248,6 +261,7 @@ impl Collections {
                 created_from: requester.from.to_string(),
                 created,
                 expires: UnixMs::from(expires),
+                firing,
             },
             state: CollectionState::Open,
             rows,
@@ -267,6 +281,7 @@ impl Collections {
         tracing::info!(
             audit = true,
             collection_id = %id,
+            schedule_id = firing.map(|f| f.schedule.to_string()),
             target = %summary.target,
             file = summary.file,
             matched = summary.counts.matched,
@@ -462,6 +477,8 @@ impl Collections {
             failed_by_code,
             bytes_done,
             bytes_total,
+            schedule_id: s.firing.map(|f| f.schedule),
+            fired_at: s.firing.map(|f| rfc3339(f.at.to_datetime())),
         }
     }
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use shared::api::ErrorDetail;
 use shared::api::collections::{CollectionState, RowState};
-use shared::{ClientId, CollectionId, FileName, UploadId};
+use shared::{ClientId, CollectionId, FileName, ScheduleId, UploadId};
 
 use super::target::Matcher;
 use crate::uploads::UnixMs;
@@ -20,6 +20,15 @@ pub struct Spec {
     pub created_from: String,
     pub created: UnixMs,
     pub expires: UnixMs,
+    /// The schedule firing that created it, if one did.
+    pub firing: Option<Firing>,
+}
+
+/// One firing of a schedule: which, and the moment it was due (not when it ran).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Firing {
+    pub schedule: ScheduleId,
+    pub at: UnixMs,
 }
 
 /// Where one store stands. A store's upload is named before the store is asked (`Running`

@@ -9,9 +9,9 @@ use anyhow::{Context, anyhow};
 use rusqlite::{Connection, OptionalExtension, params};
 use shared::api::ErrorDetail;
 use shared::api::collections::{CollectionState, Target};
-use shared::{ClientId, CollectionId, ErrorCode, FileName, UploadId};
+use shared::{ClientId, CollectionId, ErrorCode, FileName, ScheduleId, UploadId};
 
-use super::record::{Collection, Row, Spec, Stage};
+use super::record::{Collection, Firing, Row, Spec, Stage};
 use super::target::Matcher;
 use crate::uploads::UnixMs;
 
@@ -37,8 +37,8 @@ impl Store {
         let s = &c.spec;
         tx.execute(
             "INSERT INTO collections (id, target, share, max_concurrent, created_by, created_from,
-                                      created_ms, expires_ms, state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                      created_ms, expires_ms, state, schedule_id, fired_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 s.id.to_string(),
                 serde_json::to_string(s.matcher.target())?,
@@ -49,6 +49,8 @@ impl Store {
                 s.created.0,
                 s.expires.0,
                 c.state.as_str(),
+                s.firing.map(|f| f.schedule.to_string()),
+                s.firing.map(|f| f.at.0),
             ],
         )
         .context("recording a collection")?;
@@ -120,7 +122,7 @@ impl Store {
         let head = conn
             .query_row(
                 "SELECT target, share, max_concurrent, created_by, created_from, created_ms,
-                        expires_ms, state
+                        expires_ms, state, schedule_id, fired_ms
                  FROM collections WHERE id = ?1",
                 params![id.to_string()],
                 |r| {
@@ -133,6 +135,8 @@ impl Store {
                         r.get::<_, i64>(5)?,
                         r.get::<_, i64>(6)?,
                         r.get::<_, String>(7)?,
+                        r.get::<_, Option<String>>(8)?,
+                        r.get::<_, Option<i64>>(9)?,
                     ))
                 },
             )
@@ -146,9 +150,18 @@ impl Store {
             created,
             expires,
             state,
+            schedule,
+            fired,
         )) = head
         else {
             return Ok(None);
+        };
+        let firing = match (schedule, fired) {
+            (Some(schedule), Some(at)) => Some(Firing {
+                schedule: ScheduleId::parse(&schedule)?,
+                at: UnixMs(at),
+            }),
+            _ => None,
         };
         let target: Target = serde_json::from_str(&target).context("target")?;
         let spec = Spec {
@@ -160,6 +173,7 @@ impl Store {
             created_from,
             created: UnixMs(created),
             expires: UnixMs(expires),
+            firing,
         };
         let state = match state.as_str() {
             "open" => CollectionState::Open,
@@ -207,6 +221,19 @@ impl Store {
         ids.iter()
             .map(|id| CollectionId::parse(id).map_err(Into::into))
             .collect()
+    }
+
+    /// Whether a collection of `schedule` exists for its firing at `at` or a later one.
+    pub fn fired_since(&self, schedule: ScheduleId, at: UnixMs) -> anyhow::Result<bool> {
+        let found: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT 1 FROM collections WHERE schedule_id = ?1 AND fired_ms >= ?2 LIMIT 1",
+                params![schedule.to_string(), at.0],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(found.is_some())
     }
 
     /// How many collections are in each state, for `/metrics`.

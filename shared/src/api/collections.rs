@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::ErrorDetail;
-use crate::ids::{ClientId, CollectionId, UploadId};
+use crate::ids::{ClientId, CollectionId, ScheduleId, UploadId};
 
 /// The most stores a collection may name by id.
 pub const MAX_TARGET_IDS: usize = 10_000;
@@ -186,6 +186,12 @@ pub struct CollectionSummary {
     /// Nothing is left to run: no store is pending, queued or running. An open collection can
     /// still gain a store that connects later.
     pub settled: bool,
+    /// The schedule that created it, if one did, and the moment that firing was due (RFC 3339;
+    /// a firing missed while the server was down runs later than it was due).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_id: Option<ScheduleId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fired_at: Option<String>,
 }
 
 /// One store of a collection, in `GET /collections/{id}/uploads`.
@@ -254,4 +260,54 @@ pub struct Manifest {
     /// Seconds each URL lives from when it was signed.
     pub expires_in_secs: u64,
     pub entries: Vec<ManifestEntry>,
+}
+
+/// What each firing of a schedule creates: a collection's settings, its expiry counted from the
+/// firing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectionTemplate {
+    pub target: Target,
+    #[serde(default)]
+    pub file: Option<String>,
+    /// Seconds from the firing to the collection's expiry; default 24 hours.
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+}
+
+/// Body of `POST /schedules`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSchedule {
+    /// A cron pattern: five fields (minute to weekday), or six with seconds first; `@daily`
+    /// and the other nicknames.
+    pub cron: String,
+    /// An IANA time zone the pattern is read in, such as `Europe/Berlin`; default `UTC`.
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    pub template: CollectionTemplate,
+}
+
+/// One schedule (`GET /schedules/{id}`, and the answer to `POST /schedules`, 201).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScheduleInfo {
+    pub schedule_id: ScheduleId,
+    pub cron: String,
+    pub time_zone: String,
+    pub template: CollectionTemplate,
+    pub created_by: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// The next firing, in UTC.
+    pub next_fire_at: Option<String>,
+    /// The latest firing that created a collection (or was skipped as past its expiry).
+    pub last_fired_at: Option<String>,
+}
+
+/// `GET /schedules`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScheduleList {
+    pub schedules: Vec<ScheduleInfo>,
 }

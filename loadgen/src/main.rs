@@ -10,6 +10,12 @@
 //!
 //! A simulated agent answers `describe_file` with `upload_failed` (FILE_NOT_FOUND), so the server
 //! frees it for the next trigger and no storage is involved.
+//!
+//! With `--collect 50,200` it measures collections instead: every simulated agent really uploads
+//! a file of `--file-bytes` (one part, through its presigned URL and completion, speaking
+//! protocol 2), and one collection over the whole fleet runs per `max_concurrent` given. It
+//! reports the time until every store is verified, and the server's CPU seconds and peak RSS
+//! over the collection.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -53,6 +59,20 @@ struct Args {
     /// Largest reconnect delay in the storm; each agent waits a uniform random time up to it.
     #[arg(long, default_value_t = 10_000)]
     storm_spread_ms: u64,
+    /// Run one collection over the fleet per value given (its `max_concurrent`), instead of the
+    /// latency, burst and storm phases.
+    #[arg(long, value_delimiter = ',')]
+    collect: Vec<u32>,
+    /// The size of every simulated store's file in a collection.
+    #[arg(long, default_value_t = 1 << 20)]
+    file_bytes: usize,
+}
+
+/// The file every simulated store uploads, and its digests (protocol 2: per-part MD5, SHA-256).
+struct StoreFile {
+    body: bytes::Bytes,
+    md5_base64: String,
+    sha256_hex: String,
 }
 
 /// What a simulated agent tells the coordinator.
@@ -70,6 +90,9 @@ struct Shared {
     storm: watch::Receiver<u64>,
     /// Second octet of this run's source addresses.
     address_base: u8,
+    /// With `--collect`: what a store uploads, and the client it uploads with.
+    file: Option<StoreFile>,
+    storage: reqwest::Client,
 }
 
 fn client_id(i: usize) -> String {
@@ -107,9 +130,16 @@ async fn connect(shared: &Shared, i: usize) -> anyhow::Result<Ws> {
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
     let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await?;
+    // Storing agents speak protocol 2 (the previous one, which the server still serves): its
+    // one-part upload is a plain PUT with Content-MD5.
+    let protocol = if shared.file.is_some() {
+        shared::protocol::OLDEST_PROTOCOL_VERSION
+    } else {
+        shared::protocol::PROTOCOL_VERSION
+    };
     let hello = serde_json::json!({
         "type": "hello",
-        "protocol_version": shared::protocol::PROTOCOL_VERSION,
+        "protocol_version": protocol,
         "agent_version": "loadgen",
     });
     ws.send(Message::Text(hello.to_string().into())).await?;
@@ -171,6 +201,13 @@ async fn serve(shared: &Shared, i: usize, mut ws: Ws, storm: &mut watch::Receive
                     let at = Instant::now();
                     let _ = shared.events.send(Event::Command { agent: i, at });
                     let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                    if let Some(file) = &shared.file {
+                        if let Err(e) = upload(shared, &mut ws, &v, file).await {
+                            eprintln!("agent {i}: upload failed: {e:#}");
+                            return false;
+                        }
+                        continue;
+                    }
                     let reply = serde_json::json!({
                         "type": "upload_failed",
                         "upload_id": v["upload_id"],
@@ -186,6 +223,168 @@ async fn serve(shared: &Shared, i: usize, mut ws: Ws, storm: &mut watch::Receive
             },
         }
     }
+}
+
+/// Serves one `describe_file` with a real one-part upload: `file_info`, the plan, the part PUT
+/// and the completion through their presigned URLs, then `upload_completed`.
+async fn upload(
+    shared: &Shared,
+    ws: &mut Ws,
+    describe: &serde_json::Value,
+    file: &StoreFile,
+) -> anyhow::Result<()> {
+    let upload_id = describe["upload_id"].clone();
+    let info = serde_json::json!({
+        "type": "file_info",
+        "upload_id": upload_id,
+        "file_name": "z-report.csv",
+        "size": file.body.len(),
+        "modified_ms": 1,
+        "sha256": file.sha256_hex,
+        "part_size": describe["min_part_size"],
+        "part_md5": [file.md5_base64],
+    });
+    ws.send(Message::Text(info.to_string().into())).await?;
+    let plan: serde_json::Value = loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.contains("\"start_upload\"") => {
+                break serde_json::from_str(t.as_str())?;
+            }
+            Some(Ok(Message::Text(t)))
+                if t.contains("\"upload_failed\"") || t.contains("\"error\"") =>
+            {
+                bail!("the server refused the file: {t}")
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("closed before the plan"),
+        }
+    };
+    let part = &plan["parts"][0];
+    let url = part["url"].as_str().context("no part URL")?;
+    let resp = shared
+        .storage
+        .put(url)
+        .header("content-md5", part["content_md5"].as_str().unwrap_or(""))
+        .body(file.body.clone())
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("part PUT answered {}", resp.status());
+    }
+    let etag = resp
+        .headers()
+        .get("etag")
+        .context("no ETag")?
+        .to_str()?
+        .to_owned();
+    let body = format!(
+        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
+    );
+    let url = plan["complete_url"].as_str().context("no completion URL")?;
+    let resp = shared.storage.post(url).body(body).send().await?;
+    if !resp.status().is_success() {
+        bail!("completion answered {}", resp.status());
+    }
+    let done = serde_json::json!({
+        "type": "upload_completed",
+        "upload_id": upload_id,
+        "parts": [{"part_number": 1, "etag": etag}],
+    });
+    ws.send(Message::Text(done.to_string().into())).await?;
+    Ok(())
+}
+
+/// The server's CPU time so far (user and system), from /proc.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // USER_HZ is 100 on Linux.
+    Ok(ticks / 100.0)
+}
+
+/// The server's peak RSS since it was last reset.
+fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmHWM")
+}
+
+/// One collection over the whole fleet with `max_concurrent`: time to all verified, and the
+/// server's CPU seconds and peak RSS meanwhile.
+async fn collect(
+    http: &reqwest::Client,
+    args: &Args,
+    token: &str,
+    n: usize,
+    max_concurrent: u32,
+) -> anyhow::Result<()> {
+    // Peak RSS from here on (as root, writing 5 to clear_refs resets VmHWM).
+    let _ = std::fs::write(format!("/proc/{}/clear_refs", args.server_pid), "5");
+    let cpu0 = cpu_secs(args.server_pid)?;
+    let t0 = Instant::now();
+    let body = serde_json::json!({
+        "target": {"kind": "glob", "pattern": "loadgen-*"},
+        "max_concurrent": max_concurrent,
+        "expires_in_secs": 3600,
+    });
+    let resp = http
+        .post(format!("http://{}/collections", args.server))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await?;
+    if resp.status().as_u16() != 201 {
+        bail!(
+            "POST /collections answered {}: {}",
+            resp.status(),
+            resp.text().await?
+        );
+    }
+    let created: serde_json::Value = resp.json().await?;
+    let id = created["collection_id"]
+        .as_str()
+        .context("no id")?
+        .to_owned();
+    let matched = created["counts"]["matched"].as_u64().unwrap_or(0);
+    let url = format!("http://{}/collections/{id}", args.server);
+    let summary = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s: serde_json::Value = http
+            .get(&url)
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if s["settled"].as_bool() == Some(true) && s["counts"]["matched"].as_u64() >= Some(n as u64)
+        {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("the collection did not settle in 600 s: {}", s["counts"]);
+        }
+    };
+    let took = t0.elapsed();
+    let cpu = cpu_secs(args.server_pid)? - cpu0;
+    let peak = peak_rss_kib(args.server_pid)?;
+    println!(
+        "collection over {n} stores ({matched} matched at creation), {} bytes each, max_concurrent {max_concurrent}: \
+         {} completed, {} failed in {:.2} s; server CPU {:.2} s, peak RSS {} KiB",
+        args.file_bytes,
+        summary["counts"]["completed"],
+        summary["counts"]["failed"],
+        took.as_secs_f64(),
+        cpu,
+        peak
+    );
+    Ok(())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -224,6 +423,18 @@ async fn main() -> anyhow::Result<()> {
     let (storm_tx, storm_rx) = watch::channel(0u64);
     let rss_before = rss_kib(args.server_pid)?;
     let n = args.agents;
+    let file = (!args.collect.is_empty()).then(|| {
+        use md5::Digest as _;
+        let body: Vec<u8> = (0..args.file_bytes).map(|i| (i * 31 % 251) as u8).collect();
+        StoreFile {
+            md5_base64: base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                md5::Md5::digest(&body),
+            ),
+            sha256_hex: hex::encode(sha2::Sha256::digest(&body)),
+            body: body.into(),
+        }
+    });
     let shared = Arc::new(Shared {
         args,
         keys,
@@ -232,6 +443,10 @@ async fn main() -> anyhow::Result<()> {
         refused: AtomicU64::new(0),
         storm: storm_rx,
         address_base: rand::thread_rng().gen_range(1..=254),
+        file,
+        storage: reqwest::Client::builder()
+            .pool_max_idle_per_host(512)
+            .build()?,
     });
     let args = &shared.args;
 
@@ -262,10 +477,17 @@ async fn main() -> anyhow::Result<()> {
         "server RSS: {rss_before} KiB before, {rss_idle} KiB with {n} idle agents: {per_agent:.0} bytes per agent"
     );
 
-    // Trigger-to-command latency, one at a time.
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()?;
+    if !args.collect.is_empty() {
+        for &max in &args.collect {
+            collect(&http, args, &operator, n, max).await?;
+        }
+        return Ok(());
+    }
+
+    // Trigger-to-command latency, one at a time.
     let mut lat = Vec::with_capacity(args.triggers);
     let mut rng = rand::thread_rng();
     for _ in 0..args.triggers {

@@ -316,6 +316,27 @@ async fn label_and_glob_targets_match_exactly_their_stores() {
     })
     .await;
     assert!(!s.settled, "match-rest-3 is still to come");
+
+    // Rows page by client id.
+    let glob_id = id_of(&by_glob);
+    let page = |q: String| {
+        let (server, glob_id) = (&server, &glob_id);
+        async move {
+            let (status, body) = server
+                .get_json(&format!("/collections/{glob_id}/uploads?{q}"))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            serde_json::from_value::<CollectionRows>(body).unwrap()
+        }
+    };
+    let first = page("limit=3".into()).await;
+    assert_eq!(first.rows.len(), 3);
+    let next = first.next_after.clone().unwrap();
+    assert_eq!(next.as_str(), "match-rest-3");
+    let second = page(format!("limit=3&after={next}")).await;
+    let rest: Vec<&str> = second.rows.iter().map(|r| r.client_id.as_str()).collect();
+    assert_eq!(rest, ["match-rest-9"]);
+    assert!(second.next_after.is_none());
 }
 
 /// Drives one raw agent (protocol 2, as agents in the field still speak): it uploads every file
@@ -578,6 +599,19 @@ async fn a_collection_survives_a_restart() {
     );
     let out = run_cli(&server, &["collections", "--json"]).await;
     assert!(stdout(&out).contains(&cid), "{}", stdout(&out));
+    assert_eq!(server.metric("backhaul_collection_stores_pending").await, 1);
+    assert_eq!(
+        server.metric("backhaul_collections{state=\"open\"}").await,
+        1
+    );
+    // A hostile page cursor is refused with its code.
+    let (status, body) = server
+        .get_json(&format!("/collections/{cid}/uploads?after=..%2Fetc"))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("INVALID_CLIENT_ID"))
+    );
     let _b = TestAgent::start(&server, later, &file);
     let s = wait_summary(&server, &cid, "the late store completes", |s| s.settled).await;
     assert_eq!(s.counts.completed, 2, "{:?}", s.counts);

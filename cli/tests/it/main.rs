@@ -3,6 +3,7 @@
 
 mod auth;
 mod child;
+mod collection_crashes;
 mod collections;
 mod config_docs;
 mod crash_completion;

@@ -25,14 +25,15 @@ mod record;
 mod settings;
 mod store;
 mod target;
+mod view;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use shared::api::UploadStatus;
 use shared::api::collections::{
-    CollectionCounts, CollectionRow, CollectionRows, CollectionState, CollectionSummary,
-    CollectionTemplate, CreateCollection, MAX_ROWS_PAGE,
+    CollectionRow, CollectionRows, CollectionState, CollectionSummary, CollectionTemplate,
+    CreateCollection, MAX_ROWS_PAGE,
 };
 use shared::labels::Labels;
 use shared::{ClientId, CollectionId, ErrorCode, ScheduleId, UploadId};
@@ -42,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ApiError;
 use crate::inventory::Inventory;
 use crate::registry::{AgentLink, Registry};
-use crate::uploads::{Ask, Requester, UnixMs, Uploads, rfc3339};
+use crate::uploads::{Ask, Requester, UnixMs, Uploads};
 
 use book::{Book, CancelError};
 pub use record::Firing;
@@ -423,89 +424,5 @@ impl Collections {
             Vec::new()
         });
         (by_state, self.0.book.waiting())
-    }
-
-    fn connected(&self, client: &ClientId) -> bool {
-        self.0.registry.connection(client).is_some()
-    }
-
-    /// How far a running upload is: bytes done and the file's size, once known.
-    fn progress(&self, upload: UploadId) -> (u64, Option<u64>) {
-        match self.0.uploads.status(upload) {
-            Ok(s) => (s.bytes_done, s.size),
-            Err(_) => (0, None),
-        }
-    }
-
-    fn summarize(&self, c: &Collection) -> CollectionSummary {
-        let mut counts = CollectionCounts::default();
-        let mut failed_by_code = std::collections::BTreeMap::new();
-        let (mut bytes_done, mut bytes_total) = (0u64, 0u64);
-        for (client, row) in &c.rows {
-            let connected = matches!(row.stage, Stage::Waiting) && self.connected(client);
-            counts.add(row.stage.shown(connected));
-            match &row.stage {
-                Stage::Completed { size, .. } => {
-                    bytes_done += size;
-                    bytes_total += size;
-                }
-                Stage::Running { upload } => {
-                    let (done, size) = self.progress(*upload);
-                    bytes_done += done;
-                    bytes_total += size.unwrap_or(0);
-                }
-                Stage::Failed { error, .. } => {
-                    *failed_by_code
-                        .entry(error.code.as_str().to_owned())
-                        .or_insert(0) += 1;
-                }
-                _ => {}
-            }
-        }
-        let s = &c.spec;
-        CollectionSummary {
-            collection_id: s.id,
-            target: s.matcher.target().clone(),
-            file: s.share.to_string(),
-            state: c.state,
-            max_concurrent: s.max_concurrent,
-            created_by: s.created_by.clone(),
-            created_at: rfc3339(s.created.to_datetime()),
-            expires_at: rfc3339(s.expires.to_datetime()),
-            settled: counts.unfinished() == 0,
-            counts,
-            failed_by_code,
-            bytes_done,
-            bytes_total,
-            schedule_id: s.firing.map(|f| f.schedule),
-            fired_at: s.firing.map(|f| rfc3339(f.at.to_datetime())),
-        }
-    }
-
-    fn show_row(&self, client: &ClientId, row: &Row) -> CollectionRow {
-        let connected = matches!(row.stage, Stage::Waiting) && self.connected(client);
-        let (bytes_done, size, sha256, key, error) = match &row.stage {
-            Stage::Running { upload } => {
-                let (done, size) = self.progress(*upload);
-                (done, size, None, None, None)
-            }
-            Stage::Completed {
-                key, size, sha256, ..
-            } => (*size, Some(*size), sha256.clone(), Some(key.clone()), None),
-            Stage::Failed { error, .. } => (0, None, None, None, Some(error.clone())),
-            _ => (0, None, None, None, None),
-        };
-        CollectionRow {
-            client_id: client.clone(),
-            state: row.stage.shown(connected),
-            upload_id: row.stage.upload(),
-            size,
-            bytes_done,
-            sha256,
-            key,
-            error,
-            matched_at: rfc3339(row.matched.to_datetime()),
-            finished_at: row.finished.map(|t| rfc3339(t.to_datetime())),
-        }
     }
 }

@@ -15,6 +15,8 @@ echo
 echo
 ./bench-fleet.sh 10000 10000
 echo
+./bench-collect.sh 1000 50,200
+echo
 if [[ $(id -u) == 0 ]]; then
   ./bench-uplink.sh 100 20 1
 else

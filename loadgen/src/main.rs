@@ -66,6 +66,17 @@ struct Args {
     /// The size of every simulated store's file in a collection.
     #[arg(long, default_value_t = 1 << 20)]
     file_bytes: usize,
+    /// Collections per `max_concurrent`, interleaved; the medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+/// One collection's figures.
+#[derive(Debug, Clone, Copy)]
+struct Collected {
+    secs: f64,
+    cpu_secs: f64,
+    peak_rss_kib: u64,
 }
 
 /// The file every simulated store uploads, and its digests (protocol 2: per-part MD5, SHA-256).
@@ -324,7 +335,7 @@ async fn collect(
     token: &str,
     n: usize,
     max_concurrent: u32,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Collected> {
     // Peak RSS from here on (as root, writing 5 to clear_refs resets VmHWM).
     let _ = std::fs::write(format!("/proc/{}/clear_refs", args.server_pid), "5");
     let cpu0 = cpu_secs(args.server_pid)?;
@@ -384,7 +395,19 @@ async fn collect(
         cpu,
         peak
     );
-    Ok(())
+    if summary["counts"]["completed"].as_u64() != Some(n as u64) {
+        bail!("not every store completed: {}", summary["counts"]);
+    }
+    Ok(Collected {
+        secs: took.as_secs_f64(),
+        cpu_secs: cpu,
+        peak_rss_kib: peak,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -481,8 +504,21 @@ async fn main() -> anyhow::Result<()> {
         .pool_max_idle_per_host(64)
         .build()?;
     if !args.collect.is_empty() {
-        for &max in &args.collect {
-            collect(&http, args, &operator, n, max).await?;
+        let mut runs: Vec<Vec<Collected>> = vec![Vec::new(); args.collect.len()];
+        for _ in 0..args.rounds.max(1) {
+            for (k, &max) in args.collect.iter().enumerate() {
+                runs[k].push(collect(&http, args, &operator, n, max).await?);
+            }
+        }
+        for (k, &max) in args.collect.iter().enumerate() {
+            let r = &runs[k];
+            println!(
+                "median of {} collections, max_concurrent {max}: all {n} verified in {:.2} s, server CPU {:.2} s, peak RSS {:.0} KiB",
+                r.len(),
+                median(r.iter().map(|c| c.secs).collect()),
+                median(r.iter().map(|c| c.cpu_secs).collect()),
+                median(r.iter().map(|c| c.peak_rss_kib as f64).collect()),
+            );
         }
         return Ok(());
     }

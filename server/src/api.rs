@@ -22,7 +22,7 @@ use crate::AppState;
 use crate::auth::Operator;
 use crate::error::ApiError;
 use crate::registry::AgentHandle;
-use crate::uploads::{self, rfc3339};
+use crate::uploads::rfc3339;
 
 fn parse_client_id(raw: &str) -> Result<ClientId, ApiError> {
     ClientId::parse(raw).map_err(|e| ApiError::new(ErrorCode::InvalidClientId, e.to_string()))
@@ -44,14 +44,9 @@ pub async fn trigger_download(
     let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     let share = FileName::parse(params.file.as_deref().unwrap_or(DEFAULT_SHARE))
         .map_err(|e| ApiError::new(ErrorCode::InvalidFileName, format!("share name: {e}")))?;
-    let upload_id = state.uploads.trigger(
-        client_id.clone(),
-        share,
-        &uploads::Requester {
-            operator: operator.name,
-            from: peer,
-        },
-    )?;
+    let upload_id = state
+        .uploads
+        .trigger(client_id.clone(), share, &operator.requester(peer))?;
     state.metrics.observe_dispatch(received.elapsed());
     Ok((
         StatusCode::ACCEPTED,
@@ -285,10 +280,7 @@ pub async fn cancel_upload(
     Path(raw_upload_id): Path<String>,
 ) -> Result<Json<UploadStatus>, ApiError> {
     let upload_id = parse_upload_id(&raw_upload_id)?;
-    let requester = uploads::Requester {
-        operator: operator.name,
-        from: peer,
-    };
+    let requester = operator.requester(peer);
     state.uploads.cancel(upload_id, &requester).await.map(Json)
 }
 

@@ -90,6 +90,16 @@ pub struct Operator {
     pub name: String,
 }
 
+impl Operator {
+    /// This operator, asking from `from`, for the audit trail of what the request starts.
+    pub fn requester(self, from: std::net::SocketAddr) -> crate::uploads::Requester {
+        crate::uploads::Requester {
+            operator: self.name,
+            from,
+        }
+    }
+}
+
 impl FromRequestParts<AppState> for Operator {
     type Rejection = ApiError;
 

@@ -16,7 +16,6 @@ use shared::{ClientId, CollectionId, ErrorCode, ScheduleId};
 use crate::AppState;
 use crate::auth::Operator;
 use crate::error::ApiError;
-use crate::uploads::Requester;
 
 /// Collections listed by default, and at most.
 const DEFAULT_LIST: usize = 50;
@@ -39,10 +38,7 @@ pub async fn create(
     body: Result<Json<CreateCollection>, JsonRejection>,
 ) -> Result<(StatusCode, Json<CollectionSummary>), ApiError> {
     let Json(req) = body.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
-    let requester = Requester {
-        operator: operator.name,
-        from: peer,
-    };
+    let requester = operator.requester(peer);
     let summary = state
         .collections
         .create(req, &state.inventory, &requester)?;
@@ -98,10 +94,7 @@ pub async fn cancel(
     Path(raw): Path<String>,
 ) -> Result<Json<CollectionSummary>, ApiError> {
     let id = parse_id(&raw)?;
-    let requester = Requester {
-        operator: operator.name,
-        from: peer,
-    };
+    let requester = operator.requester(peer);
     state.collections.cancel(id, &requester).await.map(Json)
 }
 
@@ -170,10 +163,7 @@ pub async fn create_schedule(
     body: Result<Json<CreateSchedule>, JsonRejection>,
 ) -> Result<(StatusCode, Json<ScheduleInfo>), ApiError> {
     let Json(req) = body.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
-    let requester = Requester {
-        operator: operator.name,
-        from: peer,
-    };
+    let requester = operator.requester(peer);
     let info = state.schedules.create(req, &requester)?;
     Ok((StatusCode::CREATED, Json(info)))
 }
@@ -205,10 +195,7 @@ pub async fn delete_schedule(
     Path(raw): Path<String>,
 ) -> Result<Json<ScheduleInfo>, ApiError> {
     let id = parse_schedule_id(&raw)?;
-    let requester = Requester {
-        operator: operator.name,
-        from: peer,
-    };
+    let requester = operator.requester(peer);
     state.schedules.delete(id, &requester).map(Json)
 }
 

@@ -70,6 +70,22 @@ pub trait UploadStore: Send + Sync {
     fn delete_finished_before(&self, created_before_ms: i64) -> anyhow::Result<usize>;
 }
 
+/// One connection to the server's database, for one owner (the inventory, collections,
+/// schedules), used one call at a time under its lock.
+pub struct Db(Mutex<Connection>);
+
+impl Db {
+    pub fn new(conn: Connection) -> Self {
+        Self(Mutex::new(conn))
+    }
+
+    /// The connection. Every call leaves it consistent (a transaction commits or rolls back
+    /// before the guard is dropped), so a poisoned lock is taken over.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 pub struct SqliteStore {
     conn: Mutex<Connection>,
 }

@@ -3,12 +3,12 @@
 //! `hello` and stamped again when it leaves; `GET /clients?all=true` lists it together with the
 //! live registry.
 
-use std::sync::Mutex;
-
 use anyhow::Context;
 use rusqlite::{Connection, params};
 use shared::ClientId;
 use shared::labels::{Label, Labels};
+
+use crate::db::Db;
 
 /// One store as the inventory knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,23 +23,18 @@ pub struct Store {
 }
 
 pub struct Inventory {
-    conn: Mutex<Connection>,
+    db: Db,
 }
 
 impl Inventory {
     pub fn new(conn: Connection) -> Self {
-        Self {
-            conn: Mutex::new(conn),
-        }
-    }
-
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        Self { db: Db::new(conn) }
     }
 
     /// A store said `hello`: its labels and versions now, first seen kept from before.
     pub fn connected(&self, store: &Store) -> anyhow::Result<()> {
-        self.conn()
+        self.db
+            .lock()
             .prepare_cached(
                 "INSERT INTO stores (client_id, labels, agent_version, protocol_version,
                                      first_seen_ms, last_seen_ms)
@@ -61,7 +56,8 @@ impl Inventory {
 
     /// A store's connection ended; it was last heard from at `last_seen_ms`.
     pub fn left(&self, client_id: &ClientId, last_seen_ms: i64) -> anyhow::Result<()> {
-        self.conn()
+        self.db
+            .lock()
             .prepare_cached(
                 "UPDATE stores SET last_seen_ms = MAX(last_seen_ms, ?2) WHERE client_id = ?1",
             )?
@@ -72,7 +68,7 @@ impl Inventory {
     /// Every store whose labels include all of `wanted`, by client id. A row that no longer
     /// reads (it cannot happen short of editing the database) is skipped and logged.
     pub fn list(&self, wanted: &[Label]) -> anyhow::Result<Vec<Store>> {
-        let conn = self.conn();
+        let conn = self.db.lock();
         let mut stmt = conn.prepare_cached(
             "SELECT client_id, labels, agent_version, protocol_version, first_seen_ms,
                     last_seen_ms

@@ -3,7 +3,6 @@
 //! reported, never taken as absent.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{Context, anyhow};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -13,26 +12,21 @@ use shared::{ClientId, CollectionId, ErrorCode, FileName, ScheduleId, UploadId};
 
 use super::record::{Collection, Firing, Row, Spec, Stage};
 use super::target::Matcher;
+use crate::db::Db;
 use crate::uploads::UnixMs;
 
 pub struct Store {
-    conn: Mutex<Connection>,
+    db: Db,
 }
 
 impl Store {
     pub fn new(conn: Connection) -> Self {
-        Self {
-            conn: Mutex::new(conn),
-        }
-    }
-
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        Self { db: Db::new(conn) }
     }
 
     /// A new collection and its first rows, in one transaction.
     pub fn insert(&self, c: &Collection) -> anyhow::Result<()> {
-        let mut conn = self.conn();
+        let mut conn = self.db.lock();
         let tx = conn.transaction()?;
         let s = &c.spec;
         tx.execute(
@@ -62,7 +56,7 @@ impl Store {
     }
 
     pub fn set_state(&self, id: CollectionId, state: CollectionState) -> anyhow::Result<()> {
-        self.conn().execute(
+        self.db.lock().execute(
             "UPDATE collections SET state = ?2 WHERE id = ?1",
             params![id.to_string(), state.as_str()],
         )?;
@@ -75,7 +69,7 @@ impl Store {
         id: CollectionId,
         rows: impl IntoIterator<Item = (&'a ClientId, &'a Row)>,
     ) -> anyhow::Result<()> {
-        let mut conn = self.conn();
+        let mut conn = self.db.lock();
         let tx = conn.transaction()?;
         for (client, row) in rows {
             save_row(&tx, id, client, row)?;
@@ -87,7 +81,7 @@ impl Store {
     /// The collections that can still change (open, or with a store waiting or running), whole.
     pub fn load_live(&self) -> anyhow::Result<Vec<Collection>> {
         let ids: Vec<String> = {
-            let conn = self.conn();
+            let conn = self.db.lock();
             let mut stmt = conn.prepare(
                 "SELECT id FROM collections WHERE state = 'open' OR EXISTS (
                      SELECT 1 FROM collection_rows r
@@ -118,7 +112,7 @@ impl Store {
 
     /// One collection with all its rows.
     pub fn load(&self, id: CollectionId) -> anyhow::Result<Option<Collection>> {
-        let conn = self.conn();
+        let conn = self.db.lock();
         let head = conn
             .query_row(
                 "SELECT target, share, max_concurrent, created_by, created_from, created_ms,
@@ -212,7 +206,7 @@ impl Store {
 
     /// Collection ids, newest first.
     pub fn newest(&self, limit: usize) -> anyhow::Result<Vec<CollectionId>> {
-        let conn = self.conn();
+        let conn = self.db.lock();
         let mut stmt =
             conn.prepare_cached("SELECT id FROM collections ORDER BY created_ms DESC LIMIT ?1")?;
         let ids: Vec<String> = stmt
@@ -226,7 +220,8 @@ impl Store {
     /// Whether a collection of `schedule` exists for its firing at `at` or a later one.
     pub fn fired_since(&self, schedule: ScheduleId, at: UnixMs) -> anyhow::Result<bool> {
         let found: Option<i64> = self
-            .conn()
+            .db
+            .lock()
             .query_row(
                 "SELECT 1 FROM collections WHERE schedule_id = ?1 AND fired_ms >= ?2 LIMIT 1",
                 params![schedule.to_string(), at.0],
@@ -238,7 +233,7 @@ impl Store {
 
     /// How many collections are in each state, for `/metrics`.
     pub fn count_by_state(&self) -> anyhow::Result<Vec<(String, u64)>> {
-        let conn = self.conn();
+        let conn = self.db.lock();
         let mut stmt =
             conn.prepare_cached("SELECT state, COUNT(*) FROM collections GROUP BY state")?;
         let counts = stmt

@@ -1,33 +1,27 @@
 //! The stored form of schedules: the `schedules` table (migration 0006). A row that no longer
 //! reads is reported and left out, never deleted.
 
-use std::sync::{Mutex, MutexGuard};
-
 use anyhow::Context;
 use rusqlite::{Connection, params};
 use shared::ScheduleId;
 use shared::api::collections::CollectionTemplate;
 
 use super::{Schedule, check};
+use crate::db::Db;
 use crate::uploads::UnixMs;
 
 pub struct Store {
-    conn: Mutex<Connection>,
+    db: Db,
 }
 
 impl Store {
     pub fn new(conn: Connection) -> Self {
-        Self {
-            conn: Mutex::new(conn),
-        }
-    }
-
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        Self { db: Db::new(conn) }
     }
 
     pub fn insert(&self, s: &Schedule) -> anyhow::Result<()> {
-        self.conn()
+        self.db
+            .lock()
             .execute(
                 "INSERT INTO schedules (id, cron, time_zone, template, created_by, created_from,
                                         created_ms, last_fired_ms)
@@ -48,7 +42,7 @@ impl Store {
     }
 
     pub fn set_last_fired(&self, id: ScheduleId, at: UnixMs) -> anyhow::Result<()> {
-        self.conn().execute(
+        self.db.lock().execute(
             "UPDATE schedules SET last_fired_ms = MAX(last_fired_ms, ?2) WHERE id = ?1",
             params![id.to_string(), at.0],
         )?;
@@ -56,7 +50,7 @@ impl Store {
     }
 
     pub fn delete(&self, id: ScheduleId) -> anyhow::Result<()> {
-        self.conn().execute(
+        self.db.lock().execute(
             "DELETE FROM schedules WHERE id = ?1",
             params![id.to_string()],
         )?;
@@ -65,7 +59,7 @@ impl Store {
 
     /// Every schedule that reads.
     pub fn load(&self) -> anyhow::Result<Vec<Schedule>> {
-        let conn = self.conn();
+        let conn = self.db.lock();
         let mut stmt = conn.prepare(
             "SELECT id, cron, time_zone, template, created_by, created_from, created_ms,
                     last_fired_ms

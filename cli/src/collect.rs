@@ -10,9 +10,9 @@ use clap::{Args, Subcommand};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use shared::api::collections::{
-    CollectionList, CollectionRow, CollectionRows, CollectionState, CollectionSummary,
-    CollectionTemplate, CreateCollection, CreateSchedule, Manifest, RowState, ScheduleInfo,
-    ScheduleList, Target,
+    CollectionList, CollectionPreview, CollectionRow, CollectionRows, CollectionState,
+    CollectionSummary, CollectionTemplate, CreateCollection, CreateSchedule, Manifest, RowState,
+    ScheduleInfo, ScheduleList, Target,
 };
 use shared::labels::Label;
 use shared::{ClientId, CollectionId};
@@ -65,6 +65,9 @@ pub struct CollectArgs {
     /// SHA-256 (implies --wait).
     #[arg(long, value_name = "DIR")]
     output_dir: Option<PathBuf>,
+    /// Only say how many stores would be asked (connected now, and offline); create nothing.
+    #[arg(long, conflicts_with_all = ["wait", "output_dir"])]
+    dry_run: bool,
 }
 
 impl TemplateArgs {
@@ -112,6 +115,13 @@ impl TemplateArgs {
 pub struct CollectionArgs {
     /// The collection to show: its summary and every store's row.
     id: Option<String>,
+    /// Only the stores in this state (pending_offline, queued, running, completed, failed,
+    /// cancelled, not_reached).
+    #[arg(long)]
+    state: Option<String>,
+    /// Only the stores that failed with this error code.
+    #[arg(long)]
+    code: Option<String>,
     #[command(subcommand)]
     command: Option<CollectionCommand>,
 }
@@ -140,6 +150,18 @@ pub async fn collect(cli: &Cli, args: &CollectArgs) -> anyhow::Result<bool> {
         expires_in_secs: t.expires_in_secs,
         max_concurrent: t.max_concurrent,
     };
+    if args.dry_run {
+        let p: CollectionPreview = api.post_json("/collections/preview", &req).await?;
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(&p)?);
+        } else {
+            println!(
+                "{} stores would be asked: {} connected now, {} offline",
+                p.matched, p.connected, p.offline
+            );
+        }
+        return Ok(true);
+    }
     let created: CollectionSummary = api.post_json("/collections", &req).await?;
     if !args.wait && args.output_dir.is_none() {
         print_summary(&created, cli.json)?;
@@ -277,15 +299,25 @@ async fn fetch_row(
 
 /// Every row of a collection, page by page.
 async fn all_rows(api: &Api, id: CollectionId) -> anyhow::Result<Vec<CollectionRow>> {
+    rows_where(api, id, "").await
+}
+
+/// The rows of a collection that `filter` (a query string, such as `&state=failed`) keeps,
+/// page by page.
+async fn rows_where(
+    api: &Api,
+    id: CollectionId,
+    filter: &str,
+) -> anyhow::Result<Vec<CollectionRow>> {
     let mut rows = Vec::new();
     let mut after: Option<ClientId> = None;
     loop {
         let path = match &after {
             Some(a) => format!(
-                "/collections/{id}/uploads?after={}",
+                "/collections/{id}/uploads?after={}{filter}",
                 path_segment(a.as_str())
             ),
-            None => format!("/collections/{id}/uploads"),
+            None => format!("/collections/{id}/uploads?{filter}"),
         };
         let page: CollectionRows = api.get(&path).await?;
         rows.extend(page.rows);
@@ -385,7 +417,14 @@ pub async fn collection(cli: &Cli, args: &CollectionArgs) -> anyhow::Result<bool
             let s: CollectionSummary = api
                 .get(&format!("/collections/{}", path_segment(id)))
                 .await?;
-            let rows = all_rows(&api, s.collection_id).await?;
+            let mut filter = String::new();
+            if let Some(state) = &args.state {
+                filter.push_str(&format!("&state={}", path_segment(state)));
+            }
+            if let Some(code) = &args.code {
+                filter.push_str(&format!("&code={}", path_segment(code)));
+            }
+            let rows = rows_where(&api, s.collection_id, &filter).await?;
             if cli.json {
                 let both = serde_json::json!({ "summary": s, "rows": rows });
                 println!("{}", serde_json::to_string_pretty(&both)?);

@@ -8,13 +8,15 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use shared::api::collections::{
-    CollectionList, CollectionListParams, CollectionRows, CollectionSummary, CreateCollection,
-    CreateSchedule, MAX_ROWS_PAGE, Manifest, ManifestEntry, RowsParams, ScheduleInfo, ScheduleList,
+    CollectionList, CollectionListParams, CollectionPreview, CollectionRows, CollectionSummary,
+    CreateCollection, CreateSchedule, MAX_ROWS_PAGE, Manifest, ManifestEntry, RowsParams,
+    ScheduleInfo, ScheduleList,
 };
 use shared::{ClientId, CollectionId, ErrorCode, ScheduleId};
 
 use crate::AppState;
 use crate::auth::Operator;
+use crate::collections::RowFilter;
 use crate::error::ApiError;
 
 /// Collections listed by default, and at most.
@@ -45,6 +47,16 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(summary)))
 }
 
+/// `POST /collections/preview`: how many stores the body would match now, creating nothing.
+pub async fn preview(
+    State(state): State<AppState>,
+    _operator: Operator,
+    body: Result<Json<CreateCollection>, JsonRejection>,
+) -> Result<Json<CollectionPreview>, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    state.collections.preview(req, &state.inventory).map(Json)
+}
+
 /// `GET /collections?limit=N`: the newest first.
 pub async fn list(
     State(state): State<AppState>,
@@ -67,7 +79,8 @@ pub async fn summary(
     state.collections.summary(parse_id(&raw)?).map(Json)
 }
 
-/// `GET /collections/{id}/uploads?after=<client id>&limit=N`: the stores, by client id.
+/// `GET /collections/{id}/uploads?after=<client id>&limit=N[&state=S][&code=C]`: the stores, by
+/// client id.
 pub async fn rows(
     State(state): State<AppState>,
     _operator: Operator,
@@ -83,7 +96,30 @@ pub async fn rows(
         .transpose()
         .map_err(|e| ApiError::new(ErrorCode::InvalidClientId, format!("after: {e}")))?;
     let limit = params.limit.unwrap_or(MAX_ROWS_PAGE);
-    state.collections.rows(id, after.as_ref(), limit).map(Json)
+    let code = params
+        .code
+        .as_deref()
+        .map(|wire| {
+            ErrorCode::ALL
+                .iter()
+                .copied()
+                .find(|c| c.as_str() == wire)
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::BadRequest,
+                        format!("code: {wire:?} is not an error code"),
+                    )
+                })
+        })
+        .transpose()?;
+    let only = RowFilter {
+        state: params.state,
+        code,
+    };
+    state
+        .collections
+        .rows(id, after.as_ref(), limit, only)
+        .map(Json)
 }
 
 /// `DELETE /collections/{id}`: cancels what is unfinished.

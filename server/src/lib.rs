@@ -112,6 +112,7 @@ pub fn router(state: AppState) -> Router {
             "/collections/{id}",
             get(collections_api::summary).delete(collections_api::cancel),
         )
+        .route("/collections/preview", post(collections_api::preview))
         .route("/collections/{id}/uploads", get(collections_api::rows))
         .route("/collections/{id}/manifest", get(collections_api::manifest))
         .route(

@@ -270,6 +270,22 @@ async fn label_and_glob_targets_match_exactly_their_stores() {
     drop(d);
     server.wait_disconnected("match-rest-3").await;
 
+    // A dry run counts the stores a target would ask, connected or not, and creates nothing.
+    let out = run_cli(
+        &server,
+        &["collect", "--label", "region=north", "--dry-run", "--json"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let preview: shared::api::collections::CollectionPreview =
+        serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (preview.matched, preview.connected, preview.offline),
+        (3, 2, 1)
+    );
+    let (_, list) = server.get_json("/collections").await;
+    assert_eq!(list["collections"].as_array().unwrap().len(), 0);
+
     let by_glob = created(
         &server,
         serde_json::json!({"target": {"kind": "glob", "pattern": "match-rest-*"}}),
@@ -316,6 +332,65 @@ async fn label_and_glob_targets_match_exactly_their_stores() {
     })
     .await;
     assert!(!s.settled, "match-rest-3 is still to come");
+
+    // Rows filtered by state, and by the code a store failed with.
+    let (_, body) = server
+        .get_json(&format!(
+            "/collections/{}/uploads?state=pending_offline",
+            id_of(&by_glob)
+        ))
+        .await;
+    let offline: CollectionRows = serde_json::from_value(body).unwrap();
+    let names: Vec<&str> = offline.rows.iter().map(|r| r.client_id.as_str()).collect();
+    assert_eq!(names, ["match-rest-3"]);
+    let missing = created(
+        &server,
+        serde_json::json!({"target": {"kind": "ids", "client_ids": ["match-shop-1", "match-rest-1"]},
+                           "file": "no-such-share"}),
+    )
+    .await;
+    let s = wait_summary(&server, &id_of(&missing), "both fail", |s| {
+        s.counts.failed == 2
+    })
+    .await;
+    let (code, n) = s.failed_by_code.iter().next().unwrap();
+    assert_eq!(
+        (code.as_str(), *n),
+        ("FILE_NOT_SHARED", 2),
+        "{:?}",
+        s.failed_by_code
+    );
+    for (query, expected) in [
+        ("code=FILE_NOT_SHARED", 2),
+        ("code=STALLED", 0),
+        ("state=failed&limit=1", 1),
+    ] {
+        let (status, body) = server
+            .get_json(&format!("/collections/{}/uploads?{query}", id_of(&missing)))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["rows"].as_array().unwrap().len(),
+            expected,
+            "{query}: {body}"
+        );
+    }
+    let (status, body) = server
+        .get_json(&format!(
+            "/collections/{}/uploads?code=NOPE",
+            id_of(&missing)
+        ))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("BAD_REQUEST"))
+    );
+    let out = run_cli(
+        &server,
+        &["collection", &id_of(&missing), "--code", "FILE_NOT_SHARED"],
+    )
+    .await;
+    assert!(stdout(&out).contains("match-shop-1"), "{}", stdout(&out));
 
     // Rows page by client id.
     let glob_id = id_of(&by_glob);

@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use shared::api::UploadStatus;
 use shared::api::collections::{
-    CollectionRow, CollectionRows, CollectionState, CollectionSummary, CollectionTemplate,
-    CreateCollection, MAX_ROWS_PAGE,
+    CollectionPreview, CollectionRow, CollectionRows, CollectionState, CollectionSummary,
+    CollectionTemplate, CreateCollection, MAX_ROWS_PAGE, RowState,
 };
 use shared::labels::Labels;
 use shared::{ClientId, CollectionId, ErrorCode, ScheduleId, UploadId};
@@ -54,6 +54,23 @@ use settings::Checked;
 
 /// How often the dispatcher looks for expiries even when nothing woke it.
 const TICK: Duration = Duration::from_secs(1);
+
+/// Which rows a page shows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowFilter {
+    pub state: Option<RowState>,
+    /// Failed with this code.
+    pub code: Option<ErrorCode>,
+}
+
+impl RowFilter {
+    fn keeps(&self, row: &CollectionRow) -> bool {
+        self.state.is_none_or(|s| row.state == s)
+            && self
+                .code
+                .is_none_or(|code| row.error.as_ref().is_some_and(|e| e.code == code))
+    }
+}
 
 /// A completed store, for the manifest.
 #[derive(Debug, Clone)]
@@ -186,6 +203,40 @@ impl Collections {
         let expires = settings::expiry(&req, now)?;
         let checked = Checked::new(req.target, req.file.as_deref(), req.max_concurrent)?;
         self.start(checked, now, expires, None, inventory, requester)
+    }
+
+    /// `POST /collections/preview`: the stores `req` would match now, connected or not.
+    pub fn preview(
+        &self,
+        req: CreateCollection,
+        inventory: &Inventory,
+    ) -> Result<CollectionPreview, ApiError> {
+        settings::expiry(&req, time::OffsetDateTime::now_utc())?;
+        let checked = Checked::new(req.target, req.file.as_deref(), req.max_concurrent)?;
+        let m = &checked.matcher;
+        let mut matched: std::collections::BTreeSet<ClientId> = m.named().cloned().collect();
+        let known = inventory.list(&[]).map_err(|e| ApiError::internal(&e))?;
+        matched.extend(
+            known
+                .into_iter()
+                .filter(|s| m.matches(&s.client_id, &s.labels))
+                .map(|s| s.client_id),
+        );
+        matched.extend(
+            self.0
+                .registry
+                .snapshot()
+                .into_iter()
+                .filter(|(client, h)| m.matches(client, &h.labels))
+                .map(|(client, _)| client),
+        );
+        let connected = matched.iter().filter(|c| self.connected(c)).count() as u64;
+        let total = matched.len() as u64;
+        Ok(CollectionPreview {
+            matched: total,
+            connected,
+            offline: total - connected,
+        })
     }
 
     /// A schedule fired at `fired`: the collection of its template, expiring `expires_in`
@@ -333,6 +384,7 @@ impl Collections {
         id: CollectionId,
         after: Option<&ClientId>,
         limit: usize,
+        only: RowFilter,
     ) -> Result<CollectionRows, ApiError> {
         let limit = limit.clamp(1, MAX_ROWS_PAGE);
         self.read(id, |c| {
@@ -340,8 +392,9 @@ impl Collections {
                 .rows
                 .iter()
                 .filter(|(client, _)| after.is_none_or(|a| *client > a))
-                .take(limit + 1)
                 .map(|(client, row)| self.show_row(client, row))
+                .filter(|row| only.keeps(row))
+                .take(limit + 1)
                 .collect();
             let next_after = (page.len() > limit).then(|| {
                 page.truncate(limit);

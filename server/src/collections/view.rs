@@ -12,7 +12,7 @@ use crate::registry::AgentLink;
 use crate::uploads::rfc3339;
 
 impl Collections {
-    fn connected(&self, client: &ClientId) -> bool {
+    pub(super) fn connected(&self, client: &ClientId) -> bool {
         self.0.registry.connection(client).is_some()
     }
 

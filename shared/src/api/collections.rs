@@ -163,6 +163,17 @@ impl CollectionCounts {
     }
 }
 
+/// `POST /collections/preview`: the stores a collection with this body would match now,
+/// without creating it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionPreview {
+    pub matched: u64,
+    /// Of those, connected now (asked at once, a slot permitting) and offline (asked when they
+    /// connect, before the expiry).
+    pub connected: u64,
+    pub offline: u64,
+}
+
 /// `GET /collections/{id}` (and the answer to `POST /collections`, 201).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CollectionSummary {
@@ -211,12 +222,17 @@ pub struct CollectionRow {
     pub finished_at: Option<String>,
 }
 
-/// Query of `GET /collections/{id}/uploads`: rows by client id, after `after`.
+/// Query of `GET /collections/{id}/uploads`: rows by client id, after `after`, optionally only
+/// those in one state or failed with one code.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RowsParams {
     pub after: Option<String>,
     pub limit: Option<usize>,
+    /// Only stores in this state.
+    pub state: Option<RowState>,
+    /// Only failed stores with this error code.
+    pub code: Option<String>,
 }
 
 /// `GET /collections/{id}/uploads`.

@@ -245,9 +245,8 @@ storage_modes!(offline_stores_are_asked_when_they_connect, |mode| {
 
 /// A label target and a glob target match exactly their stores, offline ones included, and a
 /// store that connects later and matches joins; one that does not match stays out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn label_and_glob_targets_match_exactly_their_stores() {
-    let server = TestServer::start(Mode::Embedded).await;
+async fn label_and_glob_targets_match_exactly_their_stores(mode: Mode) {
+    let server = TestServer::start(mode).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("f.csv");
     write_file(&file, 500).await;
@@ -630,11 +629,10 @@ storage_modes!(
 
 /// A server restart in the middle: the collection and its rows are back, a completed store
 /// stays completed, and the store that was offline is asked when it connects to the new server.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_collection_survives_a_restart() {
+async fn a_collection_survives_a_restart(mode: Mode) {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let mut server = TestServer::builder(Mode::Embedded)
+    let mut server = TestServer::builder(mode)
         .at("127.0.0.1:0".parse().unwrap(), &data_dir)
         .start()
         .await;
@@ -657,10 +655,7 @@ async fn a_collection_survives_a_restart() {
     let addr = server.api_addr;
     server.stop().await;
 
-    let server = TestServer::builder(Mode::Embedded)
-        .at(addr, &data_dir)
-        .start()
-        .await;
+    let server = TestServer::builder(mode).at(addr, &data_dir).start().await;
     let s = summary(&server, &cid).await;
     assert_eq!(
         (
@@ -789,11 +784,10 @@ async fn fired(server: &TestServer, schedule: &str) -> Vec<CollectionSummary> {
 /// A schedule that fires every two seconds creates collections, each of which reaches the
 /// store. The server stops over several firings: when it is back, the latest missed firing runs
 /// once (not once per missed firing), and the schedule goes on. Deleted, it fires no more.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_schedule_fires_and_a_missed_firing_runs_once_after_a_restart() {
+async fn a_schedule_fires_and_a_missed_firing_runs_once_after_a_restart(mode: Mode) {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let mut server = TestServer::builder(Mode::Embedded)
+    let mut server = TestServer::builder(mode)
         .at("127.0.0.1:0".parse().unwrap(), &data_dir)
         .start()
         .await;
@@ -842,10 +836,7 @@ async fn a_schedule_fires_and_a_missed_firing_runs_once_after_a_restart() {
     // Down over at least three firings.
     tokio::time::sleep(Duration::from_secs(7)).await;
     let restarted = time::OffsetDateTime::now_utc();
-    let server = TestServer::builder(Mode::Embedded)
-        .at(addr, &data_dir)
-        .start()
-        .await;
+    let server = TestServer::builder(mode).at(addr, &data_dir).start().await;
     let _agent = TestAgent::start(&server, store, &file);
     // The next regular firing after the restart, then look at what the downtime left.
     wait_until(
@@ -933,3 +924,16 @@ async fn a_schedule_fires_and_a_missed_firing_runs_once_after_a_restart() {
         assert_eq!(resp.status().as_u16(), 400, "{bad}");
     }
 }
+
+storage_modes!(label_and_glob_targets_match_exactly_their_stores, |mode| {
+    label_and_glob_targets_match_exactly_their_stores(mode)
+});
+
+storage_modes!(a_collection_survives_a_restart, |mode| {
+    a_collection_survives_a_restart(mode)
+});
+
+storage_modes!(
+    a_schedule_fires_and_a_missed_firing_runs_once_after_a_restart,
+    |mode| a_schedule_fires_and_a_missed_firing_runs_once_after_a_restart(mode)
+);

@@ -933,7 +933,6 @@ storage_modes!(a_collection_survives_a_restart, |mode| {
     a_collection_survives_a_restart(mode)
 });
 
-storage_modes!(
-    a_schedule_fires_and_a_missed_firing_runs_once_after_a_restart,
-    |mode| a_schedule_fires_and_a_missed_firing_runs_once_after_a_restart(mode)
-);
+storage_modes!(schedule_fires_and_runs_a_missed_firing_once, |mode| {
+    a_schedule_fires_and_a_missed_firing_runs_once_after_a_restart(mode)
+});

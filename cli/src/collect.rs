@@ -232,11 +232,10 @@ async fn follow(
         }
         bar.set_message(line(&summary));
         let expired = summary.state != CollectionState::Open;
+        // The rows were read after the summary, so every store it counts as completed has
+        // been fetched by now.
         if summary.settled || expired {
-            // One more look at what completed just now, before returning.
-            if output_dir.is_none() || all_fetched(api, id, &fetched).await? {
-                break;
-            }
+            break;
         }
         tokio::time::sleep(POLL_INTERVAL).await;
         summary = api.get(&format!("/collections/{id}")).await?;
@@ -263,18 +262,6 @@ async fn follow(
         );
     }
     Ok(ok)
-}
-
-/// Whether every completed store's file is fetched.
-async fn all_fetched(
-    api: &Api,
-    id: CollectionId,
-    fetched: &HashSet<ClientId>,
-) -> anyhow::Result<bool> {
-    Ok(all_rows(api, id)
-        .await?
-        .iter()
-        .all(|r| r.state != RowState::Completed || fetched.contains(&r.client_id)))
 }
 
 /// Fetches one completed store's file to `dir/<client_id>/<file>`, checking its bytes.

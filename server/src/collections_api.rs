@@ -99,19 +99,9 @@ pub async fn rows(
     let code = params
         .code
         .as_deref()
-        .map(|wire| {
-            ErrorCode::ALL
-                .iter()
-                .copied()
-                .find(|c| c.as_str() == wire)
-                .ok_or_else(|| {
-                    ApiError::new(
-                        ErrorCode::BadRequest,
-                        format!("code: {wire:?} is not an error code"),
-                    )
-                })
-        })
-        .transpose()?;
+        .map(str::parse::<ErrorCode>)
+        .transpose()
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("code: {e}")))?;
     let only = RowFilter {
         state: params.state,
         code,

@@ -81,6 +81,24 @@ error_codes! {
     Cancelled => "CANCELLED",
 }
 
+/// A wire name that is no [`ErrorCode`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an error code")]
+pub struct UnknownErrorCode(pub String);
+
+impl std::str::FromStr for ErrorCode {
+    type Err = UnknownErrorCode;
+
+    /// The code of a wire name, as `as_str` writes it.
+    fn from_str(wire: &str) -> Result<Self, UnknownErrorCode> {
+        ErrorCode::ALL
+            .iter()
+            .copied()
+            .find(|c| c.as_str() == wire)
+            .ok_or_else(|| UnknownErrorCode(wire.to_owned()))
+    }
+}
+
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -97,7 +115,9 @@ mod tests {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));
             assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
+            assert_eq!(code.as_str().parse::<ErrorCode>(), Ok(code));
         }
+        assert!("NOT_A_CODE".parse::<ErrorCode>().is_err());
     }
 
     #[test]

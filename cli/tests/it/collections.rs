@@ -430,30 +430,53 @@ fn busy_agent(
             }
             let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             most.fetch_max(now, Ordering::SeqCst);
-            let upload_id = msg["upload_id"].as_str().unwrap().to_owned();
-            let min_part_size = msg["min_part_size"].as_u64().unwrap();
-            agent
-                .send_json(file_info(&upload_id, "z.csv", &data, min_part_size))
-                .await;
-            let plan = loop {
-                let m = agent.recv_json().await.unwrap();
-                if m["type"] == "start_upload" {
-                    break m;
-                }
-            };
+            let (upload_id, plan) = describe(&mut agent, &msg, &data).await;
             tokio::time::sleep(hold).await;
-            let etag = raw_s3::put_planned_part(&plan, 0, data.clone()).await;
-            let resp = raw_s3::complete(&plan, std::slice::from_ref(&etag)).await;
-            assert!(resp.status().is_success(), "{}", resp.status());
+            let etag = store(&plan, &data).await;
+            // Over once stored, before the server hears of it and frees the slot.
             in_flight.fetch_sub(1, Ordering::SeqCst);
-            agent
-                .send_json(serde_json::json!({
-                    "type": "upload_completed", "upload_id": upload_id,
-                    "parts": [{"part_number": 1, "etag": etag}]
-                }))
-                .await;
+            report_completed(&mut agent, &upload_id, &etag).await;
         }
     })
+}
+
+/// Answers a `describe_file` with `data` (one part, protocol 2); returns the upload id and the
+/// plan that follows.
+async fn describe(
+    agent: &mut RawAgent,
+    describe_file: &serde_json::Value,
+    data: &[u8],
+) -> (String, serde_json::Value) {
+    let upload_id = describe_file["upload_id"].as_str().unwrap().to_owned();
+    let min_part_size = describe_file["min_part_size"].as_u64().unwrap();
+    agent
+        .send_json(file_info(&upload_id, "z.csv", data, min_part_size))
+        .await;
+    let plan = loop {
+        let m = agent.recv_json().await.unwrap();
+        if m["type"] == "start_upload" {
+            break m;
+        }
+    };
+    (upload_id, plan)
+}
+
+/// Stores the one part of `plan` and completes the multipart upload; returns the part's ETag.
+async fn store(plan: &serde_json::Value, data: &[u8]) -> String {
+    let etag = raw_s3::put_planned_part(plan, 0, data.to_vec()).await;
+    let resp = raw_s3::complete(plan, std::slice::from_ref(&etag)).await;
+    assert!(resp.status().is_success(), "{}", resp.status());
+    etag
+}
+
+/// Tells the server the one-part upload is complete.
+async fn report_completed(agent: &mut RawAgent, upload_id: &str, etag: &str) {
+    agent
+        .send_json(serde_json::json!({
+            "type": "upload_completed", "upload_id": upload_id,
+            "parts": [{"part_number": 1, "etag": etag}]
+        }))
+        .await;
 }
 
 /// `max_concurrent = 2` over six stores: never more than two upload at once, as the stores
@@ -470,8 +493,8 @@ async fn max_concurrent_is_never_exceeded(mode: Mode) {
     let (status, manual) = server.trigger(&ids[0]).await;
     assert_eq!(status, 202, "{manual}");
     let manual_id = manual["upload_id"].as_str().unwrap().to_owned();
-    let describe = first.recv_json().await.unwrap();
-    assert_eq!(describe["upload_id"], manual_id.as_str());
+    let asked = first.recv_json().await.unwrap();
+    assert_eq!(asked["upload_id"], manual_id.as_str());
     for id in &ids[1..] {
         let agent = RawAgent::connect(&server, id).await;
         tasks.push(busy_agent(
@@ -498,24 +521,10 @@ async fn max_concurrent_is_never_exceeded(mode: Mode) {
     assert_eq!(rows(&server, &cid).await[&ids[0]].state, RowState::Queued);
     // Now it finishes its own download; the agent task takes over for the collection's.
     let data = vec![5u8; 1500];
-    let min_part_size = describe["min_part_size"].as_u64().unwrap();
-    first
-        .send_json(file_info(&manual_id, "z.csv", &data, min_part_size))
-        .await;
-    let plan = first.recv_json().await.unwrap();
-    let etag = raw_s3::put_planned_part(&plan, 0, data.clone()).await;
-    assert!(
-        raw_s3::complete(&plan, std::slice::from_ref(&etag))
-            .await
-            .status()
-            .is_success()
-    );
-    first
-        .send_json(serde_json::json!({
-            "type": "upload_completed", "upload_id": manual_id,
-            "parts": [{"part_number": 1, "etag": etag}]
-        }))
-        .await;
+    let (upload_id, plan) = describe(&mut first, &asked, &data).await;
+    assert_eq!(upload_id, manual_id);
+    let etag = store(&plan, &data).await;
+    report_completed(&mut first, &manual_id, &etag).await;
     tasks.push(busy_agent(
         first,
         vec![4u8; 1200],
@@ -580,14 +589,10 @@ async fn a_cancelled_collection_aborts_every_unfinished_upload(mode: Mode) {
             continue;
         }
         let agent = &mut agents[i];
-        let describe = agent.recv_json().await.unwrap();
-        let upload_id = describe["upload_id"].as_str().unwrap().to_owned();
-        let min = describe["min_part_size"].as_u64().unwrap();
-        agent
-            .send_json(file_info(&upload_id, "z.csv", &data, min))
-            .await;
-        let plan = agent.recv_json().await.unwrap();
-        assert_eq!(plan["type"], "start_upload", "{plan}");
+        let asked = agent.recv_json().await.unwrap();
+        assert_eq!(asked["type"], "describe_file", "{asked}");
+        // The plan means the multipart upload exists; the store holds it open.
+        describe(agent, &asked, &data).await;
         holding.push(id.clone());
     }
     assert_eq!(holding.len(), 2);

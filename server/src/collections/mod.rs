@@ -47,7 +47,6 @@ use crate::uploads::{Ask, Requester, UnixMs, Uploads};
 
 use book::{Book, CancelError};
 pub use record::Firing;
-pub use settings::{DEFAULT_EXPIRY, DEFAULT_MAX_CONCURRENT, MAX_CONCURRENT, MAX_EXPIRY};
 
 use record::{Collection, Row, Spec, Stage};
 use settings::Checked;
@@ -164,13 +163,7 @@ impl Collections {
             registry.connection(client).is_some() && uploads.active_for(client).is_none()
         });
         for p in planned {
-            let requester = Requester {
-                operator: p.created_by.clone(),
-                from: p
-                    .created_from
-                    .parse()
-                    .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
-            };
+            let requester = Requester::recorded(p.created_by.clone(), &p.created_from);
             let ask = Ask {
                 id: p.upload,
                 client_id: p.client_id.clone(),
@@ -239,25 +232,24 @@ impl Collections {
         })
     }
 
-    /// A schedule fired at `fired`: the collection of its template, expiring `expires_in`
-    /// after the firing.
+    /// A schedule fired at `firing.at`: the collection of its template, expiring `expires_in`
+    /// after the firing. `None` if that moment is past already (a firing missed while the
+    /// server was down for longer), and nothing is created.
     pub fn fire(
         &self,
         firing: Firing,
         template: &CollectionTemplate,
         inventory: &Inventory,
         requester: &Requester,
-    ) -> Result<CollectionSummary, ApiError> {
+    ) -> Result<Option<CollectionSummary>, ApiError> {
         let (checked, expires_in) = settings::template(template)?;
         let expires = firing.at.to_datetime() + expires_in;
-        self.start(
-            checked,
-            time::OffsetDateTime::now_utc(),
-            expires,
-            Some(firing),
-            inventory,
-            requester,
-        )
+        let now = time::OffsetDateTime::now_utc();
+        if expires <= now {
+            return Ok(None);
+        }
+        self.start(checked, now, expires, Some(firing), inventory, requester)
+            .map(Some)
     }
 
     /// Checks a schedule's template as a collection's settings would be checked.

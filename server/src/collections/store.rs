@@ -8,7 +8,7 @@ use anyhow::{Context, anyhow};
 use rusqlite::{Connection, OptionalExtension, params};
 use shared::api::ErrorDetail;
 use shared::api::collections::{CollectionState, Target};
-use shared::{ClientId, CollectionId, ErrorCode, FileName, ScheduleId, UploadId};
+use shared::{ClientId, CollectionId, FileName, ScheduleId, UploadId};
 
 use super::record::{Collection, Firing, Row, Spec, Stage};
 use super::target::Matcher;
@@ -274,7 +274,11 @@ impl StoredRow {
             "failed" => Stage::Failed {
                 upload: upload()?,
                 error: ErrorDetail {
-                    code: error_code(self.error_code.as_deref().context("no error code")?)?,
+                    code: self
+                        .error_code
+                        .as_deref()
+                        .context("no error code")?
+                        .parse()?,
                     message: self.error_message.clone().unwrap_or_default(),
                 },
             },
@@ -290,14 +294,6 @@ impl StoredRow {
             finished: self.finished_ms.map(UnixMs),
         })
     }
-}
-
-fn error_code(wire: &str) -> anyhow::Result<ErrorCode> {
-    ErrorCode::ALL
-        .iter()
-        .copied()
-        .find(|c| c.as_str() == wire)
-        .with_context(|| format!("unknown error code {wire:?}"))
 }
 
 fn save_row(

@@ -213,7 +213,7 @@ impl Schedules {
                 schedule: schedule.id,
                 at,
             };
-            if !self.fire(&schedule, firing, now) {
+            if !self.fire(&schedule, firing) {
                 continue;
             }
             if let Err(e) = self.0.store.set_last_fired(schedule.id, at) {
@@ -227,7 +227,7 @@ impl Schedules {
 
     /// Creates one firing's collection. Returns whether the firing is handled (created, found
     /// created already, or past its expiry); one that is not is tried again at the next look.
-    fn fire(&self, schedule: &Schedule, firing: Firing, now: UnixMs) -> bool {
+    fn fire(&self, schedule: &Schedule, firing: Firing) -> bool {
         let id = schedule.id;
         let at = rfc3339(firing.at.to_datetime());
         match self.0.collections.fired_since(id, firing.at) {
@@ -242,31 +242,18 @@ impl Schedules {
                 return false;
             }
         }
-        let expires_in = Duration::from_secs(
-            schedule
-                .template
-                .expires_in_secs
-                .unwrap_or(crate::collections::DEFAULT_EXPIRY.as_secs()),
-        );
-        let expires = firing.at.to_datetime() + expires_in;
-        if expires <= now.to_datetime() {
-            tracing::warn!(schedule_id = %id, firing = at, "a firing missed while the server was down is past its expiry; skipped");
-            return true;
-        }
-        let requester = Requester {
-            operator: schedule.created_by.clone(),
-            from: schedule
-                .created_from
-                .parse()
-                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
-        };
+        let requester = Requester::recorded(schedule.created_by.clone(), &schedule.created_from);
         match self
             .0
             .collections
             .fire(firing, &schedule.template, &self.0.inventory, &requester)
         {
-            Ok(c) => {
+            Ok(Some(c)) => {
                 tracing::info!(schedule_id = %id, firing = at, collection_id = %c.collection_id, "schedule fired");
+                true
+            }
+            Ok(None) => {
+                tracing::warn!(schedule_id = %id, firing = at, "a firing missed while the server was down is past its expiry; skipped");
                 true
             }
             Err(e) => {

@@ -143,6 +143,19 @@ pub struct Requester {
     pub from: std::net::SocketAddr,
 }
 
+impl Requester {
+    /// The requester a record kept (a collection's or a schedule's creator), asking again; an
+    /// address that no longer parses reads as 0.0.0.0:0.
+    pub fn recorded(operator: String, from: &str) -> Self {
+        Self {
+            operator,
+            from: from
+                .parse()
+                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+        }
+    }
+}
+
 impl Uploads {
     /// Loads every unfinished upload and the most recent finished ones from `store`.
     pub fn open(

@@ -280,7 +280,7 @@ async fn fetch_row(
         .await
         .with_context(|| format!("creating {}", store_dir.display()))?;
     let path = store_dir.join(file);
-    fetch::fetch(api, upload, &Output::File(path.clone()), true).await?;
+    fetch::fetch(api, upload, &Output::File(path.clone()), false, true).await?;
     Ok(path)
 }
 

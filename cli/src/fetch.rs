@@ -5,6 +5,10 @@
 //! What is checked: the size, and the SHA-256 the agent reported and the CRC64NVME storage
 //! verified, whichever the upload recorded. A transfer that breaks off resumes with a `Range`
 //! request on a fresh link, so a link that expires mid-way or a cut connection costs only a retry.
+//!
+//! A compressed object (`zstd`) is decoded on the way, in bounded pieces whatever its ratio: the
+//! stored bytes are checked against the object's CRC64NVME and size, the decoded ones against the
+//! file's SHA-256 and size. `--raw` keeps the stored form, which only the CRC64NVME can check.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -16,8 +20,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use shared::UploadId;
 use shared::api::DownloadLink;
+use shared::encoding::Encoding;
 use shared::hash::{Crc64Nvme, Crc64NvmeHasher, Sha256Hex};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
 
 use crate::api::Api;
 
@@ -54,7 +60,14 @@ pub struct Fetched {
     pub upload_id: UploadId,
     /// `None` for stdout.
     pub path: Option<PathBuf>,
+    /// Bytes written.
     pub size: u64,
+    /// Bytes fetched from storage (fewer than `size` for a compressed object).
+    pub stored_size: u64,
+    /// How the object was stored, and whether it was written as stored (`--raw`).
+    pub encoding: Encoding,
+    pub raw: bool,
+    /// SHA-256 of the bytes written.
     pub sha256: String,
     /// What the bytes were checked against: `sha256`, `crc64nvme`, or both.
     pub checked: Vec<&'static str>,
@@ -64,9 +77,13 @@ pub struct Fetched {
 
 /// What the fetched bytes must match, from the download link.
 struct Expected {
+    /// Of the file.
     size: u64,
     sha256: Option<Sha256Hex>,
+    /// Of the object.
+    stored_size: u64,
     crc64nvme: Option<Crc64Nvme>,
+    encoding: Encoding,
 }
 
 impl Expected {
@@ -89,26 +106,44 @@ impl Expected {
                 link.upload_id
             );
         }
+        if link.encoding != Encoding::None && crc64nvme.is_none() {
+            bail!(
+                "upload {} is {}-encoded but has no CRC64NVME on record",
+                link.upload_id,
+                link.encoding
+            );
+        }
         Ok(Self {
             size: link.size,
             sha256,
+            stored_size: link.stored_size.unwrap_or(link.size),
             crc64nvme,
+            encoding: link.encoding,
         })
     }
 
-    /// Checks the hashes of `size` bytes; the error names each mismatch.
-    fn check(&self, size: u64, sha256: &str, crc: Crc64Nvme) -> anyhow::Result<Vec<&'static str>> {
+    /// Checks what was fetched: the stored bytes (their count and CRC64NVME) and, unless they
+    /// were kept raw, the file's (count and SHA-256). The error names each mismatch.
+    fn check(&self, got: &Got, raw: bool) -> anyhow::Result<Vec<&'static str>> {
         let mut wrong = Vec::new();
         let mut checked = Vec::new();
-        if size != self.size {
-            wrong.push(format!("{size} bytes, expected {}", self.size));
+        if got.stored != self.stored_size {
+            wrong.push(format!(
+                "{} bytes from storage, expected {}",
+                got.stored, self.stored_size
+            ));
         }
-        if let Some(want) = &self.sha256 {
+        let decoded = !raw || self.encoding == Encoding::None;
+        if decoded && got.written != self.size {
+            wrong.push(format!("{} bytes, expected {}", got.written, self.size));
+        }
+        if let Some(want) = self.sha256.as_ref().filter(|_| decoded) {
             checked.push("sha256");
-            if want.as_str() != sha256 {
-                wrong.push(format!("SHA-256 {sha256}, expected {want}"));
+            if want.as_str() != got.sha256 {
+                wrong.push(format!("SHA-256 {}, expected {want}", got.sha256));
             }
         }
+        let crc = got.crc;
         if let Some(want) = self.crc64nvme {
             checked.push("crc64nvme");
             if want != crc {
@@ -126,18 +161,32 @@ impl Expected {
     }
 }
 
-/// Fetches upload `upload_id` (which must be completed) into `output`, checking its bytes.
-/// On a mismatch a file output is removed and never appears under its name; stdout has already
-/// had the bytes, so only the error (and the exit code) say they are wrong.
+/// What one fetch got: bytes from storage and their CRC64NVME, bytes written and their SHA-256.
+struct Got {
+    stored: u64,
+    crc: Crc64Nvme,
+    written: u64,
+    sha256: String,
+}
+
+/// Fetches upload `upload_id` (which must be completed) into `output`, checking its bytes, and
+/// decoding a compressed object unless `raw`. On a mismatch a file output is removed and never
+/// appears under its name; stdout has already had the bytes, so only the error (and the exit
+/// code) say they are wrong.
 pub async fn fetch(
     api: &Api,
     upload_id: UploadId,
     output: &Output,
+    raw: bool,
     quiet: bool,
 ) -> anyhow::Result<Fetched> {
     let link = api.download_link(upload_id).await?;
     let expected = Expected::of(&link)?;
-    let bar = progress_bar(expected.size, quiet);
+    let bar = progress_bar(expected.stored_size, quiet);
+    let decoder = match expected.encoding {
+        Encoding::Zstd if !raw => Some(Unzstd::new()?),
+        _ => None,
+    };
     let (sink, partial) = match output {
         Output::Stdout => (Sink::Stdout(tokio::io::stdout()), None),
         Output::File(path) => {
@@ -148,7 +197,9 @@ pub async fn fetch(
     };
     let mut transfer = Transfer {
         sink,
+        decoder,
         done: 0,
+        written: 0,
         sha256: Sha256::new(),
         crc: Crc64NvmeHasher::default(),
         bar: bar.clone(),
@@ -156,7 +207,10 @@ pub async fn fetch(
     let mut retries = 0;
     let mut url = link.url;
     loop {
-        match transfer.get(api.storage(), &url, expected.size).await {
+        match transfer
+            .get(api.storage(), &url, expected.stored_size)
+            .await
+        {
             Ok(()) => break,
             Err(Attempt::Fatal(e)) => {
                 bar.abandon();
@@ -176,11 +230,21 @@ pub async fn fetch(
             }
         }
     }
+    if let Some(decoder) = &transfer.decoder
+        && !decoder.at_frame_end
+    {
+        bail!("the compressed object ends inside a zstd frame");
+    }
     transfer.sink.flush().await.context("writing the output")?;
     bar.finish_and_clear();
-    let sha256 = hex::encode(transfer.sha256.finalize());
+    let got = Got {
+        stored: transfer.done,
+        crc: transfer.crc.finish(),
+        written: transfer.written,
+        sha256: hex::encode(transfer.sha256.finalize()),
+    };
     // On a mismatch `partial` is dropped here, which deletes it.
-    let checked = expected.check(transfer.done, &sha256, transfer.crc.finish())?;
+    let checked = expected.check(&got, raw)?;
     let path = match (output, partial) {
         (Output::File(path), Some(partial)) => {
             partial.as_file().sync_all().context("syncing the output")?;
@@ -194,8 +258,11 @@ pub async fn fetch(
     Ok(Fetched {
         upload_id,
         path,
-        size: transfer.done,
-        sha256,
+        size: got.written,
+        stored_size: got.stored,
+        encoding: expected.encoding,
+        raw,
+        sha256: got.sha256,
         checked,
         retries,
     })
@@ -257,17 +324,81 @@ enum Attempt {
     Fatal(anyhow::Error),
 }
 
-/// The bytes written so far and their running hashes, across tries.
+/// A zstd stream decoded in bounded pieces: however much one compressed byte expands, at most
+/// [`Unzstd::OUT`] bytes are held at a time.
+struct Unzstd {
+    ctx: zstd::stream::raw::Decoder<'static>,
+    out: Vec<u8>,
+    /// The last call ended a frame: the stream may end here.
+    at_frame_end: bool,
+}
+
+impl Unzstd {
+    const OUT: usize = 256 * 1024;
+
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            ctx: zstd::stream::raw::Decoder::new().context("starting the zstd decoder")?,
+            out: vec![0; Self::OUT],
+            at_frame_end: true,
+        })
+    }
+
+    /// Decodes from `input` into the output buffer: how many input bytes were used, and how
+    /// many output bytes are ready in `self.out`.
+    fn step(&mut self, input: &[u8]) -> anyhow::Result<(usize, usize)> {
+        let mut src = InBuffer::around(input);
+        let mut dst = OutBuffer::around(&mut self.out[..]);
+        let hint = self
+            .ctx
+            .run(&mut src, &mut dst)
+            .context("the compressed object is not valid zstd")?;
+        let produced = dst.pos();
+        // A call that did nothing (all flushed, no input) says nothing about where it stands.
+        if src.pos > 0 || produced > 0 {
+            self.at_frame_end = hint == 0;
+        }
+        Ok((src.pos, produced))
+    }
+}
+
+/// The bytes fetched and written so far and their running hashes, across tries.
 struct Transfer {
     sink: Sink,
+    /// Set when a compressed object is decoded on the way.
+    decoder: Option<Unzstd>,
+    /// Bytes from storage.
     done: u64,
+    written: u64,
+    /// Of the bytes written; the CRC is of the bytes from storage.
     sha256: Sha256,
     crc: Crc64NvmeHasher,
     bar: ProgressBar,
 }
 
 impl Transfer {
-    /// One GET of `url` from byte `self.done` on, until the body ends.
+    /// Writes `bytes` from storage to the output, decoded if the object is compressed.
+    async fn write(&mut self, mut bytes: &[u8]) -> anyhow::Result<()> {
+        let Some(decoder) = &mut self.decoder else {
+            self.sha256.update(bytes);
+            self.written += bytes.len() as u64;
+            return Ok(self.sink.writer().write_all(bytes).await?);
+        };
+        loop {
+            let (used, produced) = decoder.step(bytes)?;
+            bytes = &bytes[used..];
+            let plain = &decoder.out[..produced];
+            self.sha256.update(plain);
+            self.written += produced as u64;
+            self.sink.writer().write_all(plain).await?;
+            // A full output buffer may leave more to flush even with the input used up.
+            if bytes.is_empty() && produced < Unzstd::OUT {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One GET of `url` from byte `self.done` on, until the body ends. `size` is the object's.
     async fn get(&mut self, http: &reqwest::Client, url: &str, size: u64) -> Result<(), Attempt> {
         let mut req = http.get(url);
         if self.done > 0 {
@@ -318,13 +449,10 @@ impl Transfer {
                     "storage sent more than the {size} bytes the upload recorded"
                 )));
             }
-            self.sha256.update(bytes);
             self.crc.update(bytes);
-            self.sink
-                .writer()
-                .write_all(bytes)
+            self.write(bytes)
                 .await
-                .map_err(|e| Attempt::Fatal(anyhow!(e).context("writing the output")))?;
+                .map_err(|e| Attempt::Fatal(e.context("writing the output")))?;
             self.done += bytes.len() as u64;
             self.bar.set_position(self.done);
         }
@@ -357,33 +485,99 @@ mod tests {
         Expected {
             size: data.len() as u64,
             sha256: sha.then(|| Sha256Hex::parse(&hex::encode(Sha256::digest(data))).unwrap()),
+            stored_size: data.len() as u64,
             crc64nvme: crc.then(|| Crc64Nvme::of(data)),
+            encoding: Encoding::None,
+        }
+    }
+
+    fn got(data: &[u8]) -> Got {
+        Got {
+            stored: data.len() as u64,
+            crc: Crc64Nvme::of(data),
+            written: data.len() as u64,
+            sha256: hex::encode(Sha256::digest(data)),
         }
     }
 
     #[test]
     fn every_recorded_hash_is_checked() {
         let data = b"z-report of store 17";
-        let sha = hex::encode(Sha256::digest(data));
-        let crc = Crc64Nvme::of(data);
         assert_eq!(
-            expected(data, true, true)
-                .check(data.len() as u64, &sha, crc)
-                .unwrap(),
+            expected(data, true, true).check(&got(data), false).unwrap(),
             vec!["sha256", "crc64nvme"]
         );
-        let other = b"z-report of store 18";
-        let other_sha = hex::encode(Sha256::digest(other));
+        let other = got(b"z-report of store 18");
         let err = expected(data, true, false)
-            .check(data.len() as u64, &other_sha, Crc64Nvme::of(other))
+            .check(&other, false)
             .unwrap_err();
         assert!(err.to_string().contains("SHA-256"), "{err}");
         let err = expected(data, false, true)
-            .check(data.len() as u64, &other_sha, Crc64Nvme::of(other))
+            .check(&other, false)
             .unwrap_err();
         assert!(err.to_string().contains("CRC64NVME"), "{err}");
-        let err = expected(data, true, true).check(3, &sha, crc).unwrap_err();
+        let short = Got {
+            stored: 3,
+            written: 3,
+            ..got(data)
+        };
+        let err = expected(data, true, true).check(&short, false).unwrap_err();
         assert!(err.to_string().contains("3 bytes"), "{err}");
+    }
+
+    /// A compressed object: the stored bytes are checked by their CRC64NVME, the decoded ones by
+    /// the file's SHA-256, and a raw fetch by the CRC alone.
+    #[test]
+    fn encoded_objects_are_checked_on_both_sides() {
+        let plain = b"z-report of store 17, z-report of store 17, z-report of store 17".repeat(50);
+        let stored = zstd::bulk::compress(&plain, 3).unwrap();
+        let want = Expected {
+            stored_size: stored.len() as u64,
+            crc64nvme: Some(Crc64Nvme::of(&stored)),
+            encoding: Encoding::Zstd,
+            ..expected(&plain, true, false)
+        };
+        let decoded = Got {
+            stored: stored.len() as u64,
+            crc: Crc64Nvme::of(&stored),
+            ..got(&plain)
+        };
+        assert_eq!(
+            want.check(&decoded, false).unwrap(),
+            vec!["sha256", "crc64nvme"]
+        );
+        let raw = got(&stored);
+        assert_eq!(want.check(&raw, true).unwrap(), vec!["crc64nvme"]);
+        let wrong = Got {
+            sha256: hex::encode(Sha256::digest(b"other")),
+            ..decoded
+        };
+        assert!(want.check(&wrong, false).is_err());
+    }
+
+    /// However far a few compressed bytes expand, they are decoded a bounded piece at a time.
+    #[test]
+    fn decoding_is_bounded() {
+        let zeros = vec![0u8; 50 * 1024 * 1024];
+        let packed = zstd::bulk::compress(&zeros, 3).unwrap();
+        assert!(packed.len() < 10_000, "{}", packed.len());
+        let mut unzstd = Unzstd::new().unwrap();
+        let (mut input, mut total, mut steps) = (&packed[..], 0usize, 0);
+        loop {
+            let (used, produced) = unzstd.step(input).unwrap();
+            assert!(produced <= Unzstd::OUT);
+            assert!(unzstd.out[..produced].iter().all(|b| *b == 0));
+            input = &input[used..];
+            total += produced;
+            steps += 1;
+            if input.is_empty() && produced < Unzstd::OUT {
+                break;
+            }
+        }
+        assert_eq!(total, zeros.len(), "{steps} steps");
+        assert!(steps >= zeros.len() / Unzstd::OUT);
+        assert!(unzstd.at_frame_end);
+        assert!(Unzstd::new().unwrap().step(b"not zstd at all").is_err());
     }
 
     #[test]

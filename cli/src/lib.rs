@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use shared::UploadId;
 use shared::api::{ClientInfo, ClientStatus, TriggerResponse, UploadState, UploadStatus};
 use shared::auth::Secret;
+use shared::encoding::{Compression, Encoding};
 
 use crate::api::{Api, path_segment};
 use crate::fetch::{Fetched, Output};
@@ -69,6 +70,13 @@ pub enum Command {
         /// Once verified, fetch the file here (`-` for stdout) and check its bytes.
         #[arg(short, long, conflicts_with = "no_wait")]
         output: Option<Output>,
+        /// `auto` (the share decides; by default the agent compresses a file that shrinks),
+        /// `zstd` or `none`.
+        #[arg(long, default_value = "auto")]
+        encoding: Compression,
+        /// With `-o`: write a compressed file as stored (zstd) instead of decoding it.
+        #[arg(long, requires = "output")]
+        raw: bool,
         /// Print the upload id and return at once.
         #[arg(long)]
         no_wait: bool,
@@ -83,6 +91,9 @@ pub enum Command {
         /// Where to write it; `-` for stdout.
         #[arg(short, long)]
         output: Output,
+        /// Write a compressed file as stored (zstd) instead of decoding it.
+        #[arg(long)]
+        raw: bool,
     },
     /// Cancel an unfinished upload: the agent stops and the multipart upload is aborted.
     Cancel { upload_id: String },
@@ -140,16 +151,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             client_id,
             file,
             output,
+            encoding,
+            raw,
             no_wait,
             wait_timeout_secs,
         } => {
             let wait = (!*no_wait).then(|| Duration::from_secs(*wait_timeout_secs));
-            download(&cli, client_id, file, wait, output.as_ref()).await
+            let asked = Asked {
+                client_id,
+                file,
+                encoding: *encoding,
+            };
+            download(&cli, &asked, wait, output.as_ref(), *raw).await
         }
-        Command::Fetch { upload_id, output } => {
+        Command::Fetch {
+            upload_id,
+            output,
+            raw,
+        } => {
             let upload_id = UploadId::parse(upload_id).context("not an upload id")?;
             let api = Api::new(&cli)?;
-            let fetched = fetch::fetch(&api, upload_id, output, cli.json).await?;
+            let fetched = fetch::fetch(&api, upload_id, output, *raw, cli.json).await?;
             report_fetch(&fetched, output, cli.json)?;
             Ok(true)
         }
@@ -171,21 +193,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
     }
 }
 
+/// What `download` asks for: which store's which share, compressed how.
+struct Asked<'a> {
+    client_id: &'a str,
+    file: &'a str,
+    encoding: Compression,
+}
+
 /// `download`: triggers, then (unless `wait` is `None`) follows the upload until it ends or
-/// `wait` passes.
+/// `wait` passes, and fetches the file into `output` (decoded unless `raw`).
 async fn download(
     cli: &Cli,
-    client_id: &str,
-    file: &str,
+    asked: &Asked<'_>,
     wait: Option<Duration>,
     output: Option<&Output>,
+    raw: bool,
 ) -> anyhow::Result<bool> {
     let api = Api::new(cli)?;
     let trigger: TriggerResponse = api
         .post(&format!(
-            "/trigger-download/{}?file={}",
-            path_segment(client_id),
-            path_segment(file)
+            "/trigger-download/{}?file={}&encoding={}",
+            path_segment(asked.client_id),
+            path_segment(asked.file),
+            asked.encoding
         ))
         .await?;
     let Some(wait) = wait else {
@@ -202,7 +232,7 @@ async fn download(
         print_outcome(&mut report_stream(output), &status, cli.json)?;
         return Ok(status.state == UploadState::Completed);
     };
-    let fetched = fetch::fetch(&api, status.upload_id, output, cli.json).await?;
+    let fetched = fetch::fetch(&api, status.upload_id, output, raw, cli.json).await?;
     let mut out = report_stream(Some(output));
     if cli.json {
         let both = serde_json::json!({ "upload": status, "fetch": fetched });
@@ -234,9 +264,14 @@ fn report_fetch(fetched: &Fetched, output: &Output, json: bool) -> anyhow::Resul
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "stdout".into());
+    let how = match (fetched.encoding, fetched.raw) {
+        (Encoding::None, _) => String::new(),
+        (encoding, true) => format!(" ({encoding}, kept as stored)"),
+        (encoding, false) => format!(" (decoded from {} {encoding} bytes)", fetched.stored_size),
+    };
     writeln!(
         out,
-        "fetched {} bytes to {place}; {} match the upload (sha256 {})",
+        "fetched {} bytes to {place}{how}; {} match the upload (sha256 {})",
         fetched.size,
         fetched.checked.join(" and "),
         fetched.sha256
@@ -377,7 +412,8 @@ async fn wait_for(
     let log_lines = !json && !std::io::stderr().is_terminal();
     loop {
         let status: UploadStatus = api.get(&format!("/uploads/{upload_id}")).await?;
-        if let Some(size) = status.size {
+        // Progress counts bytes on the wire: the stored (compressed) size.
+        if let Some(size) = status.stored_size.or(status.size) {
             bar.set_length(size);
         }
         bar.set_position(status.bytes_done);
@@ -395,7 +431,8 @@ async fn wait_for(
                 "{label}: {}/{} bytes, {} parts done, {} B/s, ETA {}s, idle {}s, resumed {} times",
                 status.bytes_done,
                 status
-                    .size
+                    .stored_size
+                    .or(status.size)
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "?".into()),
                 status.parts_done,

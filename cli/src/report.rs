@@ -47,6 +47,15 @@ pub fn print_upload(out: &mut dyn Write, s: &UploadStatus, json: bool) -> anyhow
             .map(|v| format!("{v} bytes"))
             .unwrap_or_else(|| "-".into())
     )?;
+    if let (Some(encoding), Some(stored)) = (s.encoding, s.stored_size) {
+        let ratio = s
+            .compression_ratio
+            .map_or_else(|| "-".into(), |r| format!("{r:.2}x"));
+        writeln!(
+            out,
+            "  stored:   {stored} bytes on the wire ({encoding}, ratio {ratio})"
+        )?;
+    }
     writeln!(
         out,
         "  parts:    {}/{}",

@@ -7,6 +7,7 @@ use anyhow::bail;
 use clap::{Parser, ValueEnum};
 use shared::FileName;
 pub use shared::auth::Secret;
+use shared::encoding::Compression;
 use shared::labels::{Label, Labels};
 use shared::protocol::DEFAULT_SHARE;
 use url::Url;
@@ -15,17 +16,23 @@ pub const DEFAULT_FILE_NAME: &str = "file_to_download.txt";
 /// 5 GiB: a day's export is around 100 MB, so anything near this is a mistake.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 
-/// One shared file: the name the server may ask for, and where it is.
+/// One shared file: the name the server may ask for, where it is, and how it is compressed
+/// when the operator leaves that to the share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Share {
     pub name: FileName,
     pub path: PathBuf,
+    /// `None`: the agent's `COMPRESSION`.
+    pub compression: Option<Compression>,
 }
 
 impl std::str::FromStr for Share {
     type Err = String;
+    /// `name=path`, optionally followed by `;compression=auto|zstd|none`.
     fn from_str(s: &str) -> Result<Self, String> {
-        let (name, path) = s
+        let mut fields = s.split(';');
+        let first = fields.next().unwrap_or_default();
+        let (name, path) = first
             .split_once('=')
             .ok_or_else(|| format!("{s:?} is not name=path"))?;
         let name = FileName::parse(name.trim()).map_err(|e| format!("share name {name:?}: {e}"))?;
@@ -33,7 +40,29 @@ impl std::str::FromStr for Share {
         if !path.is_absolute() {
             return Err(format!("share {name}: path must be absolute"));
         }
-        Ok(Share { name, path })
+        let mut compression = None;
+        for option in fields {
+            match option.trim().split_once('=') {
+                Some(("compression", value)) => {
+                    compression = Some(
+                        value
+                            .trim()
+                            .parse::<Compression>()
+                            .map_err(|e| format!("share {name}: {e}"))?,
+                    );
+                }
+                _ => {
+                    return Err(format!(
+                        "share {name}: unknown option {option:?} (expected compression=...)"
+                    ));
+                }
+            }
+        }
+        Ok(Share {
+            name,
+            path,
+            compression,
+        })
     }
 }
 
@@ -113,6 +142,22 @@ pub struct Config {
     #[arg(long, env = "HASH_READ_BYTES_PER_SEC", default_value_t = 0)]
     pub hash_read_bytes_per_sec: u64,
 
+    /// What compression a share gets when the operator asks for `auto` and the share names
+    /// none of its own (`name=path;compression=...`): `auto` compresses a file when a sample of
+    /// it shrinks by 10 % or more, `zstd` always, `none` never.
+    #[arg(long, env = "COMPRESSION", default_value = "auto")]
+    pub compression: Compression,
+
+    /// zstd level for compressed parts, 1 (fastest) to 19.
+    #[arg(long, env = "ZSTD_LEVEL", default_value_t = 3)]
+    pub zstd_level: i32,
+
+    /// Where compressed parts wait to be sent, in files without a name (nothing is left behind
+    /// if the agent dies). Needs room for the compressed file. Default: the system's temporary
+    /// directory.
+    #[arg(long, env = "SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+
     /// Cap on upload bandwidth in bytes per second, all parts together; 0 means no cap.
     #[arg(long, env = "MAX_UPLOAD_BYTES_PER_SEC", default_value_t = 0)]
     pub max_upload_bytes_per_sec: u64,
@@ -180,6 +225,9 @@ impl Config {
         if self.part_attempts == 0 {
             bail!("PART_ATTEMPTS must be at least 1");
         }
+        if !(1..=19).contains(&self.zstd_level) {
+            bail!("ZSTD_LEVEL must be between 1 and 19");
+        }
         let mut names = std::collections::HashSet::new();
         for share in &self.shares {
             if share.name.as_str() == DEFAULT_SHARE {
@@ -227,6 +275,19 @@ impl Config {
             .iter()
             .find(|s| s.name == *name)
             .map(|s| s.path.clone())
+    }
+
+    /// The compression a share gets when the operator leaves it to the share.
+    pub fn share_compression(&self, name: &FileName) -> Compression {
+        self.shares
+            .iter()
+            .find(|s| s.name == *name)
+            .and_then(|s| s.compression)
+            .unwrap_or(self.compression)
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.spool_dir.clone().unwrap_or_else(std::env::temp_dir)
     }
 
     /// Where this agent may send bytes.

@@ -19,7 +19,8 @@ use crate::config::Config;
 use crate::connection::{Incoming, ServerConnection};
 use crate::token::AgentToken;
 use crate::uploader::{
-    self, DiskPacer, KnownHashes, Layout, Progress, RateLimiter, UploadSettings,
+    self, DescribeSettings, DiskPacer, Encoded, KnownHashes, Layout, Progress, RateLimiter,
+    UploadSettings,
 };
 
 /// How often progress is reported while parts are in flight.
@@ -44,6 +45,14 @@ struct DescribeDone {
     elapsed: Duration,
 }
 
+/// A file described for an upload: where it is, its layout, and its encoded parts if any.
+#[derive(Clone)]
+struct DescribedFile {
+    path: PathBuf,
+    layout: Layout,
+    encoded: Option<Arc<Encoded>>,
+}
+
 pub(crate) struct Session<'a> {
     config: &'a Config,
     http: &'a reqwest::Client,
@@ -52,9 +61,10 @@ pub(crate) struct Session<'a> {
     outbox_rx: mpsc::Receiver<AgentMessage>,
     /// Upload tasks of this session, by upload id; cancelled when the session ends.
     uploads: HashMap<UploadId, CancellationToken>,
-    /// The file each described upload refers to, as described; kept until the upload ends
-    /// here, because a plan for fresh URLs can follow the first one.
-    described: HashMap<UploadId, (PathBuf, Layout)>,
+    /// The file each described upload refers to, as described (with its spool, if it was
+    /// encoded); kept until the upload ends here, because a plan for fresh URLs can follow the
+    /// first one.
+    described: HashMap<UploadId, DescribedFile>,
     limiter: Option<Arc<RateLimiter>>,
     /// SHA-256s of files uploaded, kept across sessions.
     known: KnownHashes,
@@ -192,7 +202,8 @@ impl<'a> Session<'a> {
                 upload_id,
                 share,
                 min_part_size,
-            } => self.start_describe(upload_id, &share, min_part_size),
+                compression,
+            } => self.start_describe(upload_id, &share, min_part_size, compression),
             ServerMessage::StartUpload(plan) => self.start_upload(plan),
             ServerMessage::CancelUpload { upload_id, code } => {
                 // A cancel can come while the file is hashed, or between describe and plan.
@@ -221,7 +232,13 @@ impl<'a> Session<'a> {
 
     /// Describes a share on a task of its own, so that pings and cancels are answered while a
     /// large file is hashed; the answer goes out when it is done ([`Self::finish_describe`]).
-    fn start_describe(&mut self, upload_id: UploadId, share: &FileName, min_part_size: u64) {
+    fn start_describe(
+        &mut self,
+        upload_id: UploadId,
+        share: &FileName,
+        min_part_size: u64,
+        compression: Option<shared::encoding::Compression>,
+    ) {
         let Some(path) = self.config.share_path(share) else {
             let _ = self.outbox_tx.try_send(AgentMessage::UploadFailed {
                 upload_id,
@@ -238,13 +255,23 @@ impl<'a> Session<'a> {
             older.cancel();
         }
         let tx = self.describe_tx.clone();
-        let max_size = self.config.max_file_size;
-        let threads = self.config.hash_threads;
-        let pacer = self.hash_pacer.clone();
+        // A server of protocol 4 or older asks for no compression, and gets none.
+        let compression = compression.map_or(shared::encoding::Compression::None, |asked| {
+            asked.over(self.config.share_compression(share))
+        });
+        let settings = DescribeSettings {
+            max_size: self.config.max_file_size,
+            min_part_size,
+            threads: self.config.hash_threads,
+            pacer: self.hash_pacer.clone(),
+            compression,
+            zstd_level: self.config.zstd_level,
+            spool_dir: self.config.spool_dir(),
+        };
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let result = tokio::select! {
-                r = uploader::describe_file(&path, max_size, min_part_size, threads, pacer) => r,
+                r = uploader::describe_file(&path, &settings) => r,
                 () = cancel.cancelled() => return,
             };
             let _ = tx
@@ -276,15 +303,30 @@ impl<'a> Session<'a> {
         }
         let reply = match result {
             Ok(d) => {
-                tracing::info!(%upload_id, size = d.snapshot.size, ?elapsed, "file described");
+                let stored = d.encoded.as_ref().map(|e| e.stored_size());
+                tracing::info!(%upload_id, size = d.snapshot.size, ?stored, ?elapsed, "file described");
                 let layout = Layout {
                     snapshot: d.snapshot,
                     part_size: d.part_size,
                     part_crc64nvme: d.part_crc64nvme.clone().into(),
                 };
+                let (sha256, encoding, encoded_parts) = match &d.encoded {
+                    Some(e) => (
+                        Some(e.sha256.clone()),
+                        Some(shared::encoding::Encoding::Zstd),
+                        e.parts.clone(),
+                    ),
+                    None => (self.known.lookup(&path, &layout), None, Vec::new()),
+                };
                 // Remember the path only for a file the server may now plan an upload of.
-                let sha256 = self.known.lookup(&path, &layout);
-                self.described.insert(upload_id, (path, layout));
+                self.described.insert(
+                    upload_id,
+                    DescribedFile {
+                        path,
+                        layout,
+                        encoded: d.encoded,
+                    },
+                );
                 AgentMessage::FileInfo {
                     upload_id,
                     file_name: d.file_name,
@@ -294,6 +336,8 @@ impl<'a> Session<'a> {
                     part_crc64nvme: d.part_crc64nvme.iter().map(|c| c.to_base64()).collect(),
                     sha256,
                     part_md5: Vec::new(),
+                    encoding,
+                    encoded_parts,
                 }
             }
             Err(e) => {
@@ -312,7 +356,12 @@ impl<'a> Session<'a> {
     fn start_upload(&mut self, plan: UploadPlan) {
         let upload_id = plan.upload_id;
         // Only a file this session described can be uploaded.
-        let Some((path, layout)) = self.described.get(&upload_id).cloned() else {
+        let Some(DescribedFile {
+            path,
+            layout,
+            encoded,
+        }) = self.described.get(&upload_id).cloned()
+        else {
             tracing::warn!(%upload_id, "plan for an upload this agent never described");
             let _ = self.outbox_tx.try_send(AgentMessage::UploadFailed {
                 upload_id,
@@ -381,10 +430,12 @@ impl<'a> Session<'a> {
                 })
             };
             let started = std::time::Instant::now();
+            let was_encoded = encoded.is_some();
             let result = uploader::upload(
                 &http,
                 path.clone(),
                 &layout,
+                encoded,
                 &plan,
                 &settings,
                 progress.clone(),
@@ -404,10 +455,12 @@ impl<'a> Session<'a> {
                     sha256: None,
                 })
                 .await;
+            // An encoded file's SHA-256 goes with its description anyway.
             if let Ok(
                 uploader::Outcome::Completed { sha256, .. }
                 | uploader::Outcome::CompleteFailed { sha256, .. },
             ) = &result
+                && !was_encoded
             {
                 known.remember(path, layout, sha256.clone());
             }

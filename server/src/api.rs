@@ -11,6 +11,7 @@ use shared::api::{
     ClientInfo, ClientListParams, ClientStatus, DownloadLink, RevocationResponse, TriggerParams,
     TriggerResponse, UploadState, UploadStatus,
 };
+use shared::encoding::Compression;
 use shared::protocol::DEFAULT_SHARE;
 use shared::{ClientId, ErrorCode, FileName, UploadId};
 
@@ -44,9 +45,19 @@ pub async fn trigger_download(
     let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     let share = FileName::parse(params.file.as_deref().unwrap_or(DEFAULT_SHARE))
         .map_err(|e| ApiError::new(ErrorCode::InvalidFileName, format!("share name: {e}")))?;
-    let upload_id = state
-        .uploads
-        .trigger(client_id.clone(), share, &operator.requester(peer))?;
+    let compression = params
+        .encoding
+        .as_deref()
+        .map(str::parse::<Compression>)
+        .transpose()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidEncoding, e.to_string()))?
+        .unwrap_or_default();
+    let upload_id = state.uploads.trigger(
+        client_id.clone(),
+        share,
+        compression,
+        &operator.requester(peer),
+    )?;
     state.metrics.observe_dispatch(received.elapsed());
     Ok((
         StatusCode::ACCEPTED,
@@ -225,6 +236,8 @@ pub async fn download_link(
         size,
         sha256: status.sha256,
         checksum_crc64nvme: status.checksum_crc64nvme,
+        encoding: status.encoding.unwrap_or_default(),
+        stored_size: status.stored_size.filter(|s| *s != size),
     };
     Ok((
         StatusCode::TEMPORARY_REDIRECT,

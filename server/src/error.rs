@@ -54,7 +54,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         Unauthorized => StatusCode::UNAUTHORIZED,
         Forbidden => StatusCode::FORBIDDEN,
         InvalidClientId | InvalidUploadId | InvalidTokenId | InvalidCollectionId
-        | InvalidScheduleId | InvalidFileName | BadRequest | MalformedMessage => {
+        | InvalidScheduleId | InvalidEncoding | InvalidFileName | BadRequest | MalformedMessage => {
             StatusCode::BAD_REQUEST
         }
         ClientNotConnected | UploadNotFound | TokenNotFound | KeyNotFound | CollectionNotFound

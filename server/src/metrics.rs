@@ -18,8 +18,10 @@ pub struct Metrics {
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     pub cancelled: AtomicU64,
-    /// Bytes and parts of verified uploads.
+    /// Bytes (as stored, so compressed) and parts of verified uploads.
     pub bytes_uploaded: AtomicU64,
+    /// Bytes of verified uploads that compression kept off the wire.
+    pub bytes_saved: AtomicU64,
     pub parts_uploaded: AtomicU64,
     /// Part attempts that failed and were retried, as agents report them.
     pub part_retries: AtomicU64,
@@ -142,8 +144,14 @@ impl Metrics {
         one(
             "backhaul_bytes_uploaded_total",
             "counter",
-            "Bytes of verified uploads.",
+            "Bytes of verified uploads, as stored (compressed where the agent compressed).",
             &[(String::new(), load(&self.bytes_uploaded) as f64)],
+        );
+        one(
+            "backhaul_bytes_saved_total",
+            "counter",
+            "Bytes of verified uploads that compression kept off the wire: file size minus stored size.",
+            &[(String::new(), load(&self.bytes_saved) as f64)],
         );
         one(
             "backhaul_parts_uploaded_total",

@@ -54,6 +54,8 @@ pub enum SendError {
 pub trait AgentLink: Send + Sync {
     /// The current connection of `client_id`, if it is connected.
     fn connection(&self, client_id: &ClientId) -> Option<ConnId>;
+    /// The protocol version the agent on `conn` speaks, while that connection is current.
+    fn protocol(&self, client_id: &ClientId, conn: ConnId) -> Option<u32>;
     /// Queues `msg` without waiting.
     fn try_send(
         &self,
@@ -246,6 +248,13 @@ impl Registry {
 impl AgentLink for Registry {
     fn connection(&self, client_id: &ClientId) -> Option<ConnId> {
         self.lock().get(client_id).map(|h| h.conn_id)
+    }
+
+    fn protocol(&self, client_id: &ClientId, conn: ConnId) -> Option<u32> {
+        self.lock()
+            .get(client_id)
+            .filter(|h| h.conn_id == conn)
+            .map(|h| h.protocol_version)
     }
 
     fn try_send(

@@ -51,6 +51,7 @@ error_codes! {
     CollectionFinished => "COLLECTION_FINISHED",
     InvalidScheduleId => "INVALID_SCHEDULE_ID",
     ScheduleNotFound => "SCHEDULE_NOT_FOUND",
+    InvalidEncoding => "INVALID_ENCODING",
     BadRequest => "BAD_REQUEST",
     TooManyConnections => "TOO_MANY_CONNECTIONS",
     Timeout => "TIMEOUT",

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod encoding;
 pub mod error;
 pub mod hash;
 pub mod ids;

@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::encoding::{Compression, EncodedPart, Encoding};
 use crate::error::ErrorCode;
 use crate::ids::{ClientId, FileName, PartNumber, UploadId};
 use crate::labels::Labels;
@@ -17,12 +18,16 @@ use crate::labels::Labels;
 /// The protocol this release speaks, bumped on any incompatible change. The agent sends it in
 /// [`AgentMessage::Hello`].
 ///
+/// - 5: compression. `describe_file` carries the compression asked for, and an agent that
+///   compresses answers with the encoded layout (`encoding`, `encoded_parts`) and the SHA-256 of
+///   the file; the plan carries the encoding it is for. Protocol 4 agents are asked for no
+///   compression and served exactly as before.
 /// - 4: the server may send `token_renewed`, a fresh token for the agent to keep; nothing else
 ///   changed, so protocol 3 agents are served exactly as before and are never sent one.
 /// - 3: parts carry CRC64NVME checksums, the object a full-object CRC64NVME, and the SHA-256
 ///   of the file comes with `upload_completed`.
 /// - 2: parts carry `Content-MD5`, and the SHA-256 comes with `file_info`.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The oldest protocol the server still serves: agents in the field cannot all be upgraded at
 /// once. Older ones are refused with [`ErrorCode::ProtocolVersionMismatch`].
@@ -49,8 +54,9 @@ pub enum AgentMessage {
         labels: Labels,
     },
     /// Answer to [`ServerMessage::DescribeFile`]: what the agent would upload, hashed. The part
-    /// layout is [`plan_parts`] of `size` and the server's minimum part size. A protocol 3
-    /// agent sends `part_crc64nvme`; a protocol 2 agent sends `sha256` and `part_md5`.
+    /// layout is [`plan_parts`] of `size` and the server's minimum part size, unless the file is
+    /// encoded (protocol 5), when `encoded_parts` gives it. A protocol 3 agent sends
+    /// `part_crc64nvme`; a protocol 2 agent sends `sha256` and `part_md5`.
     FileInfo {
         upload_id: UploadId,
         file_name: FileName,
@@ -71,11 +77,20 @@ pub enum AgentMessage {
         /// `Content-MD5`.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         part_md5: Vec<String>,
+        /// Protocol 5: how the parts are stored. Absent means [`Encoding::None`]. With
+        /// [`Encoding::Zstd`], `encoded_parts` gives the layout, `part_crc64nvme` is over the
+        /// stored (compressed) bytes, and `sha256` (of the file itself) is required.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        encoding: Option<Encoding>,
+        /// Protocol 5, encoded files: each part's plaintext and stored lengths, in part order.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        encoded_parts: Vec<EncodedPart>,
     },
     /// Sent as parts finish, so the server can report progress.
     Progress {
         upload_id: UploadId,
         parts_done: u32,
+        /// Stored bytes sent: for an encoded file, the bytes on the wire.
         bytes_done: u64,
         /// Part attempts that failed and were retried since the current plan arrived.
         #[serde(default)]
@@ -131,6 +146,10 @@ pub enum ServerMessage {
         share: FileName,
         /// The server's minimum part size; the agent hashes parts laid out by [`plan_parts`].
         min_part_size: u64,
+        /// Protocol 5: what the operator asked for (`auto` leaves it to the share's own
+        /// setting). Never sent to older agents, which do not compress.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        compression: Option<Compression>,
     },
     /// Everything the agent needs to upload straight to storage.
     StartUpload(UploadPlan),
@@ -154,6 +173,9 @@ pub enum ServerMessage {
 /// The first protocol whose agents accept [`ServerMessage::TokenRenewed`].
 pub const TOKEN_RENEWAL_SINCE: u32 = 4;
 
+/// The first protocol whose agents compress.
+pub const COMPRESSION_SINCE: u32 = 5;
+
 /// The presigned plan for one multipart upload. Agents of protocol 2 refuse unknown fields, so
 /// what only protocol 3 carries is left out when empty.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,8 +183,13 @@ pub struct UploadPlan {
     pub upload_id: UploadId,
     /// The size the agent reported; the agent refuses to go on if its file no longer has it.
     pub size: u64,
-    /// Every part is this long except the last, which holds the remainder.
+    /// Every part is this long except the last, which holds the remainder. For an encoded file
+    /// the layout is the one the agent described, and this is the part size it aimed at.
     pub part_size: u64,
+    /// Protocol 5: the encoding the plan is for, which the agent checks against what it
+    /// described. Absent means [`Encoding::None`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Encoding>,
     /// The parts still to send. On a resumed upload, parts already in storage are not here.
     pub parts: Vec<PresignedPart>,
     /// Parts already in storage, with their ETags, for the completion request.
@@ -321,6 +348,7 @@ mod tests {
             }],
             complete_url: "http://s3/c".into(),
             checksum_crc64nvme: Some("AAAAAAAAAAA=".into()),
+            encoding: Some(Encoding::Zstd),
             expires_at: 1,
             expires_in_secs: 900,
         });
@@ -374,6 +402,7 @@ mod tests {
             done: Vec::new(),
             complete_url: "http://s3/c".into(),
             checksum_crc64nvme: None,
+            encoding: None,
             expires_at: 1,
             expires_in_secs: 900,
         };
@@ -517,6 +546,20 @@ mod decoder_properties {
                     part_crc64nvme: (0..parts).map(|n| format!("{n:011}=")).collect(),
                     sha256: None,
                     part_md5: Vec::new(),
+                    encoding: None,
+                    encoded_parts: Vec::new(),
+                },
+                AgentMessage::FileInfo {
+                    upload_id,
+                    file_name: FileName::parse(&name).unwrap(),
+                    size,
+                    modified_ms: size / 2,
+                    part_size: MIN_PART_SIZE,
+                    part_crc64nvme: (0..parts).map(|n| format!("{n:011}=")).collect(),
+                    sha256: Some(format!("{size:064x}")),
+                    part_md5: Vec::new(),
+                    encoding: Some(Encoding::Zstd),
+                    encoded_parts: (0..parts).map(|n| EncodedPart { plain_len: u64::from(n) * 3, stored_len: u64::from(n) }).collect(),
                 },
                 AgentMessage::FileInfo {
                     upload_id,
@@ -527,6 +570,8 @@ mod decoder_properties {
                     part_crc64nvme: Vec::new(),
                     sha256: Some(format!("{size:064x}")),
                     part_md5: (0..parts).map(|n| format!("{n:022}==")).collect(),
+                    encoding: None,
+                    encoded_parts: Vec::new(),
                 },
                 AgentMessage::NeedUrls { upload_id },
                 AgentMessage::Progress { upload_id, parts_done: parts, bytes_done: size, part_retries: parts, sha256: None },

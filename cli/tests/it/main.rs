@@ -5,6 +5,7 @@ mod auth;
 mod child;
 mod collection_crashes;
 mod collections;
+mod compression;
 mod config_docs;
 mod crash_completion;
 mod credentials;

@@ -102,6 +102,7 @@ pub fn stored_name(raw: &str) -> FileName {
 mod tests {
     use super::*;
     use crate::uploader::describe_file;
+    use crate::uploader::hashing::DescribeSettings;
 
     const MIN_PART: u64 = 5 * 1024 * 1024;
 
@@ -134,21 +135,30 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("backhaul-describe-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let min = MIN_PART;
-        let missing = describe_file(&dir.join("missing.txt"), 100, min, 2, None)
+        let missing = describe_file(
+            &dir.join("missing.txt"),
+            &DescribeSettings::for_test(100, min, 2),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(missing.code, ErrorCode::FileNotFound);
+        let not_file = describe_file(&dir, &DescribeSettings::for_test(100, min, 2))
             .await
             .unwrap_err();
-        assert_eq!(missing.code, ErrorCode::FileNotFound);
-        let not_file = describe_file(&dir, 100, min, 2, None).await.unwrap_err();
         assert_eq!(not_file.code, ErrorCode::FileReadError);
         let file = dir.join("ok.txt");
         std::fs::write(&file, b"hello").unwrap();
-        let d = describe_file(&file, 100, min, 2, None).await.unwrap();
+        let d = describe_file(&file, &DescribeSettings::for_test(100, min, 2))
+            .await
+            .unwrap();
         assert_eq!((d.file_name.as_str(), d.snapshot.size), ("ok.txt", 5));
-        let too_big = describe_file(&file, 4, min, 2, None).await.unwrap_err();
+        let too_big = describe_file(&file, &DescribeSettings::for_test(4, min, 2))
+            .await
+            .unwrap_err();
         assert_eq!(too_big.code, ErrorCode::FileTooLarge);
         let link = dir.join("link.txt");
         std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
-        let linked = describe_file(&link, u64::MAX, min, 2, None)
+        let linked = describe_file(&link, &DescribeSettings::for_test(u64::MAX, min, 2))
             .await
             .unwrap_err();
         assert_eq!(linked.code, ErrorCode::FileNotShared);
@@ -161,7 +171,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("f.txt");
         std::fs::write(&file, b"before").unwrap();
-        let d = describe_file(&file, u64::MAX, MIN_PART, 2, None)
+        let d = describe_file(&file, &DescribeSettings::for_test(u64::MAX, MIN_PART, 2))
             .await
             .unwrap();
         assert!(check_unchanged(&file, d.snapshot).await.is_ok());

@@ -1,16 +1,20 @@
 //! Describing a shared file for the server: its size and the CRC64NVME of each part, on
 //! `HASH_THREADS` threads. CRC64NVME runs at memory speed, so this pass costs little beside the
 //! transfer; the SHA-256 of the whole is computed while the parts upload ([`super::whole`]).
+//! A file that is to be compressed is encoded instead ([`super::encode`]), which checksums the
+//! compressed parts and hashes the plaintext in the same pass.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use shared::encoding::Compression;
 use shared::hash::{Crc64Nvme, Crc64NvmeHasher};
 use shared::protocol::plan_parts;
 use shared::{ErrorCode, FileName};
 
 use super::UploadError;
+use super::encode::{EncodeJob, Encoded, compression_pays, encode, target_part_size};
 use super::file::{Snapshot, changed_while_hashing, io_error, stored_name};
 use super::pacing::DiskPacer;
 
@@ -19,13 +23,46 @@ use super::pacing::DiskPacer;
 pub struct Described {
     pub file_name: FileName,
     pub snapshot: Snapshot,
+    /// The part size of the layout; for an encoded file, the stored size its parts aim at.
     pub part_size: u64,
-    /// CRC64NVME of each part, in part order.
+    /// CRC64NVME of each part's stored bytes, in part order.
     pub part_crc64nvme: Vec<Crc64Nvme>,
+    /// The compressed parts, when the file is to be stored compressed.
+    pub encoded: Option<Arc<Encoded>>,
+}
+
+/// How to describe a file: the agent's limits, and what compression applies.
+#[derive(Debug, Clone)]
+pub struct DescribeSettings {
+    pub max_size: u64,
+    pub min_part_size: u64,
+    pub threads: usize,
+    pub pacer: Option<Arc<DiskPacer>>,
+    /// What the operator asked for over what the share is configured with.
+    pub compression: Compression,
+    pub zstd_level: i32,
+    /// Where encoded parts wait to be sent (in unnamed files).
+    pub spool_dir: std::path::PathBuf,
 }
 
 /// Read size while hashing.
 pub(super) const HASH_CHUNK: usize = 1024 * 1024;
+
+#[cfg(test)]
+impl DescribeSettings {
+    /// Uncompressed, unpaced: the plain layout.
+    pub(crate) fn for_test(max_size: u64, min_part_size: u64, threads: usize) -> Self {
+        Self {
+            max_size,
+            min_part_size,
+            threads,
+            pacer: None,
+            compression: Compression::None,
+            zstd_level: 3,
+            spool_dir: std::env::temp_dir(),
+        }
+    }
+}
 
 /// Looks at a shared file and checksums it: its name as stored, its size and the CRC64NVME of
 /// each part laid out by [`plan_parts`]. Errors carry the agent-side codes. A symbolic link is
@@ -35,11 +72,9 @@ pub(super) const HASH_CHUNK: usize = 1024 * 1024;
 /// next read. `pacer` caps their reads together.
 pub async fn describe_file(
     path: &Path,
-    max_size: u64,
-    min_part_size: u64,
-    hash_threads: usize,
-    pacer: Option<Arc<DiskPacer>>,
+    settings: &DescribeSettings,
 ) -> Result<Described, UploadError> {
+    let max_size = settings.max_size;
     let link = tokio::fs::symlink_metadata(path)
         .await
         .map_err(|e| io_error(path, &e))?;
@@ -76,9 +111,7 @@ pub async fn describe_file(
     let stop = StopOnDrop::default();
     let flag = stop.0.clone();
     let job = HashJob {
-        min_part_size,
-        threads: hash_threads,
-        pacer,
+        settings: settings.clone(),
         stop: flag,
     };
     let hashed = tokio::task::spawn_blocking(move || hash_file(&owned, name, &job))
@@ -98,12 +131,9 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// How to hash: the layout's minimum part size, the threads, their read pace and their stop
-/// flag.
+/// How to hash, and the flag that stops it.
 struct HashJob {
-    min_part_size: u64,
-    threads: usize,
-    pacer: Option<Arc<DiskPacer>>,
+    settings: DescribeSettings,
     stop: Arc<AtomicBool>,
 }
 
@@ -115,22 +145,57 @@ fn hash_file(path: &Path, file_name: FileName, job: &HashJob) -> Result<Describe
         .open(path)
         .map_err(|e| io_error(path, &e))?;
     let before = Snapshot::of(&file.metadata().map_err(|e| io_error(path, &e))?);
-    let (part_size, parts) = plan_parts(before.size, job.min_part_size).ok_or_else(|| {
+    let settings = &job.settings;
+    let too_large = || {
         UploadError::new(
             ErrorCode::FileTooLarge,
             format!("{} is larger than one S3 object may be", path.display()),
         )
-    })?;
+    };
+    let (part_size, parts) =
+        plan_parts(before.size, settings.min_part_size).ok_or_else(too_large)?;
+    let compress = match settings.compression {
+        Compression::None => false,
+        Compression::Zstd => true,
+        Compression::Auto => compression_pays(&file, path, before.size)?,
+    };
+    if compress {
+        let target = target_part_size(before.size, settings.min_part_size).ok_or_else(too_large)?;
+        let encoded = encode(
+            &file,
+            path,
+            before.size,
+            &settings.spool_dir,
+            &EncodeJob {
+                level: settings.zstd_level,
+                threads: settings.threads.max(1),
+                target,
+                pacer: settings.pacer.as_deref(),
+                stop: &job.stop,
+            },
+        )?;
+        let after = Snapshot::of(&file.metadata().map_err(|e| io_error(path, &e))?);
+        if after != before {
+            return Err(changed_while_hashing(path));
+        }
+        return Ok(Described {
+            file_name,
+            snapshot: before,
+            part_size: target,
+            part_crc64nvme: encoded.part_crc64nvme.clone(),
+            encoded: Some(Arc::new(encoded)),
+        });
+    }
     let src = HashSource {
         file: &file,
         path,
         size: before.size,
         part_size,
         parts: parts as usize,
-        pacer: job.pacer.as_deref(),
+        pacer: settings.pacer.as_deref(),
         stop: &job.stop,
     };
-    let part_crc64nvme = src.checksum_parts(job.threads.max(1))?;
+    let part_crc64nvme = src.checksum_parts(settings.threads.max(1))?;
     let after = Snapshot::of(&file.metadata().map_err(|e| io_error(path, &e))?);
     if after != before {
         return Err(changed_while_hashing(path));
@@ -140,6 +205,7 @@ fn hash_file(path: &Path, file_name: FileName, job: &HashJob) -> Result<Describe
         snapshot: before,
         part_size,
         part_crc64nvme,
+        encoded: None,
     })
 }
 
@@ -257,15 +323,21 @@ mod tests {
         let empty = dir.join("empty.bin");
         std::fs::write(&empty, b"").unwrap();
         for threads in [1, 2, 3, 8] {
-            let d = describe_file(&file, u64::MAX, MIN_PART, threads, None)
-                .await
-                .unwrap();
+            let d = describe_file(
+                &file,
+                &DescribeSettings::for_test(u64::MAX, MIN_PART, threads),
+            )
+            .await
+            .unwrap();
             assert_eq!(d.part_size, MIN_PART);
             assert_eq!(d.part_crc64nvme, expected, "{threads} threads");
 
-            let e = describe_file(&empty, u64::MAX, MIN_PART, threads, None)
-                .await
-                .unwrap();
+            let e = describe_file(
+                &empty,
+                &DescribeSettings::for_test(u64::MAX, MIN_PART, threads),
+            )
+            .await
+            .unwrap();
             assert_eq!(e.part_crc64nvme, vec![Crc64Nvme::of(b"")]);
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -1,6 +1,7 @@
 //! Everything the agent does with a shared file, in six rooms:
 //! - [`policy`]: the hosts the agent may send bytes to;
 //! - [`hashing`] (with [`file`]): describing the file, the CRC64NVME of each part;
+//! - [`encode`]: compressing it instead, into parts sent from a spool;
 //! - [`whole`]: the SHA-256 of the whole file, computed while the parts upload;
 //! - [`pacing`]: one byte rate for all uploads together, and one for hashing's disk reads;
 //! - [`transfer`]: the parts of a plan in parallel, each streamed from disk and retried a bounded
@@ -11,6 +12,7 @@
 //! each is read in [`READ_CHUNK`] pieces.
 
 mod answers;
+mod encode;
 mod file;
 mod hashing;
 mod pacing;
@@ -24,8 +26,9 @@ use std::time::Duration;
 
 use shared::ErrorCode;
 
+pub use encode::Encoded;
 pub use file::{Snapshot, stored_name};
-pub use hashing::{Described, describe_file};
+pub use hashing::{DescribeSettings, Described, describe_file};
 pub use pacing::{DiskPacer, RateLimiter};
 pub use policy::{UploadPolicy, check_entry};
 pub use transfer::{Outcome, READ_CHUNK, upload};

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use shared::ErrorCode;
+use shared::encoding::Encoding;
 use shared::hash::Crc64Nvme;
 use shared::protocol::{CompletedPart, PresignedPart, UploadPlan};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -16,6 +17,7 @@ use tokio_util::io::ReaderStream;
 use tokio_util::sync::CancellationToken;
 
 use super::answers::{Answer, judge, xml_escape};
+use super::encode::Encoded;
 use super::file::{Snapshot, check_unchanged, io_error, open_no_follow};
 use super::whole::{Layout, WholeFile};
 use super::{Progress, UploadError, UploadSettings};
@@ -46,12 +48,14 @@ pub enum Outcome {
 
 /// Uploads the parts of `plan`, then completes the multipart upload with them and the parts
 /// already stored. `layout` is the file as it was described; its SHA-256 is computed on the
-/// side meanwhile.
+/// side meanwhile, unless the file was encoded, when the parts come from `encoded`'s spool and
+/// the SHA-256 is already known.
 #[allow(clippy::too_many_arguments)]
 pub async fn upload(
     http: &reqwest::Client,
     path: PathBuf,
     layout: &Layout,
+    encoded: Option<Arc<Encoded>>,
     plan: &UploadPlan,
     settings: &UploadSettings,
     progress: Arc<Progress>,
@@ -62,12 +66,23 @@ pub async fn upload(
     let ttl = Duration::from_secs(plan.expires_in_secs);
     let deadline = std::time::Instant::now() + ttl - (ttl / 5).min(Duration::from_secs(60));
     let snapshot = layout.snapshot;
-    check_plan(&path, layout, plan, settings).await?;
-    let whole = WholeFile::start(path.clone(), layout.clone(), settings.hash_pacer.clone());
+    check_plan(&path, layout, encoded.as_deref(), plan, settings).await?;
+    let whole = match &encoded {
+        Some(e) => Sha256Source::Known(e.sha256.clone()),
+        None => Sha256Source::Pass(WholeFile::start(
+            path.clone(),
+            layout.clone(),
+            settings.hash_pacer.clone(),
+        )),
+    };
+    let parts_range = PartRanges {
+        plan,
+        encoded: encoded.as_deref(),
+    };
     let done_bytes: u64 = plan
         .done
         .iter()
-        .map(|p| plan.part_range(p.part_number).1)
+        .map(|p| parts_range.of(p.part_number).1)
         .sum();
     progress.bytes_done.store(done_bytes, Ordering::Relaxed);
     progress
@@ -77,6 +92,7 @@ pub async fn upload(
     let job = Run {
         http,
         path: &path,
+        encoded: encoded.as_ref(),
         snapshot,
         plan,
         settings,
@@ -94,7 +110,10 @@ pub async fn upload(
     };
     let mut parts: Vec<CompletedPart> = plan.done.iter().cloned().chain(sent).collect();
     parts.sort_by_key(|p| p.part_number);
-    let expected = plan.size.div_ceil(plan.part_size).max(1) as usize;
+    let expected = match &encoded {
+        Some(e) => e.parts.len(),
+        None => plan.size.div_ceil(plan.part_size).max(1) as usize,
+    };
     if parts.len() != expected {
         return Err(UploadError::new(
             ErrorCode::CompleteFailed,
@@ -137,15 +156,63 @@ pub async fn upload(
     })
 }
 
+/// Where the SHA-256 of the file comes from: the pass beside the transfer, or the encoding.
+enum Sha256Source {
+    Pass(WholeFile),
+    Known(String),
+}
+
+impl Sha256Source {
+    async fn finish(self) -> Result<String, UploadError> {
+        match self {
+            Sha256Source::Pass(whole) => whole.finish().await,
+            Sha256Source::Known(sha256) => Ok(sha256),
+        }
+    }
+}
+
+/// Where each part's bytes are: a range of the file, or of the encoded file's spool.
+#[derive(Clone, Copy)]
+struct PartRanges<'a> {
+    plan: &'a UploadPlan,
+    encoded: Option<&'a Encoded>,
+}
+
+impl PartRanges<'_> {
+    fn of(&self, part_number: shared::PartNumber) -> (u64, u64) {
+        match self.encoded {
+            Some(e) => e
+                .stored_range(part_number.get() as usize - 1)
+                .unwrap_or_default(),
+            None => self.plan.part_range(part_number),
+        }
+    }
+}
+
 /// Before the first byte leaves: every URL goes to an allowed host with the checksum this
 /// agent declared signed in, and the file is still the one that was described and planned.
 async fn check_plan(
     path: &Path,
     layout: &Layout,
+    encoded: Option<&Encoded>,
     plan: &UploadPlan,
     settings: &UploadSettings,
 ) -> Result<(), UploadError> {
     let snapshot = layout.snapshot;
+    let described = if encoded.is_some() {
+        Encoding::Zstd
+    } else {
+        Encoding::None
+    };
+    let planned = plan.encoding.unwrap_or_default();
+    if planned != described {
+        return Err(UploadError::new(
+            ErrorCode::UnexpectedMessage,
+            format!(
+                "the plan is for encoding {planned}, but this agent described the file as {described}"
+            ),
+        ));
+    }
     check_layout(layout, plan)?;
     for part in &plan.parts {
         settings.policy.check(&part.url)?;
@@ -208,6 +275,8 @@ fn check_layout(layout: &Layout, plan: &UploadPlan) -> Result<(), UploadError> {
 struct Run<'a> {
     http: &'a reqwest::Client,
     path: &'a Arc<PathBuf>,
+    /// The spool the parts come from, when the file was encoded.
+    encoded: Option<&'a Arc<Encoded>>,
     snapshot: Snapshot,
     plan: &'a UploadPlan,
     settings: &'a UploadSettings,
@@ -223,9 +292,14 @@ impl Run<'_> {
         let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sent = futures::stream::iter(self.plan.parts.iter().cloned())
             .map(|part| {
-                let (offset, len) = self.plan.part_range(part.part_number);
+                let ranges = PartRanges {
+                    plan: self.plan,
+                    encoded: self.encoded.map(|e| &**e),
+                };
+                let (offset, len) = ranges.of(part.part_number);
                 let job = PartJob {
                     path: self.path.clone(),
+                    spool: self.encoded.cloned(),
                     snapshot: self.snapshot,
                     part,
                     offset,
@@ -262,6 +336,8 @@ impl Run<'_> {
 /// One part to send, and what it must be checked against.
 struct PartJob {
     path: Arc<PathBuf>,
+    /// Read from here instead of the file, at `offset`, when the file was encoded.
+    spool: Option<Arc<Encoded>>,
     snapshot: Snapshot,
     part: PresignedPart,
     offset: u64,
@@ -333,17 +409,23 @@ async fn put_part_once(
     check_unchanged(path, job.snapshot)
         .await
         .map_err(PartError::Fatal)?;
-    let mut file = open_no_follow(path)
-        .await
-        .map_err(|e| PartError::Fatal(io_error(path, &e)))?;
-    file.seek(std::io::SeekFrom::Start(job.offset))
-        .await
-        .map_err(|e| PartError::Fatal(io_error(path, &e)))?;
+    let source: futures::stream::BoxStream<'static, std::io::Result<Bytes>> = match &job.spool {
+        Some(encoded) => spool_stream(encoded.clone(), job.offset, job.len).boxed(),
+        None => {
+            let mut file = open_no_follow(path)
+                .await
+                .map_err(|e| PartError::Fatal(io_error(path, &e)))?;
+            file.seek(std::io::SeekFrom::Start(job.offset))
+                .await
+                .map_err(|e| PartError::Fatal(io_error(path, &e)))?;
+            ReaderStream::with_capacity(file.take(job.len), READ_CHUNK).boxed()
+        }
+    };
     let counted = {
         let sent = sent.clone();
         let progress = progress.clone();
         let limiter = settings.limiter.clone();
-        ReaderStream::with_capacity(file.take(job.len), READ_CHUNK)
+        source
             .and_then(move |chunk: Bytes| {
                 let limiter = limiter.clone();
                 async move {
@@ -409,6 +491,37 @@ async fn put_part_once(
         .await
         .map_err(PartError::Fatal)?;
     Ok(etag)
+}
+
+/// `len` bytes of an encoded file's spool from `offset`, in [`READ_CHUNK`] pieces read on the
+/// blocking pool (positioned reads, so parts in flight share the one spool).
+fn spool_stream(
+    encoded: Arc<Encoded>,
+    offset: u64,
+    len: u64,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    futures::stream::try_unfold(
+        (encoded, offset, len),
+        |(encoded, offset, left)| async move {
+            if left == 0 {
+                return Ok(None);
+            }
+            let want = left.min(READ_CHUNK as u64) as usize;
+            let (encoded, chunk) = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; want];
+                let read = encoded.spool.read_exact_at(&mut buf, offset);
+                (encoded, read.map(|()| Bytes::from(buf)))
+            })
+            .await
+            .map_err(std::io::Error::other)?;
+            let chunk = chunk?;
+            Ok(Some((
+                chunk,
+                (encoded, offset + want as u64, left - want as u64),
+            )))
+        },
+    )
 }
 
 /// The completion request: the part list as XML, each part with its ETag and CRC64NVME, and
@@ -528,6 +641,7 @@ mod tests {
             upload_id: shared::UploadId::new_random(),
             size: PART * 3,
             part_size,
+            encoding: None,
             parts: send
                 .iter()
                 .map(|&i| PresignedPart {

@@ -169,6 +169,7 @@ impl Collections {
                 client_id: p.client_id.clone(),
                 share: p.share.clone(),
                 collection: Some(p.collection),
+                compression: shared::encoding::Compression::Auto,
             };
             if let Err(e) = uploads.ask(ask, &requester) {
                 tracing::info!(collection_id = %p.collection, client_id = %p.client_id, code = %e.code(), "a store could not be asked now; it waits");

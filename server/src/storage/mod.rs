@@ -20,6 +20,7 @@ use aws_smithy_runtime_api::client::http::SharedHttpClient;
 use md5::{Digest, Md5};
 use url::Url;
 
+use shared::encoding::metadata;
 use shared::hash::Crc64Nvme;
 use shared::protocol::CompletedPart;
 
@@ -68,9 +69,18 @@ pub struct Encryption {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ObjectChecksum<'a> {
     /// Protocol 3: a FULL_OBJECT CRC64NVME, checked per part and at completion by storage.
-    Crc64NvmeFullObject,
+    /// `encoded` is set for a compressed file, and recorded as metadata.
+    Crc64NvmeFullObject { encoded: Option<EncodedObject<'a>> },
     /// Protocol 2: `Content-MD5` per part, and the file's SHA-256 recorded as metadata.
     Md5 { sha256: &'a str },
+}
+
+/// What an encoded object records about the file it holds (see `shared::encoding::metadata`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedObject<'a> {
+    pub encoding: shared::encoding::Encoding,
+    pub original_size: u64,
+    pub sha256: &'a str,
 }
 
 #[derive(Clone)]
@@ -115,7 +125,7 @@ pub struct PendingMultipart {
 }
 
 /// Name of the user metadata that records the file's SHA-256 on the object.
-pub const SHA256_METADATA: &str = "sha256";
+pub const SHA256_METADATA: &str = metadata::SHA256;
 
 /// The one HTTPS client of every AWS SDK call: hyper 1 and rustls on ring, the stack the rest of
 /// Backhaul uses. It trusts the platform's roots, or, where `SSL_CERT_FILE` or `SSL_CERT_DIR` is
@@ -250,9 +260,18 @@ impl Storage {
             .bucket(&self.bucket)
             .key(key);
         req = match checksum {
-            ObjectChecksum::Crc64NvmeFullObject => req
-                .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
-                .checksum_type(ChecksumType::FullObject),
+            ObjectChecksum::Crc64NvmeFullObject { encoded } => {
+                let req = req
+                    .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
+                    .checksum_type(ChecksumType::FullObject);
+                match encoded {
+                    None => req,
+                    Some(e) => req
+                        .metadata(metadata::ENCODING, e.encoding.as_str())
+                        .metadata(metadata::ORIGINAL_SIZE, e.original_size.to_string())
+                        .metadata(metadata::SHA256, e.sha256),
+                }
+            }
             ObjectChecksum::Md5 { sha256 } => req.metadata(SHA256_METADATA, sha256),
         };
         req = match self.encryption.sse {

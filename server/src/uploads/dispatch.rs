@@ -4,13 +4,15 @@
 //! server's part layout and its hashes become typed values here, once. Each message is applied in
 //! the order it arrived; only the S3 calls it leads to run in the background.
 
+use shared::encoding::{EncodedPart, Encoding};
 use shared::hash::{ContentMd5, Crc64Nvme, Sha256Hex};
-use shared::protocol::{AgentMessage, plan_parts};
+use shared::ids::MAX_PARTS;
+use shared::protocol::{AgentMessage, MAX_PART_SIZE, MIN_PART_SIZE, plan_parts};
 use shared::{ClientId, ErrorCode};
 
 use super::Uploads;
 use super::events::{AgentRef, Event, Rejection};
-use super::record::{Digests, FileFacts};
+use super::record::{Digests, FileFacts, Stored};
 use crate::registry::ConnId;
 
 /// Longest agent-supplied failure message kept; it is shown to operators.
@@ -62,6 +64,8 @@ impl Uploads {
                 part_crc64nvme,
                 sha256,
                 part_md5,
+                encoding,
+                encoded_parts,
             } => {
                 // A resumed upload keeps the layout it was planned with, whatever PART_SIZE
                 // says now.
@@ -80,6 +84,8 @@ impl Uploads {
                         part_crc64nvme,
                         sha256,
                         part_md5,
+                        encoding: encoding.unwrap_or_default(),
+                        encoded_parts,
                     },
                 );
                 (upload_id, Event::Described { agent, facts })
@@ -165,6 +171,8 @@ pub(super) struct FileInfo {
     pub part_crc64nvme: Vec<String>,
     pub sha256: Option<String>,
     pub part_md5: Vec<String>,
+    pub encoding: Encoding,
+    pub encoded_parts: Vec<EncodedPart>,
 }
 
 /// Checks a description against the server's own part layout and parses its hashes. The
@@ -174,6 +182,14 @@ pub(super) fn check_facts(min_part_size: u64, info: FileInfo) -> Result<FileFact
         code: ErrorCode::MalformedMessage,
         message,
     };
+    if info.encoding != Encoding::None {
+        return check_encoded(info);
+    }
+    if !info.encoded_parts.is_empty() {
+        return Err(malformed(
+            "file_info carries encoded_parts for a file that is not encoded".to_owned(),
+        ));
+    }
     let Some((part_size, parts)) = plan_parts(info.size, min_part_size) else {
         return Err(Rejection {
             code: ErrorCode::FileTooLarge,
@@ -223,6 +239,7 @@ pub(super) fn check_facts(min_part_size: u64, info: FileInfo) -> Result<FileFact
         modified_ms: info.modified_ms,
         part_size: info.part_size,
         digests,
+        stored: Stored::Plain,
     };
     if facts.part_size != part_size || facts.parts_total() != parts {
         return Err(malformed(format!(
@@ -232,4 +249,74 @@ pub(super) fn check_facts(min_part_size: u64, info: FileInfo) -> Result<FileFact
         )));
     }
     Ok(facts)
+}
+
+/// Checks an encoded file's description (protocol 5): the parts cover the file, each but the
+/// last holds S3's smallest part, none its largest, at most 10,000 of them, each with the
+/// CRC64NVME of its stored bytes; and the file's SHA-256, which the object records.
+fn check_encoded(info: FileInfo) -> Result<FileFacts, Rejection> {
+    let malformed = |message: String| Rejection {
+        code: ErrorCode::MalformedMessage,
+        message,
+    };
+    let parts = &info.encoded_parts;
+    if parts.is_empty() || parts.len() > MAX_PARTS as usize {
+        return Err(malformed(format!(
+            "an encoded file has 1 to {MAX_PARTS} parts, not {}",
+            parts.len()
+        )));
+    }
+    if info.part_crc64nvme.len() != parts.len() || !info.part_md5.is_empty() {
+        return Err(malformed(format!(
+            "an encoded file carries one CRC64NVME per part: {} for {} parts",
+            info.part_crc64nvme.len(),
+            parts.len()
+        )));
+    }
+    let plain: u64 = parts.iter().map(|p| p.plain_len).sum();
+    if plain != info.size {
+        return Err(malformed(format!(
+            "the encoded parts hold {plain} bytes of a {}-byte file",
+            info.size
+        )));
+    }
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        if (part.stored_len < MIN_PART_SIZE && !last) || part.stored_len > MAX_PART_SIZE {
+            return Err(malformed(format!(
+                "encoded part {} has {} stored bytes: parts but the last hold {MIN_PART_SIZE} to {MAX_PART_SIZE}",
+                i + 1,
+                part.stored_len
+            )));
+        }
+        if part.plain_len == 0 && info.size > 0 {
+            return Err(malformed(format!("encoded part {} is empty", i + 1)));
+        }
+    }
+    let Some(sha256) = &info.sha256 else {
+        return Err(malformed(
+            "an encoded file is described with its SHA-256".to_owned(),
+        ));
+    };
+    let digests = Digests::Crc64Nvme {
+        parts: info
+            .part_crc64nvme
+            .iter()
+            .map(|c| Crc64Nvme::parse(c))
+            .collect::<Result<_, _>>()
+            .map_err(|e| malformed(e.to_string()))?,
+        sha256: Some(Sha256Hex::parse(sha256).map_err(|e| malformed(e.to_string()))?),
+    };
+    let stored = match info.encoding {
+        Encoding::Zstd => Stored::Zstd(info.encoded_parts),
+        Encoding::None => unreachable!("plain files are checked by check_facts"),
+    };
+    Ok(FileFacts {
+        file_name: info.file_name,
+        size: info.size,
+        modified_ms: info.modified_ms,
+        part_size: info.part_size,
+        digests,
+        stored,
+    })
 }

@@ -4,6 +4,7 @@
 
 use shared::ErrorCode;
 use shared::api::ErrorDetail;
+use shared::encoding::Compression;
 use shared::hash::Sha256Hex;
 use shared::protocol::{CompletedPart, UploadPlan};
 use shared::{ClientId, FileName, PartNumber};
@@ -146,6 +147,9 @@ pub enum Effect {
         conn: ConnId,
         share: FileName,
         part_size: Option<u64>,
+        /// What to ask of an agent that compresses: the operator's choice for a new upload,
+        /// the recorded encoding for a resumed one.
+        compression: Compression,
     },
     /// Tell the agent on this connection to stop.
     TellCancel {
@@ -189,7 +193,12 @@ pub enum Effect {
 pub enum Counter {
     PartRetries(u32),
     Resumed,
-    Completed { bytes: u64, parts: u32 },
+    /// `bytes` were stored; `saved` fewer than the file has, by compression.
+    Completed {
+        bytes: u64,
+        parts: u32,
+        saved: u64,
+    },
     Ended(Outcome),
 }
 

@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use shared::api::{ErrorDetail, PhaseTimes};
+use shared::encoding::{Compression, Encoding};
 use shared::hash::Sha256Hex;
 use shared::protocol::{CompletedPart, UploadPlan};
 use shared::{ClientId, ErrorCode, PartNumber};
@@ -44,6 +45,7 @@ impl Upload {
             conn,
             share: new.share.clone(),
             part_size: None,
+            compression: new.compression,
         };
         let upload = Self {
             id: new.id,
@@ -60,6 +62,7 @@ impl Upload {
             resumes: 0,
             phases: PhaseTimes::default(),
             collection: new.collection,
+            compression: new.compression,
             live,
         };
         (upload, describe)
@@ -210,10 +213,16 @@ impl Upload {
         }
         self.live.conn = Some(conn);
         self.live.awaiting_info = Some(now);
+        let transfer = self.stage.transfer();
         Ok(vec![Effect::Describe {
             conn,
             share: self.share.clone(),
-            part_size: self.stage.transfer().map(|t| t.file.part_size),
+            part_size: transfer.map(|t| t.file.part_size),
+            // A resumed upload keeps its encoding, so the agent lays it out as before.
+            compression: transfer.map_or(self.compression, |t| match t.file.encoding() {
+                Encoding::None => Compression::None,
+                Encoding::Zstd => Compression::Zstd,
+            }),
         }])
     }
 
@@ -251,6 +260,14 @@ impl Upload {
                 return Ok(self.begin_end(Outcome::Failed, rejected.code, rejected.message, true));
             }
         };
+        if self.stage.transfer().is_none() && !self.compression.allows(facts.encoding()) {
+            let message = format!(
+                "the agent described the file as {}, but {} was asked for",
+                facts.encoding(),
+                self.compression
+            );
+            return Ok(self.begin_end(Outcome::Failed, ErrorCode::MalformedMessage, message, true));
+        }
         Ok(match &self.stage {
             Stage::Open(Open::Uploading(t)) if !t.file.same_content(&facts) => {
                 let what = if t.file.size != facts.size {
@@ -392,7 +409,7 @@ impl Upload {
             *known = Some(sha);
         }
         self.parts_done = parts_done.min(transfer.file.parts_total());
-        self.bytes_done = bytes_done.min(transfer.file.size);
+        self.bytes_done = bytes_done.min(transfer.file.stored_size());
         self.live.last_progress = now;
         // The count restarts with each plan the agent runs.
         let new = part_retries
@@ -518,7 +535,8 @@ impl Upload {
             return Err(Refused("the upload is not being verified"));
         };
         let transfer = transfer.clone();
-        let (bytes, parts) = (transfer.file.size, transfer.file.parts_total());
+        let (bytes, parts) = (transfer.file.stored_size(), transfer.file.parts_total());
+        let saved = transfer.file.size.saturating_sub(bytes);
         self.parts_done = parts;
         self.bytes_done = bytes;
         self.finished = Some(now.wall);
@@ -530,7 +548,11 @@ impl Upload {
                 .saturating_add(millis(now.at.duration_since(completed)));
         }
         self.stage = Stage::Completed { transfer, etag };
-        Ok(vec![Effect::Count(Counter::Completed { bytes, parts })])
+        Ok(vec![Effect::Count(Counter::Completed {
+            bytes,
+            parts,
+            saved,
+        })])
     }
 
     /// The server's own failure, or an operator's cancel.

@@ -59,6 +59,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::api::UploadStatus;
+use shared::encoding::Compression;
 use shared::{ClientId, CollectionId, ErrorCode, FileName, UploadId};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -132,6 +133,7 @@ pub struct Ask {
     pub client_id: ClientId,
     pub share: FileName,
     pub collection: Option<CollectionId>,
+    pub compression: Compression,
 }
 
 /// Who asked for an upload, for the audit trail.
@@ -198,6 +200,7 @@ impl Uploads {
         &self,
         client_id: ClientId,
         share: FileName,
+        compression: Compression,
         requester: &Requester,
     ) -> Result<UploadId, ApiError> {
         self.ask(
@@ -206,6 +209,7 @@ impl Uploads {
                 client_id,
                 share,
                 collection: None,
+                compression,
             },
             requester,
         )
@@ -220,6 +224,7 @@ impl Uploads {
             client_id,
             share,
             collection,
+            compression,
         } = ask;
         if self.0.services.shutdown.is_cancelled() {
             return Err(ApiError::new(
@@ -245,6 +250,7 @@ impl Uploads {
                 requested_by: requester.operator.clone(),
                 requested_from: requester.from.to_string(),
                 collection,
+                compression,
             },
             conn,
             record::Now::read(),

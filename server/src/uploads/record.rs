@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use shared::api::{ErrorDetail, PhaseTimes, UploadState};
+use shared::encoding::{Compression, EncodedPart, Encoding};
 use shared::hash::{ContentMd5, Crc64Nvme, Sha256Hex};
 use shared::protocol::{CompletedPart, part_range};
 use shared::{ClientId, CollectionId, FileName, PartNumber, UploadId};
@@ -54,10 +55,23 @@ impl From<OffsetDateTime> for UnixMs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileFacts {
     pub file_name: FileName,
+    /// The file's own size (before any encoding).
     pub size: u64,
     pub modified_ms: u64,
+    /// The layout's part size; for a compressed file, the stored size its parts aim at.
     pub part_size: u64,
     pub digests: Digests,
+    pub stored: Stored,
+}
+
+/// How the stored parts relate to the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// Each part is `part_size` bytes of the file, the last one the remainder.
+    Plain,
+    /// Protocol 5: each part is zstd frames; its plaintext and stored lengths, checked (at the
+    /// boundary) to cover the file, with at most 10,000 parts of S3's sizes.
+    Zstd(Vec<EncodedPart>),
 }
 
 /// The checksums of a file's parts, as the agent's protocol version computes them. They decide
@@ -79,7 +93,7 @@ pub enum Digests {
 }
 
 impl Digests {
-    fn count(&self) -> usize {
+    pub(super) fn count(&self) -> usize {
         match self {
             Digests::Crc64Nvme { parts, .. } => parts.len(),
             Digests::Md5 { parts, .. } => parts.len(),
@@ -109,7 +123,23 @@ impl FileFacts {
     pub fn same_content(&self, other: &FileFacts) -> bool {
         self.size == other.size
             && self.part_size == other.part_size
+            && self.stored == other.stored
             && self.digests.same_parts(&other.digests)
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        match self.stored {
+            Stored::Plain => Encoding::None,
+            Stored::Zstd(_) => Encoding::Zstd,
+        }
+    }
+
+    /// Bytes in storage, and on the wire.
+    pub fn stored_size(&self) -> u64 {
+        match &self.stored {
+            Stored::Plain => self.size,
+            Stored::Zstd(parts) => parts.iter().map(|p| p.stored_len).sum(),
+        }
     }
 
     pub fn parts_total(&self) -> u32 {
@@ -146,8 +176,14 @@ impl FileFacts {
             .filter_map(|(i, d)| Some((PartNumber::new(i as u32 + 1).ok()?, d)))
     }
 
+    /// Stored bytes of a part.
     pub fn part_len(&self, part_number: PartNumber) -> u64 {
-        part_range(self.size, self.part_size, part_number).1
+        match &self.stored {
+            Stored::Plain => part_range(self.size, self.part_size, part_number).1,
+            Stored::Zstd(parts) => parts
+                .get(part_number.get() as usize - 1)
+                .map_or(0, |p| p.stored_len),
+        }
     }
 
     /// Protocol 3: the object's full-object CRC64NVME, combined from the parts'.
@@ -360,6 +396,8 @@ pub struct Upload {
     pub phases: PhaseTimes,
     /// The collection that asked for it, if any.
     pub collection: Option<CollectionId>,
+    /// What the operator asked for; the agent decides within it (`FileFacts::encoding`).
+    pub compression: Compression,
     pub live: Live,
 }
 
@@ -372,6 +410,7 @@ pub struct NewUpload {
     pub requested_by: String,
     pub requested_from: String,
     pub collection: Option<CollectionId>,
+    pub compression: Compression,
 }
 
 impl Upload {

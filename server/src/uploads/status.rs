@@ -37,7 +37,8 @@ pub fn of(u: &Upload, bucket: &str, stalled_after: Duration) -> UploadStatus {
         (secs > 0.0).then(|| (u.bytes_done.saturating_sub(base) as f64 / secs) as u64)
     });
     let size = file.map(|f| f.size);
-    let eta = match (u.state(), rate, size) {
+    let stored_size = file.map(|f| f.stored_size());
+    let eta = match (u.state(), rate, stored_size) {
         (UploadState::Uploading, Some(r), Some(size)) if r > 0 => {
             Some(size.saturating_sub(u.bytes_done) / r)
         }
@@ -53,6 +54,12 @@ pub fn of(u: &Upload, bucket: &str, stalled_after: Duration) -> UploadStatus {
         share: u.share.as_str().to_owned(),
         file_name: file.map(|f| f.file_name.as_str().to_owned()),
         size,
+        compression: u.compression,
+        encoding: file.map(|f| f.encoding()),
+        stored_size,
+        compression_ratio: file
+            .filter(|f| f.stored_size() > 0)
+            .map(|f| f.size as f64 / f.stored_size() as f64),
         part_size: file.map(|f| f.part_size),
         parts_total: file.map(|f| f.parts_total()),
         parts_done: u.parts_done,

@@ -11,8 +11,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use shared::api::ErrorDetail;
+use shared::encoding::{Compression, Encoding};
 use shared::hash::Crc64Nvme;
-use shared::protocol::{CompletedPart, PresignedPart, ServerMessage, UploadPlan};
+use shared::protocol::{
+    COMPRESSION_SINCE, CompletedPart, PresignedPart, ServerMessage, UploadPlan,
+};
 use shared::{ClientId, ErrorCode, FileName, UploadId};
 use time::OffsetDateTime;
 
@@ -83,9 +86,11 @@ impl Uploads {
                 conn,
                 share,
                 part_size,
+                compression,
             } => {
                 if let Some(client_id) = self.client_of(id) {
-                    let describe = self.describe(id, share, *part_size);
+                    let describe =
+                        self.describe(id, &client_id, *conn, share, *part_size, *compression);
                     match self.agents().try_send(&client_id, *conn, describe) {
                         Ok(()) => {
                             tracing::info!(%client_id, upload_id = %id, "asked the agent to describe the file")
@@ -128,24 +133,35 @@ impl Uploads {
             conn,
             share,
             part_size,
+            compression,
         } = effect
         else {
             unreachable!("a new upload starts with describe_file");
         };
-        self.agents()
-            .try_send(client_id, conn, self.describe(id, &share, part_size))
+        let describe = self.describe(id, client_id, conn, &share, part_size, compression);
+        self.agents().try_send(client_id, conn, describe)
     }
 
+    /// `describe_file` for the agent on `conn`. Only agents that compress are asked about
+    /// compression: released protocol 2 agents refuse fields they do not know.
     fn describe(
         &self,
         upload_id: UploadId,
+        client_id: &ClientId,
+        conn: ConnId,
         share: &FileName,
         part_size: Option<u64>,
+        compression: Compression,
     ) -> ServerMessage {
+        let compresses = self
+            .agents()
+            .protocol(client_id, conn)
+            .is_some_and(|v| v >= COMPRESSION_SINCE);
         ServerMessage::DescribeFile {
             upload_id,
             share: share.clone(),
             min_part_size: part_size.unwrap_or(self.settings().part_size),
+            compression: compresses.then_some(compression),
         }
     }
 
@@ -162,9 +178,14 @@ impl Uploads {
             Counter::Resumed => {
                 m.resumes.fetch_add(1, Relaxed);
             }
-            Counter::Completed { bytes, parts } => {
+            Counter::Completed {
+                bytes,
+                parts,
+                saved,
+            } => {
                 m.completed.fetch_add(1, Relaxed);
                 m.bytes_uploaded.fetch_add(bytes, Relaxed);
+                m.bytes_saved.fetch_add(saved, Relaxed);
                 m.parts_uploaded.fetch_add(u64::from(parts), Relaxed);
             }
             Counter::Ended(Outcome::Failed) => {
@@ -243,9 +264,19 @@ impl Uploads {
             &client_id,
             id,
             &facts.file_name,
+            facts.encoding(),
         );
         let checksum = match &facts.digests {
-            Digests::Crc64Nvme { .. } => ObjectChecksum::Crc64NvmeFullObject,
+            Digests::Crc64Nvme { sha256, .. } => ObjectChecksum::Crc64NvmeFullObject {
+                encoded: match (facts.encoding(), sha256) {
+                    (Encoding::None, _) | (_, None) => None,
+                    (encoding, Some(sha256)) => Some(crate::storage::EncodedObject {
+                        encoding,
+                        original_size: facts.size,
+                        sha256: sha256.as_str(),
+                    }),
+                },
+            },
             Digests::Md5 { sha256, .. } => ObjectChecksum::Md5 {
                 sha256: sha256.as_str(),
             },
@@ -335,6 +366,10 @@ impl Uploads {
                 upload_id: id,
                 size: transfer.file.size,
                 part_size: transfer.file.part_size,
+                encoding: match transfer.file.encoding() {
+                    Encoding::None => None,
+                    encoding => Some(encoding),
+                },
                 parts,
                 done,
                 complete_url,
@@ -467,10 +502,11 @@ pub(super) fn object_matches(
     file: &super::record::FileFacts,
     obj: &ObjectInfo,
 ) -> Result<(), String> {
-    if obj.size != file.size {
+    if obj.size != file.stored_size() {
         return Err(format!(
             "stored object has {} bytes, expected {}",
-            obj.size, file.size
+            obj.size,
+            file.stored_size()
         ));
     }
     match &file.digests {
@@ -526,13 +562,15 @@ pub(super) fn object_key(
     client_id: &ClientId,
     id: UploadId,
     file_name: &FileName,
+    encoding: Encoding,
 ) -> String {
     let stamp = OffsetDateTime::now_utc()
         .format(time::macros::format_description!(
             "[year][month][day]T[hour][minute][second]Z"
         ))
         .unwrap_or_default();
-    format!("{prefix}/{client_id}/{stamp}-{id}/{file_name}")
+    let suffix = encoding.key_suffix();
+    format!("{prefix}/{client_id}/{stamp}-{id}/{file_name}{suffix}")
 }
 
 /// The upload id inside an object key made by [`object_key`].

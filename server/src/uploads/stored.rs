@@ -11,11 +11,13 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use shared::api::{ErrorDetail, PhaseTimes};
+use shared::encoding::{Compression, EncodedPart, Encoding};
 use shared::hash::{ContentMd5, Crc64Nvme, Sha256Hex};
 use shared::{ClientId, CollectionId, ErrorCode, FileName, UploadId};
 
 use super::record::{
-    Digests, Ending, FileFacts, Live, Multipart, Open, Outcome, Stage, Transfer, UnixMs, Upload,
+    Digests, Ending, FileFacts, Live, Multipart, Open, Outcome, Stage, Stored, Transfer, UnixMs,
+    Upload,
 };
 use crate::db::{LoadedRow, StoredRow};
 
@@ -74,6 +76,13 @@ pub struct UploadV2 {
     /// collections) has none, and a release before collections ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     collection_id: Option<CollectionId>,
+    /// Added to format 2 as an optional field, like `collection_id`: absent is `auto`.
+    #[serde(default, skip_serializing_if = "is_auto")]
+    compression: Compression,
+}
+
+fn is_auto(c: &Compression) -> bool {
+    *c == Compression::Auto
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -132,6 +141,11 @@ struct FileV1 {
     part_md5: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     part_crc64nvme: Vec<String>,
+    /// Added for compressed files (protocol 5): absent is `none`, with no encoded parts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    encoding: Option<Encoding>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    encoded_parts: Vec<EncodedPart>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -177,6 +191,7 @@ impl From<&Upload> for UploadV2 {
                 verify_ms: p.verify_ms,
             },
             collection_id: u.collection,
+            compression: u.compression,
         }
     }
 }
@@ -285,6 +300,7 @@ impl UploadV2 {
                 verify_ms: p.verify_ms,
             },
             collection: self.collection_id,
+            compression: self.compression,
             live: Live::new(now),
         })
     }
@@ -312,6 +328,14 @@ impl From<&FileFacts> for FileV1 {
             part_size: f.part_size,
             part_md5,
             part_crc64nvme,
+            encoding: match &f.stored {
+                Stored::Plain => None,
+                Stored::Zstd(_) => Some(Encoding::Zstd),
+            },
+            encoded_parts: match &f.stored {
+                Stored::Plain => Vec::new(),
+                Stored::Zstd(parts) => parts.clone(),
+            },
         }
     }
 }
@@ -353,12 +377,22 @@ impl TryFrom<FileV1> for FileFacts {
                 ));
             }
         };
+        let stored = match (f.encoding.unwrap_or_default(), f.encoded_parts) {
+            (Encoding::None, parts) if parts.is_empty() => Stored::Plain,
+            (Encoding::Zstd, parts) if parts.len() == digests.count() => Stored::Zstd(parts),
+            _ => {
+                return Err(ReadError::Invalid(
+                    "encoded parts that do not fit the encoding or the part checksums".to_owned(),
+                ));
+            }
+        };
         Ok(FileFacts {
             file_name: f.file_name,
             size: f.size,
             modified_ms: f.modified_ms,
             part_size: f.part_size,
             digests,
+            stored,
         })
     }
 }
@@ -457,6 +491,7 @@ pub mod legacy {
                 resumes: self.resumes,
                 phases: self.phases,
                 collection: None,
+                compression: Compression::Auto,
                 live: Live::new(now),
             })
         }

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::encoding::{Compression, Encoding};
 use crate::error::ErrorCode;
 use crate::ids::{ClientId, CollectionId, UploadId};
 use crate::labels::Labels;
@@ -30,6 +31,9 @@ pub struct ErrorDetail {
 pub struct TriggerParams {
     /// Share name on the agent; `default` when absent.
     pub file: Option<String>,
+    /// `auto` (the default: the share decides, and by default compresses when a sample of the
+    /// file shrinks), `zstd` or `none`.
+    pub encoding: Option<String>,
 }
 
 /// Answer to `POST /trigger-download/{client_id}` (202).
@@ -104,10 +108,25 @@ pub struct UploadStatus {
     /// The share the operator asked for.
     pub share: String,
     pub file_name: Option<String>,
+    /// The file's size.
     pub size: Option<u64>,
+    /// The compression the operator asked for (`auto` unless a request named one).
+    #[serde(default)]
+    pub compression: Compression,
+    /// How the agent stores the file, once it has described it: `zstd` objects have keys that
+    /// end in `.zst`.
+    #[serde(default)]
+    pub encoding: Option<Encoding>,
+    /// Bytes in storage, and so on the wire: `size` unless the file is compressed.
+    #[serde(default)]
+    pub stored_size: Option<u64>,
+    /// `size / stored_size`: 1 for an uncompressed file.
+    #[serde(default)]
+    pub compression_ratio: Option<f64>,
     pub part_size: Option<u64>,
     pub parts_total: Option<u32>,
     pub parts_done: u32,
+    /// Bytes of `stored_size` sent and stored so far.
     pub bytes_done: u64,
     /// Bytes per second since the plan (or, after a resume, the latest plan) was sent.
     pub rate_bytes_per_sec: Option<u64>,
@@ -176,12 +195,19 @@ pub struct DownloadLink {
     pub url: String,
     /// Seconds the URL lives from when it was signed.
     pub expires_in_secs: u64,
+    /// The file's size.
     pub size: u64,
     /// SHA-256 (hex) of the file as the agent hashed it, when known.
     pub sha256: Option<String>,
     /// Base64 CRC64NVME of the object, as storage verified it (protocol 3 agents).
     #[serde(default)]
     pub checksum_crc64nvme: Option<String>,
+    /// How the object holds the file: `zstd` objects are decoded by `cli fetch`.
+    #[serde(default)]
+    pub encoding: Encoding,
+    /// The object's size, when it is not the file's (an encoded file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_size: Option<u64>,
 }
 
 /// One entry of `GET /clients`: a connected agent, or (with `all=true`) a store the server has

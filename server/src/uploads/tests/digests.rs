@@ -12,6 +12,8 @@ fn info() -> FileInfo {
         part_crc64nvme: Vec::new(),
         sha256: Some("a".repeat(64)),
         part_md5: vec![EMPTY_MD5.into(); 2],
+        encoding: Encoding::None,
+        encoded_parts: Vec::new(),
     }
 }
 
@@ -23,6 +25,75 @@ fn crc_info() -> FileInfo {
         part_md5: Vec::new(),
         ..info()
     }
+}
+
+/// A compressed file of 12 MiB in two stored parts of 6 MiB and 1 MiB (protocol 5).
+fn zstd_info() -> FileInfo {
+    let parts = [6 * MIB, MIB];
+    FileInfo {
+        size: 12 * MIB,
+        part_size: 5 * MIB,
+        part_crc64nvme: parts
+            .iter()
+            .map(|&n| Crc64Nvme::of(&vec![1u8; n as usize]).to_base64())
+            .collect(),
+        sha256: Some("b".repeat(64)),
+        part_md5: Vec::new(),
+        encoding: Encoding::Zstd,
+        encoded_parts: vec![
+            EncodedPart {
+                plain_len: 10 * MIB,
+                stored_len: 6 * MIB,
+            },
+            EncodedPart {
+                plain_len: 2 * MIB,
+                stored_len: MIB,
+            },
+        ],
+        ..info()
+    }
+}
+
+/// An encoded layout is the agent's, checked for S3's rules; sizes, part lengths and the
+/// whole-object checksum are those of the stored bytes.
+#[test]
+fn encoded_descriptions_are_checked_and_stored_sizes_rule() {
+    let facts = check_facts(5 * MIB, zstd_info()).unwrap();
+    assert_eq!(facts.encoding(), Encoding::Zstd);
+    assert_eq!(facts.size, 12 * MIB);
+    assert_eq!(facts.stored_size(), 7 * MIB);
+    assert_eq!(facts.parts_total(), 2);
+    assert_eq!(facts.part_len(PartNumber::new(1).unwrap()), 6 * MIB);
+    assert_eq!(facts.part_len(PartNumber::new(2).unwrap()), MIB);
+    let stored: Vec<u8> = vec![1u8; (7 * MIB) as usize];
+    assert_eq!(facts.whole_crc64nvme(), Some(Crc64Nvme::of(&stored)));
+
+    let code = |f: FileInfo| check_facts(5 * MIB, f).map(|_| ()).map_err(|r| r.code);
+    let malformed = Err(ErrorCode::MalformedMessage);
+    let mut short_first = zstd_info();
+    short_first.encoded_parts[0].stored_len = MIB;
+    assert_eq!(code(short_first), malformed);
+    let mut uncovered = zstd_info();
+    uncovered.encoded_parts[1].plain_len += 1;
+    assert_eq!(code(uncovered), malformed);
+    let mut no_sha = zstd_info();
+    no_sha.sha256 = None;
+    assert_eq!(code(no_sha), malformed);
+    let mut one_crc = zstd_info();
+    one_crc.part_crc64nvme.pop();
+    assert_eq!(code(one_crc), malformed);
+    let mut plain_with_parts = info();
+    plain_with_parts.encoded_parts = zstd_info().encoded_parts;
+    assert_eq!(code(plain_with_parts), malformed);
+    let mut too_many = zstd_info();
+    too_many.encoded_parts = vec![
+        EncodedPart {
+            plain_len: 1,
+            stored_len: 5 * MIB,
+        };
+        10_001
+    ];
+    assert_eq!(code(too_many), malformed);
 }
 
 #[test]

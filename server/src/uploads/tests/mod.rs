@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use shared::api::UploadState;
+use shared::encoding::{Compression, EncodedPart, Encoding};
 use shared::hash::{ContentMd5, Crc64Nvme, Sha256Hex};
 use shared::protocol::{CompletedPart, UploadPlan};
 use shared::{ClientId, ErrorCode, FileName, PartNumber, UploadId};
@@ -56,6 +57,7 @@ fn facts() -> FileFacts {
             parts: vec![ContentMd5::parse(EMPTY_MD5).unwrap(); 3],
             sha256: Sha256Hex::parse(&"a".repeat(64)).unwrap(),
         },
+        stored: Stored::Plain,
     }
 }
 
@@ -97,6 +99,7 @@ fn new_upload() -> Upload {
             requested_by: "ops".into(),
             requested_from: "127.0.0.1:1".into(),
             collection: None,
+            compression: Compression::Auto,
         },
         conn(),
         Now::read(),
@@ -183,6 +186,7 @@ fn plan(done: usize) -> UploadPlan {
         done: transfer().file.md5_completed_parts().unwrap()[..done].to_vec(),
         complete_url: "http://s3/complete".into(),
         checksum_crc64nvme: None,
+        encoding: None,
         expires_at: 0,
         expires_in_secs: 60,
     }

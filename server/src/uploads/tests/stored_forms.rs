@@ -17,6 +17,54 @@ fn every_stage_survives_the_stored_form() {
     }
 }
 
+/// A compressed upload keeps its encoded layout and what the operator asked for.
+#[test]
+fn a_compressed_upload_survives_the_stored_form() {
+    let mut u = uploading();
+    u.compression = Compression::Zstd;
+    if let Stage::Open(Open::Uploading(t)) = &mut u.stage {
+        t.file.part_size = 5 * MIB;
+        t.file.digests = Digests::Crc64Nvme {
+            parts: vec![Crc64Nvme::of(b"a"), Crc64Nvme::of(b"b")],
+            sha256: Some(Sha256Hex::parse(&"c".repeat(64)).unwrap()),
+        };
+        t.file.stored = Stored::Zstd(vec![
+            EncodedPart {
+                plain_len: 10 * MIB,
+                stored_len: 5 * MIB,
+            },
+            EncodedPart {
+                plain_len: 2 * MIB,
+                stored_len: 1000,
+            },
+        ]);
+    }
+    let row = stored::to_row(&u).unwrap();
+    assert!(
+        row.record.contains(r#""encoding":"zstd""#),
+        "{}",
+        row.record
+    );
+    let loaded = crate::db::LoadedRow {
+        id: row.id.to_string(),
+        format: row.format,
+        record: row.record.clone(),
+    };
+    let back = stored::from_row(&loaded, Instant::now()).unwrap();
+    assert_eq!(back.stage, u.stage);
+    assert_eq!(back.compression, Compression::Zstd);
+    // A layout that does not fit its checksums is reported, not read.
+    let broken = row.record.replace(
+        r#""stored_len":1000"#,
+        r#""stored_len":1000},{"plain_len":0,"stored_len":0"#,
+    );
+    let loaded = crate::db::LoadedRow {
+        record: broken,
+        ..loaded
+    };
+    assert!(stored::from_row(&loaded, Instant::now()).is_err());
+}
+
 fn temp_dir() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("backhaul-uploads-{}", UploadId::new_random()))
 }

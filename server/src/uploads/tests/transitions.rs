@@ -481,8 +481,16 @@ fn only_a_live_upload_owns_its_multipart_upload() {
 fn keys_are_unique_and_under_the_client_prefix() {
     let file = FileName::parse("export.csv").unwrap();
     let id = UploadId::new_random();
-    let a = object_key("uploads", &client(), id, &file);
-    let b = object_key("uploads", &client(), UploadId::new_random(), &file);
+    let a = object_key("uploads", &client(), id, &file, Encoding::None);
+    let b = object_key(
+        "uploads",
+        &client(),
+        UploadId::new_random(),
+        &file,
+        Encoding::None,
+    );
+    let zst = object_key("uploads", &client(), id, &file, Encoding::Zstd);
+    assert!(zst.ends_with("/export.csv.zst"), "{zst}");
     assert_ne!(a, b);
     assert!(a.starts_with("uploads/store-1/"), "{a}");
     assert!(a.ends_with("/export.csv"), "{a}");
@@ -504,6 +512,7 @@ fn phases_are_the_time_between_events() {
             requested_by: "ops".into(),
             requested_from: "127.0.0.1:1".into(),
             collection: None,
+            compression: Compression::Auto,
         },
         conn(),
         start,
@@ -605,6 +614,8 @@ fn a_resume_asks_for_the_recorded_layout() {
             conn: conn(),
             share: FileName::parse("default").unwrap(),
             part_size: Some(5 * MIB),
+            // The recorded (plain) layout is asked for again.
+            compression: Compression::None,
         }]
     );
     let (_, first) = Upload::requested(
@@ -615,6 +626,7 @@ fn a_resume_asks_for_the_recorded_layout() {
             requested_by: "ops".into(),
             requested_from: "127.0.0.1:1".into(),
             collection: None,
+            compression: Compression::Auto,
         },
         conn(),
         Now::read(),

@@ -1,0 +1,466 @@
+//! Compressed parts (protocol 5): the agent compresses what pays, storage holds zstd frames under
+//! a `.zst` key that says what it is, and `cli` hands back the file byte for byte.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::harness::*;
+use crate::proxy::{FaultProxy, Faults};
+
+fn sha_of(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A point-of-sale export: `len` bytes of CSV rows (transaction id, time, SKU, quantity, price,
+/// card last four, auth code), which zstd shrinks severalfold, as it does real exports. Returns
+/// its SHA-256.
+pub fn write_csv(path: &std::path::Path, len: u64) -> String {
+    use std::fmt::Write as _;
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut state: u64 = 0x2545_F491_4F6C_DD1D ^ len;
+    let (mut written, mut txn, mut secs) = (0u64, 88_000_000u64, 8 * 3600u64);
+    let mut row = String::from("txn_id,timestamp,store,sku,qty,unit_price,card_last4,auth_code\n");
+    while written < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        txn += 1;
+        secs += state % 7;
+        let sku = (state >> 8) % 300;
+        let _ = writeln!(
+            row,
+            "{txn},2026-12-01T{:02}:{:02}:{:02}Z,store-0042,SKU-{sku:05},{},{}.{:02},{:04},{:06}",
+            (secs / 3600) % 24,
+            (secs / 60) % 60,
+            secs % 60,
+            1 + (state >> 20) % 3,
+            1 + sku % 40,
+            (sku * 37) % 100,
+            (state >> 24) % 10_000,
+            (state >> 40) % 1_000_000,
+        );
+        let take = (len - written).min(row.len() as u64) as usize;
+        out.write_all(&row.as_bytes()[..take]).unwrap();
+        sha2::Digest::update(&mut hasher, &row.as_bytes()[..take]);
+        written += take as u64;
+        row.clear();
+    }
+    out.flush().unwrap();
+    hex::encode(sha2::Digest::finalize(hasher))
+}
+
+/// The next message that is not a token renewal (agents of protocol 4 and later are sent one
+/// when they connect).
+async fn recv_command(agent: &mut RawAgent) -> serde_json::Value {
+    loop {
+        let msg = agent.recv_json().await.expect("a message");
+        if msg["type"] != "token_renewed" {
+            return msg;
+        }
+    }
+}
+
+/// `cli download -o` of one share with `--encoding`, returning the report and what came out.
+async fn download(
+    server: &TestServer,
+    client_id: &str,
+    share: &str,
+    encoding: &str,
+    extra: &[&str],
+) -> (serde_json::Value, Vec<u8>) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let target = out_dir.path().join("out");
+    let mut args = vec![
+        "download".to_owned(),
+        format!("--client-id={client_id}"),
+        format!("--file={share}"),
+        format!("--encoding={encoding}"),
+        "-o".to_owned(),
+        target.display().to_string(),
+        "--json".to_owned(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_cli(server, &args).await;
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    (report, std::fs::read(&target).unwrap())
+}
+
+/// What the object records about itself: its user metadata.
+async fn object_metadata(
+    server: &TestServer,
+    key: &str,
+) -> std::collections::HashMap<String, String> {
+    let head = server
+        .s3()
+        .await
+        .head_object()
+        .bucket(BUCKET)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    head.metadata().cloned().unwrap_or_default()
+}
+
+/// Every shape of file comes back byte-identical, compressed when that pays and as asked
+/// otherwise; a compressed object says what it is.
+async fn every_shape_comes_back(mode: Mode) {
+    let server = TestServer::start(mode).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let csv_sha = write_csv(&path("sales.csv"), 60 * MIB + 17);
+    let random_sha = write_file(&path("backup.bin"), 12 * MIB + 3).await;
+    let exact_sha = write_file(&path("exact.bin"), 5 * MIB).await;
+    let empty_sha = write_file(&path("empty.bin"), 0).await;
+    // 200 MiB of zeros, which zstd shrinks by far more than 1,000x: one part.
+    std::fs::File::create(path("zeros.bin"))
+        .unwrap()
+        .set_len(200 * MIB)
+        .unwrap();
+    let zeros_sha = sha_of(&vec![0u8; (200 * MIB) as usize]);
+    let client_id = unique_client("shapes");
+    let shares: Vec<String> = [
+        "sales.csv",
+        "backup.bin",
+        "exact.bin",
+        "empty.bin",
+        "zeros.bin",
+    ]
+    .iter()
+    .map(|n| format!("--share={}={}", n.replace('.', "-"), path(n).display()))
+    .collect();
+    let shares: Vec<&str> = shares.iter().map(String::as_str).collect();
+    let _agent = TestAgent::start_with(&server, &client_id, &path("sales.csv"), &shares);
+    server.wait_connected(&client_id).await;
+
+    // (share, --encoding, the file's SHA-256, the encoding expected, the fewest parts)
+    let cases = [
+        ("sales-csv", "auto", &csv_sha, "zstd", 2),
+        ("sales-csv", "none", &csv_sha, "none", 8),
+        ("backup-bin", "auto", &random_sha, "none", 2),
+        ("backup-bin", "zstd", &random_sha, "zstd", 2),
+        ("exact-bin", "auto", &exact_sha, "none", 1),
+        ("exact-bin", "zstd", &exact_sha, "zstd", 1),
+        ("empty-bin", "auto", &empty_sha, "none", 1),
+        ("empty-bin", "zstd", &empty_sha, "zstd", 1),
+        ("zeros-bin", "auto", &zeros_sha, "zstd", 1),
+    ];
+    for (share, asked, sha, encoding, parts) in cases {
+        let (report, bytes) = download(&server, &client_id, share, asked, &[]).await;
+        let upload = &report["upload"];
+        let what = format!("{share} --encoding={asked}: {upload}");
+        assert_eq!(upload["state"], "completed", "{what}");
+        assert_eq!(sha_of(&bytes), *sha, "{what}");
+        assert_eq!(report["fetch"]["sha256"], sha.as_str(), "{what}");
+        assert_eq!(upload["encoding"], encoding, "{what}");
+        assert_eq!(upload["compression"], asked, "{what}");
+        let parts_total = upload["parts_total"].as_u64().unwrap();
+        assert!(parts_total >= parts, "{what}");
+        let key = upload["key"].as_str().unwrap();
+        let size = upload["size"].as_u64().unwrap();
+        let stored = upload["stored_size"].as_u64().unwrap();
+        assert_eq!(size, bytes.len() as u64, "{what}");
+        if encoding == "zstd" {
+            assert!(key.ends_with(".zst"), "{what}");
+            let meta = object_metadata(&server, key).await;
+            assert_eq!(meta.get("encoding").map(String::as_str), Some("zstd"));
+            assert_eq!(meta.get("original-size"), Some(&size.to_string()));
+            assert_eq!(meta.get("sha256"), Some(sha));
+            assert_eq!(report["fetch"]["stored_size"], stored, "{what}");
+        } else {
+            assert!(!key.ends_with(".zst"), "{what}");
+            assert_eq!(stored, size, "{what}");
+        }
+        match share {
+            "sales-csv" if encoding == "zstd" => {
+                assert!(stored * 4 < size, "CSV shrinks at least 4x: {what}")
+            }
+            "zeros-bin" => assert!(stored * 1000 < size, "{what}"),
+            _ => {}
+        }
+    }
+
+    // `--raw` keeps the stored form: zstd frames that decode to the file.
+    let (report, raw) = download(&server, &client_id, "sales-csv", "auto", &["--raw"]).await;
+    assert_eq!(report["fetch"]["raw"], true);
+    assert_eq!(report["fetch"]["checked"], serde_json::json!(["crc64nvme"]));
+    assert_eq!(
+        raw.len() as u64,
+        report["upload"]["stored_size"].as_u64().unwrap()
+    );
+    assert_eq!(
+        sha_of(&zstd::stream::decode_all(&raw[..]).unwrap()),
+        csv_sha
+    );
+
+    // The bytes compression kept off the wire are counted.
+    assert!(server.metric("backhaul_bytes_saved_total").await > 200 * MIB);
+}
+
+storage_modes!(every_shape, every_shape_comes_back);
+
+/// A share configured `compression=none` is sent as it is when the operator leaves it to the
+/// share, and compressed when the operator asks for zstd; an unknown encoding is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_share_decides_unless_the_operator_does() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("z.csv");
+    let sha = write_csv(&file, 6 * MIB);
+    let client_id = unique_client("share-setting");
+    let share = format!("--share=z={};compression=none", file.display());
+    let _agent = TestAgent::start_with(&server, &client_id, &file, &[&share]);
+    server.wait_connected(&client_id).await;
+    let (report, bytes) = download(&server, &client_id, "z", "auto", &[]).await;
+    assert_eq!(report["upload"]["encoding"], "none");
+    assert_eq!(sha_of(&bytes), sha);
+    let (report, bytes) = download(&server, &client_id, "z", "zstd", &[]).await;
+    assert_eq!(report["upload"]["encoding"], "zstd");
+    assert_eq!(sha_of(&bytes), sha);
+    // The default share follows COMPRESSION (auto): a CSV is compressed.
+    let (report, _) = download(&server, &client_id, "default", "auto", &[]).await;
+    assert_eq!(report["upload"]["encoding"], "zstd");
+
+    let (status, body) = raw_request(
+        &server,
+        "POST",
+        &format!("/trigger-download/{client_id}?encoding=gzip"),
+        &operator_token(),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "INVALID_ENCODING", "{body}");
+}
+
+/// kill -9 of the agent while a compressed file uploads: the next agent encodes the file the
+/// same way, the upload resumes, and storage never receives a finished part twice.
+async fn killed_while_compressing_resumes(mode: Mode) {
+    let proxy = FaultProxy::start(&localstack_endpoint(), Faults::default()).await;
+    let url = proxy.url();
+    let server = TestServer::builder(mode)
+        .args(&[
+            "--s3-public-endpoint",
+            url.as_str(),
+            "--part-size",
+            "5242880",
+        ])
+        .start()
+        .await;
+    proxy.set_upstream(&server.s3_endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sales.csv");
+    let sha = write_csv(&file, 120 * MIB);
+    let mut rng = seeded_rng(&format!("killed_while_compressing ({mode:?})"));
+    let trials = 3;
+    let mut stored_parts = 0;
+    for trial in 0..trials {
+        let client_id = unique_client("zkill");
+        // 8 MiB/s on the wire: the compressed parts take a few seconds.
+        let args = agent_args(
+            &server.ws_url(),
+            &client_id,
+            &file,
+            &["--max-upload-bytes-per-sec", "8388608"],
+        );
+        let mut agent = ChildProcess::spawn("agent", &args);
+        server.wait_connected(&client_id).await;
+        let upload_id = trigger_id(&server, &client_id).await;
+        wait_until(Duration::from_secs(60), "parts to flow", || async {
+            server.upload(&upload_id).await.bytes_done > 0
+        })
+        .await;
+        let delay = rng.gen_range(0..2000);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        agent.kill9().await;
+        let before = server.upload(&upload_id).await;
+        eprintln!(
+            "FIGURES compressed kill -9 trial {trial} ({mode:?}): killed {delay} ms after the first bytes, {} of {:?} parts stored",
+            before.parts_done, before.parts_total
+        );
+        let _agent = ChildProcess::spawn("agent", &args);
+        let status = server.wait_finished(&upload_id).await;
+        assert_eq!(status.state, UploadState::Completed, "{status:?}");
+        assert_eq!(status.encoding, Some(shared::encoding::Encoding::Zstd));
+        assert!(status.resumes >= 1, "{status:?}");
+        assert_eq!(status.sha256.as_deref(), Some(sha.as_str()));
+        stored_parts += status.parts_total.unwrap();
+        let out = dir.path().join("fetched.csv");
+        let fetched = run_cli(&server, &["fetch", &upload_id, "-o", out.to_str().unwrap()]).await;
+        assert!(fetched.status.success(), "{}", stderr(&fetched));
+        assert_eq!(sha_of(&std::fs::read(&out).unwrap()), sha);
+        assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+    }
+    let st = &proxy.stats;
+    assert_eq!(st.duplicates(), vec![], "a stored part was uploaded twice");
+    assert_eq!(st.stored_parts(), stored_parts);
+    eprintln!(
+        "FIGURES compressed kill -9 ({mode:?}): {trials} trials, {} part PUTs for {stored_parts} parts",
+        st.part_puts.load(Ordering::Relaxed),
+    );
+}
+
+storage_modes!(killed_while_compressing, killed_while_compressing_resumes);
+
+/// A compressed file that changes while its parts upload is still `FILE_CHANGED`: the parts come
+/// from the spool, but the file is watched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_file_that_changes_is_refused() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sales.csv");
+    write_csv(&file, 60 * MIB);
+    let client_id = unique_client("zchanged");
+    let _agent = TestAgent::start_with(
+        &server,
+        &client_id,
+        &file,
+        &["--max-upload-bytes-per-sec", "2097152"],
+    );
+    server.wait_connected(&client_id).await;
+    let upload_id = trigger_id(&server, &client_id).await;
+    wait_until(Duration::from_secs(60), "parts to flow", || async {
+        server.upload(&upload_id).await.bytes_done > 0
+    })
+    .await;
+    write_csv(&file, 61 * MIB);
+    let status = server.wait_finished(&upload_id).await;
+    assert_eq!(status.state, UploadState::Failed, "{status:?}");
+    assert_eq!(
+        status.code(),
+        Some(shared::ErrorCode::FileChanged),
+        "{status:?}"
+    );
+}
+
+/// The previous protocol (4) still completes a download: its agents are asked for no
+/// compression (the field is not even sent) and get plans without an encoding.
+async fn a_protocol_4_agent_completes_a_download(mode: Mode) {
+    let server = TestServer::start(mode).await;
+    let client_id = unique_client("proto4");
+    let mut agent = RawAgent::connect_speaking(&server, &client_id, 4).await;
+    let upload_id = trigger_id(&server, &client_id).await;
+    let describe = recv_command(&mut agent).await;
+    assert_eq!(describe["type"], "describe_file", "{describe}");
+    assert!(describe.get("compression").is_none(), "{describe}");
+    let min_part_size = describe["min_part_size"].as_u64().unwrap();
+    let data: Vec<u8> = (0..7 * MIB).map(|i| (i % 251) as u8).collect();
+    agent
+        .send_json(file_info_v3(&upload_id, "z.csv", &data, min_part_size))
+        .await;
+    let plan = recv_command(&mut agent).await;
+    assert_eq!(plan["type"], "start_upload", "{plan}");
+    assert!(plan.get("encoding").is_none(), "{plan}");
+    let part_size = plan["part_size"].as_u64().unwrap() as usize;
+    let mut body = String::from("<CompleteMultipartUpload>");
+    let mut parts = Vec::new();
+    for (i, chunk) in data.chunks(part_size).enumerate() {
+        let part = &plan["parts"][i];
+        let crc = part["checksum_crc64nvme"].as_str().unwrap();
+        let resp = raw_s3::try_put_part_with(
+            part["url"].as_str().unwrap(),
+            &[("x-amz-checksum-crc64nvme", crc)],
+            chunk.to_vec(),
+        )
+        .await
+        .unwrap();
+        assert!(resp.status().is_success(), "{}", resp.status());
+        let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
+        body.push_str(&format!(
+            "<Part><PartNumber>{}</PartNumber><ETag>{etag}</ETag><ChecksumCRC64NVME>{crc}</ChecksumCRC64NVME></Part>",
+            i + 1
+        ));
+        parts.push(serde_json::json!({"part_number": i + 1, "etag": etag}));
+    }
+    body.push_str("</CompleteMultipartUpload>");
+    let resp = reqwest::Client::new()
+        .post(plan["complete_url"].as_str().unwrap())
+        .header(
+            "x-amz-checksum-crc64nvme",
+            plan["checksum_crc64nvme"].as_str().unwrap(),
+        )
+        .header("x-amz-checksum-type", "FULL_OBJECT")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let sha = sha_of(&data);
+    agent
+        .send_json(serde_json::json!({
+            "type": "upload_completed", "upload_id": upload_id, "parts": parts, "sha256": sha
+        }))
+        .await;
+    let status = server.wait_finished(&upload_id).await;
+    assert_identical(&server, &status, &sha).await;
+    assert_eq!(status.encoding, Some(shared::encoding::Encoding::None));
+}
+
+storage_modes!(protocol_4_agent, a_protocol_4_agent_completes_a_download);
+
+/// An agent that compresses when it was asked not to is refused, and so is a malformed encoded
+/// layout; neither leaves a multipart upload behind.
+#[tokio::test]
+async fn bad_encoded_descriptions_are_refused() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let client_id = unique_client("bad-zstd");
+    let mut agent = RawAgent::connect_speaking(&server, &client_id, 5).await;
+    let part =
+        |plain: u64, stored: u64| serde_json::json!({"plain_len": plain, "stored_len": stored});
+    let crc = shared::hash::Crc64Nvme::of(b"x").to_base64();
+    let sha = sha_of(b"x");
+    // (query, the description's parts, why it is refused)
+    let cases = [
+        ("?encoding=none", vec![part(100, 10)], "asked for none"),
+        (
+            "",
+            vec![part(60, 10), part(40, 10)],
+            "a first part under 5 MiB",
+        ),
+        ("", vec![part(99, 10)], "parts that do not cover the file"),
+    ];
+    for (query, parts, why) in cases {
+        let (status, trig) = raw_request(
+            &server,
+            "POST",
+            &format!("/trigger-download/{client_id}{query}"),
+            &operator_token(),
+        )
+        .await;
+        assert_eq!(status, 202, "{trig}");
+        let upload_id = trig["upload_id"].as_str().unwrap().to_owned();
+        let describe = recv_command(&mut agent).await;
+        assert_eq!(describe["type"], "describe_file", "{describe}");
+        assert_eq!(
+            describe["compression"],
+            if query.is_empty() { "auto" } else { "none" }
+        );
+        let crcs: Vec<&str> = parts.iter().map(|_| crc.as_str()).collect();
+        agent
+            .send_json(serde_json::json!({
+                "type": "file_info", "upload_id": upload_id, "file_name": "z.csv",
+                "size": 100, "modified_ms": 1, "part_size": 5242880,
+                "part_crc64nvme": crcs, "sha256": sha,
+                "encoding": "zstd", "encoded_parts": parts,
+            }))
+            .await;
+        let status = server.wait_finished(&upload_id).await;
+        assert_eq!(status.state, UploadState::Failed, "{why}: {status:?}");
+        assert_eq!(
+            status.code(),
+            Some(shared::ErrorCode::MalformedMessage),
+            "{why}: {status:?}"
+        );
+        assert_eq!(status.key, None, "{why}: nothing was created");
+        let cancel = recv_command(&mut agent).await;
+        assert_eq!(cancel["type"], "cancel_upload", "{cancel}");
+        assert_eq!(cancel["code"], "MALFORMED_MESSAGE", "{cancel}");
+    }
+    assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
+}

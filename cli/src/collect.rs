@@ -14,6 +14,7 @@ use shared::api::collections::{
     CollectionSummary, CollectionTemplate, CreateCollection, CreateSchedule, Manifest, RowState,
     ScheduleInfo, ScheduleList, Target,
 };
+use shared::encoding::Compression;
 use shared::labels::Label;
 use shared::{ClientId, CollectionId};
 
@@ -51,6 +52,10 @@ pub struct TemplateArgs {
     /// How many stores upload at once (default 50).
     #[arg(long)]
     max_concurrent: Option<u32>,
+    /// `auto` (each store's share decides; by default a file that shrinks is compressed),
+    /// `zstd` or `none`.
+    #[arg(long, default_value = "auto")]
+    encoding: Compression,
 }
 
 #[derive(Debug, Args)]
@@ -77,6 +82,7 @@ impl TemplateArgs {
             file: Some(self.file.clone()),
             expires_in_secs: self.expires_in_secs,
             max_concurrent: self.max_concurrent,
+            encoding: Some(self.encoding),
         })
     }
 
@@ -149,6 +155,7 @@ pub async fn collect(cli: &Cli, args: &CollectArgs) -> anyhow::Result<bool> {
         expires_at: None,
         expires_in_secs: t.expires_in_secs,
         max_concurrent: t.max_concurrent,
+        encoding: t.encoding,
     };
     if args.dry_run {
         let p: CollectionPreview = api.post_json("/collections/preview", &req).await?;
@@ -342,8 +349,8 @@ fn print_summary(s: &CollectionSummary, json: bool) -> anyhow::Result<()> {
     writeln!(out, "collection {} ({})", s.collection_id, s.state)?;
     writeln!(
         out,
-        "  target {}, file {}, at most {} at once, expires {}",
-        s.target, s.file, s.max_concurrent, s.expires_at
+        "  target {}, file {} (encoding {}), at most {} at once, expires {}",
+        s.target, s.file, s.encoding, s.max_concurrent, s.expires_at
     )?;
     writeln!(out, "  {}", line(s))?;
     for (code, n) in &s.failed_by_code {

@@ -35,6 +35,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0006_schedules",
         include_str!("../migrations/0006_schedules.sql"),
     ),
+    (
+        "0007_collection_encoding",
+        include_str!("../migrations/0007_collection_encoding.sql"),
+    ),
 ];
 
 /// One upload as the store holds it: the columns it is indexed by, and the record itself.

@@ -464,3 +464,70 @@ async fn bad_encoded_descriptions_are_refused() {
     }
     assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
 }
+
+/// A collection asks every store for its encoding: `auto` lets CSV exports shrink, `none` keeps
+/// them as they are, and `cli collect --output-dir` hands back the files either way. A schedule
+/// keeps the encoding in its template.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collections_carry_the_encoding() {
+    let server = TestServer::start(Mode::Embedded).await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_client("zcoll");
+    let mut agents = Vec::new();
+    let mut shas = Vec::new();
+    for i in 0..2 {
+        let file = dir.path().join(format!("z{i}.csv"));
+        shas.push(write_csv(&file, 3 * MIB + i * 1000));
+        let id = format!("{prefix}-{i}");
+        agents.push(TestAgent::start(&server, &id, &file));
+        server.wait_connected(&id).await;
+    }
+    for (encoding, expected) in [("auto", "zstd"), ("none", "none")] {
+        let out_dir = dir.path().join(format!("out-{encoding}"));
+        let out = run_cli(
+            &server,
+            &[
+                "collect",
+                &format!("--client-id={prefix}-*"),
+                &format!("--encoding={encoding}"),
+                "--output-dir",
+                out_dir.to_str().unwrap(),
+                "--json",
+            ],
+        )
+        .await;
+        assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+        let summary: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(summary["encoding"], encoding, "{summary}");
+        assert_eq!(summary["counts"]["completed"], 2, "{summary}");
+        let id = summary["collection_id"].as_str().unwrap();
+        let (_, rows) = server.get_json(&format!("/collections/{id}/uploads")).await;
+        for row in rows["rows"].as_array().unwrap() {
+            let upload = server.upload(row["upload_id"].as_str().unwrap()).await;
+            assert_eq!(
+                upload.encoding.map(|e| e.as_str()),
+                Some(expected),
+                "{upload:?}"
+            );
+        }
+        for (i, sha) in shas.iter().enumerate() {
+            let file = out_dir.join(format!("{prefix}-{i}")).join("default");
+            let got = std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            assert_eq!(sha_of(&got), *sha);
+        }
+    }
+    let resp = server
+        .http_client()
+        .post(format!("{}/schedules", server.http_url()))
+        .bearer_auth(operator_token())
+        .json(&serde_json::json!({
+            "cron": "0 3 * * *",
+            "template": {"target": {"kind": "all"}, "encoding": "zstd"}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let schedule: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(schedule["template"]["encoding"], "zstd", "{schedule}");
+}

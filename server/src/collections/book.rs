@@ -12,6 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use shared::api::UploadStatus;
 use shared::api::collections::CollectionState;
+use shared::encoding::Compression;
 use shared::labels::Labels;
 use shared::{ClientId, CollectionId, FileName, ScheduleId, UploadId};
 
@@ -26,6 +27,7 @@ pub struct Planned {
     pub client_id: ClientId,
     pub upload: UploadId,
     pub share: FileName,
+    pub compression: Compression,
     pub created_by: String,
     pub created_from: String,
 }
@@ -169,6 +171,7 @@ impl Book {
                     client_id: client.clone(),
                     upload,
                     share: c.spec.share.clone(),
+                    compression: c.spec.compression,
                     created_by: c.spec.created_by.clone(),
                     created_from: c.spec.created_from.clone(),
                 });
@@ -416,6 +419,7 @@ mod tests {
                 id: CollectionId::new_random(),
                 matcher: Matcher::new(target).unwrap(),
                 share: FileName::parse("z").unwrap(),
+                compression: Compression::Auto,
                 max_concurrent: max,
                 created_by: "op".into(),
                 created_from: "127.0.0.1:1".into(),

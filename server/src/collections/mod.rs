@@ -169,7 +169,7 @@ impl Collections {
                 client_id: p.client_id.clone(),
                 share: p.share.clone(),
                 collection: Some(p.collection),
-                compression: shared::encoding::Compression::Auto,
+                compression: p.compression,
             };
             if let Err(e) = uploads.ask(ask, &requester) {
                 tracing::info!(collection_id = %p.collection, client_id = %p.client_id, code = %e.code(), "a store could not be asked now; it waits");
@@ -195,7 +195,12 @@ impl Collections {
     ) -> Result<CollectionSummary, ApiError> {
         let now = time::OffsetDateTime::now_utc();
         let expires = settings::expiry(&req, now)?;
-        let checked = Checked::new(req.target, req.file.as_deref(), req.max_concurrent)?;
+        let checked = Checked::new(
+            req.target,
+            req.file.as_deref(),
+            req.max_concurrent,
+            req.encoding,
+        )?;
         self.start(checked, now, expires, None, inventory, requester)
     }
 
@@ -206,7 +211,12 @@ impl Collections {
         inventory: &Inventory,
     ) -> Result<CollectionPreview, ApiError> {
         settings::expiry(&req, time::OffsetDateTime::now_utc())?;
-        let checked = Checked::new(req.target, req.file.as_deref(), req.max_concurrent)?;
+        let checked = Checked::new(
+            req.target,
+            req.file.as_deref(),
+            req.max_concurrent,
+            req.encoding,
+        )?;
         let m = &checked.matcher;
         let mut matched: std::collections::BTreeSet<ClientId> = m.named().cloned().collect();
         let known = inventory.list(&[]).map_err(|e| ApiError::internal(&e))?;
@@ -278,6 +288,7 @@ impl Collections {
             matcher,
             share,
             max_concurrent,
+            compression,
         } = checked;
         let created = UnixMs::from(now);
         let mut rows = std::collections::BTreeMap::new();
@@ -302,6 +313,7 @@ impl Collections {
                 matcher,
                 share,
                 max_concurrent,
+                compression,
                 created_by: requester.operator.clone(),
                 created_from: requester.from.to_string(),
                 created,

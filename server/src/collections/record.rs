@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use shared::api::ErrorDetail;
 use shared::api::collections::{CollectionState, RowState};
+use shared::encoding::Compression;
 use shared::{ClientId, CollectionId, FileName, ScheduleId, UploadId};
 
 use super::target::Matcher;
@@ -16,6 +17,8 @@ pub struct Spec {
     pub matcher: Matcher,
     pub share: FileName,
     pub max_concurrent: u32,
+    /// Asked of every store.
+    pub compression: Compression,
     pub created_by: String,
     pub created_from: String,
     pub created: UnixMs,

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use shared::api::collections::{CollectionTemplate, CreateCollection, Target};
+use shared::encoding::Compression;
 use shared::protocol::DEFAULT_SHARE;
 use shared::{ErrorCode, FileName};
 use time::OffsetDateTime;
@@ -30,6 +31,7 @@ pub struct Checked {
     pub matcher: Matcher,
     pub share: FileName,
     pub max_concurrent: u32,
+    pub compression: Compression,
 }
 
 impl Checked {
@@ -37,6 +39,7 @@ impl Checked {
         target: Target,
         file: Option<&str>,
         max_concurrent: Option<u32>,
+        compression: Option<Compression>,
     ) -> Result<Self, ApiError> {
         let matcher = Matcher::new(target).map_err(|e| bad(format!("target: {e}")))?;
         let share = FileName::parse(file.unwrap_or(DEFAULT_SHARE))
@@ -49,6 +52,7 @@ impl Checked {
             matcher,
             share,
             max_concurrent,
+            compression: compression.unwrap_or_default(),
         })
     }
 }
@@ -93,7 +97,12 @@ pub fn expiry(req: &CreateCollection, now: OffsetDateTime) -> Result<OffsetDateT
 /// A schedule's template, checked as a collection's settings would be.
 pub fn template(t: &CollectionTemplate) -> Result<(Checked, Duration), ApiError> {
     Ok((
-        Checked::new(t.target.clone(), t.file.as_deref(), t.max_concurrent)?,
+        Checked::new(
+            t.target.clone(),
+            t.file.as_deref(),
+            t.max_concurrent,
+            t.encoding,
+        )?,
         expires_in(t.expires_in_secs)?,
     ))
 }

@@ -8,6 +8,7 @@ use anyhow::{Context, anyhow};
 use rusqlite::{Connection, OptionalExtension, params};
 use shared::api::ErrorDetail;
 use shared::api::collections::{CollectionState, Target};
+use shared::encoding::Compression;
 use shared::{ClientId, CollectionId, FileName, ScheduleId, UploadId};
 
 use super::record::{Collection, Firing, Row, Spec, Stage};
@@ -31,8 +32,9 @@ impl Store {
         let s = &c.spec;
         tx.execute(
             "INSERT INTO collections (id, target, share, max_concurrent, created_by, created_from,
-                                      created_ms, expires_ms, state, schedule_id, fired_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                      created_ms, expires_ms, state, schedule_id, fired_ms,
+                                      compression)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 s.id.to_string(),
                 serde_json::to_string(s.matcher.target())?,
@@ -45,6 +47,7 @@ impl Store {
                 c.state.as_str(),
                 s.firing.map(|f| f.schedule.to_string()),
                 s.firing.map(|f| f.at.0),
+                s.compression.as_str(),
             ],
         )
         .context("recording a collection")?;
@@ -116,7 +119,7 @@ impl Store {
         let head = conn
             .query_row(
                 "SELECT target, share, max_concurrent, created_by, created_from, created_ms,
-                        expires_ms, state, schedule_id, fired_ms
+                        expires_ms, state, schedule_id, fired_ms, compression
                  FROM collections WHERE id = ?1",
                 params![id.to_string()],
                 |r| {
@@ -131,6 +134,7 @@ impl Store {
                         r.get::<_, String>(7)?,
                         r.get::<_, Option<String>>(8)?,
                         r.get::<_, Option<i64>>(9)?,
+                        r.get::<_, String>(10)?,
                     ))
                 },
             )
@@ -146,6 +150,7 @@ impl Store {
             state,
             schedule,
             fired,
+            compression,
         )) = head
         else {
             return Ok(None);
@@ -163,6 +168,7 @@ impl Store {
             matcher: Matcher::new(target).map_err(|e| anyhow!("target: {e}"))?,
             share: FileName::parse(&share).context("share")?,
             max_concurrent,
+            compression: compression.parse::<Compression>().context("compression")?,
             created_by,
             created_from,
             created: UnixMs(created),

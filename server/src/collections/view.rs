@@ -19,7 +19,7 @@ impl Collections {
     /// How far a running upload is: bytes done and the file's size, once known.
     fn progress(&self, upload: UploadId) -> (u64, Option<u64>) {
         match self.0.uploads.status(upload) {
-            Ok(s) => (s.bytes_done, s.size),
+            Ok(s) => (s.bytes_done, s.stored_size.or(s.size)),
             Err(_) => (0, None),
         }
     }
@@ -56,6 +56,7 @@ impl Collections {
             file: s.share.to_string(),
             state: c.state,
             max_concurrent: s.max_concurrent,
+            encoding: s.compression,
             created_by: s.created_by.clone(),
             created_at: rfc3339(s.created.to_datetime()),
             expires_at: rfc3339(s.expires.to_datetime()),

@@ -286,6 +286,7 @@ mod tests {
                 file: None,
                 expires_in_secs: None,
                 max_concurrent: None,
+                encoding: None,
             },
             created_by: "op".into(),
             created_from: "127.0.0.1:1".into(),

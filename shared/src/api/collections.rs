@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::ErrorDetail;
+use crate::encoding::Compression;
 use crate::ids::{ClientId, CollectionId, ScheduleId, UploadId};
 
 /// The most stores a collection may name by id.
@@ -55,6 +56,9 @@ pub struct CreateCollection {
     /// How many stores upload at once; default 50.
     #[serde(default)]
     pub max_concurrent: Option<u32>,
+    /// The compression asked of every store: `auto` (the default), `zstd` or `none`.
+    #[serde(default)]
+    pub encoding: Option<Compression>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +187,9 @@ pub struct CollectionSummary {
     pub file: String,
     pub state: CollectionState,
     pub max_concurrent: u32,
+    /// The compression asked of every store.
+    #[serde(default)]
+    pub encoding: Compression,
     pub created_by: String,
     /// RFC 3339.
     pub created_at: String,
@@ -191,7 +198,8 @@ pub struct CollectionSummary {
     /// Failed stores by error code.
     pub failed_by_code: BTreeMap<String, u64>,
     /// Bytes stored so far, and the size of every file known so far (a store's size is known
-    /// once it has described its file).
+    /// once it has described its file). A running store counts its bytes on the wire (its
+    /// stored size), a completed one its file's size.
     pub bytes_done: u64,
     pub bytes_total: u64,
     /// Nothing is left to run: no store is pending, queued or running. An open collection can
@@ -291,6 +299,8 @@ pub struct CollectionTemplate {
     pub expires_in_secs: Option<u64>,
     #[serde(default)]
     pub max_concurrent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Compression>,
 }
 
 /// Body of `POST /schedules`.

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # A store's uplink, emulated: the agent (and the two anchors) run in a network namespace whose
 # egress is capped by a `tbf` qdisc, and send the same file to the server's embedded store on the
-# host side of a veth pair. Backhaul, `aws s3 cp` and the bare-PUT floor move it in turn, and
-# each is set against the physical limit, size ÷ rate.
+# host side of a veth pair. Backhaul (`--encoding auto`, then `none`), `aws s3 cp` and the
+# bare-PUT floor move it in turn, and each is set against the physical limit, size ÷ rate.
 #
-#   scripts/bench-uplink.sh [size_mib=100] [rate_mbit=20] [runs=1]
+#   scripts/bench-uplink.sh [size_mib=100] [rate_mbit=20] [runs=1] [files="random csv"]
+#
+# `random` is incompressible (`auto` must cost nothing over `none`); `csv` is a generated
+# point-of-sale export (transaction id, time, store, SKU, quantity, price, card last four, auth
+# code), which zstd shrinks severalfold.
 #
 # Needs root (ip netns, tc). Nothing leaves the machine: the namespace and the veth pair are
 # created here and removed on exit. `netem` is not available on this kernel, so no delay is
@@ -19,6 +23,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SIZE_MIB="${1:-100}"
 RATE_MBIT="${2:-20}"
 RUNS="${3:-1}"
+FILES="${4:-random csv}"
 NS=bh-uplink
 HOST_IF=bh-up0
 NS_IF=bh-up1
@@ -62,8 +67,21 @@ ip netns exec "$NS" tc qdisc add dev "$NS_IF" root tbf rate "${RATE_MBIT}mbit" b
 in_ns() { ip netns exec "$NS" "$@"; }
 
 secret="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-file="$work/export.bin"
-head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$file"
+head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$work/random"
+python3 - "$work/csv" $((SIZE_MIB * 1024 * 1024)) <<'PY'
+import random, sys
+size, rng = int(sys.argv[2]), random.Random(42)
+out, written, txn, secs = open(sys.argv[1], "w"), 0, 88_000_000, 8 * 3600
+header = "txn_id,timestamp,store,sku,qty,unit_price,card_last4,auth_code\n"
+out.write(header); written += len(header)
+while written < size:
+    txn += 1; secs += rng.randrange(7); sku = rng.randrange(300)
+    row = (f"{txn},2026-12-01T{secs // 3600 % 24:02}:{secs // 60 % 60:02}:{secs % 60:02}Z,"
+           f"store-0042,SKU-{sku:05},{1 + rng.randrange(3)},{1 + sku % 40}.{sku * 37 % 100:02},"
+           f"{rng.randrange(10000):04},{rng.randrange(1000000):06}\n")
+    row = row[: size - written]
+    out.write(row); written += len(row)
+PY
 export SERVER_URL="http://$HOST_IP:$API_PORT"
 endpoint="http://$HOST_IP:$S3_PORT"
 bucket=pos-uploads
@@ -77,7 +95,8 @@ API_TOKEN="$(RUST_LOG=warn "$bin/server" token issue --operator --admin --name b
 export API_TOKEN
 
 in_ns env AGENT_TOKEN="$("$bin/cli" token issue --client-id uplink-store)" \
-  AGENT_SERVER_URL="ws://$HOST_IP:$API_PORT/ws/connect" FILE_PATH="$file" RUST_LOG=warn \
+  AGENT_SERVER_URL="ws://$HOST_IP:$API_PORT/ws/connect" FILE_PATH="$work/random" \
+  SHARED_FILES="random=$work/random,csv=$work/csv" RUST_LOG=warn \
   "$bin/client" > "$work/agent.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do
@@ -88,25 +107,31 @@ done
 s3_env=(AWS_ACCESS_KEY_ID=backhaul AWS_SECRET_ACCESS_KEY="$secret" AWS_DEFAULT_REGION=us-east-1)
 results="$work/results.jsonl"
 : > "$results"
-for run in $(seq 1 "$RUNS"); do
-  "$bin/cli" download --client-id=uplink-store --json > "$work/last.json"
-  python3 - "$work/last.json" "$run" >> "$results" <<'PY'
+for kind in $FILES; do
+  file="$work/$kind"
+  for run in $(seq 1 "$RUNS"); do
+    for encoding in auto none; do
+      "$bin/cli" download --client-id=uplink-store --file="$kind" --encoding="$encoding" --json > "$work/last.json"
+      python3 - "$work/last.json" "$run" "$kind" "$encoding" >> "$results" <<'PY'
 import json, sys
 from datetime import datetime
 s = json.load(open(sys.argv[1]))
 assert s["state"] == "completed", s
 t = lambda v: datetime.fromisoformat(v.replace("Z", "+00:00"))
-print(json.dumps({"tool": "backhaul", "run": int(sys.argv[2]),
-    "ms": int((t(s["finished_at"]) - t(s["created_at"])).total_seconds() * 1000)}))
+print(json.dumps({"file": sys.argv[3], "tool": "backhaul-" + sys.argv[4], "run": int(sys.argv[2]),
+    "ms": int((t(s["finished_at"]) - t(s["created_at"])).total_seconds() * 1000),
+    "wire": s["stored_size"], "encoding": s["encoding"]}))
 PY
+    done
 
-  t0=$(date +%s%N)
-  in_ns env "${s3_env[@]}" "$aws" --endpoint-url "$endpoint" s3 cp --only-show-errors "$file" "s3://$bucket/bench/awscli-$run"
-  t1=$(date +%s%N)
-  echo "{\"tool\": \"awscli\", \"run\": $run, \"ms\": $(((t1 - t0) / 1000000))}" >> "$results"
+    t0=$(date +%s%N)
+    in_ns env "${s3_env[@]}" "$aws" --endpoint-url "$endpoint" s3 cp --only-show-errors "$file" "s3://$bucket/bench/awscli-$kind-$run"
+    t1=$(date +%s%N)
+    echo "{\"file\": \"$kind\", \"tool\": \"awscli\", \"run\": $run, \"ms\": $(((t1 - t0) / 1000000))}" >> "$results"
 
-  out="$(in_ns env "${s3_env[@]}" "$bin/bareput" --endpoint "$endpoint" --bucket "$bucket" --file "$file" --key "bench/bareput-$run")"
-  echo "{\"tool\": \"bareput\", \"run\": $run, \"ms\": $(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["total_ms"])' "$out")}" >> "$results"
+    out="$(in_ns env "${s3_env[@]}" "$bin/bareput" --endpoint "$endpoint" --bucket "$bucket" --file "$file" --key "bench/bareput-$kind-$run")"
+    echo "{\"file\": \"$kind\", \"tool\": \"bareput\", \"run\": $run, \"ms\": $(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["total_ms"])' "$out")}" >> "$results"
+  done
 done
 
 python3 - "$results" "$SIZE_MIB" "$RATE_MBIT" <<'PY'
@@ -116,13 +141,22 @@ size = int(sys.argv[2]) * 1024 * 1024
 rate = int(sys.argv[3]) * 1e6
 limit = size * 8 / rate
 framing = limit * 1514 / 1448
-med = lambda tool: statistics.median(r["ms"] for r in rows if r["tool"] == tool) / 1000
-runs = sum(1 for r in rows if r["tool"] == "backhaul")
-print(f"{sys.argv[2]} MiB over a {sys.argv[3]} Mbit/s uplink (tbf), medians of {runs} run(s):\n")
+runs = max(r["run"] for r in rows)
+print(f"{sys.argv[2]} MiB over a {sys.argv[3]} Mbit/s uplink (tbf), medians of {runs} run(s).")
 print(f"Physical limit size ÷ rate: {limit:.1f} s; with Ethernet, IP and TCP headers at MTU 1500: {framing:.1f} s.\n")
-print("| tool | seconds | ÷ limit | ÷ framing limit | Mbit/s of file |")
-print("| --- | --- | --- | --- | --- |")
-for tool, name in [("backhaul", "Backhaul, trigger to verified"), ("awscli", "`aws s3 cp`"), ("bareput", "bare-PUT floor")]:
-    s = med(tool)
-    print(f"| {name} | {s:.1f} | {s / limit:.3f} | {s / framing:.3f} | {size * 8 / s / 1e6:.2f} |")
+print("| file | tool | seconds | ÷ limit | ÷ framing limit | MiB on the wire | Mbit/s of file |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+names = [("backhaul-auto", "Backhaul `auto`"), ("backhaul-none", "Backhaul `none`"),
+         ("awscli", "`aws s3 cp`"), ("bareput", "bare-PUT floor")]
+for kind in dict.fromkeys(r["file"] for r in rows):
+    for tool, name in names:
+        mine = [r for r in rows if r["file"] == kind and r["tool"] == tool]
+        s = statistics.median(r["ms"] for r in mine) / 1000
+        wire = statistics.median(r.get("wire", size) for r in mine) / 2**20
+        enc = {r.get("encoding") for r in mine} - {None}
+        label = name + (f" ({', '.join(sorted(enc))})" if enc else "")
+        print(f"| {kind} | {label} | {s:.1f} | {s / limit:.3f} | {s / framing:.3f} | {wire:.1f} | {size * 8 / s / 1e6:.2f} |")
+    auto = statistics.median(r["ms"] for r in rows if r["file"] == kind and r["tool"] == "backhaul-auto")
+    none = statistics.median(r["ms"] for r in rows if r["file"] == kind and r["tool"] == "backhaul-none")
+    print(f"| {kind} | `auto` ÷ `none` | {auto / none:.3f} | | | | |")
 PY

@@ -68,20 +68,7 @@ in_ns() { ip netns exec "$NS" "$@"; }
 
 secret="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$work/random"
-python3 - "$work/csv" $((SIZE_MIB * 1024 * 1024)) <<'PY'
-import random, sys
-size, rng = int(sys.argv[2]), random.Random(42)
-out, written, txn, secs = open(sys.argv[1], "w"), 0, 88_000_000, 8 * 3600
-header = "txn_id,timestamp,store,sku,qty,unit_price,card_last4,auth_code\n"
-out.write(header); written += len(header)
-while written < size:
-    txn += 1; secs += rng.randrange(7); sku = rng.randrange(300)
-    row = (f"{txn},2026-12-01T{secs // 3600 % 24:02}:{secs // 60 % 60:02}:{secs % 60:02}Z,"
-           f"store-0042,SKU-{sku:05},{1 + rng.randrange(3)},{1 + sku % 40}.{sku * 37 % 100:02},"
-           f"{rng.randrange(10000):04},{rng.randrange(1000000):06}\n")
-    row = row[: size - written]
-    out.write(row); written += len(row)
-PY
+python3 scripts/pos-csv.py "$work/csv" $((SIZE_MIB * 1024 * 1024))
 export SERVER_URL="http://$HOST_IP:$API_PORT"
 endpoint="http://$HOST_IP:$S3_PORT"
 bucket=pos-uploads

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every benchmark behind BENCHMARKS.md, with the sizes used there, one after the other:
 # transfer at 100 MiB (5 rounds) and 1 GiB (3 rounds), both storage modes beside the AWS CLI and
-# the bare-PUT floor, then the fleet at 10,000 agents, then (as root) a store's 20 Mbit/s uplink
-# emulated in a network namespace. Each script installs what it needs (LocalStack, the AWS CLI)
-# and prints Markdown tables. Took 4 min 13 s on 2 cores before the uplink, which adds about
-# 2.5 min.
+# the bare-PUT floor, then the fleet at 10,000 agents, then a collection from 1,000 stores, then
+# what compression costs the agent (100 MiB and 1 GiB, random and CSV), then (as root) a store's
+# 20 Mbit/s uplink emulated in a network namespace, with a random file and a CSV export. Each
+# script installs what it needs (LocalStack, the AWS CLI) and prints Markdown tables. Took
+# 4 min 13 s on 2 cores before the collection, encoding and uplink benchmarks, which add about
+# 3, 3 and 6.5 min.
 #
 #   scripts/bench.sh
 set -euo pipefail
@@ -16,6 +18,10 @@ echo
 ./bench-fleet.sh 10000 10000
 echo
 ./bench-collect.sh 1000 50,200
+echo
+./bench-encoding.sh 100 3
+echo
+./bench-encoding.sh 1024 1
 echo
 if [[ $(id -u) == 0 ]]; then
   ./bench-uplink.sh 100 20 1

@@ -45,6 +45,8 @@ pub struct Encoded {
     /// The stored bytes of every part, back to back. Unnamed: gone when the last handle is.
     pub spool: File,
     pub parts: Vec<EncodedPart>,
+    /// Where each part starts in the spool.
+    offsets: Vec<u64>,
     /// CRC64NVME of each part's stored bytes.
     pub part_crc64nvme: Vec<Crc64Nvme>,
     /// Lowercase hex SHA-256 of the plaintext.
@@ -54,9 +56,7 @@ pub struct Encoded {
 impl Encoded {
     /// `(offset, len)` of part `index` (from 0) in the spool.
     pub fn stored_range(&self, index: usize) -> Option<(u64, u64)> {
-        let part = self.parts.get(index)?;
-        let offset = self.parts[..index].iter().map(|p| p.stored_len).sum();
-        Some((offset, part.stored_len))
+        Some((*self.offsets.get(index)?, self.parts.get(index)?.stored_len))
     }
 
     pub fn stored_size(&self) -> u64 {
@@ -185,9 +185,18 @@ pub fn encode(
     result?;
     let layout = shared.state.into_inner().unwrap_or_else(|e| e.into_inner());
     let (parts, part_crc64nvme, sha256) = layout.finish(spool_dir)?;
+    let offsets = parts
+        .iter()
+        .scan(0u64, |at, p| {
+            let start = *at;
+            *at += p.stored_len;
+            Some(start)
+        })
+        .collect();
     Ok(Encoded {
         spool,
         parts,
+        offsets,
         part_crc64nvme,
         sha256,
     })

@@ -1,4 +1,4 @@
-//! Everything the agent does with a shared file, in six rooms:
+//! Everything the agent does with a shared file, in seven rooms:
 //! - [`policy`]: the hosts the agent may send bytes to;
 //! - [`hashing`] (with [`file`]): describing the file, the CRC64NVME of each part;
 //! - [`encode`]: compressing it instead, into parts sent from a spool;

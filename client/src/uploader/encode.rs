@@ -26,6 +26,7 @@ use shared::protocol::plan_parts;
 
 use super::UploadError;
 use super::file::{changed_while_hashing, io_error};
+use super::hashing::on_threads;
 use super::pacing::DiskPacer;
 
 /// Plaintext bytes per zstd frame.
@@ -164,25 +165,9 @@ pub fn encode(
             })?;
         }
     };
-    let result = std::thread::scope(|scope| {
-        let helpers: Vec<_> = (1..job.threads.max(1))
-            .map(|_| scope.spawn(|| work().inspect_err(|_| shared.fail(&failed))))
-            .collect();
-        let mut result = work().inspect_err(|_| shared.fail(&failed));
-        for helper in helpers {
-            let joined = helper.join().unwrap_or_else(|_| {
-                Err(UploadError::new(
-                    ErrorCode::FileReadError,
-                    "an encoding thread panicked",
-                ))
-            });
-            if let (Ok(()), Err(e)) = (&result, joined) {
-                result = Err(e);
-            }
-        }
-        result
-    });
-    result?;
+    on_threads(job.threads.max(1), || {
+        work().inspect_err(|_| shared.fail(&failed))
+    })?;
     let layout = shared.state.into_inner().unwrap_or_else(|e| e.into_inner());
     let (parts, part_crc64nvme, sha256) = layout.finish(spool_dir)?;
     let offsets = parts

@@ -280,28 +280,37 @@ impl HashSource<'_> {
                 let _ = slots[i].set(crc.finish());
             }
         };
-        std::thread::scope(|scope| {
-            let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
-            let mut result = work();
-            for helper in helpers {
-                let joined = helper.join().unwrap_or_else(|_| {
-                    Err(UploadError::new(
-                        ErrorCode::FileReadError,
-                        "a hashing thread panicked",
-                    ))
-                });
-                if let (Ok(()), Err(e)) = (&result, joined) {
-                    result = Err(e);
-                }
-            }
-            result
-        })?;
+        on_threads(threads, work)?;
         slots
             .into_iter()
             .map(OnceLock::into_inner)
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| changed_while_hashing(self.path))
     }
+}
+
+/// Runs `work` on `threads` threads, this one among them, and returns the first error. A
+/// thread that panics counts as a read error.
+pub(super) fn on_threads(
+    threads: usize,
+    work: impl Fn() -> Result<(), UploadError> + Sync,
+) -> Result<(), UploadError> {
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(&work)).collect();
+        let mut result = work();
+        for helper in helpers {
+            let joined = helper.join().unwrap_or_else(|_| {
+                Err(UploadError::new(
+                    ErrorCode::FileReadError,
+                    "a file-reading thread panicked",
+                ))
+            });
+            if let (Ok(()), Err(e)) = (&result, joined) {
+                result = Err(e);
+            }
+        }
+        result
+    })
 }
 
 #[cfg(test)]

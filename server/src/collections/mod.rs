@@ -195,12 +195,7 @@ impl Collections {
     ) -> Result<CollectionSummary, ApiError> {
         let now = time::OffsetDateTime::now_utc();
         let expires = settings::expiry(&req, now)?;
-        let checked = Checked::new(
-            req.target,
-            req.file.as_deref(),
-            req.max_concurrent,
-            req.encoding,
-        )?;
+        let checked = Checked::try_from(&req)?;
         self.start(checked, now, expires, None, inventory, requester)
     }
 
@@ -211,12 +206,7 @@ impl Collections {
         inventory: &Inventory,
     ) -> Result<CollectionPreview, ApiError> {
         settings::expiry(&req, time::OffsetDateTime::now_utc())?;
-        let checked = Checked::new(
-            req.target,
-            req.file.as_deref(),
-            req.max_concurrent,
-            req.encoding,
-        )?;
+        let checked = Checked::try_from(&req)?;
         let m = &checked.matcher;
         let mut matched: std::collections::BTreeSet<ClientId> = m.named().cloned().collect();
         let known = inventory.list(&[]).map_err(|e| ApiError::internal(&e))?;

@@ -57,6 +57,19 @@ impl Checked {
     }
 }
 
+impl TryFrom<&CreateCollection> for Checked {
+    type Error = ApiError;
+
+    fn try_from(req: &CreateCollection) -> Result<Self, ApiError> {
+        Checked::new(
+            req.target.clone(),
+            req.file.as_deref(),
+            req.max_concurrent,
+            req.encoding,
+        )
+    }
+}
+
 /// An expiry given as seconds from a moment.
 pub fn expires_in(secs: Option<u64>) -> Result<Duration, ApiError> {
     match secs {

@@ -203,12 +203,7 @@ pub(super) fn check_facts(min_part_size: u64, info: FileInfo) -> Result<FileFact
         // Protocol 3, with the SHA-256 when the agent already knows it (a file described again
         // after its upload's end went unheard).
         (false, sha256) if info.part_md5.is_empty() => Digests::Crc64Nvme {
-            parts: info
-                .part_crc64nvme
-                .iter()
-                .map(|c| Crc64Nvme::parse(c))
-                .collect::<Result<_, _>>()
-                .map_err(|e| malformed(e.to_string()))?,
+            parts: parse_crcs(&info.part_crc64nvme).map_err(malformed)?,
             sha256: sha256
                 .as_deref()
                 .map(Sha256Hex::parse)
@@ -299,12 +294,7 @@ fn check_encoded(info: FileInfo) -> Result<FileFacts, Rejection> {
         ));
     };
     let digests = Digests::Crc64Nvme {
-        parts: info
-            .part_crc64nvme
-            .iter()
-            .map(|c| Crc64Nvme::parse(c))
-            .collect::<Result<_, _>>()
-            .map_err(|e| malformed(e.to_string()))?,
+        parts: parse_crcs(&info.part_crc64nvme).map_err(malformed)?,
         sha256: Some(Sha256Hex::parse(sha256).map_err(|e| malformed(e.to_string()))?),
     };
     let stored = match info.encoding {
@@ -319,4 +309,11 @@ fn check_encoded(info: FileInfo) -> Result<FileFacts, Rejection> {
         digests,
         stored,
     })
+}
+
+/// The part CRC64NVMEs of a `file_info`, each in S3's base64 form.
+fn parse_crcs(crcs: &[String]) -> Result<Vec<Crc64Nvme>, String> {
+    crcs.iter()
+        .map(|c| Crc64Nvme::parse(c).map_err(|e| e.to_string()))
+        .collect()
 }

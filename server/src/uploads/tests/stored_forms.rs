@@ -5,15 +5,25 @@ use super::*;
 #[test]
 fn every_stage_survives_the_stored_form() {
     for u in [requested(), uploading(), verifying(), ending(), completed()] {
-        let row = stored::to_row(&u).unwrap();
-        let loaded = crate::db::LoadedRow {
-            id: row.id.to_string(),
-            format: row.format,
-            record: row.record.clone(),
-        };
-        let back = stored::from_row(&loaded, Instant::now()).unwrap();
+        let (row, back) = round_trip(&u);
         assert_eq!(back.stage, u.stage);
         assert_eq!(stored::to_row(&back).unwrap(), row);
+    }
+}
+
+/// `u` written as a row and read back.
+fn round_trip(u: &Upload) -> (crate::db::StoredRow, Upload) {
+    let row = stored::to_row(u).unwrap();
+    let back = stored::from_row(&loaded(&row, row.record.clone()), Instant::now()).unwrap();
+    (row, back)
+}
+
+/// The row as the database hands it back, with `record` as its text.
+fn loaded(row: &crate::db::StoredRow, record: String) -> crate::db::LoadedRow {
+    crate::db::LoadedRow {
+        id: row.id.to_string(),
+        format: row.format,
+        record,
     }
 }
 
@@ -39,18 +49,12 @@ fn a_compressed_upload_survives_the_stored_form() {
             },
         ]);
     }
-    let row = stored::to_row(&u).unwrap();
+    let (row, back) = round_trip(&u);
     assert!(
         row.record.contains(r#""encoding":"zstd""#),
         "{}",
         row.record
     );
-    let loaded = crate::db::LoadedRow {
-        id: row.id.to_string(),
-        format: row.format,
-        record: row.record.clone(),
-    };
-    let back = stored::from_row(&loaded, Instant::now()).unwrap();
     assert_eq!(back.stage, u.stage);
     assert_eq!(back.compression, Compression::Zstd);
     // A layout that does not fit its checksums is reported, not read.
@@ -58,11 +62,7 @@ fn a_compressed_upload_survives_the_stored_form() {
         r#""stored_len":1000"#,
         r#""stored_len":1000},{"plain_len":0,"stored_len":0"#,
     );
-    let loaded = crate::db::LoadedRow {
-        record: broken,
-        ..loaded
-    };
-    assert!(stored::from_row(&loaded, Instant::now()).is_err());
+    assert!(stored::from_row(&loaded(&row, broken), Instant::now()).is_err());
 }
 
 fn temp_dir() -> std::path::PathBuf {

@@ -253,3 +253,128 @@ async fn stray_part_files_are_swept() {
         "the sweep removed a live upload's part"
     );
 }
+
+/// UploadPartCopy, as S3 does it and as unchanged parts will use it: a closed range of a stored
+/// object becomes a part, mixed with an uploaded one, and the object's FULL_OBJECT CRC64NVME
+/// covers both. Each store answers the copied range's CRC64NVME; a range past the source is
+/// `InvalidArgument` (as S3 and LocalStack answer it), and the embedded store refuses an open
+/// range, which S3 does not accept either.
+async fn a_copied_part_joins_an_uploaded_one(mode: Mode) {
+    use aws_sdk_s3::types::{
+        ChecksumAlgorithm, ChecksumMode, ChecksumType, CompletedMultipartUpload, CompletedPart,
+    };
+    use shared::hash::Crc64Nvme;
+    let server = TestServer::start(mode).await;
+    let s3 = server.s3().await;
+    let prefix = format!("tests/copy/{}", unique_client("copy"));
+    let source_key = format!("{prefix}/previous.bin");
+    let source: Vec<u8> = (0..12 * MIB).map(|i| (i * 7 % 251) as u8).collect();
+    s3.put_object()
+        .bucket(BUCKET)
+        .key(&source_key)
+        .body(source.clone().into())
+        .send()
+        .await
+        .unwrap();
+    let key = format!("{prefix}/next.bin");
+    let upload_id = s3
+        .create_multipart_upload()
+        .bucket(BUCKET)
+        .key(&key)
+        .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
+        .checksum_type(ChecksumType::FullObject)
+        .send()
+        .await
+        .unwrap()
+        .upload_id
+        .unwrap();
+    let fresh = vec![3u8; 6 * MIB as usize];
+    let fresh_crc = Crc64Nvme::of(&fresh).to_base64();
+    let sent = s3
+        .upload_part()
+        .bucket(BUCKET)
+        .key(&key)
+        .upload_id(&upload_id)
+        .part_number(1)
+        .checksum_crc64_nvme(&fresh_crc)
+        .body(fresh.clone().into())
+        .send()
+        .await
+        .unwrap();
+    let copy = |range: &str| {
+        s3.upload_part_copy()
+            .bucket(BUCKET)
+            .key(&key)
+            .upload_id(&upload_id)
+            .part_number(2)
+            .copy_source(format!("{BUCKET}/{source_key}"))
+            .copy_source_range(range)
+            .send()
+    };
+    let past = copy(&format!("bytes={}-{}", 5 * MIB, 12 * MIB)).await;
+    let err = format!("{:?}", past.unwrap_err());
+    assert!(err.contains("InvalidArgument"), "{err}");
+    if mode == Mode::Embedded {
+        let open = copy(&format!("bytes={}-", 5 * MIB)).await;
+        let err = format!("{:?}", open.unwrap_err());
+        assert!(err.contains("InvalidArgument"), "{err}");
+    }
+    let range = &source[(5 * MIB) as usize..];
+    let copied = copy(&format!("bytes={}-{}", 5 * MIB, 12 * MIB - 1))
+        .await
+        .unwrap()
+        .copy_part_result
+        .unwrap();
+    let range_crc = Crc64Nvme::of(range).to_base64();
+    assert_eq!(copied.checksum_crc64_nvme(), Some(range_crc.as_str()));
+    let whole: Vec<u8> = fresh.iter().chain(range).copied().collect();
+    let whole_crc = Crc64Nvme::of(&whole).to_base64();
+    s3.complete_multipart_upload()
+        .bucket(BUCKET)
+        .key(&key)
+        .upload_id(&upload_id)
+        .checksum_crc64_nvme(&whole_crc)
+        .checksum_type(ChecksumType::FullObject)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .parts(
+                    CompletedPart::builder()
+                        .part_number(1)
+                        .e_tag(sent.e_tag.unwrap())
+                        .checksum_crc64_nvme(&fresh_crc)
+                        .build(),
+                )
+                .parts(
+                    CompletedPart::builder()
+                        .part_number(2)
+                        .e_tag(copied.e_tag.unwrap())
+                        .checksum_crc64_nvme(&range_crc)
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let head = s3
+        .head_object()
+        .bucket(BUCKET)
+        .key(&key)
+        .checksum_mode(ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.checksum_crc64_nvme(), Some(whole_crc.as_str()));
+    assert_eq!(head.content_length(), Some(whole.len() as i64));
+    assert_eq!(
+        server.object_sha256(&key).await,
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&whole))
+    );
+    // The source is untouched.
+    assert_eq!(
+        server.object_sha256(&source_key).await,
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&source))
+    );
+}
+
+storage_modes!(part_copy, a_copied_part_joins_an_uploaded_one);

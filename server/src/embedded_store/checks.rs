@@ -135,6 +135,57 @@ pub async fn upload_part(
     Ok(resp)
 }
 
+/// UploadPartCopy: a byte range of a stored object becomes a part, as on S3. s3s-fs copies the
+/// bytes and checks the range against the source; the store refuses an open range
+/// (`bytes=first-`), which S3 does not accept either, answers a range past the source as S3
+/// does (`InvalidArgument`, where s3s-fs says `InvalidRange`), records the part's checksums like
+/// an uploaded part's, and answers the copied bytes' CRC64NVME in `CopyPartResult`, as S3 does,
+/// so the object's FULL_OBJECT checksum covers copied and uploaded parts alike.
+pub async fn upload_part_copy(
+    fs: &FileSystem,
+    root: &Path,
+    req: S3Request<UploadPartCopyInput>,
+) -> S3Result<S3Response<UploadPartCopyOutput>> {
+    let Ok(id) = uuid::Uuid::parse_str(&req.input.upload_id) else {
+        return fs.upload_part_copy(req).await;
+    };
+    let part_number = req.input.part_number;
+    if let Some(range) = &req.input.copy_source_range {
+        let closed = range
+            .strip_prefix("bytes=")
+            .and_then(|r| r.split_once('-'))
+            .is_some_and(|(first, last)| {
+                first.parse::<u64>().is_ok() && last.parse::<u64>().is_ok()
+            });
+        if !closed {
+            return Err(S3Error::with_message(
+                S3ErrorCode::InvalidArgument,
+                "The x-amz-copy-source-range value must be of the form bytes=first-last",
+            ));
+        }
+    }
+    // As for an uploaded part: a record of an earlier part of this number no longer holds.
+    checksums::forget_part(root, &id, part_number).map_err(internal)?;
+    let mut resp = fs.upload_part_copy(req).await.map_err(|e| {
+        if *e.code() == S3ErrorCode::InvalidRange {
+            S3Error::with_message(
+                S3ErrorCode::InvalidArgument,
+                "Range specified is not valid for source object",
+            )
+        } else {
+            e
+        }
+    })?;
+    let record = checksums::part(root, &id, part_number).map_err(internal)?;
+    let result = resp
+        .output
+        .copy_part_result
+        .get_or_insert_with(CopyPartResult::default);
+    result.e_tag = Some(ETag::Strong(record.etag()));
+    result.checksum_crc64nvme = Some(record.crc64nvme.to_base64());
+    Ok(resp)
+}
+
 /// The checksum other than CRC64NVME that an UploadPart names, if any: in a header (with its
 /// value), or announced as a trailer (the value comes after the body). SHA-1 is refused, not
 /// left unchecked.

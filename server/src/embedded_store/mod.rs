@@ -227,6 +227,14 @@ s3_impl! {
         checks::upload_part(&self.fs, &self.root, req).await
     }
 
+    /// A range of a stored object as a part, with the part's checksums recorded and answered.
+    async fn upload_part_copy(
+        &self,
+        req: S3Request<UploadPartCopyInput>,
+    ) -> S3Result<S3Response<UploadPartCopyOutput>> {
+        checks::upload_part_copy(&self.fs, &self.root, req).await
+    }
+
     async fn complete_multipart_upload(
         &self,
         req: S3Request<CompleteMultipartUploadInput>,

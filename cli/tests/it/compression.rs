@@ -262,18 +262,25 @@ async fn killed_while_compressing_resumes(mode: Mode) {
     let mut stored_parts = 0;
     for trial in 0..trials {
         let client_id = unique_client("zkill");
-        // 8 MiB/s on the wire: the compressed parts take a few seconds.
+        // Two parts at a time at 4 MiB/s on the wire: a pair of compressed parts (about 5 MiB
+        // each) is stored every 2.5 s or so.
         let args = agent_args(
             &server.ws_url(),
             &client_id,
             &file,
-            &["--max-upload-bytes-per-sec", "8388608"],
+            &[
+                "--max-upload-bytes-per-sec",
+                "4194304",
+                "--upload-concurrency",
+                "2",
+            ],
         );
         let mut agent = ChildProcess::spawn("agent", &args);
         server.wait_connected(&client_id).await;
         let upload_id = trigger_id(&server, &client_id).await;
-        wait_until(Duration::from_secs(60), "parts to flow", || async {
-            server.upload(&upload_id).await.bytes_done > 0
+        // Killed once parts are stored, with the next ones in flight.
+        wait_until(Duration::from_secs(60), "parts to be stored", || async {
+            server.upload(&upload_id).await.parts_done >= 2
         })
         .await;
         let delay = rng.gen_range(0..2000);
@@ -281,9 +288,10 @@ async fn killed_while_compressing_resumes(mode: Mode) {
         agent.kill9().await;
         let before = server.upload(&upload_id).await;
         eprintln!(
-            "FIGURES compressed kill -9 trial {trial} ({mode:?}): killed {delay} ms after the first bytes, {} of {:?} parts stored",
+            "FIGURES compressed kill -9 trial {trial} ({mode:?}): killed {delay} ms after two parts were stored, {} of {:?} parts stored",
             before.parts_done, before.parts_total
         );
+        assert!(before.parts_done >= 2, "{before:?}");
         let _agent = ChildProcess::spawn("agent", &args);
         let status = server.wait_finished(&upload_id).await;
         assert_eq!(status.state, UploadState::Completed, "{status:?}");

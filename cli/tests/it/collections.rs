@@ -838,10 +838,21 @@ async fn a_schedule_fires_and_a_missed_firing_runs_once_after_a_restart(mode: Mo
     let addr = server.api_addr;
     server.stop().await;
     let stopped = time::OffsetDateTime::now_utc();
-    // Down over at least three firings.
+    // Down over at least three firings. The server comes back 100 ms after a firing was due
+    // (firings fall on even seconds), so that the one firing it missed last is the one just
+    // before it started, and no regular firing falls due while it starts.
     tokio::time::sleep(Duration::from_secs(7)).await;
-    let restarted = time::OffsetDateTime::now_utc();
+    let now = time::OffsetDateTime::now_utc();
+    let past_even = i64::from(now.second() % 2) * 1_000_000_000 + i64::from(now.nanosecond());
+    let due = now - time::Duration::nanoseconds(past_even) + time::Duration::seconds(2);
+    tokio::time::sleep((due - now + time::Duration::milliseconds(100)).unsigned_abs()).await;
+    let starting = time::OffsetDateTime::now_utc();
     let server = TestServer::builder(mode).at(addr, &data_dir).start().await;
+    let restarted = time::OffsetDateTime::now_utc();
+    assert!(
+        restarted - due < time::Duration::milliseconds(1900),
+        "the server took until {restarted} to start, past the next firing after {due}"
+    );
     let _agent = TestAgent::start(&server, store, &file);
     // The next regular firing after the restart, then look at what the downtime left.
     wait_until(
@@ -876,7 +887,7 @@ async fn a_schedule_fires_and_a_missed_firing_runs_once_after_a_restart(mode: Mo
         "{missed} vs {restarted}"
     );
     assert!(
-        parse_time(&in_downtime[0].created_at) > restarted,
+        parse_time(&in_downtime[0].created_at) > starting,
         "run after the restart"
     );
     // Every collection of the schedule reaches the store.

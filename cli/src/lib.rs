@@ -428,7 +428,7 @@ async fn wait_for(
         if log_lines && last_line.elapsed() >= Duration::from_secs(5) {
             last_line = Instant::now();
             eprintln!(
-                "{label}: {}/{} bytes, {} parts done, {} B/s, ETA {}s, idle {}s, resumed {} times",
+                "{label}: {}/{} bytes, {} parts done ({} copied), {} B/s, ETA {}s, idle {}s, resumed {} times",
                 status.bytes_done,
                 status
                     .stored_size
@@ -436,6 +436,7 @@ async fn wait_for(
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "?".into()),
                 status.parts_done,
+                status.parts_copied,
                 status.rate_bytes_per_sec.unwrap_or(0),
                 status
                     .eta_secs

@@ -64,6 +64,15 @@ pub fn print_upload(out: &mut dyn Write, s: &UploadStatus, json: bool) -> anyhow
             .map(|v| v.to_string())
             .unwrap_or_else(|| "?".into())
     )?;
+    if s.parts_copied > 0 {
+        writeln!(
+            out,
+            "  copied:   {} parts, {} bytes, from the previous object; {} parts sent",
+            s.parts_copied,
+            s.bytes_copied,
+            s.parts_done.saturating_sub(s.parts_copied)
+        )?;
+    }
     writeln!(out, "  etag:     {}", opt(&s.etag))?;
     writeln!(out, "  sha256:   {}", opt(&s.sha256))?;
     writeln!(out, "  crc64:    {}", opt(&s.checksum_crc64nvme))?;

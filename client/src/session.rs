@@ -203,7 +203,8 @@ impl<'a> Session<'a> {
                 share,
                 min_part_size,
                 compression,
-            } => self.start_describe(upload_id, &share, min_part_size, compression),
+                layout_hint,
+            } => self.start_describe(upload_id, &share, min_part_size, compression, layout_hint),
             ServerMessage::StartUpload(plan) => self.start_upload(plan),
             ServerMessage::CancelUpload { upload_id, code } => {
                 // A cancel can come while the file is hashed, or between describe and plan.
@@ -238,6 +239,7 @@ impl<'a> Session<'a> {
         share: &FileName,
         min_part_size: u64,
         compression: Option<shared::encoding::Compression>,
+        layout_hint: Vec<u64>,
     ) {
         let Some(path) = self.config.share_path(share) else {
             let _ = self.outbox_tx.try_send(AgentMessage::UploadFailed {
@@ -267,6 +269,7 @@ impl<'a> Session<'a> {
             compression,
             zstd_level: self.config.zstd_level,
             spool_dir: self.config.spool_dir(),
+            layout_hint,
         };
         tokio::spawn(async move {
             let started = std::time::Instant::now();
@@ -338,6 +341,7 @@ impl<'a> Session<'a> {
                     part_md5: Vec::new(),
                     encoding,
                     encoded_parts,
+                    part_digests: d.part_digests,
                 }
             }
             Err(e) => {

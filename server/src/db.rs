@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params};
-use shared::{ClientId, UploadId};
+use shared::{ClientId, FileName, UploadId};
 
 /// The migrations, in order; the database's `user_version` counts those applied.
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -39,6 +39,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0007_collection_encoding",
         include_str!("../migrations/0007_collection_encoding.sql"),
     ),
+    (
+        "0008_part_manifests",
+        include_str!("../migrations/0008_part_manifests.sql"),
+    ),
 ];
 
 /// One upload as the store holds it: the columns it is indexed by, and the record itself.
@@ -62,6 +66,16 @@ pub struct LoadedRow {
     pub record: String,
 }
 
+/// The part manifest of a share's latest verified object (`uploads::manifest`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestRow {
+    pub client_id: ClientId,
+    pub share: FileName,
+    pub finished_ms: i64,
+    pub format: u32,
+    pub record: String,
+}
+
 pub trait UploadStore: Send + Sync {
     /// Inserts or replaces a record.
     fn save(&self, row: &StoredRow) -> anyhow::Result<()>;
@@ -72,6 +86,13 @@ pub trait UploadStore: Send + Sync {
     /// Deletes the finished records created before `created_before_ms`; unfinished ones stay
     /// whatever their age. Returns how many went.
     fn delete_finished_before(&self, created_before_ms: i64) -> anyhow::Result<usize>;
+    /// Keeps `row` as its share's manifest, unless the share has a later one.
+    fn save_manifest(&self, row: &ManifestRow) -> anyhow::Result<()>;
+    fn manifest(
+        &self,
+        client_id: &ClientId,
+        share: &FileName,
+    ) -> anyhow::Result<Option<ManifestRow>>;
 }
 
 /// One connection to the server's database, for one owner (the inventory, collections,
@@ -196,6 +217,48 @@ impl UploadStore for SqliteStore {
             .conn()
             .prepare_cached("SELECT id, format, record FROM uploads WHERE id = ?1")?
             .query_row(params![id.to_string()], loaded)
+            .optional()?)
+    }
+
+    fn save_manifest(&self, r: &ManifestRow) -> anyhow::Result<()> {
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO part_manifests (client_id, share, finished_ms, format, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (client_id, share) DO UPDATE
+                     SET finished_ms = ?3, format = ?4, record = ?5
+                     WHERE finished_ms <= ?3",
+            )?
+            .execute(params![
+                r.client_id.as_str(),
+                r.share.as_str(),
+                r.finished_ms,
+                r.format,
+                r.record
+            ])?;
+        Ok(())
+    }
+
+    fn manifest(
+        &self,
+        client_id: &ClientId,
+        share: &FileName,
+    ) -> anyhow::Result<Option<ManifestRow>> {
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "SELECT finished_ms, format, record FROM part_manifests
+                 WHERE client_id = ?1 AND share = ?2",
+            )?
+            .query_row(params![client_id.as_str(), share.as_str()], |row| {
+                Ok(ManifestRow {
+                    client_id: client_id.clone(),
+                    share: share.clone(),
+                    finished_ms: row.get(0)?,
+                    format: row.get(1)?,
+                    record: row.get(2)?,
+                })
+            })
             .optional()?)
     }
 

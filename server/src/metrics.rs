@@ -23,6 +23,10 @@ pub struct Metrics {
     /// Bytes of verified uploads that compression kept off the wire.
     pub bytes_saved: AtomicU64,
     pub parts_uploaded: AtomicU64,
+    /// Parts, and their stored bytes, that storage copied from a share's previous object
+    /// instead of an agent sending them.
+    pub parts_copied: AtomicU64,
+    pub bytes_copied: AtomicU64,
     /// Part attempts that failed and were retried, as agents report them.
     pub part_retries: AtomicU64,
     pub resumes: AtomicU64,
@@ -152,6 +156,18 @@ impl Metrics {
             "counter",
             "Bytes of verified uploads that compression kept off the wire: file size minus stored size.",
             &[(String::new(), load(&self.bytes_saved) as f64)],
+        );
+        one(
+            "backhaul_bytes_copied_total",
+            "counter",
+            "Stored bytes copied inside storage from a share's previous object (unchanged parts) instead of sent by agents.",
+            &[(String::new(), load(&self.bytes_copied) as f64)],
+        );
+        one(
+            "backhaul_parts_copied_total",
+            "counter",
+            "Unchanged parts copied inside storage from a share's previous object instead of sent by agents.",
+            &[(String::new(), load(&self.parts_copied) as f64)],
         );
         one(
             "backhaul_parts_uploaded_total",

@@ -85,6 +85,13 @@ pub enum AgentMessage {
         /// Protocol 5, encoded files: each part's plaintext and stored lengths, in part order.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         encoded_parts: Vec<EncodedPart>,
+        /// Protocol 5, added later (optional both ways): the part manifest, one lowercase hex
+        /// digest of each part's plaintext, in part order. A part's digest is the SHA-256 of
+        /// the SHA-256s of its 1 MiB blocks (docs/PROTOCOL.md). The server keeps the manifest
+        /// of a share's latest object and, on the next fetch, copies the parts whose digest and
+        /// stored bytes are the same inside storage instead of having them sent.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        part_digests: Vec<String>,
     },
     /// Sent as parts finish, so the server can report progress.
     Progress {
@@ -150,6 +157,13 @@ pub enum ServerMessage {
         /// setting). Never sent to older agents, which do not compress.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         compression: Option<Compression>,
+        /// Protocol 5, added later (optional both ways): the plaintext length of each part of
+        /// the share's previous object, when that object is compressed. An agent that
+        /// compresses closes its parts on the same plaintext boundaries where S3's part sizes
+        /// allow, so that the unchanged ones are stored byte for byte as before and can be
+        /// copied. Agents that do not know it lay out as usual.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        layout_hint: Vec<u64>,
     },
     /// Everything the agent needs to upload straight to storage.
     StartUpload(UploadPlan),
@@ -548,6 +562,7 @@ mod decoder_properties {
                     part_md5: Vec::new(),
                     encoding: None,
                     encoded_parts: Vec::new(),
+                    part_digests: Vec::new(),
                 },
                 AgentMessage::FileInfo {
                     upload_id,
@@ -560,6 +575,7 @@ mod decoder_properties {
                     part_md5: Vec::new(),
                     encoding: Some(Encoding::Zstd),
                     encoded_parts: (0..parts).map(|n| EncodedPart { plain_len: u64::from(n) * 3, stored_len: u64::from(n) }).collect(),
+                    part_digests: (0..parts).map(|n| format!("{n:064x}")).collect(),
                 },
                 AgentMessage::FileInfo {
                     upload_id,
@@ -572,6 +588,7 @@ mod decoder_properties {
                     part_md5: (0..parts).map(|n| format!("{n:022}==")).collect(),
                     encoding: None,
                     encoded_parts: Vec::new(),
+                    part_digests: Vec::new(),
                 },
                 AgentMessage::NeedUrls { upload_id },
                 AgentMessage::Progress { upload_id, parts_done: parts, bytes_done: size, part_retries: parts, sha256: None },

@@ -9,7 +9,7 @@ use rand::Rng;
 use crate::harness::*;
 use crate::proxy::{FaultProxy, Faults};
 
-fn sha_of(bytes: &[u8]) -> String {
+pub fn sha_of(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
@@ -66,7 +66,7 @@ async fn recv_command(agent: &mut RawAgent) -> serde_json::Value {
 }
 
 /// `cli download -o` of one share with `--encoding`, returning the report and what came out.
-async fn download(
+pub async fn download(
     server: &TestServer,
     client_id: &str,
     share: &str,

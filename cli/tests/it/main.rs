@@ -17,6 +17,7 @@ mod harness;
 mod holdout;
 mod inventory;
 mod kms;
+mod part_copy;
 mod protocol;
 mod proxy;
 mod reconnect;

@@ -7,9 +7,15 @@
 //! itself is read once: the same pass computes the SHA-256 of the plaintext.
 //!
 //! Blocks compress on `threads` threads; each writes its frame to the spool in block order, so
-//! parts are laid out by stored size alone: every part but the last holds at least `target`
-//! stored bytes. Frames are independent, so any part decodes on its own and a resume needs only
-//! the missing ones.
+//! parts are laid out by stored size: every part but the last holds at least `target` stored
+//! bytes. Frames are independent, so any part decodes on its own and a resume needs only the
+//! missing ones.
+//!
+//! When the server sends the plaintext layout of the share's previous object (a layout hint), a
+//! part closes on one of its boundaries once it holds S3's smallest part, and may grow past
+//! `target` to reach the next one: unchanged ranges then compress into the very parts stored
+//! before, which the server copies instead of having them sent, and a part that a change made
+//! larger does not shift the parts after it. Each part's plaintext digest ([`super::digest`]) is computed on the way.
 
 use std::fs::File;
 use std::io::Write;
@@ -22,15 +28,17 @@ use sha2::{Digest, Sha256};
 use shared::ErrorCode;
 use shared::encoding::EncodedPart;
 use shared::hash::Crc64Nvme;
+use shared::ids::MAX_PARTS;
 use shared::protocol::plan_parts;
 
 use super::UploadError;
+use super::digest::{BlockDigest, PartDigester, block_digest};
 use super::file::{changed_while_hashing, io_error};
 use super::hashing::on_threads;
 use super::pacing::DiskPacer;
 
-/// Plaintext bytes per zstd frame.
-pub const BLOCK: usize = 1024 * 1024;
+/// Plaintext bytes per zstd frame: the manifest's block, so that frames and digests agree.
+pub const BLOCK: usize = super::digest::BLOCK;
 
 /// Bytes read from each sample when `auto` decides whether compression pays.
 const SAMPLE: usize = 128 * 1024;
@@ -50,6 +58,8 @@ pub struct Encoded {
     offsets: Vec<u64>,
     /// CRC64NVME of each part's stored bytes.
     pub part_crc64nvme: Vec<Crc64Nvme>,
+    /// The manifest digest of each part's plaintext.
+    pub part_digests: Vec<String>,
     /// Lowercase hex SHA-256 of the plaintext.
     pub sha256: String,
 }
@@ -69,9 +79,32 @@ impl Encoded {
 /// take compressed, so that even a file zstd cannot shrink fits in 10,000 parts. `None` if
 /// that is too large for one S3 object.
 pub fn target_part_size(size: u64, min_part_size: u64) -> Option<u64> {
+    plan_parts(stored_bound(size)?, min_part_size).map(|(part_size, _)| part_size)
+}
+
+/// The most that `size` bytes can take compressed, frame by frame.
+fn stored_bound(size: u64) -> Option<u64> {
     let blocks = size.div_ceil(BLOCK as u64).max(1);
-    let bound = blocks.checked_mul(zstd::zstd_safe::compress_bound(BLOCK) as u64)?;
-    plan_parts(bound, min_part_size).map(|(part_size, _)| part_size)
+    blocks.checked_mul(zstd::zstd_safe::compress_bound(BLOCK) as u64)
+}
+
+/// Where parts may close to match the previous object: the plaintext offsets its parts ended
+/// at, in order. Empty (nothing to follow) when the hint is unusable, or when following it
+/// could take more than 10,000 parts: a part closed on a boundary may hold as little as
+/// `min_part` stored bytes.
+pub fn hint_boundaries(hint: &[u64], size: u64, min_part: u64) -> Vec<u64> {
+    let fits = stored_bound(size)
+        .is_some_and(|bound| bound.div_ceil(min_part.max(1)) <= u64::from(MAX_PARTS));
+    if hint.len() > MAX_PARTS as usize || !fits {
+        return Vec::new();
+    }
+    let mut at = 0u64;
+    hint.iter()
+        .map_while(|len| {
+            at = at.checked_add(*len)?;
+            Some(at)
+        })
+        .collect()
 }
 
 /// Whether zstd shrinks a sample of the file enough to be worth its CPU: [`SAMPLES`] pieces
@@ -98,13 +131,18 @@ pub fn compression_pays(file: &File, path: &Path, size: u64) -> Result<bool, Upl
     Ok(plain > 0 && (packed as f64) <= plain as f64 * PAYS_BELOW)
 }
 
-/// How to encode: zstd level, threads, the stored size each part reaches, the read pace and the
-/// stop flag.
+/// How to encode: zstd level, threads, the stored size each part reaches, the layout to
+/// follow, the read pace and the stop flag.
 pub struct EncodeJob<'a> {
     pub level: i32,
     pub threads: usize,
     /// A part is closed once it holds at least this many stored bytes.
     pub target: u64,
+    /// Plaintext offsets a part closes at once it holds `min_part` stored bytes
+    /// ([`hint_boundaries`]).
+    pub boundaries: &'a [u64],
+    /// S3's smallest part; smaller in tests.
+    pub min_part: u64,
     pub pacer: Option<&'a DiskPacer>,
     pub stop: &'a AtomicBool,
 }
@@ -128,7 +166,11 @@ pub fn encode(
     let shared = Turns {
         state: Mutex::new(Layout::new(
             spool.try_clone().map_err(|e| io_error(spool_dir, &e))?,
-            job.target,
+            Closing {
+                target: job.target,
+                boundaries: job.boundaries,
+                min_part: job.min_part,
+            },
         )),
         turn: Condvar::new(),
     };
@@ -160,8 +202,9 @@ pub fn encode(
                 .compress_to_buffer(&plain[..len], &mut packed)
                 .map_err(zstd_error)?;
             let crc = Crc64Nvme::of(&packed);
+            let digest = block_digest(&plain[..len]);
             shared.in_turn(i, &failed, |layout| {
-                layout.push(&plain[..len], &packed, crc)
+                layout.push(&plain[..len], &digest, &packed, crc)
             })?;
         }
     };
@@ -169,7 +212,12 @@ pub fn encode(
         work().inspect_err(|_| shared.fail(&failed))
     })?;
     let layout = shared.state.into_inner().unwrap_or_else(|e| e.into_inner());
-    let (parts, part_crc64nvme, sha256) = layout.finish(spool_dir)?;
+    let Finished {
+        parts,
+        crcs: part_crc64nvme,
+        digests: part_digests,
+        sha256,
+    } = layout.finish(spool_dir)?;
     let offsets = parts
         .iter()
         .scan(0u64, |at, p| {
@@ -183,24 +231,25 @@ pub fn encode(
         parts,
         offsets,
         part_crc64nvme,
+        part_digests,
         sha256,
     })
 }
 
 /// The layout being built, which the blocks join one at a time, in order.
-struct Turns {
-    state: Mutex<Layout>,
+struct Turns<'a> {
+    state: Mutex<Layout<'a>>,
     turn: Condvar,
 }
 
-impl Turns {
+impl<'a> Turns<'a> {
     /// Waits until block `i` is next, then runs `f` on the layout. Gives up once another
     /// thread failed.
     fn in_turn(
         &self,
         i: usize,
         failed: &AtomicBool,
-        f: impl FnOnce(&mut Layout) -> Result<(), UploadError>,
+        f: impl FnOnce(&mut Layout<'a>) -> Result<(), UploadError>,
     ) -> Result<(), UploadError> {
         let mut layout = self.state.lock().unwrap_or_else(|e| e.into_inner());
         while layout.blocks != i {
@@ -223,73 +272,148 @@ impl Turns {
     }
 }
 
-/// Parts closed so far, the one being filled, and the plaintext's SHA-256.
-struct Layout {
-    spool: std::io::BufWriter<File>,
+/// How many times `target` a part may grow while it looks for the previous layout's next
+/// boundary.
+const HINTED_GROWTH: u64 = 4;
+
+/// When a part closes.
+struct Closing<'a> {
     target: u64,
-    /// Blocks written so far.
-    blocks: usize,
+    boundaries: &'a [u64],
+    min_part: u64,
+}
+
+impl Closing<'_> {
+    /// Whether a part of `stored` bytes closes after the block ending at `plain_at`, with
+    /// `next` the first boundary not before it. Where the previous layout has a boundary
+    /// ahead, a part closes on it (once it holds S3's smallest part) rather than at `target`,
+    /// so that a part grown by a change does not shift every part after it; it is capped, so
+    /// a file rewritten throughout still gets parts of a bounded size. Past the last boundary
+    /// (an appended tail), parts close at `target` as without a hint.
+    fn closes(&self, stored: u64, plain_at: u64, next: Option<u64>) -> bool {
+        match next {
+            Some(b) if b == plain_at => stored >= self.min_part,
+            Some(_) => {
+                stored
+                    >= self
+                        .target
+                        .saturating_mul(HINTED_GROWTH)
+                        .min(shared::protocol::MAX_PART_SIZE)
+            }
+            None => stored >= self.target,
+        }
+    }
+}
+
+/// The part being filled.
+struct OpenPart {
+    part: EncodedPart,
+    crc: Crc64Nvme,
+    digest: PartDigester,
+}
+
+/// The parts closed so far and their checksums.
+struct Finished {
     parts: Vec<EncodedPart>,
     crcs: Vec<Crc64Nvme>,
-    open: Option<(EncodedPart, Crc64Nvme)>,
+    digests: Vec<String>,
+    sha256: String,
+}
+
+/// Parts closed so far, the one being filled, and the plaintext's SHA-256.
+struct Layout<'a> {
+    spool: std::io::BufWriter<File>,
+    closing: Closing<'a>,
+    /// Blocks written so far, and the plaintext bytes they hold.
+    blocks: usize,
+    plain_at: u64,
+    /// The first boundary not yet passed.
+    next_boundary: usize,
+    done: Finished,
+    open: Option<OpenPart>,
     sha256: Sha256,
     error: Option<std::io::Error>,
 }
 
-impl Layout {
-    fn new(spool: File, target: u64) -> Self {
+impl<'a> Layout<'a> {
+    fn new(spool: File, closing: Closing<'a>) -> Self {
         Self {
             spool: std::io::BufWriter::with_capacity(BLOCK, spool),
-            target,
+            closing,
             blocks: 0,
-            parts: Vec::new(),
-            crcs: Vec::new(),
+            plain_at: 0,
+            next_boundary: 0,
+            done: Finished {
+                parts: Vec::new(),
+                crcs: Vec::new(),
+                digests: Vec::new(),
+                sha256: String::new(),
+            },
             open: None,
             sha256: Sha256::new(),
             error: None,
         }
     }
 
-    /// The next block: its plaintext, its frame and the frame's CRC64NVME.
-    fn push(&mut self, plain: &[u8], frame: &[u8], crc: Crc64Nvme) -> Result<(), UploadError> {
+    /// The next block: its plaintext and digest, its frame and the frame's CRC64NVME.
+    fn push(
+        &mut self,
+        plain: &[u8],
+        digest: &BlockDigest,
+        frame: &[u8],
+        crc: Crc64Nvme,
+    ) -> Result<(), UploadError> {
         self.sha256.update(plain);
         if let Err(e) = self.spool.write_all(frame) {
             let message = format!("writing the spool: {e}");
             self.error = Some(e);
             return Err(UploadError::new(ErrorCode::FileReadError, message));
         }
-        let (part, part_crc) = self.open.get_or_insert((
-            EncodedPart {
+        let open = self.open.get_or_insert_with(|| OpenPart {
+            part: EncodedPart {
                 plain_len: 0,
                 stored_len: 0,
             },
-            Crc64Nvme::of(b""),
-        ));
-        *part_crc = part_crc.combine(crc, frame.len() as u64);
-        part.plain_len += plain.len() as u64;
-        part.stored_len += frame.len() as u64;
-        if part.stored_len >= self.target {
+            crc: Crc64Nvme::of(b""),
+            digest: PartDigester::default(),
+        });
+        open.crc = open.crc.combine(crc, frame.len() as u64);
+        open.part.plain_len += plain.len() as u64;
+        open.part.stored_len += frame.len() as u64;
+        if !plain.is_empty() {
+            open.digest.push_block(digest);
+        }
+        self.plain_at += plain.len() as u64;
+        let stored = open.part.stored_len;
+        let boundaries = self.closing.boundaries;
+        while boundaries
+            .get(self.next_boundary)
+            .is_some_and(|b| *b < self.plain_at)
+        {
+            self.next_boundary += 1;
+        }
+        let next = boundaries.get(self.next_boundary).copied();
+        if self.closing.closes(stored, self.plain_at, next) {
             self.close();
         }
         Ok(())
     }
 
     fn close(&mut self) {
-        if let Some((part, crc)) = self.open.take() {
-            self.parts.push(part);
-            self.crcs.push(crc);
+        if let Some(open) = self.open.take() {
+            self.done.parts.push(open.part);
+            self.done.crcs.push(open.crc);
+            self.done.digests.push(open.digest.finish());
         }
     }
 
-    fn finish(
-        mut self,
-        spool_dir: &Path,
-    ) -> Result<(Vec<EncodedPart>, Vec<Crc64Nvme>, String), UploadError> {
+    fn finish(mut self, spool_dir: &Path) -> Result<Finished, UploadError> {
         self.close();
         self.spool
             .flush()
             .map_err(|e| io_error(spool_dir, &self.error.take().unwrap_or(e)))?;
-        Ok((self.parts, self.crcs, hex::encode(self.sha256.finalize())))
+        self.done.sha256 = hex::encode(self.sha256.finalize());
+        Ok(self.done)
     }
 }
 
@@ -319,19 +443,86 @@ mod tests {
     const MIB: u64 = 1024 * 1024;
 
     fn encode_bytes(data: &[u8], target: u64, threads: usize) -> Encoded {
+        encode_along(data, target, threads, &[])
+    }
+
+    /// Encodes with a layout hint; as in production, the smallest part is the target.
+    fn encode_along(data: &[u8], target: u64, threads: usize, hint: &[u64]) -> Encoded {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, data).unwrap();
         let file = File::open(&path).unwrap();
         let stop = AtomicBool::new(false);
+        let boundaries = hint_boundaries(hint, data.len() as u64, target);
         let job = EncodeJob {
             level: 3,
             threads,
             target,
+            boundaries: &boundaries,
+            min_part: target,
             pacer: None,
             stop: &stop,
         };
         encode(&file, &path, data.len() as u64, dir.path(), &job).unwrap()
+    }
+
+    fn plain_lens(e: &Encoded) -> Vec<u64> {
+        e.parts.iter().map(|p| p.plain_len).collect()
+    }
+
+    #[test]
+    fn a_file_changed_in_place_keeps_its_other_parts_byte_for_byte() {
+        // Parts of about four blocks each.
+        let data = text(20 * MIB as usize);
+        let before = encode_bytes(&data, MIB, 2);
+        assert!(before.parts.len() >= 4, "{:?}", before.parts);
+        // One block in the middle becomes noise, which stores four times larger: its part
+        // reaches the target a block early, and without the hint every later part would shift
+        // by a block.
+        let mut changed = data.clone();
+        let at = 6 * MIB as usize;
+        use rand::RngCore;
+        rand::thread_rng().fill_bytes(&mut changed[at..at + MIB as usize]);
+        let after = encode_along(&changed, MIB, 2, &plain_lens(&before));
+        let kept = |e: &Encoded| -> Vec<(u64, u64, String)> {
+            let mut at = 0;
+            e.parts
+                .iter()
+                .zip(&e.part_digests)
+                .map(|(p, d)| {
+                    at += p.plain_len;
+                    (at, p.stored_len, d.clone())
+                })
+                .collect()
+        };
+        let old = kept(&before);
+        let same = kept(&after).iter().filter(|p| old.contains(p)).count();
+        // Only the part that holds the change differs.
+        assert!(
+            same + 1 >= before.parts.len(),
+            "{same} of {} parts kept: {:?} vs {:?}",
+            before.parts.len(),
+            plain_lens(&before),
+            plain_lens(&after)
+        );
+        assert_ne!(before.part_digests, after.part_digests);
+        // The same file along its own layout is the same layout.
+        let again = encode_along(&data, MIB, 3, &plain_lens(&before));
+        assert_eq!(again.parts, before.parts);
+        assert_eq!(again.part_digests, before.part_digests);
+        assert_eq!(again.part_crc64nvme, before.part_crc64nvme);
+    }
+
+    #[test]
+    fn unusable_hints_are_ignored() {
+        assert!(hint_boundaries(&[u64::MAX, 5], 10 * MIB, MIB).len() < 2);
+        assert!(hint_boundaries(&vec![1; MAX_PARTS as usize + 1], MIB, 1).is_empty());
+        // A huge file could not stay within 10,000 parts closing at the smallest part size.
+        assert!(hint_boundaries(&[MIB], 100 * 1024 * MIB, 5 * MIB).is_empty());
+        assert_eq!(
+            hint_boundaries(&[MIB, 2 * MIB], 3 * MIB, MIB),
+            vec![MIB, 3 * MIB]
+        );
     }
 
     fn spooled(e: &Encoded, index: usize) -> Vec<u8> {

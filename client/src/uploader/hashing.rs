@@ -1,6 +1,7 @@
-//! Describing a shared file for the server: its size and the CRC64NVME of each part, on
-//! `HASH_THREADS` threads. CRC64NVME runs at memory speed, so this pass costs little beside the
-//! transfer; the SHA-256 of the whole is computed while the parts upload ([`super::whole`]).
+//! Describing a shared file for the server: its size, and the CRC64NVME and manifest digest
+//! ([`super::digest`]) of each part, on `HASH_THREADS` threads. CRC64NVME runs at memory speed
+//! and SHA-256 on the CPU's SHA extensions where it has them; the SHA-256 of the whole is
+//! computed while the parts upload ([`super::whole`]).
 //! A file that is to be compressed is encoded instead ([`super::encode`]), which checksums the
 //! compressed parts and hashes the plaintext in the same pass.
 
@@ -10,11 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use shared::encoding::Compression;
 use shared::hash::{Crc64Nvme, Crc64NvmeHasher};
-use shared::protocol::plan_parts;
+use shared::protocol::{MIN_PART_SIZE, plan_parts};
 use shared::{ErrorCode, FileName};
 
 use super::UploadError;
-use super::encode::{EncodeJob, Encoded, compression_pays, encode, target_part_size};
+use super::digest::PartDigester;
+use super::encode::{
+    EncodeJob, Encoded, compression_pays, encode, hint_boundaries, target_part_size,
+};
 use super::file::{Snapshot, changed_while_hashing, io_error, stored_name};
 use super::pacing::DiskPacer;
 
@@ -27,6 +31,8 @@ pub struct Described {
     pub part_size: u64,
     /// CRC64NVME of each part's stored bytes, in part order.
     pub part_crc64nvme: Vec<Crc64Nvme>,
+    /// The manifest digest of each part's plaintext, in part order.
+    pub part_digests: Vec<String>,
     /// The compressed parts, when the file is to be stored compressed.
     pub encoded: Option<Arc<Encoded>>,
 }
@@ -43,6 +49,9 @@ pub struct DescribeSettings {
     pub zstd_level: i32,
     /// Where encoded parts wait to be sent (in unnamed files).
     pub spool_dir: std::path::PathBuf,
+    /// The plaintext part lengths of the share's previous object, when it was compressed: an
+    /// encoded layout follows them where it can.
+    pub layout_hint: Vec<u64>,
 }
 
 /// Read size while hashing.
@@ -60,6 +69,7 @@ impl DescribeSettings {
             compression: Compression::None,
             zstd_level: 3,
             spool_dir: std::env::temp_dir(),
+            layout_hint: Vec::new(),
         }
     }
 }
@@ -161,6 +171,7 @@ fn hash_file(path: &Path, file_name: FileName, job: &HashJob) -> Result<Describe
     };
     if compress {
         let target = target_part_size(before.size, settings.min_part_size).ok_or_else(too_large)?;
+        let boundaries = hint_boundaries(&settings.layout_hint, before.size, MIN_PART_SIZE);
         let encoded = encode(
             &file,
             path,
@@ -170,6 +181,8 @@ fn hash_file(path: &Path, file_name: FileName, job: &HashJob) -> Result<Describe
                 level: settings.zstd_level,
                 threads: settings.threads.max(1),
                 target,
+                boundaries: &boundaries,
+                min_part: MIN_PART_SIZE,
                 pacer: settings.pacer.as_deref(),
                 stop: &job.stop,
             },
@@ -183,6 +196,7 @@ fn hash_file(path: &Path, file_name: FileName, job: &HashJob) -> Result<Describe
             snapshot: before,
             part_size: target,
             part_crc64nvme: encoded.part_crc64nvme.clone(),
+            part_digests: encoded.part_digests.clone(),
             encoded: Some(Arc::new(encoded)),
         });
     }
@@ -195,7 +209,7 @@ fn hash_file(path: &Path, file_name: FileName, job: &HashJob) -> Result<Describe
         pacer: settings.pacer.as_deref(),
         stop: &job.stop,
     };
-    let part_crc64nvme = src.checksum_parts(settings.threads.max(1))?;
+    let (part_crc64nvme, part_digests) = src.checksum_parts(settings.threads.max(1))?;
     let after = Snapshot::of(&file.metadata().map_err(|e| io_error(path, &e))?);
     if after != before {
         return Err(changed_while_hashing(path));
@@ -205,6 +219,7 @@ fn hash_file(path: &Path, file_name: FileName, job: &HashJob) -> Result<Describe
         snapshot: before,
         part_size,
         part_crc64nvme,
+        part_digests,
         encoded: None,
     })
 }
@@ -260,12 +275,13 @@ impl HashSource<'_> {
         (offset, self.size.saturating_sub(offset).min(self.part_size))
     }
 
-    /// `threads` threads take parts from a shared counter and checksum them.
-    fn checksum_parts(&self, threads: usize) -> Result<Vec<Crc64Nvme>, UploadError> {
+    /// `threads` threads take parts from a shared counter and checksum and digest them.
+    fn checksum_parts(&self, threads: usize) -> Result<(Vec<Crc64Nvme>, Vec<String>), UploadError> {
         use std::sync::OnceLock;
         use std::sync::atomic::AtomicUsize;
         let next = AtomicUsize::new(0);
-        let slots: Vec<OnceLock<Crc64Nvme>> = (0..self.parts).map(|_| OnceLock::new()).collect();
+        let slots: Vec<OnceLock<(Crc64Nvme, String)>> =
+            (0..self.parts).map(|_| OnceLock::new()).collect();
         let work = || -> Result<(), UploadError> {
             let mut buf = vec![0u8; HASH_CHUNK];
             loop {
@@ -275,9 +291,13 @@ impl HashSource<'_> {
                 }
                 let (offset, len) = self.part(i);
                 let mut crc = Crc64NvmeHasher::default();
-                self.read_range(offset, len, &mut buf, |c| crc.update(c))
-                    .inspect_err(|_| next.store(self.parts, Ordering::Relaxed))?;
-                let _ = slots[i].set(crc.finish());
+                let mut digest = PartDigester::default();
+                self.read_range(offset, len, &mut buf, |c| {
+                    crc.update(c);
+                    digest.update(c);
+                })
+                .inspect_err(|_| next.store(self.parts, Ordering::Relaxed))?;
+                let _ = slots[i].set((crc.finish(), digest.finish()));
             }
         };
         on_threads(threads, work)?;
@@ -285,6 +305,7 @@ impl HashSource<'_> {
             .into_iter()
             .map(OnceLock::into_inner)
             .collect::<Option<Vec<_>>>()
+            .map(|parts| parts.into_iter().unzip())
             .ok_or_else(|| changed_while_hashing(self.path))
     }
 }
@@ -340,6 +361,15 @@ mod tests {
             .unwrap();
             assert_eq!(d.part_size, MIN_PART);
             assert_eq!(d.part_crc64nvme, expected, "{threads} threads");
+            let digests: Vec<String> = data
+                .chunks(MIN_PART as usize)
+                .map(|part| {
+                    let mut digest = PartDigester::default();
+                    digest.update(part);
+                    digest.finish()
+                })
+                .collect();
+            assert_eq!(d.part_digests, digests, "{threads} threads");
 
             let e = describe_file(
                 &empty,

@@ -12,6 +12,7 @@
 //! each is read in [`READ_CHUNK`] pieces.
 
 mod answers;
+mod digest;
 mod encode;
 mod file;
 mod hashing;

@@ -395,6 +395,57 @@ impl Storage {
         Ok(Some(parts))
     }
 
+    /// UploadPartCopy: the closed byte range `first..=last` of the object at `source_key` (in
+    /// this bucket) becomes part `part_number` of the multipart upload. The bytes stay inside
+    /// storage. Answers the part as ListParts would show it, with the CRC64NVME storage
+    /// computed for it.
+    pub async fn copy_part(
+        &self,
+        key: &str,
+        s3_upload_id: &str,
+        part_number: shared::PartNumber,
+        source_key: &str,
+        (first, last): (u64, u64),
+    ) -> anyhow::Result<StoredPart> {
+        // The copy source is `bucket/key`, URL-encoded but for its slashes.
+        const KEY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+            .remove(b'/')
+            .remove(b'-')
+            .remove(b'_')
+            .remove(b'.')
+            .remove(b'~');
+        let source = format!(
+            "{}/{}",
+            self.bucket,
+            percent_encoding::utf8_percent_encode(source_key, KEY)
+        );
+        let out = self
+            .client
+            .upload_part_copy()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(s3_upload_id)
+            .part_number(i32::try_from(part_number.get())?)
+            .copy_source(source)
+            .copy_source_range(format!("bytes={first}-{last}"))
+            .send()
+            .await
+            .map_err(|e| anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e)))
+            .context("UploadPartCopy")?;
+        let result = out
+            .copy_part_result
+            .ok_or_else(|| anyhow!("UploadPartCopy answered without a CopyPartResult"))?;
+        Ok(StoredPart {
+            part_number: part_number.get(),
+            size: last - first + 1,
+            etag: result.e_tag.filter(|e| !e.is_empty()),
+            checksum_crc64nvme: result
+                .checksum_crc64_nvme
+                .as_deref()
+                .and_then(|c| Crc64Nvme::parse(c).ok()),
+        })
+    }
+
     /// Every unfinished multipart upload whose key starts with `prefix`.
     pub async fn list_multipart_uploads(
         &self,

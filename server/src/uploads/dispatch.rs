@@ -66,6 +66,7 @@ impl Uploads {
                 part_md5,
                 encoding,
                 encoded_parts,
+                part_digests,
             } => {
                 // A resumed upload keeps the layout it was planned with, whatever PART_SIZE
                 // says now.
@@ -86,6 +87,7 @@ impl Uploads {
                         part_md5,
                         encoding: encoding.unwrap_or_default(),
                         encoded_parts,
+                        part_digests,
                     },
                 );
                 (upload_id, Event::Described { agent, facts })
@@ -173,6 +175,7 @@ pub(super) struct FileInfo {
     pub part_md5: Vec<String>,
     pub encoding: Encoding,
     pub encoded_parts: Vec<EncodedPart>,
+    pub part_digests: Vec<String>,
 }
 
 /// Checks a description against the server's own part layout and parses its hashes. The
@@ -228,6 +231,8 @@ pub(super) fn check_facts(min_part_size: u64, info: FileInfo) -> Result<FileFact
             ));
         }
     };
+    let part_digests =
+        parse_part_digests(&info.part_digests, &digests, parts as usize).map_err(malformed)?;
     let facts = FileFacts {
         file_name: info.file_name,
         size: info.size,
@@ -235,6 +240,7 @@ pub(super) fn check_facts(min_part_size: u64, info: FileInfo) -> Result<FileFact
         part_size: info.part_size,
         digests,
         stored: Stored::Plain,
+        part_digests,
     };
     if facts.part_size != part_size || facts.parts_total() != parts {
         return Err(malformed(format!(
@@ -297,6 +303,8 @@ fn check_encoded(info: FileInfo) -> Result<FileFacts, Rejection> {
         parts: parse_crcs(&info.part_crc64nvme).map_err(malformed)?,
         sha256: Some(Sha256Hex::parse(sha256).map_err(|e| malformed(e.to_string()))?),
     };
+    let part_digests =
+        parse_part_digests(&info.part_digests, &digests, parts.len()).map_err(malformed)?;
     let stored = match info.encoding {
         Encoding::Zstd => Stored::Zstd(info.encoded_parts),
         Encoding::None => unreachable!("plain files are checked by check_facts"),
@@ -308,7 +316,34 @@ fn check_encoded(info: FileInfo) -> Result<FileFacts, Rejection> {
         part_size: info.part_size,
         digests,
         stored,
+        part_digests,
     })
+}
+
+/// The part manifest of a `file_info`: none, or one SHA-256 digest per part. Only CRC64NVME
+/// uploads (protocol 3 and later) can have parts copied, so a protocol 2 description with one
+/// is malformed.
+fn parse_part_digests(
+    text: &[String],
+    digests: &Digests,
+    parts: usize,
+) -> Result<Option<Vec<Sha256Hex>>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if matches!(digests, Digests::Md5 { .. }) {
+        return Err("part_digests come with part_crc64nvme, not part_md5".to_owned());
+    }
+    if text.len() != parts {
+        return Err(format!(
+            "the part manifest has {} digests for {parts} parts",
+            text.len()
+        ));
+    }
+    text.iter()
+        .map(|d| Sha256Hex::parse(d).map_err(|e| format!("part digest: {e}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 /// The part CRC64NVMEs of a `file_info`, each in S3's base64 form.

@@ -57,6 +57,11 @@ pub enum Event {
         facts: FileFacts,
         multipart: Multipart,
     },
+    /// The unchanged parts were copied from the share's previous object: these are the copies
+    /// storage made (those that failed are missing, and get sent).
+    PartsCopied {
+        stored: Vec<StoredPart>,
+    },
     /// ListParts answered: these parts are in storage.
     PartsListed {
         stored: Vec<StoredPart>,
@@ -157,6 +162,9 @@ pub enum Effect {
         code: ErrorCode,
     },
     CreateMultipart(FileFacts),
+    /// Copy the parts the share's previous object holds unchanged into the new multipart
+    /// upload (`UploadPartCopy`), then feed back [`Event::PartsCopied`].
+    CopyUnchanged(Transfer),
     ListParts {
         multipart: Multipart,
         why: Resume,
@@ -193,6 +201,11 @@ pub enum Effect {
 pub enum Counter {
     PartRetries(u32),
     Resumed,
+    /// Parts storage copied instead of the agent sending them, and their stored bytes.
+    Copied {
+        parts: u32,
+        bytes: u64,
+    },
     /// `bytes` were stored; `saved` fewer than the file has, by compression.
     Completed {
         bytes: u64,

@@ -16,8 +16,8 @@ use shared::{ClientId, ErrorCode, PartNumber};
 
 use super::events::{AgentRef, Counter, Effect, Event, Refused, Rejection, Resume};
 use super::record::{
-    Digests, Ending, FileFacts, Live, Multipart, NewUpload, Now, Open, Outcome, PartDigest, Stage,
-    Transfer, Upload,
+    Copied, Digests, Ending, FileFacts, Live, Multipart, NewUpload, Now, Open, Outcome, PartDigest,
+    Stage, Transfer, Upload,
 };
 use crate::registry::ConnId;
 use crate::storage::StoredPart;
@@ -63,6 +63,7 @@ impl Upload {
             phases: PhaseTimes::default(),
             collection: new.collection,
             compression: new.compression,
+            copied: Default::default(),
             live,
         };
         (upload, describe)
@@ -141,6 +142,7 @@ impl Upload {
             Event::MultipartCreated { facts, multipart } => {
                 self.multipart_created(facts, multipart)?
             }
+            Event::PartsCopied { stored } => self.parts_copied(&stored)?,
             Event::PartsListed { stored, why } => self.parts_listed(&stored, why)?,
             Event::MultipartGone => self.multipart_gone()?,
             Event::PlanReady { plan } => self.plan_ready(plan, now.at)?,
@@ -314,13 +316,46 @@ impl Upload {
             file: facts,
             multipart,
         };
-        let missing = transfer.file.parts().map(|(n, _)| n).collect();
         self.stage = Stage::Open(Open::Uploading(transfer.clone()));
+        // With a part manifest, the share's previous object may hold some parts already.
+        if transfer.file.part_digests.is_some() {
+            return Ok(vec![Effect::CopyUnchanged(transfer)]);
+        }
+        let missing = transfer.file.parts().map(|(n, _)| n).collect();
         Ok(vec![Effect::Presign {
             transfer,
             missing,
             done: Vec::new(),
         }])
+    }
+
+    /// The copies are made: what storage holds intact (right size and CRC64NVME, as for a
+    /// resume) is done, the rest is presigned for the agent.
+    fn parts_copied(&mut self, stored: &[StoredPart]) -> Result<Vec<Effect>, Refused> {
+        let transfer =
+            self.uploading_for(None, "parts copied for an upload that is not uploading")?;
+        let (done, missing) = sort_parts(&transfer.file, stored);
+        let bytes = done
+            .iter()
+            .map(|p| transfer.file.part_len(p.part_number))
+            .sum();
+        self.copied = Copied {
+            parts: done.len() as u32,
+            bytes,
+        };
+        let mut effects = Vec::new();
+        if !done.is_empty() {
+            effects.push(Effect::Count(Counter::Copied {
+                parts: self.copied.parts,
+                bytes,
+            }));
+        }
+        effects.push(Effect::Presign {
+            transfer,
+            missing,
+            done,
+        });
+        Ok(effects)
     }
 
     /// ListParts answered: presign what is missing, unless refreshes keep bringing nothing.

@@ -9,9 +9,9 @@
 //!
 //! ```text
 //!                trigger
-//!                   │ describe_file
+//!                   │ describe_file   file_info: CreateMultipartUpload, copies of
 //!                   ▼
-//!              ┌─────────┐ file_info: CreateMultipartUpload, presign, start_upload
+//!              ┌─────────┐ unchanged parts (UploadPartCopy), presign, start_upload
 //!              │Requested├──────────────────────────────────┐
 //!              └────┬────┘                                  ▼
 //!                   │                               ┌─────────────┐ reconnect + file_info,
@@ -36,7 +36,8 @@
 //!   record of [`record`];
 //! - when it is saved: [`table`], `Table::apply` and the rule in `Event::is_saved` ([`events`]);
 //! - the stored form and its versions: [`stored`] (and `crate::db` for the schema);
-//! - an S3 call or a message to an agent: [`steps`], which carries out the effects;
+//! - an S3 call or a message to an agent: [`steps`], which carries out the effects; copying the
+//!   parts the share's previous object holds unchanged: [`copies`], by the rule of [`manifest`];
 //! - agent messages: [`dispatch`]; endings (fail, cancel, abort): [`ending`]; the timers and
 //!   start-up recovery: [`housekeeping`]; what the REST API shows: [`status`].
 //!
@@ -44,11 +45,13 @@
 //! been aborted (and an object past the agent's completion deleted), and `completed` only after
 //! HeadObject agreed, so a caller who sees a terminal state can rely on it.
 
+mod copies;
 mod dispatch;
 mod ending;
 mod events;
 mod housekeeping;
 mod machine;
+mod manifest;
 mod record;
 mod status;
 mod steps;

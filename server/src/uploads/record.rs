@@ -62,6 +62,9 @@ pub struct FileFacts {
     pub part_size: u64,
     pub digests: Digests,
     pub stored: Stored,
+    /// The part manifest: a digest of each part's plaintext, in part order, when the agent
+    /// sent one. It decides which parts the next fetch of the share may copy.
+    pub part_digests: Option<Vec<Sha256Hex>>,
 }
 
 /// How the stored parts relate to the file.
@@ -125,6 +128,11 @@ impl FileFacts {
             && self.part_size == other.part_size
             && self.stored == other.stored
             && self.digests.same_parts(&other.digests)
+            && match (&self.part_digests, &other.part_digests) {
+                (Some(a), Some(b)) => a == b,
+                // An agent upgraded in between may send a manifest where it sent none.
+                _ => true,
+            }
     }
 
     pub fn encoding(&self) -> Encoding {
@@ -183,6 +191,32 @@ impl FileFacts {
             Stored::Zstd(parts) => parts
                 .get(part_number.get() as usize - 1)
                 .map_or(0, |p| p.stored_len),
+        }
+    }
+
+    /// `(offset, len)` of each part's plaintext within the file, in part order.
+    pub fn plain_ranges(&self) -> Vec<(u64, u64)> {
+        match &self.stored {
+            Stored::Plain => self
+                .parts()
+                .map(|(n, _)| part_range(self.size, self.part_size, n))
+                .collect(),
+            Stored::Zstd(parts) => parts
+                .iter()
+                .scan(0u64, |at, p| {
+                    let start = *at;
+                    *at += p.plain_len;
+                    Some((start, p.plain_len))
+                })
+                .collect(),
+        }
+    }
+
+    /// The CRC64NVME of a part's stored bytes (protocol 3 and later).
+    pub fn part_crc64nvme(&self, part_number: PartNumber) -> Option<Crc64Nvme> {
+        match self.part_digest(part_number)? {
+            PartDigest::Crc64Nvme(crc) => Some(crc),
+            PartDigest::Md5(_) => None,
         }
     }
 
@@ -398,7 +432,17 @@ pub struct Upload {
     pub collection: Option<CollectionId>,
     /// What the operator asked for; the agent decides within it (`FileFacts::encoding`).
     pub compression: Compression,
+    /// The parts storage copied from the share's previous object instead of the agent
+    /// sending them.
+    pub copied: Copied,
     pub live: Live,
+}
+
+/// Parts copied inside storage, and their stored bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Copied {
+    pub parts: u32,
+    pub bytes: u64,
 }
 
 /// The details of a new upload, before its first transition.

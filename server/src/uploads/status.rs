@@ -64,6 +64,8 @@ pub fn of(u: &Upload, bucket: &str, stalled_after: Duration) -> UploadStatus {
         parts_total: file.map(|f| f.parts_total()),
         parts_done: u.parts_done,
         bytes_done: u.bytes_done,
+        parts_copied: u.copied.parts,
+        bytes_copied: u.copied.bytes,
         rate_bytes_per_sec: rate,
         eta_secs: eta,
         idle_secs: idle.map(|d| d.as_secs()),

@@ -112,6 +112,7 @@ impl Uploads {
             }
             Effect::Count(counter) => self.count(*counter),
             Effect::CreateMultipart(_)
+            | Effect::CopyUnchanged(_)
             | Effect::ListParts { .. }
             | Effect::Presign { .. }
             | Effect::SendPlan { .. }
@@ -157,11 +158,23 @@ impl Uploads {
             .agents()
             .protocol(client_id, conn)
             .is_some_and(|v| v >= COMPRESSION_SINCE);
+        // The same answer for every describe of one upload: the manifest changes only when an
+        // upload of this share completes, and this one is the client's only open upload.
+        let layout_hint = match compression {
+            Compression::None => Vec::new(),
+            Compression::Auto | Compression::Zstd if compresses => self
+                .table()
+                .manifest(client_id, share)
+                .map(|m| m.layout_hint())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
         ServerMessage::DescribeFile {
             upload_id,
             share: share.clone(),
             min_part_size: part_size.unwrap_or(self.settings().part_size),
             compression: compresses.then_some(compression),
+            layout_hint,
         }
     }
 
@@ -177,6 +190,10 @@ impl Uploads {
             }
             Counter::Resumed => {
                 m.resumes.fetch_add(1, Relaxed);
+            }
+            Counter::Copied { parts, bytes } => {
+                m.parts_copied.fetch_add(u64::from(parts), Relaxed);
+                m.bytes_copied.fetch_add(bytes, Relaxed);
             }
             Counter::Completed {
                 bytes,
@@ -201,6 +218,7 @@ impl Uploads {
     async fn call(&self, id: UploadId, effect: Effect) -> Option<Event> {
         match effect {
             Effect::CreateMultipart(facts) => self.create(id, facts).await,
+            Effect::CopyUnchanged(transfer) => Some(self.copy_unchanged(id, &transfer).await),
             Effect::ListParts { multipart, why } => {
                 match self
                     .storage()

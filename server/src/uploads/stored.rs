@@ -16,8 +16,8 @@ use shared::hash::{ContentMd5, Crc64Nvme, Sha256Hex};
 use shared::{ClientId, CollectionId, ErrorCode, FileName, UploadId};
 
 use super::record::{
-    Digests, Ending, FileFacts, Live, Multipart, Open, Outcome, Stage, Stored, Transfer, UnixMs,
-    Upload,
+    Copied, Digests, Ending, FileFacts, Live, Multipart, Open, Outcome, Stage, Stored, Transfer,
+    UnixMs, Upload,
 };
 use crate::db::{LoadedRow, StoredRow};
 
@@ -79,6 +79,15 @@ pub struct UploadV2 {
     /// Added to format 2 as an optional field, like `collection_id`: absent is `auto`.
     #[serde(default, skip_serializing_if = "is_auto")]
     compression: Compression,
+    /// Added with part copies, optional like `collection_id`: absent is none copied.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    parts_copied: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    bytes_copied: u64,
+}
+
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 fn is_auto(c: &Compression) -> bool {
@@ -146,6 +155,9 @@ struct FileV1 {
     encoding: Option<Encoding>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     encoded_parts: Vec<EncodedPart>,
+    /// Added with part manifests: absent is none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    part_digests: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -192,6 +204,8 @@ impl From<&Upload> for UploadV2 {
             },
             collection_id: u.collection,
             compression: u.compression,
+            parts_copied: u.copied.parts,
+            bytes_copied: u.copied.bytes,
         }
     }
 }
@@ -301,6 +315,10 @@ impl UploadV2 {
             },
             collection: self.collection_id,
             compression: self.compression,
+            copied: Copied {
+                parts: self.parts_copied,
+                bytes: self.bytes_copied,
+            },
             live: Live::new(now),
         })
     }
@@ -336,6 +354,12 @@ impl From<&FileFacts> for FileV1 {
                 Stored::Plain => Vec::new(),
                 Stored::Zstd(parts) => parts.clone(),
             },
+            part_digests: f
+                .part_digests
+                .iter()
+                .flatten()
+                .map(|d| d.as_str().to_owned())
+                .collect(),
         }
     }
 }
@@ -386,6 +410,21 @@ impl TryFrom<FileV1> for FileFacts {
                 ));
             }
         };
+        let part_digests = match f.part_digests.len() {
+            0 => None,
+            n if n == digests.count() => Some(
+                f.part_digests
+                    .iter()
+                    .map(|d| Sha256Hex::parse(d))
+                    .collect::<Result<_, _>>()
+                    .map_err(invalid)?,
+            ),
+            _ => {
+                return Err(ReadError::Invalid(
+                    "a part manifest that does not fit the part checksums".to_owned(),
+                ));
+            }
+        };
         Ok(FileFacts {
             file_name: f.file_name,
             size: f.size,
@@ -393,6 +432,7 @@ impl TryFrom<FileV1> for FileFacts {
             part_size: f.part_size,
             digests,
             stored,
+            part_digests,
         })
     }
 }
@@ -492,6 +532,7 @@ pub mod legacy {
                 phases: self.phases,
                 collection: None,
                 compression: Compression::Auto,
+                copied: Copied::default(),
                 live: Live::new(now),
             })
         }

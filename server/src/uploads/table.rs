@@ -16,10 +16,11 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use shared::api::UploadStatus;
-use shared::{ClientId, UploadId};
+use shared::{ClientId, FileName, UploadId};
 
 use super::events::{Effect, Event, Refused};
-use super::record::{Now, UnixMs, Upload};
+use super::manifest::{self, Manifest};
+use super::record::{Now, Stage, UnixMs, Upload};
 use super::stored;
 use crate::db::{LoadedRow, UploadStore};
 use crate::registry::ConnId;
@@ -199,6 +200,31 @@ impl Table {
         if let Err(err) = self.store.save(&row) {
             tracing::error!(upload_id = %upload.id, error = format!("{err:#}"), "saving an upload failed");
         }
+        if let Stage::Completed { transfer, .. } = &upload.stage
+            && let Some(manifest) = Manifest::of(upload.id, transfer)
+        {
+            let finished = upload.finished.unwrap_or(upload.updated);
+            // Lost, the manifest costs the next fetch its copies, nothing else.
+            let saved = manifest::to_row(&upload.client_id, &upload.share, finished, &manifest)
+                .map_err(anyhow::Error::from)
+                .and_then(|row| self.store.save_manifest(&row));
+            if let Err(err) = saved {
+                tracing::error!(upload_id = %upload.id, error = format!("{err:#}"), "saving the part manifest failed");
+            }
+        }
+    }
+
+    /// The part manifest of the latest verified object of `client_id`'s `share`, if there is a
+    /// usable one.
+    pub fn manifest(&self, client_id: &ClientId, share: &FileName) -> Option<Manifest> {
+        let row = self
+            .store
+            .manifest(client_id, share)
+            .inspect_err(|err| tracing::error!(%client_id, %share, error = format!("{err:#}"), "reading the part manifest failed"))
+            .ok()??;
+        manifest::from_row(&row)
+            .inspect_err(|err| tracing::warn!(%client_id, %share, error = %err, "a part manifest cannot be read; nothing is copied"))
+            .ok()
     }
 
     /// Adds a new upload unless its client has an unfinished one. `admit` runs under the lock

@@ -128,6 +128,13 @@ pub struct UploadStatus {
     pub parts_done: u32,
     /// Bytes of `stored_size` sent and stored so far.
     pub bytes_done: u64,
+    /// Parts of `parts_done` that storage copied from the share's previous object, unchanged,
+    /// instead of the agent sending them.
+    #[serde(default)]
+    pub parts_copied: u32,
+    /// Stored bytes of those parts: bytes the store's uplink did not carry.
+    #[serde(default)]
+    pub bytes_copied: u64,
     /// Bytes per second since the plan (or, after a resume, the latest plan) was sent.
     pub rate_bytes_per_sec: Option<u64>,
     /// Seconds to go at that rate, while uploading.

@@ -14,6 +14,7 @@ fn info() -> FileInfo {
         part_md5: vec![EMPTY_MD5.into(); 2],
         encoding: Encoding::None,
         encoded_parts: Vec::new(),
+        part_digests: Vec::new(),
     }
 }
 

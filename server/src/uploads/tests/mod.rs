@@ -58,6 +58,7 @@ fn facts() -> FileFacts {
             sha256: Sha256Hex::parse(&"a".repeat(64)).unwrap(),
         },
         stored: Stored::Plain,
+        part_digests: None,
     }
 }
 
@@ -198,6 +199,7 @@ fn kind(e: &Effect) -> &'static str {
         Effect::TellCancel { .. } => "tell_cancel",
         Effect::CreateMultipart(_) => "create",
         Effect::ListParts { .. } => "list_parts",
+        Effect::CopyUnchanged(_) => "copy_unchanged",
         Effect::Presign { .. } => "presign",
         Effect::SendPlan { .. } => "send_plan",
         Effect::Verify { .. } => "verify",

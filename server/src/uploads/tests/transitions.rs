@@ -133,6 +133,40 @@ const CASES: &[Case] = &[
         Some(("uploading", &["presign"])),
     ),
     case(
+        "created with a part manifest: copy the unchanged parts first",
+        requested_idle,
+        || Event::MultipartCreated {
+            facts: FileFacts {
+                part_digests: Some(vec![Sha256Hex::parse(&"b".repeat(64)).unwrap(); 3]),
+                ..facts()
+            },
+            multipart: transfer().multipart,
+        },
+        Some(("uploading", &["copy_unchanged"])),
+    ),
+    case(
+        "copied: presign the rest",
+        uploading,
+        || Event::PartsCopied {
+            stored: all_parts_stored()[..1].to_vec(),
+        },
+        Some(("uploading", &["count", "presign"])),
+    ),
+    case(
+        "copied: nothing copied, presign everything",
+        uploading,
+        || Event::PartsCopied { stored: Vec::new() },
+        Some(("uploading", &["presign"])),
+    ),
+    case(
+        "copied: too late, the upload is ending",
+        ending,
+        || Event::PartsCopied {
+            stored: all_parts_stored(),
+        },
+        None,
+    ),
+    case(
         "created: too late, the upload is ending",
         ending,
         || Event::MultipartCreated {
@@ -410,6 +444,26 @@ fn a_resume_plans_only_the_missing_parts() {
         done.iter().map(|p| p.part_number).collect::<Vec<_>>(),
         vec![n(1)]
     );
+}
+
+#[test]
+fn copied_parts_count_only_when_storage_holds_them_intact() {
+    let mut u = uploading();
+    let mut stored = all_parts_stored();
+    stored[2].size -= 1; // part 3 was copied short: it is sent instead
+    let effects = u.on(Event::PartsCopied { stored }, Now::read()).unwrap();
+    let Some(Effect::Presign { missing, done, .. }) = effects.last() else {
+        panic!("{effects:?}");
+    };
+    let n = |n| PartNumber::new(n).unwrap();
+    assert_eq!(missing, &vec![n(3)]);
+    assert_eq!(done.len(), 2);
+    assert_eq!(u.copied.parts, 2);
+    assert_eq!(u.copied.bytes, 10 * MIB);
+    assert!(matches!(
+        effects[0],
+        Effect::Count(Counter::Copied { parts: 2, bytes }) if bytes == 10 * MIB
+    ));
 }
 
 #[test]

@@ -10,9 +10,8 @@
 # point-of-sale export (transaction id, time, store, SKU, quantity, price, card last four, auth
 # code), which zstd shrinks severalfold.
 #
-# Needs root (ip netns, tc). Nothing leaves the machine: the namespace and the veth pair are
-# created here and removed on exit. `netem` is not available on this kernel, so no delay is
-# added: the round trip is the veth's, and the limit is the rate.
+# Needs root (ip netns, tc); the namespace (scripts/uplink-ns.sh) is created here and removed
+# on exit.
 #
 # tbf counts whole Ethernet frames, so with a 1500-byte MTU about 4.5 % of the rate goes to
 # headers (1514-byte frames carry 1448 bytes of TCP payload with timestamps); the script prints
@@ -24,14 +23,10 @@ SIZE_MIB="${1:-100}"
 RATE_MBIT="${2:-20}"
 RUNS="${3:-1}"
 FILES="${4:-random csv}"
-NS=bh-uplink
-HOST_IF=bh-up0
-NS_IF=bh-up1
-HOST_IP=10.213.77.1
-NS_IP=10.213.77.2
 API_PORT="${BENCH_API_PORT:-18490}"
 S3_PORT="${BENCH_S3_PORT:-19490}"
 
+source scripts/uplink-ns.sh
 if [[ $(id -u) != 0 ]]; then
   echo "bench-uplink: needs root for ip netns and tc" >&2
   exit 2
@@ -46,25 +41,12 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  ip netns del "$NS" 2>/dev/null || true
-  ip link del "$HOST_IF" 2>/dev/null || true
+  uplink_down
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-ip netns del "$NS" 2>/dev/null || true
-ip link del "$HOST_IF" 2>/dev/null || true
-ip netns add "$NS"
-ip link add "$HOST_IF" type veth peer name "$NS_IF"
-ip link set "$NS_IF" netns "$NS"
-ip addr add "$HOST_IP/24" dev "$HOST_IF"
-ip link set "$HOST_IF" up
-ip netns exec "$NS" ip addr add "$NS_IP/24" dev "$NS_IF"
-ip netns exec "$NS" ip link set "$NS_IF" up
-ip netns exec "$NS" ip link set lo up
-# The store's uplink: its egress, capped.
-ip netns exec "$NS" tc qdisc add dev "$NS_IF" root tbf rate "${RATE_MBIT}mbit" burst 32kb latency 100ms
-in_ns() { ip netns exec "$NS" "$@"; }
+uplink_up "$RATE_MBIT"
 
 secret="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$work/random"

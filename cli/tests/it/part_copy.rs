@@ -86,9 +86,10 @@ async fn fetch(
     }
 }
 
-/// A file fetched again sends only what changed: two parts changed in place send those two, an
-/// appended tail sends the tail, the previous object stays as it was, and with the previous
-/// object gone everything is sent and the download still completes.
+/// A file fetched again sends only what changed: nothing when it did not change, two parts
+/// changed in place send those two, an appended tail sends the tail, the previous object stays
+/// as it was, and with the previous object gone everything is sent and the download still
+/// completes.
 async fn only_changed_parts_are_sent(mode: Mode) {
     let (proxy, server) = counted(mode).await;
     let dir = tempfile::tempdir().unwrap();
@@ -106,6 +107,11 @@ async fn only_changed_parts_are_sent(mode: Mode) {
     assert_eq!(first.copied(), (0, 0));
     let first_key = first.upload["key"].as_str().unwrap().to_owned();
     let first_sha = server.object_sha256(&first_key).await;
+
+    // Unchanged: every part is copied, and the agent only completes.
+    let again = fetch(&proxy, &server, &client_id, &file, "auto").await;
+    assert_eq!(again.parts_sent, 0, "{}", again.upload);
+    assert_eq!(again.copied(), (8, 38 * MIB));
 
     // Pages of parts 3 and 6 rewritten in place.
     scribble(&file, 2 * 5 * MIB + 12_345, 4096, &mut rng);
@@ -147,8 +153,14 @@ async fn only_changed_parts_are_sent(mode: Mode) {
     assert_eq!(fourth.parts_sent, 10, "{}", fourth.upload);
     assert_eq!(fourth.copied(), (0, 0));
 
-    assert_eq!(server.metric("backhaul_parts_copied_total").await, 13);
-    assert_eq!(server.metric("backhaul_bytes_copied_total").await, 63 * MIB);
+    assert_eq!(
+        server.metric("backhaul_parts_copied_total").await,
+        8 + 6 + 7
+    );
+    assert_eq!(
+        server.metric("backhaul_bytes_copied_total").await,
+        (38 + 28 + 35) * MIB
+    );
     assert_eq!(proxy.stats.duplicates(), vec![]);
     assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
 }

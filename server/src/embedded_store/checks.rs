@@ -135,12 +135,15 @@ pub async fn upload_part(
     Ok(resp)
 }
 
-/// UploadPartCopy: a byte range of a stored object becomes a part, as on S3. s3s-fs copies the
-/// bytes and checks the range against the source; the store refuses an open range
-/// (`bytes=first-`), which S3 does not accept either, answers a range past the source as S3
-/// does (`InvalidArgument`, where s3s-fs says `InvalidRange`), records the part's checksums like
-/// an uploaded part's, and answers the copied bytes' CRC64NVME in `CopyPartResult`, as S3 does,
-/// so the object's FULL_OBJECT checksum covers copied and uploaded parts alike.
+/// UploadPartCopy: a byte range of a stored object becomes a part, as on S3. The store refuses
+/// an open range (`bytes=first-`), which S3 does not accept either, and a range past the source
+/// (`InvalidArgument`, as S3 answers), records the part's checksums like an uploaded part's, and
+/// answers the copied bytes' CRC64NVME in `CopyPartResult`, as S3 does, so the object's
+/// FULL_OBJECT checksum covers copied and uploaded parts alike.
+///
+/// The copy is the store's own rather than s3s-fs's, which streams through 4 KiB reads on the
+/// async runtime: one blocking pass with 1 MiB reads copies the range into a temporary file,
+/// checksums it on the way and renames it into place, so a part is never half there.
 pub async fn upload_part_copy(
     fs: &FileSystem,
     root: &Path,
@@ -149,41 +152,119 @@ pub async fn upload_part_copy(
     let Ok(id) = uuid::Uuid::parse_str(&req.input.upload_id) else {
         return fs.upload_part_copy(req).await;
     };
+    let CopySource::Bucket { bucket, key, .. } = &req.input.copy_source else {
+        return fs.upload_part_copy(req).await;
+    };
+    let invalid =
+        |message: &str| S3Error::with_message(S3ErrorCode::InvalidArgument, message.to_owned());
+    let range = match &req.input.copy_source_range {
+        None => None,
+        Some(range) => Some(
+            range
+                .strip_prefix("bytes=")
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(first, last)| {
+                    Some((first.parse::<u64>().ok()?, last.parse::<u64>().ok()?))
+                })
+                .ok_or_else(|| {
+                    invalid(
+                        "The x-amz-copy-source-range value must be of the form bytes=first-last",
+                    )
+                })?,
+        ),
+    };
+    // The source is an object: a plain path under its bucket, never a way out of it.
+    let relative = Path::new(bucket.as_ref()).join(key.as_ref());
+    if !relative
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(invalid("the copy source is not an object key"));
+    }
+    if !root.join(format!(".upload-{id}.json")).exists() {
+        return Err(S3Error::new(S3ErrorCode::NoSuchUpload));
+    }
     let part_number = req.input.part_number;
-    if let Some(range) = &req.input.copy_source_range {
-        let closed = range
-            .strip_prefix("bytes=")
-            .and_then(|r| r.split_once('-'))
-            .is_some_and(|(first, last)| {
-                first.parse::<u64>().is_ok() && last.parse::<u64>().is_ok()
-            });
-        if !closed {
+    let (source, dest, root) = (
+        root.join(relative),
+        checksums::part_file(root, &id, part_number),
+        root.to_owned(),
+    );
+    let record = tokio::task::spawn_blocking(move || -> S3Result<checksums::PartRecord> {
+        // As for an uploaded part: a record of an earlier part of this number no longer holds.
+        checksums::forget_part(&root, &id, part_number).map_err(internal)?;
+        let copied = copy_range(&source, &dest, range)?;
+        checksums::record(&root, &id, part_number, &copied).map_err(internal)?;
+        Ok(copied)
+    })
+    .await
+    .map_err(internal)??;
+    let output = UploadPartCopyOutput {
+        copy_part_result: Some(CopyPartResult {
+            e_tag: Some(ETag::Strong(record.etag())),
+            checksum_crc64nvme: Some(record.crc64nvme.to_base64()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Ok(S3Response::new(output))
+}
+
+/// Copies `range` (closed; the whole file if `None`) of `source` to `dest` through a temporary
+/// file beside it, and returns the copy's checksums.
+fn copy_range(
+    source: &Path,
+    dest: &Path,
+    range: Option<(u64, u64)>,
+) -> S3Result<checksums::PartRecord> {
+    use md5::Digest;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut src = match std::fs::File::open(source) {
+        Ok(f) if f.metadata().map_err(internal)?.is_file() => f,
+        Ok(_) => return Err(S3Error::new(S3ErrorCode::NoSuchKey)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(S3Error::new(S3ErrorCode::NoSuchKey));
+        }
+        Err(e) => return Err(internal(e)),
+    };
+    let size = src.metadata().map_err(internal)?.len();
+    let (first, len) = match range {
+        None => (0, size),
+        Some((first, last)) if first <= last && last < size => (first, last - first + 1),
+        Some(_) => {
             return Err(S3Error::with_message(
                 S3ErrorCode::InvalidArgument,
-                "The x-amz-copy-source-range value must be of the form bytes=first-last",
+                "Range specified is not valid for source object",
             ));
         }
-    }
-    // As for an uploaded part: a record of an earlier part of this number no longer holds.
-    checksums::forget_part(root, &id, part_number).map_err(internal)?;
-    let mut resp = fs.upload_part_copy(req).await.map_err(|e| {
-        if *e.code() == S3ErrorCode::InvalidRange {
-            S3Error::with_message(
-                S3ErrorCode::InvalidArgument,
-                "Range specified is not valid for source object",
-            )
-        } else {
-            e
+    };
+    src.seek(SeekFrom::Start(first)).map_err(internal)?;
+    let tmp = dest.with_extension(format!("copying-{}", uuid::Uuid::new_v4()));
+    let written = (|| -> std::io::Result<checksums::PartRecord> {
+        let mut out = std::fs::File::create(&tmp)?;
+        let (mut crc, mut md5) = (shared::hash::Crc64NvmeHasher::default(), md5::Md5::new());
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = len;
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            src.read_exact(&mut buf[..want])?;
+            out.write_all(&buf[..want])?;
+            crc.update(&buf[..want]);
+            md5.update(&buf[..want]);
+            left -= want as u64;
         }
-    })?;
-    let record = checksums::part(root, &id, part_number).map_err(internal)?;
-    let result = resp
-        .output
-        .copy_part_result
-        .get_or_insert_with(CopyPartResult::default);
-    result.e_tag = Some(ETag::Strong(record.etag()));
-    result.checksum_crc64nvme = Some(record.crc64nvme.to_base64());
-    Ok(resp)
+        out.sync_data()?;
+        std::fs::rename(&tmp, dest)?;
+        Ok(checksums::PartRecord {
+            crc64nvme: crc.finish(),
+            md5: md5.finalize().into(),
+            len,
+        })
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(internal)
 }
 
 /// The checksum other than CRC64NVME that an UploadPart names, if any: in a header (with its

@@ -3,10 +3,10 @@
 # transfer at 100 MiB (5 rounds) and 1 GiB (3 rounds), both storage modes beside the AWS CLI and
 # the bare-PUT floor, then the fleet at 10,000 agents, then a collection from 1,000 stores, then
 # what compression costs the agent (100 MiB and 1 GiB, random and CSV), then (as root) a store's
-# 20 Mbit/s uplink emulated in a network namespace, with a random file and a CSV export. Each
-# script installs what it needs (LocalStack, the AWS CLI) and prints Markdown tables. Took
-# 4 min 13 s on 2 cores before the collection, encoding and uplink benchmarks, which add about
-# 3, 3 and 6.5 min.
+# 20 Mbit/s uplink emulated in a network namespace, with a random file and a CSV export, and a
+# 1 GiB file fetched again over it after small changes. Each script installs what it needs
+# (LocalStack, the AWS CLI) and prints Markdown tables. Took 4 min 13 s on 2 cores before the
+# collection, encoding, uplink and re-fetch benchmarks, which add about 3, 3, 6.5 and 9.5 min.
 #
 #   scripts/bench.sh
 set -euo pipefail
@@ -25,6 +25,8 @@ echo
 echo
 if [[ $(id -u) == 0 ]]; then
   ./bench-uplink.sh 100 20 1
+  echo
+  ./bench-refetch.sh 1024 20 3
 else
   echo "bench-uplink.sh skipped: it needs root for ip netns and tc"
 fi

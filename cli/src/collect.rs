@@ -174,7 +174,9 @@ pub async fn collect(cli: &Cli, args: &CollectArgs) -> anyhow::Result<bool> {
         print_summary(&created, cli.json)?;
         return Ok(true);
     }
-    follow(&api, created, args.output_dir.as_deref(), cli.json).await
+    let how = fetch::Decode::new(false, cli.identity.as_deref());
+    let output = args.output_dir.as_deref().map(|dir| (dir, &how));
+    follow(&api, created, output, cli.json).await
 }
 
 /// Follows a collection until nothing is left to run or it expires, fetching completed files
@@ -182,7 +184,7 @@ pub async fn collect(cli: &Cli, args: &CollectArgs) -> anyhow::Result<bool> {
 async fn follow(
     api: &Api,
     created: CollectionSummary,
-    output_dir: Option<&Path>,
+    output: Option<(&Path, &fetch::Decode)>,
     json: bool,
 ) -> anyhow::Result<bool> {
     let id = created.collection_id;
@@ -202,7 +204,7 @@ async fn follow(
     let mut fetch_failures = Vec::new();
     let mut summary = created;
     loop {
-        if let Some(dir) = output_dir {
+        if let Some((dir, how)) = output {
             let rows = all_rows(api, id).await?;
             let due: Vec<CollectionRow> = rows
                 .into_iter()
@@ -213,7 +215,7 @@ async fn follow(
                 .map(|row| {
                     let file = file.clone();
                     async move {
-                        let result = fetch_row(api, dir, &row, &file).await;
+                        let result = fetch_row(api, dir, &row, &file, how).await;
                         (row.client_id, result)
                     }
                 })
@@ -277,6 +279,7 @@ async fn fetch_row(
     dir: &Path,
     row: &CollectionRow,
     file: &str,
+    how: &fetch::Decode,
 ) -> anyhow::Result<PathBuf> {
     let upload = row
         .upload_id
@@ -287,7 +290,7 @@ async fn fetch_row(
         .await
         .with_context(|| format!("creating {}", store_dir.display()))?;
     let path = store_dir.join(file);
-    fetch::fetch(api, upload, &Output::File(path.clone()), false, true).await?;
+    fetch::fetch(api, upload, &Output::File(path.clone()), how, true).await?;
     Ok(path)
 }
 

@@ -9,6 +9,11 @@
 //! A compressed object (`zstd`) is decoded on the way, in bounded pieces whatever its ratio: the
 //! stored bytes are checked against the object's CRC64NVME and size, the decoded ones against the
 //! file's SHA-256 and size. `--raw` keeps the stored form, which only the CRC64NVME can check.
+//!
+//! A sealed (encrypted) object is opened with the operator's identity file (`--identity`), frame
+//! by frame ([`shared::sealed::Unsealer`]), then decompressed if it was compressed; the file is
+//! checked against the keyed digest the agent recorded in place of its SHA-256. Without an
+//! identity that opens it, the fetch fails before anything is written.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -22,6 +27,7 @@ use shared::UploadId;
 use shared::api::DownloadLink;
 use shared::encoding::Encoding;
 use shared::hash::{Crc64Nvme, Crc64NvmeHasher, Sha256Hex};
+use shared::sealed::{FileDigest, Identities, SealError, Unsealer};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
 
@@ -51,6 +57,39 @@ impl std::str::FromStr for Output {
 impl Output {
     pub fn is_stdout(&self) -> bool {
         matches!(self, Output::Stdout)
+    }
+}
+
+/// How a fetch writes what it gets: decoded (decompressed, and opened with the identity file if
+/// the object is sealed), or `raw`, as stored.
+#[derive(Debug, Clone, Default)]
+pub struct Decode {
+    raw: bool,
+    identity: Option<PathBuf>,
+}
+
+impl Decode {
+    pub fn new(raw: bool, identity: Option<&Path>) -> Self {
+        Self {
+            raw,
+            identity: identity.map(Path::to_path_buf),
+        }
+    }
+
+    /// The unsealer for a sealed object, from the identity file.
+    fn unsealer(&self, link: &DownloadLink) -> anyhow::Result<Unsealer> {
+        let Some(path) = &self.identity else {
+            bail!(
+                "upload {} is encrypted ({}): give --identity FILE, an identity whose recipient the share is encrypted to (or --raw to keep it as stored)",
+                link.upload_id,
+                link.encoding
+            );
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the identity file {}", path.display()))?;
+        let identities = Identities::parse(&text)
+            .with_context(|| format!("the identity file {}", path.display()))?;
+        Ok(Unsealer::new(identities))
     }
 }
 
@@ -138,9 +177,14 @@ impl Expected {
             wrong.push(format!("{} bytes, expected {}", got.written, self.size));
         }
         if let Some(want) = self.sha256.as_ref().filter(|_| decoded) {
-            checked.push("sha256");
-            if want.as_str() != got.sha256 {
-                wrong.push(format!("SHA-256 {}, expected {want}", got.sha256));
+            // A sealed file was recorded with its keyed digest, which only the key opens.
+            let (name, digest) = match &got.keyed {
+                Some(keyed) => ("keyed digest", keyed),
+                None => ("sha256", &got.sha256),
+            };
+            checked.push(name);
+            if want.as_str() != digest {
+                wrong.push(format!("{name} {digest}, expected {want}"));
             }
         }
         let crc = got.crc;
@@ -167,6 +211,8 @@ struct Got {
     crc: Crc64Nvme,
     written: u64,
     sha256: String,
+    /// For a sealed object: the keyed digest of the bytes written.
+    keyed: Option<String>,
 }
 
 /// Fetches upload `upload_id` (which must be completed) into `output`, checking its bytes, and
@@ -177,15 +223,20 @@ pub async fn fetch(
     api: &Api,
     upload_id: UploadId,
     output: &Output,
-    raw: bool,
+    how: &Decode,
     quiet: bool,
 ) -> anyhow::Result<Fetched> {
+    let raw = how.raw;
     let link = api.download_link(upload_id).await?;
     let expected = Expected::of(&link)?;
+    let unsealer = match expected.encoding.sealed() && !raw {
+        true => Some(how.unsealer(&link)?),
+        false => None,
+    };
     let bar = progress_bar(expected.stored_size, quiet);
-    let decoder = match expected.encoding {
-        Encoding::Zstd if !raw => Some(Unzstd::new()?),
-        _ => None,
+    let decoder = match expected.encoding.compressed() && !raw {
+        true => Some(Unzstd::new()?),
+        false => None,
     };
     let (sink, partial) = match output {
         Output::Stdout => (Sink::Stdout(tokio::io::stdout()), None),
@@ -197,6 +248,8 @@ pub async fn fetch(
     };
     let mut transfer = Transfer {
         sink,
+        unsealer,
+        keyed: None,
         decoder,
         done: 0,
         written: 0,
@@ -235,6 +288,11 @@ pub async fn fetch(
     {
         bail!("the compressed object ends inside a zstd frame");
     }
+    if let Some(unsealer) = &transfer.unsealer
+        && !unsealer.at_frame_end()
+    {
+        bail!("the sealed object ends inside a frame");
+    }
     transfer.sink.flush().await.context("writing the output")?;
     bar.finish_and_clear();
     let got = Got {
@@ -242,6 +300,12 @@ pub async fn fetch(
         crc: transfer.crc.finish(),
         written: transfer.written,
         sha256: hex::encode(transfer.sha256.finalize()),
+        keyed: match (&transfer.unsealer, transfer.keyed) {
+            (Some(_), Some(keyed)) => Some(keyed.finish()),
+            // An object with no frame at all holds no key to check with.
+            (Some(_), None) => Some(String::new()),
+            (None, _) => None,
+        },
     };
     // On a mismatch `partial` is dropped here, which deletes it.
     let checked = expected.check(&got, raw)?;
@@ -365,6 +429,10 @@ impl Unzstd {
 /// The bytes fetched and written so far and their running hashes, across tries.
 struct Transfer {
     sink: Sink,
+    /// Set when a sealed object is opened on the way.
+    unsealer: Option<Unsealer>,
+    /// The keyed digest of the bytes written, once the first sealed frame gave the key.
+    keyed: Option<FileDigest>,
     /// Set when a compressed object is decoded on the way.
     decoder: Option<Unzstd>,
     /// Bytes from storage.
@@ -377,25 +445,55 @@ struct Transfer {
 }
 
 impl Transfer {
-    /// Writes `bytes` from storage to the output, decoded if the object is compressed.
-    async fn write(&mut self, mut bytes: &[u8]) -> anyhow::Result<()> {
-        let Some(decoder) = &mut self.decoder else {
-            self.sha256.update(bytes);
-            self.written += bytes.len() as u64;
-            return Ok(self.sink.writer().write_all(bytes).await?);
+    /// Writes `bytes` from storage to the output, opened if the object is sealed.
+    async fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let Some(unsealer) = &mut self.unsealer else {
+            return self.decode(bytes).await;
         };
+        // Whole frames only, so at most what one piece from storage completes.
+        let mut inners = Vec::new();
+        unsealer.push(bytes, |_, inner| {
+            inners.push(inner.to_vec());
+            Ok::<(), SealError>(())
+        })?;
+        if self.keyed.is_none() {
+            self.keyed = unsealer.file_digest();
+        }
+        for inner in inners {
+            self.decode(&inner).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` (as stored, or opened) to the output, decompressed if the object is.
+    async fn decode(&mut self, mut bytes: &[u8]) -> anyhow::Result<()> {
+        if self.decoder.is_none() {
+            return self.emit_plain(bytes).await;
+        }
         loop {
+            let decoder = self.decoder.as_mut().expect("checked above");
             let (used, produced) = decoder.step(bytes)?;
             bytes = &bytes[used..];
-            let plain = &decoder.out[..produced];
-            self.sha256.update(plain);
-            self.written += produced as u64;
-            self.sink.writer().write_all(plain).await?;
+            let plain = std::mem::take(&mut decoder.out);
+            let result = self.emit_plain(&plain[..produced]).await;
+            if let Some(decoder) = self.decoder.as_mut() {
+                decoder.out = plain;
+            }
+            result?;
             // A full output buffer may leave more to flush even with the input used up.
             if bytes.is_empty() && produced < Unzstd::OUT {
                 return Ok(());
             }
         }
+    }
+
+    async fn emit_plain(&mut self, plain: &[u8]) -> anyhow::Result<()> {
+        self.sha256.update(plain);
+        if let Some(keyed) = &mut self.keyed {
+            keyed.update(plain);
+        }
+        self.written += plain.len() as u64;
+        Ok(self.sink.writer().write_all(plain).await?)
     }
 
     /// One GET of `url` from byte `self.done` on, until the body ends. `size` is the object's.
@@ -497,6 +595,7 @@ mod tests {
             crc: Crc64Nvme::of(data),
             written: data.len() as u64,
             sha256: hex::encode(Sha256::digest(data)),
+            keyed: None,
         }
     }
 

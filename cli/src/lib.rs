@@ -5,6 +5,7 @@ pub mod admin;
 pub mod api;
 pub mod collect;
 pub mod fetch;
+pub mod identity;
 pub mod report;
 
 use std::io::{IsTerminal, Write};
@@ -53,6 +54,11 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Age identity file (`cli key generate`) that opens encrypted shares when they are fetched
+    /// (`fetch`, `download -o`, `collect --output-dir`).
+    #[arg(long, global = true, env = "IDENTITY_FILE")]
+    pub identity: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -74,7 +80,7 @@ pub enum Command {
         /// `zstd` or `none`.
         #[arg(long, default_value = "auto")]
         encoding: Compression,
-        /// With `-o`: write a compressed file as stored (zstd) instead of decoding it.
+        /// With `-o`: write a compressed or encrypted file as stored instead of decoding it.
         #[arg(long, requires = "output")]
         raw: bool,
         /// Print the upload id and return at once.
@@ -91,9 +97,15 @@ pub enum Command {
         /// Where to write it; `-` for stdout.
         #[arg(short, long)]
         output: Output,
-        /// Write a compressed file as stored (zstd) instead of decoding it.
+        /// Write a compressed or encrypted file as stored instead of decoding it.
         #[arg(long)]
         raw: bool,
+    },
+    /// Age identities for encrypted shares: `key generate` writes one and prints its recipient,
+    /// for the agents' `ENCRYPT_TO` or a share's `encrypt_to=`.
+    Key {
+        #[command(subcommand)]
+        command: identity::KeyCommand,
     },
     /// Cancel an unfinished upload: the agent stops and the multipart upload is aborted.
     Cancel { upload_id: String },
@@ -147,6 +159,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
     match &cli.command {
         Command::Token { command } => admin::token(&cli, command).await,
         Command::Keys { command } => admin::keys(&cli, command).await,
+        Command::Key { command } => identity::key(&cli, command),
         Command::Download {
             client_id,
             file,
@@ -171,7 +184,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
         } => {
             let upload_id = UploadId::parse(upload_id).context("not an upload id")?;
             let api = Api::new(&cli)?;
-            let fetched = fetch::fetch(&api, upload_id, output, *raw, cli.json).await?;
+            let how = fetch::Decode::new(*raw, cli.identity.as_deref());
+            let fetched = fetch::fetch(&api, upload_id, output, &how, cli.json).await?;
             report_fetch(&fetched, output, cli.json)?;
             Ok(true)
         }
@@ -232,7 +246,8 @@ async fn download(
         print_outcome(&mut report_stream(output), &status, cli.json)?;
         return Ok(status.state == UploadState::Completed);
     };
-    let fetched = fetch::fetch(&api, status.upload_id, output, raw, cli.json).await?;
+    let how = fetch::Decode::new(raw, cli.identity.as_deref());
+    let fetched = fetch::fetch(&api, status.upload_id, output, &how, cli.json).await?;
     let mut out = report_stream(Some(output));
     if cli.json {
         let both = serde_json::json!({ "upload": status, "fetch": fetched });

@@ -10,25 +10,29 @@ pub use shared::auth::Secret;
 use shared::encoding::Compression;
 use shared::labels::{Label, Labels};
 use shared::protocol::DEFAULT_SHARE;
+use shared::sealed::{MAX_RECIPIENTS, Recipient};
 use url::Url;
 
 pub const DEFAULT_FILE_NAME: &str = "file_to_download.txt";
 /// 5 GiB: a day's export is around 100 MB, so anything near this is a mistake.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 
-/// One shared file: the name the server may ask for, where it is, and how it is compressed
-/// when the operator leaves that to the share.
+/// One shared file: the name the server may ask for, where it is, how it is compressed when
+/// the operator leaves that to the share, and whom it is encrypted to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Share {
     pub name: FileName,
     pub path: PathBuf,
     /// `None`: the agent's `COMPRESSION`.
     pub compression: Option<Compression>,
+    /// Empty: the agent's `ENCRYPT_TO`.
+    pub encrypt_to: Vec<Recipient>,
 }
 
 impl std::str::FromStr for Share {
     type Err = String;
-    /// `name=path`, optionally followed by `;compression=auto|zstd|none`.
+    /// `name=path`, optionally followed by `;compression=auto|zstd|none` and by
+    /// `;encrypt_to=age1...`, once per recipient.
     fn from_str(s: &str) -> Result<Self, String> {
         let mut fields = s.split(';');
         let first = fields.next().unwrap_or_default();
@@ -41,6 +45,7 @@ impl std::str::FromStr for Share {
             return Err(format!("share {name}: path must be absolute"));
         }
         let mut compression = None;
+        let mut encrypt_to = Vec::new();
         for option in fields {
             match option.trim().split_once('=') {
                 Some(("compression", value)) => {
@@ -51,9 +56,16 @@ impl std::str::FromStr for Share {
                             .map_err(|e| format!("share {name}: {e}"))?,
                     );
                 }
+                Some(("encrypt_to", value)) => {
+                    encrypt_to.push(
+                        value
+                            .parse::<Recipient>()
+                            .map_err(|e| format!("share {name}: {e}"))?,
+                    );
+                }
                 _ => {
                     return Err(format!(
-                        "share {name}: unknown option {option:?} (expected compression=...)"
+                        "share {name}: unknown option {option:?} (expected compression=... or encrypt_to=...)"
                     ));
                 }
             }
@@ -62,6 +74,7 @@ impl std::str::FromStr for Share {
             name,
             path,
             compression,
+            encrypt_to,
         })
     }
 }
@@ -152,6 +165,20 @@ pub struct Config {
     #[arg(long, env = "ZSTD_LEVEL", default_value_t = 3)]
     pub zstd_level: i32,
 
+    /// Encrypt every share that names no recipients of its own (`;encrypt_to=...`) to these age
+    /// X25519 recipients (`age1...`, from `cli key generate`), comma-separated. An encrypted
+    /// share is compressed (as COMPRESSION says), then encrypted on this machine; the server
+    /// and the bucket never see it in the clear, and no request can turn that off. Empty: not
+    /// encrypted.
+    #[arg(long = "encrypt-to", env = "ENCRYPT_TO", value_delimiter = ',')]
+    pub encrypt_to: Vec<Recipient>,
+
+    /// Where the agent keeps the store keys of encrypted shares (files of mode 0600). A lost
+    /// key costs nothing but the next fetch's copied parts. Default: the directory of
+    /// AGENT_TOKEN_FILE, else `$HOME/.backhaul`.
+    #[arg(long, env = "KEY_DIR")]
+    pub key_dir: Option<PathBuf>,
+
     /// Where compressed parts wait to be sent, in files without a name (nothing is left behind
     /// if the agent dies). Needs room for the compressed file. Default: the system's temporary
     /// directory.
@@ -228,10 +255,19 @@ impl Config {
         if !(1..=19).contains(&self.zstd_level) {
             bail!("ZSTD_LEVEL must be between 1 and 19");
         }
+        if self.encrypt_to.len() > MAX_RECIPIENTS {
+            bail!("ENCRYPT_TO names more than {MAX_RECIPIENTS} recipients");
+        }
         let mut names = std::collections::HashSet::new();
         for share in &self.shares {
             if share.name.as_str() == DEFAULT_SHARE {
                 bail!("the share name '{DEFAULT_SHARE}' is FILE_PATH; pick another name");
+            }
+            if share.encrypt_to.len() > MAX_RECIPIENTS {
+                bail!(
+                    "share '{}' names more than {MAX_RECIPIENTS} recipients",
+                    share.name
+                );
             }
             if !names.insert(share.name.as_str()) {
                 bail!("share '{}' is configured twice", share.name);
@@ -284,6 +320,29 @@ impl Config {
             .find(|s| s.name == *name)
             .and_then(|s| s.compression)
             .unwrap_or(self.compression)
+    }
+
+    /// Whom a share is encrypted to; empty when it is not encrypted.
+    pub fn share_recipients(&self, name: &FileName) -> &[Recipient] {
+        match self.shares.iter().find(|s| s.name == *name) {
+            Some(share) if !share.encrypt_to.is_empty() => &share.encrypt_to,
+            _ => &self.encrypt_to,
+        }
+    }
+
+    pub fn key_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.key_dir {
+            return dir.clone();
+        }
+        if let Some(dir) = self.token_file.as_deref().and_then(std::path::Path::parent)
+            && !dir.as_os_str().is_empty()
+        {
+            return dir.to_path_buf();
+        }
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default()
+            .join(".backhaul")
     }
 
     pub fn spool_dir(&self) -> PathBuf {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod config_file;
 pub mod connection;
 mod session;
+pub mod store_keys;
 pub mod token;
 pub mod uploader;
 

@@ -261,7 +261,7 @@ impl<'a> Session<'a> {
         let compression = compression.map_or(shared::encoding::Compression::None, |asked| {
             asked.over(self.config.share_compression(share))
         });
-        let settings = DescribeSettings {
+        let mut settings = DescribeSettings {
             max_size: self.config.max_file_size,
             min_part_size,
             threads: self.config.hash_threads,
@@ -270,11 +270,28 @@ impl<'a> Session<'a> {
             zstd_level: self.config.zstd_level,
             spool_dir: self.config.spool_dir(),
             layout_hint,
+            seal: None,
         };
+        // An encrypted share is sealed whatever the server asked: its recipients are pinned here.
+        let recipients = self.config.share_recipients(share).to_vec();
+        let key_dir = self.config.key_dir();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
+            let described = async {
+                if !recipients.is_empty() {
+                    let key = tokio::task::spawn_blocking(move || {
+                        crate::store_keys::load_or_create(&key_dir, &recipients)
+                    })
+                    .await
+                    .map_err(|e| {
+                        uploader::UploadError::new(ErrorCode::FileReadError, e.to_string())
+                    })??;
+                    settings.seal = Some(Arc::new(key));
+                }
+                uploader::describe_file(&path, &settings).await
+            };
             let result = tokio::select! {
-                r = uploader::describe_file(&path, &settings) => r,
+                r = described => r,
                 () = cancel.cancelled() => return,
             };
             let _ = tx
@@ -314,11 +331,7 @@ impl<'a> Session<'a> {
                     part_crc64nvme: d.part_crc64nvme.clone().into(),
                 };
                 let (sha256, encoding, encoded_parts) = match &d.encoded {
-                    Some(e) => (
-                        Some(e.sha256.clone()),
-                        Some(shared::encoding::Encoding::Zstd),
-                        e.parts.clone(),
-                    ),
+                    Some(e) => (Some(e.sha256.clone()), Some(e.encoding), e.parts.clone()),
                     None => (self.known.lookup(&path, &layout), None, Vec::new()),
                 };
                 // Remember the path only for a file the server may now plan an upload of.

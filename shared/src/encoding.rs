@@ -1,7 +1,9 @@
-//! How a file travels and is stored: as it is, or compressed with zstd. Operators and shares ask
-//! for a [`Compression`]; the agent decides the [`Encoding`] of each upload, and the object says
-//! which it got (its key ends in `.zst`, and its metadata records the encoding, the original size
-//! and the plaintext SHA-256).
+//! How a file travels and is stored: as it is, compressed with zstd, and sealed (encrypted on the
+//! store, [`crate::sealed`]) or not. Operators and shares ask for a [`Compression`]; a share's
+//! configuration alone decides whether it is sealed; the agent decides the [`Encoding`] of each
+//! upload, and the object says which it got (its key ends in `.zst`, `.sealed` or
+//! `.zst.sealed`, and its metadata records the encoding, the original size and the plaintext
+//! SHA-256, or for a sealed object its keyed digest).
 
 use std::fmt;
 use std::str::FromStr;
@@ -43,10 +45,11 @@ impl Compression {
 
     /// Whether an upload asked for this may be stored with `encoding`.
     pub fn allows(self, encoding: Encoding) -> bool {
-        !matches!(
-            (self, encoding),
-            (Compression::None, Encoding::Zstd) | (Compression::Zstd, Encoding::None)
-        )
+        match self {
+            Compression::Auto => true,
+            Compression::Zstd => encoding.compressed(),
+            Compression::None => !encoding.compressed(),
+        }
     }
 }
 
@@ -82,6 +85,11 @@ pub enum Encoding {
     /// The object is a run of zstd frames (at least one per part) whose decompressed
     /// concatenation is the file.
     Zstd,
+    /// The object is a run of sealed frames, one per 1 MiB block of the file
+    /// ([`crate::sealed`]).
+    Sealed,
+    /// The object is a run of sealed frames, each holding the zstd frame of one 1 MiB block.
+    ZstdSealed,
 }
 
 impl Encoding {
@@ -89,7 +97,27 @@ impl Encoding {
         match self {
             Encoding::None => "none",
             Encoding::Zstd => "zstd",
+            Encoding::Sealed => "sealed",
+            Encoding::ZstdSealed => "zstd_sealed",
         }
+    }
+
+    /// The encoding of a file compressed or not, sealed or not.
+    pub fn of(compressed: bool, sealed: bool) -> Self {
+        match (compressed, sealed) {
+            (false, false) => Encoding::None,
+            (true, false) => Encoding::Zstd,
+            (false, true) => Encoding::Sealed,
+            (true, true) => Encoding::ZstdSealed,
+        }
+    }
+
+    pub fn compressed(self) -> bool {
+        matches!(self, Encoding::Zstd | Encoding::ZstdSealed)
+    }
+
+    pub fn sealed(self) -> bool {
+        matches!(self, Encoding::Sealed | Encoding::ZstdSealed)
     }
 
     /// What the object key ends with after the file name.
@@ -97,6 +125,8 @@ impl Encoding {
         match self {
             Encoding::None => "",
             Encoding::Zstd => ".zst",
+            Encoding::Sealed => ".sealed",
+            Encoding::ZstdSealed => ".zst.sealed",
         }
     }
 }
@@ -113,7 +143,8 @@ pub mod metadata {
     pub const ENCODING: &str = "encoding";
     /// The file's size in bytes, before encoding.
     pub const ORIGINAL_SIZE: &str = "original-size";
-    /// Lowercase hex SHA-256 of the file, before encoding.
+    /// Lowercase hex SHA-256 of the file, before encoding; for a sealed object, the keyed
+    /// digest ([`crate::sealed::StoreKey::file_digest`]).
     pub const SHA256: &str = "sha256";
 }
 
@@ -151,5 +182,15 @@ mod tests {
         assert!(Compression::Auto.allows(Encoding::None));
         assert!(!Compression::None.allows(Encoding::Zstd));
         assert!(!Compression::Zstd.allows(Encoding::None));
+        assert!(Compression::None.allows(Encoding::Sealed));
+        assert!(!Compression::None.allows(Encoding::ZstdSealed));
+        assert!(Compression::Zstd.allows(Encoding::ZstdSealed));
+        assert!(!Compression::Zstd.allows(Encoding::Sealed));
+        for compressed in [false, true] {
+            for sealed in [false, true] {
+                let e = Encoding::of(compressed, sealed);
+                assert_eq!((e.compressed(), e.sealed()), (compressed, sealed));
+            }
+        }
     }
 }

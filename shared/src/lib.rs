@@ -16,6 +16,7 @@ pub mod hash;
 pub mod ids;
 pub mod labels;
 pub mod protocol;
+pub mod sealed;
 
 pub use error::ErrorCode;
 pub use ids::{ClientId, CollectionId, FileName, IdError, PartNumber, ScheduleId, UploadId};

@@ -11,6 +11,7 @@ mod crash_completion;
 mod credentials;
 mod download;
 mod embedded_store;
+mod encryption;
 mod failures;
 mod fetch;
 mod harness;

@@ -30,7 +30,7 @@ fn append(path: &std::path::Path, len: usize, rng: &mut impl RngCore) {
 }
 
 /// A server whose presigned URLs lead through a counting proxy, with 5 MiB parts.
-async fn counted(mode: Mode) -> (FaultProxy, TestServer) {
+pub async fn counted(mode: Mode) -> (FaultProxy, TestServer) {
     let proxy = FaultProxy::start(&localstack_endpoint(), Faults::default()).await;
     let url = proxy.url();
     let server = TestServer::builder(mode)

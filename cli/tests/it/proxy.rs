@@ -68,6 +68,10 @@ pub struct ProxyStats {
     pub aborts_seen: AtomicU32,
     /// Body bytes of part PUTs that reached the proxy, faults included.
     pub part_bytes: AtomicU64,
+    /// Bytes to look for in every request body to storage (a plaintext marker), and how many
+    /// bodies held them.
+    pub watch_for: Mutex<Option<Vec<u8>>>,
+    pub watch_hits: AtomicU32,
     /// Successful part PUTs by (uploadId, partNumber).
     pub stored: Mutex<HashMap<(String, u32), u32>>,
     /// When the first part PUT arrived and the last part body was complete.
@@ -294,8 +298,19 @@ async fn forward(
     let counting = part.is_some();
     let st = stats.clone();
     let mut flipped = !corrupt;
+    let watch = stats.watch_for.lock().unwrap().clone();
+    // The end of the previous chunk, so a marker split across two chunks is still seen.
+    let mut tail: Vec<u8> = Vec::new();
     let stream = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
         let chunk = chunk?;
+        if let Some(marker) = &watch {
+            tail.extend_from_slice(&chunk);
+            if tail.windows(marker.len()).any(|w| w == &marker[..]) {
+                st.watch_hits.fetch_add(1, Ordering::Relaxed);
+            }
+            let keep = tail.len().saturating_sub(marker.len());
+            tail.drain(..keep);
+        }
         if counting {
             st.part_bytes
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);

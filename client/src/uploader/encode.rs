@@ -1,10 +1,13 @@
-//! Compressing a shared file before it is described: zstd, one frame per [`BLOCK`] of the file,
-//! the frames grouped into parts of at least the target stored size.
+//! Encoding a shared file before it is described: zstd, one frame per [`BLOCK`] of the file, or
+//! for an encrypted share one sealed frame per block ([`shared::sealed`]) holding the block's
+//! zstd frame or the block itself; the frames grouped into parts of at least the target stored
+//! size.
 //!
 //! A part's URL signs the CRC64NVME of its stored bytes, so those bytes must exist before the
 //! server is told about the part. They are written once, here, to a spool file that has no name
 //! (it vanishes with the agent, even after a kill), and the parts are sent from it. The file
-//! itself is read once: the same pass computes the SHA-256 of the plaintext.
+//! itself is read once: the same pass computes the SHA-256 of the plaintext (for a sealed file,
+//! its keyed digest).
 //!
 //! Blocks compress on `threads` threads; each writes its frame to the spool in block order, so
 //! parts are laid out by stored size: every part but the last holds at least `target` stored
@@ -26,10 +29,11 @@ use std::sync::{Condvar, Mutex};
 
 use sha2::{Digest, Sha256};
 use shared::ErrorCode;
-use shared::encoding::EncodedPart;
+use shared::encoding::{EncodedPart, Encoding};
 use shared::hash::Crc64Nvme;
 use shared::ids::MAX_PARTS;
 use shared::protocol::plan_parts;
+use shared::sealed::{FileDigest, StoreKey};
 
 use super::UploadError;
 use super::digest::{BlockDigest, PartDigester, block_digest};
@@ -60,8 +64,9 @@ pub struct Encoded {
     pub part_crc64nvme: Vec<Crc64Nvme>,
     /// The manifest digest of each part's plaintext.
     pub part_digests: Vec<String>,
-    /// Lowercase hex SHA-256 of the plaintext.
+    /// Lowercase hex SHA-256 of the plaintext; for a sealed file, its keyed digest.
     pub sha256: String,
+    pub encoding: Encoding,
 }
 
 impl Encoded {
@@ -76,24 +81,24 @@ impl Encoded {
 }
 
 /// The stored size parts aim at: what [`plan_parts`] gives for the most that `size` bytes can
-/// take compressed, so that even a file zstd cannot shrink fits in 10,000 parts. `None` if
-/// that is too large for one S3 object.
-pub fn target_part_size(size: u64, min_part_size: u64) -> Option<u64> {
-    plan_parts(stored_bound(size)?, min_part_size).map(|(part_size, _)| part_size)
+/// take encoded (each frame `overhead` bytes more for sealing), so that even a file zstd cannot
+/// shrink fits in 10,000 parts. `None` if that is too large for one S3 object.
+pub fn target_part_size(size: u64, min_part_size: u64, overhead: usize) -> Option<u64> {
+    plan_parts(stored_bound(size, overhead)?, min_part_size).map(|(part_size, _)| part_size)
 }
 
-/// The most that `size` bytes can take compressed, frame by frame.
-fn stored_bound(size: u64) -> Option<u64> {
+/// The most that `size` bytes can take encoded, frame by frame.
+fn stored_bound(size: u64, overhead: usize) -> Option<u64> {
     let blocks = size.div_ceil(BLOCK as u64).max(1);
-    blocks.checked_mul(zstd::zstd_safe::compress_bound(BLOCK) as u64)
+    blocks.checked_mul((zstd::zstd_safe::compress_bound(BLOCK) + overhead) as u64)
 }
 
 /// Where parts may close to match the previous object: the plaintext offsets its parts ended
 /// at, in order. Empty (nothing to follow) when the hint is unusable, or when following it
 /// could take more than 10,000 parts: a part closed on a boundary may hold as little as
 /// `min_part` stored bytes.
-pub fn hint_boundaries(hint: &[u64], size: u64, min_part: u64) -> Vec<u64> {
-    let fits = stored_bound(size)
+pub fn hint_boundaries(hint: &[u64], size: u64, min_part: u64, overhead: usize) -> Vec<u64> {
+    let fits = stored_bound(size, overhead)
         .is_some_and(|bound| bound.div_ceil(min_part.max(1)) <= u64::from(MAX_PARTS));
     if hint.len() > MAX_PARTS as usize || !fits {
         return Vec::new();
@@ -131,10 +136,13 @@ pub fn compression_pays(file: &File, path: &Path, size: u64) -> Result<bool, Upl
     Ok(plain > 0 && (packed as f64) <= plain as f64 * PAYS_BELOW)
 }
 
-/// How to encode: zstd level, threads, the stored size each part reaches, the layout to
-/// follow, the read pace and the stop flag.
+/// How to encode: zstd level, the store key, threads, the stored size each part reaches, the
+/// layout to follow, the read pace and the stop flag.
 pub struct EncodeJob<'a> {
-    pub level: i32,
+    /// `None`: blocks are not compressed (only sealed).
+    pub level: Option<i32>,
+    /// Set for an encrypted share: every block is sealed with it.
+    pub seal: Option<&'a StoreKey>,
     pub threads: usize,
     /// A part is closed once it holds at least this many stored bytes.
     pub target: u64,
@@ -171,15 +179,23 @@ pub fn encode(
                 boundaries: job.boundaries,
                 min_part: job.min_part,
             },
+            match job.seal {
+                Some(key) => Whole::Keyed(key.file_digest()),
+                None => Whole::Sha256(Sha256::new()),
+            },
         )),
         turn: Condvar::new(),
     };
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let work = || -> Result<(), UploadError> {
-        let mut compressor = zstd::bulk::Compressor::new(job.level).map_err(zstd_error)?;
+        let mut compressor = job
+            .level
+            .map(|level| zstd::bulk::Compressor::new(level).map_err(zstd_error))
+            .transpose()?;
         let mut plain = vec![0u8; BLOCK];
         let mut packed = Vec::with_capacity(zstd::zstd_safe::compress_bound(BLOCK));
+        let mut sealed = Vec::new();
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             if i >= blocks || failed.load(Ordering::Relaxed) {
@@ -197,14 +213,27 @@ pub fn encode(
             if n < len {
                 return Err(changed_while_hashing(path));
             }
-            packed.clear();
-            compressor
-                .compress_to_buffer(&plain[..len], &mut packed)
-                .map_err(zstd_error)?;
-            let crc = Crc64Nvme::of(&packed);
-            let digest = block_digest(&plain[..len]);
+            let inner: &[u8] = match &mut compressor {
+                Some(compressor) => {
+                    packed.clear();
+                    compressor
+                        .compress_to_buffer(&plain[..len], &mut packed)
+                        .map_err(zstd_error)?;
+                    &packed
+                }
+                None => &plain[..len],
+            };
+            let (frame, digest): (&[u8], BlockDigest) = match job.seal {
+                Some(key) => {
+                    sealed.clear();
+                    key.seal(inner, &mut sealed);
+                    (&sealed, key.block_id(&plain[..len]))
+                }
+                None => (inner, block_digest(&plain[..len])),
+            };
+            let crc = Crc64Nvme::of(frame);
             shared.in_turn(i, &failed, |layout| {
-                layout.push(&plain[..len], &digest, &packed, crc)
+                layout.push(&plain[..len], &digest, frame, crc)
             })?;
         }
     };
@@ -233,6 +262,7 @@ pub fn encode(
         part_crc64nvme,
         part_digests,
         sha256,
+        encoding: Encoding::of(job.level.is_some(), job.seal.is_some()),
     })
 }
 
@@ -331,12 +361,34 @@ struct Layout<'a> {
     next_boundary: usize,
     done: Finished,
     open: Option<OpenPart>,
-    sha256: Sha256,
+    whole: Whole,
     error: Option<std::io::Error>,
 }
 
+/// The digest of the whole plaintext: its SHA-256, or for a sealed file its keyed digest.
+enum Whole {
+    Sha256(Sha256),
+    Keyed(FileDigest),
+}
+
+impl Whole {
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Whole::Sha256(h) => h.update(bytes),
+            Whole::Keyed(d) => d.update(bytes),
+        }
+    }
+
+    fn finish(self) -> String {
+        match self {
+            Whole::Sha256(h) => hex::encode(h.finalize()),
+            Whole::Keyed(d) => d.finish(),
+        }
+    }
+}
+
 impl<'a> Layout<'a> {
-    fn new(spool: File, closing: Closing<'a>) -> Self {
+    fn new(spool: File, closing: Closing<'a>, whole: Whole) -> Self {
         Self {
             spool: std::io::BufWriter::with_capacity(BLOCK, spool),
             closing,
@@ -350,7 +402,7 @@ impl<'a> Layout<'a> {
                 sha256: String::new(),
             },
             open: None,
-            sha256: Sha256::new(),
+            whole,
             error: None,
         }
     }
@@ -363,7 +415,7 @@ impl<'a> Layout<'a> {
         frame: &[u8],
         crc: Crc64Nvme,
     ) -> Result<(), UploadError> {
-        self.sha256.update(plain);
+        self.whole.update(plain);
         if let Err(e) = self.spool.write_all(frame) {
             let message = format!("writing the spool: {e}");
             self.error = Some(e);
@@ -412,7 +464,7 @@ impl<'a> Layout<'a> {
         self.spool
             .flush()
             .map_err(|e| io_error(spool_dir, &self.error.take().unwrap_or(e)))?;
-        self.done.sha256 = hex::encode(self.sha256.finalize());
+        self.done.sha256 = self.whole.finish();
         Ok(self.done)
     }
 }
@@ -453,9 +505,10 @@ mod tests {
         std::fs::write(&path, data).unwrap();
         let file = File::open(&path).unwrap();
         let stop = AtomicBool::new(false);
-        let boundaries = hint_boundaries(hint, data.len() as u64, target);
+        let boundaries = hint_boundaries(hint, data.len() as u64, target, 0);
         let job = EncodeJob {
-            level: 3,
+            level: Some(3),
+            seal: None,
             threads,
             target,
             boundaries: &boundaries,
@@ -515,12 +568,12 @@ mod tests {
 
     #[test]
     fn unusable_hints_are_ignored() {
-        assert!(hint_boundaries(&[u64::MAX, 5], 10 * MIB, MIB).len() < 2);
-        assert!(hint_boundaries(&vec![1; MAX_PARTS as usize + 1], MIB, 1).is_empty());
+        assert!(hint_boundaries(&[u64::MAX, 5], 10 * MIB, MIB, 0).len() < 2);
+        assert!(hint_boundaries(&vec![1; MAX_PARTS as usize + 1], MIB, 1, 0).is_empty());
         // A huge file could not stay within 10,000 parts closing at the smallest part size.
-        assert!(hint_boundaries(&[MIB], 100 * 1024 * MIB, 5 * MIB).is_empty());
+        assert!(hint_boundaries(&[MIB], 100 * 1024 * MIB, 5 * MIB, 0).is_empty());
         assert_eq!(
-            hint_boundaries(&[MIB, 2 * MIB], 3 * MIB, MIB),
+            hint_boundaries(&[MIB, 2 * MIB], 3 * MIB, MIB, 0),
             vec![MIB, 3 * MIB]
         );
     }

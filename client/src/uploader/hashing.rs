@@ -52,6 +52,9 @@ pub struct DescribeSettings {
     /// The plaintext part lengths of the share's previous object, when it was compressed: an
     /// encoded layout follows them where it can.
     pub layout_hint: Vec<u64>,
+    /// The store key of an encrypted share: the file is then always encoded, every block
+    /// sealed, whatever compression applies.
+    pub seal: Option<Arc<shared::sealed::StoreKey>>,
 }
 
 /// Read size while hashing.
@@ -70,6 +73,7 @@ impl DescribeSettings {
             zstd_level: 3,
             spool_dir: std::env::temp_dir(),
             layout_hint: Vec::new(),
+            seal: None,
         }
     }
 }
@@ -169,16 +173,21 @@ fn hash_file(path: &Path, file_name: FileName, job: &HashJob) -> Result<Describe
         Compression::Zstd => true,
         Compression::Auto => compression_pays(&file, path, before.size)?,
     };
-    if compress {
-        let target = target_part_size(before.size, settings.min_part_size).ok_or_else(too_large)?;
-        let boundaries = hint_boundaries(&settings.layout_hint, before.size, MIN_PART_SIZE);
+    let seal = settings.seal.as_deref();
+    if compress || seal.is_some() {
+        let overhead = seal.map_or(0, shared::sealed::StoreKey::overhead);
+        let target = target_part_size(before.size, settings.min_part_size, overhead)
+            .ok_or_else(too_large)?;
+        let boundaries =
+            hint_boundaries(&settings.layout_hint, before.size, MIN_PART_SIZE, overhead);
         let encoded = encode(
             &file,
             path,
             before.size,
             &settings.spool_dir,
             &EncodeJob {
-                level: settings.zstd_level,
+                level: compress.then_some(settings.zstd_level),
+                seal,
                 threads: settings.threads.max(1),
                 target,
                 boundaries: &boundaries,

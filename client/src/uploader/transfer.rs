@@ -199,12 +199,17 @@ async fn check_plan(
     settings: &UploadSettings,
 ) -> Result<(), UploadError> {
     let snapshot = layout.snapshot;
-    let described = if encoded.is_some() {
-        Encoding::Zstd
-    } else {
-        Encoding::None
-    };
+    let described = encoded.map_or(Encoding::None, |e| e.encoding);
     let planned = plan.encoding.unwrap_or_default();
+    if described.sealed() && !planned.sealed() {
+        // What the server may not do: have an encrypted share stored in the clear.
+        return Err(UploadError::new(
+            ErrorCode::UnexpectedMessage,
+            format!(
+                "refused: the plan would store an encrypted share unencrypted ({planned}); this agent sealed it ({described}) and sends it no other way"
+            ),
+        ));
+    }
     if planned != described {
         return Err(UploadError::new(
             ErrorCode::UnexpectedMessage,

@@ -305,10 +305,8 @@ fn check_encoded(info: FileInfo) -> Result<FileFacts, Rejection> {
     };
     let part_digests =
         parse_part_digests(&info.part_digests, &digests, parts.len()).map_err(malformed)?;
-    let stored = match info.encoding {
-        Encoding::Zstd => Stored::Zstd(info.encoded_parts),
-        Encoding::None => unreachable!("plain files are checked by check_facts"),
-    };
+    let stored = Stored::encoded(info.encoding, info.encoded_parts)
+        .expect("plain files are checked by check_facts");
     Ok(FileFacts {
         file_name: info.file_name,
         size: info.size,

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use shared::api::{ErrorDetail, PhaseTimes};
-use shared::encoding::{Compression, Encoding};
+use shared::encoding::Compression;
 use shared::hash::Sha256Hex;
 use shared::protocol::{CompletedPart, UploadPlan};
 use shared::{ClientId, ErrorCode, PartNumber};
@@ -221,9 +221,12 @@ impl Upload {
             share: self.share.clone(),
             part_size: transfer.map(|t| t.file.part_size),
             // A resumed upload keeps its encoding, so the agent lays it out as before.
-            compression: transfer.map_or(self.compression, |t| match t.file.encoding() {
-                Encoding::None => Compression::None,
-                Encoding::Zstd => Compression::Zstd,
+            compression: transfer.map_or(self.compression, |t| {
+                if t.file.encoding().compressed() {
+                    Compression::Zstd
+                } else {
+                    Compression::None
+                }
             }),
         }])
     }

@@ -89,7 +89,7 @@ impl Manifest {
     pub fn layout_hint(&self) -> Vec<u64> {
         match self.encoding {
             Encoding::None => Vec::new(),
-            Encoding::Zstd => self.parts.iter().map(|p| p.plain_len).collect(),
+            _ => self.parts.iter().map(|p| p.plain_len).collect(),
         }
     }
 
@@ -283,13 +283,16 @@ mod tests {
     fn nothing_is_copied_across_encodings_from_small_objects_or_without_a_manifest() {
         let before = manifest_of(plain(16 * MIB, &[1, 2]));
         let mut zstd = plain(16 * MIB, &[1, 2]);
-        zstd.stored = Stored::Zstd(vec![
-            EncodedPart {
-                plain_len: 8 * MIB,
-                stored_len: 8 * MIB,
-            };
-            2
-        ]);
+        zstd.stored = Stored::Encoded(
+            Encoding::Zstd,
+            vec![
+                EncodedPart {
+                    plain_len: 8 * MIB,
+                    stored_len: 8 * MIB,
+                };
+                2
+            ],
+        );
         assert!(before.unchanged(&zstd).is_empty());
         let mut none = plain(16 * MIB, &[1, 2]);
         none.part_digests = None;
@@ -305,21 +308,27 @@ mod tests {
             stored_len,
         };
         let mut before = plain(30 * MIB, &[1, 2, 3]);
-        before.stored = Stored::Zstd(vec![
-            part(10 * MIB, 6 * MIB),
-            part(10 * MIB, 6 * MIB),
-            part(10 * MIB, 2 * MIB),
-        ]);
+        before.stored = Stored::Encoded(
+            Encoding::Zstd,
+            vec![
+                part(10 * MIB, 6 * MIB),
+                part(10 * MIB, 6 * MIB),
+                part(10 * MIB, 2 * MIB),
+            ],
+        );
         let before = manifest_of(before);
         assert_eq!(before.layout_hint(), vec![10 * MIB; 3]);
         // The new file split the first range in two (it compressed worse), and kept the rest.
         let mut after = plain(30 * MIB, &[4, 5, 2, 3]);
-        after.stored = Stored::Zstd(vec![
-            part(5 * MIB, 5 * MIB),
-            part(5 * MIB, 5 * MIB),
-            part(10 * MIB, 6 * MIB),
-            part(10 * MIB, 2 * MIB),
-        ]);
+        after.stored = Stored::Encoded(
+            Encoding::Zstd,
+            vec![
+                part(5 * MIB, 5 * MIB),
+                part(5 * MIB, 5 * MIB),
+                part(10 * MIB, 6 * MIB),
+                part(10 * MIB, 2 * MIB),
+            ],
+        );
         let copies = before.unchanged(&after);
         assert_eq!(numbers(&copies), vec![3, 4]);
         assert_eq!((copies[0].first, copies[0].last), (6 * MIB, 12 * MIB - 1));

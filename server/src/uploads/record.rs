@@ -72,9 +72,19 @@ pub struct FileFacts {
 pub enum Stored {
     /// Each part is `part_size` bytes of the file, the last one the remainder.
     Plain,
-    /// Protocol 5: each part is zstd frames; its plaintext and stored lengths, checked (at the
-    /// boundary) to cover the file, with at most 10,000 parts of S3's sizes.
-    Zstd(Vec<EncodedPart>),
+    /// Protocol 5: each part is zstd frames, sealed frames, or sealed zstd frames (the
+    /// encoding, never [`Encoding::None`]: built by [`Stored::encoded`]); its plaintext and
+    /// stored lengths, checked (at the boundary) to cover the file, with at most 10,000 parts
+    /// of S3's sizes.
+    Encoded(Encoding, Vec<EncodedPart>),
+}
+
+impl Stored {
+    /// Parts stored with `encoding`: `None` for [`Encoding::None`], whose parts have no layout
+    /// of their own.
+    pub fn encoded(encoding: Encoding, parts: Vec<EncodedPart>) -> Option<Self> {
+        (encoding != Encoding::None).then_some(Stored::Encoded(encoding, parts))
+    }
 }
 
 /// The checksums of a file's parts, as the agent's protocol version computes them. They decide
@@ -138,7 +148,7 @@ impl FileFacts {
     pub fn encoding(&self) -> Encoding {
         match self.stored {
             Stored::Plain => Encoding::None,
-            Stored::Zstd(_) => Encoding::Zstd,
+            Stored::Encoded(encoding, _) => encoding,
         }
     }
 
@@ -146,7 +156,7 @@ impl FileFacts {
     pub fn stored_size(&self) -> u64 {
         match &self.stored {
             Stored::Plain => self.size,
-            Stored::Zstd(parts) => parts.iter().map(|p| p.stored_len).sum(),
+            Stored::Encoded(_, parts) => parts.iter().map(|p| p.stored_len).sum(),
         }
     }
 
@@ -188,7 +198,7 @@ impl FileFacts {
     pub fn part_len(&self, part_number: PartNumber) -> u64 {
         match &self.stored {
             Stored::Plain => part_range(self.size, self.part_size, part_number).1,
-            Stored::Zstd(parts) => parts
+            Stored::Encoded(_, parts) => parts
                 .get(part_number.get() as usize - 1)
                 .map_or(0, |p| p.stored_len),
         }
@@ -201,7 +211,7 @@ impl FileFacts {
                 .parts()
                 .map(|(n, _)| part_range(self.size, self.part_size, n))
                 .collect(),
-            Stored::Zstd(parts) => parts
+            Stored::Encoded(_, parts) => parts
                 .iter()
                 .scan(0u64, |at, p| {
                     let start = *at;

@@ -348,11 +348,11 @@ impl From<&FileFacts> for FileV1 {
             part_crc64nvme,
             encoding: match &f.stored {
                 Stored::Plain => None,
-                Stored::Zstd(_) => Some(Encoding::Zstd),
+                Stored::Encoded(encoding, _) => Some(*encoding),
             },
             encoded_parts: match &f.stored {
                 Stored::Plain => Vec::new(),
-                Stored::Zstd(parts) => parts.clone(),
+                Stored::Encoded(_, parts) => parts.clone(),
             },
             part_digests: f
                 .part_digests
@@ -403,7 +403,10 @@ impl TryFrom<FileV1> for FileFacts {
         };
         let stored = match (f.encoding.unwrap_or_default(), f.encoded_parts) {
             (Encoding::None, parts) if parts.is_empty() => Stored::Plain,
-            (Encoding::Zstd, parts) if parts.len() == digests.count() => Stored::Zstd(parts),
+            (encoding, parts) if parts.len() == digests.count() => Stored::encoded(encoding, parts)
+                .ok_or_else(|| {
+                    ReadError::Invalid("a plain record with encoded parts".to_owned())
+                })?,
             _ => {
                 return Err(ReadError::Invalid(
                     "encoded parts that do not fit the encoding or the part checksums".to_owned(),

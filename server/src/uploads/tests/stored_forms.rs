@@ -38,16 +38,19 @@ fn a_compressed_upload_survives_the_stored_form() {
             parts: vec![Crc64Nvme::of(b"a"), Crc64Nvme::of(b"b")],
             sha256: Some(Sha256Hex::parse(&"c".repeat(64)).unwrap()),
         };
-        t.file.stored = Stored::Zstd(vec![
-            EncodedPart {
-                plain_len: 10 * MIB,
-                stored_len: 5 * MIB,
-            },
-            EncodedPart {
-                plain_len: 2 * MIB,
-                stored_len: 1000,
-            },
-        ]);
+        t.file.stored = Stored::Encoded(
+            Encoding::Zstd,
+            vec![
+                EncodedPart {
+                    plain_len: 10 * MIB,
+                    stored_len: 5 * MIB,
+                },
+                EncodedPart {
+                    plain_len: 2 * MIB,
+                    stored_len: 1000,
+                },
+            ],
+        );
     }
     let (row, back) = round_trip(&u);
     assert!(

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use crate::encryption::{generate_identity, sealing_args};
 use crate::harness::*;
 use crate::proxy::{FaultProxy, Faults};
 
@@ -239,9 +240,10 @@ async fn the_share_decides_unless_the_operator_does() {
     assert_eq!(body["error"]["code"], "INVALID_ENCODING", "{body}");
 }
 
-/// kill -9 of the agent while a compressed file uploads: the next agent encodes the file the
-/// same way, the upload resumes, and storage never receives a finished part twice.
-async fn killed_while_compressing_resumes(mode: Mode) {
+/// kill -9 of the agent while a compressed (and, when `sealed`, encrypted) file uploads: the next
+/// agent encodes the file the same way, the upload resumes, and storage never receives a
+/// finished part twice.
+async fn killed_while_encoding_resumes(mode: Mode, sealed: bool) {
     let proxy = FaultProxy::start(&localstack_endpoint(), Faults::default()).await;
     let url = proxy.url();
     let server = TestServer::builder(mode)
@@ -257,14 +259,19 @@ async fn killed_while_compressing_resumes(mode: Mode) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("sales.csv");
     let sha = write_csv(&file, 120 * MIB);
-    let mut rng = seeded_rng(&format!("killed_while_compressing ({mode:?})"));
+    let mut rng = seeded_rng(&format!("killed_while_encoding ({mode:?}, {sealed})"));
+    let operator = tempfile::tempdir().unwrap();
+    let identity = match sealed {
+        true => Some(generate_identity(&server, operator.path(), "id.key").await),
+        false => None,
+    };
     let trials = 3;
     let mut stored_parts = 0;
     for trial in 0..trials {
         let client_id = unique_client("zkill");
         // Two parts at a time at 4 MiB/s on the wire: a pair of compressed parts (about 5 MiB
         // each) is stored every 2.5 s or so.
-        let args = agent_args(
+        let mut args = agent_args(
             &server.ws_url(),
             &client_id,
             &file,
@@ -275,6 +282,10 @@ async fn killed_while_compressing_resumes(mode: Mode) {
                 "2",
             ],
         );
+        if let Some(id) = &identity {
+            // The restarted agent finds the store key the killed one made.
+            args.extend(sealing_args(&id.recipient, &dir.path().join("keys")));
+        }
         let mut agent = ChildProcess::spawn("agent", &args);
         server.wait_connected(&client_id).await;
         let upload_id = trigger_id(&server, &client_id).await;
@@ -288,19 +299,28 @@ async fn killed_while_compressing_resumes(mode: Mode) {
         agent.kill9().await;
         let before = server.upload(&upload_id).await;
         eprintln!(
-            "FIGURES compressed kill -9 trial {trial} ({mode:?}): killed {delay} ms after two parts were stored, {} of {:?} parts stored",
-            before.parts_done, before.parts_total
+            "FIGURES {} kill -9 trial {trial} ({mode:?}): killed {delay} ms after two parts were stored, {} of {:?} parts stored",
+            shared::encoding::Encoding::of(true, sealed),
+            before.parts_done,
+            before.parts_total
         );
         assert!(before.parts_done >= 2, "{before:?}");
         let _agent = ChildProcess::spawn("agent", &args);
         let status = server.wait_finished(&upload_id).await;
         assert_eq!(status.state, UploadState::Completed, "{status:?}");
-        assert_eq!(status.encoding, Some(shared::encoding::Encoding::Zstd));
+        let encoding = shared::encoding::Encoding::of(true, sealed);
+        assert_eq!(status.encoding, Some(encoding));
         assert!(status.resumes >= 1, "{status:?}");
-        assert_eq!(status.sha256.as_deref(), Some(sha.as_str()));
+        // A sealed file is recorded with its keyed digest, never its SHA-256.
+        assert_eq!(status.sha256.as_deref() == Some(sha.as_str()), !sealed);
         stored_parts += status.parts_total.unwrap();
         let out = dir.path().join("fetched.csv");
-        let fetched = run_cli(&server, &["fetch", &upload_id, "-o", out.to_str().unwrap()]).await;
+        let mut args = vec!["fetch", &upload_id, "-o", out.to_str().unwrap()];
+        let opens = identity
+            .as_ref()
+            .map(|id| format!("--identity={}", id.file.display()));
+        args.extend(opens.as_deref());
+        let fetched = run_cli(&server, &args).await;
         assert!(fetched.status.success(), "{}", stderr(&fetched));
         assert_eq!(sha_of(&std::fs::read(&out).unwrap()), sha);
         assert_eq!(server.in_progress_multiparts(&client_id).await, 0);
@@ -309,42 +329,55 @@ async fn killed_while_compressing_resumes(mode: Mode) {
     assert_eq!(st.duplicates(), vec![], "a stored part was uploaded twice");
     assert_eq!(st.stored_parts(), stored_parts);
     eprintln!(
-        "FIGURES compressed kill -9 ({mode:?}): {trials} trials, {} part PUTs for {stored_parts} parts",
+        "FIGURES {} kill -9 ({mode:?}): {trials} trials, {} part PUTs for {stored_parts} parts",
+        shared::encoding::Encoding::of(true, sealed),
         st.part_puts.load(Ordering::Relaxed),
     );
 }
 
-storage_modes!(killed_while_compressing, killed_while_compressing_resumes);
+storage_modes!(killed_while_compressing, |mode| {
+    killed_while_encoding_resumes(mode, false)
+});
+storage_modes!(killed_while_sealing, |mode| killed_while_encoding_resumes(
+    mode, true
+));
 
-/// A compressed file that changes while its parts upload is still `FILE_CHANGED`: the parts come
-/// from the spool, but the file is watched.
+/// A compressed file that changes while its parts upload is still `FILE_CHANGED`, encrypted or
+/// not: the parts come from the spool, but the file is watched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_file_that_changes_is_refused() {
     let server = TestServer::start(Mode::Embedded).await;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("sales.csv");
-    write_csv(&file, 60 * MIB);
-    let client_id = unique_client("zchanged");
-    let _agent = TestAgent::start_with(
-        &server,
-        &client_id,
-        &file,
-        &["--max-upload-bytes-per-sec", "2097152"],
-    );
-    server.wait_connected(&client_id).await;
-    let upload_id = trigger_id(&server, &client_id).await;
-    wait_until(Duration::from_secs(60), "parts to flow", || async {
-        server.upload(&upload_id).await.bytes_done > 0
-    })
-    .await;
-    write_csv(&file, 61 * MIB);
-    let status = server.wait_finished(&upload_id).await;
-    assert_eq!(status.state, UploadState::Failed, "{status:?}");
-    assert_eq!(
-        status.code(),
-        Some(shared::ErrorCode::FileChanged),
-        "{status:?}"
-    );
+    let identity = generate_identity(&server, dir.path(), "id.key").await;
+    for sealed in [false, true] {
+        let file = dir.path().join(format!("sales-{sealed}.csv"));
+        write_csv(&file, 60 * MIB);
+        let client_id = unique_client("zchanged");
+        let mut args = vec![
+            "--max-upload-bytes-per-sec".to_owned(),
+            "2097152".to_owned(),
+        ];
+        if sealed {
+            args.extend(sealing_args(&identity.recipient, &dir.path().join("keys")));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _agent = TestAgent::start_with(&server, &client_id, &file, &args);
+        server.wait_connected(&client_id).await;
+        let upload_id = trigger_id(&server, &client_id).await;
+        wait_until(Duration::from_secs(60), "parts to flow", || async {
+            server.upload(&upload_id).await.bytes_done > 0
+        })
+        .await;
+        write_csv(&file, 61 * MIB);
+        let status = server.wait_finished(&upload_id).await;
+        assert_eq!(status.state, UploadState::Failed, "{status:?}");
+        assert_eq!(
+            status.code(),
+            Some(shared::ErrorCode::FileChanged),
+            "{status:?}"
+        );
+        assert_eq!(status.encoding.map(|e| e.sealed()), Some(sealed));
+    }
 }
 
 /// The previous protocol (4) still completes a download: its agents are asked for no

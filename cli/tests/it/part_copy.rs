@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use rand::RngCore;
 
 use crate::compression::{download, sha_of, write_csv};
+use crate::encryption::{generate_identity, sealing_args};
 use crate::harness::*;
 use crate::proxy::{FaultProxy, Faults};
 
@@ -69,13 +70,14 @@ async fn fetch(
     client_id: &str,
     file: &std::path::Path,
     encoding: &str,
+    extra: &[&str],
 ) -> Fetched {
     let (parts, bytes) = (
         proxy.stats.part_puts.load(Ordering::Relaxed),
         proxy.stats.part_bytes.load(Ordering::Relaxed),
     );
     let want = sha_of(&std::fs::read(file).unwrap());
-    let (report, out) = download(server, client_id, "default", encoding, &[]).await;
+    let (report, out) = download(server, client_id, "default", encoding, extra).await;
     let upload = report["upload"].clone();
     assert_eq!(upload["state"], "completed", "{upload}");
     assert_eq!(sha_of(&out), want, "the fetched file is the file: {upload}");
@@ -101,7 +103,7 @@ async fn only_changed_parts_are_sent(mode: Mode) {
     server.wait_connected(&client_id).await;
     let mut rng = seeded_rng(&format!("only_changed_parts_are_sent ({mode:?})"));
 
-    let first = fetch(&proxy, &server, &client_id, &file, "auto").await;
+    let first = fetch(&proxy, &server, &client_id, &file, "auto", &[]).await;
     assert_eq!(first.upload["encoding"], "none", "{}", first.upload);
     assert_eq!(first.parts_sent, 8);
     assert_eq!(first.copied(), (0, 0));
@@ -109,14 +111,14 @@ async fn only_changed_parts_are_sent(mode: Mode) {
     let first_sha = server.object_sha256(&first_key).await;
 
     // Unchanged: every part is copied, and the agent only completes.
-    let again = fetch(&proxy, &server, &client_id, &file, "auto").await;
+    let again = fetch(&proxy, &server, &client_id, &file, "auto", &[]).await;
     assert_eq!(again.parts_sent, 0, "{}", again.upload);
     assert_eq!(again.copied(), (8, 38 * MIB));
 
     // Pages of parts 3 and 6 rewritten in place.
     scribble(&file, 2 * 5 * MIB + 12_345, 4096, &mut rng);
     scribble(&file, 5 * 5 * MIB + 77, 4096, &mut rng);
-    let second = fetch(&proxy, &server, &client_id, &file, "auto").await;
+    let second = fetch(&proxy, &server, &client_id, &file, "auto", &[]).await;
     eprintln!(
         "FIGURES part copy ({mode:?}): two parts changed in place: {} parts and {} bytes sent of 8 parts and {} bytes; {:?} copied",
         second.parts_sent,
@@ -133,7 +135,7 @@ async fn only_changed_parts_are_sent(mode: Mode) {
 
     // 10 MiB appended: the old short last part is now full, and two more follow it.
     append(&file, 10 * MIB as usize, &mut rng);
-    let third = fetch(&proxy, &server, &client_id, &file, "auto").await;
+    let third = fetch(&proxy, &server, &client_id, &file, "auto", &[]).await;
     assert_eq!(third.parts_sent, 3, "{}", third.upload);
     assert_eq!(third.bytes_sent, 13 * MIB);
     assert_eq!(third.copied(), (7, 35 * MIB));
@@ -149,7 +151,7 @@ async fn only_changed_parts_are_sent(mode: Mode) {
         .send()
         .await
         .unwrap();
-    let fourth = fetch(&proxy, &server, &client_id, &file, "auto").await;
+    let fourth = fetch(&proxy, &server, &client_id, &file, "auto", &[]).await;
     assert_eq!(fourth.parts_sent, 10, "{}", fourth.upload);
     assert_eq!(fourth.copied(), (0, 0));
 
@@ -169,28 +171,45 @@ storage_modes!(only_changed_parts, only_changed_parts_are_sent);
 
 /// A compressed export with one stretch rewritten sends only the part that holds it: the agent
 /// lays its parts out along the previous object's, so the stored bytes of every other part are
-/// the same as before, even though the changed part stores larger.
-async fn a_compressed_file_changed_in_place_sends_one_part(mode: Mode) {
+/// the same as before, even though the changed part stores larger. So too when the share is
+/// encrypted (`sealed`): sealing is deterministic under the store's key.
+async fn a_compressed_file_changed_in_place_sends_one_part(mode: Mode, sealed: bool) {
     let (proxy, server) = counted(mode).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("sales.csv");
     write_csv(&file, 100 * MIB);
     let client_id = unique_client("zcopy");
-    let _agent = TestAgent::start(&server, &client_id, &file);
+    let identity = generate_identity(&server, dir.path(), "id.key").await;
+    let opens = format!("--identity={}", identity.file.display());
+    let (agent_args, extra) = match sealed {
+        true => (
+            sealing_args(&identity.recipient, &dir.path().join("keys")),
+            vec![opens.as_str()],
+        ),
+        false => (Vec::new(), Vec::new()),
+    };
+    let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+    let _agent = TestAgent::start_with(&server, &client_id, &file, &agent_args);
     server.wait_connected(&client_id).await;
-    let mut rng = seeded_rng(&format!("compressed_changed_in_place ({mode:?})"));
+    let mut rng = seeded_rng(&format!("compressed_changed_in_place ({mode:?}, {sealed})"));
+    let encoding = shared::encoding::Encoding::of(true, sealed);
 
-    let first = fetch(&proxy, &server, &client_id, &file, "zstd").await;
-    assert_eq!(first.upload["encoding"], "zstd", "{}", first.upload);
+    let first = fetch(&proxy, &server, &client_id, &file, "zstd", &extra).await;
+    assert_eq!(
+        first.upload["encoding"],
+        encoding.as_str(),
+        "{}",
+        first.upload
+    );
     let parts = first.upload["parts_total"].as_u64().unwrap();
     assert!(parts >= 3, "{}", first.upload);
     assert_eq!(first.parts_sent as u64, parts);
 
     // One 1 MiB stretch in the middle becomes noise, which zstd cannot shrink.
     scribble(&file, 50 * MIB, MIB as usize, &mut rng);
-    let second = fetch(&proxy, &server, &client_id, &file, "zstd").await;
+    let second = fetch(&proxy, &server, &client_id, &file, "zstd", &extra).await;
     eprintln!(
-        "FIGURES part copy, zstd ({mode:?}): 1 MiB rewritten in a 100 MiB CSV: {} of {} parts and {} of {} bytes sent; {:?} copied",
+        "FIGURES part copy, {encoding} ({mode:?}): 1 MiB rewritten in a 100 MiB CSV: {} of {} parts and {} of {} bytes sent; {:?} copied",
         second.parts_sent,
         second.upload["parts_total"],
         second.bytes_sent,
@@ -200,13 +219,20 @@ async fn a_compressed_file_changed_in_place_sends_one_part(mode: Mode) {
     assert_eq!(second.upload["parts_total"].as_u64(), Some(parts));
     assert_eq!(second.parts_sent, 1, "{}", second.upload);
     assert_eq!(second.copied().0, parts - 1);
-    assert!(second.upload["key"].as_str().unwrap().ends_with(".zst"));
+    assert!(
+        second.upload["key"]
+            .as_str()
+            .unwrap()
+            .ends_with(encoding.key_suffix())
+    );
 }
 
-storage_modes!(
-    compressed_changed_in_place,
-    a_compressed_file_changed_in_place_sends_one_part
-);
+storage_modes!(compressed_changed_in_place, |mode| {
+    a_compressed_file_changed_in_place_sends_one_part(mode, false)
+});
+storage_modes!(sealed_changed_in_place, |mode| {
+    a_compressed_file_changed_in_place_sends_one_part(mode, true)
+});
 
 /// A part manifest that does not fit the file is refused as malformed before anything is
 /// created in storage: the wrong number of digests, a digest that is not SHA-256 hex, or

@@ -514,13 +514,20 @@ async fn collections_carry_the_encoding() {
     let server = TestServer::start(Mode::Embedded).await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_client("zcoll");
+    let identity = generate_identity(&server, dir.path(), "id.key").await;
     let mut agents = Vec::new();
     let mut shas = Vec::new();
+    // Store 1 encrypts its share; the operator's identity opens it.
     for i in 0..2 {
         let file = dir.path().join(format!("z{i}.csv"));
         shas.push(write_csv(&file, 3 * MIB + i * 1000));
         let id = format!("{prefix}-{i}");
-        agents.push(TestAgent::start(&server, &id, &file));
+        let sealing = match i {
+            1 => sealing_args(&identity.recipient, &dir.path().join("keys")),
+            _ => Vec::new(),
+        };
+        let sealing: Vec<&str> = sealing.iter().map(String::as_str).collect();
+        agents.push(TestAgent::start_with(&server, &id, &file, &sealing));
         server.wait_connected(&id).await;
     }
     for (encoding, expected) in [("auto", "zstd"), ("none", "none")] {
@@ -533,6 +540,7 @@ async fn collections_carry_the_encoding() {
                 &format!("--encoding={encoding}"),
                 "--output-dir",
                 out_dir.to_str().unwrap(),
+                &format!("--identity={}", identity.file.display()),
                 "--json",
             ],
         )
@@ -545,9 +553,15 @@ async fn collections_carry_the_encoding() {
         let (_, rows) = server.get_json(&format!("/collections/{id}/uploads")).await;
         for row in rows["rows"].as_array().unwrap() {
             let upload = server.upload(row["upload_id"].as_str().unwrap()).await;
+            let sealed = row["client_id"].as_str().unwrap().ends_with("-1");
+            let expected = match (expected, sealed) {
+                (e, false) => e.to_owned(),
+                ("none", true) => "sealed".to_owned(),
+                (e, true) => format!("{e}_sealed"),
+            };
             assert_eq!(
                 upload.encoding.map(|e| e.as_str()),
-                Some(expected),
+                Some(expected.as_str()),
                 "{upload:?}"
             );
         }

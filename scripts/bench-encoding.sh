@@ -2,18 +2,21 @@
 # What compression costs the store machine: the agent's CPU seconds per GiB and peak RSS, with
 # release binaries on loopback against the embedded store, for each file kind and encoding.
 #
-#   scripts/bench-encoding.sh [size_mib=100] [runs=3] [files="random csv"] [encodings="none zstd"]
+#   scripts/bench-encoding.sh [size_mib=100] [runs=3] [files="random csv"] [encodings="none zstd zstd+sealed"]
 #
 # Each (file, encoding) pair gets a fresh agent process, so its peak RSS (VmHWM) is its own; it
 # runs `runs` downloads (`cli download --encoding`), and the CPU time of each is read from
 # /proc/<agent>/stat. `random` is incompressible; `csv` is a generated point-of-sale export.
+# An encoding ending in `+sealed` has the agent encrypt the share (ENCRYPT_TO, to an identity
+# made with `cli key generate`), and the file is fetched and decrypted once to check it. Each
+# run asks for the file under another share name, so no run copies parts from the one before.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 SIZE_MIB="${1:-100}"
 RUNS="${2:-3}"
 FILES="${3:-random csv}"
-ENCODINGS="${4:-none zstd}"
+ENCODINGS="${4:-none zstd zstd+sealed}"
 API_PORT="${BENCH_API_PORT:-18500}"
 S3_PORT="${BENCH_S3_PORT:-19500}"
 
@@ -43,6 +46,7 @@ for _ in $(seq 1 100); do curl -fsS "$SERVER_URL/healthz" >/dev/null 2>&1 && bre
 API_TOKEN="$(RUST_LOG=warn "$bin/server" token issue --operator --admin --name bench --data-dir "$work/data")"
 export API_TOKEN
 agent_token="$("$bin/cli" token issue --client-id encoding-store)"
+recipient="$("$bin/cli" key generate -o "$work/identity.key")"
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 clk_tck="$(getconf CLK_TCK)"
@@ -50,8 +54,13 @@ results="$work/results.jsonl"
 : > "$results"
 for kind in $FILES; do
   for encoding in $ENCODINGS; do
+    asked="${encoding%+sealed}"
+    encrypt_to=""
+    [[ "$encoding" == *+sealed ]] && encrypt_to="$recipient"
+    shares="$(seq 1 "$RUNS" | sed "s|.*|run&=$work/$kind|" | paste -sd, -)"
     AGENT_TOKEN="$agent_token" AGENT_SERVER_URL="ws://127.0.0.1:$API_PORT/ws/connect" \
-      FILE_PATH="$work/$kind" SPOOL_DIR="$work" RUST_LOG=warn "$bin/client" > "$work/agent.log" 2>&1 &
+      FILE_PATH="$work/$kind" SHARED_FILES="$shares" ENCRYPT_TO="$encrypt_to" KEY_DIR="$work/keys" \
+      SPOOL_DIR="$work" RUST_LOG=warn "$bin/client" > "$work/agent.log" 2>&1 &
     agent=$!
     for _ in $(seq 1 100); do
       "$bin/cli" status --client-id encoding-store --json 2>/dev/null | grep -q '"connected": true' && break
@@ -59,7 +68,7 @@ for kind in $FILES; do
     done
     for run in $(seq 1 "$RUNS"); do
       ticks0="$(cpu_ticks "$agent")"
-      "$bin/cli" download --client-id=encoding-store --encoding="$encoding" --json > "$work/last.json"
+      "$bin/cli" download --client-id=encoding-store --file="run$run" --encoding="$asked" --json > "$work/last.json"
       ticks1="$(cpu_ticks "$agent")"
       python3 - "$work/last.json" "$kind" "$encoding" "$(((ticks1 - ticks0)))" "$clk_tck" >> "$results" <<'PY'
 import json, sys
@@ -74,6 +83,12 @@ print(json.dumps({"file": sys.argv[2], "encoding": sys.argv[3], "size": s["size"
 PY
     done
     peak="$(awk '/^VmHWM:/ {print $2}' "/proc/$agent/status")"
+    if [[ -n "$encrypt_to" ]]; then
+      upload="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["upload_id"])' "$work/last.json")"
+      "$bin/cli" fetch "$upload" -o "$work/opened" --identity "$work/identity.key" --json > /dev/null
+      cmp -s "$work/opened" "$work/$kind" || { echo "bench-encoding: $kind $encoding did not open to the file" >&2; exit 1; }
+      rm -f "$work/opened"
+    fi
     echo "{\"file\": \"$kind\", \"encoding\": \"$encoding\", \"peak_rss_kib\": $peak}" >> "$results"
     kill "$agent"
     wait "$agent" 2>/dev/null || true

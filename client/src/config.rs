@@ -79,6 +79,22 @@ impl std::str::FromStr for Share {
     }
 }
 
+/// Age recipients, comma-separated; an empty list (`ENCRYPT_TO=`) is none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recipients(pub Vec<Recipient>);
+
+impl std::str::FromStr for Recipients {
+    type Err = shared::sealed::SealError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map(Recipients)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -170,8 +186,8 @@ pub struct Config {
     /// share is compressed (as COMPRESSION says), then encrypted on this machine; the server
     /// and the bucket never see it in the clear, and no request can turn that off. Empty: not
     /// encrypted.
-    #[arg(long = "encrypt-to", env = "ENCRYPT_TO", value_delimiter = ',')]
-    pub encrypt_to: Vec<Recipient>,
+    #[arg(long = "encrypt-to", env = "ENCRYPT_TO", default_value = "")]
+    pub encrypt_to: Recipients,
 
     /// Where the agent keeps the store keys of encrypted shares (files of mode 0600). A lost
     /// key costs nothing but the next fetch's copied parts. Default: the directory of
@@ -255,7 +271,7 @@ impl Config {
         if !(1..=19).contains(&self.zstd_level) {
             bail!("ZSTD_LEVEL must be between 1 and 19");
         }
-        if self.encrypt_to.len() > MAX_RECIPIENTS {
+        if self.encrypt_to.0.len() > MAX_RECIPIENTS {
             bail!("ENCRYPT_TO names more than {MAX_RECIPIENTS} recipients");
         }
         let mut names = std::collections::HashSet::new();
@@ -326,7 +342,7 @@ impl Config {
     pub fn share_recipients(&self, name: &FileName) -> &[Recipient] {
         match self.shares.iter().find(|s| s.name == *name) {
             Some(share) if !share.encrypt_to.is_empty() => &share.encrypt_to,
-            _ => &self.encrypt_to,
+            _ => &self.encrypt_to.0,
         }
     }
 

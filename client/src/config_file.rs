@@ -115,7 +115,18 @@ pub fn check(config: &Config) -> anyhow::Result<String> {
             Ok(_) => "not a regular file: it will be refused",
             Err(_) => "missing for now",
         };
-        let _ = writeln!(out, "  share:    {name} = {} ({state})", path.display());
+        let sealed = shared::FileName::parse(&name)
+            .map(|n| config.share_recipients(&n).len())
+            .unwrap_or(0);
+        let sealed = match sealed {
+            0 => String::new(),
+            n => format!(", encrypted to {n} recipient(s)"),
+        };
+        let _ = writeln!(
+            out,
+            "  share:    {name} = {} ({state}{sealed})",
+            path.display()
+        );
     }
     let labels = config.labels()?;
     let _ = writeln!(
@@ -308,6 +319,35 @@ brand = "burger-co"
         std::fs::write(&token_file, operator).unwrap();
         let err = check(&load(&file, &[], &[]).unwrap()).unwrap_err();
         assert!(err.to_string().contains("not an agent token"), "{err}");
+    }
+
+    #[test]
+    fn encrypted_shares_name_their_recipients() {
+        let (_, a) = shared::sealed::Identities::generate();
+        let (_, b) = shared::sealed::Identities::generate();
+        let (_, c) = shared::sealed::Identities::generate();
+        let file = format!(
+            "encrypt_to = [\"{a}\", \"{b}\"]\nshared_files = [\"z=/var/z.csv;encrypt_to={c}\", \"m=/var/m.csv\"]\n"
+        );
+        let config = load(&file, &[], &[]).unwrap();
+        config.validate().unwrap();
+        let name = |n: &str| shared::FileName::parse(n).unwrap();
+        assert_eq!(
+            config.share_recipients(&name("z")),
+            std::slice::from_ref(&c)
+        );
+        assert_eq!(config.share_recipients(&name("m")), &[a.clone(), b]);
+        assert_eq!(
+            config.share_recipients(&name("default")),
+            config.encrypt_to.0.as_slice()
+        );
+        // Empty is none; a recipient that is not one is refused with its name.
+        let none = load("", &["--encrypt-to="], &[]).unwrap();
+        assert!(none.share_recipients(&name("default")).is_empty());
+        let bad = load("encrypt_to = [\"age1nope\"]\n", &[], &[]).unwrap_err();
+        assert!(format!("{bad:#}").contains("age1nope"), "{bad:#}");
+        let bad = load("shared_files = [\"z=/z;encrypt_to=x\"]\n", &[], &[]).unwrap_err();
+        assert!(format!("{bad:#}").contains("share z"), "{bad:#}");
     }
 
     #[test]

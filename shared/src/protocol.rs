@@ -77,9 +77,11 @@ pub enum AgentMessage {
         /// `Content-MD5`.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         part_md5: Vec<String>,
-        /// Protocol 5: how the parts are stored. Absent means [`Encoding::None`]. With
-        /// [`Encoding::Zstd`], `encoded_parts` gives the layout, `part_crc64nvme` is over the
-        /// stored (compressed) bytes, and `sha256` (of the file itself) is required.
+        /// Protocol 5: how the parts are stored. Absent means [`Encoding::None`]. With any
+        /// other encoding, `encoded_parts` gives the layout, `part_crc64nvme` is over the
+        /// stored (compressed, sealed) bytes, and `sha256` is required: of the file itself, or
+        /// for [`Encoding::Sealed`] and [`Encoding::ZstdSealed`] its keyed digest
+        /// ([`crate::sealed`]), as are `part_digests`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         encoding: Option<Encoding>,
         /// Protocol 5, encoded files: each part's plaintext and stored lengths, in part order.

@@ -110,6 +110,27 @@ async fn object_metadata(
     head.metadata().cloned().unwrap_or_default()
 }
 
+/// The files besides a CSV that every encoding must carry, written into `dir` and shared by
+/// their names with `-` for `.` (`backup-bin`): random bytes over two parts, exactly one part,
+/// empty, and 200 MiB of zeros (sparse), which zstd shrinks by far more than 1,000x into one
+/// part. Returns their SHA-256s in that order, and the `--share` arguments.
+pub async fn write_shapes(dir: &std::path::Path) -> ([String; 4], Vec<String>) {
+    let path = |name: &str| dir.join(name);
+    let random_sha = write_file(&path("backup.bin"), 12 * MIB + 3).await;
+    let exact_sha = write_file(&path("exact.bin"), 5 * MIB).await;
+    let empty_sha = write_file(&path("empty.bin"), 0).await;
+    std::fs::File::create(path("zeros.bin"))
+        .unwrap()
+        .set_len(200 * MIB)
+        .unwrap();
+    let zeros_sha = sha_of(&vec![0u8; (200 * MIB) as usize]);
+    let shares = ["backup.bin", "exact.bin", "empty.bin", "zeros.bin"]
+        .iter()
+        .map(|n| format!("--share={}={}", n.replace('.', "-"), path(n).display()))
+        .collect();
+    ([random_sha, exact_sha, empty_sha, zeros_sha], shares)
+}
+
 /// Every shape of file comes back byte-identical, compressed when that pays and as asked
 /// otherwise; a compressed object says what it is.
 async fn every_shape_comes_back(mode: Mode) {
@@ -117,26 +138,10 @@ async fn every_shape_comes_back(mode: Mode) {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name);
     let csv_sha = write_csv(&path("sales.csv"), 60 * MIB + 17);
-    let random_sha = write_file(&path("backup.bin"), 12 * MIB + 3).await;
-    let exact_sha = write_file(&path("exact.bin"), 5 * MIB).await;
-    let empty_sha = write_file(&path("empty.bin"), 0).await;
-    // 200 MiB of zeros, which zstd shrinks by far more than 1,000x: one part.
-    std::fs::File::create(path("zeros.bin"))
-        .unwrap()
-        .set_len(200 * MIB)
-        .unwrap();
-    let zeros_sha = sha_of(&vec![0u8; (200 * MIB) as usize]);
+    let ([random_sha, exact_sha, empty_sha, zeros_sha], mut shares) =
+        write_shapes(dir.path()).await;
     let client_id = unique_client("shapes");
-    let shares: Vec<String> = [
-        "sales.csv",
-        "backup.bin",
-        "exact.bin",
-        "empty.bin",
-        "zeros.bin",
-    ]
-    .iter()
-    .map(|n| format!("--share={}={}", n.replace('.', "-"), path(n).display()))
-    .collect();
+    shares.push(format!("--share=sales-csv={}", path("sales.csv").display()));
     let shares: Vec<&str> = shares.iter().map(String::as_str).collect();
     let _agent = TestAgent::start_with(&server, &client_id, &path("sales.csv"), &shares);
     server.wait_connected(&client_id).await;

@@ -10,7 +10,7 @@ use clap::Parser;
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::compression::{download, sha_of, write_csv};
+use crate::compression::{download, sha_of, write_csv, write_shapes};
 use crate::harness::*;
 use crate::part_copy::counted;
 
@@ -117,23 +117,10 @@ async fn encrypted_shares_come_back_and_reveal_nothing(mode: Mode) {
     let store = tempfile::tempdir().unwrap();
     let path = |name: &str| store.path().join(name);
     let csv_sha = write_marked_csv(&path("sales.csv"), 20 * MIB + 17);
-    let random_sha = write_file(&path("backup.bin"), 12 * MIB + 3).await;
-    let exact_sha = write_file(&path("exact.bin"), 5 * MIB).await;
-    let empty_sha = write_file(&path("empty.bin"), 0).await;
-    std::fs::File::create(path("zeros.bin"))
-        .unwrap()
-        .set_len(200 * MIB)
-        .unwrap();
-    let zeros_sha = sha_of(&vec![0u8; (200 * MIB) as usize]);
+    let ([random_sha, exact_sha, empty_sha, zeros_sha], shares) = write_shapes(store.path()).await;
     let client_id = unique_client("sealed");
     let mut args = sealing_args(&head_office.recipient, &path("keys"));
-    for name in ["backup.bin", "exact.bin", "empty.bin", "zeros.bin"] {
-        args.push(format!(
-            "--share={}={}",
-            name.replace('.', "-"),
-            path(name).display()
-        ));
-    }
+    args.extend(shares);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _agent = TestAgent::start_with(&server, &client_id, &path("sales.csv"), &args);
     server.wait_connected(&client_id).await;
@@ -289,12 +276,7 @@ async fn a_plaintext_plan_for_an_encrypted_share_is_refused() {
 
     let (tcp, _) = listener.accept().await.unwrap();
     let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-    let hello = loop {
-        if let Message::Text(t) = ws.next().await.unwrap().unwrap() {
-            break serde_json::from_str::<serde_json::Value>(&t).unwrap();
-        }
-    };
-    assert_eq!(hello["type"], "hello");
+    next_of_type(&mut ws, "hello").await;
     let send = |v: serde_json::Value| Message::text(v.to_string());
     ws.send(send(serde_json::json!({
         "type": "welcome", "client_id": client_id, "protocol_version": 5,
@@ -309,15 +291,7 @@ async fn a_plaintext_plan_for_an_encrypted_share_is_refused() {
         })))
         .await
         .unwrap();
-        let info = loop {
-            let Message::Text(t) = ws.next().await.unwrap().unwrap() else {
-                continue;
-            };
-            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-            if v["type"] == "file_info" {
-                break v;
-            }
-        };
+        let info = next_of_type(&mut ws, "file_info").await;
         assert_eq!(info["encoding"], "sealed", "{info}");
         let mut plan = serde_json::json!({
             "type": "start_upload", "upload_id": upload_id, "size": info["size"],
@@ -335,15 +309,7 @@ async fn a_plaintext_plan_for_an_encrypted_share_is_refused() {
         }
         ws.send(send(plan)).await.unwrap();
         if planned.is_none() {
-            let failed = loop {
-                let Message::Text(t) = ws.next().await.unwrap().unwrap() else {
-                    continue;
-                };
-                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                if v["type"] == "upload_failed" {
-                    break v;
-                }
-            };
+            let failed = next_of_type(&mut ws, "upload_failed").await;
             assert_eq!(failed["code"], "UNEXPECTED_MESSAGE", "{failed}");
             assert!(
                 failed["message"].as_str().unwrap().contains("refused"),
@@ -355,6 +321,22 @@ async fn a_plaintext_plan_for_an_encrypted_share_is_refused() {
                 reached.load(Ordering::Relaxed) > 0
             })
             .await;
+        }
+    }
+}
+
+/// The agent's next message of type `kind`, the ones before it (pings, progress) passed over.
+async fn next_of_type(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    kind: &str,
+) -> serde_json::Value {
+    loop {
+        let Message::Text(text) = ws.next().await.expect("the agent stays").unwrap() else {
+            continue;
+        };
+        let message: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if message["type"] == kind {
+            return message;
         }
     }
 }

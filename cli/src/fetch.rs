@@ -178,13 +178,13 @@ impl Expected {
         }
         if let Some(want) = self.sha256.as_ref().filter(|_| decoded) {
             // A sealed file was recorded with its keyed digest, which only the key opens.
-            let (name, digest) = match &got.keyed {
-                Some(keyed) => ("keyed digest", keyed),
-                None => ("sha256", &got.sha256),
+            let (name, label, digest) = match &got.keyed {
+                Some(keyed) => ("keyed digest", "keyed digest", keyed),
+                None => ("sha256", "SHA-256", &got.sha256),
             };
             checked.push(name);
             if want.as_str() != digest {
-                wrong.push(format!("{name} {digest}, expected {want}"));
+                wrong.push(format!("{label} {digest}, expected {want}"));
             }
         }
         let crc = got.crc;
@@ -622,6 +622,19 @@ mod tests {
         };
         let err = expected(data, true, true).check(&short, false).unwrap_err();
         assert!(err.to_string().contains("3 bytes"), "{err}");
+        // A sealed file is checked by its keyed digest, never by the plain SHA-256.
+        let want = expected(data, true, false);
+        let keyed = |digest: &str| Got {
+            keyed: Some(digest.to_owned()),
+            ..got(data)
+        };
+        let recorded = want.sha256.as_ref().unwrap().as_str().to_owned();
+        assert_eq!(
+            want.check(&keyed(&recorded), false).unwrap(),
+            vec!["keyed digest"]
+        );
+        let err = want.check(&keyed(&"0".repeat(64)), false).unwrap_err();
+        assert!(err.to_string().contains("keyed digest"), "{err}");
     }
 
     /// A compressed object: the stored bytes are checked by their CRC64NVME, the decoded ones by

@@ -27,11 +27,12 @@ use shared::UploadId;
 use shared::api::DownloadLink;
 use shared::encoding::Encoding;
 use shared::hash::{Crc64Nvme, Crc64NvmeHasher, Sha256Hex};
-use shared::sealed::{FileDigest, Identities, SealError, Unsealer};
+use shared::sealed::{FileDigest, SealError, Unsealer};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
 
 use crate::api::Api;
+pub use crate::decode::Decode;
+use crate::decode::Unzstd;
 
 /// Tries (each with a fresh link) before a fetch gives up.
 const MAX_ATTEMPTS: u32 = 6;
@@ -57,39 +58,6 @@ impl std::str::FromStr for Output {
 impl Output {
     pub fn is_stdout(&self) -> bool {
         matches!(self, Output::Stdout)
-    }
-}
-
-/// How a fetch writes what it gets: decoded (decompressed, and opened with the identity file if
-/// the object is sealed), or `raw`, as stored.
-#[derive(Debug, Clone, Default)]
-pub struct Decode {
-    raw: bool,
-    identity: Option<PathBuf>,
-}
-
-impl Decode {
-    pub fn new(raw: bool, identity: Option<&Path>) -> Self {
-        Self {
-            raw,
-            identity: identity.map(Path::to_path_buf),
-        }
-    }
-
-    /// The unsealer for a sealed object, from the identity file.
-    fn unsealer(&self, link: &DownloadLink) -> anyhow::Result<Unsealer> {
-        let Some(path) = &self.identity else {
-            bail!(
-                "upload {} is encrypted ({}): give --identity FILE, an identity whose recipient the share is encrypted to (or --raw to keep it as stored)",
-                link.upload_id,
-                link.encoding
-            );
-        };
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the identity file {}", path.display()))?;
-        let identities = Identities::parse(&text)
-            .with_context(|| format!("the identity file {}", path.display()))?;
-        Ok(Unsealer::new(identities))
     }
 }
 
@@ -226,17 +194,19 @@ pub async fn fetch(
     how: &Decode,
     quiet: bool,
 ) -> anyhow::Result<Fetched> {
-    let raw = how.raw;
+    let raw = how.raw();
     let link = api.download_link(upload_id).await?;
     let expected = Expected::of(&link)?;
-    let unsealer = match expected.encoding.sealed() && !raw {
-        true => Some(how.unsealer(&link)?),
-        false => None,
+    let unsealer = if expected.encoding.sealed() && !raw {
+        Some(how.unsealer(&link)?)
+    } else {
+        None
     };
     let bar = progress_bar(expected.stored_size, quiet);
-    let decoder = match expected.encoding.compressed() && !raw {
-        true => Some(Unzstd::new()?),
-        false => None,
+    let decoder = if expected.encoding.compressed() && !raw {
+        Some(Unzstd::new()?)
+    } else {
+        None
     };
     let (sink, partial) = match output {
         Output::Stdout => (Sink::Stdout(tokio::io::stdout()), None),
@@ -386,44 +356,6 @@ enum Attempt {
     /// Worth another try on a fresh link, from where this one stopped.
     Retry(anyhow::Error),
     Fatal(anyhow::Error),
-}
-
-/// A zstd stream decoded in bounded pieces: however much one compressed byte expands, at most
-/// [`Unzstd::OUT`] bytes are held at a time.
-struct Unzstd {
-    ctx: zstd::stream::raw::Decoder<'static>,
-    out: Vec<u8>,
-    /// The last call ended a frame: the stream may end here.
-    at_frame_end: bool,
-}
-
-impl Unzstd {
-    const OUT: usize = 256 * 1024;
-
-    fn new() -> anyhow::Result<Self> {
-        Ok(Self {
-            ctx: zstd::stream::raw::Decoder::new().context("starting the zstd decoder")?,
-            out: vec![0; Self::OUT],
-            at_frame_end: true,
-        })
-    }
-
-    /// Decodes from `input` into the output buffer: how many input bytes were used, and how
-    /// many output bytes are ready in `self.out`.
-    fn step(&mut self, input: &[u8]) -> anyhow::Result<(usize, usize)> {
-        let mut src = InBuffer::around(input);
-        let mut dst = OutBuffer::around(&mut self.out[..]);
-        let hint = self
-            .ctx
-            .run(&mut src, &mut dst)
-            .context("the compressed object is not valid zstd")?;
-        let produced = dst.pos();
-        // A call that did nothing (all flushed, no input) says nothing about where it stands.
-        if src.pos > 0 || produced > 0 {
-            self.at_frame_end = hint == 0;
-        }
-        Ok((src.pos, produced))
-    }
 }
 
 /// The bytes fetched and written so far and their running hashes, across tries.

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod api;
 pub mod collect;
+mod decode;
 pub mod fetch;
 pub mod identity;
 pub mod report;

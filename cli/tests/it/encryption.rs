@@ -166,48 +166,30 @@ async fn encrypted_shares_come_back_and_reveal_nothing(mode: Mode) {
     let out_dir = tempfile::tempdir().unwrap();
     let target = out_dir.path().join("out.csv");
     let upload_id = csv_upload;
-    let fetch = |extra: Vec<String>| {
+    let junk = operator.path().join("junk.key");
+    std::fs::write(&junk, "# nothing here\nnot-a-key\n").unwrap();
+    // A stranger's identity, none at all, a file that holds none: each a clear error.
+    let cases = [
+        (
+            Some(&stranger.file),
+            "none of the given identities is a recipient",
+        ),
+        (None, "give --identity"),
+        (Some(&junk), "not an age X25519 identity"),
+    ];
+    for (identity, says) in cases {
         let mut args = vec![
             "fetch".to_owned(),
             upload_id.clone(),
             "-o".to_owned(),
             target.display().to_string(),
         ];
-        args.extend(extra);
-        args
-    };
-    // A stranger's identity: a clear error, and no file.
-    let args = fetch(vec![format!("--identity={}", stranger.file.display())]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let wrong = run_cli(&server, &args).await;
-    assert!(!wrong.status.success());
-    assert!(
-        stderr(&wrong).contains("none of the given identities is a recipient"),
-        "{}",
-        stderr(&wrong)
-    );
-    // No identity at all.
-    let args = fetch(vec![]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let missing = run_cli(&server, &args).await;
-    assert!(!missing.status.success());
-    assert!(
-        stderr(&missing).contains("give --identity"),
-        "{}",
-        stderr(&missing)
-    );
-    // An identity file that holds none.
-    let junk = operator.path().join("junk.key");
-    std::fs::write(&junk, "# nothing here\nnot-a-key\n").unwrap();
-    let args = fetch(vec![format!("--identity={}", junk.display())]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let bad = run_cli(&server, &args).await;
-    assert!(!bad.status.success());
-    assert!(
-        stderr(&bad).contains("not an age X25519 identity"),
-        "{}",
-        stderr(&bad)
-    );
+        args.extend(identity.map(|f| format!("--identity={}", f.display())));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_cli(&server, &args).await;
+        assert!(!out.status.success(), "{says}");
+        assert!(stderr(&out).contains(says), "{}", stderr(&out));
+    }
     let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
     assert!(
         left.is_empty(),

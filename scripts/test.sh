@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs and starts LocalStack (S3 only, with
-# signature validation), then `cargo test --workspace`. LocalStack is stopped afterwards if this
-# script started it.
+# signature validation), installs Debian's Chromium and the browser test's playwright-core
+# (ui-tests/package-lock.json), runs `cargo test --workspace`, then fuzzes the REST API with
+# Schemathesis (scripts/schemathesis/run.sh). LocalStack is stopped afterwards if this script
+# started it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source localstack/env.sh
@@ -15,5 +17,22 @@ if [[ $started_here == 1 ]]; then
 fi
 localstack/start.sh
 
+# The operator page's browser test: Debian's Chromium (playwright cannot download browsers
+# here) and playwright-core at the locked version.
+if [[ ! -x /usr/bin/chromium ]]; then
+  if [[ $(id -u) == 0 ]]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null ||
+      { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+  else
+    echo "test.sh: the browser test needs Chromium: sudo apt-get install chromium" >&2
+    exit 1
+  fi
+fi
+if ! cmp -s ui-tests/package-lock.json ui-tests/node_modules/.installed.lock 2>/dev/null; then
+  npm ci --prefix ui-tests --no-audit --no-fund --silent
+  cp ui-tests/package-lock.json ui-tests/node_modules/.installed.lock
+fi
+
 export LOCALSTACK_ENDPOINT
 cargo test --workspace --locked "$@"
+bash scripts/schemathesis/run.sh

@@ -45,6 +45,8 @@ pub fn token_info(e: ledger::Entry) -> TokenInfo {
 }
 
 /// `POST /tokens`: mints a token for an agent, an operator or an admin.
+#[utoipa::path(post, path = "/tokens", tag = "tokens", request_body = IssueTokenRequest,
+    responses((status = 201, description = "The token, shown once, and its ledger entry", body = IssuedToken)))]
 pub async fn issue_token(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -95,6 +97,8 @@ pub async fn issue_token(
 }
 
 /// `GET /tokens`: what the ledger holds, newest first; never a token itself.
+#[utoipa::path(get, path = "/tokens", tag = "tokens", params(TokenListParams),
+    responses((status = 200, description = "The ledger, newest first", body = Vec<TokenInfo>)))]
 pub async fn list_tokens(
     State(state): State<AppState>,
     _: Admin,
@@ -119,6 +123,10 @@ pub async fn list_tokens(
 
 /// `DELETE /tokens/{jti}`: that token is refused from now on; an agent connected with it is
 /// disconnected.
+#[utoipa::path(delete, path = "/tokens/{jti}", tag = "tokens",
+    params(("jti" = String, Path, description = "The token's id, a UUID",
+        pattern = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
+    responses((status = 200, description = "The token, revoked", body = TokenInfo)))]
 pub async fn revoke_token(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -191,6 +199,8 @@ fn all_keys(state: &AppState) -> Result<Vec<SigningKeyInfo>, ApiError> {
 }
 
 /// `GET /keys`: the signing keys and what still depends on each.
+#[utoipa::path(get, path = "/keys", tag = "keys",
+    responses((status = 200, description = "The signing keys", body = Vec<SigningKeyInfo>)))]
 pub async fn list_keys(
     State(state): State<AppState>,
     _: Admin,
@@ -200,6 +210,8 @@ pub async fn list_keys(
 
 /// `POST /keys/rotate`: a new key signs from now on; the old ones still verify. Connected agents
 /// get tokens signed by the new key within `TOKEN_ROTATION_SPREAD_SECS`.
+#[utoipa::path(post, path = "/keys/rotate", tag = "keys",
+    responses((status = 201, description = "The keys, the new one active", body = Vec<SigningKeyInfo>)))]
 pub async fn rotate_key(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -223,6 +235,9 @@ pub async fn rotate_key(
 
 /// `DELETE /keys/{kid}`: the key stops verifying. Refused for the active key, and while tokens
 /// it signed are still valid unless `force=true`.
+#[utoipa::path(delete, path = "/keys/{kid}", tag = "keys",
+    params(("kid" = String, Path, description = "The key's id"), RetireKeyParams),
+    responses((status = 200, description = "The keys left", body = Vec<SigningKeyInfo>)))]
 pub async fn retire_key(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

@@ -8,8 +8,8 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use shared::api::{
-    ClientInfo, ClientListParams, ClientStatus, DownloadLink, RevocationResponse, TriggerParams,
-    TriggerResponse, UploadState, UploadStatus,
+    ClientInfo, ClientListParams, ClientStatus, DownloadLink, Health, RevocationResponse,
+    TriggerParams, TriggerResponse, UploadState, UploadStatus,
 };
 use shared::encoding::Compression;
 use shared::protocol::DEFAULT_SHARE;
@@ -25,7 +25,7 @@ use crate::error::ApiError;
 use crate::registry::AgentHandle;
 use crate::uploads::rfc3339;
 
-fn parse_client_id(raw: &str) -> Result<ClientId, ApiError> {
+pub fn parse_client_id(raw: &str) -> Result<ClientId, ApiError> {
     ClientId::parse(raw).map_err(|e| ApiError::new(ErrorCode::InvalidClientId, e.to_string()))
 }
 
@@ -33,6 +33,9 @@ fn parse_upload_id(raw: &str) -> Result<UploadId, ApiError> {
     UploadId::parse(raw).map_err(|e| ApiError::new(ErrorCode::InvalidUploadId, e.to_string()))
 }
 
+#[utoipa::path(post, path = "/trigger-download/{client_id}", tag = "uploads",
+    params(("client_id" = ClientId, Path, description = "The store"), TriggerParams),
+    responses((status = 202, description = "The agent was asked for the file", body = TriggerResponse)))]
 pub async fn trigger_download(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -72,35 +75,38 @@ pub async fn trigger_download(
 
 /// `GET /clients`: the connected agents, or with `all=true` every store ever seen; `label`
 /// keeps those with all of the given labels.
+#[utoipa::path(get, path = "/clients", tag = "stores", params(ClientListParams),
+    responses((status = 200, description = "The stores, by id", body = Vec<ClientInfo>)))]
 pub async fn list_clients(
     State(state): State<AppState>,
     _: Operator,
     params: Result<Query<ClientListParams>, QueryRejection>,
 ) -> Result<Json<Vec<ClientInfo>>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
-    let wanted = params
-        .label
-        .as_deref()
-        .unwrap_or_default()
-        .split(',')
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| l.parse::<Label>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("label: {e}")))?;
+    let wanted = parse_labels(params.label.as_deref())?;
+    if !params.all {
+        let mut clients: Vec<ClientInfo> = state
+            .registry
+            .snapshot()
+            .into_iter()
+            .filter(|(_, h)| h.labels.matches_all(&wanted))
+            .map(|(id, h)| connected_info(&state, id, &h, None))
+            .collect();
+        clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        return Ok(Json(clients));
+    }
+    every_store(&state, &wanted).map(Json)
+}
+
+/// Every store ever seen whose labels include all of `wanted`, connected or not, by client id.
+pub fn every_store(state: &AppState, wanted: &[Label]) -> Result<Vec<ClientInfo>, ApiError> {
     let mut live: BTreeMap<ClientId, AgentHandle> = state
         .registry
         .snapshot()
         .into_iter()
-        .filter(|(_, h)| h.labels.matches_all(&wanted))
+        .filter(|(_, h)| h.labels.matches_all(wanted))
         .collect();
-    if !params.all {
-        let clients = live
-            .into_iter()
-            .map(|(id, h)| connected_info(&state, id, &h, None))
-            .collect();
-        return Ok(Json(clients));
-    }
-    let stores = state.inventory.list(&wanted).map_err(|e| {
+    let stores = state.inventory.list(wanted).map_err(|e| {
         tracing::error!(
             error = format!("{e:#}"),
             "reading the store inventory failed"
@@ -112,7 +118,7 @@ pub async fn list_clients(
         .map(|store| {
             let first_seen = Some(ms_rfc3339(store.first_seen_ms));
             match live.remove(&store.client_id) {
-                Some(h) => connected_info(&state, store.client_id, &h, first_seen),
+                Some(h) => connected_info(state, store.client_id, &h, first_seen),
                 None => ClientInfo {
                     active_upload: state.uploads.active_for(&store.client_id),
                     client_id: store.client_id,
@@ -131,10 +137,20 @@ pub async fn list_clients(
     // Connected agents the inventory failed to record are still shown.
     clients.extend(
         live.into_iter()
-            .map(|(id, h)| connected_info(&state, id, &h, None)),
+            .map(|(id, h)| connected_info(state, id, &h, None)),
     );
     clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-    Ok(Json(clients))
+    Ok(clients)
+}
+
+/// A `label` query: `key=value` pairs, comma-separated.
+pub fn parse_labels(raw: Option<&str>) -> Result<Vec<Label>, ApiError> {
+    raw.unwrap_or_default()
+        .split(',')
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.parse::<Label>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("label: {e}")))
 }
 
 /// Unix milliseconds as RFC 3339.
@@ -165,6 +181,8 @@ fn connected_info(
     }
 }
 
+#[utoipa::path(get, path = "/status/{client_id}", tag = "stores", params(("client_id" = ClientId, Path, description = "The store")),
+    responses((status = 200, description = "The store's connection and latest upload", body = ClientStatus)))]
 pub async fn client_status(
     State(state): State<AppState>,
     _: Operator,
@@ -185,6 +203,8 @@ pub async fn client_status(
     }))
 }
 
+#[utoipa::path(get, path = "/uploads/{upload_id}", tag = "uploads", params(("upload_id" = UploadId, Path, description = "The upload")),
+    responses((status = 200, description = "The upload's state and progress", body = UploadStatus)))]
 pub async fn upload_status(
     State(state): State<AppState>,
     _: Operator,
@@ -196,6 +216,9 @@ pub async fn upload_status(
 
 /// `GET /uploads/{upload_id}/download`: a 307 to a presigned GET of the verified object. Only
 /// the object's location passes through the server, never its bytes.
+#[utoipa::path(get, path = "/uploads/{upload_id}/download", tag = "uploads", params(("upload_id" = UploadId, Path, description = "The upload")),
+    responses((status = 307, description = "A presigned GET of the verified object, in `Location` and the body", body = DownloadLink,
+        headers(("location" = String, description = "The presigned URL")))))]
 pub async fn download_link(
     State(state): State<AppState>,
     operator: Operator,
@@ -249,6 +272,8 @@ pub async fn download_link(
 
 /// `POST /revocations/{client_id}`: refuses every token of that client issued until now and
 /// closes its live connection.
+#[utoipa::path(post, path = "/revocations/{client_id}", tag = "stores", params(("client_id" = ClientId, Path, description = "The store")),
+    responses((status = 200, description = "Every token of the store issued until now is refused", body = RevocationResponse)))]
 pub async fn revoke_client(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -286,6 +311,8 @@ pub async fn revoke_client(
 }
 
 /// `DELETE /uploads/{upload_id}`.
+#[utoipa::path(delete, path = "/uploads/{upload_id}", tag = "uploads", params(("upload_id" = UploadId, Path, description = "The upload")),
+    responses((status = 200, description = "The upload, cancelled", body = UploadStatus)))]
 pub async fn cancel_upload(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -304,15 +331,19 @@ pub fn unix_rfc3339(secs: u64) -> Option<String> {
     Some(rfc3339(t))
 }
 
-pub async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "status": "ok",
-        "connected_agents": state.registry.len(),
-    }))
+#[utoipa::path(get, path = "/healthz", tag = "server",
+    responses((status = 200, description = "The server is up", body = Health)))]
+pub async fn healthz(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".to_owned(),
+        connected_agents: state.registry.len(),
+    })
 }
 
 /// `GET /metrics`: Prometheus text format. Operators only, like the rest of the API; Prometheus
 /// sends the token with `authorization: {credentials_file: ...}`.
+#[utoipa::path(get, path = "/metrics", tag = "server",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 pub async fn metrics(
     State(state): State<AppState>,
     _operator: Operator,

@@ -1,8 +1,8 @@
 //! Bearer-token checks for every kind of caller.
 
 use axum::extract::FromRequestParts;
-use axum::http::HeaderMap;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method};
 use shared::auth::Role;
 use shared::{ClientId, ErrorCode};
 
@@ -11,6 +11,7 @@ use crate::error::ApiError;
 use crate::registry::TokenIds;
 use crate::revocations::Revocations;
 use crate::tokens::{Tokens, Verified};
+use crate::ui::session;
 
 /// Pulls the token out of `Authorization: Bearer <token>` and verifies it.
 pub fn verify_bearer(tokens: &Tokens, headers: &HeaderMap) -> Result<Verified, ApiError> {
@@ -83,8 +84,10 @@ pub fn agent_identity(
     })
 }
 
-/// An operator (or admin), authenticated by an operator or admin token. Extracting it from a
-/// request with any other token fails with 401 (bad credentials) or 403 (an agent token).
+/// An operator (or admin), authenticated by an operator or admin token, or by the operator
+/// page's session cookie (with its CSRF token on requests that change state). Extracting it
+/// from a request with any other token fails with 401 (bad credentials) or 403 (an agent token,
+/// a missing or forged CSRF token).
 #[derive(Debug, Clone)]
 pub struct Operator {
     pub name: String,
@@ -104,6 +107,25 @@ impl FromRequestParts<AppState> for Operator {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // A bearer token wins; without one, the operator page's session cookie will do.
+        if !parts
+            .headers
+            .contains_key(axum::http::header::AUTHORIZATION)
+            && let Some(cookie) = session::cookie_value(&parts.headers)
+        {
+            let changes_state =
+                !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+            let csrf = changes_state.then(|| {
+                parts
+                    .headers
+                    .get(session::CSRF_HEADER)
+                    .and_then(|v| v.to_str().ok())
+            });
+            let view = state.sessions.check(&state.tokens, cookie, csrf)?;
+            return Ok(Operator {
+                name: view.operator,
+            });
+        }
         let claims = verify_bearer(&state.tokens, &parts.headers)?.claims;
         if claims.role.operates() {
             Ok(Operator { name: claims.sub })

@@ -33,6 +33,8 @@ fn bad_query(e: QueryRejection) -> ApiError {
 }
 
 /// `POST /collections`: 201 with the summary (the stores matched so far).
+#[utoipa::path(post, path = "/collections", operation_id = "create_collection", tag = "collections", request_body = CreateCollection,
+    responses((status = 201, description = "The collection, with the stores matched so far", body = CollectionSummary)))]
 pub async fn create(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -48,6 +50,8 @@ pub async fn create(
 }
 
 /// `POST /collections/preview`: how many stores the body would match now, creating nothing.
+#[utoipa::path(post, path = "/collections/preview", operation_id = "preview_collection", tag = "collections", request_body = CreateCollection,
+    responses((status = 200, description = "How many stores would be asked now", body = CollectionPreview)))]
 pub async fn preview(
     State(state): State<AppState>,
     _operator: Operator,
@@ -58,6 +62,8 @@ pub async fn preview(
 }
 
 /// `GET /collections?limit=N`: the newest first.
+#[utoipa::path(get, path = "/collections", operation_id = "list_collections", tag = "collections", params(CollectionListParams),
+    responses((status = 200, description = "The newest collections first", body = CollectionList)))]
 pub async fn list(
     State(state): State<AppState>,
     _operator: Operator,
@@ -71,6 +77,8 @@ pub async fn list(
 }
 
 /// `GET /collections/{id}`.
+#[utoipa::path(get, path = "/collections/{id}", operation_id = "collection_summary", tag = "collections", params(("id" = CollectionId, Path, description = "The collection")),
+    responses((status = 200, description = "The collection's counts", body = CollectionSummary)))]
 pub async fn summary(
     State(state): State<AppState>,
     _operator: Operator,
@@ -81,6 +89,8 @@ pub async fn summary(
 
 /// `GET /collections/{id}/uploads?after=<client id>&limit=N[&state=S][&code=C]`: the stores, by
 /// client id.
+#[utoipa::path(get, path = "/collections/{id}/uploads", operation_id = "collection_rows", tag = "collections", params(("id" = CollectionId, Path, description = "The collection"), RowsParams),
+    responses((status = 200, description = "One page of the collection's stores, by id", body = CollectionRows)))]
 pub async fn rows(
     State(state): State<AppState>,
     _operator: Operator,
@@ -113,6 +123,8 @@ pub async fn rows(
 }
 
 /// `DELETE /collections/{id}`: cancels what is unfinished.
+#[utoipa::path(delete, path = "/collections/{id}", operation_id = "cancel_collection", tag = "collections", params(("id" = CollectionId, Path, description = "The collection")),
+    responses((status = 200, description = "The collection, cancelled", body = CollectionSummary)))]
 pub async fn cancel(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -126,6 +138,9 @@ pub async fn cancel(
 
 /// `GET /collections/{id}/manifest`: every completed store with a presigned GET of its file,
 /// as JSON, or as CSV when the `Accept` header asks for `text/csv`.
+#[utoipa::path(get, path = "/collections/{id}/manifest", operation_id = "collection_manifest", tag = "collections", params(("id" = CollectionId, Path, description = "The collection")),
+    responses((status = 200, description = "Every completed store with a presigned GET of its file",
+        content((Manifest = "application/json"), (String = "text/csv")))))]
 pub async fn manifest(
     State(state): State<AppState>,
     operator: Operator,
@@ -182,6 +197,8 @@ fn parse_schedule_id(raw: &str) -> Result<ScheduleId, ApiError> {
 }
 
 /// `POST /schedules`: 201 with the schedule and its next firing.
+#[utoipa::path(post, path = "/schedules", tag = "schedules", request_body = CreateSchedule,
+    responses((status = 201, description = "The schedule and its next firing", body = ScheduleInfo)))]
 pub async fn create_schedule(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -195,6 +212,8 @@ pub async fn create_schedule(
 }
 
 /// `GET /schedules`.
+#[utoipa::path(get, path = "/schedules", tag = "schedules",
+    responses((status = 200, description = "Every schedule", body = ScheduleList)))]
 pub async fn list_schedules(
     State(state): State<AppState>,
     _operator: Operator,
@@ -205,6 +224,8 @@ pub async fn list_schedules(
 }
 
 /// `GET /schedules/{id}`.
+#[utoipa::path(get, path = "/schedules/{id}", operation_id = "get_schedule", tag = "schedules", params(("id" = ScheduleId, Path, description = "The schedule")),
+    responses((status = 200, description = "The schedule", body = ScheduleInfo)))]
 pub async fn schedule(
     State(state): State<AppState>,
     _operator: Operator,
@@ -214,6 +235,8 @@ pub async fn schedule(
 }
 
 /// `DELETE /schedules/{id}`: no more firings; the collections it created go on.
+#[utoipa::path(delete, path = "/schedules/{id}", tag = "schedules", params(("id" = ScheduleId, Path, description = "The schedule")),
+    responses((status = 200, description = "The schedule, deleted", body = ScheduleInfo)))]
 pub async fn delete_schedule(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

@@ -202,6 +202,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether the API (and so the operator page) is served over TLS.
+    pub fn serves_tls(&self) -> bool {
+        self.tls_cert_file.is_some()
+    }
+
     /// Checks the settings that clap cannot, before anything is bound.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.legacy_keys()?;

@@ -82,7 +82,8 @@ pub trait UploadStore: Send + Sync {
     /// Every unfinished record, plus the newest `recent` finished ones, oldest first.
     fn load_working_set(&self, recent: usize) -> anyhow::Result<Vec<LoadedRow>>;
     fn get(&self, id: UploadId) -> anyhow::Result<Option<LoadedRow>>;
-    fn latest_for(&self, client_id: &ClientId) -> anyhow::Result<Option<LoadedRow>>;
+    /// The newest `limit` records of `client_id`, newest first.
+    fn recent_for(&self, client_id: &ClientId, limit: usize) -> anyhow::Result<Vec<LoadedRow>>;
     /// Deletes the finished records created before `created_before_ms`; unfinished ones stay
     /// whatever their age. Returns how many went.
     fn delete_finished_before(&self, created_before_ms: i64) -> anyhow::Result<usize>;
@@ -262,15 +263,16 @@ impl UploadStore for SqliteStore {
             .optional()?)
     }
 
-    fn latest_for(&self, client_id: &ClientId) -> anyhow::Result<Option<LoadedRow>> {
-        Ok(self
-            .conn()
-            .prepare_cached(
-                "SELECT id, format, record FROM uploads WHERE client_id = ?1
-                 ORDER BY created_ms DESC LIMIT 1",
-            )?
-            .query_row(params![client_id.as_str()], loaded)
-            .optional()?)
+    fn recent_for(&self, client_id: &ClientId, limit: usize) -> anyhow::Result<Vec<LoadedRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, format, record FROM uploads WHERE client_id = ?1
+             ORDER BY created_ms DESC LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![client_id.as_str(), limit as i64], loaded)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
     }
 }
 
@@ -321,7 +323,12 @@ mod tests {
         assert_eq!(db.get(UploadId::new_random()).unwrap(), None);
         // 1500 ms is newer than 1000 ms (as RFC 3339 text, "...:01.5Z" sorted before "...:01Z").
         assert_eq!(
-            record(db.latest_for(&ClientId::parse("a").unwrap()).unwrap()).as_deref(),
+            record(
+                db.recent_for(&ClientId::parse("a").unwrap(), 1)
+                    .unwrap()
+                    .pop()
+            )
+            .as_deref(),
             Some("{\"n\":1500}")
         );
         // Unfinished always; of the finished, only the newest one.

@@ -20,13 +20,17 @@ pub mod host;
 pub mod inventory;
 pub mod listen;
 pub mod metrics;
+pub mod openapi;
 pub mod registry;
 pub mod renewal;
 pub mod revocations;
 pub mod schedules;
 pub mod storage;
+pub mod stores_api;
+pub mod streams;
 pub mod tls;
 pub mod tokens;
+pub mod ui;
 pub mod uploads;
 pub mod ws;
 
@@ -37,7 +41,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, delete, get, post};
+use axum::routing::any;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -71,6 +75,8 @@ pub struct StateInner {
     pub uploads: Uploads,
     pub collections: Collections,
     pub schedules: Schedules,
+    /// Signed-in browsers of the operator page.
+    pub sessions: ui::Sessions,
     pub metrics: Arc<metrics::Metrics>,
     pub storage: Storage,
     pub shutdown: CancellationToken,
@@ -92,49 +98,12 @@ pub struct Listeners {
 }
 
 /// How long a REST request may take before it is answered with 503.
-const REST_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const REST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/trigger-download/{client_id}", post(api::trigger_download))
-        .route("/clients", get(api::list_clients))
-        .route("/status/{client_id}", get(api::client_status))
-        .route(
-            "/uploads/{upload_id}",
-            get(api::upload_status).delete(api::cancel_upload),
-        )
-        .route("/uploads/{upload_id}/download", get(api::download_link))
-        .route(
-            "/collections",
-            get(collections_api::list).post(collections_api::create),
-        )
-        .route(
-            "/collections/{id}",
-            get(collections_api::summary).delete(collections_api::cancel),
-        )
-        .route("/collections/preview", post(collections_api::preview))
-        .route("/collections/{id}/uploads", get(collections_api::rows))
-        .route("/collections/{id}/manifest", get(collections_api::manifest))
-        .route(
-            "/schedules",
-            get(collections_api::list_schedules).post(collections_api::create_schedule),
-        )
-        .route(
-            "/schedules/{id}",
-            get(collections_api::schedule).delete(collections_api::delete_schedule),
-        )
-        .route("/revocations/{client_id}", post(api::revoke_client))
-        .route("/tokens", get(admin::list_tokens).post(admin::issue_token))
-        .route("/tokens/{jti}", delete(admin::revoke_token))
-        .route("/keys", get(admin::list_keys))
-        .route("/keys/rotate", post(admin::rotate_key))
-        .route("/keys/{kid}", delete(admin::retire_key))
-        .route("/healthz", get(api::healthz))
-        .route("/metrics", get(api::metrics))
-        // The timeout wraps the REST routes only: an upgraded WebSocket lives on after its
-        // handler returned, and its own tasks watch the shutdown token.
-        .layer(axum::middleware::from_fn(rest_timeout))
-        .route("/ws/connect", any(ws::connect))
+    let (rest, _) = openapi::api_routes().split_for_parts();
+    rest.route("/ws/connect", any(ws::connect))
+        .merge(ui::page_routes())
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(MAX_REST_BODY))
         .with_state(state)
@@ -268,6 +237,7 @@ impl AppState {
             uploads,
             collections,
             schedules,
+            sessions: ui::Sessions::default(),
             metrics,
             storage,
             shutdown: shutdown.clone(),
@@ -308,7 +278,7 @@ async fn serve(
     Ok(())
 }
 
-async fn rest_timeout(
+pub(crate) async fn rest_timeout(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {

@@ -54,6 +54,7 @@ impl std::str::FromStr for Secret {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Role {
     Agent,
     /// Uses the operator API: triggers, status, downloads, per-store revocation.

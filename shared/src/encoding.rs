@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 /// What an operator (a request, a collection) or a share (the agent's config) asks for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Compression {
     /// The agent samples the file and compresses it only when that pays.
     #[default]
@@ -78,6 +79,7 @@ impl FromStr for Compression {
 /// How an uploaded object's bytes relate to the file's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Encoding {
     /// The object is the file, byte for byte.
     #[default]

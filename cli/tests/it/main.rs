@@ -29,4 +29,5 @@ mod responsive;
 mod sharing;
 mod tls;
 mod tokens;
+mod ui;
 mod verification;

@@ -314,6 +314,11 @@ impl Uploads {
         self.table().latest_status(client_id)
     }
 
+    /// The newest `limit` uploads of `client_id`, newest first.
+    pub fn recent_for(&self, client_id: &ClientId, limit: usize) -> Vec<UploadStatus> {
+        self.table().recent_statuses(client_id, limit)
+    }
+
     pub fn active_for(&self, client_id: &ClientId) -> Option<UploadId> {
         self.table().active_for(client_id)
     }

@@ -348,8 +348,34 @@ impl Table {
                 }
             }
         }
-        self.load(self.store.latest_for(client_id))
-            .map(|u| (self.render)(&u))
+        self.recent_statuses(client_id, 1).into_iter().next()
+    }
+
+    /// The statuses of the newest `limit` uploads of `client_id`, newest first: unfinished ones
+    /// as they are in memory, the others as stored. A record that cannot be read is left out
+    /// (and logged).
+    pub fn recent_statuses(&self, client_id: &ClientId, limit: usize) -> Vec<UploadStatus> {
+        let rows = match self.store.recent_for(client_id, limit) {
+            Ok(rows) => rows,
+            Err(err) => {
+                tracing::error!(%client_id, error = format!("{err:#}"), "reading uploads failed");
+                return Vec::new();
+            }
+        };
+        rows.into_iter()
+            .filter_map(|row| {
+                if let Ok(id) = UploadId::parse(&row.id) {
+                    let index = self.lock();
+                    if let Some(upload) = index.by_id.get(&id) {
+                        return Some((self.render)(upload));
+                    }
+                    if let Some(f) = index.finished.get(&id) {
+                        return Some(f.status.clone());
+                    }
+                }
+                self.load(Ok(Some(row))).map(|u| (self.render)(&u))
+            })
+            .collect()
     }
 
     /// Calls `f` on every unfinished upload, under the lock; `f` must not block.

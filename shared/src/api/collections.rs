@@ -17,6 +17,7 @@ pub const MAX_ROWS_PAGE: usize = 1_000;
 /// expiry, and matches is asked too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Target {
     /// Every store.
     All,
@@ -42,19 +43,23 @@ impl std::fmt::Display for Target {
 /// Body of `POST /collections`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateCollection {
     pub target: Target,
     /// Share name on the agents; `default` when absent.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[A-Za-z0-9._-]{1,255}$"))]
     pub file: Option<String>,
     /// RFC 3339; stores not reached by then are `not_reached`. Default: 24 hours from now.
     #[serde(default)]
     pub expires_at: Option<String>,
     /// The expiry as seconds from now, instead of `expires_at`.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 7_776_000))]
     pub expires_in_secs: Option<u64>,
     /// How many stores upload at once; default 50.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 10_000))]
     pub max_concurrent: Option<u32>,
     /// The compression asked of every store: `auto` (the default), `zstd` or `none`.
     #[serde(default)]
@@ -63,6 +68,7 @@ pub struct CreateCollection {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum CollectionState {
     /// Before its expiry: matching stores are asked as they connect.
     Open,
@@ -91,6 +97,7 @@ impl std::fmt::Display for CollectionState {
 /// Where one store stands in a collection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum RowState {
     /// Matched but offline: asked when it connects.
     PendingOffline,
@@ -134,6 +141,7 @@ impl std::fmt::Display for RowState {
 
 /// How many stores are in each state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CollectionCounts {
     /// Every store matched so far.
     pub matched: u64,
@@ -170,6 +178,7 @@ impl CollectionCounts {
 /// `POST /collections/preview`: the stores a collection with this body would match now,
 /// without creating it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CollectionPreview {
     pub matched: u64,
     /// Of those, connected now (asked at once, a slot permitting) and offline (asked when they
@@ -180,6 +189,7 @@ pub struct CollectionPreview {
 
 /// `GET /collections/{id}` (and the answer to `POST /collections`, 201).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CollectionSummary {
     pub collection_id: CollectionId,
     pub target: Target,
@@ -215,6 +225,7 @@ pub struct CollectionSummary {
 
 /// One store of a collection, in `GET /collections/{id}/uploads`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CollectionRow {
     pub client_id: ClientId,
     pub state: RowState,
@@ -234,17 +245,25 @@ pub struct CollectionRow {
 /// those in one state or failed with one code.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 pub struct RowsParams {
+    #[cfg_attr(
+        feature = "openapi",
+        param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    )]
     pub after: Option<String>,
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 1000))]
     pub limit: Option<usize>,
     /// Only stores in this state.
     pub state: Option<RowState>,
     /// Only failed stores with this error code.
+    #[cfg_attr(feature = "openapi", param(value_type = Option<crate::error::ErrorCode>))]
     pub code: Option<String>,
 }
 
 /// `GET /collections/{id}/uploads`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CollectionRows {
     pub rows: Vec<CollectionRow>,
     /// Pass as `after` for the next page; absent on the last page.
@@ -253,6 +272,7 @@ pub struct CollectionRows {
 
 /// `GET /collections`: the newest first.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CollectionList {
     pub collections: Vec<CollectionSummary>,
 }
@@ -260,13 +280,16 @@ pub struct CollectionList {
 /// Query of `GET /collections`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 pub struct CollectionListParams {
     /// At most this many (default 50, at most 1,000).
+    #[cfg_attr(feature = "openapi", param(maximum = 1000))]
     pub limit: Option<usize>,
 }
 
 /// One completed store in `GET /collections/{id}/manifest`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ManifestEntry {
     pub client_id: ClientId,
     pub upload_id: UploadId,
@@ -279,6 +302,7 @@ pub struct ManifestEntry {
 
 /// `GET /collections/{id}/manifest` as JSON (`text/csv` gives the same entries as CSV).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Manifest {
     pub collection_id: CollectionId,
     /// Seconds each URL lives from when it was signed.
@@ -290,14 +314,18 @@ pub struct Manifest {
 /// firing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CollectionTemplate {
     pub target: Target,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[A-Za-z0-9._-]{1,255}$"))]
     pub file: Option<String>,
     /// Seconds from the firing to the collection's expiry; default 24 hours.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 7_776_000))]
     pub expires_in_secs: Option<u64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 10_000))]
     pub max_concurrent: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding: Option<Compression>,
@@ -306,9 +334,11 @@ pub struct CollectionTemplate {
 /// Body of `POST /schedules`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateSchedule {
     /// A cron pattern: five fields (minute to weekday), or six with seconds first; `@daily`
     /// and the other nicknames.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub cron: String,
     /// An IANA time zone the pattern is read in, such as `Europe/Berlin`; default `UTC`.
     #[serde(default)]
@@ -318,6 +348,7 @@ pub struct CreateSchedule {
 
 /// One schedule (`GET /schedules/{id}`, and the answer to `POST /schedules`, 201).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleInfo {
     pub schedule_id: ScheduleId,
     pub cron: String,
@@ -334,6 +365,7 @@ pub struct ScheduleInfo {
 
 /// `GET /schedules`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleList {
     pub schedules: Vec<ScheduleInfo>,
 }

@@ -8,10 +8,13 @@ use crate::ids::{ClientId, CollectionId, UploadId};
 use crate::labels::Labels;
 
 pub mod collections;
+#[cfg(feature = "openapi")]
+mod schemas;
 pub mod tokens;
 
 /// `{"error":{"code":"...","message":"..."}}`, the body of every non-2xx answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: ErrorDetail,
     /// The upload's state, when the error is about it (409 `UPLOAD_NOT_COMPLETED`).
@@ -20,6 +23,7 @@ pub struct ErrorBody {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     pub code: ErrorCode,
     pub message: String,
@@ -28,16 +32,20 @@ pub struct ErrorDetail {
 /// Query of `POST /trigger-download/{client_id}`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 pub struct TriggerParams {
     /// Share name on the agent; `default` when absent.
+    #[cfg_attr(feature = "openapi", param(pattern = r"^[A-Za-z0-9._-]{1,255}$"))]
     pub file: Option<String>,
     /// `auto` (the default: the share decides, and by default compresses when a sample of the
     /// file shrinks), `zstd` or `none`.
+    #[cfg_attr(feature = "openapi", param(value_type = Option<crate::encoding::Compression>))]
     pub encoding: Option<String>,
 }
 
 /// Answer to `POST /trigger-download/{client_id}` (202).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TriggerResponse {
     pub upload_id: UploadId,
     pub client_id: ClientId,
@@ -47,6 +55,7 @@ pub struct TriggerResponse {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum UploadState {
     /// Asked the agent for its file.
     Requested,
@@ -99,6 +108,7 @@ impl std::fmt::Display for UploadState {
 
 /// `GET /uploads/{upload_id}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UploadStatus {
     pub upload_id: UploadId,
     pub client_id: ClientId,
@@ -177,6 +187,7 @@ pub struct UploadStatus {
 
 /// The phases of an upload, in milliseconds, as the server saw them (see docs/PROTOCOL.md).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PhaseTimes {
     /// `describe_file` sent until `file_info` arrived: the agent reading and hashing the file,
     /// plus one round trip.
@@ -196,6 +207,7 @@ pub struct PhaseTimes {
 /// Answer to `GET /uploads/{upload_id}/download` (307, with the URL in `Location` too): where
 /// the verified object can be read, and what its bytes must hash to.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DownloadLink {
     pub upload_id: UploadId,
     /// A presigned GET of the object. Anyone holding it can read the object until it expires.
@@ -220,6 +232,7 @@ pub struct DownloadLink {
 /// One entry of `GET /clients`: a connected agent, or (with `all=true`) a store the server has
 /// seen before and that is offline now.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClientInfo {
     pub client_id: ClientId,
     #[serde(default)]
@@ -249,16 +262,89 @@ pub struct ClientInfo {
 /// Query of `GET /clients`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 pub struct ClientListParams {
     /// Every store ever seen, not only the connected ones.
     #[serde(default)]
     pub all: bool,
     /// Label equalities, all of which must hold: `region=north,brand=burger-co`.
+    #[cfg_attr(
+        feature = "openapi",
+        param(
+            pattern = r"^\s*([a-z][a-z0-9._-]{0,62}\s*=\s*[A-Za-z0-9._/-]{0,128}\s*)?(,\s*([a-z][a-z0-9._-]{0,62}\s*=\s*[A-Za-z0-9._/-]{0,128}\s*)?)*$"
+        )
+    )]
     pub label: Option<String>,
+}
+
+/// Stores per page of `GET /stores` at most, and by default.
+pub const MAX_STORES_PAGE: usize = 500;
+pub const DEFAULT_STORES_PAGE: usize = 50;
+
+/// Query of `GET /stores`: one page of every store ever seen, by id.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
+pub struct StoreListParams {
+    /// The page after this client id (the previous page's `next_after`).
+    #[cfg_attr(
+        feature = "openapi",
+        param(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    )]
+    pub after: Option<String>,
+    /// Stores per page: 1 to 500, default 50.
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 500))]
+    pub limit: Option<usize>,
+    /// Label equalities, all of which must hold: `region=north,brand=burger-co`.
+    #[cfg_attr(
+        feature = "openapi",
+        param(
+            pattern = r"^\s*([a-z][a-z0-9._-]{0,62}\s*=\s*[A-Za-z0-9._/-]{0,128}\s*)?(,\s*([a-z][a-z0-9._-]{0,62}\s*=\s*[A-Za-z0-9._/-]{0,128}\s*)?)*$"
+        )
+    )]
+    pub label: Option<String>,
+    /// A shell glob over client ids: `restaurant-*`.
+    pub glob: Option<String>,
+    /// Text the client id, a label or the agent version contains (case-insensitive).
+    pub q: Option<String>,
+    /// Only the connected (`true`) or only the offline (`false`) stores.
+    pub connected: Option<bool>,
+}
+
+/// Answer to `GET /stores`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StoreList {
+    pub stores: Vec<ClientInfo>,
+    /// Stores that match the filters, over all pages.
+    pub total: usize,
+    /// Of those, how many are connected.
+    pub connected: usize,
+    /// Pass as `after` for the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<ClientId>,
+}
+
+/// Query of `GET /stores/{client_id}/uploads`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
+pub struct StoreUploadsParams {
+    /// At most this many: 1 to 200, default 20.
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 200))]
+    pub limit: Option<usize>,
+}
+
+/// Answer to `GET /stores/{client_id}/uploads`: the newest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UploadList {
+    pub uploads: Vec<UploadStatus>,
 }
 
 /// `GET /status/{client_id}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClientStatus {
     pub client_id: ClientId,
     pub connected: bool,
@@ -271,8 +357,40 @@ pub struct ClientStatus {
     pub last_upload: Option<UploadStatus>,
 }
 
+/// Body of `POST /ui/session`: the operator page's sign-in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SignIn {
+    /// An operator or admin token. It stays on the server; the browser gets a session cookie.
+    pub token: String,
+}
+
+/// The operator page's session (`POST` and `GET /ui/session`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SessionInfo {
+    /// The token's subject.
+    pub operator: String,
+    /// When the session ends (the token's expiry), RFC 3339.
+    pub expires_at: String,
+    /// Sent back in `x-csrf-token` with every request that changes state.
+    pub csrf_token: String,
+}
+
+/// `GET /healthz`: the server is up. Needs no token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+    /// Agents connected to this server.
+    pub connected_agents: usize,
+}
+
 /// Answer to `POST /revocations/{client_id}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RevocationResponse {
     pub client_id: ClientId,
     /// Agent tokens of this client with an `iat` before this unix time are refused.

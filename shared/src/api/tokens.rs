@@ -6,6 +6,7 @@ use crate::auth::Role;
 
 /// Body of `POST /tokens`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IssueTokenRequest {
     pub role: Role,
     /// The agent's client id, or the operator's name.
@@ -17,6 +18,7 @@ pub struct IssueTokenRequest {
 
 /// One token the server signed, as its ledger records it. Never the token itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenInfo {
     /// The token id (`jti`), what `DELETE /tokens/{jti}` takes.
     pub jti: String,
@@ -36,6 +38,7 @@ pub struct TokenInfo {
 
 /// Answer to `POST /tokens` (201): the token, shown once, and its ledger entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IssuedToken {
     pub token: String,
     #[serde(flatten)]
@@ -45,6 +48,7 @@ pub struct IssuedToken {
 /// Query of `GET /tokens`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 pub struct TokenListParams {
     pub role: Option<Role>,
     pub subject: Option<String>,
@@ -52,11 +56,13 @@ pub struct TokenListParams {
     #[serde(default)]
     pub all: bool,
     /// At most this many, newest first (default 1,000, at most 10,000).
+    #[cfg_attr(feature = "openapi", param(maximum = 10000))]
     pub limit: Option<u32>,
 }
 
 /// One signing key, as `GET /keys` shows it. Never the key itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SigningKeyInfo {
     pub kid: String,
     pub algorithm: String,
@@ -75,6 +81,7 @@ pub struct SigningKeyInfo {
 /// Query of `DELETE /keys/{kid}`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 pub struct RetireKeyParams {
     /// Retire it even though tokens it signed are still valid (they stop working).
     #[serde(default)]

@@ -11,9 +11,13 @@ use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, KeepAliveStream, Sse};
 use futures::Stream;
 use serde::Serialize;
-use shared::api::collections::CollectionSummary;
+use shared::api::UploadStatus;
+use shared::api::collections::{CollectionState, CollectionSummary};
 use shared::{CollectionId, ErrorCode, UploadId};
 use tokio_util::task::TaskTracker;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::{Ref, RefOr, Schema};
+use utoipa::{PartialSchema, ToSchema};
 
 use crate::AppState;
 use crate::auth::Operator;
@@ -105,12 +109,70 @@ where
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
+/// The schema of one frame of an event stream: its `event` name, and its `data`, the JSON of
+/// `schema`.
+fn event_schema(event: &str, schema: &str) -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property(
+            "event",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some([event])),
+        )
+        .required("event")
+        .property(
+            "data",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .content_media_type("application/json")
+                .content_schema(Some(Ref::from_schema_name(schema)))
+                .description(Some(format!("A `{schema}`, as JSON"))),
+        )
+        .required("data")
+        .property("id", ObjectBuilder::new().schema_type(Type::String))
+        .property("retry", ObjectBuilder::new().schema_type(Type::Integer))
+        .into()
+}
+
+/// One frame of `GET /uploads/{upload_id}/events`.
+pub struct UploadStatusEvent;
+
+impl PartialSchema for UploadStatusEvent {
+    fn schema() -> RefOr<Schema> {
+        event_schema("status", "UploadStatus")
+    }
+}
+
+impl ToSchema for UploadStatusEvent {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push(("UploadStatus".into(), UploadStatus::schema()));
+        UploadStatus::schemas(schemas);
+    }
+}
+
+/// One frame of `GET /collections/{id}/events`.
+pub struct CollectionSummaryEvent;
+
+impl PartialSchema for CollectionSummaryEvent {
+    fn schema() -> RefOr<Schema> {
+        event_schema("summary", "CollectionSummary")
+    }
+}
+
+impl ToSchema for CollectionSummaryEvent {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push(("CollectionSummary".into(), CollectionSummary::schema()));
+        CollectionSummary::schemas(schemas);
+    }
+}
+
 /// `GET /uploads/{upload_id}/events`: the upload's status as it changes, ending with its
 /// final state.
 #[utoipa::path(get, path = "/uploads/{upload_id}/events", tag = "uploads",
     params(("upload_id" = UploadId, Path, description = "The upload")),
     responses((status = 200, description = "`event: status` frames, each an `UploadStatus` as JSON, sent when it changes; the stream ends after a final state",
-        content_type = "text/event-stream", body = String)))]
+        content_type = "text/event-stream", body = UploadStatusEvent)))]
 pub async fn upload_events(
     State(state): State<AppState>,
     _: Operator,
@@ -129,11 +191,12 @@ pub async fn upload_events(
     })))
 }
 
-/// `GET /collections/{id}/events`: the collection's summary as it changes.
+/// `GET /collections/{id}/events`: the collection's summary as it changes, ending once it is
+/// expired or cancelled and settled.
 #[utoipa::path(get, path = "/collections/{id}/events", tag = "collections",
     params(("id" = CollectionId, Path, description = "The collection")),
-    responses((status = 200, description = "`event: summary` frames, each a `CollectionSummary` as JSON, sent when it changes",
-        content_type = "text/event-stream", body = String)))]
+    responses((status = 200, description = "`event: summary` frames, each a `CollectionSummary` as JSON, sent when it changes; the stream ends once the collection is expired or cancelled and settled",
+        content_type = "text/event-stream", body = CollectionSummaryEvent)))]
 pub async fn collection_events(
     State(state): State<AppState>,
     _: Operator,
@@ -145,6 +208,8 @@ pub async fn collection_events(
     let collections = state.collections.clone();
     Ok(sse(changes("summary", &state, move || {
         match collections.summary(id) {
+            // Expired or cancelled with nothing left to run: it cannot change any more.
+            Ok(s) if s.settled && s.state != CollectionState::Open => Look::Last(s),
             Ok(s) => Look::Going::<CollectionSummary>(s),
             Err(_) => Look::Gone,
         }

@@ -69,6 +69,11 @@ struct Args {
     /// Collections per `max_concurrent`, interleaved; the medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Time this many requests of each kind to `GET /stores` (the operator page's store list)
+    /// over the fleet, instead of the latency, burst and storm phases. The agents declare a
+    /// `region` label, one of four.
+    #[arg(long, default_value_t = 0)]
+    list_stores: usize,
 }
 
 /// One collection's figures.
@@ -105,6 +110,9 @@ struct Shared {
     file: Option<StoreFile>,
     storage: reqwest::Client,
 }
+
+/// The `region` labels of `--list-stores` fleets.
+const REGIONS: [&str; 4] = ["north", "south", "east", "west"];
 
 fn client_id(i: usize) -> String {
     format!("loadgen-{i:06}")
@@ -148,11 +156,14 @@ async fn connect(shared: &Shared, i: usize) -> anyhow::Result<Ws> {
     } else {
         shared::protocol::PROTOCOL_VERSION
     };
-    let hello = serde_json::json!({
+    let mut hello = serde_json::json!({
         "type": "hello",
         "protocol_version": protocol,
         "agent_version": "loadgen",
     });
+    if shared.args.list_stores > 0 {
+        hello["labels"] = serde_json::json!({ "region": REGIONS[i % REGIONS.len()] });
+    }
     ws.send(Message::Text(hello.to_string().into())).await?;
     loop {
         match ws.next().await {
@@ -405,6 +416,61 @@ async fn collect(
     })
 }
 
+/// Times `GET /stores` pages as the operator page asks for them: the first page, one in the
+/// middle, a search, a label filter and a glob, each `args.list_stores` times in turn.
+async fn list_stores(
+    http: &reqwest::Client,
+    args: &Args,
+    token: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    let middle = client_id(n / 2);
+    let queries = [
+        ("first page", "limit=50".to_owned()),
+        ("a page in the middle", format!("limit=50&after={middle}")),
+        (
+            "search",
+            format!("limit=50&q={}", &middle[..middle.len() - 1]),
+        ),
+        ("label filter", "limit=50&label=region=north".to_owned()),
+        ("id glob", "limit=50&glob=loadgen-00*".to_owned()),
+        ("offline only", "limit=50&connected=false".to_owned()),
+    ];
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); queries.len()];
+    let mut sizes = vec![(0usize, 0u64); queries.len()];
+    for _ in 0..args.list_stores {
+        for (k, (_, query)) in queries.iter().enumerate() {
+            let t0 = Instant::now();
+            let resp = http
+                .get(format!("http://{}/stores?{query}", args.server))
+                .bearer_auth(token)
+                .send()
+                .await?;
+            let status = resp.status();
+            let body = resp.bytes().await?;
+            times[k].push(t0.elapsed());
+            if !status.is_success() {
+                bail!("GET /stores?{query} answered {status}");
+            }
+            let page: serde_json::Value = serde_json::from_slice(&body)?;
+            sizes[k] = (body.len(), page["total"].as_u64().unwrap_or_default());
+        }
+    }
+    for (k, (name, query)) in queries.iter().enumerate() {
+        let t = &mut times[k];
+        t.sort();
+        println!(
+            "GET /stores?{query} ({name}): {} of {n} stores match, {} bytes; over {} requests p50 {:.1} ms, p99 {:.1} ms",
+            sizes[k].1,
+            sizes[k].0,
+            t.len(),
+            percentile(t, 0.50).as_secs_f64() * 1000.0,
+            percentile(t, 0.99).as_secs_f64() * 1000.0,
+        );
+    }
+    Ok(())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -521,6 +587,10 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         return Ok(());
+    }
+
+    if args.list_stores > 0 {
+        return list_stores(&http, args, &operator, n).await;
     }
 
     // Trigger-to-command latency, one at a time.

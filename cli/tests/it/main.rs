@@ -26,6 +26,7 @@ mod records;
 mod renewal;
 mod resilience;
 mod responsive;
+mod sessions;
 mod sharing;
 mod tls;
 mod tokens;

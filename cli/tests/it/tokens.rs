@@ -16,7 +16,7 @@ use crate::harness::*;
 
 /// `server token issue ...` on the host of the server keeping its data in `data_dir`: the
 /// server binary's own argument parsing and code, in this process.
-fn host_token(data_dir: &Path, args: &[&str]) -> String {
+pub(crate) fn host_token(data_dir: &Path, args: &[&str]) -> String {
     let data_dir = data_dir.display().to_string();
     let mut all = vec!["server", "token", "issue", "--data-dir", &data_dir];
     all.extend_from_slice(args);

@@ -25,6 +25,15 @@ function check(cond, what) {
 }
 
 const report = { dialogs: 0 };
+
+/** Every form control on the page has a label, so a screen reader names it. */
+async function checkLabelled(page, view) {
+  const unlabelled = await page.evaluate(() => [...document.querySelectorAll("input, select, textarea, button")]
+    .filter((c) => c.offsetParent !== null)
+    .filter((c) => !(c.labels && c.labels.length) && !c.getAttribute("aria-label") && !(c.tagName === "BUTTON" && c.textContent.trim()))
+    .map((c) => c.outerHTML));
+  check(unlabelled.length === 0, `every control of the ${view} view is labelled ${unlabelled.join(" ")}`);
+}
 const profile = mkdtempSync(join(process.env.WORK_DIR || tmpdir(), "chromium-profile-"));
 const context = await chromium.launchPersistentContext(profile, {
   executablePath: env("CHROMIUM"),
@@ -42,11 +51,16 @@ page.on("dialog", async (d) => { report.dialogs += 1; await d.dismiss(); });
 page.on("pageerror", (e) => console.log(`page error: ${e.message}`));
 
 try {
-  // Sign in.
+  // Sign in with the keyboard alone: type the token, Tab to the button, Enter.
   await page.goto(`${BASE}/ui`);
-  await page.getByLabel("Operator token").fill(TOKEN);
-  await page.getByRole("button", { name: "Sign in" }).click();
+  await checkLabelled(page, "sign-in");
+  await page.getByLabel("Operator token").focus();
+  await page.keyboard.insertText(TOKEN);
+  await page.keyboard.press("Tab");
+  check(await page.evaluate(() => document.activeElement.textContent === "Sign in"), "Tab reaches the sign-in button");
+  await page.keyboard.press("Enter");
   await page.locator(`tr[data-store="${A}"]`).waitFor();
+  await checkLabelled(page, "stores");
   const cookies = await context.cookies(BASE);
   const session = cookies.find((c) => c.name === "backhaul_session");
   check(session && session.httpOnly && session.sameSite === "Strict", "the session cookie is HttpOnly and SameSite=Strict");
@@ -63,9 +77,20 @@ try {
   check((await page.locator("tbody tr[data-store]").count()) === 3, "three stores are listed");
   await page.screenshot({ path: join(SHOTS, "stores.png") });
 
+  // The filters run on the server: an id glob, then the connection.
+  await page.getByLabel("Id glob").fill(A);
+  await page.locator("p.muted", { hasText: "1 store matches" }).waitFor();
+  check((await page.locator("tbody tr[data-store]").count()) === 1, "the id glob keeps one store");
+  await page.getByLabel("Id glob").fill("");
+  await page.getByLabel("Connection").selectOption("false");
+  await page.locator("p.muted", { hasText: "1 store matches, 0 connected" }).waitFor();
+  check((await page.locator(`tr[data-store="${OFFLINE}"]`).count()) === 1, "offline only keeps the offline store");
+  await page.getByLabel("Connection").selectOption("");
+
   // Pull a file from A and watch it complete, without reloading.
   await page.getByRole("link", { name: A }).click();
   await page.getByRole("heading", { name: `Store ${A}` }).waitFor();
+  await checkLabelled(page, "store");
   await page.evaluate(() => { window.notReloaded = true; });
   const seen = new Set();
   await page.getByRole("button", { name: "Pull now" }).click();
@@ -92,6 +117,8 @@ try {
 
   // A collection over the fleet's label: the preview counts it, the summary settles.
   await page.getByRole("link", { name: "Collections" }).click();
+  await page.getByLabel("Target").waitFor();
+  await checkLabelled(page, "collections");
   await page.getByLabel("Target").selectOption("labels");
   await page.getByLabel("Matching").fill(env("FLEET_LABEL"));
   await page.locator(".preview", { hasText: "Matches 3 stores now: 2 connected, 1 offline." }).waitFor();
@@ -109,6 +136,10 @@ try {
   const manifest = JSON.parse(readFileSync(await download.path(), "utf8"));
   report.manifest_entries = manifest.entries.length;
   check(manifest.entries.map((e) => e.client_id).sort().join() === [A, B].sort().join(), "the manifest lists the two completed stores");
+
+  await page.getByRole("link", { name: "Schedules" }).click();
+  await page.getByLabel("Cron").waitFor();
+  await checkLabelled(page, "schedules");
 
   // A store's hostile error message is shown as text, and runs nothing.
   await page.goto(`${BASE}/ui#/store/${OFFLINE}`);

@@ -255,7 +255,7 @@ async function storesView(root) {
       return;
     }
     if (mine !== seq) return;
-    summary.textContent = `${page.total} stores match, ${page.connected} connected; page ${cursors.length}`;
+    summary.textContent = `${page.total} ${page.total === 1 ? "store matches" : "stores match"}, ${page.connected} connected; page ${cursors.length}`;
     prev.disabled = cursors.length <= 1;
     next.disabled = !page.next_after;
     next.dataset.after = page.next_after || "";

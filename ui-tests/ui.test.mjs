@@ -96,12 +96,19 @@ try {
   await page.getByRole("button", { name: "Pull now" }).click();
   const live = page.locator(".upload-live");
   await live.waitFor();
+  report.partial_progress_seen = false;
   for (;;) {
     const st = await live.getAttribute("data-state");
     seen.add(st);
+    const bar = live.locator("progress");
+    if (st === "uploading" && (await bar.count()) === 1) {
+      const [value, max] = [Number(await bar.getAttribute("value")), Number(await bar.getAttribute("max"))];
+      if (value > 0 && value < max) report.partial_progress_seen = true;
+    }
     if (["completed", "failed", "cancelled"].includes(st)) break;
     await page.waitForTimeout(100);
   }
+  check(report.partial_progress_seen, "the progress bar showed the upload part-way");
   check(seen.has("completed"), `the upload reached completed (states seen: ${[...seen].join(", ")})`);
   check(await page.evaluate(() => window.notReloaded === true), "the page was not reloaded");
   const row = page.locator("tr[data-state=completed] a.download").first();

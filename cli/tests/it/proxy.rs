@@ -40,6 +40,8 @@ pub struct Faults {
     pub cut_object_gets: Option<u32>,
     /// The first AbortMultipartUpload is held this long before it is passed on.
     pub slow_first_abort: Option<std::time::Duration>,
+    /// Every part PUT is held this long before it is passed on: a slow uplink, seen from storage.
+    pub slow_parts: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -261,6 +263,9 @@ async fn forward(
             let mut w = stats.window.lock().unwrap();
             let first = w.map_or(started, |(f, _)| f.min(started));
             *w = Some((first, w.map_or(started, |(_, l)| l)));
+        }
+        if let Some(hold) = faults.slow_parts {
+            tokio::time::sleep(hold).await;
         }
         let hit = |every: Option<u32>| every.is_some_and(|e| nth.is_multiple_of(e));
         if hit(faults.fail_every) {

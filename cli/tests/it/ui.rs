@@ -11,6 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::harness::*;
+use crate::proxy::{FaultProxy, Faults};
 
 /// Text a store supplies that must reach the page as text, never as markup.
 const HOSTILE: &str = "<img src=x onerror=alert(1)>";
@@ -35,7 +36,23 @@ async fn operator_page_works_end_to_end(mode: Mode) {
         "the browser test needs Chromium and playwright-core: run scripts/test.sh, or \
          apt-get install chromium && npm ci --prefix ui-tests"
     );
-    let server = TestServer::start(mode).await;
+    // Part PUTs are held for a while, so the page has time to show the upload under way.
+    let faults = Faults {
+        slow_parts: Some(Duration::from_millis(700)),
+        ..Faults::default()
+    };
+    let proxy = FaultProxy::start(&localstack_endpoint(), faults).await;
+    let url = proxy.url();
+    let server = TestServer::builder(mode)
+        .args(&[
+            "--s3-public-endpoint",
+            url.as_str(),
+            "--part-size",
+            "5242880",
+        ])
+        .start()
+        .await;
+    proxy.set_upstream(&server.s3_endpoint);
     let dir = tempfile::tempdir().unwrap();
     let tag = unique_client("fleet")
         .to_ascii_lowercase()
@@ -107,6 +124,10 @@ async fn operator_page_works_end_to_end(mode: Mode) {
     assert_eq!(report["downloaded_sha256"], sha_a.as_str(), "{report}");
     assert_eq!(report["manifest_entries"], 2, "{report}");
     assert_eq!(report["dialogs"], 0, "{report}");
+    assert!(
+        report["partial_progress_seen"].as_bool() == Some(true),
+        "the page showed the upload under way before it completed: {report}"
+    );
     assert_eq!(report["no_cookie_status"], 401, "{report}");
     assert_eq!(report["no_csrf_status"], 403, "{report}");
     assert_eq!(report["forged_csrf_status"], 403, "{report}");

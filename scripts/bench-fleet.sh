@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Fleet benchmark: one release server (embedded storage) and the load generator on loopback.
 # Prints server memory per idle agent, trigger-to-command latency, a burst and a reconnect storm.
+# With LIST_STORES=N it times N requests of each kind to `GET /stores` (the operator page's store
+# list: first page, a middle page, a search, a label filter, a glob, offline only) instead.
 #
 #   scripts/bench-fleet.sh [agents=10000] [storm_spread_ms=10000]
+#   LIST_STORES=50 scripts/bench-fleet.sh 10000
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -38,5 +41,5 @@ done
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), fd limit $(ulimit -n)"
 "$bin/loadgen" --server "127.0.0.1:$API_PORT" --server-pid "$server_pid" \
-  --agents "$AGENTS" --storm-spread-ms "$SPREAD"
+  --agents "$AGENTS" --storm-spread-ms "$SPREAD" --list-stores "${LIST_STORES:-0}"
 echo "server errors logged: $(grep -c ' ERROR ' "$work/server.log" || true)"

@@ -8,7 +8,7 @@ use rand::Rng;
 
 use crate::encryption::{generate_identity, sealing_args};
 use crate::harness::*;
-use crate::proxy::{FaultProxy, Faults};
+use crate::proxy::{Faults, server_behind_proxy};
 
 pub fn sha_of(bytes: &[u8]) -> String {
     use sha2::Digest;
@@ -249,18 +249,7 @@ async fn the_share_decides_unless_the_operator_does() {
 /// agent encodes the file the same way, the upload resumes, and storage never receives a
 /// finished part twice.
 async fn killed_while_encoding_resumes(mode: Mode, sealed: bool) {
-    let proxy = FaultProxy::start(&localstack_endpoint(), Faults::default()).await;
-    let url = proxy.url();
-    let server = TestServer::builder(mode)
-        .args(&[
-            "--s3-public-endpoint",
-            url.as_str(),
-            "--part-size",
-            "5242880",
-        ])
-        .start()
-        .await;
-    proxy.set_upstream(&server.s3_endpoint);
+    let (proxy, server) = server_behind_proxy(mode, Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("sales.csv");
     let sha = write_csv(&file, 120 * MIB);

@@ -11,7 +11,7 @@ use rand::RngCore;
 use crate::compression::{download, sha_of, write_csv};
 use crate::encryption::{generate_identity, sealing_args};
 use crate::harness::*;
-use crate::proxy::{FaultProxy, Faults};
+use crate::proxy::{FaultProxy, Faults, server_behind_proxy};
 
 /// Overwrites `len` bytes of `path` at `at` with noise, in place.
 fn scribble(path: &std::path::Path, at: u64, len: usize, rng: &mut impl RngCore) {
@@ -32,19 +32,7 @@ fn append(path: &std::path::Path, len: usize, rng: &mut impl RngCore) {
 
 /// A server whose presigned URLs lead through a counting proxy, with 5 MiB parts.
 pub async fn counted(mode: Mode) -> (FaultProxy, TestServer) {
-    let proxy = FaultProxy::start(&localstack_endpoint(), Faults::default()).await;
-    let url = proxy.url();
-    let server = TestServer::builder(mode)
-        .args(&[
-            "--s3-public-endpoint",
-            url.as_str(),
-            "--part-size",
-            "5242880",
-        ])
-        .start()
-        .await;
-    proxy.set_upstream(&server.s3_endpoint);
-    (proxy, server)
+    server_behind_proxy(mode, Faults::default()).await
 }
 
 /// What one fetch moved: the `cli download -o` report, and the parts and bytes the agent sent.

@@ -17,6 +17,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::harness::{Mode, TestServer, localstack_endpoint};
+
 /// Which part PUTs get a fault: the n-th PUT (counting from 1) gets the first matching rule.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Faults {
@@ -482,4 +484,23 @@ mod kms {
             "<Part><ETag>&quot;10&quot;</ETag></Part><ETag>\"b\"</ETag>"
         );
     }
+}
+
+/// A server whose storage is reached through a fault proxy with `faults`: its presigned URLs
+/// name the proxy, which passes requests on to the server's storage (the embedded store, or
+/// LocalStack). Parts are 5 MiB, S3's smallest, so small files have several.
+pub async fn server_behind_proxy(mode: Mode, faults: Faults) -> (FaultProxy, TestServer) {
+    let proxy = FaultProxy::start(&localstack_endpoint(), faults).await;
+    let url = proxy.url();
+    let server = TestServer::builder(mode)
+        .args(&[
+            "--s3-public-endpoint",
+            url.as_str(),
+            "--part-size",
+            "5242880",
+        ])
+        .start()
+        .await;
+    proxy.set_upstream(&server.s3_endpoint);
+    (proxy, server)
 }

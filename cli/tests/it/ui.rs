@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::proxy::{FaultProxy, Faults};
+use crate::proxy::{Faults, server_behind_proxy};
 
 /// Text a store supplies that must reach the page as text, never as markup.
 const HOSTILE: &str = "<img src=x onerror=alert(1)>";
@@ -41,18 +41,7 @@ async fn operator_page_works_end_to_end(mode: Mode) {
         slow_parts: Some(Duration::from_millis(700)),
         ..Faults::default()
     };
-    let proxy = FaultProxy::start(&localstack_endpoint(), faults).await;
-    let url = proxy.url();
-    let server = TestServer::builder(mode)
-        .args(&[
-            "--s3-public-endpoint",
-            url.as_str(),
-            "--part-size",
-            "5242880",
-        ])
-        .start()
-        .await;
-    proxy.set_upstream(&server.s3_endpoint);
+    let (_proxy, server) = server_behind_proxy(mode, faults).await;
     let dir = tempfile::tempdir().unwrap();
     let tag = unique_client("fleet")
         .to_ascii_lowercase()

@@ -433,7 +433,7 @@ async fn list_stores(
             format!("limit=50&q={}", &middle[..middle.len() - 1]),
         ),
         ("label filter", "limit=50&label=region=north".to_owned()),
-        ("id glob", "limit=50&glob=loadgen-00*".to_owned()),
+        ("id glob", "limit=50&glob=loadgen-0012*".to_owned()),
         ("offline only", "limit=50&connected=false".to_owned()),
     ];
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); queries.len()];

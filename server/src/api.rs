@@ -15,8 +15,6 @@ use shared::encoding::Compression;
 use shared::protocol::DEFAULT_SHARE;
 use shared::{ClientId, ErrorCode, FileName, UploadId};
 
-use std::collections::BTreeMap;
-
 use shared::labels::Label;
 
 use crate::AppState;
@@ -95,52 +93,13 @@ pub async fn list_clients(
         clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         return Ok(Json(clients));
     }
-    every_store(&state, &wanted).map(Json)
-}
-
-/// Every store ever seen whose labels include all of `wanted`, connected or not, by client id.
-pub fn every_store(state: &AppState, wanted: &[Label]) -> Result<Vec<ClientInfo>, ApiError> {
-    let mut live: BTreeMap<ClientId, AgentHandle> = state
-        .registry
-        .snapshot()
-        .into_iter()
-        .filter(|(_, h)| h.labels.matches_all(wanted))
-        .collect();
-    let stores = state.inventory.list(wanted).map_err(|e| {
-        tracing::error!(
-            error = format!("{e:#}"),
-            "reading the store inventory failed"
-        );
-        ApiError::new(ErrorCode::Internal, "the store inventory could not be read")
-    })?;
-    let mut clients: Vec<ClientInfo> = stores
-        .into_iter()
-        .map(|store| {
-            let first_seen = Some(ms_rfc3339(store.first_seen_ms));
-            match live.remove(&store.client_id) {
-                Some(h) => connected_info(state, store.client_id, &h, first_seen),
-                None => ClientInfo {
-                    active_upload: state.uploads.active_for(&store.client_id),
-                    client_id: store.client_id,
-                    connected: false,
-                    connected_since: None,
-                    last_seen: ms_rfc3339(store.last_seen_ms),
-                    first_seen,
-                    protocol_version: store.protocol_version,
-                    agent_version: store.agent_version,
-                    token_expires_at: None,
-                    labels: store.labels,
-                },
-            }
-        })
-        .collect();
-    // Connected agents the inventory failed to record are still shown.
-    clients.extend(
-        live.into_iter()
-            .map(|(id, h)| connected_info(state, id, &h, None)),
-    );
-    clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-    Ok(clients)
+    let stores = crate::stores_api::listed(&state, &wanted)?;
+    Ok(Json(
+        stores
+            .into_iter()
+            .map(|s| crate::stores_api::info(&state, s))
+            .collect(),
+    ))
 }
 
 /// A `label` query: `key=value` pairs, comma-separated.
@@ -154,14 +113,14 @@ pub fn parse_labels(raw: Option<&str>) -> Result<Vec<Label>, ApiError> {
 }
 
 /// Unix milliseconds as RFC 3339.
-fn ms_rfc3339(ms: i64) -> String {
+pub(crate) fn ms_rfc3339(ms: i64) -> String {
     rfc3339(
         time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
     )
 }
 
-fn connected_info(
+pub(crate) fn connected_info(
     state: &AppState,
     client_id: ClientId,
     h: &AgentHandle,

@@ -218,6 +218,11 @@ impl Registry {
         all
     }
 
+    /// The ids of the connected agents.
+    pub fn connected_ids(&self) -> std::collections::HashSet<ClientId> {
+        self.lock().keys().cloned().collect()
+    }
+
     /// How many connected agents match `pred`, without copying the registry (`pred` runs under
     /// the lock and must be quick).
     pub fn count(&self, pred: impl Fn(&AgentHandle) -> bool) -> usize {

@@ -113,15 +113,16 @@ impl FromRequestParts<AppState> for Operator {
             .contains_key(axum::http::header::AUTHORIZATION)
             && let Some(cookie) = session::cookie_value(&parts.headers)
         {
-            let changes_state =
-                !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-            let csrf = changes_state.then(|| {
-                parts
-                    .headers
-                    .get(session::CSRF_HEADER)
-                    .and_then(|v| v.to_str().ok())
-            });
-            let view = state.sessions.check(&state.tokens, cookie, csrf)?;
+            let access = match parts.method {
+                Method::GET | Method::HEAD | Method::OPTIONS => session::Access::Read,
+                _ => session::Access::Change {
+                    csrf: parts
+                        .headers
+                        .get(session::CSRF_HEADER)
+                        .and_then(|v| v.to_str().ok()),
+                },
+            };
+            let view = state.sessions.check(&state.tokens, cookie, access)?;
             return Ok(Operator {
                 name: view.operator,
             });

@@ -101,6 +101,8 @@ pub struct Listeners {
 pub(crate) const REST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn router(state: AppState) -> Router {
+    // The REST timeout (in `api_routes`) does not wrap the WebSocket: an upgraded connection
+    // lives on after its handler returned, and its own tasks watch the shutdown token.
     let (rest, _) = openapi::api_routes().split_for_parts();
     rest.route("/ws/connect", any(ws::connect))
         .merge(ui::page_routes())

@@ -391,7 +391,7 @@ function summaryBar(c) {
   const total = Math.max(1, counts.matched);
   return el("div", {},
     el("div", { class: "bar", role: "img", "aria-label": parts.map(([k, v]) => `${v} ${k}`).join(", ") },
-      parts.filter(([, v]) => v > 0).map(([k, v]) => el("span", { class: `seg-${k}`, style: null, "data-width": v / total }))),
+      parts.filter(([, v]) => v > 0).map(([k, v]) => el("span", { class: `seg-${k}`, "data-width": v / total }))),
     el("div", { class: "legend counts" },
       parts.map(([k, v]) => el("span", { class: `count-${k}` }, `${k.replace("_", " ")} ${v}  `)),
       `of ${counts.matched}`));
@@ -554,7 +554,8 @@ async function collectionView(root, id) {
   }
 
   render(await api("GET", `/collections/${id}`));
-  follow(`/collections/${id}/events`, "summary", `/collections/${id}`, render);
+  follow(`/collections/${id}/events`, "summary", `/collections/${id}`, render,
+    (c) => c.settled && c.state !== "open");
 }
 
 /** Schedules: list, create, delete. */

@@ -126,7 +126,9 @@ pub async fn session_info(
 ) -> Result<Json<SessionInfo>, ApiError> {
     let cookie = session::cookie_value(&headers)
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "not signed in"))?;
-    let view = state.sessions.check(&state.tokens, cookie, None)?;
+    let view = state
+        .sessions
+        .check(&state.tokens, cookie, session::Access::Read)?;
     Ok(Json(info(view)))
 }
 
@@ -142,7 +144,9 @@ pub async fn sign_out(
     let csrf = headers
         .get(session::CSRF_HEADER)
         .and_then(|v| v.to_str().ok());
-    let view = state.sessions.check(&state.tokens, cookie, Some(csrf))?;
+    let view = state
+        .sessions
+        .check(&state.tokens, cookie, session::Access::Change { csrf })?;
     state.sessions.close(cookie);
     tracing::info!(
         audit = true,

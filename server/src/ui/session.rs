@@ -37,6 +37,15 @@ struct Session {
     created_at: u64,
 }
 
+/// What a request asks of its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access<'a> {
+    /// Reads only (`GET`, `HEAD`, `OPTIONS`).
+    Read,
+    /// Changes state: only with the session's CSRF token, as the request sent it (if at all).
+    Change { csrf: Option<&'a str> },
+}
+
 /// What the page learns about its session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionView {
@@ -131,13 +140,13 @@ impl Sessions {
         })
     }
 
-    /// The session of `cookie_value`, if it is live and its token still verifies. With
-    /// `csrf`, the request changes state and must carry the session's CSRF token.
+    /// The session of `cookie_value`, if it is live and its token still verifies; a request
+    /// that changes state must also carry the session's CSRF token.
     pub fn check(
         &self,
         tokens: &Tokens,
         cookie_value: &str,
-        csrf: Option<Option<&str>>,
+        access: Access<'_>,
     ) -> Result<SessionView, ApiError> {
         let key = key_of(cookie_value);
         let (token, expected_csrf) = {
@@ -150,8 +159,8 @@ impl Sessions {
             })?;
             (session.token.clone(), session.csrf.clone())
         };
-        if let Some(sent) = csrf
-            && !sent.is_some_and(|sent| same(sent, &expected_csrf))
+        if let Access::Change { csrf } = access
+            && !csrf.is_some_and(|sent| same(sent, &expected_csrf))
         {
             return Err(ApiError::new(
                 ErrorCode::Forbidden,
@@ -177,14 +186,6 @@ impl Sessions {
     /// Ends a session; `false` if there was none.
     pub fn close(&self, cookie_value: &str) -> bool {
         self.lock().remove(&key_of(cookie_value)).is_some()
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -35,4 +35,6 @@ fi
 
 export LOCALSTACK_ENDPOINT
 cargo test --workspace --locked "$@"
-bash scripts/schemathesis/run.sh
+# The server and client binaries were built for their own tests (server/tests/binary.rs,
+# client/tests/binary.rs); Schemathesis runs them as they are.
+BIN_DIR="$PWD/target/debug" bash scripts/schemathesis/run.sh

@@ -34,17 +34,32 @@ async function checkLabelled(page, view) {
     .map((c) => c.outerHTML));
   check(unlabelled.length === 0, `every control of the ${view} view is labelled ${unlabelled.join(" ")}`);
 }
-const profile = mkdtempSync(join(process.env.WORK_DIR || tmpdir(), "chromium-profile-"));
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath: env("CHROMIUM"),
-  headless: true,
-  acceptDownloads: true,
-  viewport: { width: 1280, height: 800 },
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+/**
+ * Chromium, on a fresh profile. A browser that dies while starting (it has crashed with SIGSEGV at
+ * launch on this shared machine under load) is started again, at most three times in all: the page is
+ * what this test is about, not the browser's start-up.
+ */
+async function launch() {
+  for (let attempt = 1; ; attempt += 1) {
+    const profile = mkdtempSync(join(process.env.WORK_DIR || tmpdir(), "chromium-profile-"));
+    try {
+      return await chromium.launchPersistentContext(profile, {
+        executablePath: env("CHROMIUM"),
+        headless: true,
+        acceptDownloads: true,
+        viewport: { width: 1280, height: 800 },
+        args: [
+          "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        ],
+      });
+    } catch (e) {
+      if (attempt >= 3) throw e;
+      console.log(`chromium did not start (attempt ${attempt}): ${String(e.message).split("\n")[0]}`);
+    }
+  }
+}
+const context = await launch();
 const page = context.pages()[0] || (await context.newPage());
 page.setDefaultTimeout(60_000);
 page.on("dialog", async (d) => { report.dialogs += 1; await d.dismiss(); });

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs and starts LocalStack (S3 only, with
-# signature validation), installs Debian's Chromium and the browser test's playwright-core
+# signature validation), PostgreSQL and NATS (engines/, loopback ports, data in temporary
+# folders), installs Debian's Chromium and the browser test's playwright-core
 # (ui-tests/package-lock.json), runs `cargo test --workspace`, then fuzzes the REST API with
 # Schemathesis (scripts/schemathesis/run.sh). LocalStack is stopped afterwards if this script
-# started it.
+# started it; PostgreSQL and NATS always are.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source localstack/env.sh
@@ -12,10 +13,19 @@ started_here=0
 if ! curl -fsS --max-time 2 "$LOCALSTACK_ENDPOINT/_localstack/health" >/dev/null 2>&1; then
   started_here=1
 fi
-if [[ $started_here == 1 ]]; then
-  trap 'localstack/stop.sh' EXIT
-fi
+stop_all() {
+  engines/postgres.sh stop || true
+  engines/nats.sh stop || true
+  if [[ $started_here == 1 ]]; then localstack/stop.sh; fi
+}
+trap stop_all EXIT
 localstack/start.sh
+engines/postgres.sh start
+engines/nats.sh start
+# The stores' tests run on both engines, the multi-replica tests on PostgreSQL and NATS.
+BACKHAUL_TEST_DATABASE_URL=$(engines/postgres.sh url)
+BACKHAUL_TEST_NATS_URL=$(engines/nats.sh url)
+export BACKHAUL_TEST_DATABASE_URL BACKHAUL_TEST_NATS_URL
 
 # The operator page's browser test: Debian's Chromium (playwright cannot download browsers
 # here) and playwright-core at the locked version.

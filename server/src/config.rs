@@ -30,6 +30,15 @@ pub enum StorageKind {
     S3,
 }
 
+/// Where the durable state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StateKind {
+    /// A SQLite file in `DATA_DIR` (`DATABASE_PATH`): one server, no external service.
+    Sqlite,
+    /// A PostgreSQL database (`DATABASE_URL`), shared by several replicas.
+    Postgres,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -152,9 +161,20 @@ pub struct Config {
     #[arg(long, env = "AGENT_RESPONSE_TIMEOUT_SECS", default_value_t = 120)]
     pub agent_response_timeout_secs: u64,
 
-    /// SQLite database of upload records; defaults to `backhaul.db` in DATA_DIR.
+    /// Where uploads, the inventory, collections, schedules, the token ledger and revocations
+    /// are kept: `sqlite` (one server) or `postgres` (several replicas share DATABASE_URL).
+    #[arg(long = "state", env = "STATE", value_enum, default_value = "sqlite")]
+    pub state: StateKind,
+
+    /// SQLite database (STATE=sqlite); defaults to `backhaul.db` in DATA_DIR.
     #[arg(long, env = "DATABASE_PATH")]
     pub database_path: Option<PathBuf>,
+
+    /// PostgreSQL connection URL (STATE=postgres), e.g.
+    /// `postgres://backhaul:secret@db.internal:5432/backhaul`. Plain TCP: keep the database on
+    /// a private network or the same host.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<Secret>,
 
     /// How often multipart uploads under KEY_PREFIX that no upload owns are aborted (also once
     /// at start-up); 0 turns the sweep off, for a prefix that several servers share.
@@ -251,6 +271,9 @@ impl Config {
         if self.s3_sse_kms_key_id.is_some() && self.s3_sse != Some(crate::storage::Sse::Kms) {
             bail!("S3_SSE_KMS_KEY_ID needs S3_SSE=aws:kms");
         }
+        if self.state == StateKind::Postgres && self.database_url.is_none() {
+            bail!("STATE=postgres needs DATABASE_URL");
+        }
         Ok(())
     }
 
@@ -275,10 +298,16 @@ impl Config {
         Duration::from_secs(self.token_rotation_spread_secs)
     }
 
-    pub fn database_path(&self) -> PathBuf {
-        self.database_path
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join(DEFAULT_DATABASE_FILE))
+    /// The server's database: the SQLite file, or the PostgreSQL URL (checked by `validate`).
+    pub fn database(&self) -> crate::db::Location {
+        match (self.state, &self.database_url) {
+            (StateKind::Postgres, Some(url)) => crate::db::Location::Postgres(url.clone()),
+            _ => crate::db::Location::Sqlite(
+                self.database_path
+                    .clone()
+                    .unwrap_or_else(|| self.data_dir.join(DEFAULT_DATABASE_FILE)),
+            ),
+        }
     }
 
     pub fn presign_ttl(&self) -> Duration {

@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use shared::auth::Role;
 
-use crate::config::{Config, DEFAULT_DATABASE_FILE, DEFAULT_TOKEN_KEY_FILE};
+use crate::config::{Config, DEFAULT_DATABASE_FILE, DEFAULT_TOKEN_KEY_FILE, StateKind};
+use crate::db::Location;
 use crate::tokens::Tokens;
 
 /// The ledger's `issued_by` of a token minted on the server host.
@@ -72,9 +73,15 @@ pub struct HostIssueArgs {
     /// The key file (as for `server`); defaults to `token-keys.json` in DATA_DIR.
     #[arg(long, env = "TOKEN_KEY_FILE")]
     pub token_key_file: Option<PathBuf>,
-    /// The database (as for `server`); defaults to `backhaul.db` in DATA_DIR.
+    /// Where the server keeps its state (as for `server`): `sqlite` or `postgres`.
+    #[arg(long = "state", env = "STATE", value_enum, default_value = "sqlite")]
+    pub state: StateKind,
+    /// The SQLite database (as for `server`); defaults to `backhaul.db` in DATA_DIR.
     #[arg(long, env = "DATABASE_PATH")]
     pub database_path: Option<PathBuf>,
+    /// The PostgreSQL URL (as for `server`, with STATE=postgres).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<shared::auth::Secret>,
 }
 
 /// Runs a host command; returns what it prints on stdout.
@@ -91,10 +98,15 @@ fn issue(args: &HostIssueArgs) -> anyhow::Result<String> {
         .token_key_file
         .clone()
         .unwrap_or_else(|| args.data_dir.join(DEFAULT_TOKEN_KEY_FILE));
-    let database = args
-        .database_path
-        .clone()
-        .unwrap_or_else(|| args.data_dir.join(DEFAULT_DATABASE_FILE));
+    let database = match (args.state, &args.database_url) {
+        (StateKind::Sqlite, _) => Location::Sqlite(
+            args.database_path
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join(DEFAULT_DATABASE_FILE)),
+        ),
+        (StateKind::Postgres, Some(url)) => Location::Postgres(url.clone()),
+        (StateKind::Postgres, None) => anyhow::bail!("STATE=postgres needs DATABASE_URL"),
+    };
     let tokens = Tokens::open(&key_file, &database, None)?;
     let (subject, role, default_ttl) = match &args.client_id {
         Some(id) => (id.as_str(), Role::Agent, 30 * 24 * 3600),

@@ -4,10 +4,10 @@
 //! live registry.
 
 use anyhow::Context;
-use rusqlite::{Connection, params};
 use shared::ClientId;
 use shared::labels::{Label, Labels};
 
+use crate::args;
 use crate::db::Db;
 
 /// One store as the inventory knows it.
@@ -27,66 +27,56 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    pub fn new(conn: Connection) -> Self {
-        Self { db: Db::new(conn) }
+    pub fn new(db: Db) -> Self {
+        Self { db }
     }
 
     /// A store said `hello`: its labels and versions now, first seen kept from before.
     pub fn connected(&self, store: &Store) -> anyhow::Result<()> {
         self.db
-            .lock()
-            .prepare_cached(
+            .execute(
                 "INSERT INTO stores (client_id, labels, agent_version, protocol_version,
                                      first_seen_ms, last_seen_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (client_id) DO UPDATE SET labels = ?2, agent_version = ?3,
                      protocol_version = ?4, last_seen_ms = ?6",
-            )?
-            .execute(params![
-                store.client_id.as_str(),
-                serde_json::to_string(&store.labels)?,
-                store.agent_version,
-                store.protocol_version,
-                store.first_seen_ms,
-                store.last_seen_ms
-            ])
+                args![
+                    store.client_id.as_str(),
+                    serde_json::to_string(&store.labels)?,
+                    store.agent_version.as_str(),
+                    store.protocol_version,
+                    store.first_seen_ms,
+                    store.last_seen_ms
+                ],
+            )
             .context("recording a store in the inventory")?;
         Ok(())
     }
 
     /// A store's connection ended; it was last heard from at `last_seen_ms`.
     pub fn left(&self, client_id: &ClientId, last_seen_ms: i64) -> anyhow::Result<()> {
-        self.db
-            .lock()
-            .prepare_cached(
-                "UPDATE stores SET last_seen_ms = MAX(last_seen_ms, ?2) WHERE client_id = ?1",
-            )?
-            .execute(params![client_id.as_str(), last_seen_ms])?;
+        self.db.execute(
+            "UPDATE stores SET last_seen_ms = ?2 WHERE client_id = ?1 AND last_seen_ms < ?2",
+            args![client_id.as_str(), last_seen_ms],
+        )?;
         Ok(())
     }
 
     /// Every store whose labels include all of `wanted`, by client id. A row that no longer
     /// reads (it cannot happen short of editing the database) is skipped and logged.
     pub fn list(&self, wanted: &[Label]) -> anyhow::Result<Vec<Store>> {
-        let conn = self.db.lock();
-        let mut stmt = conn.prepare_cached(
+        let rows = self.db.query(
             "SELECT client_id, labels, agent_version, protocol_version, first_seen_ms,
                     last_seen_ms
              FROM stores ORDER BY client_id",
+            args![],
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, u32>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, i64>(5)?,
-            ))
-        })?;
         let mut stores = Vec::new();
         for row in rows {
-            let (id, labels, agent_version, protocol_version, first, last) = row?;
+            let id = row.text(0)?;
+            let labels = row.text(1)?;
+            let (agent_version, protocol_version) = (row.text(2)?, u32::try_from(row.int(3)?)?);
+            let (first, last) = (row.int(4)?, row.int(5)?);
             let parsed = ClientId::parse(&id)
                 .map_err(|e| e.to_string())
                 .and_then(|id| {
@@ -131,30 +121,31 @@ mod tests {
     #[test]
     fn stores_are_remembered_and_filtered_by_label() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("b.db");
-        let inv = Inventory::new(crate::db::open(&path).unwrap());
-        inv.connected(&store("a", &["region=north", "brand=x"], 1_000))
-            .unwrap();
-        inv.connected(&store("b", &["region=south"], 2_000))
-            .unwrap();
-        // Seen again, with new labels: first seen stays.
-        inv.connected(&store("a", &["region=north"], 3_000))
-            .unwrap();
-        inv.left(&ClientId::parse("a").unwrap(), 4_000).unwrap();
-        inv.left(&ClientId::parse("b").unwrap(), 1_500).unwrap();
+        for location in crate::db::testing::locations(dir.path()) {
+            let inv = Inventory::new(location.connect().unwrap());
+            inv.connected(&store("a", &["region=north", "brand=x"], 1_000))
+                .unwrap();
+            inv.connected(&store("b", &["region=south"], 2_000))
+                .unwrap();
+            // Seen again, with new labels: first seen stays.
+            inv.connected(&store("a", &["region=north"], 3_000))
+                .unwrap();
+            inv.left(&ClientId::parse("a").unwrap(), 4_000).unwrap();
+            inv.left(&ClientId::parse("b").unwrap(), 1_500).unwrap();
 
-        let inv = Inventory::new(crate::db::open(&path).unwrap());
-        let all = inv.list(&[]).unwrap();
-        assert_eq!(all.len(), 2);
-        assert_eq!((all[0].first_seen_ms, all[0].last_seen_ms), (1_000, 4_000));
-        assert_eq!(all[0].labels.to_string(), "region=north");
-        assert_eq!(all[1].last_seen_ms, 2_000, "last seen never goes back");
-        let north = inv.list(&["region=north".parse().unwrap()]).unwrap();
-        assert_eq!(north.len(), 1);
-        assert_eq!(north[0].client_id.as_str(), "a");
-        let none = inv
-            .list(&["region=north".parse().unwrap(), "brand=x".parse().unwrap()])
-            .unwrap();
-        assert!(none.is_empty());
+            let inv = Inventory::new(location.connect().unwrap());
+            let all = inv.list(&[]).unwrap();
+            assert_eq!(all.len(), 2, "{location:?}");
+            assert_eq!((all[0].first_seen_ms, all[0].last_seen_ms), (1_000, 4_000));
+            assert_eq!(all[0].labels.to_string(), "region=north");
+            assert_eq!(all[1].last_seen_ms, 2_000, "last seen never goes back");
+            let north = inv.list(&["region=north".parse().unwrap()]).unwrap();
+            assert_eq!(north.len(), 1);
+            assert_eq!(north[0].client_id.as_str(), "a");
+            let none = inv
+                .list(&["region=north".parse().unwrap(), "brand=x".parse().unwrap()])
+                .unwrap();
+            assert!(none.is_empty());
+        }
     }
 }

@@ -120,7 +120,7 @@ pub async fn run(
     config.validate()?;
     let tokens = Arc::new(Tokens::open(
         &config.token_key_path(),
-        &config.database_path(),
+        &config.database(),
         config.legacy_keys()?,
     )?);
     let tracker = TaskTracker::new();
@@ -203,14 +203,17 @@ impl AppState {
         Self,
         tokio::sync::mpsc::UnboundedReceiver<shared::api::UploadStatus>,
     )> {
-        let revocations = Revocations::load(config.data_dir.join("revocations.json"))?;
-        let database = config.database_path();
+        let database = config.database();
+        let revocations = Revocations::open(
+            database.connect()?,
+            &config.data_dir.join("revocations.json"),
+        )?;
         let registry = Arc::new(Registry::default());
-        let inventory = Arc::new(Inventory::new(db::open(&database)?));
+        let inventory = Arc::new(Inventory::new(database.connect()?));
         let metrics = Arc::new(metrics::Metrics::default());
         let (ended, ended_rx) = tokio::sync::mpsc::unbounded_channel();
         let uploads = Uploads::open(
-            Box::new(db::SqliteStore::open(&database)?),
+            Box::new(db::SqlStore::new(database.connect()?)),
             uploads::Settings::from_config(&config),
             uploads::Services {
                 storage: storage.clone(),
@@ -221,15 +224,15 @@ impl AppState {
                 ended: Some(ended),
             },
         )
-        .with_context(|| format!("loading uploads from {}", database.display()))?;
-        let collections = Collections::open(&database, uploads.clone(), registry.clone())
-            .with_context(|| format!("loading collections from {}", database.display()))?;
+        .with_context(|| format!("loading uploads from {database:?}"))?;
+        let collections = Collections::open(database.connect()?, uploads.clone(), registry.clone())
+            .with_context(|| format!("loading collections from {database:?}"))?;
         let schedules = Schedules::open(
-            schedules::Store::new(db::open(&database)?),
+            schedules::Store::new(database.connect()?),
             collections.clone(),
             inventory.clone(),
         )
-        .with_context(|| format!("loading schedules from {}", database.display()))?;
+        .with_context(|| format!("loading schedules from {database:?}"))?;
         let state = Self(Arc::new(StateInner {
             config,
             tokens,

@@ -148,7 +148,14 @@ mod tests {
     }
 
     fn tokens(dir: &std::path::Path) -> Arc<Tokens> {
-        Arc::new(Tokens::open(&dir.join("keys.json"), &dir.join("b.db"), None).unwrap())
+        Arc::new(
+            Tokens::open(
+                &dir.join("keys.json"),
+                &crate::db::Location::Sqlite(dir.join("b.db")),
+                None,
+            )
+            .unwrap(),
+        )
     }
 
     #[test]

@@ -791,6 +791,29 @@ impl ChildProcess {
     }
 }
 
+/// A new, empty PostgreSQL database on the test command's server (`scripts/test.sh` starts it
+/// and sets `BACKHAUL_TEST_DATABASE_URL`); its URL.
+pub fn fresh_database() -> String {
+    let admin = std::env::var("BACKHAUL_TEST_DATABASE_URL").expect(
+        "the PostgreSQL tests need BACKHAUL_TEST_DATABASE_URL: run scripts/test.sh, or \
+         engines/postgres.sh start and export BACKHAUL_TEST_DATABASE_URL=$(engines/postgres.sh url)",
+    );
+    let name = format!("backhaul_it_{}", uuid::Uuid::new_v4().simple());
+    // The blocking client runs its own runtime, so not on this test's.
+    let create = format!("CREATE DATABASE {name}");
+    let admin_for_thread = admin.clone();
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&admin_for_thread, postgres::NoTls)
+            .expect("connecting to the test PostgreSQL");
+        client.batch_execute(&create).expect("creating a database");
+    })
+    .join()
+    .unwrap();
+    let mut url = url::Url::parse(&admin).unwrap();
+    url.set_path(&name);
+    url.to_string()
+}
+
 /// A free loopback port (bound and released; the tiny race is acceptable in tests).
 pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -28,6 +28,7 @@ mod resilience;
 mod responsive;
 mod sessions;
 mod sharing;
+mod state;
 mod tls;
 mod tokens;
 mod ui;

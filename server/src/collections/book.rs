@@ -410,7 +410,10 @@ mod tests {
     }
 
     fn book(path: &std::path::Path) -> Book {
-        Book::open(Store::new(crate::db::open(path).unwrap())).unwrap()
+        let db = crate::db::Location::Sqlite(path.to_owned())
+            .connect()
+            .unwrap();
+        Book::open(Store::new(db)).unwrap()
     }
 
     fn collection(target: Target, max: u32, waiting: &[&str]) -> Collection {

@@ -93,13 +93,13 @@ struct Core {
 }
 
 impl Collections {
-    /// Loads the live collections from the database at `path`.
+    /// Loads the live collections from the database.
     pub fn open(
-        path: &std::path::Path,
+        db: crate::db::Db,
         uploads: Uploads,
         registry: Arc<Registry>,
     ) -> anyhow::Result<Self> {
-        let book = Book::open(store::Store::new(crate::db::open(path)?))?;
+        let book = Book::open(store::Store::new(db))?;
         Ok(Self(Arc::new(Core {
             book,
             uploads,

@@ -273,7 +273,7 @@ mod tests {
     use super::*;
     use shared::api::collections::{CollectionTemplate, Target};
 
-    fn schedule(pattern: &str, tz: &str, last_fired: &str) -> Schedule {
+    pub(super) fn schedule(pattern: &str, tz: &str, last_fired: &str) -> Schedule {
         let (cron, time_zone) = check(pattern, tz).unwrap();
         let last = DateTime::parse_from_rfc3339(last_fired).unwrap();
         Schedule {

@@ -95,12 +95,12 @@ impl Tokens {
     /// Loads (or creates) the keys at `key_file` and opens the ledger in `database`.
     pub fn open(
         key_file: &Path,
-        database: &Path,
+        database: &crate::db::Location,
         legacy: Option<TokenKeys>,
     ) -> anyhow::Result<Self> {
         let file = KeyFile::new(key_file.to_owned());
         let keys = file.load_or_create()?;
-        let ledger = Ledger::new(crate::db::open(database)?);
+        let ledger = Ledger::new(database.connect()?);
         let revoked = ledger
             .revoked_since(unix_now().saturating_sub(shared::auth::LEEWAY_SECS))
             .context("loading revoked tokens")?;

@@ -17,8 +17,13 @@ use super::record::*;
 use super::steps::{object_key, object_matches, upload_id_of_key};
 use super::stored;
 use super::table::Table;
-use crate::db::{SqliteStore, UploadStore};
+use crate::db::{Location, SqlStore, UploadStore};
 use crate::registry::ConnId;
+
+/// The upload store in a SQLite file at `path`.
+fn sqlite_store(path: &std::path::Path) -> anyhow::Result<SqlStore> {
+    Ok(SqlStore::new(Location::Sqlite(path.to_owned()).connect()?))
+}
 use crate::storage::StoredPart;
 
 const MIB: u64 = 1024 * 1024;

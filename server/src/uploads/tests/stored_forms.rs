@@ -76,7 +76,7 @@ fn temp_dir() -> std::path::PathBuf {
 fn open_table(path: &std::path::Path) -> Table {
     let render: crate::uploads::table::Render =
         Box::new(|u| crate::uploads::status::of(u, "pos-uploads", Duration::from_secs(60)));
-    Table::open(Box::new(SqliteStore::open(path).unwrap()), render, None).unwrap()
+    Table::open(Box::new(sqlite_store(path).unwrap()), render, None).unwrap()
 }
 
 /// The database the first release's code wrote (`tests/fixtures/uploads-v1.sql`, dumped from
@@ -91,7 +91,7 @@ fn a_database_written_by_the_first_release_is_read_whole() {
         .unwrap();
     drop(conn);
     let table = open_table(&path);
-    let store = SqliteStore::open(&path).unwrap();
+    let store = sqlite_store(&path).unwrap();
     let id = |n: u32| UploadId::parse(&format!("00000000-0000-4000-8000-00000000000{n}")).unwrap();
     // Each record whole from the store, and as the table shows it.
     let read = |n| {
@@ -172,7 +172,7 @@ fn an_unreadable_record_is_set_aside_not_dropped() {
     let good = uploading();
     let bad = UploadId::new_random();
     {
-        let store = SqliteStore::open(&path).unwrap();
+        let store = sqlite_store(&path).unwrap();
         store.save(&stored::to_row(&good).unwrap()).unwrap();
         let mut row = stored::to_row(&uploading()).unwrap();
         row.id = bad;
@@ -202,7 +202,7 @@ fn the_table_saves_by_its_rule() {
     let id = u.id;
     table.create(u, |_| Ok::<(), ()>(())).unwrap();
     let stored_parts = || {
-        let row = SqliteStore::open(&path).unwrap().get(id).unwrap().unwrap();
+        let row = sqlite_store(&path).unwrap().get(id).unwrap().unwrap();
         let u = stored::from_row(&row, Instant::now()).unwrap();
         (stage_name(&u), u.parts_done)
     };
@@ -244,7 +244,7 @@ fn the_progress_that_brings_the_sha256_is_saved() {
             },
         )
         .unwrap();
-    let row = SqliteStore::open(&path).unwrap().get(id).unwrap().unwrap();
+    let row = sqlite_store(&path).unwrap().get(id).unwrap().unwrap();
     let stored = stored::from_row(&row, Instant::now()).unwrap();
     let file = &stored.stage.transfer().unwrap().file;
     assert_eq!(file.sha256(), Some(&sha));

@@ -26,7 +26,9 @@ case "${1:-}" in
     mkdir -p "$ENGINES_HOME"
     dir=$(mktemp -d "${TMPDIR:-/tmp}/backhaul-nats.XXXXXX")
     echo "$dir" > "$NATS_STATE"
-    nohup "$NATS_VENV/bin/nats-server" -a 127.0.0.1 -p "$NATS_PORT" >"$dir/nats.log" 2>&1 &
+    # JetStream (-js) keeps the replicas' presence bucket; its files go in the same folder.
+    nohup "$NATS_VENV/bin/nats-server" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$dir/jetstream" \
+      >"$dir/nats.log" 2>&1 &
     echo $! > "$dir/pid"
     for _ in $(seq 1 100); do
       if (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null; then exit 0; fi

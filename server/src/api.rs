@@ -53,12 +53,14 @@ pub async fn trigger_download(
         .transpose()
         .map_err(|e| ApiError::new(ErrorCode::InvalidEncoding, e.to_string()))?
         .unwrap_or_default();
-    let upload_id = state.uploads.trigger(
+    let upload_id = crate::bus::command::trigger(
+        &state,
         client_id.clone(),
         share,
         compression,
         &operator.requester(peer),
-    )?;
+    )
+    .await?;
     state.metrics.observe_dispatch(received.elapsed());
     Ok((
         StatusCode::ACCEPTED,
@@ -170,7 +172,9 @@ pub async fn upload_status(
     Path(raw_upload_id): Path<String>,
 ) -> Result<Json<UploadStatus>, ApiError> {
     let upload_id = parse_upload_id(&raw_upload_id)?;
-    state.uploads.status(upload_id).map(Json)
+    crate::bus::command::status(&state, upload_id)
+        .await
+        .map(Json)
 }
 
 /// `GET /uploads/{upload_id}/download`: a 307 to a presigned GET of the verified object. Only
@@ -247,12 +251,24 @@ pub async fn revoke_client(
             "the revocation could not be saved (see the server log), so nothing was revoked",
         )
     })?;
+    state.bus.broadcast(
+        &crate::bus::Broadcast::StoreRevoked {
+            client_id: client_id.clone(),
+            not_before,
+        },
+        &state.tracker,
+    );
     let disconnected = match state.registry.get(&client_id) {
         Some(handle) => {
             handle.close_revoked();
             true
         }
-        None => false,
+        // Another replica closes it when it hears of the revocation.
+        None => state
+            .bus
+            .holder_elsewhere(&client_id)
+            .await?
+            .is_some_and(|h| h.connected),
     };
     tracing::info!(
         audit = true,
@@ -280,7 +296,9 @@ pub async fn cancel_upload(
 ) -> Result<Json<UploadStatus>, ApiError> {
     let upload_id = parse_upload_id(&raw_upload_id)?;
     let requester = operator.requester(peer);
-    state.uploads.cancel(upload_id, &requester).await.map(Json)
+    crate::bus::command::cancel(&state, upload_id, &requester)
+        .await
+        .map(Json)
 }
 
 /// Unix seconds as RFC 3339 (`None` if out of range).

@@ -39,6 +39,15 @@ pub enum StateKind {
     Postgres,
 }
 
+/// How replicas reach each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BusKind {
+    /// None: one server, which holds every agent itself.
+    Local,
+    /// NATS (`NATS_URL`): presence and commands between replicas on one PostgreSQL database.
+    Nats,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -166,6 +175,20 @@ pub struct Config {
     #[arg(long = "state", env = "STATE", value_enum, default_value = "sqlite")]
     pub state: StateKind,
 
+    /// `local` (one server) or `nats`: replicas behind a load balancer, sharing STATE=postgres,
+    /// find the replica that holds a store through NATS (NATS_URL, with JetStream).
+    #[arg(long = "bus", env = "BUS", value_enum, default_value = "local")]
+    pub bus: BusKind,
+
+    /// NATS server URL (BUS=nats), e.g. `nats://nats.internal:4222`.
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<Secret>,
+
+    /// This replica's name on the bus (BUS=nats); a random one when unset. Two live replicas
+    /// must not share one.
+    #[arg(long, env = "REPLICA_ID")]
+    pub replica_id: Option<String>,
+
     /// SQLite database (STATE=sqlite); defaults to `backhaul.db` in DATA_DIR.
     #[arg(long, env = "DATABASE_PATH")]
     pub database_path: Option<PathBuf>,
@@ -273,6 +296,23 @@ impl Config {
         }
         if self.state == StateKind::Postgres && self.database_url.is_none() {
             bail!("STATE=postgres needs DATABASE_URL");
+        }
+        if self.bus == BusKind::Nats {
+            if self.nats_url.is_none() {
+                bail!("BUS=nats needs NATS_URL");
+            }
+            if self.state != StateKind::Postgres {
+                bail!("BUS=nats needs STATE=postgres: replicas share one database");
+            }
+        }
+        if let Some(id) = &self.replica_id
+            && (id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            bail!("REPLICA_ID must be 1 to 64 letters, digits, '-' or '_'");
         }
         Ok(())
     }

@@ -40,6 +40,14 @@ impl ApiError {
         self.code
     }
 
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn state(&self) -> Option<UploadState> {
+        self.state
+    }
+
     pub fn status(&self) -> StatusCode {
         status_of(self.code)
     }

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod bus;
 pub mod collections;
 pub mod collections_api;
 pub mod config;
@@ -68,6 +69,8 @@ pub struct AppState(Arc<StateInner>);
 
 pub struct StateInner {
     pub config: Config,
+    /// How this replica reaches the others (`bus::Bus::Local` for one server).
+    pub bus: bus::Bus,
     pub tokens: Arc<Tokens>,
     pub registry: Arc<Registry>,
     pub inventory: Arc<Inventory>,
@@ -136,7 +139,9 @@ pub async fn run(
         &tracker,
     )
     .await?;
-    let (state, ended) = AppState::open(config, tokens, storage, &shutdown, &tracker)?;
+    let bus = bus::Bus::connect(&config).await?;
+    let (state, ended) = AppState::open(config, bus, tokens, storage, &shutdown, &tracker)?;
+    state.bus.start(&state);
     let orphan_sweep = Duration::from_secs(state.config.orphan_sweep_interval_secs);
 
     // What a previous run left half-done is finished before agents can reconnect.
@@ -195,6 +200,7 @@ impl AppState {
     /// directory, the upload service wired to the registry and the metrics.
     fn open(
         config: Config,
+        bus: bus::Bus,
         tokens: Arc<Tokens>,
         storage: Storage,
         shutdown: &CancellationToken,
@@ -235,6 +241,7 @@ impl AppState {
         .with_context(|| format!("loading schedules from {database:?}"))?;
         let state = Self(Arc::new(StateInner {
             config,
+            bus,
             tokens,
             registry,
             inventory,

@@ -76,6 +76,9 @@ pub trait AgentLink: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct AgentHandle {
     pub conn_id: ConnId,
+    /// The claim under which this replica holds the store for this connection (`bus`); 0 for
+    /// one server.
+    pub epoch: u64,
     pub outbox: mpsc::Sender<ServerMessage>,
     pub connected_since: OffsetDateTime,
     /// What the agent said in its `hello`.

@@ -101,6 +101,13 @@ impl Revocations {
         Ok(not_before)
     }
 
+    /// A revocation another replica saved: applied in memory only.
+    pub fn note(&self, client_id: &ClientId, not_before: u64) {
+        let mut map = self.lock();
+        let entry = map.entry(client_id.clone()).or_insert(not_before);
+        *entry = (*entry).max(not_before);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, u64>> {
         self.not_before.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -202,6 +202,8 @@ struct Registration {
     state: AppState,
     client_id: ClientId,
     conn_id: ConnId,
+    /// The claim on the bus under which this replica holds the store (0 for one server).
+    epoch: u64,
     outbox: mpsc::Sender<ServerMessage>,
     last_seen_ms: Arc<AtomicI64>,
     /// Ends the writer, and the session with it.
@@ -223,6 +225,8 @@ impl Registration {
             .agent_connections
             .fetch_add(1, Ordering::Relaxed);
         let conn_id = state.registry.next_conn_id();
+        // The newest connection holds the store, on every replica.
+        let epoch = state.bus.claim(client_id, true).await;
         let close = state.shutdown.child_token();
         let (outbox, outbox_rx) = mpsc::channel::<ServerMessage>(OUTBOX_CAPACITY);
         let now = OffsetDateTime::now_utc();
@@ -241,6 +245,7 @@ impl Registration {
         let labels = hello.labels.clone();
         let handle = AgentHandle {
             conn_id,
+            epoch,
             outbox: outbox.clone(),
             connected_since: now,
             protocol_version,
@@ -254,6 +259,7 @@ impl Registration {
             state: state.clone(),
             client_id: client_id.clone(),
             conn_id,
+            epoch,
             outbox,
             last_seen_ms,
             close,
@@ -274,7 +280,7 @@ impl Registration {
             })
             .await;
         // An upload the agent left unfinished resumes first; a collection's waits behind it.
-        state.uploads.on_agent_connected(client_id, conn_id);
+        state.uploads.on_agent_connected(client_id, conn_id, epoch);
         state.collections.on_agent_connected(client_id, &labels);
         (registration, outbox_rx)
     }
@@ -289,6 +295,9 @@ impl Drop for Registration {
             tracing::warn!(client_id = %self.client_id, error = format!("{e:#}"), "could not stamp the store's last contact");
         }
         self.state.uploads.on_agent_disconnected(self.conn_id);
+        self.state
+            .bus
+            .left(&self.client_id, self.epoch, &self.state.tracker);
         tracing::info!(client_id = %self.client_id, conn_id = %self.conn_id, "agent disconnected");
     }
 }

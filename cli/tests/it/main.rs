@@ -24,6 +24,7 @@ mod proxy;
 mod reconnect;
 mod records;
 mod renewal;
+mod replicas;
 mod resilience;
 mod responsive;
 mod sessions;

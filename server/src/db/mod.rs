@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use anyhow::Context;
 
-pub use uploads::{LoadedRow, ManifestRow, SqlStore, StoredRow, UploadStore};
+pub use uploads::{LoadedRow, ManifestRow, Saved, SqlStore, StoredRow, UploadStore};
 
 /// Where the durable state lives.
 #[derive(Debug, Clone)]

@@ -17,10 +17,16 @@ use bytes::BytesMut;
 use super::{Row, Value};
 
 /// The migrations, in order; `backhaul_schema.version` counts those applied.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_schema",
-    include_str!("../../migrations/postgres/0001_schema.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_schema",
+        include_str!("../../migrations/postgres/0001_schema.sql"),
+    ),
+    (
+        "0002_upload_epoch",
+        include_str!("../../migrations/postgres/0002_upload_epoch.sql"),
+    ),
+];
 
 /// The advisory lock that serialises migrations across replicas ("backhaul" in ASCII, folded).
 const MIGRATION_LOCK: i64 = 0x6261_636b_6861_756c;

@@ -48,6 +48,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0009_revocations",
         include_str!("../../migrations/0009_revocations.sql"),
     ),
+    (
+        "0010_upload_epoch",
+        include_str!("../../migrations/0010_upload_epoch.sql"),
+    ),
 ];
 
 /// A connection to the database at `path`, created and migrated as needed.

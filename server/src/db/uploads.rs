@@ -41,12 +41,24 @@ pub struct ManifestRow {
     pub record: String,
 }
 
+/// Whether a save was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    Written,
+    /// The row was saved under a later claim on its store: another replica holds it now.
+    Superseded,
+}
+
 pub trait UploadStore: Send + Sync {
-    /// Inserts or replaces a record.
-    fn save(&self, row: &StoredRow) -> anyhow::Result<()>;
+    /// Inserts or replaces a record, saved under the claim `epoch` on its store; a row saved
+    /// under a later claim stays as it is.
+    fn save(&self, row: &StoredRow, epoch: u64) -> anyhow::Result<Saved>;
     /// Every unfinished record, plus the newest `recent` finished ones, oldest first.
     fn load_working_set(&self, recent: usize) -> anyhow::Result<Vec<LoadedRow>>;
     fn get(&self, id: UploadId) -> anyhow::Result<Option<LoadedRow>>;
+    /// The unfinished records of `client_id`, oldest first (what a replica takes on when the
+    /// store's agent connects to it).
+    fn unfinished_for(&self, client_id: &ClientId) -> anyhow::Result<Vec<LoadedRow>>;
     /// The newest `limit` records of `client_id`, newest first.
     fn recent_for(&self, client_id: &ClientId, limit: usize) -> anyhow::Result<Vec<LoadedRow>>;
     /// Deletes the finished records created before `created_before_ms`; unfinished ones stay
@@ -81,21 +93,27 @@ fn loaded(row: &Row) -> anyhow::Result<LoadedRow> {
 }
 
 impl UploadStore for SqlStore {
-    fn save(&self, r: &StoredRow) -> anyhow::Result<()> {
-        self.db.execute(
-            "INSERT INTO uploads (id, client_id, created_ms, terminal, format, record)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (id) DO UPDATE SET terminal = ?4, format = ?5, record = ?6",
+    fn save(&self, r: &StoredRow, epoch: u64) -> anyhow::Result<Saved> {
+        let written = self.db.execute(
+            "INSERT INTO uploads (id, client_id, created_ms, terminal, format, record, epoch)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (id) DO UPDATE SET terminal = ?4, format = ?5, record = ?6, epoch = ?7
+                 WHERE uploads.epoch <= ?7",
             args![
                 r.id.to_string(),
                 r.client_id.as_str(),
                 r.created_ms,
                 r.terminal,
                 r.format,
-                r.record.as_str()
+                r.record.as_str(),
+                i64::try_from(epoch)?
             ],
         )?;
-        Ok(())
+        Ok(if written == 0 {
+            Saved::Superseded
+        } else {
+            Saved::Written
+        })
     }
 
     fn load_working_set(&self, recent: usize) -> anyhow::Result<Vec<LoadedRow>> {
@@ -131,6 +149,18 @@ impl UploadStore for SqlStore {
             .as_ref()
             .map(loaded)
             .transpose()
+    }
+
+    fn unfinished_for(&self, client_id: &ClientId) -> anyhow::Result<Vec<LoadedRow>> {
+        self.db
+            .query(
+                "SELECT id, format, record FROM uploads WHERE client_id = ?1 AND terminal = 0
+                 ORDER BY created_ms",
+                args![client_id.as_str()],
+            )?
+            .iter()
+            .map(loaded)
+            .collect()
     }
 
     fn save_manifest(&self, r: &ManifestRow) -> anyhow::Result<()> {
@@ -213,13 +243,21 @@ mod tests {
             {
                 let db = SqlStore::new(location.connect().unwrap());
                 for r in [&first, &second, &third] {
-                    db.save(r).unwrap();
+                    assert_eq!(db.save(r, 0).unwrap(), Saved::Written);
                 }
-                // An update replaces the document, not the row's identity.
+                // An update replaces the document, not the row's identity; one under an older
+                // claim than the row's is refused.
                 let mut updated = row(1000, "a", true);
                 updated.id = first.id;
                 updated.record = "{\"n\":10}".into();
-                db.save(&updated).unwrap();
+                assert_eq!(db.save(&updated, 7).unwrap(), Saved::Written);
+                let mut stale = updated.clone();
+                stale.record = "{\"n\":-1}".into();
+                assert_eq!(
+                    db.save(&stale, 6).unwrap(),
+                    Saved::Superseded,
+                    "{location:?}"
+                );
             }
             let db = SqlStore::new(location.connect().unwrap());
             let record = |r: Option<LoadedRow>| r.map(|r| r.record);

@@ -203,6 +203,14 @@ impl Tokens {
         Ok(entry)
     }
 
+    /// A token another replica revoked (the ledger has it already): refused here too.
+    pub fn note_revoked(&self, jti: &str, expires_at: u64) {
+        self.revoked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(jti.to_owned(), expires_at);
+    }
+
     /// Makes a new key the active one; the previous keys still verify. Returns the new key id.
     pub fn rotate(&self) -> anyhow::Result<String> {
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());

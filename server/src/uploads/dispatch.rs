@@ -21,9 +21,14 @@ const MAX_AGENT_MESSAGE_CHARS: usize = 1024;
 impl Uploads {
     /// An agent (re)connected: an upload it left unfinished picks up where it stopped, starting
     /// with a fresh description of the file.
-    pub fn on_agent_connected(&self, client_id: &ClientId, conn: ConnId) {
+    /// `epoch` is the claim under which this replica holds the store (0 for one server).
+    pub fn on_agent_connected(&self, client_id: &ClientId, conn: ConnId, epoch: u64) {
         if self.agents().connection(client_id) != Some(conn) {
             return;
+        }
+        // A replica takes on what the store left unfinished, wherever it was driven before.
+        if let Err(err) = self.table().adopt(client_id, epoch) {
+            tracing::error!(%client_id, error = format!("{err:#}"), "the store's unfinished uploads could not be read; they wait for its next connection");
         }
         if let Some((id, Ok(effects))) = self
             .table()
@@ -31,6 +36,27 @@ impl Uploads {
         {
             tracing::info!(%client_id, upload_id = %id, "agent is back; asking it to describe the file again");
             self.start(id, effects);
+        }
+    }
+
+    /// Takes on the unfinished uploads of `client_id` from the database, under the claim
+    /// `epoch` (a replica ending an upload that no live replica holds).
+    pub fn adopt(&self, client_id: &ClientId, epoch: u64) {
+        if let Err(err) = self.table().adopt(client_id, epoch) {
+            tracing::error!(%client_id, error = format!("{err:#}"), "the store's unfinished uploads could not be read");
+        }
+    }
+
+    /// Whether the upload is unfinished and driven by this server.
+    pub fn holds(&self, id: shared::UploadId) -> bool {
+        self.table().holds(id)
+    }
+
+    /// Another replica claimed `client_id` under `epoch`: its unfinished uploads are let go,
+    /// untouched, unless this replica's own claim is later.
+    pub fn release(&self, client_id: &ClientId, epoch: u64) {
+        for id in self.table().release(client_id, epoch) {
+            tracing::info!(%client_id, upload_id = %id, "another replica holds the store now; letting its upload go");
         }
     }
 

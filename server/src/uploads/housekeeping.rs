@@ -103,11 +103,7 @@ impl Uploads {
                 tracing::warn!(key = p.key, upload_id = %id, "leaving the multipart upload of an unreadable record alone");
                 continue;
             }
-            let owned = owner.is_some_and(|id| {
-                self.table()
-                    .read(id, |u| u.owns_multipart(&p.upload_id))
-                    .unwrap_or(false)
-            });
+            let owned = owner.is_some_and(|id| self.table().owns_multipart(id, &p.upload_id));
             if owned {
                 continue;
             }

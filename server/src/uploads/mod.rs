@@ -76,7 +76,7 @@ use crate::storage::Storage;
 
 pub use record::UnixMs;
 pub use status::{STALLED_AFTER, rfc3339};
-pub use table::{Ended, MAX_FINISHED_UPLOADS};
+pub use table::{Ended, Holding, MAX_FINISHED_UPLOADS};
 
 use record::{NewUpload, Upload};
 use table::{CreateError, Table};
@@ -93,6 +93,8 @@ pub struct Settings {
     pub agent_response_timeout: Duration,
     /// How long an upload may go without progress.
     pub stall_timeout: Duration,
+    /// Every unfinished upload (one server), or those of the stores connected here (replicas).
+    pub holding: Holding,
 }
 
 impl Settings {
@@ -103,6 +105,10 @@ impl Settings {
             key_prefix: config.key_prefix.trim_end_matches('/').to_owned(),
             agent_response_timeout: Duration::from_secs(config.agent_response_timeout_secs),
             stall_timeout: Duration::from_secs(config.upload_stall_timeout_secs),
+            holding: match config.bus {
+                crate::config::BusKind::Local => Holding::Everything,
+                crate::config::BusKind::Nats => Holding::ConnectedStores,
+            },
         }
     }
 }
@@ -172,7 +178,7 @@ impl Uploads {
         let bucket = services.storage.bucket().to_owned();
         let render: table::Render = Box::new(move |u| status::of(u, &bucket, stalled_after));
         Ok(Self(Arc::new(Core {
-            table: Table::open(store, render, services.ended.clone())?,
+            table: Table::open(store, render, services.ended.clone(), settings.holding)?,
             settings,
             services,
         })))

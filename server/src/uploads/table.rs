@@ -22,7 +22,7 @@ use super::events::{Effect, Event, Refused};
 use super::manifest::{self, Manifest};
 use super::record::{Now, Stage, UnixMs, Upload};
 use super::stored;
-use crate::db::{LoadedRow, UploadStore};
+use crate::db::{LoadedRow, Saved, UploadStore};
 use crate::registry::ConnId;
 
 /// Finished uploads kept in memory for the status API; older ones are read from the store.
@@ -55,6 +55,9 @@ struct Index {
     /// Stored records this release could not read. They are reported at start and kept out of
     /// every decision: above all, the orphan sweep never aborts their multipart uploads.
     unreadable: HashSet<UploadId>,
+    /// The claim under which this replica holds each store it took on (`adopt`); its uploads
+    /// are saved under it. A store missing here is saved under 0, as one server does.
+    epochs: HashMap<ClientId, u64>,
 }
 
 impl Index {
@@ -122,11 +125,23 @@ pub enum CreateError<E> {
     Refused(E),
 }
 
+/// Which unfinished uploads a table holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// Every one: the only server on its database loads them all at start.
+    Everything,
+    /// Those of the stores whose agents connected to this replica, taken on (`adopt`) when the
+    /// agent arrives and let go (`release`) when another replica holds the store. Replicas
+    /// sharing a database load none at start, so no two drive one upload.
+    ConnectedStores,
+}
+
 pub struct Table {
     index: Mutex<Index>,
     store: Box<dyn UploadStore>,
     render: Render,
     ended: Option<Ended>,
+    holding: Holding,
 }
 
 impl Table {
@@ -136,11 +151,14 @@ impl Table {
         store: Box<dyn UploadStore>,
         render: Render,
         ended: Option<Ended>,
+        holding: Holding,
     ) -> anyhow::Result<Self> {
         let mut index = Index::default();
         let now = Instant::now();
         for row in store.load_working_set(MAX_FINISHED_UPLOADS)? {
             match stored::from_row(&row, now) {
+                Ok(upload)
+                    if holding == Holding::ConnectedStores && !upload.stage.is_terminal() => {}
                 Ok(upload) => index.insert(upload, &render),
                 Err(err) => {
                     tracing::error!(
@@ -160,7 +178,62 @@ impl Table {
             store,
             render,
             ended,
+            holding,
         })
+    }
+
+    /// Takes on the unfinished uploads of `client_id` from the store (those not held already),
+    /// when its agent connects to this replica. A table that holds everything has them.
+    pub fn adopt(&self, client_id: &ClientId, epoch: u64) -> anyhow::Result<()> {
+        if self.holding == Holding::Everything {
+            return Ok(());
+        }
+        let rows = self.store.unfinished_for(client_id)?;
+        let now = Instant::now();
+        let mut index = self.lock();
+        index.epochs.insert(client_id.clone(), epoch);
+        for row in rows {
+            match stored::from_row(&row, now) {
+                Ok(upload) if !index.by_id.contains_key(&upload.id) => {
+                    tracing::info!(%client_id, upload_id = %upload.id, "taking on an unfinished upload");
+                    index.insert(upload, &self.render);
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::error!(upload_id = row.id, error = %err, "an upload record cannot be read; its multipart upload is left alone");
+                    if let Ok(id) = UploadId::parse(&row.id) {
+                        index.unreadable.insert(id);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets go of `client_id`'s unfinished uploads, untouched, because another replica claimed
+    /// the store under `epoch`, a later claim than this replica's; it reads them from the
+    /// store. Returns their ids.
+    pub fn release(&self, client_id: &ClientId, epoch: u64) -> Vec<UploadId> {
+        if self.holding == Holding::Everything {
+            return Vec::new();
+        }
+        let mut index = self.lock();
+        if index
+            .epochs
+            .get(client_id)
+            .is_some_and(|mine| *mine >= epoch)
+        {
+            return Vec::new();
+        }
+        index.epochs.remove(client_id);
+        let Some(id) = index.active_by_client.remove(client_id) else {
+            return Vec::new();
+        };
+        index.by_id.remove(&id);
+        if index.latest_by_client.get(client_id) == Some(&id) {
+            index.latest_by_client.remove(client_id);
+        }
+        vec![id]
     }
 
     fn lock(&self) -> MutexGuard<'_, Index> {
@@ -187,18 +260,23 @@ impl Table {
         self.store.delete_finished_before(cutoff.0)
     }
 
-    /// Writes a record through to the store. A failed write is logged: the upload goes on, and
-    /// only a restart at that moment would lose the change.
-    fn save(&self, upload: &Upload) {
+    /// Writes a record through to the store, under the claim `epoch` on its store. A failed
+    /// write is logged: the upload goes on, and only a restart at that moment would lose the
+    /// change. `Superseded` means another replica holds the store now.
+    fn save(&self, upload: &Upload, epoch: u64) -> Saved {
         let row = match stored::to_row(upload) {
             Ok(row) => row,
             Err(err) => {
                 tracing::error!(upload_id = %upload.id, error = %err, "serializing an upload failed");
-                return;
+                return Saved::Written;
             }
         };
-        if let Err(err) = self.store.save(&row) {
-            tracing::error!(upload_id = %upload.id, error = format!("{err:#}"), "saving an upload failed");
+        match self.store.save(&row, epoch) {
+            Ok(Saved::Superseded) => return Saved::Superseded,
+            Ok(Saved::Written) => {}
+            Err(err) => {
+                tracing::error!(upload_id = %upload.id, error = format!("{err:#}"), "saving an upload failed");
+            }
         }
         if let Stage::Completed { transfer, .. } = &upload.stage
             && let Some(manifest) = Manifest::of(upload.id, transfer)
@@ -212,6 +290,7 @@ impl Table {
                 tracing::error!(upload_id = %upload.id, error = format!("{err:#}"), "saving the part manifest failed");
             }
         }
+        Saved::Written
     }
 
     /// The part manifest of the latest verified object of `client_id`'s `share`, if there is a
@@ -240,7 +319,9 @@ impl Table {
             return Err(CreateError::Busy(*active));
         }
         admit(&upload).map_err(CreateError::Refused)?;
-        self.save(&upload);
+        let epoch = index.epochs.get(&upload.client_id).copied().unwrap_or(0);
+        // A new id: no other replica has saved it.
+        self.save(&upload, epoch);
         index.insert(upload, &self.render);
         Ok(())
     }
@@ -256,8 +337,18 @@ impl Table {
             .get_mut(&id)
             .ok_or(Refused("no such unfinished upload"))?;
         let effects = upload.on(event, Now::read())?;
-        if saved {
-            self.save(upload);
+        let epoch = index.epochs.get(&upload.client_id).copied().unwrap_or(0);
+        if saved && self.save(upload, epoch) == Saved::Superseded {
+            let client_id = upload.client_id.clone();
+            tracing::warn!(%client_id, upload_id = %id, "another replica holds this store now; letting its upload go");
+            index.by_id.remove(&id);
+            if index.active_by_client.get(&client_id) == Some(&id) {
+                index.active_by_client.remove(&client_id);
+            }
+            if index.latest_by_client.get(&client_id) == Some(&id) {
+                index.latest_by_client.remove(&client_id);
+            }
+            return Err(Refused("another replica holds this upload now"));
         }
         if upload.stage.is_terminal() {
             index.retire(id, &self.render);
@@ -387,6 +478,33 @@ impl Table {
             .filter_map(|id| index.by_id.get(id))
             .filter_map(&mut f)
             .collect()
+    }
+
+    /// Whether the upload `id` owns the multipart upload `s3_upload_id`: as held here, or, for
+    /// a replica, as the database records it (another replica may drive it). A record that
+    /// cannot be read, or a database that does not answer, counts as owning it.
+    pub fn owns_multipart(&self, id: UploadId, s3_upload_id: &str) -> bool {
+        if let Some(owned) = self.read(id, |u| u.owns_multipart(s3_upload_id)) {
+            return owned;
+        }
+        if self.holding == Holding::Everything {
+            return false;
+        }
+        match self.store.get(id) {
+            Ok(Some(row)) => stored::from_row(&row, Instant::now())
+                .map(|u| u.owns_multipart(s3_upload_id))
+                .unwrap_or(true),
+            Ok(None) => false,
+            Err(err) => {
+                tracing::warn!(upload_id = %id, error = format!("{err:#}"), "cannot tell who owns a multipart upload; leaving it");
+                true
+            }
+        }
+    }
+
+    /// Whether the upload is unfinished and driven here.
+    pub fn holds(&self, id: UploadId) -> bool {
+        self.lock().by_id.contains_key(&id)
     }
 
     pub fn active_for(&self, client_id: &ClientId) -> Option<UploadId> {

@@ -76,7 +76,13 @@ fn temp_dir() -> std::path::PathBuf {
 fn open_table(path: &std::path::Path) -> Table {
     let render: crate::uploads::table::Render =
         Box::new(|u| crate::uploads::status::of(u, "pos-uploads", Duration::from_secs(60)));
-    Table::open(Box::new(sqlite_store(path).unwrap()), render, None).unwrap()
+    Table::open(
+        Box::new(sqlite_store(path).unwrap()),
+        render,
+        None,
+        crate::uploads::Holding::Everything,
+    )
+    .unwrap()
 }
 
 /// The database the first release's code wrote (`tests/fixtures/uploads-v1.sql`, dumped from
@@ -173,11 +179,11 @@ fn an_unreadable_record_is_set_aside_not_dropped() {
     let bad = UploadId::new_random();
     {
         let store = sqlite_store(&path).unwrap();
-        store.save(&stored::to_row(&good).unwrap()).unwrap();
+        store.save(&stored::to_row(&good).unwrap(), 0).unwrap();
         let mut row = stored::to_row(&uploading()).unwrap();
         row.id = bad;
         row.record = row.record.replace("\"stage\"", "\"renamed_stage\"");
-        store.save(&row).unwrap();
+        store.save(&row, 0).unwrap();
     }
     let table = open_table(&path);
     assert!(table.read(good.id, |_| ()).is_some());

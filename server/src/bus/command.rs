@@ -1,0 +1,240 @@
+//! What crosses the bus between replicas, and the API's calls that may need another replica:
+//! each is carried out where the store is held, so every replica answers as the holder would.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use shared::api::{UploadState, UploadStatus};
+use shared::encoding::Compression;
+use shared::protocol::ServerMessage;
+use shared::{ClientId, ErrorCode, FileName, UploadId};
+
+use super::not_connected;
+use crate::AppState;
+use crate::error::ApiError;
+use crate::uploads::Requester;
+
+/// A request to the replica that holds a store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Command {
+    Trigger {
+        client_id: ClientId,
+        share: FileName,
+        compression: Compression,
+        operator: String,
+        from: SocketAddr,
+    },
+    Cancel {
+        upload_id: UploadId,
+        operator: String,
+        from: SocketAddr,
+    },
+    /// The live status of an upload the holder drives.
+    Status { upload_id: UploadId },
+}
+
+/// The holder's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Triggered { upload_id: UploadId },
+    Status { status: Box<UploadStatus> },
+    Error { error: WireError },
+}
+
+/// An [`ApiError`] on the wire, so that the caller answers exactly what the holder did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireError {
+    code: ErrorCode,
+    message: String,
+    state: Option<UploadState>,
+}
+
+impl From<ApiError> for WireError {
+    fn from(e: ApiError) -> Self {
+        Self {
+            code: e.code(),
+            message: e.message().to_owned(),
+            state: e.state(),
+        }
+    }
+}
+
+impl From<WireError> for ApiError {
+    fn from(e: WireError) -> Self {
+        let err = ApiError::new(e.code, e.message);
+        match e.state {
+            Some(state) => err.with_state(state),
+            None => err,
+        }
+    }
+}
+
+/// News for every replica.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "broadcast", rename_all = "snake_case")]
+pub enum Broadcast {
+    /// Every token of the store issued before `not_before` is refused.
+    StoreRevoked {
+        client_id: ClientId,
+        not_before: u64,
+    },
+    /// One token, by id, until it expires.
+    TokenRevoked { jti: String, expires_at: u64 },
+}
+
+/// Carries out `command` for another replica, as this replica's API would.
+pub async fn execute(state: &AppState, command: Command) -> Reply {
+    let answer = match command {
+        Command::Trigger {
+            client_id,
+            share,
+            compression,
+            operator,
+            from,
+        } => state
+            .uploads
+            .trigger(client_id, share, compression, &Requester { operator, from })
+            .map(|upload_id| Reply::Triggered { upload_id }),
+        Command::Cancel {
+            upload_id,
+            operator,
+            from,
+        } => state
+            .uploads
+            .cancel(upload_id, &Requester { operator, from })
+            .await
+            .map(|status| Reply::Status {
+                status: Box::new(status),
+            }),
+        Command::Status { upload_id } => {
+            state.uploads.status(upload_id).map(|status| Reply::Status {
+                status: Box::new(status),
+            })
+        }
+    };
+    answer.unwrap_or_else(|e| Reply::Error { error: e.into() })
+}
+
+/// Applies news from another replica.
+pub fn apply(state: &AppState, news: Broadcast) {
+    match news {
+        Broadcast::StoreRevoked {
+            client_id,
+            not_before,
+        } => {
+            state.revocations.note(&client_id, not_before);
+            if let Some(handle) = state.registry.get(&client_id) {
+                tracing::info!(%client_id, "the store was revoked on another replica; closing");
+                handle.close_revoked();
+            }
+        }
+        Broadcast::TokenRevoked { jti, expires_at } => state.tokens.note_revoked(&jti, expires_at),
+    }
+}
+
+/// Another replica claimed `client_id` under `epoch`: an older connection here is closed, and
+/// the store's unfinished uploads are let go.
+pub fn claimed_elsewhere(state: &AppState, client_id: &ClientId, epoch: u64) {
+    if let Some(handle) = state.registry.get(client_id)
+        && handle.epoch < epoch
+    {
+        tracing::info!(%client_id, "the store connected to another replica; closing this connection");
+        let _ = handle.outbox.try_send(ServerMessage::Error {
+            code: ErrorCode::ConnectionReplaced,
+            message: "a newer connection for this client id replaced this one".into(),
+        });
+        handle.close.cancel();
+    }
+    state.uploads.release(client_id, epoch);
+}
+
+fn unexpected(reply: &Reply) -> ApiError {
+    ApiError::internal(&anyhow::anyhow!("another replica answered {reply:?}"))
+}
+
+/// `POST /trigger-download/{client_id}` on any replica.
+pub async fn trigger(
+    state: &AppState,
+    client_id: ClientId,
+    share: FileName,
+    compression: Compression,
+    requester: &Requester,
+) -> Result<UploadId, ApiError> {
+    if state.registry.get(&client_id).is_none()
+        && let Some(holder) = state.bus.holder_elsewhere(&client_id).await?
+    {
+        if !holder.connected {
+            return Err(not_connected(&client_id));
+        }
+        let command = Command::Trigger {
+            client_id: client_id.clone(),
+            share,
+            compression,
+            operator: requester.operator.clone(),
+            from: requester.from,
+        };
+        return match state.bus.call(&holder, &command).await? {
+            Some(Reply::Triggered { upload_id }) => Ok(upload_id),
+            Some(Reply::Error { error }) => Err(error.into()),
+            Some(other) => Err(unexpected(&other)),
+            None => Err(not_connected(&client_id)),
+        };
+    }
+    state
+        .uploads
+        .trigger(client_id, share, compression, requester)
+}
+
+/// `GET /uploads/{id}` on any replica: an unfinished upload another replica drives is shown as
+/// that replica sees it (live progress); anything else from here (memory, or the database).
+pub async fn status(state: &AppState, id: UploadId) -> Result<UploadStatus, ApiError> {
+    let here = state.uploads.status(id)?;
+    if here.state.is_terminal() || state.uploads.holds(id) {
+        return Ok(here);
+    }
+    let Some(holder) = state.bus.holder_elsewhere(&here.client_id).await? else {
+        return Ok(here);
+    };
+    match state
+        .bus
+        .call(&holder, &Command::Status { upload_id: id })
+        .await?
+    {
+        Some(Reply::Status { status }) => Ok(*status),
+        Some(Reply::Error { error }) => Err(error.into()),
+        Some(other) => Err(unexpected(&other)),
+        None => Ok(here),
+    }
+}
+
+/// `DELETE /uploads/{id}` on any replica: carried out by the replica that drives the upload. One
+/// that no live replica holds is taken on here first, under a claim of its store, and ended.
+pub async fn cancel(
+    state: &AppState,
+    id: UploadId,
+    requester: &Requester,
+) -> Result<UploadStatus, ApiError> {
+    if !state.uploads.holds(id) {
+        let here = state.uploads.status(id)?;
+        if !here.state.is_terminal() {
+            if let Some(holder) = state.bus.holder_elsewhere(&here.client_id).await? {
+                let command = Command::Cancel {
+                    upload_id: id,
+                    operator: requester.operator.clone(),
+                    from: requester.from,
+                };
+                match state.bus.call(&holder, &command).await? {
+                    Some(Reply::Status { status }) => return Ok(*status),
+                    Some(Reply::Error { error }) => return Err(error.into()),
+                    Some(other) => return Err(unexpected(&other)),
+                    None => {}
+                }
+            }
+            let epoch = state.bus.claim(&here.client_id, false).await;
+            state.uploads.adopt(&here.client_id, epoch);
+        }
+    }
+    state.uploads.cancel(id, requester).await
+}

@@ -1,0 +1,152 @@
+//! How replicas reach each other (`BUS=nats`), and how one server does without (`BUS=local`).
+//!
+//! **Presence.** Which replica holds each store is a key of a JetStream key-value bucket: the
+//! store's id, whose value names the replica and whether the agent is connected there now. A
+//! replica claims a store when its agent says `hello` (a put: the newest connection wins); the
+//! key's revision is the claim's **epoch**. When the agent leaves, the replica marks the key
+//! "away" only if its own claim is still the latest, and keeps the store's unfinished uploads:
+//! it holds them until another replica claims the store.
+//!
+//! **Fencing.** Every replica watches the bucket. A claim by another replica closes this
+//! replica's connection of that store if it is older (a lower epoch), and lets go of the store's
+//! unfinished uploads. Uploads are saved under the epoch of the claim they are driven under, and
+//! the database refuses a save under an older epoch than the row's (`db::Saved::Superseded`),
+//! so a replica that has not heard of a newer claim yet still cannot overwrite its work.
+//!
+//! **Commands.** An API call about a store held elsewhere (a trigger, a cancel, a live status)
+//! is carried out by the holder ([`command::Command`], a NATS request to the holder's subject),
+//! so the answer is the one that replica's own API gives. A store no replica holds, or whose
+//! replica does not answer, is `CLIENT_NOT_CONNECTED`. Revocations are broadcast to every
+//! replica, which applies them to its in-memory lists and closes the store's connection.
+
+pub mod command;
+mod nats;
+
+use shared::{ClientId, ErrorCode};
+use tokio_util::task::TaskTracker;
+
+use crate::config::{BusKind, Config};
+use crate::error::ApiError;
+
+pub use command::{Broadcast, Command, Reply};
+
+/// Where a store is held, as the bus says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub replica: String,
+    /// Whether the agent is connected to that replica now (else it holds the store's unfinished
+    /// uploads until another replica claims the store).
+    pub connected: bool,
+    pub epoch: u64,
+}
+
+/// The bus of this server.
+pub enum Bus {
+    /// One server: every agent is in this process's registry.
+    Local,
+    Nats(nats::Nats),
+}
+
+impl Bus {
+    /// Connects to NATS and prepares the presence bucket when `BUS=nats`.
+    pub async fn connect(config: &Config) -> anyhow::Result<Self> {
+        match (config.bus, &config.nats_url) {
+            (BusKind::Local, _) => Ok(Self::Local),
+            (BusKind::Nats, Some(url)) => {
+                let replica = config
+                    .replica_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+                Ok(Self::Nats(
+                    nats::Nats::connect(url.expose(), replica).await?,
+                ))
+            }
+            (BusKind::Nats, None) => anyhow::bail!("BUS=nats needs NATS_URL"),
+        }
+    }
+
+    /// This replica's name on the bus.
+    pub fn replica(&self) -> Option<&str> {
+        match self {
+            Self::Local => None,
+            Self::Nats(n) => Some(n.replica()),
+        }
+    }
+
+    /// Claims `client_id` for this replica (for a connection of its agent, or, not `connected`,
+    /// to end an upload no live replica holds); returns the claim's epoch. One server claims
+    /// nothing (epoch 0). If the bus cannot be reached, the agent is still served here (epoch
+    /// 0), and other replicas do not find it until it reconnects.
+    pub async fn claim(&self, client_id: &ClientId, connected: bool) -> u64 {
+        match self {
+            Self::Local => 0,
+            Self::Nats(n) => n.claim(client_id, connected).await.unwrap_or_else(|e| {
+                tracing::error!(%client_id, error = format!("{e:#}"), "could not claim the store on the bus; other replicas will not find it");
+                0
+            }),
+        }
+    }
+
+    /// The agent of `client_id` left this replica: the claim of `epoch` is marked away, unless a
+    /// newer one replaced it.
+    pub fn left(&self, client_id: &ClientId, epoch: u64, tracker: &TaskTracker) {
+        if let Self::Nats(n) = self
+            && epoch > 0
+        {
+            let (n, client_id) = (n.clone(), client_id.clone());
+            tracker.spawn(async move { n.left(&client_id, epoch).await });
+        }
+    }
+
+    /// The replica that holds `client_id`, if another one does; `None` for one server, for a
+    /// store nobody claimed, and for a store this replica holds.
+    pub async fn holder_elsewhere(&self, client_id: &ClientId) -> Result<Option<Holder>, ApiError> {
+        match self {
+            Self::Local => Ok(None),
+            Self::Nats(n) => Ok(n
+                .holder(client_id)
+                .await
+                .map_err(|e| ApiError::internal(&e.context("reading presence on the bus")))?
+                .filter(|h| h.replica != n.replica())),
+        }
+    }
+
+    /// Has `holder` carry out `command`. `Ok(None)` when that replica does not answer (it is
+    /// gone): the caller answers as if no replica held the store.
+    pub async fn call(
+        &self,
+        holder: &Holder,
+        command: &Command,
+    ) -> Result<Option<Reply>, ApiError> {
+        match self {
+            Self::Local => Ok(None),
+            Self::Nats(n) => n
+                .call(&holder.replica, command)
+                .await
+                .map_err(|e| ApiError::internal(&e.context("a command to another replica"))),
+        }
+    }
+
+    /// Tells every other replica of `what`.
+    pub fn broadcast(&self, what: &Broadcast, tracker: &TaskTracker) {
+        if let Self::Nats(n) = self {
+            let (n, what) = (n.clone(), what.clone());
+            tracker.spawn(async move { n.broadcast(&what).await });
+        }
+    }
+
+    /// Starts watching presence and serving commands and broadcasts, until shutdown.
+    pub fn start(&self, state: &crate::AppState) {
+        if let Self::Nats(n) = self {
+            n.start(state);
+        }
+    }
+}
+
+/// The error of a store that no replica holds (or whose replica is gone).
+pub fn not_connected(client_id: &ClientId) -> ApiError {
+    ApiError::new(
+        ErrorCode::ClientNotConnected,
+        format!("client {client_id} is not connected"),
+    )
+}

@@ -150,8 +150,15 @@ pub async fn client_status(
     Path(raw_client_id): Path<String>,
 ) -> Result<Json<ClientStatus>, ApiError> {
     let client_id = parse_client_id(&raw_client_id)?;
+    crate::bus::command::client_status(&state, client_id)
+        .await
+        .map(Json)
+}
+
+/// A store as this server sees it: its connection here, if any, and its uploads.
+pub fn client_status_here(state: &AppState, client_id: ClientId) -> ClientStatus {
     let handle = state.registry.get(&client_id);
-    Ok(Json(ClientStatus {
+    ClientStatus {
         connected: handle.is_some(),
         connected_since: handle.as_ref().map(|h| rfc3339(h.connected_since)),
         last_seen: handle.as_ref().map(|h| rfc3339(h.last_seen())),
@@ -161,7 +168,7 @@ pub async fn client_status(
         active_upload: state.uploads.active_for(&client_id),
         last_upload: state.uploads.latest_for(&client_id),
         client_id,
-    }))
+    }
 }
 
 #[utoipa::path(get, path = "/uploads/{upload_id}", tag = "uploads", params(("upload_id" = UploadId, Path, description = "The upload")),

@@ -40,14 +40,15 @@ enum Look<T> {
 
 /// A stream of `event: <name>` frames from `look`, one per change, until it ends, the server
 /// shuts down or [`MAX_STREAM`] passes.
-fn changes<T, F>(
+fn changes<T, F, Fut>(
     name: &'static str,
     state: &AppState,
     mut look: F,
-) -> impl Stream<Item = Result<Event, Infallible>> + use<T, F>
+) -> impl Stream<Item = Result<Event, Infallible>> + use<T, F, Fut>
 where
     T: Serialize + Send + 'static,
-    F: FnMut() -> Look<T> + Send + 'static,
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Look<T>> + Send,
 {
     let shutdown = state.shutdown.clone();
     async_stream(&state.tracker, move |tx| async move {
@@ -60,7 +61,7 @@ where
                 () = tokio::time::sleep_until(deadline) => return,
                 _ = tick.tick() => {}
             }
-            let (value, last) = match look() {
+            let (value, last) = match look().await {
                 Look::Going(v) => (v, false),
                 Look::Last(v) => (v, true),
                 Look::Gone => return,
@@ -181,12 +182,16 @@ pub async fn upload_events(
     let id = UploadId::parse(&raw)
         .map_err(|e| ApiError::new(ErrorCode::InvalidUploadId, e.to_string()))?;
     state.uploads.status(id)?;
-    let uploads = state.uploads.clone();
+    let here = state.clone();
+    // An upload another replica drives is shown as that replica sees it.
     Ok(sse(changes("status", &state, move || {
-        match uploads.status(id) {
-            Ok(s) if s.state.is_terminal() => Look::Last(s),
-            Ok(s) => Look::Going(s),
-            Err(_) => Look::Gone,
+        let state = here.clone();
+        async move {
+            match crate::bus::command::status(&state, id).await {
+                Ok(s) if s.state.is_terminal() => Look::Last(s),
+                Ok(s) => Look::Going(s),
+                Err(_) => Look::Gone,
+            }
         }
     })))
 }
@@ -207,11 +212,12 @@ pub async fn collection_events(
     state.collections.summary(id)?;
     let collections = state.collections.clone();
     Ok(sse(changes("summary", &state, move || {
-        match collections.summary(id) {
+        let look = match collections.summary(id) {
             // Expired or cancelled with nothing left to run: it cannot change any more.
             Ok(s) if s.settled && s.state != CollectionState::Open => Look::Last(s),
             Ok(s) => Look::Going::<CollectionSummary>(s),
             Err(_) => Look::Gone,
-        }
+        };
+        std::future::ready(look)
     })))
 }

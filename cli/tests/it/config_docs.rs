@@ -51,8 +51,14 @@ fn env_example_lists_every_setting() {
 #[test]
 fn docker_compose_only_sets_known_settings() {
     let compose = repo_file("docker-compose.yml");
-    // LocalStack's own settings, read by the LocalStack container and its init hook.
-    let localstack = ["SERVICES", "S3_SKIP_SIGNATURE_VALIDATION", "S3_BUCKET_NAME"];
+    // LocalStack's own settings, read by the LocalStack container and its init hook, and
+    // PostgreSQL's.
+    let localstack = [
+        "SERVICES",
+        "S3_SKIP_SIGNATURE_VALIDATION",
+        "S3_BUCKET_NAME",
+        "POSTGRES_HOST_AUTH_METHOD",
+    ];
     let settings = all_settings();
     let mut in_env = false;
     for line in compose.lines() {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use shared::api::UploadState;
 
+use crate::proxy::{FaultProxy, Faults};
+
 use crate::harness::*;
 
 /// The NATS server of the test command (`scripts/test.sh` starts it).
@@ -15,11 +17,22 @@ fn nats_url() -> String {
     )
 }
 
-/// Replica `name` on `database`; with embedded storage, every replica after the first uses
-/// the first one's store (`s3`), as replicas share one bucket.
-async fn replica(mode: Mode, database: &str, name: &str, s3: Option<&str>) -> TestServer {
+/// Replica `name` on `database`, signing tokens with the key file `keys` that every replica
+/// shares (a token one replica renews must open a connection to any other); with embedded
+/// storage, every replica after the first uses the first one's store (`s3`), as replicas share
+/// one bucket.
+async fn replica(
+    mode: Mode,
+    database: &str,
+    keys: &std::path::Path,
+    name: &str,
+    s3: Option<&str>,
+) -> TestServer {
     let nats = nats_url();
+    let keys = keys.display().to_string();
     let mut builder = TestServer::builder(mode).args(&[
+        "--token-key-file",
+        &keys,
         "--state",
         "postgres",
         "--database-url",
@@ -37,13 +50,15 @@ async fn replica(mode: Mode, database: &str, name: &str, s3: Option<&str>) -> Te
     builder.start().await
 }
 
-/// Two replicas, A and B, on one database and bus.
-async fn pair(mode: Mode) -> (TestServer, TestServer) {
+/// Two replicas, A and B, on one database and bus, and the folder of their shared key file.
+async fn pair(mode: Mode) -> (TestServer, TestServer, tempfile::TempDir) {
     let database = fresh_database();
-    let a = replica(mode, &database, "a", None).await;
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("token-keys.json");
+    let a = replica(mode, &database, &key_file, "a", None).await;
     let shared_store = (mode == Mode::Embedded).then(|| a.s3_endpoint.clone());
-    let b = replica(mode, &database, "b", shared_store.as_deref()).await;
-    (a, b)
+    let b = replica(mode, &database, &key_file, "b", shared_store.as_deref()).await;
+    (a, b, keys)
 }
 
 storage_modes!(a_trigger_reaches_an_agent_on_another_replica, |mode| {
@@ -51,7 +66,7 @@ storage_modes!(a_trigger_reaches_an_agent_on_another_replica, |mode| {
 });
 
 async fn trigger_on_a_for_an_agent_on_b(mode: Mode) {
-    let (a, b) = pair(mode).await;
+    let (a, b, _keys) = pair(mode).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("export.csv");
     let sha = write_file(&file, 11 * MIB + 7).await;
@@ -91,7 +106,7 @@ async fn trigger_on_a_for_an_agent_on_b(mode: Mode) {
 /// connected, and a trigger reaches the newest connection alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_flipping_between_replicas_has_one_holder() {
-    let (a, b) = pair(Mode::Embedded).await;
+    let (a, b, _keys) = pair(Mode::Embedded).await;
     let client_id = unique_client("flipper");
     let mut previous = RawAgent::connect(&a, &client_id).await;
     let mut on_a = true;
@@ -104,12 +119,19 @@ async fn an_agent_flipping_between_replicas_has_one_holder() {
             said.iter().any(|m| m["code"] == "CONNECTION_REPLACED"),
             "flip {flip}: the older connection is told: {said:?}"
         );
+        // Each replica counts the agents connected to it; both show the store connected.
         wait_until(
             Duration::from_secs(10),
             "the older replica to drop the store",
-            || async { !there.client(&client_id).await.connected },
+            || async { there.metric("backhaul_connected_agents").await == 0 },
         )
         .await;
+        assert_eq!(
+            here.metric("backhaul_connected_agents").await,
+            1,
+            "flip {flip}"
+        );
+        assert!(there.client(&client_id).await.connected, "flip {flip}");
         assert!(here.client(&client_id).await.connected, "flip {flip}");
         previous = current;
     }
@@ -130,6 +152,174 @@ async fn an_agent_flipping_between_replicas_has_one_holder() {
     assert_eq!(
         (code, body["error"]["code"].as_str()),
         (409, Some("DOWNLOAD_IN_PROGRESS")),
+        "{body}"
+    );
+}
+
+/// A load balancer as plain as they come: each connection goes to the first backend, in order,
+/// that accepts it.
+struct Balancer {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Balancer {
+    async fn start(backends: Vec<std::net::SocketAddr>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let backends = backends.clone();
+                tokio::spawn(async move {
+                    for backend in backends {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(backend).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// kill -9 of the replica that holds an agent in the middle of an upload triggered through the
+/// other one: the agent reconnects (through the balancer) to the surviving replica, which takes
+/// the upload on from the database and finishes it, with no stored part sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holders_death_moves_the_upload_to_another_replica() {
+    let mode = Mode::LocalStack;
+    let database = fresh_database();
+    let nats = nats_url();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = FaultProxy::start(&localstack_endpoint(), Faults::default()).await;
+    let key_file = dir.path().join("token-keys.json").display().to_string();
+    let bus_args = |name: &str| {
+        vec![
+            "--token-key-file".to_owned(),
+            key_file.clone(),
+            "--state".to_owned(),
+            "postgres".into(),
+            "--database-url".into(),
+            database.clone(),
+            "--bus".into(),
+            "nats".into(),
+            "--nats-url".into(),
+            nats.clone(),
+            "--replica-id".into(),
+            format!("{name}-{}", unique_client("r")),
+        ]
+    };
+    // A runs in this process; B is a process of its own, to be killed.
+    let a_args: Vec<String> = [
+        bus_args("a"),
+        vec![
+            "--s3-public-endpoint".into(),
+            proxy.url(),
+            "--part-size".into(),
+            "5242880".into(),
+        ],
+    ]
+    .concat();
+    let a = TestServer::builder(mode)
+        .args(&a_args.iter().map(String::as_str).collect::<Vec<_>>())
+        .start()
+        .await;
+    let (b_api, b_s3) = (free_addr(), free_addr());
+    let b_data = dir.path().join("b");
+    let mut b_args = child_server_args(mode, &b_data, b_api, b_s3, &proxy.url());
+    b_args.extend(bus_args("b"));
+    let mut b_proc = ChildProcess::spawn("server", &b_args);
+    let b = TestServer::attach(mode, b_api, "", &b_data).await;
+
+    // The agent reaches B first, through the balancer, and A once B is gone.
+    let balancer = Balancer::start(vec![b_api, a.api_addr]).await;
+    let front = TestServer::attach(mode, balancer.addr, "", &b_data).await;
+    let file = dir.path().join("export.bin");
+    let sha = write_file(&file, 60 * MIB).await;
+    let client_id = unique_client("moves");
+    let _agent = TestAgent::start_with(
+        &front,
+        &client_id,
+        &file,
+        &["--max-upload-bytes-per-sec", "20971520"],
+    );
+    b.wait_connected(&client_id).await;
+
+    let upload_id = trigger_id(&a, &client_id).await;
+    wait_until(Duration::from_secs(60), "two parts stored", || async {
+        a.upload(&upload_id).await.parts_done >= 2
+    })
+    .await;
+    b_proc.kill9().await;
+
+    let status = a.wait_finished(&upload_id).await;
+    assert_eq!(status.state, UploadState::Completed, "{status:?}");
+    assert_identical(&a, &status, &sha).await;
+    assert!(status.resumes >= 1, "{status:?}");
+    assert_eq!(
+        proxy.stats.duplicates(),
+        vec![],
+        "no stored part was sent twice"
+    );
+    assert_eq!(a.in_progress_multiparts(&client_id).await, 0);
+    assert!(a.client(&client_id).await.connected);
+}
+
+/// A cancel sent to the replica that does not hold the store ends the upload where it runs:
+/// both replicas then say `cancelled`, and no multipart upload is left; a second cancel gets
+/// the holder's own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_on_any_replica_ends_the_upload() {
+    let (a, b, _keys) = pair(Mode::Embedded).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("export.bin");
+    write_file(&file, 40 * MIB).await;
+    let client_id = unique_client("cancelled");
+    let _agent = TestAgent::start_with(
+        &b,
+        &client_id,
+        &file,
+        &["--max-upload-bytes-per-sec", "10485760"],
+    );
+    b.wait_connected(&client_id).await;
+    let upload_id = trigger_id(&a, &client_id).await;
+    wait_until(Duration::from_secs(60), "a part stored", || async {
+        a.upload(&upload_id).await.parts_done >= 1
+    })
+    .await;
+
+    let cancel = || async {
+        let resp = a
+            .http_client()
+            .delete(format!("{}/uploads/{upload_id}", a.http_url()))
+            .bearer_auth(operator_token())
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json::<serde_json::Value>().await.unwrap(),
+        )
+    };
+    let (code, body) = cancel().await;
+    assert_eq!(code, 200, "{body}");
+    let status = a.wait_finished(&upload_id).await;
+    assert_eq!(status.state, UploadState::Cancelled, "{status:?}");
+    assert_eq!(b.upload(&upload_id).await.state, UploadState::Cancelled);
+    assert_eq!(b.in_progress_multiparts(&client_id).await, 0);
+    let (code, body) = cancel().await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (409, Some("UPLOAD_FINISHED")),
         "{body}"
     );
 }

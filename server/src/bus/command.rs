@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
-use shared::api::{UploadState, UploadStatus};
+use shared::api::{ClientStatus, UploadState, UploadStatus};
 use shared::encoding::Compression;
 use shared::protocol::ServerMessage;
 use shared::{ClientId, ErrorCode, FileName, UploadId};
@@ -32,6 +32,8 @@ pub enum Command {
     },
     /// The live status of an upload the holder drives.
     Status { upload_id: UploadId },
+    /// The store as its holder sees it (`GET /status/{client_id}`).
+    Client { client_id: ClientId },
 }
 
 /// The holder's answer.
@@ -40,6 +42,7 @@ pub enum Command {
 pub enum Reply {
     Triggered { upload_id: UploadId },
     Status { status: Box<UploadStatus> },
+    Client { status: Box<ClientStatus> },
     Error { error: WireError },
 }
 
@@ -113,6 +116,9 @@ pub async fn execute(state: &AppState, command: Command) -> Reply {
                 status: Box::new(status),
             })
         }
+        Command::Client { client_id } => Ok(Reply::Client {
+            status: Box::new(crate::api::client_status_here(state, client_id)),
+        }),
     };
     answer.unwrap_or_else(|e| Reply::Error { error: e.into() })
 }
@@ -185,6 +191,29 @@ pub async fn trigger(
     state
         .uploads
         .trigger(client_id, share, compression, requester)
+}
+
+/// `GET /status/{client_id}` on any replica: a store connected to another replica is shown as
+/// that replica sees it.
+pub async fn client_status(
+    state: &AppState,
+    client_id: ClientId,
+) -> Result<ClientStatus, ApiError> {
+    if state.registry.get(&client_id).is_none()
+        && let Some(holder) = state.bus.holder_elsewhere(&client_id).await?
+        && holder.connected
+    {
+        let command = Command::Client {
+            client_id: client_id.clone(),
+        };
+        match state.bus.call(&holder, &command).await? {
+            Some(Reply::Client { status }) => return Ok(*status),
+            Some(Reply::Error { error }) => return Err(error.into()),
+            Some(other) => return Err(unexpected(&other)),
+            None => {}
+        }
+    }
+    Ok(crate::api::client_status_here(state, client_id))
 }
 
 /// `GET /uploads/{id}` on any replica: an unfinished upload another replica drives is shown as

@@ -47,6 +47,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bus::lease::Singleton;
 use crate::collections::Collections;
 use crate::config::Config;
 use crate::inventory::Inventory;
@@ -71,6 +72,8 @@ pub struct StateInner {
     pub config: Config,
     /// How this replica reaches the others (`bus::Bus::Local` for one server).
     pub bus: bus::Bus,
+    /// The jobs that run on one replica at a time.
+    pub leases: bus::lease::Leases,
     pub tokens: Arc<Tokens>,
     pub registry: Arc<Registry>,
     pub inventory: Arc<Inventory>,
@@ -152,21 +155,34 @@ pub async fn run(
         .spawn(state.collections.clone().run(ended, state.shutdown.clone()));
     // Schedules: the first look is at once, so a firing missed while the server was down runs
     // now, once.
+    // The jobs below `leases.holds` run on one replica at a time (on every tick for one
+    // server); each replica sweeps the uploads it holds itself.
     spawn_every(&state, schedules::TICK, |s| async move {
-        s.schedules.fire_due(uploads::UnixMs::now());
+        if s.leases.holds(Singleton::Schedules) {
+            s.schedules.fire_due(uploads::UnixMs::now());
+        }
     });
     spawn_every(&state, Duration::from_secs(1), |s| async move {
         s.uploads.sweep().await;
     });
+    spawn_every(&state, ABANDONED_LOOK, |s| async move {
+        if s.leases.holds(Singleton::Abandoned) {
+            bus::command::take_on_abandoned(&s).await;
+        }
+    });
     let retention = Duration::from_secs(state.config.upload_retention_days * 24 * 3600);
     spawn_every(&state, Duration::from_secs(3600), move |s| async move {
-        s.uploads.forget_old(retention);
-        s.tokens.forget_expired();
+        if s.leases.holds(Singleton::Retention) {
+            s.uploads.forget_old(retention);
+            s.tokens.forget_expired();
+        }
     });
     if !orphan_sweep.is_zero() {
         // The first tick is immediate: orphans are swept at start-up, then periodically.
         spawn_every(&state, orphan_sweep, |s| async move {
-            s.uploads.sweep_orphans().await;
+            if s.leases.holds(Singleton::OrphanSweep) {
+                s.uploads.sweep_orphans().await;
+            }
         });
     }
 
@@ -183,6 +199,9 @@ pub async fn run(
     drain(&tracker).await;
     Ok(())
 }
+
+/// How often the holder of the `Abandoned` lease looks for uploads no live replica holds.
+const ABANDONED_LOOK: Duration = Duration::from_secs(2);
 
 /// Waits for every task (connections, S3 clean-up) within [`DRAIN_TIMEOUT`].
 async fn drain(tracker: &TaskTracker) {
@@ -239,9 +258,14 @@ impl AppState {
             inventory.clone(),
         )
         .with_context(|| format!("loading schedules from {database:?}"))?;
+        let leases = match config.bus {
+            config::BusKind::Local => bus::lease::Leases::alone(),
+            config::BusKind::Nats => bus::lease::Leases::shared(database.clone()),
+        };
         let state = Self(Arc::new(StateInner {
             config,
             bus,
+            leases,
             tokens,
             registry,
             inventory,

@@ -323,3 +323,77 @@ async fn a_cancel_on_any_replica_ends_the_upload() {
         "{body}"
     );
 }
+
+/// kill -9 of the replica that holds the leases, while it holds an upload whose agent went
+/// away: the other replica takes the leases over, finds the upload that no live replica holds,
+/// and fails it (STALLED) once the stall timeout has passed; its multipart upload is aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_moves_when_its_holder_dies() {
+    let mode = Mode::LocalStack;
+    let database = fresh_database();
+    let nats = nats_url();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("token-keys.json").display().to_string();
+    let common = |name: &str| {
+        vec![
+            "--token-key-file".to_owned(),
+            key_file.clone(),
+            "--state".into(),
+            "postgres".into(),
+            "--database-url".into(),
+            database.clone(),
+            "--bus".into(),
+            "nats".into(),
+            "--nats-url".into(),
+            nats.clone(),
+            "--replica-id".into(),
+            format!("{name}-{}", unique_client("r")),
+            "--upload-stall-timeout-secs".into(),
+            "3".into(),
+        ]
+    };
+    // A starts first, so it takes the leases; it is a process of its own, to be killed.
+    let (a_api, a_s3) = (free_addr(), free_addr());
+    let a_data = dir.path().join("a");
+    let mut a_args = child_server_args(mode, &a_data, a_api, a_s3, &localstack_endpoint());
+    a_args.extend(common("a"));
+    let mut a_proc = ChildProcess::spawn("server", &a_args);
+    let a = TestServer::attach(mode, a_api, "", &a_data).await;
+    let b_args = common("b");
+    let b = TestServer::builder(mode)
+        .args(&b_args.iter().map(String::as_str).collect::<Vec<_>>())
+        .start()
+        .await;
+
+    // An upload on A whose agent goes away after its first part.
+    let file = dir.path().join("export.bin");
+    write_file(&file, 40 * MIB).await;
+    let client_id = unique_client("abandoned");
+    let agent = TestAgent::start_with(
+        &a,
+        &client_id,
+        &file,
+        &["--max-upload-bytes-per-sec", "10485760"],
+    );
+    a.wait_connected(&client_id).await;
+    let upload_id = trigger_id(&b, &client_id).await;
+    wait_until(Duration::from_secs(60), "a part stored", || async {
+        b.upload(&upload_id).await.parts_done >= 1
+    })
+    .await;
+    drop(agent);
+    a.wait_disconnected(&client_id).await;
+    // A dies before its own stall timeout could fail the upload.
+    a_proc.kill9().await;
+
+    let status = tokio::time::timeout(Duration::from_secs(60), b.wait_finished(&upload_id))
+        .await
+        .expect("B fails the abandoned upload within a minute");
+    assert_eq!(status.state, UploadState::Failed, "{status:?}");
+    assert_eq!(
+        status.error.as_ref().map(|e| e.code),
+        Some(shared::ErrorCode::Stalled),
+        "{status:?}"
+    );
+    assert_eq!(b.in_progress_multiparts(&client_id).await, 0);
+}

@@ -34,6 +34,8 @@ pub enum Command {
     Status { upload_id: UploadId },
     /// The store as its holder sees it (`GET /status/{client_id}`).
     Client { client_id: ClientId },
+    /// Is this replica alive?
+    Ping,
 }
 
 /// The holder's answer.
@@ -43,6 +45,7 @@ pub enum Reply {
     Triggered { upload_id: UploadId },
     Status { status: Box<UploadStatus> },
     Client { status: Box<ClientStatus> },
+    Pong,
     Error { error: WireError },
 }
 
@@ -119,6 +122,7 @@ pub async fn execute(state: &AppState, command: Command) -> Reply {
         Command::Client { client_id } => Ok(Reply::Client {
             status: Box::new(crate::api::client_status_here(state, client_id)),
         }),
+        Command::Ping => Ok(Reply::Pong),
     };
     answer.unwrap_or_else(|e| Reply::Error { error: e.into() })
 }
@@ -154,6 +158,30 @@ pub fn claimed_elsewhere(state: &AppState, client_id: &ClientId, epoch: u64) {
         handle.close.cancel();
     }
     state.uploads.release(client_id, epoch);
+}
+
+/// The lease holder's look for stores whose unfinished uploads no live replica holds (their
+/// replica died while the agent was away, or before it came back): each is claimed and taken
+/// on here, so that the stall timeout, the endings and the verifications run somewhere.
+pub async fn take_on_abandoned(state: &AppState) {
+    if state.bus.replica().is_none() {
+        return;
+    }
+    for client_id in state.uploads.unfinished_clients() {
+        if state.registry.get(&client_id).is_some()
+            || state.uploads.active_for(&client_id).is_some()
+        {
+            continue;
+        }
+        match state.bus.holder_elsewhere(&client_id).await {
+            Ok(Some(holder)) if state.bus.alive(&holder).await => continue,
+            Ok(_) => {}
+            Err(_) => continue,
+        }
+        let epoch = state.bus.claim(&client_id, false).await;
+        tracing::warn!(%client_id, "no live replica holds the store's unfinished upload; taking it on");
+        state.uploads.take_on(&client_id, epoch).await;
+    }
 }
 
 fn unexpected(reply: &Reply) -> ApiError {
@@ -262,7 +290,7 @@ pub async fn cancel(
                 }
             }
             let epoch = state.bus.claim(&here.client_id, false).await;
-            state.uploads.adopt(&here.client_id, epoch);
+            state.uploads.take_on(&here.client_id, epoch).await;
         }
     }
     state.uploads.cancel(id, requester).await

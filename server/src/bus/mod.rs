@@ -20,6 +20,7 @@
 //! replica, which applies them to its in-memory lists and closes the store's connection.
 
 pub mod command;
+pub mod lease;
 mod nats;
 
 use shared::{ClientId, ErrorCode};
@@ -125,6 +126,12 @@ impl Bus {
                 .await
                 .map_err(|e| ApiError::internal(&e.context("a command to another replica"))),
         }
+    }
+
+    /// Whether `holder`'s replica answers. One that does not answer at all is gone; one that
+    /// answers late is taken as alive.
+    pub async fn alive(&self, holder: &Holder) -> bool {
+        !matches!(self.call(holder, &Command::Ping).await, Ok(None))
     }
 
     /// Tells every other replica of `what`.

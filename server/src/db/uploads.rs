@@ -59,6 +59,8 @@ pub trait UploadStore: Send + Sync {
     /// The unfinished records of `client_id`, oldest first (what a replica takes on when the
     /// store's agent connects to it).
     fn unfinished_for(&self, client_id: &ClientId) -> anyhow::Result<Vec<LoadedRow>>;
+    /// The stores with unfinished records (ids that no longer parse are left out).
+    fn unfinished_clients(&self) -> anyhow::Result<Vec<ClientId>>;
     /// The newest `limit` records of `client_id`, newest first.
     fn recent_for(&self, client_id: &ClientId, limit: usize) -> anyhow::Result<Vec<LoadedRow>>;
     /// Deletes the finished records created before `created_before_ms`; unfinished ones stay
@@ -161,6 +163,18 @@ impl UploadStore for SqlStore {
             .iter()
             .map(loaded)
             .collect()
+    }
+
+    fn unfinished_clients(&self) -> anyhow::Result<Vec<ClientId>> {
+        Ok(self
+            .db
+            .query(
+                "SELECT DISTINCT client_id FROM uploads WHERE terminal = 0",
+                args![],
+            )?
+            .iter()
+            .filter_map(|r| r.text(0).ok().and_then(|id| ClientId::parse(&id).ok()))
+            .collect())
     }
 
     fn save_manifest(&self, r: &ManifestRow) -> anyhow::Result<()> {

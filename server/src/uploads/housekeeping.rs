@@ -74,6 +74,26 @@ impl Uploads {
             .await;
     }
 
+    /// Takes on the unfinished uploads of `client_id` that no live replica holds, under the claim
+    /// `epoch`, and finishes what their replica left half-done, as at start-up; the sweep then
+    /// fails them if their agent stays away past the stall timeout.
+    pub async fn take_on(&self, client_id: &shared::ClientId, epoch: u64) {
+        self.adopt(client_id, epoch);
+        let work = self.table().each_unfinished(|u| {
+            (&u.client_id == client_id)
+                .then(|| u.recovery().map(|effect| (u.id, effect)))
+                .flatten()
+        });
+        for (id, effect) in work {
+            self.carry_out(id, vec![effect]).await;
+        }
+    }
+
+    /// The stores with unfinished uploads in the database, whoever holds them.
+    pub fn unfinished_clients(&self) -> Vec<shared::ClientId> {
+        self.table().unfinished_clients()
+    }
+
     /// Aborts multipart uploads under the key prefix that no open upload owns: left by a crash
     /// between CreateMultipartUpload and recording it, by an abort that failed, or by a database
     /// that was reset. A key whose upload record exists but cannot be read is left alone. Returns

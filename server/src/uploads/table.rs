@@ -480,6 +480,19 @@ impl Table {
             .collect()
     }
 
+    /// The stores with unfinished uploads in the store (the database), read errors logged.
+    pub fn unfinished_clients(&self) -> Vec<ClientId> {
+        self.store
+            .unfinished_clients()
+            .inspect_err(|err| {
+                tracing::error!(
+                    error = format!("{err:#}"),
+                    "listing unfinished uploads failed"
+                )
+            })
+            .unwrap_or_default()
+    }
+
     /// Whether the upload `id` owns the multipart upload `s3_upload_id`: as held here, or, for
     /// a replica, as the database records it (another replica may drive it). A record that
     /// cannot be read, or a database that does not answer, counts as owning it.

@@ -1,0 +1,147 @@
+//! The jobs that must run on one replica at a time, each behind a PostgreSQL advisory lock.
+//!
+//! A replica asks for a job's lock on a connection of its own before each run and keeps it while
+//! that connection lives: when the replica dies, PostgreSQL ends its session and the lock is
+//! free for the next replica that asks, at its next tick. One server (`BUS=local`) holds every
+//! lease without asking.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use crate::args;
+use crate::db::{Db, Location};
+
+/// A job that runs on one replica at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Singleton {
+    /// Finds the stores whose unfinished uploads no live replica holds, and takes them on, so
+    /// that their stall timeout runs somewhere.
+    Abandoned,
+    /// The orphan sweep of multipart uploads under the key prefix.
+    OrphanSweep,
+    /// Retention of upload records and of the token ledger.
+    Retention,
+    /// Firing schedules.
+    Schedules,
+}
+
+impl Singleton {
+    /// The advisory lock's key: "bkhl" and the job's number.
+    fn key(self) -> i64 {
+        let n = match self {
+            Self::Abandoned => 1,
+            Self::OrphanSweep => 2,
+            Self::Retention => 3,
+            Self::Schedules => 4,
+        };
+        0x626b_686c_0000_0000 + n
+    }
+}
+
+pub struct Leases(Option<Mutex<Shared>>);
+
+struct Shared {
+    location: Location,
+    /// The session that holds the locks; `None` until connected, and after it failed.
+    db: Option<Db>,
+    held: HashSet<Singleton>,
+}
+
+impl Leases {
+    /// Every lease, always (one server).
+    pub fn alone() -> Self {
+        Self(None)
+    }
+
+    /// Leases taken in the database at `location`, shared with the other replicas.
+    pub fn shared(location: Location) -> Self {
+        Self(Some(Mutex::new(Shared {
+            location,
+            db: None,
+            held: HashSet::new(),
+        })))
+    }
+
+    /// Whether this replica holds `job`'s lease now, taking it if it is free. A database that
+    /// does not answer holds nothing: the session (and every lock of it) is dropped, and the
+    /// next call starts a new one.
+    pub fn holds(&self, job: Singleton) -> bool {
+        let Some(shared) = &self.0 else {
+            return true;
+        };
+        let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+        if s.db.is_none() {
+            s.held.clear();
+            match s.location.connect() {
+                Ok(db) => s.db = Some(db),
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "no database session for leases");
+                    return false;
+                }
+            }
+        }
+        let db = s.db.as_ref().expect("connected above");
+        let answer = if s.held.contains(&job) {
+            // Still the session that holds it?
+            db.query_opt("SELECT 1", args![]).map(|_| true)
+        } else {
+            db.query_opt("SELECT pg_try_advisory_lock(?1)", args![job.key()])
+                .and_then(|row| Ok(row.map(|r| r.int(0)).transpose()? == Some(1)))
+        };
+        match answer {
+            Ok(true) => {
+                if s.held.insert(job) {
+                    tracing::info!(?job, "this replica runs the job now");
+                }
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "the lease session failed; leases dropped"
+                );
+                s.db = None;
+                s.held.clear();
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One holder at a time; the lease moves when its holder's session ends.
+    #[test]
+    fn a_lease_has_one_holder_and_moves_when_it_dies() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(postgres) = crate::db::testing::locations(dir.path())
+            .pop()
+            .filter(|l| matches!(l, Location::Postgres(_)))
+        else {
+            panic!(
+                "this test needs PostgreSQL: set BACKHAUL_TEST_DATABASE_URL (scripts/test.sh does)"
+            )
+        };
+        let first = Leases::shared(postgres.clone());
+        let second = Leases::shared(postgres);
+        assert!(first.holds(Singleton::OrphanSweep));
+        assert!(first.holds(Singleton::OrphanSweep), "held, it stays held");
+        assert!(!second.holds(Singleton::OrphanSweep));
+        assert!(
+            second.holds(Singleton::Schedules),
+            "each job has its own lease"
+        );
+        assert!(!first.holds(Singleton::Schedules));
+        drop(first);
+        // The server ends the session a moment after the connection closes.
+        let moved = (0..50).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            second.holds(Singleton::OrphanSweep)
+        });
+        assert!(moved, "the lease moved");
+        assert!(Leases::alone().holds(Singleton::OrphanSweep));
+    }
+}

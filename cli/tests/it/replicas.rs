@@ -17,6 +17,27 @@ fn nats_url() -> String {
     )
 }
 
+/// The arguments that make a server replica `name` on `database` and the test bus, signing
+/// tokens with the shared key file `keys`.
+fn replica_args(database: &str, keys: &std::path::Path, name: &str) -> Vec<String> {
+    [
+        "--token-key-file",
+        &keys.display().to_string(),
+        "--state",
+        "postgres",
+        "--database-url",
+        database,
+        "--bus",
+        "nats",
+        "--nats-url",
+        &nats_url(),
+        "--replica-id",
+        &format!("{name}-{}", unique_client("r")),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// Replica `name` on `database`, signing tokens with the key file `keys` that every replica
 /// shares (a token one replica renews must open a connection to any other); with embedded
 /// storage, every replica after the first uses the first one's store (`s3`), as replicas share
@@ -28,22 +49,9 @@ async fn replica(
     name: &str,
     s3: Option<&str>,
 ) -> TestServer {
-    let nats = nats_url();
-    let keys = keys.display().to_string();
-    let mut builder = TestServer::builder(mode).args(&[
-        "--token-key-file",
-        &keys,
-        "--state",
-        "postgres",
-        "--database-url",
-        database,
-        "--bus",
-        "nats",
-        "--nats-url",
-        &nats,
-        "--replica-id",
-        &format!("{name}-{}", unique_client("r")),
-    ]);
+    let args = replica_args(database, keys, name);
+    let mut builder =
+        TestServer::builder(mode).args(&args.iter().map(String::as_str).collect::<Vec<_>>());
     if let Some(endpoint) = s3 {
         builder = builder.s3_endpoint(endpoint);
     }
@@ -198,26 +206,10 @@ impl Drop for Balancer {
 async fn the_holders_death_moves_the_upload_to_another_replica() {
     let mode = Mode::LocalStack;
     let database = fresh_database();
-    let nats = nats_url();
     let dir = tempfile::tempdir().unwrap();
     let proxy = FaultProxy::start(&localstack_endpoint(), Faults::default()).await;
-    let key_file = dir.path().join("token-keys.json").display().to_string();
-    let bus_args = |name: &str| {
-        vec![
-            "--token-key-file".to_owned(),
-            key_file.clone(),
-            "--state".to_owned(),
-            "postgres".into(),
-            "--database-url".into(),
-            database.clone(),
-            "--bus".into(),
-            "nats".into(),
-            "--nats-url".into(),
-            nats.clone(),
-            "--replica-id".into(),
-            format!("{name}-{}", unique_client("r")),
-        ]
-    };
+    let key_file = dir.path().join("token-keys.json");
+    let bus_args = |name: &str| replica_args(&database, &key_file, name);
     // A runs in this process; B is a process of its own, to be killed.
     let a_args: Vec<String> = [
         bus_args("a"),
@@ -331,26 +323,12 @@ async fn a_cancel_on_any_replica_ends_the_upload() {
 async fn the_lease_moves_when_its_holder_dies() {
     let mode = Mode::LocalStack;
     let database = fresh_database();
-    let nats = nats_url();
     let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("token-keys.json").display().to_string();
+    let key_file = dir.path().join("token-keys.json");
     let common = |name: &str| {
-        vec![
-            "--token-key-file".to_owned(),
-            key_file.clone(),
-            "--state".into(),
-            "postgres".into(),
-            "--database-url".into(),
-            database.clone(),
-            "--bus".into(),
-            "nats".into(),
-            "--nats-url".into(),
-            nats.clone(),
-            "--replica-id".into(),
-            format!("{name}-{}", unique_client("r")),
-            "--upload-stall-timeout-secs".into(),
-            "3".into(),
-        ]
+        let mut args = replica_args(&database, &key_file, name);
+        args.extend(["--upload-stall-timeout-secs".to_owned(), "3".to_owned()]);
+        args
     };
     // A starts first, so it takes the leases; it is a process of its own, to be killed.
     let (a_api, a_s3) = (free_addr(), free_addr());

@@ -154,30 +154,12 @@ impl Nats {
 
     /// Serves commands and news, and watches presence, until shutdown.
     pub fn start(&self, state: &crate::AppState) {
-        let shutdown = state.shutdown.clone();
         let (this, st) = (self.clone(), state.clone());
-        state.tracker.spawn(async move {
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                () = this.serve_commands(&st) => {}
-            }
-        });
-        let shutdown = state.shutdown.clone();
+        until_shutdown(state, async move { this.serve_commands(&st).await });
         let (this, st) = (self.clone(), state.clone());
-        state.tracker.spawn(async move {
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                () = this.serve_news(&st) => {}
-            }
-        });
-        let shutdown = state.shutdown.clone();
+        until_shutdown(state, async move { this.serve_news(&st).await });
         let (this, st) = (self.clone(), state.clone());
-        state.tracker.spawn(async move {
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                () = this.watch_presence(&st) => {}
-            }
-        });
+        until_shutdown(state, async move { this.watch_presence(&st).await });
     }
 
     async fn serve_commands(&self, state: &crate::AppState) {
@@ -275,4 +257,18 @@ impl Nats {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// Runs `job` on the server's tracker until shutdown.
+fn until_shutdown(
+    state: &crate::AppState,
+    job: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let shutdown = state.shutdown.clone();
+    state.tracker.spawn(async move {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = job => {}
+        }
+    });
 }

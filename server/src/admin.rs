@@ -151,6 +151,17 @@ pub async fn revoke_token(
             )
         })?
         .ok_or_else(|| ApiError::new(ErrorCode::TokenNotFound, format!("no token {jti}")))?;
+    // The other replicas refuse it too, and close a connection of theirs that holds it.
+    state.bus.broadcast(
+        &crate::bus::Broadcast::TokenRevoked {
+            jti: jti.clone(),
+            expires_at: entry.expires_at,
+            client_id: (entry.role == Role::Agent)
+                .then(|| shared::ClientId::parse(&entry.subject).ok())
+                .flatten(),
+        },
+        &state.tracker,
+    );
     let mut disconnected = false;
     if entry.role == Role::Agent
         && let Some(handle) = shared::ClientId::parse(&entry.subject)

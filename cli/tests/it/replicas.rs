@@ -375,3 +375,46 @@ async fn the_lease_moves_when_its_holder_dies() {
     );
     assert_eq!(b.in_progress_multiparts(&client_id).await, 0);
 }
+
+/// A store revoked through one replica is closed on the replica that holds it, and its old
+/// token opens no connection on either; so is a single token revoked by its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_replica_holds_on_every_replica() {
+    let (a, b, key_dir) = pair(Mode::Embedded).await;
+    let client_id = unique_client("revoked");
+    let old_token = agent_token(&client_id);
+    let mut on_b = RawAgent::connect(&b, &client_id).await;
+
+    let out = run_cli(
+        &a,
+        &["token", "revoke", "--client-id", &client_id, "--json"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let resp: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(resp["disconnected"], true, "{resp}");
+    let said = on_b.drain_until_closed().await;
+    assert!(said.iter().any(|m| m["code"] == "UNAUTHORIZED"), "{said:?}");
+    assert_eq!(ws_connect(&b, Some(&old_token)).await.err(), Some(401));
+    assert_eq!(ws_connect(&a, Some(&old_token)).await.err(), Some(401));
+
+    // One token by its id: minted through B, connected to B, revoked through A.
+    let admin = keys()
+        .issue("root", shared::auth::Role::Admin, Duration::from_secs(600))
+        .unwrap();
+    let other = unique_client("revoked-one");
+    let out = run_cli_as(&b, &admin, &["token", "issue", "--client-id", &other]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let minted = stdout(&out).trim().to_owned();
+    let jti = verify_with_keys_in(key_dir.path(), &minted)
+        .unwrap()
+        .jti
+        .expect("a minted token has an id");
+    let mut on_b = RawAgent::connect_with_token(&b, &minted, RAW_PROTOCOL_VERSION).await;
+    let out = run_cli_as(&a, &admin, &["token", "revoke", "--id", &jti]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = on_b.drain_until_closed().await;
+    assert!(said.iter().any(|m| m["code"] == "UNAUTHORIZED"), "{said:?}");
+    assert_eq!(ws_connect(&b, Some(&minted)).await.err(), Some(401));
+    assert_eq!(ws_connect(&a, Some(&minted)).await.err(), Some(401));
+}

@@ -86,8 +86,12 @@ pub enum Broadcast {
         client_id: ClientId,
         not_before: u64,
     },
-    /// One token, by id, until it expires.
-    TokenRevoked { jti: String, expires_at: u64 },
+    /// One token, by id, until it expires; an agent's names its store.
+    TokenRevoked {
+        jti: String,
+        expires_at: u64,
+        client_id: Option<ClientId>,
+    },
 }
 
 /// Carries out `command` for another replica, as this replica's API would.
@@ -140,7 +144,18 @@ pub fn apply(state: &AppState, news: Broadcast) {
                 handle.close_revoked();
             }
         }
-        Broadcast::TokenRevoked { jti, expires_at } => state.tokens.note_revoked(&jti, expires_at),
+        Broadcast::TokenRevoked {
+            jti,
+            expires_at,
+            client_id,
+        } => {
+            state.tokens.note_revoked(&jti, expires_at);
+            if let Some(handle) = client_id.and_then(|id| state.registry.get(&id))
+                && handle.token.get().jti.as_deref() == Some(jti.as_str())
+            {
+                handle.close_revoked();
+            }
+        }
     }
 }
 

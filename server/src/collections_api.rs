@@ -72,7 +72,7 @@ pub async fn list(
     let Query(params) = params.map_err(bad_query)?;
     let limit = params.limit.unwrap_or(DEFAULT_LIST).clamp(1, MAX_LIST);
     Ok(Json(CollectionList {
-        collections: state.collections.list(limit)?,
+        collections: state.collections.list(limit).await?,
     }))
 }
 
@@ -84,7 +84,7 @@ pub async fn summary(
     _operator: Operator,
     Path(raw): Path<String>,
 ) -> Result<Json<CollectionSummary>, ApiError> {
-    state.collections.summary(parse_id(&raw)?).map(Json)
+    state.collections.summary(parse_id(&raw)?).await.map(Json)
 }
 
 /// `GET /collections/{id}/uploads?after=<client id>&limit=N[&state=S][&code=C]`: the stores, by
@@ -119,6 +119,7 @@ pub async fn rows(
     state
         .collections
         .rows(id, after.as_ref(), limit, only)
+        .await
         .map(Json)
 }
 

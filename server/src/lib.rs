@@ -71,7 +71,7 @@ pub struct AppState(Arc<StateInner>);
 pub struct StateInner {
     pub config: Config,
     /// How this replica reaches the others (`bus::Bus::Local` for one server).
-    pub bus: bus::Bus,
+    pub bus: Arc<bus::Bus>,
     /// The jobs that run on one replica at a time.
     pub leases: bus::lease::Leases,
     pub tokens: Arc<Tokens>,
@@ -142,17 +142,17 @@ pub async fn run(
         &tracker,
     )
     .await?;
-    let bus = bus::Bus::connect(&config).await?;
+    let bus = Arc::new(bus::Bus::connect(&config).await?);
     let (state, ended) = AppState::open(config, bus, tokens, storage, &shutdown, &tracker)?;
     state.bus.start(&state);
     let orphan_sweep = Duration::from_secs(state.config.orphan_sweep_interval_secs);
 
     // What a previous run left half-done is finished before agents can reconnect.
     state.uploads.recover().await;
-    state.collections.recover();
+    state.collections.lead(&state.leases);
     state
         .tracker
-        .spawn(state.collections.clone().run(ended, state.shutdown.clone()));
+        .spawn(state.collections.clone().run(state.clone(), ended));
     // Schedules: the first look is at once, so a firing missed while the server was down runs
     // now, once.
     // The jobs below `leases.holds` run on one replica at a time (on every tick for one
@@ -219,7 +219,7 @@ impl AppState {
     /// directory, the upload service wired to the registry and the metrics.
     fn open(
         config: Config,
-        bus: bus::Bus,
+        bus: Arc<bus::Bus>,
         tokens: Arc<Tokens>,
         storage: Storage,
         shutdown: &CancellationToken,
@@ -250,8 +250,13 @@ impl AppState {
             },
         )
         .with_context(|| format!("loading uploads from {database:?}"))?;
-        let collections = Collections::open(database.connect()?, uploads.clone(), registry.clone())
-            .with_context(|| format!("loading collections from {database:?}"))?;
+        let collections = Collections::open(
+            database.connect()?,
+            uploads.clone(),
+            registry.clone(),
+            bus.clone(),
+            tracker.clone(),
+        );
         let schedules = Schedules::open(
             schedules::Store::new(database.connect()?),
             collections.clone(),

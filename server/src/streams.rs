@@ -209,15 +209,17 @@ pub async fn collection_events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let id = CollectionId::parse(&raw)
         .map_err(|e| ApiError::new(ErrorCode::InvalidCollectionId, e.to_string()))?;
-    state.collections.summary(id)?;
+    state.collections.summary(id).await?;
     let collections = state.collections.clone();
     Ok(sse(changes("summary", &state, move || {
-        let look = match collections.summary(id) {
-            // Expired or cancelled with nothing left to run: it cannot change any more.
-            Ok(s) if s.settled && s.state != CollectionState::Open => Look::Last(s),
-            Ok(s) => Look::Going::<CollectionSummary>(s),
-            Err(_) => Look::Gone,
-        };
-        std::future::ready(look)
+        let collections = collections.clone();
+        async move {
+            match collections.summary(id).await {
+                // Expired or cancelled with nothing left to run: it cannot change any more.
+                Ok(s) if s.settled && s.state != CollectionState::Open => Look::Last(s),
+                Ok(s) => Look::Going::<CollectionSummary>(s),
+                Err(_) => Look::Gone,
+            }
+        }
     })))
 }

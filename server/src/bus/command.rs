@@ -4,15 +4,17 @@
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
+use shared::api::collections::CollectionSummary;
 use shared::api::{ClientStatus, UploadState, UploadStatus};
 use shared::encoding::Compression;
+use shared::labels::Labels;
 use shared::protocol::ServerMessage;
-use shared::{ClientId, ErrorCode, FileName, UploadId};
+use shared::{ClientId, CollectionId, ErrorCode, FileName, UploadId};
 
-use super::not_connected;
+use super::{Bus, not_connected};
 use crate::AppState;
 use crate::error::ApiError;
-use crate::uploads::Requester;
+use crate::uploads::{Requester, Uploads};
 
 /// A request to the replica that holds a store.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +36,16 @@ pub enum Command {
     Status { upload_id: UploadId },
     /// The store as its holder sees it (`GET /status/{client_id}`).
     Client { client_id: ClientId },
+    /// A collection's store, asked by the replica that drives collections.
+    Ask {
+        upload_id: UploadId,
+        client_id: ClientId,
+        share: FileName,
+        collection_id: CollectionId,
+        compression: Compression,
+        operator: String,
+        from: SocketAddr,
+    },
     /// Is this replica alive?
     Ping,
 }
@@ -45,6 +57,7 @@ pub enum Reply {
     Triggered { upload_id: UploadId },
     Status { status: Box<UploadStatus> },
     Client { status: Box<ClientStatus> },
+    Collection { summary: Box<CollectionSummary> },
     Pong,
     Error { error: WireError },
 }
@@ -75,6 +88,22 @@ impl From<WireError> for ApiError {
             None => err,
         }
     }
+}
+
+/// What the replica that drives collections hears from the others (`collections::driver`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "news", rename_all = "snake_case")]
+pub enum ToDriver {
+    /// A store said hello to another replica: it may join open collections.
+    Hello { client_id: ClientId, labels: Labels },
+    /// An upload of a collection ended on another replica.
+    Ended { status: Box<UploadStatus> },
+    /// `DELETE /collections/{id}` on another replica; answered with the summary.
+    Cancel {
+        collection_id: CollectionId,
+        operator: String,
+        from: SocketAddr,
+    },
 }
 
 /// News for every replica.
@@ -126,6 +155,27 @@ pub async fn execute(state: &AppState, command: Command) -> Reply {
         Command::Client { client_id } => Ok(Reply::Client {
             status: Box::new(crate::api::client_status_here(state, client_id)),
         }),
+        Command::Ask {
+            upload_id,
+            client_id,
+            share,
+            collection_id,
+            compression,
+            operator,
+            from,
+        } => {
+            let ask = crate::uploads::Ask {
+                id: upload_id,
+                client_id,
+                share,
+                collection: Some(collection_id),
+                compression,
+            };
+            state
+                .uploads
+                .ask(ask, &Requester { operator, from })
+                .map(|upload_id| Reply::Triggered { upload_id })
+        }
         Command::Ping => Ok(Reply::Pong),
     };
     answer.unwrap_or_else(|e| Reply::Error { error: e.into() })
@@ -199,7 +249,7 @@ pub async fn take_on_abandoned(state: &AppState) {
     }
 }
 
-fn unexpected(reply: &Reply) -> ApiError {
+pub fn unexpected(reply: &Reply) -> ApiError {
     ApiError::internal(&anyhow::anyhow!("another replica answered {reply:?}"))
 }
 
@@ -262,15 +312,23 @@ pub async fn client_status(
 /// `GET /uploads/{id}` on any replica: an unfinished upload another replica drives is shown as
 /// that replica sees it (live progress); anything else from here (memory, or the database).
 pub async fn status(state: &AppState, id: UploadId) -> Result<UploadStatus, ApiError> {
-    let here = state.uploads.status(id)?;
-    if here.state.is_terminal() || state.uploads.holds(id) {
+    status_via(&state.bus, &state.uploads, id).await
+}
+
+/// [`status`], with this replica's bus and uploads.
+pub async fn status_via(
+    bus: &Bus,
+    uploads: &Uploads,
+    id: UploadId,
+) -> Result<UploadStatus, ApiError> {
+    let here = uploads.status(id)?;
+    if here.state.is_terminal() || uploads.holds(id) {
         return Ok(here);
     }
-    let Some(holder) = state.bus.holder_elsewhere(&here.client_id).await? else {
+    let Some(holder) = bus.holder_elsewhere(&here.client_id).await? else {
         return Ok(here);
     };
-    match state
-        .bus
+    match bus
         .call(&holder, &Command::Status { upload_id: id })
         .await?
     {
@@ -288,25 +346,35 @@ pub async fn cancel(
     id: UploadId,
     requester: &Requester,
 ) -> Result<UploadStatus, ApiError> {
-    if !state.uploads.holds(id) {
-        let here = state.uploads.status(id)?;
+    cancel_via(&state.bus, &state.uploads, id, requester).await
+}
+
+/// [`cancel`], with this replica's bus and uploads.
+pub async fn cancel_via(
+    bus: &Bus,
+    uploads: &Uploads,
+    id: UploadId,
+    requester: &Requester,
+) -> Result<UploadStatus, ApiError> {
+    if !uploads.holds(id) {
+        let here = uploads.status(id)?;
         if !here.state.is_terminal() {
-            if let Some(holder) = state.bus.holder_elsewhere(&here.client_id).await? {
+            if let Some(holder) = bus.holder_elsewhere(&here.client_id).await? {
                 let command = Command::Cancel {
                     upload_id: id,
                     operator: requester.operator.clone(),
                     from: requester.from,
                 };
-                match state.bus.call(&holder, &command).await? {
+                match bus.call(&holder, &command).await? {
                     Some(Reply::Status { status }) => return Ok(*status),
                     Some(Reply::Error { error }) => return Err(error.into()),
                     Some(other) => return Err(unexpected(&other)),
                     None => {}
                 }
             }
-            let epoch = state.bus.claim(&here.client_id, false).await;
-            state.uploads.take_on(&here.client_id, epoch).await;
+            let epoch = bus.claim(&here.client_id, false).await;
+            uploads.take_on(&here.client_id, epoch).await;
         }
     }
-    state.uploads.cancel(id, requester).await
+    uploads.cancel(id, requester).await
 }

@@ -23,6 +23,8 @@ pub enum Singleton {
     Retention,
     /// Firing schedules.
     Schedules,
+    /// Driving the collections: holding the live ones and asking their stores.
+    Collections,
 }
 
 impl Singleton {
@@ -33,6 +35,7 @@ impl Singleton {
             Self::OrphanSweep => 2,
             Self::Retention => 3,
             Self::Schedules => 4,
+            Self::Collections => 5,
         };
         0x626b_686c_0000_0000 + n
     }

@@ -18,6 +18,12 @@
 //! so the answer is the one that replica's own API gives. A store no replica holds, or whose
 //! replica does not answer, is `CLIENT_NOT_CONNECTED`. Revocations are broadcast to every
 //! replica, which applies them to its in-memory lists and closes the store's connection.
+//!
+//! **Collections.** One replica drives them (a lease, `lease::Singleton::Collections`): it
+//! holds the live ones, asks their stores (through each store's holder, [`Command::Ask`]) and
+//! hears the others on a subject of its own ([`ToDriver`]): hellos, upload endings, and
+//! cancels. News lost on the way costs a delay only: the driver adopts new collections from the
+//! database and settles running stores from their upload records every few seconds.
 
 pub mod command;
 pub mod lease;
@@ -29,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{BusKind, Config};
 use crate::error::ApiError;
 
-pub use command::{Broadcast, Command, Reply};
+pub use command::{Broadcast, Command, Reply, ToDriver};
 
 /// Where a store is held, as the bus says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +131,31 @@ impl Bus {
                 .call(&holder.replica, command)
                 .await
                 .map_err(|e| ApiError::internal(&e.context("a command to another replica"))),
+        }
+    }
+
+    /// Whether another replica holds `client_id` with its agent connected now (as this
+    /// replica's mirror of presence shows it); always false for one server.
+    pub fn connected_elsewhere(&self, client_id: &ClientId) -> bool {
+        match self {
+            Self::Local => false,
+            Self::Nats(n) => n.connected_elsewhere(client_id),
+        }
+    }
+
+    /// Tells the replica that drives collections of `news`, in the background.
+    pub fn tell_driver(&self, news: ToDriver, tracker: &TaskTracker) {
+        if let Self::Nats(n) = self {
+            let n = n.clone();
+            tracker.spawn(async move { n.tell_driver(&news).await });
+        }
+    }
+
+    /// Asks the replica that drives collections; `Ok(None)` when none does now.
+    pub async fn ask_driver(&self, news: &ToDriver) -> Result<Option<Reply>, ApiError> {
+        match self {
+            Self::Local => Ok(None),
+            Self::Nats(n) => n.ask_driver(news).await.map_err(|e| ApiError::internal(&e)),
         }
     }
 

@@ -1,7 +1,10 @@
 //! The bus on NATS: presence in the JetStream key-value bucket `backhaul_presence` (one key per
-//! store), commands as requests to `backhaul.replica.<replica>`, news on `backhaul.broadcast`.
+//! store, mirrored in each replica's memory by a watch), commands as requests to
+//! `backhaul.replica.<replica>`, news on `backhaul.broadcast`, and what the replica driving
+//! collections hears on `backhaul.collections` (only that replica subscribes).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,10 +14,11 @@ use serde::{Deserialize, Serialize};
 use shared::ClientId;
 
 use super::Holder;
-use super::command::{self, Broadcast, Command, Reply};
+use super::command::{self, Broadcast, Command, Reply, ToDriver};
 
 const BUCKET: &str = "backhaul_presence";
 const BROADCAST: &str = "backhaul.broadcast";
+const DRIVER: &str = "backhaul.collections";
 /// How long a replica may take to answer a command (a cancel waits up to a few seconds for its
 /// clean-up).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -36,6 +40,8 @@ pub struct Nats(Arc<Inner>);
 struct Inner {
     client: async_nats::Client,
     presence: kv::Store,
+    /// The presence bucket as the watch last showed it: every store's holder.
+    mirror: Mutex<HashMap<ClientId, Holder>>,
     replica: String,
 }
 
@@ -62,6 +68,7 @@ impl Nats {
         Ok(Self(Arc::new(Inner {
             client,
             presence,
+            mirror: Mutex::new(HashMap::new()),
             replica,
         })))
     }
@@ -117,20 +124,55 @@ impl Nats {
         }))
     }
 
+    /// Whether another replica holds `client_id` with its agent connected, as the watch last
+    /// showed it.
+    pub fn connected_elsewhere(&self, client_id: &ClientId) -> bool {
+        self.mirror()
+            .get(client_id)
+            .is_some_and(|h| h.connected && h.replica != self.0.replica)
+    }
+
     pub async fn call(&self, replica: &str, command: &Command) -> anyhow::Result<Option<Reply>> {
-        let payload = serde_json::to_vec(command)?;
-        match self
-            .0
-            .client
-            .request(subject(replica), payload.into())
+        self.request(subject(replica), serde_json::to_vec(command)?)
             .await
-        {
+            .with_context(|| format!("replica {replica} did not answer"))
+    }
+
+    /// A request and its answer; `None` when nobody listens on `subject`.
+    async fn request(&self, subject: String, payload: Vec<u8>) -> anyhow::Result<Option<Reply>> {
+        match self.0.client.request(subject, payload.into()).await {
             Ok(msg) => Ok(Some(
                 serde_json::from_slice(&msg.payload).context("a reply from another replica")?,
             )),
             Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("replica {replica} did not answer")),
+            Err(e) => Err(e.into()),
         }
+    }
+
+    /// Tells the replica driving collections; lost if none listens (it catches up by itself).
+    pub async fn tell_driver(&self, news: &ToDriver) {
+        let sent = match serde_json::to_vec(news) {
+            Ok(payload) => self
+                .0
+                .client
+                .publish(DRIVER, payload.into())
+                .await
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "could not tell the collection driver"
+            );
+        }
+    }
+
+    /// Asks the replica driving collections; `None` when no replica drives them now.
+    pub async fn ask_driver(&self, news: &ToDriver) -> anyhow::Result<Option<Reply>> {
+        self.request(DRIVER.to_owned(), serde_json::to_vec(news)?)
+            .await
+            .context("the replica driving collections did not answer")
     }
 
     pub async fn broadcast(&self, news: &Broadcast) {
@@ -160,6 +202,52 @@ impl Nats {
         until_shutdown(state, async move { this.serve_news(&st).await });
         let (this, st) = (self.clone(), state.clone());
         until_shutdown(state, async move { this.watch_presence(&st).await });
+        let (this, st) = (self.clone(), state.clone());
+        until_shutdown(state, async move { this.serve_driver(&st).await });
+    }
+
+    /// While this replica drives collections, hears the others on [`DRIVER`].
+    async fn serve_driver(&self, state: &crate::AppState) {
+        loop {
+            while !state.collections.driving() {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let mut news = match self.0.client.subscribe(DRIVER).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot hear the other replicas about collections; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let mut look = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    got = news.next() => {
+                        let Some(msg) = got else { break };
+                        let (state, client) = (state.clone(), self.0.client.clone());
+                        state.tracker.clone().spawn(async move {
+                            let reply = match serde_json::from_slice::<ToDriver>(&msg.payload) {
+                                Ok(news) => state.collections.hear(news).await,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "collection news this replica cannot read");
+                                    None
+                                }
+                            };
+                            if let (Some(reply_to), Some(reply)) = (msg.reply, reply) {
+                                answer(&client, reply_to, &reply).await;
+                            }
+                        });
+                    }
+                    _ = look.tick() => {
+                        if !state.collections.driving() {
+                            break;
+                        }
+                    }
+                }
+            }
+            // Dropping the subscription ends it: another replica drives collections now.
+        }
     }
 
     async fn serve_commands(&self, state: &crate::AppState) {
@@ -188,14 +276,7 @@ impl Nats {
                             .into(),
                         },
                     };
-                    match serde_json::to_vec(&reply) {
-                        Ok(payload) => {
-                            if let Err(e) = client.publish(reply_to, payload.into()).await {
-                                tracing::warn!(error = %e, "could not answer a command");
-                            }
-                        }
-                        Err(e) => tracing::error!(error = %e, "a reply"),
-                    }
+                    answer(&client, reply_to, &reply).await;
                 });
             }
         }
@@ -222,7 +303,8 @@ impl Nats {
 
     async fn watch_presence(&self, state: &crate::AppState) {
         loop {
-            let mut changes = match self.0.presence.watch_all().await {
+            // Every key's last value first (the mirror), then each change.
+            let mut changes = match self.0.presence.watch_with_history(">").await {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot watch presence; trying again");
@@ -238,17 +320,28 @@ impl Nats {
                         break;
                     }
                 };
-                if entry.operation != kv::Operation::Put {
-                    continue;
-                }
                 let Ok(client_id) = ClientId::parse(&entry.key) else {
                     continue;
                 };
+                if entry.operation != kv::Operation::Put {
+                    self.mirror().remove(&client_id);
+                    continue;
+                }
                 match serde_json::from_slice::<Presence>(&entry.value) {
-                    Ok(p) if p.replica != self.0.replica => {
-                        command::claimed_elsewhere(state, &client_id, entry.revision);
+                    Ok(p) => {
+                        let elsewhere = p.replica != self.0.replica;
+                        self.mirror().insert(
+                            client_id.clone(),
+                            Holder {
+                                replica: p.replica,
+                                connected: p.connected,
+                                epoch: entry.revision,
+                            },
+                        );
+                        if elsewhere {
+                            command::claimed_elsewhere(state, &client_id, entry.revision);
+                        }
                     }
-                    Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(%client_id, error = %e, "a presence value this replica cannot read")
                     }
@@ -256,6 +349,24 @@ impl Nats {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+impl Nats {
+    fn mirror(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, Holder>> {
+        self.0.mirror.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Sends `reply` to the requester waiting on `reply_to`.
+async fn answer(client: &async_nats::Client, reply_to: async_nats::Subject, reply: &Reply) {
+    match serde_json::to_vec(reply) {
+        Ok(payload) => {
+            if let Err(e) = client.publish(reply_to, payload.into()).await {
+                tracing::warn!(error = %e, "could not answer another replica");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "a reply"),
     }
 }
 

@@ -6,6 +6,10 @@
 //! when asked for. Every change is written through to the [`Store`] under the lock, before it is
 //! acted on: a store is marked `running`, with its upload's id, before it is asked, so a restart
 //! in between cannot ask it twice.
+//!
+//! Only the replica that drives collections holds them live ([`Role::Driving`]); the book of
+//! every other replica follows: it writes new collections to the store, for the driver to
+//! adopt, and reads the rest from the store, which the driver writes through.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -41,38 +45,96 @@ pub enum CancelError {
     Store(anyhow::Error),
 }
 
+/// Whether this replica drives the collections, and then the live ones.
+enum Role {
+    Following,
+    Driving(HashMap<CollectionId, Collection>),
+}
+
 pub struct Book {
-    live: Mutex<HashMap<CollectionId, Collection>>,
+    role: Mutex<Role>,
     store: Store,
 }
 
+/// The live collections when driving; nothing to change when following.
+fn live(role: &mut Role) -> Option<&mut HashMap<CollectionId, Collection>> {
+    match role {
+        Role::Driving(live) => Some(live),
+        Role::Following => None,
+    }
+}
+
 impl Book {
-    /// Loads the live collections from `store`.
-    pub fn open(store: Store) -> anyhow::Result<Self> {
-        let live = store
+    /// A book on `store` that follows until [`Book::drive`].
+    pub fn open(store: Store) -> Self {
+        Self {
+            role: Mutex::new(Role::Following),
+            store,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Role> {
+        self.role.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this book holds the live collections.
+    pub fn driving(&self) -> bool {
+        matches!(*self.lock(), Role::Driving(_))
+    }
+
+    /// Takes the live collections from the store, to drive them. Returns whether the book was
+    /// following until now.
+    pub fn drive(&self) -> anyhow::Result<bool> {
+        let mut role = self.lock();
+        if matches!(*role, Role::Driving(_)) {
+            return Ok(false);
+        }
+        let live = self
+            .store
             .load_live()?
             .into_iter()
             .map(|c| (c.spec.id, c))
             .collect();
-        Ok(Self {
-            live: Mutex::new(live),
-            store,
-        })
+        *role = Role::Driving(live);
+        Ok(true)
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<CollectionId, Collection>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    /// Lets the live collections go: another replica drives them now.
+    pub fn follow(&self) {
+        *self.lock() = Role::Following;
+    }
+
+    /// When driving, takes on the open collections that other replicas created in the store.
+    pub fn adopt_new(&self) -> anyhow::Result<usize> {
+        let mut role = self.lock();
+        let Some(live) = live(&mut role) else {
+            return Ok(0);
+        };
+        let mut adopted = 0;
+        for id in self.store.open_ids()? {
+            if live.contains_key(&id) {
+                continue;
+            }
+            if let Some(c) = self.store.load(id)?
+                && c.is_live()
+            {
+                live.insert(id, c);
+                adopted += 1;
+            }
+        }
+        Ok(adopted)
     }
 
     /// Records a new collection. `connected` lists the agents connected now; it is read under
     /// the lock, after which every agent that says hello finds the collection in the book, so
-    /// no store that connects meanwhile is missed.
+    /// no store that connects meanwhile is missed. A following book only stores it: the driver
+    /// adopts it from there.
     pub fn create(
         &self,
         mut c: Collection,
         connected: impl FnOnce() -> Vec<(ClientId, Labels)>,
     ) -> anyhow::Result<()> {
-        let mut live = self.lock();
+        let mut role = self.lock();
         for (client, labels) in connected() {
             if c.spec.matcher.matches(&client, &labels) {
                 c.rows.entry(client).or_insert(Row {
@@ -83,14 +145,19 @@ impl Book {
             }
         }
         self.store.insert(&c)?;
-        live.insert(c.spec.id, c);
+        if let Some(live) = live(&mut role) {
+            live.insert(c.spec.id, c);
+        }
         Ok(())
     }
 
     /// A store said hello: every open collection it matches and has not met yet gains it.
     /// Returns whether it is waiting in any collection now.
     pub fn store_connected(&self, client: &ClientId, labels: &Labels, now: UnixMs) -> bool {
-        let mut live = self.lock();
+        let mut role = self.lock();
+        let Some(live) = live(&mut role) else {
+            return false;
+        };
         let mut waiting = false;
         for c in live.values_mut() {
             if c.state != CollectionState::Open {
@@ -123,7 +190,10 @@ impl Book {
     /// allows, up to its free slots. Each is saved as running, with a new upload id, before it
     /// is returned.
     pub fn plan(&self, can_ask: impl Fn(&ClientId) -> bool) -> Vec<Planned> {
-        let mut live = self.lock();
+        let mut role = self.lock();
+        let Some(live) = live(&mut role) else {
+            return Vec::new();
+        };
         let mut collections: Vec<&mut Collection> = live
             .values_mut()
             .filter(|c| c.state == CollectionState::Open)
@@ -231,7 +301,10 @@ impl Book {
         client: &ClientId,
         change: impl FnOnce(&Row) -> Option<Row>,
     ) {
-        let mut live = self.lock();
+        let mut role = self.lock();
+        let Some(live) = live(&mut role) else {
+            return;
+        };
         let Some(c) = live.get_mut(&collection) else {
             return;
         };
@@ -250,7 +323,10 @@ impl Book {
     /// Open collections past their expiry expire: stores still waiting are `not_reached`.
     /// Uploads already running go on.
     pub fn expire(&self, now: UnixMs) {
-        let mut live = self.lock();
+        let mut role = self.lock();
+        let Some(live) = live(&mut role) else {
+            return;
+        };
         let due: Vec<CollectionId> = live
             .values()
             .filter(|c| c.state == CollectionState::Open && c.spec.expires <= now)
@@ -277,8 +353,8 @@ impl Book {
     /// Cancels a collection: waiting stores are cancelled at once; the uploads running are
     /// returned, for the caller to cancel (their rows follow when they end).
     pub fn cancel(&self, id: CollectionId, now: UnixMs) -> Result<Vec<UploadId>, CancelError> {
-        let mut live = self.lock();
-        let Some(c) = live.get_mut(&id) else {
+        let mut role = self.lock();
+        let Some(c) = live(&mut role).and_then(|live| live.get_mut(&id)) else {
             return match self.store.load(id) {
                 Ok(Some(c)) => Err(CancelError::Finished(c.state)),
                 Ok(None) => Err(CancelError::NotFound),
@@ -299,7 +375,9 @@ impl Book {
                 _ => None,
             })
             .collect();
-        if !c.is_live() {
+        if !c.is_live()
+            && let Some(live) = live(&mut role)
+        {
             live.remove(&id);
         }
         Ok(running)
@@ -313,8 +391,8 @@ impl Book {
         f: impl FnOnce(&Collection) -> T,
     ) -> anyhow::Result<Option<T>> {
         {
-            let live = self.lock();
-            if let Some(c) = live.get(&id) {
+            let mut role = self.lock();
+            if let Some(c) = live(&mut role).and_then(|live| live.get(&id)) {
                 return Ok(Some(f(c)));
             }
         }
@@ -323,8 +401,11 @@ impl Book {
 
     /// Every running store of the live collections.
     pub fn running(&self) -> Vec<(CollectionId, ClientId, UploadId)> {
-        self.lock()
-            .values()
+        let mut role = self.lock();
+        let Some(live) = live(&mut role) else {
+            return Vec::new();
+        };
+        live.values()
             .flat_map(|c| {
                 c.rows.iter().filter_map(|(client, r)| match r.stage {
                     Stage::Running { upload } => Some((c.spec.id, client.clone(), upload)),
@@ -336,8 +417,11 @@ impl Book {
 
     /// Stores waiting in open collections, for `/metrics`.
     pub fn waiting(&self) -> usize {
-        self.lock()
-            .values()
+        let mut role = self.lock();
+        let Some(live) = live(&mut role) else {
+            return 0;
+        };
+        live.values()
             .filter(|c| c.state == CollectionState::Open)
             .flat_map(|c| c.rows.values())
             .filter(|r| r.stage == Stage::Waiting)
@@ -413,7 +497,9 @@ mod tests {
         let db = crate::db::Location::Sqlite(path.to_owned())
             .connect()
             .unwrap();
-        Book::open(Store::new(db)).unwrap()
+        let book = Book::open(Store::new(db));
+        assert!(book.drive().unwrap());
+        book
     }
 
     fn collection(target: Target, max: u32, waiting: &[&str]) -> Collection {
@@ -532,13 +618,56 @@ mod tests {
             "{after:?}"
         );
         // Expired, nothing waiting or running: no longer live, read from the database.
-        assert!(b.lock().is_empty());
+        assert!(matches!(&*b.lock(), Role::Driving(live) if live.is_empty()));
         assert_eq!(stages(&b, cid), after);
         assert!(!b.store_connected(&id("later"), &Labels::default(), UnixMs(11_000)));
         assert!(matches!(
             b.cancel(cid, UnixMs(11_000)),
             Err(CancelError::Finished(CollectionState::Expired))
         ));
+    }
+
+    /// A following book (a replica that does not drive collections) writes new collections
+    /// to the store and plans, ends and expires nothing; the driving book adopts what others
+    /// created, and a book that drives again takes up exactly what the store has.
+    #[test]
+    fn a_following_book_stores_and_the_driver_adopts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        let driver = book(&path);
+        let follower = Book::open(Store::new(
+            crate::db::Location::Sqlite(path.clone()).connect().unwrap(),
+        ));
+        assert!(!follower.driving());
+
+        let c = collection(Target::All, 5, &["a", "b"]);
+        let cid = c.spec.id;
+        follower.create(c, Vec::new).unwrap();
+        assert!(follower.plan(|_| true).is_empty(), "a follower asks nobody");
+        assert!(!follower.store_connected(&id("late"), &Labels::default(), UnixMs(2_000)));
+        follower.expire(UnixMs(i64::MAX));
+        assert_eq!(follower.waiting(), 0);
+        assert_eq!(stages(&follower, cid).len(), 2, "read from the store");
+
+        assert_eq!(driver.waiting(), 0, "not adopted yet");
+        assert_eq!(driver.adopt_new().unwrap(), 1);
+        assert_eq!(driver.adopt_new().unwrap(), 0, "adopted once");
+        let planned = driver.plan(|_| true);
+        assert_eq!(planned.len(), 2);
+        assert_eq!(
+            stages(&follower, cid),
+            stages(&driver, cid),
+            "the follower reads what the driver wrote through"
+        );
+
+        // The driver's role moves: the new driver takes the running stores from the store.
+        driver.follow();
+        assert!(driver.plan(|_| true).is_empty());
+        assert!(follower.drive().unwrap());
+        assert!(!follower.drive().unwrap(), "already driving");
+        assert_eq!(follower.running().len(), 2);
+        follower.upload_ended(&ended(&planned[0], UploadState::Completed), UnixMs(3_000));
+        assert!(matches!(stages(&driver, cid)[0].1, Stage::Completed { .. }));
     }
 
     /// A store recorded as asked whose upload was never created waits again; cancelling
@@ -574,7 +703,7 @@ mod tests {
         );
         // Live until its running upload ends.
         b.upload_ended(&ended(&planned[1], UploadState::Cancelled), UnixMs(6_000));
-        assert!(b.lock().is_empty());
+        assert!(matches!(&*b.lock(), Role::Driving(live) if live.is_empty()));
         assert!(matches!(
             b.cancel(cid, UnixMs(7_000)),
             Err(CancelError::Finished(_))

@@ -15,12 +15,17 @@
 //!                  └──────────────────────────────────────► (the upload's own end)
 //! ```
 //!
-//! One task, the dispatcher ([`Collections::run`]), asks the stores: it wakes when a
-//! collection is created, a store connects, an upload ends (any upload: its store may have
-//! been busy) and once a second for expiries. The rows live in the [`book`], the one owner of
-//! their lock, which writes every change through to the database before it is acted on.
+//! One task, the dispatcher ([`Collections::run`], in [`driver`]), asks the stores: it wakes
+//! when a collection is created, a store connects, an upload ends (any upload: its store may
+//! have been busy) and once a second for expiries. The rows live in the [`book`], the one owner
+//! of their lock, which writes every change through to the database before it is acted on.
+//!
+//! With several replicas, one drives the collections (the `Collections` lease) and the others
+//! follow: they create collections in the database for the driver to adopt, read collections
+//! from the database, and tell the driver what it must hear (see [`crate::bus`]).
 
 mod book;
+mod driver;
 mod record;
 mod settings;
 mod store;
@@ -28,31 +33,27 @@ mod target;
 mod view;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use shared::api::UploadStatus;
 use shared::api::collections::{
     CollectionPreview, CollectionRow, CollectionRows, CollectionState, CollectionSummary,
     CollectionTemplate, CreateCollection, MAX_ROWS_PAGE, RowState,
 };
 use shared::labels::Labels;
 use shared::{ClientId, CollectionId, ErrorCode, ScheduleId, UploadId};
-use tokio::sync::{Notify, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
 
+use crate::bus::{Bus, Reply, ToDriver};
 use crate::error::ApiError;
 use crate::inventory::Inventory;
-use crate::registry::{AgentLink, Registry};
-use crate::uploads::{Ask, Requester, UnixMs, Uploads};
+use crate::registry::Registry;
+use crate::uploads::{Requester, UnixMs, Uploads};
 
 use book::{Book, CancelError};
 pub use record::Firing;
 
 use record::{Collection, Row, Spec, Stage};
 use settings::Checked;
-
-/// How often the dispatcher looks for expiries even when nothing woke it.
-const TICK: Duration = Duration::from_secs(1);
 
 /// Which rows a page shows.
 #[derive(Debug, Clone, Copy, Default)]
@@ -89,99 +90,46 @@ struct Core {
     book: Book,
     uploads: Uploads,
     registry: Arc<Registry>,
+    bus: Arc<Bus>,
+    tracker: TaskTracker,
     wake: Notify,
 }
 
 impl Collections {
-    /// Loads the live collections from the database.
+    /// The collections in the database; they are driven here once [`Collections::lead`] finds
+    /// this replica holding the lease.
     pub fn open(
         db: crate::db::Db,
         uploads: Uploads,
         registry: Arc<Registry>,
-    ) -> anyhow::Result<Self> {
-        let book = Book::open(store::Store::new(db))?;
-        Ok(Self(Arc::new(Core {
-            book,
+        bus: Arc<Bus>,
+        tracker: TaskTracker,
+    ) -> Self {
+        Self(Arc::new(Core {
+            book: Book::open(store::Store::new(db)),
             uploads,
             registry,
+            bus,
+            tracker,
             wake: Notify::new(),
-        })))
+        }))
     }
 
-    /// Settles what a previous run left: a store recorded as running whose upload ended is
-    /// given its outcome; one whose upload does not exist was never asked, and waits again.
-    pub fn recover(&self) {
-        for (collection, client, upload) in self.0.book.running() {
-            match self.0.uploads.status(upload) {
-                Ok(status) if status.state.is_terminal() => {
-                    self.0.book.upload_ended(&status, UnixMs::now());
-                }
-                Ok(_) => {}
-                Err(e) if e.code() == ErrorCode::UploadNotFound => {
-                    tracing::info!(%collection, %client, %upload, "a store recorded as asked never was; it waits again");
-                    self.0.book.never_asked(collection, &client, upload);
-                }
-                Err(_) => {
-                    tracing::error!(%collection, %client, %upload, "the upload of a collection's store cannot be read; the store is left as running");
-                }
-            }
-        }
-    }
-
-    /// The dispatcher: asks waiting stores as slots free up, applies upload endings and
-    /// expiries, until shutdown.
-    pub async fn run(
-        self,
-        mut ended: mpsc::UnboundedReceiver<UploadStatus>,
-        shutdown: CancellationToken,
-    ) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                got = ended.recv() => {
-                    let Some(status) = got else { break };
-                    self.0.book.upload_ended(&status, UnixMs::now());
-                    // Endings arrive in bursts: take them all before one pass.
-                    while let Ok(status) = ended.try_recv() {
-                        self.0.book.upload_ended(&status, UnixMs::now());
-                    }
-                }
-                () = self.0.wake.notified() => {}
-                _ = tick.tick() => self.0.book.expire(UnixMs::now()),
-            }
-            self.dispatch();
-        }
-    }
-
-    /// Asks every store the book plans for; one that cannot be asked now waits again.
-    fn dispatch(&self) {
-        let uploads = &self.0.uploads;
-        let registry = &self.0.registry;
-        let planned = self.0.book.plan(|client| {
-            registry.connection(client).is_some() && uploads.active_for(client).is_none()
-        });
-        for p in planned {
-            let requester = Requester::recorded(p.created_by.clone(), &p.created_from);
-            let ask = Ask {
-                id: p.upload,
-                client_id: p.client_id.clone(),
-                share: p.share.clone(),
-                collection: Some(p.collection),
-                compression: p.compression,
-            };
-            if let Err(e) = uploads.ask(ask, &requester) {
-                tracing::info!(collection_id = %p.collection, client_id = %p.client_id, code = %e.code(), "a store could not be asked now; it waits");
-                self.0.book.unask(&p);
-            }
-        }
+    /// Whether this replica drives the collections now.
+    pub fn driving(&self) -> bool {
+        self.0.book.driving()
     }
 
     /// A store said hello: it joins the open collections it matches, and is asked if a slot
     /// is free.
     pub fn on_agent_connected(&self, client: &ClientId, labels: &Labels) {
-        if self.0.book.store_connected(client, labels, UnixMs::now()) {
+        if !self.driving() {
+            let news = ToDriver::Hello {
+                client_id: client.clone(),
+                labels: labels.clone(),
+            };
+            self.0.bus.tell_driver(news, &self.0.tracker);
+        } else if self.0.book.store_connected(client, labels, UnixMs::now()) {
             self.0.wake.notify_one();
         }
     }
@@ -324,7 +272,7 @@ impl Collections {
                     .collect()
             })
             .map_err(|e| ApiError::internal(&e))?;
-        let summary = self.summary(id)?;
+        let summary = self.summary_here(id)?;
         tracing::info!(
             audit = true,
             collection_id = %id,
@@ -354,27 +302,38 @@ impl Collections {
         }
     }
 
-    /// `GET /collections/{id}`.
-    pub fn summary(&self, id: CollectionId) -> Result<CollectionSummary, ApiError> {
-        self.read(id, |c| self.summarize(c))
+    /// The summary with the progress known here (uploads this replica drives, and the records
+    /// of the others).
+    fn summary_here(&self, id: CollectionId) -> Result<CollectionSummary, ApiError> {
+        self.read(id, |c| self.summarize(c, &view::Progress::default()))
+    }
+
+    /// `GET /collections/{id}`: the same on every replica (the progress of each running upload
+    /// as the replica driving it sees it).
+    pub async fn summary(&self, id: CollectionId) -> Result<CollectionSummary, ApiError> {
+        let progress = self.progress(id).await?;
+        self.read(id, |c| self.summarize(c, &progress))
     }
 
     /// `GET /collections`: the newest first.
-    pub fn list(&self, limit: usize) -> Result<Vec<CollectionSummary>, ApiError> {
+    pub async fn list(&self, limit: usize) -> Result<Vec<CollectionSummary>, ApiError> {
         let ids = self
             .0
             .book
             .newest(limit)
             .map_err(|e| ApiError::internal(&e))?;
-        // A collection that cannot be read is logged (by `read`) and left out.
-        Ok(ids
-            .into_iter()
-            .filter_map(|id| self.summary(id).ok())
-            .collect())
+        let mut list = Vec::with_capacity(ids.len());
+        for id in ids {
+            // A collection that cannot be read is logged (by `read`) and left out.
+            if let Ok(summary) = self.summary(id).await {
+                list.push(summary);
+            }
+        }
+        Ok(list)
     }
 
     /// `GET /collections/{id}/uploads`: rows by client id, after `after`.
-    pub fn rows(
+    pub async fn rows(
         &self,
         id: CollectionId,
         after: Option<&ClientId>,
@@ -382,12 +341,13 @@ impl Collections {
         only: RowFilter,
     ) -> Result<CollectionRows, ApiError> {
         let limit = limit.clamp(1, MAX_ROWS_PAGE);
+        let progress = self.progress(id).await?;
         self.read(id, |c| {
             let mut page: Vec<CollectionRow> = c
                 .rows
                 .iter()
                 .filter(|(client, _)| after.is_none_or(|a| *client > a))
-                .map(|(client, row)| self.show_row(client, row))
+                .map(|(client, row)| self.show_row(client, row, &progress))
                 .filter(|row| only.keeps(row))
                 .take(limit + 1)
                 .collect();
@@ -427,8 +387,35 @@ impl Collections {
     }
 
     /// `DELETE /collections/{id}`: stores not asked yet are cancelled, and so are the uploads
-    /// running (each aborting its multipart upload).
+    /// running (each aborting its multipart upload). Carried out by the replica that drives
+    /// collections.
     pub async fn cancel(
+        &self,
+        id: CollectionId,
+        requester: &Requester,
+    ) -> Result<CollectionSummary, ApiError> {
+        if self.driving() {
+            return self.cancel_here(id, requester).await;
+        }
+        let news = ToDriver::Cancel {
+            collection_id: id,
+            operator: requester.operator.clone(),
+            from: requester.from,
+        };
+        match self.0.bus.ask_driver(&news).await? {
+            Some(Reply::Collection { summary }) => Ok(*summary),
+            Some(Reply::Error { error }) => Err(error.into()),
+            Some(other) => Err(crate::bus::command::unexpected(&other)),
+            None if self.driving() => self.cancel_here(id, requester).await,
+            None => Err(ApiError::new(
+                ErrorCode::Timeout,
+                "no replica drives collections at this moment (one takes over within seconds); \
+                 try again",
+            )),
+        }
+    }
+
+    async fn cancel_here(
         &self,
         id: CollectionId,
         requester: &Requester,
@@ -457,12 +444,13 @@ impl Collections {
             from = %requester.from,
             "collection cancelled"
         );
+        let (bus, uploads) = (&self.0.bus, &self.0.uploads);
         let cancels = running.into_iter().map(|upload| async move {
             // One that finished meanwhile has its row already.
-            let _ = self.0.uploads.cancel(upload, requester).await;
+            let _ = crate::bus::command::cancel_via(bus, uploads, upload, requester).await;
         });
         futures::future::join_all(cancels).await;
-        self.summary(id)
+        self.summary(id).await
     }
 
     /// Collections by state, and stores waiting in open ones, for `/metrics`.

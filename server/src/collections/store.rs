@@ -194,6 +194,15 @@ impl Store {
             .collect()
     }
 
+    /// The ids of the open collections.
+    pub fn open_ids(&self) -> anyhow::Result<Vec<CollectionId>> {
+        self.db
+            .query("SELECT id FROM collections WHERE state = 'open'", args![])?
+            .iter()
+            .map(|r| Ok(CollectionId::parse(&r.text(0)?)?))
+            .collect()
+    }
+
     /// Whether a collection of `schedule` exists for its firing at `at` or a later one.
     pub fn fired_since(&self, schedule: ScheduleId, at: UnixMs) -> anyhow::Result<bool> {
         let found = self.db.query_opt(

@@ -418,3 +418,66 @@ async fn a_revocation_on_one_replica_holds_on_every_replica() {
     assert_eq!(ws_connect(&b, Some(&minted)).await.err(), Some(401));
     assert_eq!(ws_connect(&a, Some(&minted)).await.err(), Some(401));
 }
+
+/// A collection created on A over stores connected to A, B and C completes, whichever replica
+/// drives collections; every replica answers `GET /collections/{id}` the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_over_three_replicas_completes() {
+    let database = fresh_database();
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("token-keys.json");
+    let a = replica(Mode::Embedded, &database, &key_file, "a", None).await;
+    let store = Some(a.s3_endpoint.as_str());
+    let b = replica(Mode::Embedded, &database, &key_file, "b", store).await;
+    let c = replica(Mode::Embedded, &database, &key_file, "c", store).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("export.csv");
+    let sha = write_file(&file, 3 * MIB + 5).await;
+    let mut agents = Vec::new();
+    let mut ids = Vec::new();
+    for (i, server) in [&a, &b, &c, &a, &b, &c].into_iter().enumerate() {
+        let client_id = unique_client(&format!("spread-{i}"));
+        agents.push(TestAgent::start(server, &client_id, &file));
+        server.wait_connected(&client_id).await;
+        ids.push(client_id);
+    }
+    let resp = a
+        .http_client()
+        .post(format!("{}/collections", a.http_url()))
+        .bearer_auth(operator_token())
+        .json(&serde_json::json!({
+            "target": {"kind": "ids", "client_ids": ids},
+            "max_concurrent": 4,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let created: serde_json::Value = resp.json().await.unwrap();
+    let path = format!(
+        "/collections/{}",
+        created["collection_id"].as_str().unwrap()
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the collection completes",
+        || async {
+            let (_, s) = a.get_json(&path).await;
+            s["counts"]["completed"] == ids.len()
+        },
+    )
+    .await;
+    let (_, on_a) = a.get_json(&path).await;
+    for other in [&b, &c] {
+        let (code, there) = other.get_json(&path).await;
+        assert_eq!(code, 200, "{there}");
+        assert_eq!(there, on_a, "every replica answers the same");
+    }
+    let (_, rows) = c.get_json(&format!("{path}/uploads")).await;
+    let rows = rows["rows"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), ids.len());
+    for row in rows {
+        assert_eq!(row["state"], "completed", "{row}");
+        assert_eq!(row["sha256"], sha.as_str(), "{row}");
+    }
+}

@@ -151,21 +151,19 @@ impl Nats {
 
     /// Tells the replica driving collections; lost if none listens (it catches up by itself).
     pub async fn tell_driver(&self, news: &ToDriver) {
-        let sent = match serde_json::to_vec(news) {
-            Ok(payload) => self
-                .0
-                .client
-                .publish(DRIVER, payload.into())
-                .await
-                .map_err(anyhow::Error::from),
-            Err(e) => Err(e.into()),
-        };
-        if let Err(e) = sent {
+        if let Err(e) = self.publish(DRIVER, news).await {
             tracing::warn!(
                 error = format!("{e:#}"),
+                ?news,
                 "could not tell the collection driver"
             );
         }
+    }
+
+    /// Publishes `what` as JSON on `subject`, expecting no answer.
+    async fn publish(&self, subject: &'static str, what: &impl Serialize) -> anyhow::Result<()> {
+        let payload = serde_json::to_vec(what)?;
+        Ok(self.0.client.publish(subject, payload.into()).await?)
     }
 
     /// Asks the replica driving collections; `None` when no replica drives them now.
@@ -176,16 +174,7 @@ impl Nats {
     }
 
     pub async fn broadcast(&self, news: &Broadcast) {
-        let sent = match serde_json::to_vec(news) {
-            Ok(payload) => self
-                .0
-                .client
-                .publish(BROADCAST, payload.into())
-                .await
-                .map_err(anyhow::Error::from),
-            Err(e) => Err(e.into()),
-        };
-        if let Err(e) = sent {
+        if let Err(e) = self.publish(BROADCAST, news).await {
             tracing::error!(
                 error = format!("{e:#}"),
                 ?news,

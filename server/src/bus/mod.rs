@@ -135,7 +135,7 @@ impl Bus {
     }
 
     /// Whether another replica holds `client_id` with its agent connected now (as this
-    /// replica's mirror of presence shows it); always false for one server.
+    /// replica's presence watch last showed it); always false for one server.
     pub fn connected_elsewhere(&self, client_id: &ClientId) -> bool {
         match self {
             Self::Local => false,

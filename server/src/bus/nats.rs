@@ -1,9 +1,10 @@
 //! The bus on NATS: presence in the JetStream key-value bucket `backhaul_presence` (one key per
-//! store, mirrored in each replica's memory by a watch), commands as requests to
+//! store; each replica keeps by a watch which stores are connected elsewhere), commands as requests to
 //! `backhaul.replica.<replica>`, news on `backhaul.broadcast`, and what the replica driving
 //! collections hears on `backhaul.collections` (only that replica subscribes).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,8 +41,8 @@ pub struct Nats(Arc<Inner>);
 struct Inner {
     client: async_nats::Client,
     presence: kv::Store,
-    /// The presence bucket as the watch last showed it: every store's holder.
-    mirror: Mutex<HashMap<ClientId, Holder>>,
+    /// The stores connected to another replica, as the presence watch last showed them.
+    elsewhere: Mutex<Elsewhere>,
     replica: String,
 }
 
@@ -68,7 +69,7 @@ impl Nats {
         Ok(Self(Arc::new(Inner {
             client,
             presence,
-            mirror: Mutex::new(HashMap::new()),
+            elsewhere: Mutex::new(Elsewhere::default()),
             replica,
         })))
     }
@@ -127,9 +128,7 @@ impl Nats {
     /// Whether another replica holds `client_id` with its agent connected, as the watch last
     /// showed it.
     pub fn connected_elsewhere(&self, client_id: &ClientId) -> bool {
-        self.mirror()
-            .get(client_id)
-            .is_some_and(|h| h.connected && h.replica != self.0.replica)
+        self.elsewhere().contains(client_id)
     }
 
     pub async fn call(&self, replica: &str, command: &Command) -> anyhow::Result<Option<Reply>> {
@@ -292,7 +291,7 @@ impl Nats {
 
     async fn watch_presence(&self, state: &crate::AppState) {
         loop {
-            // Every key's last value first (the mirror), then each change.
+            // Every key's last value first, then each change.
             let mut changes = match self.0.presence.watch_with_history(">").await {
                 Ok(w) => w,
                 Err(e) => {
@@ -313,20 +312,13 @@ impl Nats {
                     continue;
                 };
                 if entry.operation != kv::Operation::Put {
-                    self.mirror().remove(&client_id);
+                    self.elsewhere().set(&client_id, false);
                     continue;
                 }
                 match serde_json::from_slice::<Presence>(&entry.value) {
                     Ok(p) => {
                         let elsewhere = p.replica != self.0.replica;
-                        self.mirror().insert(
-                            client_id.clone(),
-                            Holder {
-                                replica: p.replica,
-                                connected: p.connected,
-                                epoch: entry.revision,
-                            },
-                        );
+                        self.elsewhere().set(&client_id, elsewhere && p.connected);
                         if elsewhere {
                             command::claimed_elsewhere(state, &client_id, entry.revision);
                         }
@@ -342,8 +334,39 @@ impl Nats {
 }
 
 impl Nats {
-    fn mirror(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, Holder>> {
-        self.0.mirror.lock().unwrap_or_else(|e| e.into_inner())
+    fn elsewhere(&self) -> std::sync::MutexGuard<'_, Elsewhere> {
+        self.0.elsewhere.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The stores connected to another replica, each as a 64-bit fingerprint of its id rather than
+/// the id, so that every replica keeps the whole fleet's presence in a few bytes per store
+/// (with the ids, this set was most of the memory a replica spends per store beyond its own).
+/// The fingerprint is keyed per process, so no one can choose ids that collide. The chance that
+/// two of 100,000 ids collide is about 3 in 10^10; a store that did would look connected
+/// elsewhere, and asking its holder, which reads presence itself, would find it is not.
+#[derive(Default)]
+struct Elsewhere {
+    keys: RandomState,
+    stores: HashSet<u64>,
+}
+
+impl Elsewhere {
+    fn fingerprint(&self, client_id: &ClientId) -> u64 {
+        self.keys.hash_one(client_id.as_str())
+    }
+
+    fn set(&mut self, client_id: &ClientId, connected_elsewhere: bool) {
+        let f = self.fingerprint(client_id);
+        if connected_elsewhere {
+            self.stores.insert(f);
+        } else {
+            self.stores.remove(&f);
+        }
+    }
+
+    fn contains(&self, client_id: &ClientId) -> bool {
+        self.stores.contains(&self.fingerprint(client_id))
     }
 }
 
@@ -371,4 +394,27 @@ fn until_shutdown(
             () = job => {}
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elsewhere_follows_the_last_word_on_each_store() {
+        let mut e = Elsewhere::default();
+        let (a, b) = (
+            ClientId::parse("store-a").unwrap(),
+            ClientId::parse("store-b").unwrap(),
+        );
+        e.set(&a, true);
+        assert!(e.contains(&a));
+        assert!(!e.contains(&b));
+        e.set(&b, true);
+        e.set(&a, false);
+        assert!(!e.contains(&a));
+        assert!(e.contains(&b));
+        e.set(&a, false);
+        assert!(!e.contains(&a));
+    }
 }

@@ -3,7 +3,8 @@
 # BUS=nats), and several load generators holding the fleet between them (the open-file limit,
 # 20,000 here, is per process). Prints the fleet's connect time, memory per idle agent summed
 # over the replicas, cross-replica trigger-to-command latency, a burst, a reconnect storm, and
-# the CPU and memory of the replicas, PostgreSQL and NATS per phase.
+# the CPU and memory of the replicas, PostgreSQL and NATS per phase; first, for comparison, the
+# same figures for one server on the embedded default with 10,000 agents.
 #
 #   scripts/bench-replicas.sh [agents=100000] [replicas=6] [loadgens=6] [storm_spread_ms=20000]
 #
@@ -94,21 +95,27 @@ echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}
 engines/postgres.sh start
 engines/nats.sh start
 
+# One server under one load generator: the embedded default, or the engines.
+single_node() {
+  local setup=$1 agents=$2 groups=""
+  echo "== one server, $([[ $setup == engines ]] && echo 'STATE=postgres BUS=nats' || echo 'SQLite and the in-process bus (the default)'), $agents agents"
+  start_server 0 "$setup"
+  wait_healthy "$API_PORT"
+  [[ $setup == engines ]] && groups=$(engine_groups)
+  # shellcheck disable=SC2086
+  "$bin/loadgen" --server "127.0.0.1:$API_PORT" --server-pid "$server_pid" \
+    --agents "$agents" --storm-spread-ms "$SPREAD" $groups
+  echo "server errors logged: $(grep -c ' ERROR ' "$work/server-0.log" || true)"
+  stop_servers
+}
+
 if [[ $MODE == same-node ]]; then
-  for setup in embedded engines; do
-    echo "== one server, $([[ $setup == engines ]] && echo 'STATE=postgres BUS=nats' || echo 'SQLite and the in-process bus (the default)')"
-    start_server 0 "$setup"
-    wait_healthy "$API_PORT"
-    groups=""
-    [[ $setup == engines ]] && groups=$(engine_groups)
-    # shellcheck disable=SC2086
-    "$bin/loadgen" --server "127.0.0.1:$API_PORT" --server-pid "$server_pid" \
-      --agents "$AGENTS" --storm-spread-ms "$SPREAD" $groups
-    echo "server errors logged: $(grep -c ' ERROR ' "$work/server-0.log" || true)"
-    stop_servers
-  done
+  single_node embedded "$AGENTS"
+  single_node engines "$AGENTS"
   exit 0
 fi
+# The single-node figures beside the replicas': one process holds at most about 18,000 agents.
+single_node embedded 10000
 
 # The replicas: the first migrates the database, the others start together.
 servers=() server_pids=()

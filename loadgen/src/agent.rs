@@ -111,8 +111,8 @@ pub async fn agent(shared: Arc<Shared>, i: usize, gate: Arc<Semaphore>) {
             loop {
                 match connect(&shared, i).await {
                     Ok(ws) => break ws,
-                    Err(_) => {
-                        shared.refused.fetch_add(1, Ordering::Relaxed);
+                    Err(e) => {
+                        shared.failed(&e);
                         attempt += 1;
                         let cap = 100u64 << attempt.min(6);
                         let d = rand::thread_rng().gen_range(cap / 2..=cap);

@@ -8,7 +8,7 @@
 //!   a replica other than the one holding the agent;
 //! - a burst of concurrent triggers to distinct agents: time until every command arrived;
 //! - a reconnect storm: every agent drops at once and comes back after a jittered delay, as real
-//!   agents do; time until all are connected again, and how many attempts the server refused.
+//!   agents do; time until all are connected again, and how many attempts failed, and why.
 //!
 //! A fleet too big for one process (the open-file limit is per process) is held by several:
 //! each takes a range of agent numbers (`--first-agent`, `--agents`); all but one only hold
@@ -29,9 +29,10 @@ mod agent;
 mod collect;
 mod procs;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -120,7 +121,8 @@ struct Shared {
     keys: TokenKeys,
     events: mpsc::UnboundedSender<Event>,
     connected: AtomicUsize,
-    refused: AtomicU64,
+    /// Failed connection attempts, by what went wrong.
+    failures: Mutex<HashMap<String, u64>>,
     /// Bumped to make every agent drop its connection and reconnect.
     storm: watch::Receiver<u64>,
     /// Second octet of this run's source addresses.
@@ -128,6 +130,22 @@ struct Shared {
     /// With `--collect`: what a store uploads, and the client it uploads with.
     file: Option<StoreFile>,
     storage: reqwest::Client,
+}
+
+impl Shared {
+    fn failed(&self, e: &anyhow::Error) {
+        let what: String = format!("{e:#}").chars().take(120).collect();
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        *failures.entry(what).or_default() += 1;
+    }
+
+    /// The failures since the last call, the most frequent first.
+    fn failures_taken(&self) -> Vec<(String, u64)> {
+        let taken = std::mem::take(&mut *self.failures.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut v: Vec<(String, u64)> = taken.into_iter().collect();
+        v.sort_by_key(|(_, k)| std::cmp::Reverse(*k));
+        v
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -242,7 +260,7 @@ async fn main() -> anyhow::Result<()> {
         keys,
         events: events_tx,
         connected: AtomicUsize::new(0),
-        refused: AtomicU64::new(0),
+        failures: Mutex::default(),
         storm: storm_rx,
         address_base,
         file,
@@ -256,6 +274,14 @@ async fn main() -> anyhow::Result<()> {
         roots: args.server_pid.clone(),
     }];
     groups.extend(args.groups.iter().cloned());
+    // The load generators share the machine with what they measure.
+    groups.push(Group {
+        name: "load generators".into(),
+        roots: [std::process::id()]
+            .into_iter()
+            .chain(args.peer_pid.iter().copied())
+            .collect(),
+    });
     let mut usage: Vec<Sample> = groups.iter().map(Group::sample).collect();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
@@ -398,7 +424,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The reconnect storm, over every load generator.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    shared.refused.store(0, Ordering::Relaxed);
+    shared.failures_taken();
     let t0 = Instant::now();
     for pid in &args.peer_pid {
         let sent = std::process::Command::new("kill")
@@ -423,15 +449,24 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let failures = shared.failures_taken();
     println!(
         "reconnect storm: {back} of {fleet} back in {:.1} s (delays spread over {} ms), {} connection attempts of this process's {n} failed",
         t0.elapsed().as_secs_f64(),
         args.storm_spread_ms,
-        shared.refused.load(Ordering::Relaxed)
+        failures.iter().map(|(_, k)| k).sum::<u64>()
     );
+    for (what, k) in failures.iter().take(5) {
+        println!("  {k} failed: {what}");
+    }
     report("storm", &groups, &usage);
     println!(
         "server RSS after the storm (summed): {} KiB",
+        sum_rss_kib(&args.server_pid)?
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    println!(
+        "server RSS 30 s later (summed): {} KiB",
         sum_rss_kib(&args.server_pid)?
     );
     Ok(())

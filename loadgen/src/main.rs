@@ -84,7 +84,8 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
     /// Agents per source address (127.B.0.2, 127.B.0.3, ...); each address has about 28,000
-    /// ephemeral ports.
+    /// ephemeral ports per server. 0: no binding, the kernel's choice at connect (one address,
+    /// about 28,000 ports per server).
     #[arg(long, default_value_t = 10_000)]
     agents_per_address: usize,
     /// B of the source addresses; drawn at random when not given, so a run never meets the

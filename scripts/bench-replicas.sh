@@ -13,6 +13,7 @@
 #
 #   scripts/bench-replicas.sh same-node [agents=10000]
 #
+# BENCH_STORMS=N runs N storms one after the other (memory that grows with each is a leak).
 # PostgreSQL and NATS are started here (engines/), on their own ports and in a temporary folder.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -155,7 +156,7 @@ echo "== $REPLICAS replicas, $AGENTS agents from $LOADGENS load generators"
 # shellcheck disable=SC2046
 "$bin/loadgen" "${common[@]}" --first-agent "$first" --agents $((AGENTS - first)) \
   --fleet "$AGENTS" --address-base $((base + LOADGENS - 1)) --baseline-rss-kib "$baseline" \
-  "${peers[@]}" $(engine_groups)
+  --storms "${BENCH_STORMS:-1}" "${peers[@]}" $(engine_groups)
 for k in $(seq 0 $((REPLICAS - 1))); do
   echo "replica $k: $(grep -c ' ERROR ' "$work/server-$k.log" || true) errors logged, $(grep -c ' WARN ' "$work/server-$k.log" || true) warnings"
 done

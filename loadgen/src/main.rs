@@ -97,6 +97,9 @@ struct Args {
     triggers: usize,
     #[arg(long, default_value_t = 1_000)]
     burst: usize,
+    /// Reconnect storms, one after the other (a second one tells a leak from a high-water mark).
+    #[arg(long, default_value_t = 1)]
+    storms: u32,
     /// Largest reconnect delay in the storm; each agent waits a uniform random time up to it.
     #[arg(long, default_value_t = 10_000)]
     storm_spread_ms: u64,
@@ -206,10 +209,11 @@ fn report(phase: &str, groups: &[Group], before: &[Sample]) -> Vec<Sample> {
     let after: Vec<Sample> = groups.iter().map(Group::sample).collect();
     for ((g, b), a) in groups.iter().zip(before).zip(&after) {
         println!(
-            "  {phase}: {} used {:.1} CPU-s; now {} processes, PSS {} MiB, RSS {} MiB",
+            "  {phase}: {} used {:.1} CPU-s; now {} processes, {} threads, PSS {} MiB, RSS {} MiB",
             g.name,
             a.cpu_secs - b.cpu_secs,
             a.processes,
+            a.threads,
             a.pss_kib / 1024,
             a.rss_kib / 1024,
         );
@@ -423,48 +427,50 @@ async fn main() -> anyhow::Result<()> {
     );
     usage = report("burst", &groups, &usage);
 
-    // The reconnect storm, over every load generator.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    shared.failures_taken();
-    let t0 = Instant::now();
-    for pid in &args.peer_pid {
-        let sent = std::process::Command::new("kill")
-            .args(["-USR1", &pid.to_string()])
-            .status()?;
-        if !sent.success() {
-            bail!("could not signal load generator {pid}");
+    // The reconnect storms, over every load generator.
+    for storm in 1..=args.storms.max(1) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        shared.failures_taken();
+        let t0 = Instant::now();
+        for pid in &args.peer_pid {
+            let sent = std::process::Command::new("kill")
+                .args(["-USR1", &pid.to_string()])
+                .status()?;
+            if !sent.success() {
+                bail!("could not signal load generator {pid}");
+            }
         }
-    }
-    storm_tx.send(1)?;
-    // Wait for the drop to register, then for everyone to be back.
-    while fleet_connected(&http, args, &operator).await? > fleet / 2
-        && t0.elapsed() < Duration::from_secs(10)
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let mut back = 0;
-    while t0.elapsed() < Duration::from_secs(300) {
-        back = fleet_connected(&http, args, &operator).await?;
-        if back >= fleet && shared.connected.load(Ordering::Relaxed) == n {
-            break;
+        storm_tx.send_modify(|n| *n += 1);
+        // Wait for the drop to register, then for everyone to be back.
+        while fleet_connected(&http, args, &operator).await? > fleet / 2
+            && t0.elapsed() < Duration::from_secs(10)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut back = 0;
+        while t0.elapsed() < Duration::from_secs(300) {
+            back = fleet_connected(&http, args, &operator).await?;
+            if back >= fleet && shared.connected.load(Ordering::Relaxed) == n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let failures = shared.failures_taken();
+        println!(
+            "reconnect storm {storm}: {back} of {fleet} back in {:.1} s (delays spread over {} ms), {} connection attempts of this process's {n} failed",
+            t0.elapsed().as_secs_f64(),
+            args.storm_spread_ms,
+            failures.iter().map(|(_, k)| k).sum::<u64>()
+        );
+        for (what, k) in failures.iter().take(5) {
+            println!("  {k} failed: {what}");
+        }
+        usage = report("storm", &groups, &usage);
+        println!(
+            "server RSS after storm {storm} (summed): {} KiB",
+            sum_rss_kib(&args.server_pid)?
+        );
     }
-    let failures = shared.failures_taken();
-    println!(
-        "reconnect storm: {back} of {fleet} back in {:.1} s (delays spread over {} ms), {} connection attempts of this process's {n} failed",
-        t0.elapsed().as_secs_f64(),
-        args.storm_spread_ms,
-        failures.iter().map(|(_, k)| k).sum::<u64>()
-    );
-    for (what, k) in failures.iter().take(5) {
-        println!("  {k} failed: {what}");
-    }
-    report("storm", &groups, &usage);
-    println!(
-        "server RSS after the storm (summed): {} KiB",
-        sum_rss_kib(&args.server_pid)?
-    );
     tokio::time::sleep(Duration::from_secs(30)).await;
     println!(
         "server RSS 30 s later (summed): {} KiB",

@@ -19,7 +19,7 @@ pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
     status_kib(pid, "VmHWM:").with_context(|| format!("no VmHWM for {pid}"))
 }
 
-/// A `kB` field of /proc/{pid}/status.
+/// A number field of /proc/{pid}/status (a `kB` one in KiB).
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -61,6 +61,7 @@ pub struct Sample {
     pub pss_kib: u64,
     pub rss_kib: u64,
     pub processes: usize,
+    pub threads: u64,
 }
 
 impl Group {
@@ -103,6 +104,7 @@ impl Group {
             s.cpu_secs += t / 100.0;
             s.pss_kib += pss_kib(pid).unwrap_or(0);
             s.rss_kib += status_kib(pid, "VmRSS:").unwrap_or(0);
+            s.threads += status_kib(pid, "Threads:").unwrap_or(0);
             s.processes += 1;
         }
         s

@@ -13,7 +13,8 @@
 #
 #   scripts/bench-replicas.sh same-node [agents=10000]
 #
-# BENCH_STORMS=N runs N storms one after the other (memory that grows with each is a leak).
+# BENCH_STORMS=N runs N storms one after the other (memory that grows with each is a leak);
+# BENCH_AGENTS_PER_ADDRESS=0 makes the load generators connect without binding a source address.
 # PostgreSQL and NATS are started here (engines/), on their own ports and in a temporary folder.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,9 +36,14 @@ ulimit -n "$(ulimit -Hn)"
 work="$(mktemp -d -t backhaul-replicas.XXXXXX)"
 export ENGINES_HOME="$work/engines" PG_PORT="${BENCH_PG_PORT:-55632}" NATS_PORT="${BENCH_NATS_PORT:-54622}"
 pids=()
-cleanup() {
+# Stops every server and load generator started so far.
+stop_servers() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  pids=()
+}
+cleanup() {
+  stop_servers
   engines/nats.sh stop || true
   engines/postgres.sh stop || true
   rm -rf "$work"
@@ -77,12 +83,6 @@ start_server() {
   env "${env[@]}" "$bin/server" >"$work/server-$k.log" 2>&1 &
   server_pid=$!
   pids+=("$server_pid")
-}
-
-stop_servers() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  pids=()
 }
 
 engine_groups() {

@@ -1,7 +1,8 @@
 //! The bus on NATS: presence in the JetStream key-value bucket `backhaul_presence` (one key per
-//! store; each replica keeps by a watch which stores are connected elsewhere), commands as requests to
-//! `backhaul.replica.<replica>`, news on `backhaul.broadcast`, and what the replica driving
-//! collections hears on `backhaul.collections` (only that replica subscribes).
+//! store; each replica follows it with a watch and keeps which stores are connected elsewhere),
+//! commands as requests to `backhaul.replica.<replica>`, news on `backhaul.broadcast`, and what
+//! the replica driving collections hears on `backhaul.collections` (only that replica
+//! subscribes).
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
@@ -343,8 +344,10 @@ impl Nats {
 /// the id, so that every replica keeps the whole fleet's presence in a few bytes per store
 /// (with the ids, this set was most of the memory a replica spends per store beyond its own).
 /// The fingerprint is keyed per process, so no one can choose ids that collide. The chance that
-/// two of 100,000 ids collide is about 3 in 10^10; a store that did would look connected
-/// elsewhere, and asking its holder, which reads presence itself, would find it is not.
+/// two of 100,000 ids collide is about 3 in 10^10. Two stores that did would share one answer,
+/// the last word on either: one could look connected elsewhere (asking its holder, which reads
+/// presence itself, finds it is not) or look offline to a collection until its next presence
+/// change. Nothing else reads this set.
 #[derive(Default)]
 struct Elsewhere {
     keys: RandomState,

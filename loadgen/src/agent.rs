@@ -152,7 +152,14 @@ pub async fn agent(shared: Arc<Shared>, i: usize, gate: Arc<Semaphore>) {
 async fn serve(shared: &Shared, i: usize, mut ws: Ws, storm: &mut watch::Receiver<u64>) -> bool {
     loop {
         tokio::select! {
-            _ = storm.changed() => return true,
+            _ = storm.changed() => {
+                // A reset, as when a store's line is cut: a graceful close would leave the
+                // socket in TIME_WAIT, and binding the next one on that address would search
+                // past every such port (bind's port search took most of this process's CPU in
+                // a storm).
+                let _ = ws.get_ref().set_zero_linger();
+                return true;
+            }
             msg = ws.next() => match msg {
                 Some(Ok(Message::Text(t))) if t.contains("\"describe_file\"") => {
                     let at = Instant::now();

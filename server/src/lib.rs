@@ -143,6 +143,14 @@ pub async fn run(
     )
     .await?;
     let bus = Arc::new(bus::Bus::connect(&config).await?);
+    // Held until the server stops: a second live replica under this name is refused.
+    let _name = match bus.replica() {
+        Some(replica) => Some(
+            bus::lease::NameLock::take(&config.database(), replica)
+                .context("checking that REPLICA_ID is this replica's alone")?,
+        ),
+        None => None,
+    };
     let (state, ended) = AppState::open(config, bus, tokens, storage, &shutdown, &tracker)?;
     state.bus.start(&state);
     let orphan_sweep = Duration::from_secs(state.config.orphan_sweep_interval_secs);
@@ -186,6 +194,14 @@ pub async fn run(
         });
     }
 
+    // The inventory's flusher outlives the drain, which ends sessions (and notes their ends).
+    let inventory = state.inventory.clone();
+    let flusher_stop = CancellationToken::new();
+    let flusher = {
+        let (inventory, stop) = (inventory.clone(), flusher_stop.clone());
+        tokio::spawn(async move { inventory.run_flusher(stop, INVENTORY_RETRY).await })
+    };
+
     tracing::info!(
         addr = %listeners.api.local_addr()?,
         scheme = if tls.is_some() { "https" } else { "http" },
@@ -197,11 +213,23 @@ pub async fn run(
     // connections). Unfinished uploads stay recorded and resume when the server is back.
     tracing::info!("shutting down");
     drain(&tracker).await;
+    flusher_stop.cancel();
+    let _ = flusher.await;
+    // The sessions have ended: their last contacts are written.
+    if let Err(e) = inventory.flush() {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "the store inventory's last writes were lost"
+        );
+    }
     Ok(())
 }
 
 /// How often the holder of the `Abandoned` lease looks for uploads no live replica holds.
 const ABANDONED_LOOK: Duration = Duration::from_secs(2);
+
+/// How long the inventory's flusher waits after a failed write before trying again.
+const INVENTORY_RETRY: Duration = Duration::from_secs(1);
 
 /// Waits for every task (connections, S3 clean-up) within [`DRAIN_TIMEOUT`].
 async fn drain(tracker: &TaskTracker) {

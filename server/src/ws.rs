@@ -239,9 +239,8 @@ impl Registration {
             first_seen_ms: unix_ms(now),
             last_seen_ms: unix_ms(now),
         };
-        if let Err(e) = state.inventory.connected(&seen) {
-            tracing::warn!(%client_id, error = format!("{e:#}"), "could not record the store in the inventory");
-        }
+        // Recorded before the agent is welcomed or shown as connected anywhere.
+        state.inventory.connected(seen).written().await;
         let labels = hello.labels.clone();
         let handle = AgentHandle {
             conn_id,
@@ -291,9 +290,7 @@ impl Drop for Registration {
         self.close.cancel();
         self.state.registry.remove(&self.client_id, self.conn_id);
         let last_seen = self.last_seen_ms.load(Ordering::Relaxed);
-        if let Err(e) = self.state.inventory.left(&self.client_id, last_seen) {
-            tracing::warn!(client_id = %self.client_id, error = format!("{e:#}"), "could not stamp the store's last contact");
-        }
+        self.state.inventory.left(&self.client_id, last_seen);
         self.state.uploads.on_agent_disconnected(self.conn_id);
         self.state
             .bus

@@ -112,6 +112,36 @@ impl Leases {
     }
 }
 
+/// The advisory-lock class of replica names (the two-key form, which never meets the one-key
+/// locks above): "bkhn".
+const NAME_CLASS: i32 = 0x626b_686e;
+
+/// This replica's `REPLICA_ID`, locked in PostgreSQL for as long as the replica runs. Two live
+/// replicas under one name would each take the other's stores for its own and stall them; the
+/// second is refused at start instead. The lock is keyed by a 32-bit hash of the name
+/// (PostgreSQL's `hashtext`): two different names that hash alike are refused too, which the
+/// error says. The session's end (the replica's death) frees it.
+pub struct NameLock {
+    _session: Db,
+}
+
+impl NameLock {
+    pub fn take(location: &Location, replica: &str) -> anyhow::Result<Self> {
+        let session = location.connect()?;
+        let row = session.query_opt(
+            "SELECT pg_try_advisory_lock(?1, hashtext(?2))",
+            args![NAME_CLASS, replica],
+        )?;
+        let taken = row.map(|r| r.int(0)).transpose()? == Some(1);
+        anyhow::ensure!(
+            taken,
+            "REPLICA_ID {replica} is in use by another running replica (or one whose name hashes \
+             alike): give each replica its own, or leave it unset for a random one"
+        );
+        Ok(Self { _session: session })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +176,32 @@ mod tests {
         });
         assert!(moved, "the lease moved");
         assert!(Leases::alone().holds(Singleton::OrphanSweep));
+    }
+
+    /// One live replica per name; the name is free again when its holder's session ends.
+    #[test]
+    fn a_replica_name_is_held_by_one_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(postgres) = crate::db::testing::locations(dir.path())
+            .pop()
+            .filter(|l| matches!(l, Location::Postgres(_)))
+        else {
+            panic!(
+                "this test needs PostgreSQL: set BACKHAUL_TEST_DATABASE_URL (scripts/test.sh does)"
+            )
+        };
+        let first = NameLock::take(&postgres, "replica-a").unwrap();
+        let err = NameLock::take(&postgres, "replica-a").err().unwrap();
+        assert!(
+            format!("{err:#}").contains("REPLICA_ID replica-a is in use"),
+            "{err:#}"
+        );
+        let _other = NameLock::take(&postgres, "replica-b").unwrap();
+        drop(first);
+        let freed = (0..50).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            NameLock::take(&postgres, "replica-a").is_ok()
+        });
+        assert!(freed, "the name is free once its holder is gone");
     }
 }

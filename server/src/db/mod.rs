@@ -55,6 +55,11 @@ impl From<i64> for Value {
         Self::Int(v)
     }
 }
+impl From<i32> for Value {
+    fn from(v: i32) -> Self {
+        Self::Int(v.into())
+    }
+}
 impl From<u32> for Value {
     fn from(v: u32) -> Self {
         Self::Int(v.into())

@@ -224,13 +224,7 @@ impl Registration {
             .metrics
             .agent_connections
             .fetch_add(1, Ordering::Relaxed);
-        let conn_id = state.registry.next_conn_id();
-        // The newest connection holds the store, on every replica.
-        let epoch = state.bus.claim(client_id, true).await;
-        let close = state.shutdown.child_token();
-        let (outbox, outbox_rx) = mpsc::channel::<ServerMessage>(OUTBOX_CAPACITY);
         let now = OffsetDateTime::now_utc();
-        let last_seen_ms = Arc::new(AtomicI64::new(unix_ms(now)));
         let seen = crate::inventory::Store {
             client_id: client_id.clone(),
             labels: hello.labels.clone(),
@@ -239,8 +233,16 @@ impl Registration {
             first_seen_ms: unix_ms(now),
             last_seen_ms: unix_ms(now),
         };
-        // Recorded before the agent is welcomed or shown as connected anywhere.
+        // Recorded before the store is claimed, so that it is in the inventory once any replica
+        // shows it as connected. (Nothing between the claim and the registry's entry below may
+        // wait: a newer claim elsewhere, heard meanwhile, would find no entry here to close.)
         state.inventory.connected(seen).written().await;
+        let conn_id = state.registry.next_conn_id();
+        // The newest connection holds the store, on every replica.
+        let epoch = state.bus.claim(client_id, true).await;
+        let close = state.shutdown.child_token();
+        let (outbox, outbox_rx) = mpsc::channel::<ServerMessage>(OUTBOX_CAPACITY);
+        let last_seen_ms = Arc::new(AtomicI64::new(unix_ms(now)));
         let labels = hello.labels.clone();
         let handle = AgentHandle {
             conn_id,

@@ -38,10 +38,7 @@ impl Location {
                 Backend::Postgres(Box::new(postgres::Conn::connect(url.expose())?))
             }
         };
-        Ok(Db {
-            remote: matches!(backend, Backend::Postgres(_)),
-            backend: Mutex::new(backend),
-        })
+        Ok(Db(Mutex::new(backend)))
     }
 }
 
@@ -158,37 +155,25 @@ enum Backend {
 /// One connection to the server's database, for one owner, used one call at a time under its
 /// lock. Every call leaves it consistent (a transaction commits or rolls back before the guard is
 /// dropped), so a poisoned lock is taken over.
-pub struct Db {
-    backend: Mutex<Backend>,
-    /// PostgreSQL: a call waits for the lock off the async runtime too, so that callers queued
-    /// behind a round trip do not hold the runtime's workers (every other task would wait with
-    /// them). SQLite's calls stay where they are, as before.
-    remote: bool,
-}
+pub struct Db(Mutex<Backend>);
 
 impl Db {
-    /// Runs `f` on the connection, under its lock.
-    fn with<R: Send>(&self, f: impl FnOnce(&mut Backend) -> R + Send) -> R {
-        let locked = || f(&mut self.backend.lock().unwrap_or_else(|e| e.into_inner()));
-        if self.remote {
-            postgres::off_runtime(locked)
-        } else {
-            locked()
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Backend> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn execute(&self, sql: &str, params: &[Value]) -> anyhow::Result<u64> {
-        self.with(|backend| match backend {
+        match &mut *self.lock() {
             Backend::Sqlite(c) => sqlite::Exec(c).execute(sql, params),
             Backend::Postgres(c) => c.execute(sql, params),
-        })
+        }
     }
 
     pub fn query(&self, sql: &str, params: &[Value]) -> anyhow::Result<Vec<Row>> {
-        self.with(|backend| match backend {
+        match &mut *self.lock() {
             Backend::Sqlite(c) => sqlite::Exec(c).query(sql, params),
             Backend::Postgres(c) => c.query(sql, params),
-        })
+        }
     }
 
     pub fn query_opt(&self, sql: &str, params: &[Value]) -> anyhow::Result<Option<Row>> {
@@ -200,7 +185,7 @@ impl Db {
         &self,
         f: impl FnOnce(&mut dyn Exec) -> anyhow::Result<R> + Send,
     ) -> anyhow::Result<R> {
-        self.with(|backend| match backend {
+        match &mut *self.lock() {
             Backend::Sqlite(c) => {
                 let tx = c.transaction()?;
                 let out = f(&mut sqlite::Tx(&tx))?;
@@ -208,7 +193,7 @@ impl Db {
                 Ok(out)
             }
             Backend::Postgres(c) => c.transaction(f),
-        })
+        }
     }
 }
 

@@ -1,8 +1,8 @@
 //! PostgreSQL, shared by the replicas (`STATE=postgres`, `DATABASE_URL`).
 //!
 //! rust-postgres' blocking client runs each call on a small runtime of its own, which must not
-//! run inside the server's: `Db` makes every call (and its wait for the connection's lock)
-//! leave the async context first ([`off_runtime`]); so do connecting and closing here. The schema is `server/migrations/postgres/`, counted in
+//! run inside the server's: every call leaves the async context first ([`off_runtime`]), as a
+//! SQLite call would block on the disk. The schema is `server/migrations/postgres/`, counted in
 //! the `backhaul_schema` table; replicas that start together migrate one at a time, under an
 //! advisory lock.
 
@@ -34,7 +34,7 @@ const MIGRATION_LOCK: i64 = 0x6261_636b_6861_756c;
 /// Runs `f` outside the async runtime, so that the client's own runtime may block: on a worker
 /// of a multi-threaded runtime with `block_in_place`, on a single-threaded one (the tests) in a
 /// scoped thread, and directly where there is no runtime.
-pub(super) fn off_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+fn off_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
@@ -99,15 +99,14 @@ impl Conn {
         )
     }
 
-    /// (This and the two below block: the caller is off the runtime already.)
     pub fn execute(&mut self, sql: &str, params: &[Value]) -> anyhow::Result<u64> {
         let (client, statements) = self.parts();
-        Tx { client, statements }.run(sql, params)
+        off_runtime(|| Tx { client, statements }.run(sql, params))
     }
 
     pub fn query(&mut self, sql: &str, params: &[Value]) -> anyhow::Result<Vec<Row>> {
         let (client, statements) = self.parts();
-        Tx { client, statements }.rows(sql, params)
+        off_runtime(|| Tx { client, statements }.rows(sql, params))
     }
 
     pub fn transaction<R: Send>(
@@ -115,13 +114,15 @@ impl Conn {
         f: impl FnOnce(&mut dyn super::Exec) -> anyhow::Result<R> + Send,
     ) -> anyhow::Result<R> {
         let (client, statements) = self.parts();
-        let mut tx = client.transaction().map_err(explained)?;
-        let out = f(&mut Tx {
-            client: &mut tx,
-            statements,
-        })?;
-        tx.commit().map_err(explained)?;
-        Ok(out)
+        off_runtime(|| {
+            let mut tx = client.transaction().map_err(explained)?;
+            let out = f(&mut Tx {
+                client: &mut tx,
+                statements,
+            })?;
+            tx.commit().map_err(explained)?;
+            Ok(out)
+        })
     }
 }
 

@@ -198,6 +198,8 @@ pub async fn run(
     // The inventory's flusher outlives the drain, which ends sessions (and notes their ends).
     let inventory = state.inventory.clone();
     let flusher_stop = CancellationToken::new();
+    // Stops it on every way out of this function, an error included.
+    let stop_flusher = flusher_stop.clone().drop_guard();
     let flusher = {
         let (inventory, stop) = (inventory.clone(), flusher_stop.clone());
         tokio::spawn(async move { inventory.run_flusher(stop, INVENTORY_RETRY).await })
@@ -214,7 +216,7 @@ pub async fn run(
     // connections). Unfinished uploads stay recorded and resume when the server is back.
     tracing::info!("shutting down");
     drain(&tracker).await;
-    flusher_stop.cancel();
+    drop(stop_flusher);
     let _ = flusher.await;
     // The sessions have ended: their last contacts are written.
     if let Err(e) = inventory.flush() {

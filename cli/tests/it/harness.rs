@@ -649,6 +649,23 @@ fn base_server_args(data_dir: &Path) -> Vec<String> {
     ]
 }
 
+/// Runs a server (embedded storage, data in `data_dir`) with `extra` arguments that must keep
+/// it from starting; returns its error, in full.
+pub async fn refused_start(data_dir: &Path, extra: &[&str]) -> String {
+    let argv = server_args(Mode::Embedded, data_dir, extra);
+    let config = server::config::Config::try_parse_from(&argv).unwrap();
+    let listeners = server::Listeners {
+        api: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        embedded_s3: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+    };
+    let run = server::run(config, listeners, CancellationToken::new());
+    let err = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the server gives up within 30 s")
+        .expect_err("the server does not start");
+    format!("{err:#}")
+}
+
 /// Command-line arguments of a test server (listen addresses not included).
 pub fn server_args(mode: Mode, data_dir: &Path, extra: &[&str]) -> Vec<String> {
     let mut args = base_server_args(data_dir);

@@ -638,8 +638,6 @@ async fn a_rolling_restart_loses_nothing_of_a_collection() {
 /// first goes on serving. (Under one name both would take the other's stores for their own.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_replica_under_a_name_in_use_refuses_to_start() {
-    use clap::Parser;
-
     let database = fresh_database();
     let keys = tempfile::tempdir().unwrap();
     let args = replica_args(&database, &keys.path().join("token-keys.json"), "same");
@@ -650,26 +648,8 @@ async fn a_second_replica_under_a_name_in_use_refuses_to_start() {
     let name = args.last().unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let argv = server_args(
-        Mode::Embedded,
-        &dir.path().join("data"),
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let config = server::config::Config::try_parse_from(&argv).unwrap();
-    let listeners = server::Listeners {
-        api: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        embedded_s3: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
-    };
-    let run = server::run(
-        config,
-        listeners,
-        tokio_util::sync::CancellationToken::new(),
-    );
-    let err = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("the second replica gives up within 30 s")
-        .expect_err("the second replica does not start");
-    let err = format!("{err:#}");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = refused_start(&dir.path().join("data"), &args).await;
     assert!(
         err.contains(&format!(
             "REPLICA_ID {name} is in use by another running replica"

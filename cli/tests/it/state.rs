@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use clap::Parser;
 use shared::api::UploadState;
 
 use crate::harness::*;
@@ -131,22 +130,7 @@ async fn a_server_without_its_database_refuses_to_start() {
             "DATABASE_URL is not a PostgreSQL connection URL",
         ),
     ] {
-        let argv = server_args(Mode::Embedded, &dir.path().join("data"), &args);
-        let config = server::config::Config::try_parse_from(&argv).unwrap();
-        let listeners = server::Listeners {
-            api: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            embedded_s3: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
-        };
-        let run = server::run(
-            config,
-            listeners,
-            tokio_util::sync::CancellationToken::new(),
-        );
-        let err = tokio::time::timeout(Duration::from_secs(30), run)
-            .await
-            .expect("the server gives up within 30 s")
-            .expect_err("the server does not start");
-        let err = format!("{err:#}");
+        let err = refused_start(&dir.path().join("data"), &args).await;
         assert!(err.contains(expected), "{args:?}: {err}");
         assert!(
             !err.contains("backhaul@"),

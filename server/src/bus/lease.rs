@@ -146,18 +146,21 @@ impl NameLock {
 mod tests {
     use super::*;
 
+    /// A fresh database on the test command's PostgreSQL, which these tests need.
+    fn postgres() -> Location {
+        let dir = tempfile::tempdir().unwrap();
+        crate::db::testing::locations(dir.path())
+            .pop()
+            .filter(|l| matches!(l, Location::Postgres(_)))
+            .expect(
+                "this test needs PostgreSQL: set BACKHAUL_TEST_DATABASE_URL (scripts/test.sh does)",
+            )
+    }
+
     /// One holder at a time; the lease moves when its holder's session ends.
     #[test]
     fn a_lease_has_one_holder_and_moves_when_it_dies() {
-        let dir = tempfile::tempdir().unwrap();
-        let Some(postgres) = crate::db::testing::locations(dir.path())
-            .pop()
-            .filter(|l| matches!(l, Location::Postgres(_)))
-        else {
-            panic!(
-                "this test needs PostgreSQL: set BACKHAUL_TEST_DATABASE_URL (scripts/test.sh does)"
-            )
-        };
+        let postgres = postgres();
         let first = Leases::shared(postgres.clone());
         let second = Leases::shared(postgres);
         assert!(first.holds(Singleton::OrphanSweep));
@@ -181,15 +184,7 @@ mod tests {
     /// One live replica per name; the name is free again when its holder's session ends.
     #[test]
     fn a_replica_name_is_held_by_one_replica() {
-        let dir = tempfile::tempdir().unwrap();
-        let Some(postgres) = crate::db::testing::locations(dir.path())
-            .pop()
-            .filter(|l| matches!(l, Location::Postgres(_)))
-        else {
-            panic!(
-                "this test needs PostgreSQL: set BACKHAUL_TEST_DATABASE_URL (scripts/test.sh does)"
-            )
-        };
+        let postgres = postgres();
         let first = NameLock::take(&postgres, "replica-a").unwrap();
         let err = NameLock::take(&postgres, "replica-a").err().unwrap();
         assert!(

@@ -140,7 +140,8 @@ done
 per=$(((AGENTS + LOADGENS - 1) / LOADGENS))
 base=$((RANDOM % 200 + 1))
 # BENCH_AGENTS_PER_ADDRESS=0 lets the kernel pick ports at connect instead of binding first
-# (one run each, 2026-12-04: connect 63.8 s against 50.6 s, storm 72.3 s against 79.6 s).
+# (one run each, 2026-12-04, while storm drops were still graceful closes: connect 63.8 s
+# against 50.6 s, storm 72.3 s against 79.6 s).
 common=(--server "$server_list" --server-pid "$pid_list" --storm-spread-ms "$SPREAD"
   --connect-concurrency 128 --agents-per-address "${BENCH_AGENTS_PER_ADDRESS:-10000}")
 holders=()

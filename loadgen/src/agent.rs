@@ -58,7 +58,8 @@ async fn connect(shared: &Shared, i: usize) -> anyhow::Result<Ws> {
         tokio::net::TcpStream::connect(server).await?
     } else {
         // Binding first searches for a port free on that address, which costs more the more
-        // ports are taken: with 16,000 agents per process, a fifth of the machine in a storm.
+        // ports are taken (a fifth of the machine in a storm while dropped sockets sat in
+        // TIME_WAIT; storm drops are resets now, below).
         let socket = tokio::net::TcpSocket::new_v4()?;
         let ip = source_ip(
             &shared.args,

@@ -228,10 +228,15 @@ impl Inventory {
     }
 
     /// Every store whose labels include all of `wanted`, by client id, with every write noted
-    /// so far. A row that no longer reads (it cannot happen short of editing the database) is
-    /// skipped and logged.
+    /// so far (if they cannot be written, what the database has, and a warning). A row that no
+    /// longer reads (it cannot happen short of editing the database) is skipped and logged.
     pub fn list(&self, wanted: &[Label]) -> anyhow::Result<Vec<Store>> {
-        self.flush()?;
+        if let Err(e) = self.flush() {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "listing the store inventory without its latest writes"
+            );
+        }
         let rows = self.db.query(
             "SELECT client_id, labels, agent_version, protocol_version, first_seen_ms,
                     last_seen_ms

@@ -177,7 +177,6 @@ pub async fn run(
         if s.leases.holds(Singleton::Abandoned) {
             bus::command::take_on_abandoned(&s).await;
         }
-        bus::command::adopt_strays(&s);
     });
     let retention = Duration::from_secs(state.config.upload_retention_days * 24 * 3600);
     spawn_every(&state, Duration::from_secs(3600), move |s| async move {

@@ -249,24 +249,6 @@ pub async fn take_on_abandoned(state: &AppState) {
     }
 }
 
-/// Every replica's look at the stores connected to it: an unfinished upload of one that this
-/// replica does not hold is taken on ([`crate::uploads::Uploads::adopt_strays`]).
-pub fn adopt_strays(state: &AppState) {
-    if state.bus.replica().is_none() {
-        return;
-    }
-    for client_id in state.uploads.unfinished_clients() {
-        if state.uploads.active_for(&client_id).is_some() {
-            continue;
-        }
-        if let Some(handle) = state.registry.get(&client_id) {
-            state
-                .uploads
-                .adopt_strays(&client_id, handle.conn_id, handle.epoch);
-        }
-    }
-}
-
 pub fn unexpected(reply: &Reply) -> ApiError {
     ApiError::internal(&anyhow::anyhow!("another replica answered {reply:?}"))
 }

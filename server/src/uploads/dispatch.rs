@@ -39,33 +39,6 @@ impl Uploads {
         }
     }
 
-    /// Takes on, for the agent connected here under `conn` and the claim `epoch`, unfinished
-    /// uploads of its store that the database has and this replica does not hold, and asks the
-    /// agent to describe the file again. A replica that lost the store may have recorded one
-    /// after this replica's look at connect (it asked the agent just before it heard the newer
-    /// claim, and then let the upload go): nobody would drive it, and its stall timeout would
-    /// run nowhere.
-    pub fn adopt_strays(&self, client_id: &ClientId, conn: ConnId, epoch: u64) {
-        if self.agents().connection(client_id) != Some(conn) {
-            return;
-        }
-        match self.table().adopt(client_id, epoch) {
-            Ok(0) => {}
-            Ok(_) => {
-                tracing::warn!(%client_id, "an unfinished upload of a store connected here was held nowhere; taking it on");
-                if let Some((id, Ok(effects))) = self
-                    .table()
-                    .apply_to_client(client_id, Event::AgentConnected { conn })
-                {
-                    self.start(id, effects);
-                }
-            }
-            Err(err) => {
-                tracing::error!(%client_id, error = format!("{err:#}"), "the store's unfinished uploads could not be read");
-            }
-        }
-    }
-
     /// Takes on the unfinished uploads of `client_id` from the database, under the claim
     /// `epoch` (a replica ending an upload that no live replica holds).
     pub fn adopt(&self, client_id: &ClientId, epoch: u64) {

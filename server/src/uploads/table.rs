@@ -183,23 +183,20 @@ impl Table {
     }
 
     /// Takes on the unfinished uploads of `client_id` from the store (those not held already),
-    /// when its agent connects to this replica; returns how many it took on. A table that holds
-    /// everything has them.
-    pub fn adopt(&self, client_id: &ClientId, epoch: u64) -> anyhow::Result<usize> {
+    /// when its agent connects to this replica. A table that holds everything has them.
+    pub fn adopt(&self, client_id: &ClientId, epoch: u64) -> anyhow::Result<()> {
         if self.holding == Holding::Everything {
-            return Ok(0);
+            return Ok(());
         }
         let rows = self.store.unfinished_for(client_id)?;
         let now = Instant::now();
         let mut index = self.lock();
         index.epochs.insert(client_id.clone(), epoch);
-        let mut taken = 0;
         for row in rows {
             match stored::from_row(&row, now) {
                 Ok(upload) if !index.by_id.contains_key(&upload.id) => {
                     tracing::info!(%client_id, upload_id = %upload.id, "taking on an unfinished upload");
                     index.insert(upload, &self.render);
-                    taken += 1;
                 }
                 Ok(_) => {}
                 Err(err) => {
@@ -210,7 +207,7 @@ impl Table {
                 }
             }
         }
-        Ok(taken)
+        Ok(())
     }
 
     /// Lets go of `client_id`'s unfinished uploads, untouched, because another replica claimed

@@ -74,33 +74,15 @@ fn temp_dir() -> std::path::PathBuf {
 
 /// The table of the database at `path`, showing uploads as the server does.
 fn open_table(path: &std::path::Path) -> Table {
-    open_table_holding(path, crate::uploads::Holding::Everything)
-}
-
-fn open_table_holding(path: &std::path::Path, holding: crate::uploads::Holding) -> Table {
     let render: crate::uploads::table::Render =
         Box::new(|u| crate::uploads::status::of(u, "pos-uploads", Duration::from_secs(60)));
-    Table::open(Box::new(sqlite_store(path).unwrap()), render, None, holding).unwrap()
-}
-
-/// A replica's table takes on what another recorded for the store, once, and says how many it
-/// took: the stray look asks the agent again only when there was one.
-#[test]
-fn a_replica_takes_on_another_ones_upload_once() {
-    let dir = temp_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("backhaul.db");
-    let here = open_table_holding(&path, crate::uploads::Holding::ConnectedStores);
-    let there = open_table_holding(&path, crate::uploads::Holding::ConnectedStores);
-    assert_eq!(here.adopt(&client(), 1).unwrap(), 0, "nothing recorded yet");
-    let u = requested();
-    let id = u.id;
-    there.create(u, |_| Ok::<_, ()>(())).unwrap();
-    assert_eq!(here.active_for(&client()), None);
-    assert_eq!(here.adopt(&client(), 2).unwrap(), 1);
-    assert_eq!(here.active_for(&client()), Some(id));
-    assert_eq!(here.adopt(&client(), 2).unwrap(), 0, "held already");
-    std::fs::remove_dir_all(&dir).unwrap();
+    Table::open(
+        Box::new(sqlite_store(path).unwrap()),
+        render,
+        None,
+        crate::uploads::Holding::Everything,
+    )
+    .unwrap()
 }
 
 /// The database the first release's code wrote (`tests/fixtures/uploads-v1.sql`, dumped from

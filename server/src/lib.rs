@@ -173,9 +173,15 @@ pub async fn run(
     spawn_every(&state, Duration::from_secs(1), |s| async move {
         s.uploads.sweep().await;
     });
-    spawn_every(&state, ABANDONED_LOOK, |s| async move {
-        if s.leases.holds(Singleton::Abandoned) {
-            bus::command::take_on_abandoned(&s).await;
+    let look = Arc::new(bus::abandoned::Look::default());
+    spawn_every(&state, ABANDONED_LOOK, move |s| {
+        let look = look.clone();
+        async move {
+            if s.leases.holds(Singleton::Abandoned) {
+                look.run(&s).await;
+            } else {
+                look.forget();
+            }
         }
     });
     let retention = Duration::from_secs(state.config.upload_retention_days * 24 * 3600);

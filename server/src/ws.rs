@@ -239,7 +239,7 @@ impl Registration {
         state.inventory.connected(seen).written().await;
         let conn_id = state.registry.next_conn_id();
         // The newest connection holds the store, on every replica.
-        let epoch = state.bus.claim(client_id, true).await;
+        let epoch = state.bus.claim(client_id).await;
         let close = state.shutdown.child_token();
         let (outbox, outbox_rx) = mpsc::channel::<ServerMessage>(OUTBOX_CAPACITY);
         let last_seen_ms = Arc::new(AtomicI64::new(unix_ms(now)));

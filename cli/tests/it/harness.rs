@@ -751,6 +751,21 @@ pub fn agent_args(
     args
 }
 
+/// With `BACKHAUL_TEST_LOG_FILE` set, this test process's log (its in-process servers and
+/// agents, filtered by `RUST_LOG`, `info` by default) is written to that file: for a test run
+/// many times to catch a rare failure.
+pub fn log_to_file_if_asked() {
+    let Ok(path) = std::env::var("BACKHAUL_TEST_LOG_FILE") else {
+        return;
+    };
+    let file = std::fs::File::create(&path).expect("creating BACKHAUL_TEST_LOG_FILE");
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::sync::Mutex::new(file))
+        .with_ansi(false)
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .try_init();
+}
+
 /// An agent or server running as a separate process (this test binary, re-run with
 /// [`crate::child::entry`]), so a test can kill it with SIGKILL.
 pub struct ChildProcess {

@@ -502,6 +502,7 @@ async fn a_collection_over_three_replicas_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_loses_nothing_of_a_collection() {
     const STORES: usize = 200;
+    log_to_file_if_asked();
     let mode = Mode::LocalStack;
     let database = fresh_database();
     let dir = tempfile::tempdir().unwrap();

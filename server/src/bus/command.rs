@@ -225,30 +225,6 @@ pub fn claimed_elsewhere(state: &AppState, client_id: &ClientId, epoch: u64) {
     state.uploads.release(client_id, epoch);
 }
 
-/// The lease holder's look for stores whose unfinished uploads no live replica holds (their
-/// replica died while the agent was away, or before it came back): each is claimed and taken
-/// on here, so that the stall timeout, the endings and the verifications run somewhere.
-pub async fn take_on_abandoned(state: &AppState) {
-    if state.bus.replica().is_none() {
-        return;
-    }
-    for client_id in state.uploads.unfinished_clients() {
-        if state.registry.get(&client_id).is_some()
-            || state.uploads.active_for(&client_id).is_some()
-        {
-            continue;
-        }
-        match state.bus.holder_elsewhere(&client_id).await {
-            Ok(Some(holder)) if state.bus.alive(&holder).await => continue,
-            Ok(_) => {}
-            Err(_) => continue,
-        }
-        let epoch = state.bus.claim(&client_id, false).await;
-        tracing::warn!(%client_id, "no live replica holds the store's unfinished upload; taking it on");
-        state.uploads.take_on(&client_id, epoch).await;
-    }
-}
-
 pub fn unexpected(reply: &Reply) -> ApiError {
     ApiError::internal(&anyhow::anyhow!("another replica answered {reply:?}"))
 }
@@ -356,25 +332,39 @@ pub async fn cancel_via(
     id: UploadId,
     requester: &Requester,
 ) -> Result<UploadStatus, ApiError> {
-    if !uploads.holds(id) {
+    // A store that changes hands while this runs is looked up again, a few rounds at most.
+    for _ in 0..CANCEL_ROUNDS {
         let here = uploads.status(id)?;
-        if !here.state.is_terminal() {
-            if let Some(holder) = bus.holder_elsewhere(&here.client_id).await? {
-                let command = Command::Cancel {
-                    upload_id: id,
-                    operator: requester.operator.clone(),
-                    from: requester.from,
-                };
-                match bus.call(&holder, &command).await? {
-                    Some(Reply::Status { status }) => return Ok(*status),
-                    Some(Reply::Error { error }) => return Err(error.into()),
-                    Some(other) => return Err(unexpected(&other)),
-                    None => {}
-                }
+        if uploads.holds(id) || here.state.is_terminal() {
+            return uploads.cancel(id, requester).await;
+        }
+        let seen = bus.presence(&here.client_id).await?;
+        if let Some(holder) = seen.as_ref().filter(|h| !bus.is_mine(h)) {
+            let command = Command::Cancel {
+                upload_id: id,
+                operator: requester.operator.clone(),
+                from: requester.from,
+            };
+            match bus.call(holder, &command).await? {
+                Some(Reply::Status { status }) => return Ok(*status),
+                Some(Reply::Error { error }) => return Err(error.into()),
+                Some(other) => return Err(unexpected(&other)),
+                None => {}
             }
-            let epoch = bus.claim(&here.client_id, false).await;
+        }
+        if let Some(epoch) = bus
+            .claim_unchanged(&here.client_id, seen.as_ref().map(|h| h.epoch))
+            .await?
+        {
             uploads.take_on(&here.client_id, epoch).await;
+            return uploads.cancel(id, requester).await;
         }
     }
-    uploads.cancel(id, requester).await
+    Err(ApiError::new(
+        ErrorCode::Timeout,
+        format!("the store of upload {id} kept moving between replicas; try the cancel again"),
+    ))
 }
+
+/// How many times a cancel looks up the replica of a store that keeps changing hands.
+const CANCEL_ROUNDS: usize = 3;

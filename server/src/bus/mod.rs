@@ -3,7 +3,9 @@
 //! **Presence.** Which replica holds each store is a key of a JetStream key-value bucket: the
 //! store's id, whose value names the replica and whether the agent is connected there now. A
 //! replica claims a store when its agent says `hello` (a put: the newest connection wins); the
-//! key's revision is the claim's **epoch**. When the agent leaves, the replica marks the key
+//! key's revision is the claim's **epoch**. A claim with no connection behind it (to take on or
+//! end uploads no live replica drives) is a compare-and-set over the revision it read, so it
+//! never replaces a connection made meanwhile ([`Bus::claim_unchanged`]). When the agent leaves, the replica marks the key
 //! "away" only if its own claim is still the latest, and keeps the store's unfinished uploads:
 //! it holds them until another replica claims the store.
 //!
@@ -25,6 +27,7 @@
 //! cancels. News lost on the way costs a delay only: the driver adopts new collections from the
 //! database and settles running stores from their upload records every few seconds.
 
+pub mod abandoned;
 pub mod command;
 pub mod lease;
 mod nats;
@@ -80,17 +83,36 @@ impl Bus {
         }
     }
 
-    /// Claims `client_id` for this replica (for a connection of its agent, or, not `connected`,
-    /// to end an upload no live replica holds); returns the claim's epoch. One server claims
+    /// Claims `client_id` for this replica, for a connection of its agent; returns the claim's
+    /// epoch. The newest connection wins, whatever the presence said before. One server claims
     /// nothing (epoch 0). If the bus cannot be reached, the agent is still served here (epoch
     /// 0), and other replicas do not find it until it reconnects.
-    pub async fn claim(&self, client_id: &ClientId, connected: bool) -> u64 {
+    pub async fn claim(&self, client_id: &ClientId) -> u64 {
         match self {
             Self::Local => 0,
-            Self::Nats(n) => n.claim(client_id, connected).await.unwrap_or_else(|e| {
+            Self::Nats(n) => n.claim(client_id).await.unwrap_or_else(|e| {
                 tracing::error!(%client_id, error = format!("{e:#}"), "could not claim the store on the bus; other replicas will not find it");
                 0
             }),
+        }
+    }
+
+    /// Claims `client_id` with no connection (to end or time out uploads that no live replica
+    /// drives), only if its presence is still at the revision `seen` (the [`Holder::epoch`] of
+    /// [`Bus::presence`]; `None` if it had no entry). A claim made since, above all one of a
+    /// connecting agent, wins: then `Ok(None)`, and nothing changes. Returns the claim's epoch
+    /// (0 for one server).
+    pub async fn claim_unchanged(
+        &self,
+        client_id: &ClientId,
+        seen: Option<u64>,
+    ) -> Result<Option<u64>, ApiError> {
+        match self {
+            Self::Local => Ok(Some(0)),
+            Self::Nats(n) => n
+                .claim_unchanged(client_id, seen)
+                .await
+                .map_err(|e| ApiError::internal(&e.context("claiming a store on the bus"))),
         }
     }
 
@@ -108,14 +130,27 @@ impl Bus {
     /// The replica that holds `client_id`, if another one does; `None` for one server, for a
     /// store nobody claimed, and for a store this replica holds.
     pub async fn holder_elsewhere(&self, client_id: &ClientId) -> Result<Option<Holder>, ApiError> {
+        Ok(self
+            .presence(client_id)
+            .await?
+            .filter(|holder| !self.is_mine(holder)))
+    }
+
+    /// The presence of `client_id` as the bus has it now, this replica's own claim included;
+    /// `None` for one server and for a store nobody claimed.
+    pub async fn presence(&self, client_id: &ClientId) -> Result<Option<Holder>, ApiError> {
         match self {
             Self::Local => Ok(None),
-            Self::Nats(n) => Ok(n
+            Self::Nats(n) => n
                 .holder(client_id)
                 .await
-                .map_err(|e| ApiError::internal(&e.context("reading presence on the bus")))?
-                .filter(|h| h.replica != n.replica())),
+                .map_err(|e| ApiError::internal(&e.context("reading presence on the bus"))),
         }
+    }
+
+    /// Whether `holder` names this replica.
+    pub fn is_mine(&self, holder: &Holder) -> bool {
+        self.replica() == Some(holder.replica.as_str())
     }
 
     /// Has `holder` carry out `command`. `Ok(None)` when that replica does not answer (it is

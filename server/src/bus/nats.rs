@@ -87,12 +87,34 @@ impl Nats {
         .into())
     }
 
-    pub async fn claim(&self, client_id: &ClientId, connected: bool) -> anyhow::Result<u64> {
+    pub async fn claim(&self, client_id: &ClientId) -> anyhow::Result<u64> {
         Ok(self
             .0
             .presence
-            .put(client_id.as_str(), self.value(connected)?)
+            .put(client_id.as_str(), self.value(true)?)
             .await?)
+    }
+
+    /// A claim with no connection, only over the revision `seen` (or where there is no entry):
+    /// `Ok(None)` if the key changed since.
+    pub async fn claim_unchanged(
+        &self,
+        client_id: &ClientId,
+        seen: Option<u64>,
+    ) -> anyhow::Result<Option<u64>> {
+        let (key, value) = (client_id.as_str(), self.value(false)?);
+        match seen {
+            Some(revision) => match self.0.presence.update(key, value, revision).await {
+                Ok(epoch) => Ok(Some(epoch)),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+            None => match self.0.presence.create(key, value).await {
+                Ok(epoch) => Ok(Some(epoch)),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+        }
     }
 
     pub async fn left(&self, client_id: &ClientId, epoch: u64) {
@@ -419,5 +441,55 @@ mod tests {
         assert!(e.contains(&b));
         e.set(&a, false);
         assert!(!e.contains(&a));
+    }
+
+    /// The test command's NATS server, which this test needs.
+    async fn replica(name: &str) -> Nats {
+        let url = std::env::var("BACKHAUL_TEST_NATS_URL")
+            .expect("this test needs NATS: set BACKHAUL_TEST_NATS_URL (scripts/test.sh does)");
+        Nats::connect(&url, format!("{name}-{}", uuid::Uuid::new_v4().simple()))
+            .await
+            .unwrap()
+    }
+
+    /// A claim with no connection is made only over the presence it saw: a connection's claim
+    /// made since always wins, and is never replaced by it.
+    #[tokio::test]
+    async fn a_claim_without_a_connection_never_replaces_a_newer_claim() {
+        let (a, b) = (replica("a").await, replica("b").await);
+        let store = ClientId::parse(&format!("store-{}", uuid::Uuid::new_v4().simple())).unwrap();
+
+        // A sees no entry; B's agent connects before A claims.
+        assert_eq!(a.holder(&store).await.unwrap(), None);
+        let connected = b.claim(&store).await.unwrap();
+        assert_eq!(a.claim_unchanged(&store, None).await.unwrap(), None);
+        let now = a.holder(&store).await.unwrap().unwrap();
+        assert_eq!(
+            (now.replica.as_str(), now.connected, now.epoch),
+            (b.replica(), true, connected)
+        );
+
+        // Over the revision it saw, A's claim is made, and is a later epoch.
+        let taken = a
+            .claim_unchanged(&store, Some(connected))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(taken > connected);
+        let now = a.holder(&store).await.unwrap().unwrap();
+        assert_eq!((now.replica.as_str(), now.connected), (a.replica(), false));
+
+        // B's agent connects again: a claim over the older revision changes nothing.
+        let again = b.claim(&store).await.unwrap();
+        assert_eq!(a.claim_unchanged(&store, Some(taken)).await.unwrap(), None);
+        let now = a.holder(&store).await.unwrap().unwrap();
+        assert_eq!(
+            (now.replica.as_str(), now.connected, now.epoch),
+            (b.replica(), true, again)
+        );
+
+        // A store no replica ever claimed is claimed over "no entry".
+        let fresh = ClientId::parse(&format!("store-{}", uuid::Uuid::new_v4().simple())).unwrap();
+        assert!(b.claim_unchanged(&fresh, None).await.unwrap().is_some());
     }
 }

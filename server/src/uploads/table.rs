@@ -191,7 +191,9 @@ impl Table {
         let rows = self.store.unfinished_for(client_id)?;
         let now = Instant::now();
         let mut index = self.lock();
-        index.epochs.insert(client_id.clone(), epoch);
+        // Claims only grow: a take-on that reads the store late never lowers a connection's.
+        let held = index.epochs.entry(client_id.clone()).or_insert(epoch);
+        *held = (*held).max(epoch);
         for row in rows {
             match stored::from_row(&row, now) {
                 Ok(upload) if !index.by_id.contains_key(&upload.id) => {

@@ -472,11 +472,11 @@ impl<'a> Session<'a> {
                     sha256: None,
                 })
                 .await;
-            // An encoded file's SHA-256 goes with its description anyway.
-            if let Ok(
-                uploader::Outcome::Completed { sha256, .. }
-                | uploader::Outcome::CompleteFailed { sha256, .. },
-            ) = &result
+            // Kept once the pass has computed it, whatever the outcome: a session that ended
+            // while storage completed the object (its answer never came, and the report of the
+            // SHA-256 may not have reached the server) still brings it with the next
+            // description. An encoded file's SHA-256 goes with its description anyway.
+            if let Some(sha256) = progress.sha256.get()
                 && !was_encoded
             {
                 known.remember(path, layout, sha256.clone());

@@ -23,6 +23,7 @@ mod protocol;
 mod proxy;
 mod reconnect;
 mod records;
+mod relay;
 mod renewal;
 mod replicas;
 mod resilience;

@@ -44,6 +44,9 @@ pub struct Faults {
     pub slow_first_abort: Option<std::time::Duration>,
     /// Every part PUT is held this long before it is passed on: a slow uplink, seen from storage.
     pub slow_parts: Option<std::time::Duration>,
+    /// The first completion reaches storage, and storage's answer is held this long before it
+    /// is passed on: the object is whole while the agent still waits.
+    pub hold_completion_reply: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +60,8 @@ pub struct ProxyStats {
     pub lost_completion_replies: AtomicU32,
     /// Completions (POST with an `uploadId`) that arrived, counted before they are forwarded.
     pub completions_seen: AtomicU32,
+    /// Completions that storage answered and whose answer is held (`hold_completion_reply`).
+    pub held_completion_replies: AtomicU32,
     /// Storage refused a corrupted part (BadDigest).
     pub rejected_by_storage: AtomicU32,
     /// The encryption each CreateMultipartUpload asked for: its `x-amz-server-side-encryption`
@@ -361,6 +366,12 @@ async fn forward(
         reqwest::Body::from(all)
     };
     let resp = out.body(body).send().await.map_err(|_| Cut)?;
+    if completion
+        && let Some(hold) = faults.hold_completion_reply
+        && one_of_the_first(&stats.held_completion_replies, Some(1))
+    {
+        tokio::time::sleep(hold).await;
+    }
     let status = resp.status();
     let mut headers = resp.headers().clone();
     let mut bytes = resp.bytes().await.map_err(|_| Cut)?;

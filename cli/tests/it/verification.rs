@@ -1,12 +1,14 @@
 //! Verification that storage trouble cannot fool: a passing error does not delete a good object,
-//! a lost completion answer does not fail a completed upload, and an upload that does not
-//! complete leaves no object behind.
+//! a lost completion answer does not fail a completed upload (nor lose the file's SHA-256 when
+//! the agent's session is lost with it), and an upload that does not complete leaves no object
+//! behind.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::harness::*;
 use crate::proxy::{FaultProxy, Faults};
+use crate::relay::Relay;
 
 /// A server whose own S3 calls, and the agents' presigned requests, go through a fault proxy in
 /// front of another server's embedded store.
@@ -117,6 +119,53 @@ async fn a_lost_completion_answer_still_completes() {
         1
     );
     assert_identical(&store, &status, &d.sha).await;
+}
+
+/// The agent's link dies one way just before it reports the file's SHA-256, and then entirely
+/// while storage completes the object. The server never heard the SHA-256, and the agent never
+/// heard the completion; the agent's next description brings the SHA-256, and the upload ends
+/// `completed` with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lost_while_storage_completes_keeps_the_sha256() {
+    let (store, server, proxy) = behind_proxy(Faults {
+        hold_completion_reply: Some(Duration::from_secs(15)),
+        ..Faults::default()
+    })
+    .await;
+    let relay = Relay::start(server.api_addr).await;
+    let front = TestServer::attach(Mode::Embedded, relay.addr, "", &server.data_dir).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("held.bin");
+    let sha = write_file(&file, 6 * MIB).await;
+    let client_id = unique_client("held-completion");
+    let _agent = TestAgent::start_with(
+        &front,
+        &client_id,
+        &file,
+        &["--max-upload-bytes-per-sec", "2097152"],
+    );
+    server.wait_connected(&client_id).await;
+    let upload_id = trigger_id(&server, &client_id).await;
+    wait_until(
+        Duration::from_secs(20),
+        "the upload is uploading",
+        || async { server.upload(&upload_id).await.state == UploadState::Uploading },
+    )
+    .await;
+    // The parts take about 3 s, and the SHA-256 is reported after them: it is lost.
+    relay.freeze();
+    wait_until(
+        Duration::from_secs(30),
+        "storage completed the object",
+        || async { proxy.stats.held_completion_replies.load(Ordering::Relaxed) == 1 },
+    )
+    .await;
+    assert_eq!(server.upload(&upload_id).await.sha256, None, "not heard");
+    relay.sever();
+
+    let status = server.wait_finished(&upload_id).await;
+    assert_identical(&store, &status, &sha).await;
+    assert_eq!(proxy.stats.completions_seen.load(Ordering::Relaxed), 1);
 }
 
 /// The first AbortMultipartUpload hangs for 35 s, past the REST timeout (30 s) and the server's

@@ -336,3 +336,29 @@ fn finished_uploads_are_kept_as_their_status_only() {
     assert_eq!(facts(&again), facts(&shown), "the same from the store");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A replica holds a store under the latest claim it made: a take-on that made its claim
+/// before the agent's connection did, and adopts after it, does not lower it, so a claim
+/// elsewhere between the two does not take the store from this replica.
+#[test]
+fn a_late_take_on_never_lowers_the_claim_a_store_is_held_under() {
+    let dir = temp_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let render: crate::uploads::table::Render =
+        Box::new(|u| crate::uploads::status::of(u, "pos-uploads", Duration::from_secs(60)));
+    let table = Table::open(
+        Box::new(sqlite_store(&dir.join("backhaul.db")).unwrap()),
+        render,
+        None,
+        crate::uploads::Holding::ConnectedStores,
+    )
+    .unwrap();
+    let upload = new_upload();
+    let id = upload.id;
+    table.adopt(&upload.client_id, 7).unwrap();
+    table.create(upload, |_| Ok::<(), ()>(())).ok().unwrap();
+    table.adopt(&client(), 5).unwrap();
+    assert!(table.release(&client(), 6).is_empty(), "held under 7");
+    assert_eq!(table.release(&client(), 8), vec![id]);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -279,6 +279,65 @@ async fn the_holders_death_moves_the_upload_to_another_replica() {
     assert!(a.client(&client_id).await.connected);
 }
 
+/// kill -9 of the replica that holds an upload while it verifies the object (its storage
+/// answers no HeadObject): the agent reconnects to the other replica, which takes the upload
+/// on as it was left, verifies the object itself, and completes it within a bounded time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verification_cut_short_by_the_holders_death_completes_elsewhere() {
+    let mode = Mode::LocalStack;
+    let database = fresh_database();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("token-keys.json");
+    let proxy = FaultProxy::start(
+        &localstack_endpoint(),
+        Faults {
+            fail_heads: Some(u32::MAX),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let a_args = replica_args(&database, &key_file, "a");
+    let a = TestServer::builder(mode)
+        .args(&a_args.iter().map(String::as_str).collect::<Vec<_>>())
+        .start()
+        .await;
+    // B, to be killed, reaches storage through the proxy: its verification never gets an answer.
+    let (b_api, b_s3) = (free_addr(), free_addr());
+    let b_data = dir.path().join("b");
+    let mut b_args = child_server_args(mode, &b_data, b_api, b_s3, &proxy.url());
+    let endpoint = b_args
+        .iter()
+        .position(|a| a == "--s3-endpoint-url")
+        .unwrap();
+    b_args[endpoint + 1] = proxy.url();
+    b_args.extend(replica_args(&database, &key_file, "b"));
+    let mut b_proc = ChildProcess::spawn("server", &b_args);
+    let b = TestServer::attach(mode, b_api, "", &b_data).await;
+
+    let balancer = Balancer::start(vec![b_api, a.api_addr]).await;
+    let front = TestServer::attach(mode, balancer.addr, "", &b_data).await;
+    let file = dir.path().join("export.bin");
+    let sha = write_file(&file, 6 * MIB).await;
+    let client_id = unique_client("verifying");
+    let _agent = TestAgent::start(&front, &client_id, &file);
+    b.wait_connected(&client_id).await;
+    let upload_id = trigger_id(&a, &client_id).await;
+    wait_until(Duration::from_secs(60), "B verifies", || async {
+        a.upload(&upload_id).await.state == UploadState::Verifying
+            && proxy
+                .stats
+                .injected_head_503
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+    })
+    .await;
+    b_proc.kill9().await;
+
+    let status = a.wait_finished(&upload_id).await;
+    assert_identical(&a, &status, &sha).await;
+    assert_eq!(a.in_progress_multiparts(&client_id).await, 0);
+}
+
 /// A cancel sent to the replica that does not hold the store ends the upload where it runs:
 /// both replicas then say `cancelled`, and no multipart upload is left; a second cancel gets
 /// the holder's own answer.

@@ -27,8 +27,17 @@ impl Uploads {
             return;
         }
         // A replica takes on what the store left unfinished, wherever it was driven before.
-        if let Err(err) = self.table().adopt(client_id, epoch) {
+        let adopted = self.table().adopt(client_id, epoch).unwrap_or_else(|err| {
             tracing::error!(%client_id, error = format!("{err:#}"), "the store's unfinished uploads could not be read; they wait for its next connection");
+            Vec::new()
+        });
+        // What the previous holder was doing on the server's side (a verification, an abort)
+        // is done again here: that replica may be gone. Both are safe to repeat.
+        for id in adopted {
+            if let Some(effect) = self.table().read(id, |u| u.recovery()).flatten() {
+                tracing::info!(%client_id, upload_id = %id, "finishing what the store's previous replica left half-done");
+                self.start(id, vec![effect]);
+            }
         }
         if let Some((id, Ok(effects))) = self
             .table()

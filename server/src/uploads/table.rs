@@ -184,11 +184,13 @@ impl Table {
 
     /// Takes on the unfinished uploads of `client_id` from the store (those not held already),
     /// when its agent connects to this replica. A table that holds everything has them.
-    pub fn adopt(&self, client_id: &ClientId, epoch: u64) -> anyhow::Result<()> {
+    /// Returns the ids of those taken on now.
+    pub fn adopt(&self, client_id: &ClientId, epoch: u64) -> anyhow::Result<Vec<UploadId>> {
         if self.holding == Holding::Everything {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let rows = self.store.unfinished_for(client_id)?;
+        let mut adopted = Vec::new();
         let now = Instant::now();
         let mut index = self.lock();
         // Claims only grow: a take-on that reads the store late never lowers a connection's.
@@ -198,6 +200,7 @@ impl Table {
             match stored::from_row(&row, now) {
                 Ok(upload) if !index.by_id.contains_key(&upload.id) => {
                     tracing::info!(%client_id, upload_id = %upload.id, "taking on an unfinished upload");
+                    adopted.push(upload.id);
                     index.insert(upload, &self.render);
                 }
                 Ok(_) => {}
@@ -209,7 +212,7 @@ impl Table {
                 }
             }
         }
-        Ok(())
+        Ok(adopted)
     }
 
     /// Lets go of `client_id`'s unfinished uploads, untouched, because another replica claimed

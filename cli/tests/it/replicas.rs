@@ -558,20 +558,28 @@ async fn a_collection_over_three_replicas_completes() {
 /// 200 stores runs behind a round-robin balancer: the agents move to the replicas still up,
 /// the uploads resume, the collection's driving moves with its lease, and every store completes
 /// once, with the right bytes.
+///
+/// Storage is an embedded store of its own, which stores a part whole or not at all, as S3
+/// does. (On LocalStack, a part PUT whose connection a restart cut was sometimes listed at its
+/// full size and checksum with no bytes behind it; the completed object then failed its
+/// verification, rightly, but the store with it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_loses_nothing_of_a_collection() {
     const STORES: usize = 200;
     log_to_file_if_asked();
-    let mode = Mode::LocalStack;
+    let mode = Mode::Embedded;
+    let storage = TestServer::start(mode).await;
     let database = fresh_database();
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("token-keys.json");
     // A restarted replica comes back under a new id, as the new pod of a Deployment does.
     let start = |name: &str, addr: std::net::SocketAddr, data: std::path::PathBuf| {
         let args = replica_args(&database, &key_file, name);
+        let endpoint = storage.s3_endpoint.clone();
         async move {
             TestServer::builder(mode)
                 .args(&args.iter().map(String::as_str).collect::<Vec<_>>())
+                .s3_endpoint(&endpoint)
                 .at(addr, &data)
                 .start()
                 .await
@@ -689,7 +697,7 @@ async fn a_rolling_restart_loses_nothing_of_a_collection() {
     // One object per store in the bucket: nothing was stored twice.
     let mut objects = 0;
     for id in &ids {
-        objects += replicas[0].list_keys(id).await.len();
+        objects += storage.list_keys(id).await.len();
     }
     assert_eq!(objects, STORES);
 }

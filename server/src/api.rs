@@ -251,6 +251,16 @@ pub async fn revoke_client(
     Path(raw_client_id): Path<String>,
 ) -> Result<Json<RevocationResponse>, ApiError> {
     let client_id = parse_client_id(&raw_client_id)?;
+    // Where the store is connected is read before the news goes out: its holder marks it away
+    // as soon as it closes the connection.
+    let connected_elsewhere = state.registry.get(&client_id).is_none()
+        && state
+            .bus
+            .holder_elsewhere(&client_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|h| h.connected);
     let not_before = state.revocations.revoke(&client_id).map_err(|e| {
         tracing::error!(%client_id, error = format!("{e:#}"), "revocation not saved");
         ApiError::new(
@@ -270,12 +280,8 @@ pub async fn revoke_client(
             handle.close_revoked();
             true
         }
-        // Another replica closes it when it hears of the revocation.
-        None => state
-            .bus
-            .holder_elsewhere(&client_id)
-            .await?
-            .is_some_and(|h| h.connected),
+        // The holder closes it when it hears of the revocation.
+        None => connected_elsewhere,
     };
     tracing::info!(
         audit = true,

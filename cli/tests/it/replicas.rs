@@ -212,6 +212,27 @@ impl Drop for Balancer {
     }
 }
 
+/// A replica as a process of its own, to be killed with SIGKILL, with `bus` its replica
+/// arguments, presigning for `public`; in LocalStack mode, its own S3 calls go to `endpoint`
+/// when one is given. Its process, and a handle on its API.
+async fn killable_replica(
+    mode: Mode,
+    data: &std::path::Path,
+    bus: Vec<String>,
+    public: &str,
+    endpoint: Option<&str>,
+) -> (ChildProcess, TestServer) {
+    let api = free_addr();
+    let mut args = child_server_args(mode, data, api, free_addr(), public);
+    if let Some(endpoint) = endpoint {
+        let at = args.iter().position(|a| a == "--s3-endpoint-url").unwrap();
+        args[at + 1] = endpoint.to_owned();
+    }
+    args.extend(bus);
+    let process = ChildProcess::spawn("server", &args);
+    (process, TestServer::attach(mode, api, "", data).await)
+}
+
 /// kill -9 of the replica that holds an agent in the middle of an upload triggered through the
 /// other one: the agent reconnects (through the balancer) to the surviving replica, which takes
 /// the upload on from the database and finishes it, with no stored part sent twice.
@@ -238,12 +259,16 @@ async fn the_holders_death_moves_the_upload_to_another_replica() {
         .args(&a_args.iter().map(String::as_str).collect::<Vec<_>>())
         .start()
         .await;
-    let (b_api, b_s3) = (free_addr(), free_addr());
-    let b_data = dir.path().join("b");
-    let mut b_args = child_server_args(mode, &b_data, b_api, b_s3, &proxy.url());
-    b_args.extend(bus_args("b"));
-    let mut b_proc = ChildProcess::spawn("server", &b_args);
-    let b = TestServer::attach(mode, b_api, "", &b_data).await;
+    let (mut b_proc, b) = killable_replica(
+        mode,
+        &dir.path().join("b"),
+        bus_args("b"),
+        &proxy.url(),
+        None,
+    )
+    .await;
+    let b_api = b.api_addr;
+    let b_data = b.data_dir.clone();
 
     // The agent reaches B first, through the balancer, and A once B is gone.
     let balancer = Balancer::start(vec![b_api, a.api_addr]).await;
@@ -302,17 +327,15 @@ async fn a_verification_cut_short_by_the_holders_death_completes_elsewhere() {
         .start()
         .await;
     // B, to be killed, reaches storage through the proxy: its verification never gets an answer.
-    let (b_api, b_s3) = (free_addr(), free_addr());
-    let b_data = dir.path().join("b");
-    let mut b_args = child_server_args(mode, &b_data, b_api, b_s3, &proxy.url());
-    let endpoint = b_args
-        .iter()
-        .position(|a| a == "--s3-endpoint-url")
-        .unwrap();
-    b_args[endpoint + 1] = proxy.url();
-    b_args.extend(replica_args(&database, &key_file, "b"));
-    let mut b_proc = ChildProcess::spawn("server", &b_args);
-    let b = TestServer::attach(mode, b_api, "", &b_data).await;
+    let (mut b_proc, b) = killable_replica(
+        mode,
+        &dir.path().join("b"),
+        replica_args(&database, &key_file, "b"),
+        &proxy.url(),
+        Some(&proxy.url()),
+    )
+    .await;
+    let (b_api, b_data) = (b.api_addr, b.data_dir.clone());
 
     let balancer = Balancer::start(vec![b_api, a.api_addr]).await;
     let front = TestServer::attach(mode, balancer.addr, "", &b_data).await;

@@ -258,6 +258,7 @@ pub async fn revoke_client(
             .bus
             .holder_elsewhere(&client_id)
             .await
+            .inspect_err(|e| tracing::warn!(%client_id, error = e.message(), "where the revoked store is connected is unknown; the answer says not connected"))
             .ok()
             .flatten()
             .is_some_and(|h| h.connected);

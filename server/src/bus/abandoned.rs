@@ -4,9 +4,9 @@
 //! run somewhere.
 //!
 //! A store is taken on only when its presence has stayed the same for two looks in a row, and
-//! the claim is made over that very revision ([`super::Bus::claim_unchanged`]). An agent that connects
-//! anywhere meanwhile changes the presence, so its connection is never replaced by this claim:
-//! a replaced agent would back off for minutes, and its upload would wait for it.
+//! the claim is made over that very revision ([`super::Bus::claim_unchanged`]). An agent that
+//! connects anywhere meanwhile changes the presence, so its connection is never replaced by
+//! this claim: a replaced agent would back off for minutes, and its upload would wait for it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -31,8 +31,10 @@ impl Look {
         }
         let previous = std::mem::take(&mut *self.lock());
         let mut seen_now = HashMap::new();
+        // Each holder is pinged once per look, however many stores it holds.
+        let mut alive = HashMap::new();
         for client_id in state.uploads.unfinished_clients() {
-            let Some(revision) = abandoned(state, &client_id).await else {
+            let Some(revision) = abandoned(state, &client_id, &mut alive).await else {
                 continue;
             };
             if previous.get(&client_id) != Some(&revision) {
@@ -55,8 +57,12 @@ impl Look {
 }
 
 /// If no live replica drives `client_id`'s unfinished uploads, the revision of its presence
-/// (`Some(None)` when it has none).
-async fn abandoned(state: &AppState, client_id: &ClientId) -> Option<Option<u64>> {
+/// (`Some(None)` when it has none). `alive` holds the answers of the replicas pinged so far.
+async fn abandoned(
+    state: &AppState,
+    client_id: &ClientId,
+    alive: &mut HashMap<String, bool>,
+) -> Option<Option<u64>> {
     if held_here(state, client_id) {
         return None;
     }
@@ -67,9 +73,18 @@ async fn abandoned(state: &AppState, client_id: &ClientId) -> Option<Option<u64>
     }
     if let Some(holder) = &seen
         && !state.bus.is_mine(holder)
-        && state.bus.alive(holder).await
     {
-        return None;
+        let answers = match alive.get(&holder.replica) {
+            Some(answers) => *answers,
+            None => {
+                let answers = state.bus.alive(holder).await;
+                alive.insert(holder.replica.clone(), answers);
+                answers
+            }
+        };
+        if answers {
+            return None;
+        }
     }
     Some(seen.map(|h| h.epoch))
 }

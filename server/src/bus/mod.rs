@@ -5,9 +5,9 @@
 //! replica claims a store when its agent says `hello` (a put: the newest connection wins); the
 //! key's revision is the claim's **epoch**. A claim with no connection behind it (to take on or
 //! end uploads no live replica drives) is a compare-and-set over the revision it read, so it
-//! never replaces a connection made meanwhile ([`Bus::claim_unchanged`]). When the agent leaves, the replica marks the key
-//! "away" only if its own claim is still the latest, and keeps the store's unfinished uploads:
-//! it holds them until another replica claims the store.
+//! never replaces a connection made meanwhile ([`Bus::claim_unchanged`]). When the agent
+//! leaves, the replica marks the key "away" only if its own claim is still the latest, and
+//! keeps the store's unfinished uploads: it holds them until another replica claims the store.
 //!
 //! **Fencing.** Every replica watches the bucket. A claim by another replica closes this
 //! replica's connection of that store if it is older (a lower epoch), and lets go of the store's

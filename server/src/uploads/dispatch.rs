@@ -8,10 +8,10 @@ use shared::encoding::{EncodedPart, Encoding};
 use shared::hash::{ContentMd5, Crc64Nvme, Sha256Hex};
 use shared::ids::MAX_PARTS;
 use shared::protocol::{AgentMessage, MAX_PART_SIZE, MIN_PART_SIZE, plan_parts};
-use shared::{ClientId, ErrorCode};
+use shared::{ClientId, ErrorCode, UploadId};
 
 use super::Uploads;
-use super::events::{AgentRef, Event, Rejection};
+use super::events::{AgentRef, Effect, Event, Rejection};
 use super::record::{Digests, FileFacts, Stored};
 use crate::registry::ConnId;
 
@@ -27,17 +27,8 @@ impl Uploads {
             return;
         }
         // A replica takes on what the store left unfinished, wherever it was driven before.
-        let adopted = self.table().adopt(client_id, epoch).unwrap_or_else(|err| {
-            tracing::error!(%client_id, error = format!("{err:#}"), "the store's unfinished uploads could not be read; they wait for its next connection");
-            Vec::new()
-        });
-        // What the previous holder was doing on the server's side (a verification, an abort)
-        // is done again here: that replica may be gone. Both are safe to repeat.
-        for id in adopted {
-            if let Some(effect) = self.table().read(id, |u| u.recovery()).flatten() {
-                tracing::info!(%client_id, upload_id = %id, "finishing what the store's previous replica left half-done");
-                self.start(id, vec![effect]);
-            }
+        for (id, effect) in self.adopt(client_id, epoch) {
+            self.start(id, vec![effect]);
         }
         if let Some((id, Ok(effects))) = self
             .table()
@@ -48,12 +39,23 @@ impl Uploads {
         }
     }
 
-    /// Takes on the unfinished uploads of `client_id` from the database, under the claim
-    /// `epoch` (a replica ending an upload that no live replica holds).
-    pub fn adopt(&self, client_id: &ClientId, epoch: u64) {
-        if let Err(err) = self.table().adopt(client_id, epoch) {
-            tracing::error!(%client_id, error = format!("{err:#}"), "the store's unfinished uploads could not be read");
-        }
+    /// Takes on the unfinished uploads of `client_id` from the database that this replica does
+    /// not hold yet, under the claim `epoch`. Returns what their previous holder was doing on
+    /// the server's side (a verification, an abort), for the caller to do again: that replica
+    /// may be gone, and both are safe to repeat.
+    pub(super) fn adopt(&self, client_id: &ClientId, epoch: u64) -> Vec<(UploadId, Effect)> {
+        let adopted = self.table().adopt(client_id, epoch).unwrap_or_else(|err| {
+            tracing::error!(%client_id, error = format!("{err:#}"), "the store's unfinished uploads could not be read; they wait for its next connection");
+            Vec::new()
+        });
+        adopted
+            .into_iter()
+            .filter_map(|id| {
+                let effect = self.table().read(id, |u| u.recovery()).flatten()?;
+                tracing::info!(%client_id, upload_id = %id, "finishing what the store's previous replica left half-done");
+                Some((id, effect))
+            })
+            .collect()
     }
 
     /// Whether the upload is unfinished and driven by this server.

@@ -78,13 +78,7 @@ impl Uploads {
     /// `epoch`, and finishes what their replica left half-done, as at start-up; the sweep then
     /// fails them if their agent stays away past the stall timeout.
     pub async fn take_on(&self, client_id: &shared::ClientId, epoch: u64) {
-        self.adopt(client_id, epoch);
-        let work = self.table().each_unfinished(|u| {
-            (&u.client_id == client_id)
-                .then(|| u.recovery().map(|effect| (u.id, effect)))
-                .flatten()
-        });
-        for (id, effect) in work {
+        for (id, effect) in self.adopt(client_id, epoch) {
             self.carry_out(id, vec![effect]).await;
         }
     }

@@ -8,7 +8,8 @@
 #
 # `random` is incompressible (`auto` must cost nothing over `none`); `csv` is a generated
 # point-of-sale export (transaction id, time, store, SKU, quantity, price, card last four, auth
-# code), which zstd shrinks severalfold.
+# code), which zstd shrinks severalfold. Every Backhaul transfer asks for the file under a share
+# name of its own, so that none copies parts inside storage from the one before.
 #
 # Needs root (ip netns, tc); the namespace (scripts/uplink-ns.sh) is created here and removed
 # on exit.
@@ -63,9 +64,11 @@ for _ in $(seq 1 100); do curl -fsS "$SERVER_URL/healthz" >/dev/null 2>&1 && bre
 API_TOKEN="$(RUST_LOG=warn "$bin/server" token issue --operator --admin --name bench --data-dir "$work/data")"
 export API_TOKEN
 
+shares="$(for kind in $FILES; do for run in $(seq 1 "$RUNS"); do for encoding in auto none; do
+  echo "$kind-$encoding-$run=$work/$kind"; done; done; done | paste -sd, -)"
 in_ns env AGENT_TOKEN="$("$bin/cli" token issue --client-id uplink-store)" \
   AGENT_SERVER_URL="ws://$HOST_IP:$API_PORT/ws/connect" FILE_PATH="$work/random" \
-  SHARED_FILES="random=$work/random,csv=$work/csv" RUST_LOG=warn \
+  SHARED_FILES="$shares" RUST_LOG=warn \
   "$bin/client" > "$work/agent.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do
@@ -80,7 +83,7 @@ for kind in $FILES; do
   file="$work/$kind"
   for run in $(seq 1 "$RUNS"); do
     for encoding in auto none; do
-      "$bin/cli" download --client-id=uplink-store --file="$kind" --encoding="$encoding" --json > "$work/last.json"
+      "$bin/cli" download --client-id=uplink-store --file="$kind-$encoding-$run" --encoding="$encoding" --json > "$work/last.json"
       python3 - "$work/last.json" "$run" "$kind" "$encoding" >> "$results" <<'PY'
 import json, sys
 from datetime import datetime

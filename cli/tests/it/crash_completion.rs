@@ -58,7 +58,8 @@ async fn server_killed_during_completions() {
             proxy.stats.completions_seen.load(Ordering::Relaxed) > seen
         })
         .await;
-        let delay = rng.gen_range(0..250);
+        // The store's completion copies the parts inside the kernel: tens of milliseconds.
+        let delay = rng.gen_range(0..60);
         eprintln!(
             "completion kill trial {trial}: killing the server {delay} ms into the completion"
         );
@@ -80,4 +81,6 @@ async fn server_killed_during_completions() {
     eprintln!(
         "FIGURES completion kill -9: {TRIALS} trials all completed; {cut_short} kills cut a completion short"
     );
+    // Otherwise the trials never hit what they are for (17 of 20 did in one run).
+    assert!(cut_short > 0, "no kill landed inside a completion");
 }

@@ -257,23 +257,39 @@ pub fn set_object_checksum(
     key: &str,
     whole: Crc64Nvme,
 ) -> io::Result<()> {
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let path = root.join(format!(
-        ".bucket-{}.object-{}.internal.json",
-        b64.encode(bucket),
-        b64.encode(key)
-    ));
-    let mut info: serde_json::Map<String, serde_json::Value> = match std::fs::read(&path) {
-        Ok(raw) => serde_json::from_slice(&raw)?,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => serde_json::Map::new(),
-        Err(err) => return Err(err),
-    };
+    let mut info: serde_json::Map<String, serde_json::Value> =
+        match std::fs::read(object_info_path(root, bucket, key)) {
+            Ok(raw) => serde_json::from_slice(&raw)?,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => serde_json::Map::new(),
+            Err(err) => return Err(err),
+        };
     info.insert(
         "checksum_crc64nvme".to_owned(),
         serde_json::Value::String(whole.to_base64()),
     );
+    write_object_info(root, bucket, key, &info)
+}
+
+/// Where s3s-fs keeps what it knows of an object beyond its bytes: its ETag and checksums.
+fn object_info_path(root: &Path, bucket: &str, key: &str) -> PathBuf {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    root.join(format!(
+        ".bucket-{}.object-{}.internal.json",
+        b64.encode(bucket),
+        b64.encode(key)
+    ))
+}
+
+/// Replaces an object's record of its ETag and checksums, atomically.
+pub fn write_object_info(
+    root: &Path,
+    bucket: &str,
+    key: &str,
+    info: &serde_json::Map<String, serde_json::Value>,
+) -> io::Result<()> {
+    let path = object_info_path(root, bucket, key);
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&info)?)?;
+    std::fs::write(&tmp, serde_json::to_vec(info)?)?;
     std::fs::rename(&tmp, &path)
 }
 

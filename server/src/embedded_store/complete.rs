@@ -90,14 +90,18 @@ pub fn complete(
 
     // The object is whole and described: what is left is tidying. A file that cannot be removed
     // here is a stray, which the orphan sweep removes later.
+    // The upload's metadata becomes the object's; with none, nothing of the key's previous
+    // object stays either.
     let upload_metadata = metadata_path(root, &input.bucket, &input.key, Some(&id));
-    if upload_metadata.exists()
-        && let Err(err) = std::fs::rename(
-            &upload_metadata,
-            metadata_path(root, &input.bucket, &input.key, None),
-        )
-    {
-        tracing::warn!(upload_id = %id, error = %err, "moving the upload's metadata failed");
+    let object_metadata = metadata_path(root, &input.bucket, &input.key, None);
+    let moved = if upload_metadata.exists() {
+        std::fs::rename(&upload_metadata, &object_metadata)
+    } else {
+        std::fs::remove_file(&object_metadata)
+            .or_else(|e| (e.kind() == io::ErrorKind::NotFound).then_some(()).ok_or(e))
+    };
+    if let Err(err) = moved {
+        tracing::warn!(upload_id = %id, error = %err, "replacing the object's metadata failed");
     }
     if let Err(err) = std::fs::remove_file(&record) {
         tracing::warn!(upload_id = %id, error = %err, "removing the upload's record failed");
@@ -392,6 +396,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(std::fs::read(root.join("b").join(KEY)).unwrap(), parts[0]);
+    }
+
+    #[test]
+    fn an_upload_without_metadata_leaves_none_of_the_previous_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let part = vec![3u8; 100];
+        let id = upload(root, std::slice::from_ref(&part));
+        std::fs::remove_file(metadata_path(root, "b", KEY, Some(&id))).unwrap();
+        let old = metadata_path(root, "b", KEY, None);
+        std::fs::write(&old, br#"{"content_type":"text/old"}"#).unwrap();
+        complete(
+            root,
+            &request(&id, KEY, &[1]),
+            Some("ak"),
+            Crc64Nvme::of(&part),
+        )
+        .unwrap();
+        assert!(!old.exists());
     }
 
     #[test]

@@ -89,9 +89,10 @@ pub enum AgentMessage {
         encoded_parts: Vec<EncodedPart>,
         /// Protocol 5, added later (optional both ways): the part manifest, one lowercase hex
         /// digest of each part's plaintext, in part order. A part's digest is the SHA-256 of
-        /// the SHA-256s of its 1 MiB blocks (docs/PROTOCOL.md). The server keeps the manifest
-        /// of a share's latest object and, on the next fetch, copies the parts whose digest and
-        /// stored bytes are the same inside storage instead of having them sent.
+        /// the BLAKE3s of its 1 MiB blocks (SHA-256s before 2026-12-04; docs/PROTOCOL.md).
+        /// The server keeps the manifest of a share's latest object and, on the next fetch,
+        /// copies the parts whose digest and stored bytes are the same inside storage instead
+        /// of having them sent.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         part_digests: Vec<String>,
     },

@@ -3,7 +3,7 @@
 //! (`UploadPartCopy`) instead of having the store send them again.
 //!
 //! A part is unchanged when the new file has a part over the same plaintext range whose digest
-//! (a SHA-256 over the plaintext, computed by the agent) is the same, and whose stored bytes have
+//! (over the plaintext, computed by the agent, opaque to the server) is the same, and whose stored bytes have
 //! the same length and CRC64NVME: so a copied part is byte for byte the part the agent would
 //! have sent, and the new object's checksum, verification and resume are exactly as if it had.
 //! CRCs, sizes and modification times alone never decide it.

@@ -5,7 +5,7 @@
 #   scripts/bench-transfer.sh [size_mib=100] [runs=5]
 #
 # For each storage mode (the embedded store, then LocalStack) it starts the server and one agent,
-# then runs three transfers of the same random file per round, in an order that rotates from
+# then runs four transfers of the same random file per round, in an order that rotates from
 # round to round:
 #   - backhaul: `cli download`, trigger to verified. The server's own figure is
 #     finished_at - created_at of the upload, with the time split into phases; the cli's wall time
@@ -14,6 +14,9 @@
 #     default multipart settings: 8 MiB parts, 10 in flight), wall time of the whole command.
 #   - bareput:  the floor (loadgen/src/bin/bareput.rs): CreateMultipartUpload, presign, PUT the
 #     parts with 4 in flight and complete, nothing else.
+#   - bareputcrc: the same with `--checksums`: the upload created with a full-object CRC64NVME,
+#     each part and the completion carrying theirs (computed before its clock starts), so that
+#     what storage does for a checksummed object is in this floor too.
 # Every object is deleted after its round. It reads the agent's idle RSS, its peak RSS (VmHWM)
 # and its CPU time per download from /proc; the AWS CLI's and bareput's CPU and peak RSS come from
 # GNU time. Raw results go to $BENCH_RESULTS (default: a temporary file) as JSON lines, and
@@ -100,10 +103,10 @@ for mode in embedded s3; do
   sleep 1
   idle_rss="$(status_kib "$agent_pid" VmRSS)"
 
-  tools=(backhaul awscli bareput)
+  tools=(backhaul awscli bareput bareputcrc)
   for run in $(seq 1 "$RUNS"); do
-    for i in 0 1 2; do
-      tool="${tools[$(((run + i) % 3))]}"
+    for i in 0 1 2 3; do
+      tool="${tools[$(((run + i) % 4))]}"
       case $tool in
         backhaul)
           ticks0="$(cpu_ticks "$agent_pid")"
@@ -131,10 +134,11 @@ PY
           echo "{\"mode\": \"$mode\", \"tool\": \"awscli\", \"run\": $run, $(gnu_time_fields "$work/time.txt")}" >> "$results"
           env "${s3_env[@]}" "$aws" --endpoint-url "$endpoint" s3 rm --only-show-errors "s3://$bucket/bench/awscli-$run" >/dev/null
           ;;
-        bareput)
+        bareput|bareputcrc)
+          flags=(); [[ $tool == bareputcrc ]] && flags=(--checksums)
           out="$(env "${s3_env[@]}" /usr/bin/time -f '%e %U %S %M' -o "$work/time.txt" \
-            "$bin/bareput" --endpoint "$endpoint" --bucket "$bucket" --file "$file" --key "bench/bareput-$run")"
-          echo "{\"mode\": \"$mode\", \"tool\": \"bareput\", \"run\": $run, ${out:1:-1}, $(gnu_time_fields "$work/time.txt")}" >> "$results"
+            "$bin/bareput" --endpoint "$endpoint" --bucket "$bucket" --file "$file" --key "bench/$tool-$run" "${flags[@]}")"
+          echo "{\"mode\": \"$mode\", \"tool\": \"$tool\", \"run\": $run, ${out:1:-1}, $(gnu_time_fields "$work/time.txt")}" >> "$results"
           ;;
       esac
     done
@@ -152,19 +156,37 @@ gib = size_mib / 1024
 med = statistics.median
 def pick(mode, tool, field):
     return [r[field] for r in rows if r["mode"] == mode and r["tool"] == tool]
-names = {"embedded": "embedded (s3s-fs)", "s3": "s3 (LocalStack)"}
+names = {"embedded": "embedded", "s3": "s3 (LocalStack)"}
 modes = [m for m in names if pick(m, "backhaul", "server_ms")]
 runs = len(pick(modes[0], "backhaul", "server_ms"))
 
+# Backhaul over the floor within each round: the two ran a minute apart at most, so a shared
+# machine's drift from round to round cancels out of it.
+def paired(m, tool="bareput"):
+    floors = {r["run"]: r["total_ms"] for r in rows if r["mode"] == m and r["tool"] == tool}
+    return [r["server_ms"] / floors[r["run"]] for r in rows
+            if r["mode"] == m and r["tool"] == "backhaul" and r["run"] in floors]
+
 print(f"Transfer of {size_mib} MiB, medians of {runs} rounds (seconds):\n")
-print("| storage | Backhaul trigger to verified | Backhaul `cli download` wall | `aws s3 cp` wall | bare PUT floor | Backhaul / AWS CLI | Backhaul / floor | Backhaul MiB/s |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| storage | Backhaul trigger to verified | Backhaul `cli download` wall | `aws s3 cp` wall | bare PUT floor | Backhaul / AWS CLI | Backhaul / floor | Backhaul / floor, median of rounds (range) | Backhaul MiB/s |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+lines_crc = []
 for m in modes:
     srv = med(pick(m, "backhaul", "server_ms")) / 1000
     cli = med(pick(m, "backhaul", "wall_ms")) / 1000
     awsw = med(pick(m, "awscli", "wall_ms")) / 1000
     floor = med(pick(m, "bareput", "total_ms")) / 1000
-    print(f"| {names[m]} | {srv:.3f} | {cli:.2f} | {awsw:.2f} | {floor:.3f} | {srv / awsw:.2f} | {srv / floor:.2f} | {size_mib / srv:.0f} |")
+    ratios = paired(m)
+    print(f"| {names[m]} | {srv:.3f} | {cli:.2f} | {awsw:.2f} | {floor:.3f} | {srv / awsw:.2f} | {srv / floor:.2f} | {med(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | {size_mib / srv:.0f} |")
+    crc = pick(m, "bareputcrc", "total_ms")
+    if crc:
+        ratios = paired(m, "bareputcrc")
+        lines_crc.append(f"| {names[m]} | {floor:.3f} | {med(crc) / 1000:.3f} | {med(pick(m, 'bareputcrc', 'complete_ms')):.0f} / {med(pick(m, 'bareput', 'complete_ms')):.0f} | {med(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")
+if lines_crc:
+    print("\nThe floor with storage's checksums (`bareput --checksums`), medians in seconds:\n")
+    print("| storage | bare PUT floor | floor with checksums | its complete ms / the bare floor's | Backhaul / floor with checksums, median of rounds (range) |")
+    print("| --- | --- | --- | --- | --- |")
+    print("\n".join(lines_crc))
 
 print("\nWhere the time goes, medians in milliseconds:\n")
 print("| storage | Backhaul describe (hashing) | presign | transfer | of which complete | verify | floor presign | floor PUTs | floor complete |")

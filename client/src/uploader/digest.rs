@@ -5,7 +5,7 @@
 //! plain layout while it checksums the part, and both give the same digest for the same bytes.
 //!
 //! The blocks are hashed with BLAKE3 because this pass runs before the first byte moves: it is
-//! 3.8 times as fast as SHA-256 on a CPU with SHA extensions, and more on one without
+//! 3.7 times as fast as SHA-256 on a CPU with SHA extensions, and more on one without
 //! (BENCHMARKS.md). Agents released before 2026-12-04 hashed the blocks with SHA-256. The server
 //! compares digests as opaque values, so an agent upgraded across the change has its first
 //! fetch of each share sent whole, and copies again from the next one.

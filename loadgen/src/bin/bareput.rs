@@ -4,6 +4,11 @@
 //! PUTs the parts with a fixed number in flight (each part read whole into memory first) and
 //! completes. The part layout is the one Backhaul uses (`shared::protocol::plan_parts`).
 //!
+//! With `--checksums` it asks storage for what Backhaul asks of it, and nothing more of itself:
+//! the multipart upload is created with a full-object CRC64NVME, each part carries its CRC64NVME
+//! and the completion the whole object's. The CRCs are computed before the clock starts, so
+//! this floor is the storage's cost of a checksummed object without any client-side hashing.
+//!
 //! Prints one JSON line: `{"bytes":…,"parts":…,"presign_ms":…,"put_ms":…,"complete_ms":…,
 //! "total_ms":…}`, where `total_ms` runs from before CreateMultipartUpload to after the
 //! completion. The object is deleted afterwards unless `--keep`.
@@ -14,10 +19,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use aws_sdk_s3::presigning::PresigningConfig;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart};
 use aws_smithy_http_client::tls;
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
+use shared::hash::Crc64Nvme;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 #[derive(Debug, Parser)]
@@ -46,6 +52,9 @@ struct Args {
     /// Leave the object in the bucket.
     #[arg(long)]
     keep: bool,
+    /// Create the upload with a full-object CRC64NVME and send the part and object CRCs.
+    #[arg(long)]
+    checksums: bool,
 }
 
 #[tokio::main]
@@ -77,12 +86,23 @@ async fn main() -> anyhow::Result<()> {
         .build();
     let s3 = aws_sdk_s3::Client::from_conf(conf);
     let http = reqwest::Client::new();
+    let crcs = if args.checksums {
+        part_crcs(&args.file, size, part_size)?
+    } else {
+        Vec::new()
+    };
 
     let started = Instant::now();
-    let upload_id = s3
+    let mut create = s3
         .create_multipart_upload()
         .bucket(&args.bucket)
-        .key(&args.key)
+        .key(&args.key);
+    if args.checksums {
+        create = create
+            .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
+            .checksum_type(ChecksumType::FullObject);
+    }
+    let upload_id = create
         .send()
         .await
         .context("CreateMultipartUpload")?
@@ -90,30 +110,42 @@ async fn main() -> anyhow::Result<()> {
         .context("no upload id")?;
     let mut urls = Vec::with_capacity(parts as usize);
     for n in 1..=parts {
-        let presigned = s3
+        let mut part = s3
             .upload_part()
             .bucket(&args.bucket)
             .key(&args.key)
             .upload_id(&upload_id)
-            .part_number(n as i32)
+            .part_number(n as i32);
+        if let Some(crc) = crcs.get(n as usize - 1) {
+            part = part.checksum_crc64_nvme(crc.to_base64());
+        }
+        let presigned = part
             .presigned(PresigningConfig::expires_in(Duration::from_secs(3600))?)
             .await
             .context("presigning")?;
-        urls.push(presigned.uri().to_owned());
+        let headers: Vec<(String, String)> = presigned
+            .headers()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        urls.push((presigned.uri().to_owned(), headers));
     }
     let presigned_at = Instant::now();
 
     let file = &args.file;
     let http = &http;
     let mut etags: Vec<(u32, String)> = futures::stream::iter(urls.into_iter().enumerate())
-        .map(|(i, url)| async move {
+        .map(|(i, (url, headers))| async move {
             let offset = i as u64 * part_size;
             let len = part_size.min(size - offset);
             let mut f = tokio::fs::File::open(file).await?;
             f.seek(SeekFrom::Start(offset)).await?;
             let mut body = vec![0; len as usize];
             f.read_exact(&mut body).await?;
-            let resp = http.put(url).body(body).send().await?;
+            let mut put = http.put(url).body(body);
+            for (k, v) in headers {
+                put = put.header(k, v);
+            }
+            let resp = put.send().await?;
             if !resp.status().is_success() {
                 bail!("part {} answered {}", i + 1, resp.status());
             }
@@ -136,22 +168,33 @@ async fn main() -> anyhow::Result<()> {
             etags
                 .into_iter()
                 .map(|(n, etag)| {
-                    CompletedPart::builder()
-                        .part_number(n as i32)
-                        .e_tag(etag)
-                        .build()
+                    let part = CompletedPart::builder().part_number(n as i32).e_tag(etag);
+                    match crcs.get(n as usize - 1) {
+                        Some(crc) => part.checksum_crc64_nvme(crc.to_base64()),
+                        None => part,
+                    }
+                    .build()
                 })
                 .collect(),
         ))
         .build();
-    s3.complete_multipart_upload()
+    let mut complete = s3
+        .complete_multipart_upload()
         .bucket(&args.bucket)
         .key(&args.key)
         .upload_id(&upload_id)
-        .multipart_upload(completed)
-        .send()
-        .await
-        .context("CompleteMultipartUpload")?;
+        .multipart_upload(completed);
+    if args.checksums {
+        let whole = Crc64Nvme::of_pieces(
+            crcs.iter()
+                .enumerate()
+                .map(|(i, crc)| (*crc, part_size.min(size - i as u64 * part_size))),
+        );
+        complete = complete
+            .checksum_crc64_nvme(whole.to_base64())
+            .checksum_type(ChecksumType::FullObject);
+    }
+    complete.send().await.context("CompleteMultipartUpload")?;
     let done = Instant::now();
 
     if !args.keep {
@@ -171,4 +214,22 @@ async fn main() -> anyhow::Result<()> {
         ms(done - started)
     );
     Ok(())
+}
+
+/// The CRC64NVME of each part of the layout, read before the clock starts.
+fn part_crcs(file: &std::path::Path, size: u64, part_size: u64) -> anyhow::Result<Vec<Crc64Nvme>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut crcs = Vec::new();
+    let mut buf = vec![0; part_size as usize];
+    let mut left = size;
+    loop {
+        let len = part_size.min(left) as usize;
+        f.read_exact(&mut buf[..len])?;
+        crcs.push(Crc64Nvme::of(&buf[..len]));
+        left -= len as u64;
+        if left == 0 {
+            return Ok(crcs);
+        }
+    }
 }

@@ -58,9 +58,10 @@ pub struct DescribeSettings {
 }
 
 /// Read size while hashing, for the describe threads and the whole-file pass. 1 MiB reads were
-/// no faster (describe 108-162 against 104-143 ms per GiB, side by side), and glibc's malloc
-/// keeps what they leave in each thread's arena: an idle agent held 23.7 MiB after twelve
-/// 100 MiB uploads with them, 18.1 MiB with these (BENCHMARKS.md).
+/// no faster (describe 119-130 against 113-118 ms per GiB, side by side), and glibc's malloc
+/// keeps what they leave in each thread's arena: an idle agent held 21.7-25.1 MiB after twelve
+/// 100 MiB uploads with them, 18.4-19.9 MiB with these (`scripts/bench-agent-memory.sh`,
+/// BENCHMARKS.md).
 pub(super) const HASH_CHUNK: usize = 256 * 1024;
 
 #[cfg(test)]

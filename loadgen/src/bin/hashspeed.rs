@@ -1,6 +1,6 @@
 //! The hashing speeds BENCHMARKS.md quotes, on this machine: CRC64NVME (the part checksums),
 //! BLAKE3 (the part manifest's blocks) and SHA-256 (the whole file), each over the same 256 MiB
-//! in memory, fed 1 MiB at a time as the agent feeds them, three times.
+//! in memory, fed 1 MiB (the manifest's block) at a time, three times.
 //!
 //! Prints one JSON line per round: `{"crc64nvme_gbps":…,"blake3_gbps":…,"sha256_gbps":…}`.
 

@@ -12,6 +12,7 @@
 # Markdown table.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/bench-lib.sh
 
 SIZE_MIB="${1:-100}"
 ROUNDS="${2:-12}"
@@ -51,16 +52,8 @@ for n in "${!agents[@]}"; do
   for _ in $(seq 1 100); do curl -fsS "$SERVER_URL/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
   API_TOKEN="$(RUST_LOG=warn "$bin/server" token issue --operator --admin --name bench --data-dir "$data")"
   export API_TOKEN
-  AGENT_TOKEN="$("$bin/cli" token issue --client-id memory-store)" \
-    AGENT_SERVER_URL="ws://127.0.0.1:$API_PORT/ws/connect" FILE_PATH="$file" RUST_LOG=warn \
-    "$agent" > "$work/agent-$n.log" 2>&1 &
-  agent_pid=$!
-  pids+=($agent_pid)
-  for _ in $(seq 1 100); do
-    "$bin/cli" status --client-id memory-store --json 2>/dev/null | grep -q '"connected": true' && break
-    sleep 0.1
-  done
-  sleep 1
+  start_agent "$agent" memory-store "$file" "$work/agent-$n.log"
+  agent_pid=$AGENT_PID
   idle="$(status_kib "$agent_pid" VmRSS)"
   describes=()
   for round in $(seq 1 "$ROUNDS"); do

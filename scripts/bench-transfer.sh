@@ -24,6 +24,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source localstack/env.sh
+source scripts/bench-lib.sh
 
 SIZE_MIB="${1:-100}"
 RUNS="${2:-5}"
@@ -91,16 +92,8 @@ for mode in embedded s3; do
   data_dir="$work/data"; [[ $mode == s3 ]] && data_dir="$work/data-s3"
   API_TOKEN="$(RUST_LOG=warn "$bin/server" token issue --operator --admin --name bench --data-dir "$data_dir")"
   export API_TOKEN
-  AGENT_TOKEN="$("$bin/cli" token issue --client-id bench-store)" \
-    AGENT_SERVER_URL="ws://127.0.0.1:$API_PORT/ws/connect" FILE_PATH="$file" RUST_LOG=warn \
-    "$bin/client" > "$work/agent-$mode.log" 2>&1 &
-  agent_pid=$!
-  pids+=($agent_pid)
-  for _ in $(seq 1 100); do
-    "$bin/cli" status --client-id bench-store --json 2>/dev/null | grep -q '"connected": true' && break
-    sleep 0.1
-  done
-  sleep 1
+  start_agent "$bin/client" bench-store "$file" "$work/agent-$mode.log"
+  agent_pid=$AGENT_PID
   idle_rss="$(status_kib "$agent_pid" VmRSS)"
 
   tools=(backhaul awscli bareput bareputcrc)

@@ -27,11 +27,6 @@ agents=("$@")
 
 work="$(mktemp -d -t backhaul-memory.XXXXXX)"
 pids=()
-stop_all() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  pids=()
-}
 trap 'stop_all; rm -rf "$work"' EXIT
 
 file="$work/export.bin"

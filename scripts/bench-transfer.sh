@@ -45,11 +45,6 @@ work="$(mktemp -d -t backhaul-bench.XXXXXX)"
 results="${BENCH_RESULTS:-$work/results.jsonl}"
 : > "$results"
 pids=()
-stop_all() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  pids=()
-}
 cleanup() {
   stop_all
   rm -rf "$work"

@@ -3,9 +3,9 @@
 //! (`UploadPartCopy`) instead of having the store send them again.
 //!
 //! A part is unchanged when the new file has a part over the same plaintext range whose digest
-//! (over the plaintext, computed by the agent, opaque to the server) is the same, and whose stored bytes have
-//! the same length and CRC64NVME: so a copied part is byte for byte the part the agent would
-//! have sent, and the new object's checksum, verification and resume are exactly as if it had.
+//! (over the plaintext, computed by the agent, opaque to the server) is the same, and whose
+//! stored bytes have the same length and CRC64NVME: so a copied part is byte for byte the part
+//! the agent would have sent, and the new object's checksum, verification and resume are exactly as if it had.
 //! CRCs, sizes and modification times alone never decide it.
 
 use std::collections::HashMap;

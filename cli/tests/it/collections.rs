@@ -1,12 +1,10 @@
-//! Collections: one file from many stores, including stores offline when it is created, with
-//! a limit on how many upload at once, cancellation, a manifest, and a restart in the middle.
+//! Collections: one file from many stores, including stores offline when it is created, targets
+//! by label and glob, a manifest, a restart in the middle, and bad requests. The helpers here
+//! serve `collection_slots.rs` too (the limit on uploads at once, and a cancel halfway).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use shared::api::UploadState;
 use shared::api::collections::{CollectionRows, CollectionSummary, Manifest, RowState};
 
 use crate::harness::*;
@@ -25,20 +23,20 @@ async fn create(server: &TestServer, body: serde_json::Value) -> (u16, serde_jso
     (status, resp.json().await.unwrap_or(serde_json::Value::Null))
 }
 
-async fn created(server: &TestServer, body: serde_json::Value) -> CollectionSummary {
+pub(crate) async fn created(server: &TestServer, body: serde_json::Value) -> CollectionSummary {
     let (status, body) = create(server, body).await;
     assert_eq!(status, 201, "{body}");
     serde_json::from_value(body).unwrap()
 }
 
-async fn summary(server: &TestServer, id: &str) -> CollectionSummary {
+pub(crate) async fn summary(server: &TestServer, id: &str) -> CollectionSummary {
     let (status, body) = server.get_json(&format!("/collections/{id}")).await;
     assert_eq!(status, 200, "{body}");
     serde_json::from_value(body).unwrap()
 }
 
 /// Every row, by client id.
-async fn rows(
+pub(crate) async fn rows(
     server: &TestServer,
     id: &str,
 ) -> BTreeMap<String, shared::api::collections::CollectionRow> {
@@ -52,7 +50,7 @@ async fn rows(
         .collect()
 }
 
-async fn wait_summary(
+pub(crate) async fn wait_summary(
     server: &TestServer,
     id: &str,
     what: &str,
@@ -235,7 +233,7 @@ async fn offline_stores_are_asked_when_they_connect(mode: Mode) {
     drop(online);
 }
 
-fn id_of(s: &CollectionSummary) -> String {
+pub(crate) fn id_of(s: &CollectionSummary) -> String {
     s.collection_id.to_string()
 }
 
@@ -413,225 +411,6 @@ async fn label_and_glob_targets_match_exactly_their_stores(mode: Mode) {
     assert!(second.next_after.is_none());
 }
 
-/// Drives one raw agent (protocol 2, as agents in the field still speak): it uploads every file
-/// it is asked for, holding each for `hold`, and counts the uploads in flight at once across
-/// agents.
-fn busy_agent(
-    mut agent: RawAgent,
-    data: Vec<u8>,
-    hold: Duration,
-    in_flight: Arc<AtomicUsize>,
-    most: Arc<AtomicUsize>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while let Some(msg) = agent.recv_json().await {
-            if msg["type"] != "describe_file" {
-                continue;
-            }
-            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-            most.fetch_max(now, Ordering::SeqCst);
-            let (upload_id, plan) = describe(&mut agent, &msg, &data).await;
-            tokio::time::sleep(hold).await;
-            let etag = store(&plan, &data).await;
-            // Over once stored, before the server hears of it and frees the slot.
-            in_flight.fetch_sub(1, Ordering::SeqCst);
-            report_completed(&mut agent, &upload_id, &etag).await;
-        }
-    })
-}
-
-/// Answers a `describe_file` with `data` (one part, protocol 2); returns the upload id and the
-/// plan that follows.
-async fn describe(
-    agent: &mut RawAgent,
-    describe_file: &serde_json::Value,
-    data: &[u8],
-) -> (String, serde_json::Value) {
-    let upload_id = describe_file["upload_id"].as_str().unwrap().to_owned();
-    let min_part_size = describe_file["min_part_size"].as_u64().unwrap();
-    agent
-        .send_json(file_info(&upload_id, "z.csv", data, min_part_size))
-        .await;
-    let plan = loop {
-        let m = agent.recv_json().await.unwrap();
-        if m["type"] == "start_upload" {
-            break m;
-        }
-    };
-    (upload_id, plan)
-}
-
-/// Stores the one part of `plan` and completes the multipart upload; returns the part's ETag.
-async fn store(plan: &serde_json::Value, data: &[u8]) -> String {
-    let etag = raw_s3::put_planned_part(plan, 0, data.to_vec()).await;
-    let resp = raw_s3::complete(plan, std::slice::from_ref(&etag)).await;
-    assert!(resp.status().is_success(), "{}", resp.status());
-    etag
-}
-
-/// Tells the server the one-part upload is complete.
-async fn report_completed(agent: &mut RawAgent, upload_id: &str, etag: &str) {
-    agent
-        .send_json(serde_json::json!({
-            "type": "upload_completed", "upload_id": upload_id,
-            "parts": [{"part_number": 1, "etag": etag}]
-        }))
-        .await;
-}
-
-/// `max_concurrent = 2` over six stores: never more than two upload at once, as the stores
-/// count it, and all six complete. A store busy with an operator's own download when the
-/// collection starts gets the collection's upload after that one ends.
-async fn max_concurrent_is_never_exceeded(mode: Mode) {
-    let server = TestServer::start(mode).await;
-    let ids: Vec<String> = (0..6).map(|i| unique_client(&format!("conc{i}"))).collect();
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let most = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    // The busy store is asked for its own download first; it is not counted.
-    let mut first = RawAgent::connect(&server, &ids[0]).await;
-    let (status, manual) = server.trigger(&ids[0]).await;
-    assert_eq!(status, 202, "{manual}");
-    let manual_id = manual["upload_id"].as_str().unwrap().to_owned();
-    let asked = first.recv_json().await.unwrap();
-    assert_eq!(asked["upload_id"], manual_id.as_str());
-    for id in &ids[1..] {
-        let agent = RawAgent::connect(&server, id).await;
-        tasks.push(busy_agent(
-            agent,
-            vec![3u8; 2000],
-            Duration::from_millis(300),
-            in_flight.clone(),
-            most.clone(),
-        ));
-    }
-    let c = created(
-        &server,
-        serde_json::json!({
-            "target": {"kind": "ids", "client_ids": ids},
-            "max_concurrent": 2
-        }),
-    )
-    .await;
-    let cid = id_of(&c);
-    assert_eq!(c.counts.matched, 6);
-    // While the busy store's download runs, its row waits (queued).
-    let s = summary(&server, &cid).await;
-    assert!(s.counts.queued >= 1, "{:?}", s.counts);
-    assert_eq!(rows(&server, &cid).await[&ids[0]].state, RowState::Queued);
-    // Now it finishes its own download; the agent task takes over for the collection's.
-    let data = vec![5u8; 1500];
-    let (upload_id, plan) = describe(&mut first, &asked, &data).await;
-    assert_eq!(upload_id, manual_id);
-    let etag = store(&plan, &data).await;
-    report_completed(&mut first, &manual_id, &etag).await;
-    tasks.push(busy_agent(
-        first,
-        vec![4u8; 1200],
-        Duration::from_millis(300),
-        in_flight.clone(),
-        most.clone(),
-    ));
-    let manual = server.wait_finished(&manual_id).await;
-    assert_eq!(manual.state, UploadState::Completed);
-    let s = wait_summary(&server, &cid, "all six complete", |s| {
-        s.counts.completed == 6
-    })
-    .await;
-    assert!(s.settled);
-    assert_eq!(
-        most.load(Ordering::SeqCst),
-        2,
-        "two at once, and never more"
-    );
-    let busy_row = &rows(&server, &cid).await[&ids[0]];
-    let collection_upload = server
-        .upload(&busy_row.upload_id.unwrap().to_string())
-        .await;
-    assert_ne!(collection_upload.upload_id.to_string(), manual_id);
-    assert!(collection_upload.created_at >= manual.finished_at.unwrap());
-    for t in tasks {
-        t.abort();
-    }
-}
-
-storage_modes!(max_concurrent_is_never_exceeded, |mode| {
-    max_concurrent_is_never_exceeded(mode)
-});
-
-/// A collection cancelled halfway: two stores hold their multipart uploads open, two more wait
-/// for a slot. The cancel aborts both multipart uploads, and every store ends `cancelled`.
-async fn a_cancelled_collection_aborts_every_unfinished_upload(mode: Mode) {
-    let server = TestServer::start(mode).await;
-    let ids: Vec<String> = (0..4)
-        .map(|i| unique_client(&format!("cancel{i}")))
-        .collect();
-    let mut agents = Vec::new();
-    for id in &ids {
-        agents.push(RawAgent::connect(&server, id).await);
-    }
-    let c = created(
-        &server,
-        serde_json::json!({
-            "target": {"kind": "ids", "client_ids": ids},
-            "max_concurrent": 2
-        }),
-    )
-    .await;
-    let cid = id_of(&c);
-    // The two stores asked describe their files and get their plans; they hold them.
-    let mut holding = Vec::new();
-    let data = vec![9u8; 6 * MIB as usize];
-    wait_summary(&server, &cid, "two run", |s| s.counts.running == 2).await;
-    let by_store = rows(&server, &cid).await;
-    for (i, id) in ids.iter().enumerate() {
-        if by_store[id].state != RowState::Running {
-            continue;
-        }
-        let agent = &mut agents[i];
-        let asked = agent.recv_json().await.unwrap();
-        assert_eq!(asked["type"], "describe_file", "{asked}");
-        // The plan means the multipart upload exists; the store holds it open.
-        describe(agent, &asked, &data).await;
-        holding.push(id.clone());
-    }
-    assert_eq!(holding.len(), 2);
-    for id in &holding {
-        assert_eq!(server.in_progress_multiparts(id).await, 1);
-    }
-    let out = run_cli(&server, &["collection", "cancel", &cid, "--json"]).await;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let s = wait_summary(&server, &cid, "every store cancelled", |s| {
-        s.counts.cancelled == 4
-    })
-    .await;
-    assert_eq!(
-        s.state,
-        shared::api::collections::CollectionState::Cancelled
-    );
-    assert!(s.settled);
-    for id in &holding {
-        assert_eq!(
-            server.in_progress_multiparts(id).await,
-            0,
-            "{id}'s upload aborted"
-        );
-    }
-    // A second cancel has nothing to cancel.
-    let again = run_cli(&server, &["collection", "cancel", &cid]).await;
-    assert!(!again.status.success());
-    assert!(
-        stderr(&again).contains("COLLECTION_FINISHED"),
-        "{}",
-        stderr(&again)
-    );
-}
-
-storage_modes!(
-    a_cancelled_collection_aborts_every_unfinished_upload,
-    |mode| { a_cancelled_collection_aborts_every_unfinished_upload(mode) }
-);
-
 /// A server restart in the middle: the collection and its rows are back, a completed store
 /// stays completed, and the store that was offline is asked when it connects to the new server.
 async fn a_collection_survives_a_restart(mode: Mode) {
@@ -768,187 +547,10 @@ async fn bad_collection_requests_get_clear_codes() {
     assert!(stderr(&out).contains("--all"), "{}", stderr(&out));
 }
 
-fn parse_time(s: &str) -> time::OffsetDateTime {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap()
-}
-
-/// The collections a schedule created, by firing.
-async fn fired(server: &TestServer, schedule: &str) -> Vec<CollectionSummary> {
-    let (status, body) = server.get_json("/collections?limit=1000").await;
-    assert_eq!(status, 200, "{body}");
-    let list: shared::api::collections::CollectionList = serde_json::from_value(body).unwrap();
-    let mut mine: Vec<CollectionSummary> = list
-        .collections
-        .into_iter()
-        .filter(|c| c.schedule_id.map(|s| s.to_string()).as_deref() == Some(schedule))
-        .collect();
-    mine.sort_by(|a, b| a.fired_at.cmp(&b.fired_at));
-    mine
-}
-
-/// A schedule that fires every two seconds creates collections, each of which reaches the
-/// store. The server stops over several firings: when it is back, the latest missed firing runs
-/// once (not once per missed firing), and the schedule goes on. Deleted, it fires no more.
-async fn a_schedule_fires_and_a_missed_firing_runs_once_after_a_restart(mode: Mode) {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let mut server = TestServer::builder(mode)
-        .at("127.0.0.1:0".parse().unwrap(), &data_dir)
-        .start()
-        .await;
-    let file = dir.path().join("f.csv");
-    write_file(&file, 2222).await;
-    let store = "scheduled-store";
-    let agent = TestAgent::start(&server, store, &file);
-    server.wait_connected(store).await;
-    let out = run_cli(
-        &server,
-        &[
-            "schedule",
-            "create",
-            "--cron",
-            "*/2 * * * * *",
-            "--time-zone",
-            "Europe/Berlin",
-            "--client-id",
-            store,
-            "--expires-in-secs",
-            "600",
-            "--json",
-        ],
-    )
-    .await;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let schedule: shared::api::collections::ScheduleInfo =
-        serde_json::from_str(&stdout(&out)).unwrap();
-    let sid = schedule.schedule_id.to_string();
-    assert!(schedule.next_fire_at.is_some());
-
-    wait_until(Duration::from_secs(30), "two firings completed", || async {
-        fired(&server, &sid)
-            .await
-            .iter()
-            .filter(|c| c.counts.completed == 1)
-            .count()
-            >= 2
-    })
-    .await;
-    drop(agent);
-    server.wait_disconnected(store).await;
-    let addr = server.api_addr;
-    server.stop().await;
-    let stopped = time::OffsetDateTime::now_utc();
-    // Down over at least three firings. The server comes back 100 ms after a firing was due
-    // (firings fall on even seconds), so that the one firing it missed last is the one just
-    // before it started, and no regular firing falls due while it starts.
-    tokio::time::sleep(Duration::from_secs(7)).await;
-    let now = time::OffsetDateTime::now_utc();
-    let past_even = i64::from(now.second() % 2) * 1_000_000_000 + i64::from(now.nanosecond());
-    let due = now - time::Duration::nanoseconds(past_even) + time::Duration::seconds(2);
-    tokio::time::sleep((due - now + time::Duration::milliseconds(100)).unsigned_abs()).await;
-    let starting = time::OffsetDateTime::now_utc();
-    let server = TestServer::builder(mode).at(addr, &data_dir).start().await;
-    let restarted = time::OffsetDateTime::now_utc();
-    assert!(
-        restarted - due < time::Duration::milliseconds(1900),
-        "the server took until {restarted} to start, past the next firing after {due}"
-    );
-    let _agent = TestAgent::start(&server, store, &file);
-    // The next regular firing after the restart, then look at what the downtime left.
-    wait_until(
-        Duration::from_secs(30),
-        "a firing after the restart",
-        || async {
-            fired(&server, &sid)
-                .await
-                .iter()
-                .any(|c| parse_time(c.fired_at.as_deref().unwrap()) > restarted)
-        },
-    )
-    .await;
-    let all = fired(&server, &sid).await;
-    let in_downtime: Vec<_> = all
-        .iter()
-        .filter(|c| {
-            let at = parse_time(c.fired_at.as_deref().unwrap());
-            at > stopped && at < restarted
-        })
-        .collect();
-    assert_eq!(
-        in_downtime.len(),
-        1,
-        "one missed firing runs: {in_downtime:?}"
-    );
-    // The latest missed firing: the schedule fires every 2 s, so an earlier one would be more
-    // than 2 s before the restart.
-    let missed = parse_time(in_downtime[0].fired_at.as_deref().unwrap());
-    assert!(
-        restarted - missed <= time::Duration::seconds(2),
-        "{missed} vs {restarted}"
-    );
-    assert!(
-        parse_time(&in_downtime[0].created_at) > starting,
-        "run after the restart"
-    );
-    // Every collection of the schedule reaches the store.
-    wait_until(
-        Duration::from_secs(60),
-        "every firing completes",
-        || async { fired(&server, &sid).await.iter().all(|c| c.settled) },
-    )
-    .await;
-    assert!(
-        fired(&server, &sid)
-            .await
-            .iter()
-            .all(|c| c.counts.completed == 1)
-    );
-
-    let out = run_cli(&server, &["schedule", "delete", &sid]).await;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let count = fired(&server, &sid).await.len();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        fired(&server, &sid).await.len(),
-        count,
-        "no firing once deleted"
-    );
-    let (status, body) = server.get_json(&format!("/schedules/{sid}")).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (404, Some("SCHEDULE_NOT_FOUND"))
-    );
-    let (status, body) = server.get_json("/schedules/nope").await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (400, Some("INVALID_SCHEDULE_ID"))
-    );
-    for bad in [
-        serde_json::json!({"cron": "61 * * * *", "template": {"target": {"kind": "all"}}}),
-        serde_json::json!({"cron": "@daily", "time_zone": "Mars/Base", "template": {"target": {"kind": "all"}}}),
-        serde_json::json!({"cron": "@daily", "template": {"target": {"kind": "glob", "pattern": "["}}}),
-        serde_json::json!({"cron": "@daily", "template": {"target": {"kind": "all"}, "expires_in_secs": 0}}),
-    ] {
-        let resp = server
-            .http_client()
-            .post(format!("{}/schedules", server.http_url()))
-            .bearer_auth(operator_token())
-            .json(&bad)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 400, "{bad}");
-    }
-}
-
 storage_modes!(label_and_glob_targets_match_exactly_their_stores, |mode| {
     label_and_glob_targets_match_exactly_their_stores(mode)
 });
 
 storage_modes!(a_collection_survives_a_restart, |mode| {
     a_collection_survives_a_restart(mode)
-});
-
-storage_modes!(schedule_fires_and_runs_a_missed_firing_once, |mode| {
-    a_schedule_fires_and_a_missed_firing_runs_once_after_a_restart(mode)
 });

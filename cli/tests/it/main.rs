@@ -4,6 +4,7 @@
 mod auth;
 mod child;
 mod collection_crashes;
+mod collection_slots;
 mod collections;
 mod compression;
 mod config_docs;
@@ -28,6 +29,7 @@ mod renewal;
 mod replicas;
 mod resilience;
 mod responsive;
+mod schedules;
 mod sessions;
 mod sharing;
 mod state;

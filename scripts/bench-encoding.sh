@@ -12,6 +12,7 @@
 # run asks for the file under another share name, so no run copies parts from the one before.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/bench-lib.sh
 
 SIZE_MIB="${1:-100}"
 RUNS="${2:-3}"
@@ -62,10 +63,7 @@ for kind in $FILES; do
       FILE_PATH="$work/$kind" SHARED_FILES="$shares" ENCRYPT_TO="$encrypt_to" KEY_DIR="$work/keys" \
       SPOOL_DIR="$work" RUST_LOG=warn "$bin/client" > "$work/agent.log" 2>&1 &
     agent=$!
-    for _ in $(seq 1 100); do
-      "$bin/cli" status --client-id encoding-store --json 2>/dev/null | grep -q '"connected": true' && break
-      sleep 0.1
-    done
+    wait_connected encoding-store "$work/agent.log"
     for run in $(seq 1 "$RUNS"); do
       ticks0="$(cpu_ticks "$agent")"
       "$bin/cli" download --client-id=encoding-store --file="run$run" --encoding="$asked" --json > "$work/last.json"

@@ -1,5 +1,5 @@
-# Shared by the benchmark scripts that start a release server and an agent on loopback; sourced,
-# not run. It expects `bin` (the release binaries), `API_PORT`, the array `pids`, and
+# Shared by the benchmark scripts and the demo, which start a release server and agents; sourced,
+# not run. It expects `bin` (the binaries), `API_PORT`, the array `pids`, and
 # `API_TOKEN` and `SERVER_URL` exported.
 
 # stop_all: stops every process in `pids` and waits for them.
@@ -7,6 +7,22 @@ stop_all() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   pids=()
+}
+
+# wait_connected CLIENT_ID LOG: returns once the server shows CLIENT_ID connected; an agent not
+# connected within 10 s fails the script with the end of its LOG, rather than letting the
+# script measure an agent that is not there.
+wait_connected() {
+  local tries
+  for tries in $(seq 1 101); do
+    "$bin/cli" status --client-id "$1" --json 2>/dev/null | grep -q '"connected": true' && return 0
+    if ((tries == 101)); then
+      echo "the agent $1 did not connect within 10 s; its log ($2):" >&2
+      tail -20 "$2" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
 }
 
 # start_agent AGENT CLIENT_ID FILE LOG: starts AGENT as CLIENT_ID sharing FILE, logging to LOG,
@@ -18,15 +34,6 @@ start_agent() {
     "$1" > "$4" 2>&1 &
   AGENT_PID=$!
   pids+=("$AGENT_PID")
-  local tries
-  for tries in $(seq 1 101); do
-    "$bin/cli" status --client-id "$2" --json 2>/dev/null | grep -q '"connected": true' && break
-    if ((tries == 101)); then
-      echo "the agent $2 did not connect within 10 s; its log ($4):" >&2
-      tail -20 "$4" >&2
-      return 1
-    fi
-    sleep 0.1
-  done
+  wait_connected "$2" "$4"
   sleep 1
 }

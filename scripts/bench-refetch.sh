@@ -16,6 +16,7 @@
 # 20 Mbit/s.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/bench-lib.sh
 
 SIZE_MIB="${1:-1024}"
 RATE_MBIT="${2:-20}"
@@ -61,10 +62,7 @@ in_ns env AGENT_TOKEN="$("$bin/cli" token issue --client-id refetch-store)" \
   AGENT_SERVER_URL="ws://$HOST_IP:$API_PORT/ws/connect" FILE_PATH="$file" RUST_LOG=warn \
   "$bin/client" > "$work/agent.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do
-  "$bin/cli" status --client-id refetch-store --json 2>/dev/null | grep -q '"connected": true' && break
-  sleep 0.1
-done
+wait_connected refetch-store "$work/agent.log"
 
 results="$work/results.jsonl"
 : > "$results"

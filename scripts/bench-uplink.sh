@@ -19,6 +19,7 @@
 # that framing limit too.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/bench-lib.sh
 
 SIZE_MIB="${1:-100}"
 RATE_MBIT="${2:-20}"
@@ -71,10 +72,7 @@ in_ns env AGENT_TOKEN="$("$bin/cli" token issue --client-id uplink-store)" \
   SHARED_FILES="$shares" RUST_LOG=warn \
   "$bin/client" > "$work/agent.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do
-  "$bin/cli" status --client-id uplink-store --json 2>/dev/null | grep -q '"connected": true' && break
-  sleep 0.1
-done
+wait_connected uplink-store "$work/agent.log"
 
 s3_env=(AWS_ACCESS_KEY_ID=backhaul AWS_SECRET_ACCESS_KEY="$secret" AWS_DEFAULT_REGION=us-east-1)
 results="$work/results.jsonl"

@@ -5,6 +5,7 @@
 # SHA-256s, then stops everything.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/bench-lib.sh
 
 API_PORT="${DEMO_API_PORT:-18080}"
 S3_PORT="${DEMO_S3_PORT:-19000}"
@@ -56,10 +57,7 @@ AGENT_TOKEN="$("$bin/cli" token issue --client-id "$CLIENT_ID")" \
   "$bin/client" > "$work/agent.log" 2>&1 &
 pids+=($!)
 
-for _ in $(seq 1 100); do
-  "$bin/cli" status --client-id "$CLIENT_ID" --json 2>/dev/null | grep -q '"connected": true' && break
-  sleep 0.1
-done
+wait_connected "$CLIENT_ID" "$work/agent.log"
 "$bin/cli" clients
 
 echo "==> cli download --client-id=$CLIENT_ID"

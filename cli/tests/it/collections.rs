@@ -11,16 +11,10 @@ use crate::harness::*;
 
 /// `POST /collections` with `body`, as the test operator.
 async fn create(server: &TestServer, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let resp = server
-        .http_client()
-        .post(format!("{}/collections", server.http_url()))
-        .bearer_auth(operator_token())
-        .json(&body)
-        .send()
+    let url = format!("{}/collections", server.http_url());
+    server
+        .as_operator(server.http_client().post(url).json(&body))
         .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
 }
 
 pub(crate) async fn created(server: &TestServer, body: serde_json::Value) -> CollectionSummary {

@@ -266,28 +266,21 @@ impl TestServer {
         aws_sdk_s3::Client::from_conf(conf)
     }
 
-    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
-        let resp = self
-            .http_client()
-            .get(format!("{}{path}", self.http_url()))
-            .bearer_auth(operator_token())
-            .send()
-            .await
-            .unwrap();
+    /// Sends `request` as the test operator: the answer's status and JSON body (null if none).
+    pub async fn as_operator(&self, request: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+        let resp = request.bearer_auth(operator_token()).send().await.unwrap();
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let url = format!("{}{path}", self.http_url());
+        self.as_operator(self.http_client().get(url)).await
+    }
+
     pub async fn trigger(&self, client_id: &str) -> (u16, serde_json::Value) {
-        let resp = self
-            .http_client()
-            .post(format!("{}/trigger-download/{client_id}", self.http_url()))
-            .bearer_auth(operator_token())
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+        let url = format!("{}/trigger-download/{client_id}", self.http_url());
+        self.as_operator(self.http_client().post(url)).await
     }
 
     /// `GET /uploads/{upload_id}`, read as the typed status: a renamed or missing field fails

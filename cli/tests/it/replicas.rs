@@ -471,6 +471,103 @@ async fn the_lease_moves_when_its_holder_dies() {
     assert_eq!(b.in_progress_multiparts(&client_id).await, 0);
 }
 
+/// A replica that is on the bus but answers nothing (stopped with SIGSTOP, as a frozen or
+/// overloaded one would be): a trigger through another replica for a store it holds, and a
+/// cancel of a collection while it drives the collections, are `TIMEOUT` (503), not internal
+/// errors; the collection stays open meanwhile. Once it runs again, it carries both out, as if
+/// it had answered late: the download completes, the collection is cancelled, and a second
+/// cancel is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_does_not_answer_is_a_timeout() {
+    let mode = Mode::LocalStack;
+    let database = fresh_database();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("token-keys.json");
+    // A starts first, so it takes the leases and drives the collections (checked below).
+    let (a_api, a_s3) = (free_addr(), free_addr());
+    let a_data = dir.path().join("a");
+    let mut a_args = child_server_args(mode, &a_data, a_api, a_s3, &localstack_endpoint());
+    a_args.extend(replica_args(&database, &key_file, "a"));
+    let a_proc = ChildProcess::spawn("server", &a_args);
+    let a = TestServer::attach(mode, a_api, "", &a_data).await;
+    let b_args = replica_args(&database, &key_file, "b");
+    let b = TestServer::builder(mode)
+        .args(&b_args.iter().map(String::as_str).collect::<Vec<_>>())
+        .start()
+        .await;
+
+    let file = dir.path().join("export.bin");
+    let sha = write_file(&file, 2 * MIB).await;
+    let client_id = unique_client("paused");
+    let _agent = TestAgent::start(&a, &client_id, &file);
+    b.wait_connected(&client_id).await;
+    // A collection of a store that never connects stays open, driven by A.
+    let collection = crate::collections::created(
+        &b,
+        serde_json::json!({"target": {"kind": "ids", "client_ids": [unique_client("absent")]}}),
+    )
+    .await;
+    let cancel_url = format!("{}/collections/{}", b.http_url(), collection.collection_id);
+
+    wait_until(
+        Duration::from_secs(30),
+        "A takes the collection on",
+        || async { a.metric("backhaul_collection_stores_pending").await == 1 },
+    )
+    .await;
+    a_proc.pause(true);
+    let started = std::time::Instant::now();
+    let (trigger, cancel) = tokio::join!(
+        b.trigger(&client_id),
+        b.as_operator(b.http_client().delete(&cancel_url)),
+    );
+    for (what, (status, body)) in [("trigger", trigger), ("collection cancel", cancel)] {
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (503, Some("TIMEOUT")),
+            "{what}: {body}"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let (status, body) = b
+        .get_json(&format!("/collections/{}", collection.collection_id))
+        .await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (200, Some("open")),
+        "{body}"
+    );
+
+    a_proc.pause(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let upload_id = loop {
+        let seen = b.client(&client_id).await;
+        if let Some(id) = seen.active_upload.or(seen.last_upload.map(|u| u.upload_id)) {
+            break id.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A did not carry the trigger out"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let status = tokio::time::timeout(Duration::from_secs(60), b.wait_finished(&upload_id))
+        .await
+        .expect("the download completes once A runs again");
+    assert_identical(&b, &status, &sha).await;
+    let cid = collection.collection_id.to_string();
+    crate::collections::wait_summary(&b, &cid, "A carries the cancel out", |s| {
+        s.state.as_str() == "cancelled"
+    })
+    .await;
+    let (status, body) = b.as_operator(b.http_client().delete(&cancel_url)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("COLLECTION_FINISHED")),
+        "{body}"
+    );
+}
+
 /// A store revoked through one replica is closed on the replica that holds it, and its old
 /// token opens no connection on either; so is a single token revoked by its id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,10 @@
 //! is carried out by the holder ([`command::Command`], a NATS request to the holder's subject),
 //! so the answer is the one that replica's own API gives. A store no replica holds, or whose
 //! replica does not answer, is `CLIENT_NOT_CONNECTED`. Revocations are broadcast to every
-//! replica, which applies them to its in-memory lists and closes the store's connection.
+//! replica, which applies them to its in-memory lists and closes the store's connection. A
+//! replica that is on the bus but answers nothing within 15 s (overloaded, or stopped) is
+//! neither: the call is `TIMEOUT` (503), and nothing is taken from that replica. The request
+//! stays with it, and it carries it out when it runs again, as if it had answered late.
 //!
 //! **Collections.** One replica drives them (a lease, `lease::Singleton::Collections`): it
 //! holds the live ones, asks their stores (through each store's holder, [`Command::Ask`]) and
@@ -165,7 +168,7 @@ impl Bus {
             Self::Nats(n) => n
                 .call(&holder.replica, command)
                 .await
-                .map_err(|e| ApiError::internal(&e.context("a command to another replica"))),
+                .map_err(|e| unanswered_or_internal(e, "a command to another replica")),
         }
     }
 
@@ -190,7 +193,10 @@ impl Bus {
     pub async fn ask_driver(&self, news: &ToDriver) -> Result<Option<Reply>, ApiError> {
         match self {
             Self::Local => Ok(None),
-            Self::Nats(n) => n.ask_driver(news).await.map_err(|e| ApiError::internal(&e)),
+            Self::Nats(n) => n
+                .ask_driver(news)
+                .await
+                .map_err(|e| unanswered_or_internal(e, "the replica driving collections")),
         }
     }
 
@@ -222,4 +228,22 @@ pub fn not_connected(client_id: &ClientId) -> ApiError {
         ErrorCode::ClientNotConnected,
         format!("client {client_id} is not connected"),
     )
+}
+
+/// `TIMEOUT` (503) for a replica that is there but did not answer in time: the request may still
+/// be carried out, so the operator looks before trying again. Any other failure of the bus is
+/// the server's own.
+fn unanswered_or_internal(err: anyhow::Error, what: &str) -> ApiError {
+    if err.downcast_ref::<nats::Unanswered>().is_some() {
+        tracing::warn!(error = format!("{err:#}"), "{what}");
+        ApiError::new(
+            ErrorCode::Timeout,
+            format!(
+                "{what}: {err:#}; it may be overloaded or stopped, and may still carry the \
+                 request out: look at the status before trying again"
+            ),
+        )
+    } else {
+        ApiError::internal(&err.context(what.to_owned()))
+    }
 }

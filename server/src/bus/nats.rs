@@ -25,6 +25,12 @@ const DRIVER: &str = "backhaul.collections";
 /// clean-up).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// A replica that is on the bus but did not answer within [`REQUEST_TIMEOUT`]: it may be
+/// overloaded or stopped, not gone, so nothing is taken from it.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer within {} s", REQUEST_TIMEOUT.as_secs())]
+pub struct Unanswered;
+
 fn subject(replica: &str) -> String {
     format!("backhaul.replica.{replica}")
 }
@@ -157,16 +163,19 @@ impl Nats {
     pub async fn call(&self, replica: &str, command: &Command) -> anyhow::Result<Option<Reply>> {
         self.request(subject(replica), serde_json::to_vec(command)?)
             .await
-            .with_context(|| format!("replica {replica} did not answer"))
+            .with_context(|| format!("replica {replica}"))
     }
 
-    /// A request and its answer; `None` when nobody listens on `subject`.
+    /// A request and its answer; `None` when nobody listens on `subject`, and [`Unanswered`]
+    /// (in the error) when the listener said nothing within [`REQUEST_TIMEOUT`].
     async fn request(&self, subject: String, payload: Vec<u8>) -> anyhow::Result<Option<Reply>> {
+        use async_nats::client::RequestErrorKind;
         match self.0.client.request(subject, payload.into()).await {
             Ok(msg) => Ok(Some(
                 serde_json::from_slice(&msg.payload).context("a reply from another replica")?,
             )),
-            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Ok(None),
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => Ok(None),
+            Err(e) if e.kind() == RequestErrorKind::TimedOut => Err(Unanswered.into()),
             Err(e) => Err(e.into()),
         }
     }
@@ -192,7 +201,6 @@ impl Nats {
     pub async fn ask_driver(&self, news: &ToDriver) -> anyhow::Result<Option<Reply>> {
         self.request(DRIVER.to_owned(), serde_json::to_vec(news)?)
             .await
-            .context("the replica driving collections did not answer")
     }
 
     pub async fn broadcast(&self, news: &Broadcast) {

@@ -52,6 +52,18 @@ impl ChildProcess {
         Self { child }
     }
 
+    /// SIGSTOP with `true`, SIGCONT with `false`: a stopped process keeps its connections and
+    /// answers nothing, as a frozen or overloaded one would.
+    pub fn pause(&self, paused: bool) {
+        let pid = self.child.id().expect("the process is running").to_string();
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// SIGKILL: no clean-up, no goodbye on the WebSocket.
     pub async fn kill9(&mut self) {
         self.child.start_kill().unwrap();

@@ -107,14 +107,16 @@ impl Crc64Nvme {
     }
 
     /// The checksum of this checksum's bytes followed by `next_len` bytes whose checksum is
-    /// `next`.
+    /// `next`: this one multiplied by x^(8·`next_len`) modulo the polynomial, plus `next`
+    /// (the initial value and the final XOR are equal, so they cancel).
+    ///
+    /// `crc_fast::checksum_combine` gives the same answer (a test holds the two together), but
+    /// it builds the zeros operator bit matrix by bit matrix for every call: 155 µs per call
+    /// here, 20 ms for the 128 parts of a 1 GiB file, which the server pays at presigning, at
+    /// verification and for every status it renders. Powers of x from a table built at compile
+    /// time take under a microsecond (`hashspeed`: 14-71 µs for the 128).
     pub fn combine(self, next: Crc64Nvme, next_len: u64) -> Self {
-        Self(crc_fast::checksum_combine(
-            crc_fast::CrcAlgorithm::Crc64Nvme,
-            self.0,
-            next.0,
-            next_len,
-        ))
+        Self(gf2::mul_mod(gf2::x_pow_8n(next_len), self.0) ^ next.0)
     }
 
     /// The checksum of the whole, from the checksums of consecutive pieces and their lengths.
@@ -128,6 +130,56 @@ impl Crc64Nvme {
 impl fmt::Display for Crc64Nvme {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_base64())
+    }
+}
+
+/// Polynomials over GF(2) modulo CRC64NVME's, in the CRC's bit-reflected order: the top bit is
+/// the coefficient of x^0, the lowest that of x^63.
+mod gf2 {
+    /// CRC-64/NVME's polynomial 0xAD93D23594C93659, bit-reflected, without its x^64 term.
+    const POLY: u64 = 0x9a6c_9329_ac4b_c9b5;
+    /// The polynomial 1.
+    const ONE: u64 = 1 << 63;
+
+    /// `a` times `b`, modulo the polynomial.
+    pub const fn mul_mod(a: u64, mut b: u64) -> u64 {
+        let mut product = 0;
+        let mut bit = ONE;
+        while bit != 0 {
+            if a & bit != 0 {
+                product ^= b;
+            }
+            // b times x: one place towards x^63, folding x^64 back in.
+            b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
+            bit >>= 1;
+        }
+        product
+    }
+
+    /// x^(2^k) for k up to 66, enough for x^(8n) with any 64-bit n.
+    const X_POW_2K: [u64; 67] = {
+        let mut table = [0; 67];
+        table[0] = ONE >> 1;
+        let mut k = 1;
+        while k < table.len() {
+            table[k] = mul_mod(table[k - 1], table[k - 1]);
+            k += 1;
+        }
+        table
+    };
+
+    /// x^(8n): the operator that appends `n` zero bytes to a CRC's register.
+    pub fn x_pow_8n(mut n: u64) -> u64 {
+        let mut power = ONE;
+        let mut k = 3;
+        while n != 0 {
+            if n & 1 != 0 {
+                power = mul_mod(X_POW_2K[k], power);
+            }
+            n >>= 1;
+            k += 1;
+        }
+        power
     }
 }
 
@@ -187,5 +239,33 @@ mod tests {
         assert_eq!(Crc64Nvme::parse(&whole.to_base64()), Ok(whole));
         assert_eq!(Crc64Nvme::parse("AAAA"), Err(HashError::Crc64Nvme));
         assert_eq!(Crc64Nvme::parse("no!"), Err(HashError::Crc64Nvme));
+    }
+
+    /// The combination is crc-fast's, for lengths from none to far beyond any file, and that
+    /// of the concatenated bytes.
+    #[test]
+    fn crc64nvme_combines_as_crc_fast_does() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 + i / 7) as u8).collect();
+        for split in [0, 1, 7, 8, 4096, 65_537, 99_999, 100_000] {
+            let (a, b) = data.split_at(split);
+            let combined = Crc64Nvme::of(a).combine(Crc64Nvme::of(b), b.len() as u64);
+            assert_eq!(combined, Crc64Nvme::of(&data), "split at {split}");
+        }
+        let (a, b) = (Crc64Nvme::of(b"first"), Crc64Nvme::of(b"second"));
+        for len in [
+            0,
+            1,
+            2,
+            3,
+            8 << 20,
+            (8 << 20) + 1,
+            5 << 30,
+            u64::MAX >> 3,
+            u64::MAX,
+        ] {
+            let reference =
+                crc_fast::checksum_combine(crc_fast::CrcAlgorithm::Crc64Nvme, a.0, b.0, len);
+            assert_eq!(a.combine(b, len).0, reference, "length {len}");
+        }
     }
 }

@@ -17,9 +17,10 @@
 #   - bareputcrc: the same with `--checksums`: the upload created with a full-object CRC64NVME,
 #     each part and the completion carrying theirs (computed before its clock starts), so that
 #     what storage does for a checksummed object is in this floor too.
-# Every object is deleted after its round. It reads the agent's idle RSS, its peak RSS (VmHWM)
-# and its CPU time per download from /proc; the AWS CLI's and bareput's CPU and peak RSS come from
-# GNU time. Raw results go to $BENCH_RESULTS (default: a temporary file) as JSON lines, and
+# Before each tool runs, `sync` writes back what the previous one stored (since 2026-12-04,
+# third session). Every object is deleted after its round. It reads the agent's idle RSS, its
+# peak RSS (VmHWM) and its CPU time per download from /proc; the AWS CLI's and bareput's CPU and
+# peak RSS come from GNU time. Raw results go to $BENCH_RESULTS (default: a temporary file) as JSON lines, and
 # the summary to stdout as Markdown tables.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -95,6 +96,9 @@ for mode in embedded s3; do
   for run in $(seq 1 "$RUNS"); do
     for i in 0 1 2 3; do
       tool="${tools[$(((run + i) % 4))]}"
+      # The previous tool's object is still being written back to disk; each tool starts with
+      # none of that in flight, outside its timing.
+      sync
       case $tool in
         backhaul)
           ticks0="$(cpu_ticks "$agent_pid")"

@@ -1,5 +1,5 @@
-# Shared by the benchmark scripts and the demo, which start a release server and agents; sourced,
-# not run. It expects `bin` (the binaries), `API_PORT`, the array `pids`, and
+# Shared by the benchmark scripts and the demo, which start a server and agents; sourced, not
+# run. It expects `bin` (the binaries), `API_PORT`, the array `pids`, and
 # `API_TOKEN` and `SERVER_URL` exported.
 
 # stop_all: stops every process in `pids` and waits for them.

@@ -20,8 +20,8 @@
 # Before each tool runs, `sync` writes back what the previous one stored (since 2026-12-04,
 # third session). Every object is deleted after its round. It reads the agent's idle RSS, its
 # peak RSS (VmHWM) and its CPU time per download from /proc; the AWS CLI's and bareput's CPU and
-# peak RSS come from GNU time. Raw results go to $BENCH_RESULTS (default: a temporary file) as JSON lines, and
-# the summary to stdout as Markdown tables.
+# peak RSS come from GNU time. Raw results go to $BENCH_RESULTS (default: a temporary file) as
+# JSON lines, and the summary to stdout as Markdown tables.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source localstack/env.sh

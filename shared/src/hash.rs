@@ -112,8 +112,8 @@ impl Crc64Nvme {
     ///
     /// `crc_fast::checksum_combine` gives the same answer (a test holds the two together), but
     /// it builds the zeros operator bit matrix by bit matrix for every call: 155 µs per call
-    /// here, 20 ms for the 128 parts of a 1 GiB file, which the server pays at presigning, at
-    /// verification and for every status it renders. Powers of x from a table built at compile
+    /// here, 20 ms for the 128 parts of a 1 GiB file, which the server paid with it at
+    /// presigning, at verification and for every status it rendered. Powers of x from a table built at compile
     /// time take under a microsecond (`hashspeed`: 14-71 µs for the 128).
     pub fn combine(self, next: Crc64Nvme, next_len: u64) -> Self {
         Self(gf2::mul_mod(gf2::x_pow_8n(next_len), self.0) ^ next.0)

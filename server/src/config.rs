@@ -184,6 +184,13 @@ pub struct Config {
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<Secret>,
 
+    /// What this deployment's names on NATS start with (BUS=nats): its subjects
+    /// (`<prefix>.replica.<replica>`, `<prefix>.broadcast`, `<prefix>.collections`) and its
+    /// presence bucket (`<prefix>_presence`). Deployments that share a NATS server need one each;
+    /// a replica finding another deployment's under its prefix refuses to start.
+    #[arg(long, env = "NATS_PREFIX", default_value = "backhaul")]
+    pub nats_prefix: String,
+
     /// This replica's name on the bus (BUS=nats); a random one when unset. Two live replicas
     /// must not share one.
     #[arg(long, env = "REPLICA_ID")]
@@ -306,13 +313,12 @@ impl Config {
             }
         }
         if let Some(id) = &self.replica_id
-            && (id.is_empty()
-                || id.len() > 64
-                || !id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+            && !name_on_the_bus(id)
         {
             bail!("REPLICA_ID must be 1 to 64 letters, digits, '-' or '_'");
+        }
+        if !name_on_the_bus(&self.nats_prefix) {
+            bail!("NATS_PREFIX must be 1 to 64 letters, digits, '-' or '_'");
         }
         Ok(())
     }
@@ -363,6 +369,15 @@ impl Config {
     }
 }
 
+/// Whether `name` can be a token of a NATS subject and part of a bucket's name: 1 to 64
+/// letters, digits, '-' or '_'.
+fn name_on_the_bus(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,10 +421,17 @@ mod tests {
             vec!["--key-prefix", "../up"],
             vec!["--tls-cert-file", "/c.pem"],
             vec!["--agent-max-messages-per-sec", "0"],
+            vec!["--nats-prefix", ""],
+            vec!["--nats-prefix", "backhaul.prod"],
+            vec!["--nats-prefix", "a*"],
+            vec!["--replica-id", "r 1"],
         ] {
             let mut args = vec!["--jwt-secret", secret];
             args.extend(bad.iter().copied());
             assert!(parse(&args).validate().is_err(), "{bad:?}");
         }
+        parse(&["--nats-prefix", "backhaul_staging-2"])
+            .validate()
+            .unwrap();
     }
 }

@@ -31,6 +31,13 @@ fn replica_args(database: &str, keys: &std::path::Path, name: &str) -> Vec<Strin
         "nats",
         "--nats-url",
         &nats_url(),
+        // Tests run side by side on one NATS server, each deployment (database) on names of
+        // its own, as deployments sharing a NATS server must be.
+        "--nats-prefix",
+        url::Url::parse(database)
+            .unwrap()
+            .path()
+            .trim_start_matches('/'),
         "--replica-id",
         &format!("{name}-{}", unique_client("r")),
     ]

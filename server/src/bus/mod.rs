@@ -35,6 +35,7 @@ pub mod command;
 pub mod lease;
 mod nats;
 
+use anyhow::Context;
 use shared::{ClientId, ErrorCode};
 use tokio_util::task::TaskTracker;
 
@@ -51,6 +52,15 @@ pub struct Holder {
     /// uploads until another replica claims the store).
     pub connected: bool,
     pub epoch: u64,
+}
+
+/// The deployment's identity, made once in its database (`backhaul_deployment`).
+fn deployment(database: &crate::db::Location) -> anyhow::Result<String> {
+    let row = database
+        .connect()?
+        .query_opt("SELECT id FROM backhaul_deployment", &[])?
+        .context("the database has no deployment identity")?;
+    row.text(0)
 }
 
 /// The bus of this server.
@@ -70,8 +80,10 @@ impl Bus {
                     .replica_id
                     .clone()
                     .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+                let deployment = deployment(&config.database())?;
+                let names = nats::Names::new(&config.nats_prefix);
                 Ok(Self::Nats(
-                    nats::Nats::connect(url.expose(), replica).await?,
+                    nats::Nats::connect(url.expose(), replica, names, &deployment).await?,
                 ))
             }
             (BusKind::Nats, None) => anyhow::bail!("BUS=nats needs NATS_URL"),

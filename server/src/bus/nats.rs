@@ -1,8 +1,13 @@
-//! The bus on NATS: presence in the JetStream key-value bucket `backhaul_presence` (one key per
+//! The bus on NATS: presence in the JetStream key-value bucket `<prefix>_presence` (one key per
 //! store; each replica follows it with a watch and keeps which stores are connected elsewhere),
-//! commands as requests to `backhaul.replica.<replica>`, news on `backhaul.broadcast`, and what
-//! the replica driving collections hears on `backhaul.collections` (only that replica
-//! subscribes).
+//! commands as requests to `<prefix>.replica.<replica>`, news on `<prefix>.broadcast`, and what
+//! the replica driving collections hears on `<prefix>.collections` (only that replica
+//! subscribes). The prefix is `NATS_PREFIX` (`backhaul` unless set).
+//!
+//! The bucket also holds the deployment's identity under [`DEPLOYMENT_KEY`] (not a store id, so
+//! the watch passes over it): a replica of another deployment, on the same NATS server under
+//! the same prefix, is refused at start rather than let the two take each other's stores and
+//! commands for their own.
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
@@ -18,9 +23,9 @@ use shared::ClientId;
 use super::Holder;
 use super::command::{self, Broadcast, Command, Reply, ToDriver};
 
-const BUCKET: &str = "backhaul_presence";
-const BROADCAST: &str = "backhaul.broadcast";
-const DRIVER: &str = "backhaul.collections";
+/// The presence bucket's key for the deployment's identity; a store id starts with a letter or
+/// a digit.
+const DEPLOYMENT_KEY: &str = "_deployment";
 /// How long a replica may take to answer a command (a cancel waits up to a few seconds for its
 /// clean-up).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -31,8 +36,66 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 #[error("no answer within {} s", REQUEST_TIMEOUT.as_secs())]
 pub struct Unanswered;
 
-fn subject(replica: &str) -> String {
-    format!("backhaul.replica.{replica}")
+/// A deployment's names on NATS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+    /// What the replica driving collections hears.
+    driver: String,
+    /// News for every replica.
+    broadcast: String,
+}
+
+impl Names {
+    /// The names under `prefix` (checked by the configuration: a subject token, and part of a
+    /// bucket's name).
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            driver: format!("{prefix}.collections"),
+            broadcast: format!("{prefix}.broadcast"),
+        }
+    }
+
+    fn bucket(&self) -> String {
+        format!("{}_presence", self.prefix)
+    }
+
+    /// Where `replica` takes its commands.
+    fn replica(&self, replica: &str) -> String {
+        format!("{}.replica.{replica}", self.prefix)
+    }
+}
+
+/// Writes `deployment` into the presence bucket where it is not yet, and refuses to go on where
+/// another deployment's is.
+async fn ours(presence: &kv::Store, names: &Names, deployment: &str) -> anyhow::Result<()> {
+    let written = match presence
+        .create(DEPLOYMENT_KEY, deployment.to_owned().into())
+        .await
+    {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => presence
+            .get(DEPLOYMENT_KEY)
+            .await
+            .context("reading the deployment in the presence bucket")?,
+        Err(e) => return Err(e).context("writing the deployment in the presence bucket"),
+    };
+    match written {
+        Some(id) if id.as_ref() == deployment.as_bytes() => Ok(()),
+        other => anyhow::bail!(
+            "NATS_PREFIX {prefix} is in use on this NATS server by another deployment (one on \
+             another database, {}; this one is {deployment}): deployments that share a NATS \
+             server need a NATS_PREFIX each. If that deployment is gone for good, remove the key \
+             {DEPLOYMENT_KEY} from the bucket {bucket}",
+            other.map_or_else(
+                || "its entry deleted".to_owned(),
+                |id| String::from_utf8_lossy(&id).into_owned()
+            ),
+            prefix = names.prefix,
+            bucket = names.bucket(),
+        ),
+    }
 }
 
 /// A presence value: which replica holds the store, and whether its agent is connected there.
@@ -51,10 +114,18 @@ struct Inner {
     /// The stores connected to another replica, as the presence watch last showed them.
     elsewhere: Mutex<Elsewhere>,
     replica: String,
+    names: Names,
 }
 
 impl Nats {
-    pub async fn connect(url: &str, replica: String) -> anyhow::Result<Self> {
+    /// Connects as `replica` of the deployment `deployment` (its identity in the database), with
+    /// the names `names`; refused where another deployment uses them.
+    pub async fn connect(
+        url: &str,
+        replica: String,
+        names: Names,
+        deployment: &str,
+    ) -> anyhow::Result<Self> {
         let client = async_nats::ConnectOptions::new()
             .name(format!("backhaul-server-{replica}"))
             .request_timeout(Some(REQUEST_TIMEOUT))
@@ -64,7 +135,7 @@ impl Nats {
         let jetstream = async_nats::jetstream::new(client.clone());
         let presence = jetstream
             .create_or_update_key_value(kv::Config {
-                bucket: BUCKET.into(),
+                bucket: names.bucket(),
                 description: "Backhaul: which replica holds each store".into(),
                 history: 1,
                 storage: async_nats::jetstream::stream::StorageType::File,
@@ -72,12 +143,14 @@ impl Nats {
             })
             .await
             .context("opening the presence bucket (NATS needs JetStream: nats-server -js)")?;
-        tracing::info!(replica, "on the NATS bus");
+        ours(&presence, &names, deployment).await?;
+        tracing::info!(replica, prefix = names.prefix, "on the NATS bus");
         Ok(Self(Arc::new(Inner {
             client,
             presence,
             elsewhere: Mutex::new(Elsewhere::default()),
             replica,
+            names,
         })))
     }
 
@@ -161,7 +234,7 @@ impl Nats {
     }
 
     pub async fn call(&self, replica: &str, command: &Command) -> anyhow::Result<Option<Reply>> {
-        self.request(subject(replica), serde_json::to_vec(command)?)
+        self.request(self.0.names.replica(replica), serde_json::to_vec(command)?)
             .await
             .with_context(|| format!("replica {replica}"))
     }
@@ -182,7 +255,7 @@ impl Nats {
 
     /// Tells the replica driving collections; lost if none listens (it catches up by itself).
     pub async fn tell_driver(&self, news: &ToDriver) {
-        if let Err(e) = self.publish(DRIVER, news).await {
+        if let Err(e) = self.publish(&self.0.names.driver, news).await {
             tracing::warn!(
                 error = format!("{e:#}"),
                 ?news,
@@ -192,19 +265,23 @@ impl Nats {
     }
 
     /// Publishes `what` as JSON on `subject`, expecting no answer.
-    async fn publish(&self, subject: &'static str, what: &impl Serialize) -> anyhow::Result<()> {
+    async fn publish(&self, subject: &str, what: &impl Serialize) -> anyhow::Result<()> {
         let payload = serde_json::to_vec(what)?;
-        Ok(self.0.client.publish(subject, payload.into()).await?)
+        Ok(self
+            .0
+            .client
+            .publish(subject.to_owned(), payload.into())
+            .await?)
     }
 
     /// Asks the replica driving collections; `None` when no replica drives them now.
     pub async fn ask_driver(&self, news: &ToDriver) -> anyhow::Result<Option<Reply>> {
-        self.request(DRIVER.to_owned(), serde_json::to_vec(news)?)
+        self.request(self.0.names.driver.clone(), serde_json::to_vec(news)?)
             .await
     }
 
     pub async fn broadcast(&self, news: &Broadcast) {
-        if let Err(e) = self.publish(BROADCAST, news).await {
+        if let Err(e) = self.publish(&self.0.names.broadcast, news).await {
             tracing::error!(
                 error = format!("{e:#}"),
                 ?news,
@@ -225,13 +302,15 @@ impl Nats {
         until_shutdown(state, async move { this.serve_driver(&st).await });
     }
 
-    /// While this replica drives collections, hears the others on [`DRIVER`].
+    /// While this replica drives collections, hears the others on `<prefix>.collections`: it subscribes as
+    /// soon as it takes the role, and drops the subscription as soon as it lets it go.
     async fn serve_driver(&self, state: &crate::AppState) {
+        let mut driving = state.collections.watch_driving();
         loop {
-            while !state.collections.driving() {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+            if driving.wait_for(|d| *d).await.is_err() {
+                return;
             }
-            let mut news = match self.0.client.subscribe(DRIVER).await {
+            let mut news = match self.0.client.subscribe(self.0.names.driver.clone()).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot hear the other replicas about collections; trying again");
@@ -239,7 +318,6 @@ impl Nats {
                     continue;
                 }
             };
-            let mut look = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tokio::select! {
                     got = news.next() => {
@@ -258,8 +336,8 @@ impl Nats {
                             }
                         });
                     }
-                    _ = look.tick() => {
-                        if !state.collections.driving() {
+                    changed = driving.changed() => {
+                        if changed.is_err() || !*driving.borrow_and_update() {
                             break;
                         }
                     }
@@ -271,7 +349,12 @@ impl Nats {
 
     async fn serve_commands(&self, state: &crate::AppState) {
         loop {
-            let mut requests = match self.0.client.subscribe(subject(&self.0.replica)).await {
+            let mut requests = match self
+                .0
+                .client
+                .subscribe(self.0.names.replica(&self.0.replica))
+                .await
+            {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot take commands from the bus; trying again");
@@ -303,7 +386,12 @@ impl Nats {
 
     async fn serve_news(&self, state: &crate::AppState) {
         loop {
-            let mut news = match self.0.client.subscribe(BROADCAST).await {
+            let mut news = match self
+                .0
+                .client
+                .subscribe(self.0.names.broadcast.clone())
+                .await
+            {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot hear the other replicas; trying again");
@@ -455,9 +543,54 @@ mod tests {
     async fn replica(name: &str) -> Nats {
         let url = std::env::var("BACKHAUL_TEST_NATS_URL")
             .expect("this test needs NATS: set BACKHAUL_TEST_NATS_URL (scripts/test.sh does)");
-        Nats::connect(&url, format!("{name}-{}", uuid::Uuid::new_v4().simple()))
-            .await
-            .unwrap()
+        Nats::connect(
+            &url,
+            format!("{name}-{}", uuid::Uuid::new_v4().simple()),
+            Names::new("backhaul_lib_tests"),
+            "server-lib-tests",
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Replicas of one deployment share a prefix; a replica of another deployment under the
+    /// same prefix is refused, saying why, and one under a prefix of its own is not.
+    #[tokio::test]
+    async fn another_deployment_under_the_same_prefix_is_refused() {
+        let url = std::env::var("BACKHAUL_TEST_NATS_URL")
+            .expect("this test needs NATS: set BACKHAUL_TEST_NATS_URL (scripts/test.sh does)");
+        let prefix = format!("backhaul_{}", uuid::Uuid::new_v4().simple());
+        let connect = |prefix: &str, deployment: &'static str| {
+            let (url, names) = (url.clone(), Names::new(prefix));
+            async move {
+                Nats::connect(
+                    &url,
+                    uuid::Uuid::new_v4().simple().to_string(),
+                    names,
+                    deployment,
+                )
+                .await
+            }
+        };
+        let first = connect(&prefix, "one").await.unwrap();
+        let second = connect(&prefix, "one").await.unwrap();
+        let err = connect(&prefix, "two").await.err().expect("refused");
+        let message = format!("{err:#}");
+        assert!(
+            message.contains(&format!(
+                "NATS_PREFIX {prefix} is in use on this NATS server"
+            )) && message.contains("one")
+                && message.contains("two"),
+            "{message}"
+        );
+        // The refused replica took nothing: the first two still share their presence.
+        let store = ClientId::parse("store-1").unwrap();
+        let epoch = first.claim(&store).await.unwrap();
+        assert_eq!(
+            second.holder(&store).await.unwrap().map(|h| h.epoch),
+            Some(epoch)
+        );
+        connect(&format!("{prefix}_other"), "two").await.unwrap();
     }
 
     /// A claim with no connection is made only over the presence it saw: a connection's claim

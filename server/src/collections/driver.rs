@@ -23,7 +23,7 @@ use crate::registry::AgentLink;
 use crate::uploads::{Ask, Requester, UnixMs};
 
 /// How often the dispatcher looks for expiries, and for the lease, even when nothing woke it.
-const TICK: Duration = Duration::from_secs(1);
+pub(super) const TICK: Duration = Duration::from_secs(1);
 /// Every this many ticks, the driver settles running stores from their upload records.
 const SETTLE_EVERY: u32 = 5;
 /// How many stores held elsewhere are asked at once.

@@ -120,6 +120,11 @@ impl Collections {
         self.0.book.driving()
     }
 
+    /// Follows [`Collections::driving`] as it changes.
+    pub fn watch_driving(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.0.book.watch_driving()
+    }
+
     /// A store said hello: it joins the open collections it matches, and is asked if a slot
     /// is free.
     pub fn on_agent_connected(&self, client: &ClientId, labels: &Labels) {
@@ -402,16 +407,25 @@ impl Collections {
             operator: requester.operator.clone(),
             from: requester.from,
         };
-        match self.0.bus.ask_driver(&news).await? {
-            Some(Reply::Collection { summary }) => Ok(*summary),
-            Some(Reply::Error { error }) => Err(error.into()),
-            Some(other) => Err(crate::bus::command::unexpected(&other)),
-            None if self.driving() => self.cancel_here(id, requester).await,
-            None => Err(ApiError::new(
-                ErrorCode::Timeout,
-                "no replica drives collections at this moment (one takes over within seconds); \
-                 try again",
-            )),
+        // A replica that takes the lease drives from its next tick: until then none answers.
+        let handover = tokio::time::Instant::now() + 2 * driver::TICK;
+        loop {
+            match self.0.bus.ask_driver(&news).await? {
+                Some(Reply::Collection { summary }) => return Ok(*summary),
+                Some(Reply::Error { error }) => return Err(error.into()),
+                Some(other) => return Err(crate::bus::command::unexpected(&other)),
+                None if self.driving() => return self.cancel_here(id, requester).await,
+                None if tokio::time::Instant::now() < handover => {
+                    tokio::time::sleep(driver::TICK / 4).await;
+                }
+                None => {
+                    return Err(ApiError::new(
+                        ErrorCode::Timeout,
+                        "no replica drives collections at this moment (one takes over within \
+                         seconds); try again",
+                    ));
+                }
+            }
         }
     }
 

@@ -219,14 +219,17 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
 
-    /// Every table's columns, by name, as the engine reports them.
+    /// Every table's columns, by name, as the engine reports them; on PostgreSQL, not its own
+    /// bookkeeping: the migration count, and the deployment's identity, which only the NATS bus
+    /// (on PostgreSQL alone) uses.
     fn columns(db: &Db, sqlite: bool) -> std::collections::BTreeMap<String, Vec<String>> {
         let sql = if sqlite {
             "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p
              WHERE m.type = 'table' ORDER BY m.name, p.name"
         } else {
             "SELECT table_name::text, column_name::text FROM information_schema.columns
-             WHERE table_schema = 'public' AND table_name <> 'backhaul_schema'
+             WHERE table_schema = 'public'
+               AND table_name NOT IN ('backhaul_schema', 'backhaul_deployment')
              ORDER BY table_name, column_name"
         };
         let mut tables = std::collections::BTreeMap::<String, Vec<String>>::new();

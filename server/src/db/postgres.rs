@@ -26,6 +26,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0002_upload_epoch",
         include_str!("../../migrations/postgres/0002_upload_epoch.sql"),
     ),
+    (
+        "0003_deployment",
+        include_str!("../../migrations/postgres/0003_deployment.sql"),
+    ),
 ];
 
 /// The advisory lock that serialises migrations across replicas ("backhaul" in ASCII, folded).

@@ -53,6 +53,9 @@ enum Role {
 
 pub struct Book {
     role: Mutex<Role>,
+    /// Whether the role is [`Role::Driving`], for those who wait for it to change; written
+    /// under the role's lock.
+    driving: tokio::sync::watch::Sender<bool>,
     store: Store,
 }
 
@@ -69,6 +72,7 @@ impl Book {
     pub fn open(store: Store) -> Self {
         Self {
             role: Mutex::new(Role::Following),
+            driving: tokio::sync::watch::Sender::new(false),
             store,
         }
     }
@@ -80,6 +84,11 @@ impl Book {
     /// Whether this book holds the live collections.
     pub fn driving(&self) -> bool {
         matches!(*self.lock(), Role::Driving(_))
+    }
+
+    /// Follows [`Book::driving`] as it changes.
+    pub fn watch_driving(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.driving.subscribe()
     }
 
     /// Takes the live collections from the store, to drive them. Returns whether the book was
@@ -96,12 +105,16 @@ impl Book {
             .map(|c| (c.spec.id, c))
             .collect();
         *role = Role::Driving(live);
+        self.driving.send_replace(true);
         Ok(true)
     }
 
     /// Lets the live collections go: another replica drives them now.
     pub fn follow(&self) {
-        *self.lock() = Role::Following;
+        let mut role = self.lock();
+        *role = Role::Following;
+        self.driving
+            .send_if_modified(|d| std::mem::replace(d, false));
     }
 
     /// When driving, takes on the open collections that other replicas created in the store.

@@ -233,3 +233,27 @@ fn a_store_never_asked_waits_again_and_a_cancel_ends_the_rest() {
         Err(CancelError::NotFound)
     ));
 }
+
+#[test]
+fn the_role_is_watched_as_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = crate::db::Location::Sqlite(dir.path().join("b.db"))
+        .connect()
+        .unwrap();
+    let book = Book::open(Store::new(db));
+    let mut watch = book.watch_driving();
+    assert!(!*watch.borrow_and_update());
+
+    assert!(book.drive().unwrap());
+    assert!(watch.has_changed().unwrap());
+    assert!(*watch.borrow_and_update());
+    // Driving again changes nothing, and says nothing.
+    assert!(!book.drive().unwrap());
+    assert!(!watch.has_changed().unwrap());
+
+    book.follow();
+    assert!(watch.has_changed().unwrap());
+    assert!(!*watch.borrow_and_update());
+    book.follow();
+    assert!(!watch.has_changed().unwrap());
+}

@@ -3,6 +3,8 @@
 # release binaries on loopback.
 #
 #   scripts/bench-transfer.sh [size_mib=100] [runs=5]
+#   BENCH_TOOLS="bareput bareputcrc" scripts/bench-transfer.sh 1024 9   # some tools only
+#   BENCH_PIN=1 scripts/bench-transfer.sh 1024 9   # the store PC and the cloud on a core each
 #
 # For each storage mode (the embedded store, then LocalStack) it starts the server and one agent,
 # then runs four transfers of the same random file per round, in an order that rotates from
@@ -42,6 +44,15 @@ if ! curl -fsS --max-time 2 "$LOCALSTACK_ENDPOINT/_localstack/health" >/dev/null
 fi
 localstack/start.sh >/dev/null
 
+# BENCH_PIN=1 gives each side of the network a core of its own, as in production: the store's
+# side (the agent, the AWS CLI, bareput) runs on CPU 1, the cloud's (the server with its
+# embedded store, LocalStack, the operator's cli) on CPU 0. Without it they share both cores.
+cloud=(); store_pc=()
+if [[ ${BENCH_PIN:-0} == 1 ]]; then
+  cloud=(taskset -c 0); store_pc=(taskset -c 1)
+  for pid in $(pgrep -f localstack.runtime.main); do taskset -a -p -c 0 "$pid" >/dev/null; done
+fi
+
 work="$(mktemp -d -t backhaul-bench.XXXXXX)"
 results="${BENCH_RESULTS:-$work/results.jsonl}"
 : > "$results"
@@ -49,7 +60,11 @@ pids=()
 cleanup() {
   stop_all
   rm -rf "$work"
-  if [[ $started_ls == 1 ]]; then localstack/stop.sh >/dev/null; fi
+  if [[ $started_ls == 1 ]]; then
+    localstack/stop.sh >/dev/null
+  elif [[ ${#cloud[@]} -gt 0 ]]; then
+    for pid in $(pgrep -f localstack.runtime.main); do taskset -a -p -c 0-1 "$pid" >/dev/null; done
+  fi
 }
 trap cleanup EXIT
 
@@ -71,13 +86,13 @@ for mode in embedded s3; do
   if [[ $mode == embedded ]]; then
     STORAGE=embedded DATA_DIR="$work/data" LISTEN_ADDR="127.0.0.1:$API_PORT" \
       EMBEDDED_S3_LISTEN_ADDR="127.0.0.1:$S3_PORT" EMBEDDED_S3_SECRET_KEY="$embedded_secret" \
-      RUST_LOG=warn "$bin/server" > "$work/server-$mode.log" 2>&1 &
+      RUST_LOG=warn "${cloud[@]}" "$bin/server" > "$work/server-$mode.log" 2>&1 &
     s3_env=(AWS_ACCESS_KEY_ID=backhaul AWS_SECRET_ACCESS_KEY="$embedded_secret")
     endpoint="http://127.0.0.1:$S3_PORT"
   else
     STORAGE=s3 DATA_DIR="$work/data-s3" AWS_ENDPOINT_URL="$LOCALSTACK_ENDPOINT" AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
       S3_BUCKET_NAME="$bucket" LISTEN_ADDR="127.0.0.1:$API_PORT" ORPHAN_SWEEP_INTERVAL_SECS=0 \
-      RUST_LOG=warn "$bin/server" > "$work/server-$mode.log" 2>&1 &
+      RUST_LOG=warn "${cloud[@]}" "$bin/server" > "$work/server-$mode.log" 2>&1 &
     s3_env=(AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test)
     endpoint="$LOCALSTACK_ENDPOINT"
   fi
@@ -90,12 +105,13 @@ for mode in embedded s3; do
   export API_TOKEN
   start_agent "$bin/client" bench-store "$file" "$work/agent-$mode.log"
   agent_pid=$AGENT_PID
+  if [[ ${#store_pc[@]} -gt 0 ]]; then taskset -a -p -c 1 "$agent_pid" >/dev/null; fi
   idle_rss="$(status_kib "$agent_pid" VmRSS)"
 
-  tools=(backhaul awscli bareput bareputcrc)
+  read -ra tools <<< "${BENCH_TOOLS:-backhaul awscli bareput bareputcrc}"
   for run in $(seq 1 "$RUNS"); do
-    for i in 0 1 2 3; do
-      tool="${tools[$(((run + i) % 4))]}"
+    for i in "${!tools[@]}"; do
+      tool="${tools[$(((run + i) % ${#tools[@]}))]}"
       # The previous tool's object is still being written back to disk; each tool starts with
       # none of that in flight, outside its timing.
       sync
@@ -103,7 +119,7 @@ for mode in embedded s3; do
         backhaul)
           ticks0="$(cpu_ticks "$agent_pid")"
           t0=$(date +%s%N)
-          "$bin/cli" download --client-id=bench-store --json > "$work/last.json"
+          "${cloud[@]}" "$bin/cli" download --client-id=bench-store --json > "$work/last.json"
           t1=$(date +%s%N)
           ticks1="$(cpu_ticks "$agent_pid")"
           python3 - "$work/last.json" >> "$results" <<PY
@@ -122,14 +138,14 @@ PY
           ;;
         awscli)
           env "${s3_env[@]}" /usr/bin/time -f '%e %U %S %M' -o "$work/time.txt" \
-            "$aws" --endpoint-url "$endpoint" s3 cp --only-show-errors "$file" "s3://$bucket/bench/awscli-$run"
+            "${store_pc[@]}" "$aws" --endpoint-url "$endpoint" s3 cp --only-show-errors "$file" "s3://$bucket/bench/awscli-$run"
           echo "{\"mode\": \"$mode\", \"tool\": \"awscli\", \"run\": $run, $(gnu_time_fields "$work/time.txt")}" >> "$results"
           env "${s3_env[@]}" "$aws" --endpoint-url "$endpoint" s3 rm --only-show-errors "s3://$bucket/bench/awscli-$run" >/dev/null
           ;;
         bareput|bareputcrc)
           flags=(); [[ $tool == bareputcrc ]] && flags=(--checksums)
           out="$(env "${s3_env[@]}" /usr/bin/time -f '%e %U %S %M' -o "$work/time.txt" \
-            "$bin/bareput" --endpoint "$endpoint" --bucket "$bucket" --file "$file" --key "bench/$tool-$run" "${flags[@]}")"
+            "${store_pc[@]}" "$bin/bareput" --endpoint "$endpoint" --bucket "$bucket" --file "$file" --key "bench/$tool-$run" "${flags[@]}")"
           echo "{\"mode\": \"$mode\", \"tool\": \"$tool\", \"run\": $run, ${out:1:-1}, $(gnu_time_fields "$work/time.txt")}" >> "$results"
           ;;
       esac
@@ -149,7 +165,27 @@ med = statistics.median
 def pick(mode, tool, field):
     return [r[field] for r in rows if r["mode"] == mode and r["tool"] == tool]
 names = {"embedded": "embedded", "s3": "s3 (LocalStack)"}
+
+# Each floor over the bare one within each round.
+def paired_floor(m, tool):
+    floors = {r["run"]: r["total_ms"] for r in rows if r["mode"] == m and r["tool"] == "bareput"}
+    return [r["total_ms"] / floors[r["run"]] for r in rows
+            if r["mode"] == m and r["tool"] == tool and r["run"] in floors]
+
 modes = [m for m in names if pick(m, "backhaul", "server_ms")]
+if not modes:
+    # Floors only (BENCH_TOOLS without backhaul): what storage's own checksum work costs.
+    modes = [m for m in names if pick(m, "bareput", "total_ms")]
+    runs = len(pick(modes[0], "bareput", "total_ms"))
+    print(f"Floors of {size_mib} MiB, medians of {runs} rounds:\n")
+    print("| storage | bare PUT floor s | floor with checksums s | ÷ bare floor, medians | ÷ bare floor, median of rounds (range) | complete ms, with checksums / bare |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for m in modes:
+        bare = med(pick(m, "bareput", "total_ms"))
+        crc = med(pick(m, "bareputcrc", "total_ms"))
+        ratios = paired_floor(m, "bareputcrc")
+        print(f"| {names[m]} | {bare / 1000:.3f} | {crc / 1000:.3f} | {crc / bare:.2f} | {med(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | {med(pick(m, 'bareputcrc', 'complete_ms')):.0f} / {med(pick(m, 'bareput', 'complete_ms')):.0f} |")
+    sys.exit(0)
 runs = len(pick(modes[0], "backhaul", "server_ms"))
 
 # Backhaul over the floor within each round: the two ran a minute apart at most, so a shared

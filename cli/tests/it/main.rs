@@ -26,6 +26,7 @@ mod reconnect;
 mod records;
 mod relay;
 mod renewal;
+mod replica_collections;
 mod replicas;
 mod resilience;
 mod responsive;

@@ -19,7 +19,7 @@ fn nats_url() -> String {
 
 /// The arguments that make a server replica `name` on `database` and the test bus, signing
 /// tokens with the shared key file `keys`.
-fn replica_args(database: &str, keys: &std::path::Path, name: &str) -> Vec<String> {
+pub(crate) fn replica_args(database: &str, keys: &std::path::Path, name: &str) -> Vec<String> {
     [
         "--token-key-file",
         &keys.display().to_string(),
@@ -49,7 +49,7 @@ fn replica_args(database: &str, keys: &std::path::Path, name: &str) -> Vec<Strin
 /// shares (a token one replica renews must open a connection to any other); with embedded
 /// storage, every replica after the first uses the first one's store (`s3`), as replicas share
 /// one bucket.
-async fn replica(
+pub(crate) async fn replica(
     mode: Mode,
     database: &str,
     keys: &std::path::Path,
@@ -169,54 +169,6 @@ async fn an_agent_flipping_between_replicas_has_one_holder() {
         (409, Some("DOWNLOAD_IN_PROGRESS")),
         "{body}"
     );
-}
-
-/// A load balancer as plain as they come: each connection goes to the first backend, in order,
-/// that accepts it; a round-robin one starts each connection at the next backend in turn.
-struct Balancer {
-    addr: std::net::SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Balancer {
-    async fn start(backends: Vec<std::net::SocketAddr>) -> Self {
-        Self::spawn(backends, false).await
-    }
-
-    async fn round_robin(backends: Vec<std::net::SocketAddr>) -> Self {
-        Self::spawn(backends, true).await
-    }
-
-    async fn spawn(backends: Vec<std::net::SocketAddr>, rotate: bool) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let mut next = 0;
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let mut order = backends.clone();
-                if rotate {
-                    order.rotate_left(next % backends.len());
-                    next += 1;
-                }
-                tokio::spawn(async move {
-                    for backend in order {
-                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(backend).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Self { addr, task }
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// A replica as a process of its own, to be killed with SIGKILL, with `bus` its replica
@@ -616,217 +568,6 @@ async fn a_revocation_on_one_replica_holds_on_every_replica() {
     assert!(said.iter().any(|m| m["code"] == "UNAUTHORIZED"), "{said:?}");
     assert_eq!(ws_connect(&b, Some(&minted)).await.err(), Some(401));
     assert_eq!(ws_connect(&a, Some(&minted)).await.err(), Some(401));
-}
-
-/// A collection created on A over stores connected to A, B and C completes, whichever replica
-/// drives collections; every replica answers `GET /collections/{id}` the same.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_collection_over_three_replicas_completes() {
-    let database = fresh_database();
-    let keys = tempfile::tempdir().unwrap();
-    let key_file = keys.path().join("token-keys.json");
-    let a = replica(Mode::Embedded, &database, &key_file, "a", None).await;
-    let store = Some(a.s3_endpoint.as_str());
-    let b = replica(Mode::Embedded, &database, &key_file, "b", store).await;
-    let c = replica(Mode::Embedded, &database, &key_file, "c", store).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("export.csv");
-    let sha = write_file(&file, 3 * MIB + 5).await;
-    let mut agents = Vec::new();
-    let mut ids = Vec::new();
-    for (i, server) in [&a, &b, &c, &a, &b, &c].into_iter().enumerate() {
-        let client_id = unique_client(&format!("spread-{i}"));
-        agents.push(TestAgent::start(server, &client_id, &file));
-        server.wait_connected(&client_id).await;
-        ids.push(client_id);
-    }
-    let resp = a
-        .http_client()
-        .post(format!("{}/collections", a.http_url()))
-        .bearer_auth(operator_token())
-        .json(&serde_json::json!({
-            "target": {"kind": "ids", "client_ids": ids},
-            "max_concurrent": 4,
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
-    let created: serde_json::Value = resp.json().await.unwrap();
-    let path = format!(
-        "/collections/{}",
-        created["collection_id"].as_str().unwrap()
-    );
-    wait_until(
-        Duration::from_secs(60),
-        "the collection completes",
-        || async {
-            let (_, s) = a.get_json(&path).await;
-            s["counts"]["completed"] == ids.len()
-        },
-    )
-    .await;
-    let (_, on_a) = a.get_json(&path).await;
-    for other in [&b, &c] {
-        let (code, there) = other.get_json(&path).await;
-        assert_eq!(code, 200, "{there}");
-        assert_eq!(there, on_a, "every replica answers the same");
-    }
-    let (_, rows) = c.get_json(&format!("{path}/uploads")).await;
-    let rows = rows["rows"].as_array().unwrap().clone();
-    assert_eq!(rows.len(), ids.len());
-    for row in rows {
-        assert_eq!(row["state"], "completed", "{row}");
-        assert_eq!(row["sha256"], sha.as_str(), "{row}");
-    }
-}
-
-/// Every replica restarted in turn, gracefully and at its own address, while a collection over
-/// 200 stores runs behind a round-robin balancer: the agents move to the replicas still up,
-/// the uploads resume, the collection's driving moves with its lease, and every store completes
-/// once, with the right bytes.
-///
-/// Storage is an embedded store of its own, which stores a part whole or not at all, as S3
-/// does. (On LocalStack, a part PUT whose connection a restart cut was sometimes listed at its
-/// full size and checksum with no bytes behind it; the completed object then failed its
-/// verification, rightly, but the store with it.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rolling_restart_loses_nothing_of_a_collection() {
-    const STORES: usize = 200;
-    log_to_file_if_asked();
-    let mode = Mode::Embedded;
-    let storage = TestServer::start(mode).await;
-    let database = fresh_database();
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("token-keys.json");
-    // A restarted replica comes back under a new id, as the new pod of a Deployment does.
-    let start = |name: &str, addr: std::net::SocketAddr, data: std::path::PathBuf| {
-        let args = replica_args(&database, &key_file, name);
-        let endpoint = storage.s3_endpoint.clone();
-        async move {
-            TestServer::builder(mode)
-                .args(&args.iter().map(String::as_str).collect::<Vec<_>>())
-                .s3_endpoint(&endpoint)
-                .at(addr, &data)
-                .start()
-                .await
-        }
-    };
-    let mut replicas = Vec::new();
-    let names = ["a", "b", "c"];
-    for name in names {
-        let data = dir.path().join(name);
-        replicas.push(start(name, "127.0.0.1:0".parse().unwrap(), data).await);
-    }
-    let balancer = Balancer::round_robin(replicas.iter().map(|r| r.api_addr).collect()).await;
-    let front = TestServer::attach(mode, balancer.addr, "", &dir.path().join("a")).await;
-
-    let file = dir.path().join("z-report.bin");
-    let sha = write_file(&file, 512 * 1024 + 3).await;
-    let prefix = unique_client("rolling");
-    let ids: Vec<String> = (0..STORES).map(|i| format!("{prefix}-{i:03}")).collect();
-    // Each upload takes about two seconds, so the collection outlasts the restarts.
-    let _agents: Vec<TestAgent> = ids
-        .iter()
-        .map(|id| {
-            TestAgent::start_with(&front, id, &file, &["--max-upload-bytes-per-sec", "262144"])
-        })
-        .collect();
-    wait_until(Duration::from_secs(60), "every store connected", || async {
-        let mut held = 0;
-        for r in &replicas {
-            held += r.metric("backhaul_connected_agents").await;
-        }
-        held == STORES as u64
-    })
-    .await;
-
-    let (code, created) = {
-        let resp = front
-            .http_client()
-            .post(format!("{}/collections", front.http_url()))
-            .bearer_auth(operator_token())
-            .json(&serde_json::json!({
-                "target": {"kind": "glob", "pattern": format!("{prefix}-*")},
-                "max_concurrent": 25,
-            }))
-            .send()
-            .await
-            .unwrap();
-        (
-            resp.status().as_u16(),
-            resp.json::<serde_json::Value>().await.unwrap(),
-        )
-    };
-    assert_eq!(code, 201, "{created}");
-    assert_eq!(created["counts"]["matched"], STORES, "{created}");
-    let path = format!(
-        "/collections/{}",
-        created["collection_id"].as_str().unwrap()
-    );
-    let completed = || async {
-        let (_, s) = front.get_json(&path).await;
-        s["counts"]["completed"].as_u64().unwrap_or(0)
-    };
-    wait_until(
-        Duration::from_secs(60),
-        "the first store completes",
-        || async { completed().await > 0 },
-    )
-    .await;
-
-    for k in 0..replicas.len() {
-        let before = completed().await;
-        assert!(
-            before < STORES as u64,
-            "replica {k} restarts while the collection runs ({before} done)"
-        );
-        let (addr, data) = (replicas[k].api_addr, replicas[k].data_dir.clone());
-        replicas[k].stop().await;
-        replicas[k] = start(names[k], addr, data).await;
-        // The next replica goes once some uploads have moved on.
-        wait_until(
-            Duration::from_secs(60),
-            "progress after the restart",
-            || async { completed().await > before },
-        )
-        .await;
-    }
-
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while completed().await < STORES as u64 {
-        if std::time::Instant::now() > deadline {
-            let (_, summary) = front.get_json(&path).await;
-            let (_, rows) = front.get_json(&format!("{path}/uploads")).await;
-            let unfinished: Vec<_> = rows["rows"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|r| r["state"] != "completed")
-                .collect();
-            panic!("not every store completed: {summary}\nunfinished: {unfinished:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let (_, summary) = front.get_json(&path).await;
-    assert_eq!(summary["counts"]["failed"], 0, "{summary}");
-    let (_, rows) = front.get_json(&format!("{path}/uploads")).await;
-    let rows = rows["rows"].as_array().unwrap().clone();
-    assert_eq!(rows.len(), STORES, "one row per store");
-    for row in &rows {
-        assert_eq!(row["state"], "completed", "{row}");
-        assert_eq!(row["sha256"], sha.as_str(), "{row}");
-    }
-    for r in &replicas {
-        let (_, there) = r.get_json(&path).await;
-        assert_eq!(there["counts"], summary["counts"]);
-    }
-    // One object per store in the bucket: nothing was stored twice.
-    let mut objects = 0;
-    for id in &ids {
-        objects += storage.list_keys(id).await.len();
-    }
-    assert_eq!(objects, STORES);
 }
 
 /// A second live replica under a name already in use is refused at start, saying why; the

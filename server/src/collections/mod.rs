@@ -407,8 +407,9 @@ impl Collections {
             operator: requester.operator.clone(),
             from: requester.from,
         };
-        // A replica that takes the lease drives from its next tick: until then none answers.
-        let handover = tokio::time::Instant::now() + 2 * driver::TICK;
+        // A replica that takes the lease drives from its next tick (one to two ticks after its
+        // holder died, when the database saw the death at once): until then none answers.
+        let handover = tokio::time::Instant::now() + 3 * driver::TICK;
         loop {
             match self.0.bus.ask_driver(&news).await? {
                 Some(Reply::Collection { summary }) => return Ok(*summary),

@@ -2,8 +2,9 @@
 //!
 //! The pieces: [`servers`] (a server in this process, [`TestServer`]), [`args`] (the command
 //! lines of servers and agents), [`process`] (agents in this process, and servers or agents as
-//! processes of their own, to kill), [`wire`] (the protocol and HTTP spoken by hand) and
-//! [`raw_s3`] (storage through presigned URLs, with no SDK). What they share is here.
+//! processes of their own, to kill), [`wire`] (the protocol and HTTP spoken by hand),
+//! [`raw_s3`] (storage through presigned URLs, with no SDK) and [`balancer`] (a TCP load
+//! balancer in front of replicas). What they share is here.
 
 use std::ffi::OsStr;
 use std::net::SocketAddr;
@@ -23,12 +24,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 mod args;
+mod balancer;
 mod process;
 pub mod raw_s3;
 mod servers;
 mod wire;
 
 pub use args::*;
+pub use balancer::*;
 pub use process::*;
 pub use servers::*;
 pub use wire::*;

@@ -5,6 +5,7 @@
 #   engines/nats.sh start   start it (a running one is reused)
 #   engines/nats.sh stop    stop it and remove its folder
 #   engines/nats.sh url     its URL
+#   engines/nats.sh bin     the nats-server binary (after start), for tests that run their own
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/env.sh"
@@ -52,5 +53,6 @@ case "${1:-}" in
     fi
     ;;
   url) echo "$NATS_URL" ;;
-  *) echo "usage: engines/nats.sh start|stop|url" >&2; exit 2 ;;
+  bin) echo "$NATS_VENV/bin/nats-server" ;;
+  *) echo "usage: engines/nats.sh start|stop|url|bin" >&2; exit 2 ;;
 esac

@@ -25,7 +25,9 @@ engines/nats.sh start
 # The stores' tests run on both engines, the multi-replica tests on PostgreSQL and NATS.
 BACKHAUL_TEST_DATABASE_URL=$(engines/postgres.sh url)
 BACKHAUL_TEST_NATS_URL=$(engines/nats.sh url)
-export BACKHAUL_TEST_DATABASE_URL BACKHAUL_TEST_NATS_URL
+# A test starts a NATS server of its own that asks for a password.
+BACKHAUL_TEST_NATS_SERVER=$(engines/nats.sh bin)
+export BACKHAUL_TEST_DATABASE_URL BACKHAUL_TEST_NATS_URL BACKHAUL_TEST_NATS_SERVER
 
 # The operator page's browser test: Debian's Chromium (playwright cannot download browsers
 # here) and playwright-core at the locked version.

@@ -67,6 +67,29 @@ impl Names {
     }
 }
 
+/// `options` with the user and password (`nats://user:password@host`), or the token
+/// (`nats://token@host`), that `url` carries, percent-decoded: async-nats reads credentials from
+/// its options only, and would connect without them.
+fn with_credentials(
+    options: async_nats::ConnectOptions,
+    url: &str,
+) -> anyhow::Result<async_nats::ConnectOptions> {
+    let addr: async_nats::ServerAddr = url.parse().context("NATS_URL is not a NATS server URL")?;
+    let decoded = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .context("NATS_URL's credentials are not UTF-8 once decoded")
+    };
+    Ok(match (addr.username(), addr.password()) {
+        (Some(user), Some(password)) => {
+            options.user_and_password(decoded(user)?, decoded(password)?)
+        }
+        (Some(token), None) => options.token(decoded(token)?),
+        (None, _) => options,
+    })
+}
+
 /// Writes `deployment` into the presence bucket where it is not yet, and refuses to go on where
 /// another deployment's is.
 async fn ours(presence: &kv::Store, names: &Names, deployment: &str) -> anyhow::Result<()> {
@@ -126,7 +149,7 @@ impl Nats {
         names: Names,
         deployment: &str,
     ) -> anyhow::Result<Self> {
-        let client = async_nats::ConnectOptions::new()
+        let client = with_credentials(async_nats::ConnectOptions::new(), url)?
             .name(format!("backhaul-server-{replica}"))
             .request_timeout(Some(REQUEST_TIMEOUT))
             .connect(url)
@@ -551,6 +574,54 @@ mod tests {
         )
         .await
         .unwrap()
+    }
+
+    /// A NATS server that asks for a user and password: the credentials in the URL are used
+    /// (percent-decoded), and wrong or missing ones are refused.
+    #[tokio::test]
+    async fn credentials_in_the_url_are_used() {
+        let bin = std::env::var("BACKHAUL_TEST_NATS_SERVER").expect(
+            "this test needs a nats-server binary: set BACKHAUL_TEST_NATS_SERVER (scripts/test.sh \
+             does, from engines/nats.sh bin)",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = std::process::Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .args(["--user", "backhaul", "--pass", "p@ss:w/rd"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let connect = |url: String| async move {
+            Nats::connect(&url, "r".into(), Names::new("backhaul"), "d").await
+        };
+        let url = |userinfo: &str| format!("nats://{userinfo}@127.0.0.1:{port}");
+        let mut up = false;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(up, "the test's nats-server did not start");
+
+        let joined = connect(url("backhaul:p%40ss%3Aw%2Frd")).await;
+        let wrong = connect(url("backhaul:guess")).await;
+        let none = connect(format!("nats://127.0.0.1:{port}")).await;
+        server.kill().unwrap();
+        server.wait().unwrap();
+        joined.unwrap();
+        for refused in [wrong, none] {
+            let message = format!("{:#}", refused.err().expect("refused"));
+            assert!(message.contains("connecting to NATS"), "{message}");
+        }
     }
 
     /// Replicas of one deployment share a prefix; a replica of another deployment under the

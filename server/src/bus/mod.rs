@@ -32,6 +32,7 @@
 
 pub mod abandoned;
 pub mod command;
+mod deployment;
 pub mod lease;
 mod nats;
 

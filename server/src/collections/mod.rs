@@ -393,7 +393,7 @@ impl Collections {
 
     /// `DELETE /collections/{id}`: stores not asked yet are cancelled, and so are the uploads
     /// running (each aborting its multipart upload). Carried out by the replica that drives
-    /// collections.
+    /// collections; while none does (the lease just moved), it waits up to three ticks for one.
     pub async fn cancel(
         &self,
         id: CollectionId,

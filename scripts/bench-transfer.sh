@@ -5,6 +5,7 @@
 #   scripts/bench-transfer.sh [size_mib=100] [runs=5]
 #   BENCH_TOOLS="bareput bareputcrc" scripts/bench-transfer.sh 1024 9   # some tools only
 #   BENCH_PIN=1 scripts/bench-transfer.sh 1024 9   # the store PC and the cloud on a core each
+#   BENCH_PART_SIZE=16777216 scripts/bench-transfer.sh 1024 9   # PART_SIZE for Backhaul and bareput
 #
 # For each storage mode (the embedded store, then LocalStack) it starts the server and one agent,
 # then runs four transfers of the same random file per round, in an order that rotates from
@@ -33,6 +34,9 @@ SIZE_MIB="${1:-100}"
 RUNS="${2:-5}"
 API_PORT="${BENCH_API_PORT:-18480}"
 S3_PORT="${BENCH_S3_PORT:-19480}"
+# The server's PART_SIZE, and the same layout for bareput (the AWS CLI keeps its own 8 MiB).
+PART_SIZE="${BENCH_PART_SIZE:-8388608}"
+export PART_SIZE
 
 cargo build --release --locked --workspace --bins --quiet
 bin="$PWD/target/release"
@@ -145,7 +149,8 @@ PY
         bareput|bareputcrc)
           flags=(); [[ $tool == bareputcrc ]] && flags=(--checksums)
           out="$(env "${s3_env[@]}" /usr/bin/time -f '%e %U %S %M' -o "$work/time.txt" \
-            "${store_pc[@]}" "$bin/bareput" --endpoint "$endpoint" --bucket "$bucket" --file "$file" --key "bench/$tool-$run" "${flags[@]}")"
+            "${store_pc[@]}" "$bin/bareput" --endpoint "$endpoint" --bucket "$bucket" --file "$file" --key "bench/$tool-$run" \
+            --min-part-size "$PART_SIZE" "${flags[@]}")"
           echo "{\"mode\": \"$mode\", \"tool\": \"$tool\", \"run\": $run, ${out:1:-1}, $(gnu_time_fields "$work/time.txt")}" >> "$results"
           ;;
       esac

@@ -11,6 +11,8 @@
 # code), which zstd shrinks severalfold. Every Backhaul transfer asks for the file under a share
 # name of its own, so that none copies parts inside storage from the one before.
 #
+# BENCH_PART_SIZE sets the server's PART_SIZE and bareput's layout (default 8 MiB).
+#
 # Needs root (ip netns, tc); the namespace (scripts/uplink-ns.sh) is created here and removed
 # on exit.
 #
@@ -27,6 +29,8 @@ RUNS="${3:-1}"
 FILES="${4:-random csv}"
 API_PORT="${BENCH_API_PORT:-18490}"
 S3_PORT="${BENCH_S3_PORT:-19490}"
+PART_SIZE="${BENCH_PART_SIZE:-8388608}"
+export PART_SIZE
 
 source scripts/uplink-ns.sh
 if [[ $(id -u) != 0 ]]; then
@@ -99,7 +103,8 @@ PY
     t1=$(date +%s%N)
     echo "{\"file\": \"$kind\", \"tool\": \"awscli\", \"run\": $run, \"ms\": $(((t1 - t0) / 1000000))}" >> "$results"
 
-    out="$(in_ns env "${s3_env[@]}" "$bin/bareput" --endpoint "$endpoint" --bucket "$bucket" --file "$file" --key "bench/bareput-$kind-$run")"
+    out="$(in_ns env "${s3_env[@]}" "$bin/bareput" --endpoint "$endpoint" --bucket "$bucket" --file "$file" --key "bench/bareput-$kind-$run" \
+      --min-part-size "$PART_SIZE")"
     echo "{\"file\": \"$kind\", \"tool\": \"bareput\", \"run\": $run, \"ms\": $(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["total_ms"])' "$out")}" >> "$results"
   done
 done

@@ -9,6 +9,7 @@
 //! give the same tables.
 
 mod postgres;
+mod schema;
 mod sqlite;
 mod uploads;
 
@@ -219,13 +220,13 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
 
-    /// Every table's columns, by name, as the engine reports them; on PostgreSQL, not its own
-    /// bookkeeping: the migration count, and the deployment's identity, which only the NATS bus
-    /// (on PostgreSQL alone) uses.
+    /// Every table's columns, by name, as the engine reports them; not the engines' own
+    /// bookkeeping: the schema's record (with the migration count on PostgreSQL), and the
+    /// deployment's identity, which only the NATS bus (on PostgreSQL alone) uses.
     fn columns(db: &Db, sqlite: bool) -> std::collections::BTreeMap<String, Vec<String>> {
         let sql = if sqlite {
             "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p
-             WHERE m.type = 'table' ORDER BY m.name, p.name"
+             WHERE m.type = 'table' AND m.name <> 'backhaul_schema' ORDER BY m.name, p.name"
         } else {
             "SELECT table_name::text, column_name::text FROM information_schema.columns
              WHERE table_schema = 'public'

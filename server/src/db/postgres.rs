@@ -14,22 +14,27 @@ use ::postgres::{Client, NoTls, Statement};
 use anyhow::Context;
 use bytes::BytesMut;
 
+use super::schema::{self, Change, Migration, Plan, Schema};
 use super::{Row, Value};
 
 /// The migrations, in order; `backhaul_schema.version` counts those applied.
-const MIGRATIONS: &[(&str, &str)] = &[
-    (
-        "0001_schema",
-        include_str!("../../migrations/postgres/0001_schema.sql"),
-    ),
-    (
-        "0002_upload_epoch",
-        include_str!("../../migrations/postgres/0002_upload_epoch.sql"),
-    ),
-    (
-        "0003_deployment",
-        include_str!("../../migrations/postgres/0003_deployment.sql"),
-    ),
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "0001_schema",
+        sql: include_str!("../../migrations/postgres/0001_schema.sql"),
+        change: Change::Breaking,
+    },
+    Migration {
+        name: "0002_upload_epoch",
+        sql: include_str!("../../migrations/postgres/0002_upload_epoch.sql"),
+        change: Change::Breaking,
+    },
+    Migration {
+        name: "0003_deployment",
+        sql: include_str!("../../migrations/postgres/0003_deployment.sql"),
+        // A new table, which only this release's bus reads.
+        change: Change::Additive,
+    },
 ];
 
 /// The advisory lock that serialises migrations across replicas ("backhaul" in ASCII, folded).
@@ -253,31 +258,46 @@ impl ToSql for Value {
 }
 
 /// Applies the migrations the database has not seen, in one transaction under the migration
-/// lock. A database newer than this release is refused rather than guessed at.
+/// lock, and records the oldest release that may still use the database. A newer database is
+/// used as it is when every migration this release lacks is additive (a replica of the previous
+/// release during a rolling upgrade), and refused otherwise ([`schema::plan`]).
 fn migrate(client: &mut Client) -> anyhow::Result<()> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS backhaul_schema (version BIGINT NOT NULL)")?;
-    let applied = match tx.query_opt("SELECT version FROM backhaul_schema", &[])? {
-        Some(r) => usize::try_from(r.get::<_, i64>(0))?,
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS backhaul_schema (version BIGINT NOT NULL);
+         ALTER TABLE backhaul_schema ADD COLUMN IF NOT EXISTS compatible_from BIGINT",
+    )?;
+    let found = match tx.query_opt("SELECT version, compatible_from FROM backhaul_schema", &[])? {
+        Some(r) => Schema {
+            version: usize::try_from(r.get::<_, i64>(0))?,
+            compatible_from: r
+                .get::<_, Option<i64>>(1)
+                .map(usize::try_from)
+                .transpose()?,
+        },
         None => {
             tx.execute("INSERT INTO backhaul_schema (version) VALUES (0)", &[])?;
-            0
+            Schema {
+                version: 0,
+                compatible_from: None,
+            }
         }
     };
-    anyhow::ensure!(
-        applied <= MIGRATIONS.len(),
-        "the database has schema version {applied}, newer than this release knows ({})",
-        MIGRATIONS.len()
-    );
-    for (name, sql) in &MIGRATIONS[applied..] {
-        tx.batch_execute(sql)
-            .with_context(|| format!("applying migration {name}"))?;
-        tracing::info!(migration = name, "database migrated");
+    let Plan::Migrate { from } = schema::plan(found, MIGRATIONS.len())? else {
+        return Ok(());
+    };
+    for m in &MIGRATIONS[from..] {
+        tx.batch_execute(m.sql)
+            .with_context(|| format!("applying migration {}", m.name))?;
+        tracing::info!(migration = m.name, "database migrated");
     }
     tx.execute(
-        "UPDATE backhaul_schema SET version = $1",
-        &[&i64::try_from(MIGRATIONS.len())?],
+        "UPDATE backhaul_schema SET version = $1, compatible_from = $2",
+        &[
+            &i64::try_from(MIGRATIONS.len())?,
+            &i64::try_from(schema::compatible_from(MIGRATIONS))?,
+        ],
     )?;
     tx.commit()?;
     Ok(())
@@ -312,5 +332,69 @@ mod tests {
             dialect("UPDATE t SET a = ?2 WHERE id = ?1"),
             "UPDATE t SET a = $2 WHERE id = $1"
         );
+    }
+
+    /// A database migrated by this release, then marked as a newer release would leave it:
+    /// one migration more, and `compatible_from`.
+    fn as_if_newer(compatible_from: usize) -> String {
+        let admin = std::env::var("BACKHAUL_TEST_DATABASE_URL").expect(
+            "this test needs PostgreSQL: set BACKHAUL_TEST_DATABASE_URL (scripts/test.sh does)",
+        );
+        let url = fresh_database(&admin).expose().to_owned();
+        drop(Conn::connect(&url).unwrap());
+        let mut client = Client::connect(&url, NoTls).unwrap();
+        client
+            .execute(
+                "UPDATE backhaul_schema SET version = $1, compatible_from = $2",
+                &[
+                    &i64::try_from(MIGRATIONS.len() + 1).unwrap(),
+                    &i64::try_from(compatible_from).unwrap(),
+                ],
+            )
+            .unwrap();
+        url
+    }
+
+    fn recorded(url: &str) -> (i64, Option<i64>) {
+        let mut client = Client::connect(url, NoTls).unwrap();
+        let row = client
+            .query_one("SELECT version, compatible_from FROM backhaul_schema", &[])
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+
+    #[test]
+    fn a_replica_of_the_previous_release_runs_on_a_database_past_additive_migrations() {
+        let url = as_if_newer(MIGRATIONS.len());
+        Conn::connect(&url).expect("a compatible newer database is used");
+        let newer = i64::try_from(MIGRATIONS.len() + 1).unwrap();
+        let compatible = i64::try_from(MIGRATIONS.len()).unwrap();
+        assert_eq!(recorded(&url), (newer, Some(compatible)), "left as it was");
+    }
+
+    #[test]
+    fn a_replica_of_the_previous_release_is_refused_past_a_breaking_migration() {
+        let url = as_if_newer(MIGRATIONS.len() + 1);
+        let err = Conn::connect(&url).err().expect("refused");
+        assert!(
+            format!("{err:#}").contains("newer than this release"),
+            "{err:#}"
+        );
+        let newer = i64::try_from(MIGRATIONS.len() + 1).unwrap();
+        assert_eq!(recorded(&url), (newer, Some(newer)), "left as it was");
+    }
+
+    #[test]
+    fn a_new_database_records_the_oldest_release_that_may_use_it() {
+        let admin = std::env::var("BACKHAUL_TEST_DATABASE_URL").expect(
+            "this test needs PostgreSQL: set BACKHAUL_TEST_DATABASE_URL (scripts/test.sh does)",
+        );
+        let url = fresh_database(&admin).expose().to_owned();
+        drop(Conn::connect(&url).unwrap());
+        let want = (
+            i64::try_from(MIGRATIONS.len()).unwrap(),
+            Some(i64::try_from(schema::compatible_from(MIGRATIONS)).unwrap()),
+        );
+        assert_eq!(recorded(&url), want);
     }
 }

@@ -5,53 +5,64 @@
 use std::path::Path;
 
 use anyhow::Context;
-use rusqlite::Connection;
 use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OptionalExtension};
 
+use super::schema::{self, Change, Migration, Plan, Schema};
 use super::{Row, Value};
 
 /// The migrations, in order; the database's `user_version` counts those applied.
-const MIGRATIONS: &[(&str, &str)] = &[
-    (
-        "0001_uploads",
-        include_str!("../../migrations/0001_uploads.sql"),
-    ),
-    (
-        "0002_uploads_millis",
-        include_str!("../../migrations/0002_uploads_millis.sql"),
-    ),
-    (
-        "0003_tokens",
-        include_str!("../../migrations/0003_tokens.sql"),
-    ),
-    (
-        "0004_stores",
-        include_str!("../../migrations/0004_stores.sql"),
-    ),
-    (
-        "0005_collections",
-        include_str!("../../migrations/0005_collections.sql"),
-    ),
-    (
-        "0006_schedules",
-        include_str!("../../migrations/0006_schedules.sql"),
-    ),
-    (
-        "0007_collection_encoding",
-        include_str!("../../migrations/0007_collection_encoding.sql"),
-    ),
-    (
-        "0008_part_manifests",
-        include_str!("../../migrations/0008_part_manifests.sql"),
-    ),
-    (
-        "0009_revocations",
-        include_str!("../../migrations/0009_revocations.sql"),
-    ),
-    (
-        "0010_upload_epoch",
-        include_str!("../../migrations/0010_upload_epoch.sql"),
-    ),
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "0001_uploads",
+        sql: include_str!("../../migrations/0001_uploads.sql"),
+        change: Change::Breaking,
+    },
+    Migration {
+        name: "0002_uploads_millis",
+        sql: include_str!("../../migrations/0002_uploads_millis.sql"),
+        change: Change::Breaking,
+    },
+    Migration {
+        name: "0003_tokens",
+        sql: include_str!("../../migrations/0003_tokens.sql"),
+        change: Change::Breaking,
+    },
+    Migration {
+        name: "0004_stores",
+        sql: include_str!("../../migrations/0004_stores.sql"),
+        change: Change::Breaking,
+    },
+    Migration {
+        name: "0005_collections",
+        sql: include_str!("../../migrations/0005_collections.sql"),
+        change: Change::Breaking,
+    },
+    Migration {
+        name: "0006_schedules",
+        sql: include_str!("../../migrations/0006_schedules.sql"),
+        change: Change::Breaking,
+    },
+    Migration {
+        name: "0007_collection_encoding",
+        sql: include_str!("../../migrations/0007_collection_encoding.sql"),
+        change: Change::Breaking,
+    },
+    Migration {
+        name: "0008_part_manifests",
+        sql: include_str!("../../migrations/0008_part_manifests.sql"),
+        change: Change::Breaking,
+    },
+    Migration {
+        name: "0009_revocations",
+        sql: include_str!("../../migrations/0009_revocations.sql"),
+        change: Change::Breaking,
+    },
+    Migration {
+        name: "0010_upload_epoch",
+        sql: include_str!("../../migrations/0010_upload_epoch.sql"),
+        change: Change::Breaking,
+    },
 ];
 
 /// A connection to the database at `path`, created and migrated as needed.
@@ -71,22 +82,50 @@ pub fn open(path: &Path) -> anyhow::Result<Connection> {
 }
 
 /// Applies the migrations the database has not seen, each in its own transaction together with
-/// the new `user_version`. A database newer than this release is refused rather than guessed at.
+/// the new `user_version`, and records the oldest release that may still use it
+/// (`backhaul_schema`, outside the numbered migrations). A newer database is used as it is when
+/// every migration this release lacks is additive, and refused otherwise ([`schema::plan`]).
 fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
-    let applied: usize = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    anyhow::ensure!(
-        applied <= MIGRATIONS.len(),
-        "the database has schema version {applied}, newer than this release knows ({})",
-        MIGRATIONS.len()
-    );
-    for (version, (name, sql)) in MIGRATIONS.iter().enumerate().skip(applied) {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS backhaul_schema (
+             one INTEGER PRIMARY KEY CHECK (one = 1),
+             compatible_from INTEGER NOT NULL
+         )",
+    )?;
+    let found = Schema {
+        version: conn.pragma_query_value(None, "user_version", |row| row.get(0))?,
+        compatible_from: conn
+            .query_row("SELECT compatible_from FROM backhaul_schema", [], |row| {
+                row.get(0)
+            })
+            .optional()?,
+    };
+    let Plan::Migrate { from } = schema::plan(found, MIGRATIONS.len())? else {
+        return Ok(());
+    };
+    for (version, m) in MIGRATIONS.iter().enumerate().skip(from) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)
-            .with_context(|| format!("applying migration {name}"))?;
+        tx.execute_batch(m.sql)
+            .with_context(|| format!("applying migration {}", m.name))?;
         tx.pragma_update(None, "user_version", version + 1)?;
+        record_compatible_from(&tx, &MIGRATIONS[..=version])?;
         tx.commit()?;
-        tracing::info!(migration = name, "database migrated");
+        tracing::info!(migration = m.name, "database migrated");
     }
+    // A database that was up to date, made by a release that kept no record.
+    record_compatible_from(conn, MIGRATIONS)?;
+    Ok(())
+}
+
+/// Records which releases may use a database with `applied` migrations: in the transaction
+/// that applied the last of them, so that a crash never leaves a newer schema with an older
+/// release's record.
+fn record_compatible_from(conn: &Connection, applied: &[Migration]) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO backhaul_schema (one, compatible_from) VALUES (1, ?1)
+         ON CONFLICT (one) DO UPDATE SET compatible_from = excluded.compatible_from",
+        [schema::compatible_from(applied)],
+    )?;
     Ok(())
 }
 
@@ -155,19 +194,76 @@ impl super::Exec for Tx<'_, '_> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_database_from_a_newer_release_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("backhaul.db");
-        drop(open(&path).unwrap());
-        let conn = Connection::open(&path).unwrap();
+    /// What a newer release leaves: `user_version` past this release's, and the fewest
+    /// migrations a release must know.
+    fn as_if_newer(path: &Path, compatible_from: usize) {
+        drop(open(path).unwrap());
+        let conn = Connection::open(path).unwrap();
         conn.pragma_update(None, "user_version", MIGRATIONS.len() + 1)
             .unwrap();
-        drop(conn);
+        conn.execute(
+            "UPDATE backhaul_schema SET compatible_from = ?1",
+            [compatible_from],
+        )
+        .unwrap();
+    }
+
+    fn user_version(path: &Path) -> usize {
+        let conn = Connection::open(path).unwrap();
+        conn.pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_database_from_a_newer_release_is_refused_past_a_breaking_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backhaul.db");
+        as_if_newer(&path, MIGRATIONS.len() + 1);
         let err = open(&path).expect_err("refused");
         assert!(
             format!("{err:#}").contains("newer than this release"),
             "{err:#}"
         );
+        assert_eq!(user_version(&path), MIGRATIONS.len() + 1);
+    }
+
+    #[test]
+    fn a_database_from_a_newer_release_is_used_as_it_is_past_additive_migrations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backhaul.db");
+        as_if_newer(&path, MIGRATIONS.len());
+        let conn = open(&path).expect("a compatible newer database opens");
+        drop(conn);
+        assert_eq!(
+            user_version(&path),
+            MIGRATIONS.len() + 1,
+            "not migrated back"
+        );
+        let conn = Connection::open(&path).unwrap();
+        let recorded: usize = conn
+            .query_row("SELECT compatible_from FROM backhaul_schema", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(
+            recorded,
+            MIGRATIONS.len(),
+            "the newer release's record is kept"
+        );
+    }
+
+    #[test]
+    fn a_new_database_records_the_oldest_release_that_may_use_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backhaul.db");
+        drop(open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let recorded: usize = conn
+            .query_row("SELECT compatible_from FROM backhaul_schema", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(recorded, schema::compatible_from(MIGRATIONS));
+        assert_eq!(user_version(&path), MIGRATIONS.len());
     }
 }

@@ -58,7 +58,9 @@ for _ in $(seq 1 100); do curl -fsS "$SERVER_URL/healthz" >/dev/null 2>&1 && bre
 API_TOKEN="$(RUST_LOG=warn "$bin/server" token issue --operator --admin --name bench --data-dir "$work/data")"
 export API_TOKEN
 
-in_ns env AGENT_TOKEN="$("$bin/cli" token issue --client-id refetch-store)" \
+# Not through in_ns: a shell function run in the background is a subshell of its own, and
+# killing its pid would leave the agent running after the script.
+ip netns exec "$NS" env AGENT_TOKEN="$("$bin/cli" token issue --client-id refetch-store)" \
   AGENT_SERVER_URL="ws://$HOST_IP:$API_PORT/ws/connect" FILE_PATH="$file" RUST_LOG=warn \
   "$bin/client" > "$work/agent.log" 2>&1 &
 pids+=($!)

@@ -71,7 +71,9 @@ export API_TOKEN
 
 shares="$(for kind in $FILES; do for run in $(seq 1 "$RUNS"); do for encoding in auto none; do
   echo "$kind-$encoding-$run=$work/$kind"; done; done; done | paste -sd, -)"
-in_ns env AGENT_TOKEN="$("$bin/cli" token issue --client-id uplink-store)" \
+# Not through in_ns: a shell function run in the background is a subshell of its own, and
+# killing its pid would leave the agent running after the script.
+ip netns exec "$NS" env AGENT_TOKEN="$("$bin/cli" token issue --client-id uplink-store)" \
   AGENT_SERVER_URL="ws://$HOST_IP:$API_PORT/ws/connect" FILE_PATH="$work/random" \
   SHARED_FILES="$shares" RUST_LOG=warn \
   "$bin/client" > "$work/agent.log" 2>&1 &

@@ -368,3 +368,74 @@ pub async fn cancel_via(
 
 /// How many times a cancel looks up the replica of a store that keeps changing hands.
 const CANCEL_ROUNDS: usize = 3;
+
+#[cfg(test)]
+mod tests {
+    use serde::de::DeserializeOwned;
+
+    use super::*;
+
+    /// `msg` as a newer release would send it, with a field this release does not know in
+    /// every object (the message and what it carries), still reads as `msg`.
+    fn reads_with_fields_added<T: Serialize + DeserializeOwned>(msg: &T) {
+        fn add(v: &mut serde_json::Value) {
+            if let Some(object) = v.as_object_mut() {
+                object.values_mut().for_each(add);
+                object.insert("added_later".into(), serde_json::json!({"x": [1]}));
+            }
+        }
+        let sent = serde_json::to_value(msg).unwrap();
+        let mut newer = sent.clone();
+        add(&mut newer);
+        let read: T = serde_json::from_value(newer.clone())
+            .unwrap_or_else(|e| panic!("{newer} was not read: {e}"));
+        assert_eq!(serde_json::to_value(&read).unwrap(), sent);
+    }
+
+    #[test]
+    fn messages_from_a_newer_release_with_fields_this_one_lacks_are_read() {
+        let client_id = ClientId::parse("store-1").unwrap();
+        let from: SocketAddr = "10.0.0.7:51000".parse().unwrap();
+        let upload_id = UploadId::new_random();
+        reads_with_fields_added(&Command::Trigger {
+            client_id: client_id.clone(),
+            share: FileName::parse("z-report").unwrap(),
+            compression: Compression::Auto,
+            operator: "ops".into(),
+            from,
+        });
+        reads_with_fields_added(&Command::Cancel {
+            upload_id,
+            operator: "ops".into(),
+            from,
+        });
+        reads_with_fields_added(&Command::Ping);
+        reads_with_fields_added(&Reply::Triggered { upload_id });
+        reads_with_fields_added(&Reply::Error {
+            error: ApiError::new(ErrorCode::DownloadInProgress, "busy")
+                .with_state(UploadState::Uploading)
+                .into(),
+        });
+        reads_with_fields_added(&ToDriver::Cancel {
+            collection_id: CollectionId::new_random(),
+            operator: "ops".into(),
+            from,
+        });
+        reads_with_fields_added(&Broadcast::StoreRevoked {
+            client_id: client_id.clone(),
+            not_before: 1_780_000_000,
+        });
+        reads_with_fields_added(&Broadcast::TokenRevoked {
+            jti: "a1".into(),
+            expires_at: 1_780_000_000,
+            client_id: Some(client_id),
+        });
+    }
+
+    #[test]
+    fn a_message_of_a_kind_this_release_does_not_know_is_an_error_not_a_guess() {
+        let err = serde_json::from_str::<Command>(r#"{"command":"added_later"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown variant"), "{err}");
+        assert!(serde_json::from_str::<Broadcast>(r#"{"broadcast":"added_later"}"#).is_err());
+    }
+}

@@ -474,6 +474,15 @@ mod tests {
         assert!(!e.contains(&a));
     }
 
+    #[test]
+    fn a_presence_value_from_a_newer_release_is_read() {
+        let p: Presence = serde_json::from_str(
+            r#"{"replica":"r2","connected":true,"added_later":{"zone":"eu"}}"#,
+        )
+        .unwrap();
+        assert_eq!((p.replica.as_str(), p.connected), ("r2", true));
+    }
+
     /// The test command's NATS server, which this test needs.
     async fn replica(name: &str) -> Nats {
         let url = std::env::var("BACKHAUL_TEST_NATS_URL")

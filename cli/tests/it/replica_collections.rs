@@ -4,32 +4,40 @@
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::replicas::{replica, replica_args};
+use crate::replicas::{killable_replica, replica, replica_args};
 
-/// kill -9 of the replica that drives the collections, and at once a cancel of an open
-/// collection through the other: no replica drives them for a moment, until the other takes the
-/// lease at its next tick; the cancel waits for that rather than answer `TIMEOUT`, and the new
-/// driver carries it out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_just_after_the_driver_died_is_carried_out_by_the_next() {
+/// Two replicas on LocalStack and one open collection: A, a process of its own started first
+/// so that it takes the leases and drives the collections, and B, through which the collection
+/// was created for a store that never connects. A has taken it on.
+pub(crate) struct DrivenByA {
+    pub a_proc: ChildProcess,
+    pub a: TestServer,
+    pub b: TestServer,
+    pub collection_id: String,
+    /// `DELETE /collections/{id}` on B.
+    pub cancel_url: String,
+    /// A's data and the token keys.
+    _dir: tempfile::TempDir,
+}
+
+pub(crate) async fn a_collection_driven_by_a() -> DrivenByA {
     let mode = Mode::LocalStack;
     let database = fresh_database();
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("token-keys.json");
-    // A starts first, so it takes the leases and drives the collections (checked below).
-    let (a_api, a_s3) = (free_addr(), free_addr());
-    let a_data = dir.path().join("a");
-    let mut a_args = child_server_args(mode, &a_data, a_api, a_s3, &localstack_endpoint());
-    a_args.extend(replica_args(&database, &key_file, "a"));
-    let mut a_proc = ChildProcess::spawn("server", &a_args);
-    let a = TestServer::attach(mode, a_api, "", &a_data).await;
+    let (a_proc, a) = killable_replica(
+        mode,
+        &dir.path().join("a"),
+        replica_args(&database, &key_file, "a"),
+        &localstack_endpoint(),
+        None,
+    )
+    .await;
     let b_args = replica_args(&database, &key_file, "b");
     let b = TestServer::builder(mode)
         .args(&b_args.iter().map(String::as_str).collect::<Vec<_>>())
         .start()
         .await;
-
-    // A collection of a store that never connects stays open, driven by A.
     let collection = crate::collections::created(
         &b,
         serde_json::json!({"target": {"kind": "ids", "client_ids": [unique_client("absent")]}}),
@@ -42,9 +50,44 @@ async fn a_cancel_just_after_the_driver_died_is_carried_out_by_the_next() {
     )
     .await;
     assert_eq!(b.metric("backhaul_collection_stores_pending").await, 0);
+    let collection_id = collection.collection_id.to_string();
+    let cancel_url = format!("{}/collections/{collection_id}", b.http_url());
+    DrivenByA {
+        a_proc,
+        a,
+        b,
+        collection_id,
+        cancel_url,
+        _dir: dir,
+    }
+}
+
+/// A second cancel of a collection that has ended is refused, `COLLECTION_FINISHED` (409).
+pub(crate) async fn assert_cancel_refused_as_finished(server: &TestServer, cancel_url: &str) {
+    let (status, body) = server
+        .as_operator(server.http_client().delete(cancel_url))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("COLLECTION_FINISHED")),
+        "{body}"
+    );
+}
+
+/// kill -9 of the replica that drives the collections, and at once a cancel of an open
+/// collection through the other: no replica drives them for a moment, until the other takes the
+/// lease at its next tick; the cancel waits for that rather than answer `TIMEOUT`, and the new
+/// driver carries it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_just_after_the_driver_died_is_carried_out_by_the_next() {
+    let DrivenByA {
+        mut a_proc,
+        b,
+        cancel_url,
+        ..
+    } = a_collection_driven_by_a().await;
 
     a_proc.kill9().await;
-    let cancel_url = format!("{}/collections/{}", b.http_url(), collection.collection_id);
     let (status, body) = b.as_operator(b.http_client().delete(&cancel_url)).await;
     assert_eq!(
         (status, body["state"].as_str()),
@@ -52,12 +95,7 @@ async fn a_cancel_just_after_the_driver_died_is_carried_out_by_the_next() {
         "{body}"
     );
     assert_eq!(b.metric("backhaul_collection_stores_pending").await, 0);
-    let (status, body) = b.as_operator(b.http_client().delete(&cancel_url)).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (409, Some("COLLECTION_FINISHED")),
-        "{body}"
-    );
+    assert_cancel_refused_as_finished(&b, &cancel_url).await;
 }
 
 /// A collection created on A over stores connected to A, B and C completes, whichever replica

@@ -6,6 +6,9 @@ use std::time::Duration;
 use shared::api::UploadState;
 
 use crate::proxy::{FaultProxy, Faults};
+use crate::replica_collections::{
+    DrivenByA, a_collection_driven_by_a, assert_cancel_refused_as_finished,
+};
 
 use crate::harness::*;
 
@@ -174,7 +177,7 @@ async fn an_agent_flipping_between_replicas_has_one_holder() {
 /// A replica as a process of its own, to be killed with SIGKILL, with `bus` its replica
 /// arguments, presigning for `public`; in LocalStack mode, its own S3 calls go to `endpoint`
 /// when one is given. Its process, and a handle on its API.
-async fn killable_replica(
+pub(crate) async fn killable_replica(
     mode: Mode,
     data: &std::path::Path,
     bus: Vec<String>,
@@ -438,42 +441,21 @@ async fn the_lease_moves_when_its_holder_dies() {
 /// cancel is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_does_not_answer_is_a_timeout() {
-    let mode = Mode::LocalStack;
-    let database = fresh_database();
+    let DrivenByA {
+        a_proc,
+        a,
+        b,
+        collection_id,
+        cancel_url,
+        ..
+    } = a_collection_driven_by_a().await;
     let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("token-keys.json");
-    // A starts first, so it takes the leases and drives the collections (checked below).
-    let (a_api, a_s3) = (free_addr(), free_addr());
-    let a_data = dir.path().join("a");
-    let mut a_args = child_server_args(mode, &a_data, a_api, a_s3, &localstack_endpoint());
-    a_args.extend(replica_args(&database, &key_file, "a"));
-    let a_proc = ChildProcess::spawn("server", &a_args);
-    let a = TestServer::attach(mode, a_api, "", &a_data).await;
-    let b_args = replica_args(&database, &key_file, "b");
-    let b = TestServer::builder(mode)
-        .args(&b_args.iter().map(String::as_str).collect::<Vec<_>>())
-        .start()
-        .await;
-
     let file = dir.path().join("export.bin");
     let sha = write_file(&file, 2 * MIB).await;
     let client_id = unique_client("paused");
     let _agent = TestAgent::start(&a, &client_id, &file);
     b.wait_connected(&client_id).await;
-    // A collection of a store that never connects stays open, driven by A.
-    let collection = crate::collections::created(
-        &b,
-        serde_json::json!({"target": {"kind": "ids", "client_ids": [unique_client("absent")]}}),
-    )
-    .await;
-    let cancel_url = format!("{}/collections/{}", b.http_url(), collection.collection_id);
 
-    wait_until(
-        Duration::from_secs(30),
-        "A takes the collection on",
-        || async { a.metric("backhaul_collection_stores_pending").await == 1 },
-    )
-    .await;
     a_proc.pause(true);
     let started = std::time::Instant::now();
     let (trigger, cancel) = tokio::join!(
@@ -488,9 +470,7 @@ async fn a_replica_that_does_not_answer_is_a_timeout() {
         );
     }
     assert!(started.elapsed() < Duration::from_secs(30));
-    let (status, body) = b
-        .get_json(&format!("/collections/{}", collection.collection_id))
-        .await;
+    let (status, body) = b.get_json(&format!("/collections/{collection_id}")).await;
     assert_eq!(
         (status, body["state"].as_str()),
         (200, Some("open")),
@@ -514,17 +494,11 @@ async fn a_replica_that_does_not_answer_is_a_timeout() {
         .await
         .expect("the download completes once A runs again");
     assert_identical(&b, &status, &sha).await;
-    let cid = collection.collection_id.to_string();
-    crate::collections::wait_summary(&b, &cid, "A carries the cancel out", |s| {
+    crate::collections::wait_summary(&b, &collection_id, "A carries the cancel out", |s| {
         s.state.as_str() == "cancelled"
     })
     .await;
-    let (status, body) = b.as_operator(b.http_client().delete(&cancel_url)).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (409, Some("COLLECTION_FINISHED")),
-        "{body}"
-    );
+    assert_cancel_refused_as_finished(&b, &cancel_url).await;
 }
 
 /// A store revoked through one replica is closed on the replica that holds it, and its old

@@ -334,14 +334,20 @@ mod tests {
         );
     }
 
-    /// A database migrated by this release, then marked as a newer release would leave it:
-    /// one migration more, and `compatible_from`.
-    fn as_if_newer(compatible_from: usize) -> String {
+    /// A new database on the test command's PostgreSQL, migrated by this release; its URL.
+    fn migrated() -> String {
         let admin = std::env::var("BACKHAUL_TEST_DATABASE_URL").expect(
             "this test needs PostgreSQL: set BACKHAUL_TEST_DATABASE_URL (scripts/test.sh does)",
         );
         let url = fresh_database(&admin).expose().to_owned();
         drop(Conn::connect(&url).unwrap());
+        url
+    }
+
+    /// A database migrated by this release, then marked as a newer release would leave it:
+    /// one migration more, and `compatible_from`.
+    fn as_if_newer(compatible_from: usize) -> String {
+        let url = migrated();
         let mut client = Client::connect(&url, NoTls).unwrap();
         client
             .execute(
@@ -386,11 +392,7 @@ mod tests {
 
     #[test]
     fn a_new_database_records_the_oldest_release_that_may_use_it() {
-        let admin = std::env::var("BACKHAUL_TEST_DATABASE_URL").expect(
-            "this test needs PostgreSQL: set BACKHAUL_TEST_DATABASE_URL (scripts/test.sh does)",
-        );
-        let url = fresh_database(&admin).expose().to_owned();
-        drop(Conn::connect(&url).unwrap());
+        let url = migrated();
         let want = (
             i64::try_from(MIGRATIONS.len()).unwrap(),
             Some(i64::try_from(schema::compatible_from(MIGRATIONS)).unwrap()),

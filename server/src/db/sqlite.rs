@@ -208,10 +208,18 @@ mod tests {
         .unwrap();
     }
 
-    fn user_version(path: &Path) -> usize {
+    /// The schema's record: `user_version`, and the fewest migrations a release must know.
+    fn recorded(path: &Path) -> (usize, usize) {
         let conn = Connection::open(path).unwrap();
-        conn.pragma_query_value(None, "user_version", |row| row.get(0))
-            .unwrap()
+        let version = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        let compatible_from = conn
+            .query_row("SELECT compatible_from FROM backhaul_schema", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        (version, compatible_from)
     }
 
     #[test]
@@ -224,7 +232,8 @@ mod tests {
             format!("{err:#}").contains("newer than this release"),
             "{err:#}"
         );
-        assert_eq!(user_version(&path), MIGRATIONS.len() + 1);
+        let newer = MIGRATIONS.len() + 1;
+        assert_eq!(recorded(&path), (newer, newer), "left as it was");
     }
 
     #[test]
@@ -232,24 +241,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("backhaul.db");
         as_if_newer(&path, MIGRATIONS.len());
-        let conn = open(&path).expect("a compatible newer database opens");
-        drop(conn);
-        assert_eq!(
-            user_version(&path),
-            MIGRATIONS.len() + 1,
-            "not migrated back"
-        );
-        let conn = Connection::open(&path).unwrap();
-        let recorded: usize = conn
-            .query_row("SELECT compatible_from FROM backhaul_schema", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
-        assert_eq!(
-            recorded,
-            MIGRATIONS.len(),
-            "the newer release's record is kept"
-        );
+        drop(open(&path).expect("a compatible newer database opens"));
+        let newer = MIGRATIONS.len() + 1;
+        assert_eq!(recorded(&path), (newer, MIGRATIONS.len()), "left as it was");
     }
 
     #[test]
@@ -257,13 +251,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("backhaul.db");
         drop(open(&path).unwrap());
-        let conn = Connection::open(&path).unwrap();
-        let recorded: usize = conn
-            .query_row("SELECT compatible_from FROM backhaul_schema", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
-        assert_eq!(recorded, schema::compatible_from(MIGRATIONS));
-        assert_eq!(user_version(&path), MIGRATIONS.len());
+        let want = (MIGRATIONS.len(), schema::compatible_from(MIGRATIONS));
+        assert_eq!(recorded(&path), want);
     }
 }
